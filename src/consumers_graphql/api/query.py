@@ -1,0 +1,157 @@
+"""The Query root."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+
+import strawberry
+
+from consumers_graphql.api.context import Info
+from consumers_graphql.api.types import (
+    AfterArg,
+    Audience,
+    BeforeArg,
+    Connection,
+    Consumer,
+    FirstArg,
+    LastArg,
+    Node,
+    Order,
+    SortDirection,
+    connection,
+)
+from consumers_graphql.errors import BadUserInput
+from consumers_graphql.ids import IdKind, kind_of
+from consumers_graphql.pagination import MAX_PAGE_SIZE, page_request
+from consumers_graphql.repository import (
+    AUDIENCE_SORT,
+    SEARCH_MIN,
+    ConsumerFilter,
+    ConsumerSortField as SortField,
+    consumer_sort,
+    search_term,
+)
+
+MAX_NODES = 100
+
+ConsumerSortField = strawberry.enum(
+    SortField,
+    name="ConsumerSortField",
+    description="What a consumers connection is ordered by; the id breaks ties.",
+)
+
+
+async def _node(info: Info, id: str) -> Node | None:
+    loaders = info.context.loaders
+    kind = kind_of(id)
+    if kind is IdKind.CONSUMER:
+        row = await loaders.consumer_by_id.load(id)
+        return Consumer.from_row(row) if row is not None else None
+    if kind is IdKind.AUDIENCE:
+        row = await loaders.audience_by_id.load(id)
+        return Audience.from_row(row) if row is not None else None
+    if kind is IdKind.ORDER:
+        row = await loaders.order_by_id.load(id)
+        return Order.from_row(row) if row is not None else None
+    return None
+
+
+@strawberry.type
+class Query:
+    @strawberry.field(description="Any object by its id; null when no object has this id.")
+    async def node(self, info: Info, id: strawberry.ID) -> Node | None:
+        return await _node(info, id)
+
+    @strawberry.field(description=f"Objects by id, in the order given, null for each id that "
+                      f"matches no object; at most {MAX_NODES} ids.")
+    async def nodes(self, info: Info, ids: list[strawberry.ID]) -> list[Node | None]:
+        if len(ids) > MAX_NODES:
+            raise BadUserInput(f"`ids` takes at most {MAX_NODES} ids; {len(ids)} were given.")
+        return list(await asyncio.gather(*(_node(info, id) for id in ids)))
+
+    @strawberry.field(description="A consumer by id; null when there is none.")
+    async def consumer(self, info: Info, id: strawberry.ID) -> Consumer | None:
+        if kind_of(id) is not IdKind.CONSUMER:
+            return None
+        row = await info.context.loaders.consumer_by_id.load(id)
+        return Consumer.from_row(row) if row is not None else None
+
+    @strawberry.field(description=(
+        "Consumers, filtered and ordered, keyset-paginated: `first` (default 20) or `last`, "
+        f"0..{MAX_PAGE_SIZE}, never both. `search` (at least {SEARCH_MIN} characters) matches "
+        "part of the email, phone or full name, case-insensitively. `createdAfter` and "
+        "`createdBefore` are strict bounds; `audienceId` keeps the audience's members. "
+        "NULLs sort last in both directions."
+    ))
+    async def consumers(
+        self,
+        info: Info,
+        first: FirstArg = None,
+        after: AfterArg = None,
+        last: LastArg = None,
+        before: BeforeArg = None,
+        search: str | None = None,
+        sort_by: ConsumerSortField = SortField.CREATED_AT,  # type: ignore[valid-type]
+        sort_dir: SortDirection = SortDirection.DESC,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        audience_id: strawberry.ID | None = None,
+    ) -> Connection[Consumer]:
+        sort = consumer_sort(sort_by, descending=sort_dir is SortDirection.DESC)
+        request = page_request(sort, first=first, after=after, last=last, before=before)
+        filters = ConsumerFilter(
+            search=search,
+            created_after=created_after,
+            created_before=created_before,
+            audience_id=audience_id,
+        )
+        repository = info.context.repository
+        page = await repository.consumer_page(filters, sort, request)
+        return connection(page, Consumer.from_row, lambda: repository.consumer_count(filters))
+
+    @strawberry.field(description=(
+        f"Consumers matching every criterion given: `q` (at least {SEARCH_MIN} characters) as "
+        "part of the email, phone or full name, case-insensitively; `email` exactly "
+        "(case-insensitively); `phone` exactly (normalised to E.164 first); `externalId` "
+        "exactly. At least one criterion is required. Newest first; `first` 0..100 "
+        "(default 20)."
+    ))
+    async def search_consumers(
+        self,
+        info: Info,
+        q: str | None = None,
+        email: str | None = None,
+        phone: str | None = None,
+        external_id: str | None = None,
+        first: FirstArg = None,
+        after: AfterArg = None,
+    ) -> Connection[Consumer]:
+        if q is None and email is None and phone is None and external_id is None:
+            raise BadUserInput("Give at least one of `q`, `email`, `phone` or `externalId`.")
+        if q is not None:
+            search_term(q, "q")  # checked here so that the error names `q`
+        sort = consumer_sort()
+        request = page_request(sort, first=first, after=after)
+        filters = ConsumerFilter(search=q, email=email, phone=phone, external_id=external_id)
+        repository = info.context.repository
+        page = await repository.consumer_page(filters, sort, request)
+        return connection(page, Consumer.from_row, lambda: repository.consumer_count(filters))
+
+    @strawberry.field(description="An audience by id; null when there is none.")
+    async def audience(self, info: Info, id: strawberry.ID) -> Audience | None:
+        if kind_of(id) is not IdKind.AUDIENCE:
+            return None
+        row = await info.context.loaders.audience_by_id.load(id)
+        return Audience.from_row(row) if row is not None else None
+
+    @strawberry.field(description="Audiences by name. `first` (default 20) or `last`, "
+                      f"0..{MAX_PAGE_SIZE}, never both.")
+    async def audiences(
+        self, info: Info, first: FirstArg = None, after: AfterArg = None,
+        last: LastArg = None, before: BeforeArg = None,
+    ) -> Connection[Audience]:
+        request = page_request(AUDIENCE_SORT, first=first, after=after, last=last, before=before)
+        repository = info.context.repository
+        page = await repository.audience_page(request)
+        return connection(page, Audience.from_row, repository.audience_count)

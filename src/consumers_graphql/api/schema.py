@@ -1,0 +1,104 @@
+"""The schema, and the translation of failures into stable ``extensions.code`` values."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import strawberry
+from graphql import GraphQLError
+from strawberry.extensions import SchemaExtension
+from strawberry.schema.config import StrawberryConfig
+from strawberry.types import ExecutionContext
+
+from consumers_graphql.api.query import Query
+from consumers_graphql.api.scalars import DateTime
+from consumers_graphql.api.types import Audience, Consumer, Order
+from consumers_graphql.errors import DomainError
+
+logger = logging.getLogger("consumers_graphql.graphql")
+
+INTERNAL_SERVER_ERROR = "INTERNAL_SERVER_ERROR"
+INTERNAL_MESSAGE = "Internal server error."
+
+
+def _tag(errors: list[GraphQLError] | None, code: str) -> None:
+    for error in errors or ():
+        if not (error.extensions or {}).get("code"):
+            error.extensions = {**(error.extensions or {}), "code": code}
+
+
+def _is_unexpected(error: GraphQLError) -> bool:
+    original = error.original_error
+    return (
+        error.path is not None
+        and not isinstance(original, DomainError | GraphQLError)
+        and not (error.extensions or {}).get("code")
+    )
+
+
+class ErrorCodes(SchemaExtension):
+    """Every error leaves with a code: parse and validation failures, BAD_USER_INPUT for
+    misuse (domain errors and variables that do not coerce), the domain's own codes, and
+    INTERNAL_SERVER_ERROR for anything unexpected (its message masked in production)."""
+
+    def __init__(self, *, mask_internal: bool) -> None:
+        self.mask_internal = mask_internal
+
+    def on_parse(self) -> Iterator[None]:
+        yield
+        _tag(self.execution_context.pre_execution_errors, "GRAPHQL_PARSE_FAILED")
+
+    def on_validate(self) -> Iterator[None]:
+        yield
+        _tag(self.execution_context.pre_execution_errors, "GRAPHQL_VALIDATION_FAILED")
+
+    def on_operation(self) -> Iterator[None]:
+        yield
+        result = self.execution_context.result
+        if result is None or not getattr(result, "errors", None):
+            return
+        result.errors = [self._coded(error) for error in result.errors]
+
+    def _coded(self, error: GraphQLError) -> GraphQLError:
+        original = error.original_error
+        if isinstance(original, DomainError):
+            error.extensions = {**(error.extensions or {}), "code": original.code.value}
+            if original.field is not None:
+                error.extensions["field"] = list(original.field)
+            return error
+        if _is_unexpected(error):
+            if self.mask_internal:
+                error = GraphQLError(
+                    INTERNAL_MESSAGE, nodes=error.nodes, source=error.source,
+                    positions=error.positions, path=error.path,
+                )
+            _tag([error], INTERNAL_SERVER_ERROR)
+            return error
+        _tag([error], "BAD_USER_INPUT")
+        return error
+
+
+class Schema(strawberry.Schema):
+    def process_errors(
+        self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
+    ) -> None:
+        # Expected failures are answers, not incidents: only log what nobody planned for.
+        for error in errors:
+            if _is_unexpected(error):
+                logger.error("unexpected error in %s", error.path, exc_info=error.original_error)
+
+
+def build_schema(*, production: bool = False) -> Schema:
+    extensions: list[Any] = [lambda: ErrorCodes(mask_internal=production)]
+    return Schema(
+        query=Query,
+        types=[Consumer, Audience, Order],
+        extensions=extensions,
+        config=StrawberryConfig(
+            scalar_map={datetime: DateTime},
+            disable_field_suggestions=production,
+        ),
+    )

@@ -1,0 +1,183 @@
+"""Engines, sessions and the column types that must behave the same on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import BigInteger, DateTime, Dialect, Numeric, String, event
+from sqlalchemy.engine import Result
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.sql import Executable
+from sqlalchemy.types import TypeDecorator
+
+from consumers_graphql.settings import Settings
+
+# Money is kept to four decimal places: enough for every ISO 4217 minor unit.
+MONEY_SCALE = 4
+_MONEY_FACTOR = Decimal(10) ** MONEY_SCALE
+_MONEY_QUANTUM = Decimal(1).scaleb(-MONEY_SCALE)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in Python; ``timestamptz`` on PostgreSQL, naive UTC text on SQLite."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given where a UTC timestamp is required")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Money(TypeDecorator[Decimal]):
+    """Exact decimals: NUMERIC on PostgreSQL, an integer count of 1/10,000 units on SQLite
+    (whose NUMERIC is a float)."""
+
+    impl = Numeric(19, MONEY_SCALE)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(BigInteger())
+        return dialect.type_descriptor(Numeric(19, MONEY_SCALE, asdecimal=True))
+
+    def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        value = Decimal(value)
+        if dialect.name == "sqlite":
+            return int((value * _MONEY_FACTOR).to_integral_exact())
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        if dialect.name == "sqlite":
+            return (Decimal(int(value)) / _MONEY_FACTOR).quantize(_MONEY_QUANTUM)
+        return Decimal(value).quantize(_MONEY_QUANTUM)
+
+
+def SortableText(length: int) -> String:  # noqa: N802 - reads as a type
+    """Text that orders byte-wise on both databases (PostgreSQL's "C" collation, SQLite's
+    BINARY), so ordering never depends on the server's locale."""
+    return String(length).with_variant(String(length, collation="C"), "postgresql")
+
+
+def make_engine(settings: Settings, *, writer: bool) -> AsyncEngine:
+    """An engine for the configured database.
+
+    Reader engines run every statement in autocommit, so each sees the latest committed data
+    and holds no snapshot or lock between statements. Writer engines open real transactions;
+    on SQLite with BEGIN IMMEDIATE, so concurrent writers queue on the busy timeout instead of
+    failing with "database is locked" when a read lock cannot be upgraded.
+    """
+    url = settings.database_url
+    if url.startswith("sqlite"):
+        engine = create_async_engine(
+            url,
+            echo=settings.sql_echo,
+            connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000},
+        )
+        _configure_sqlite(engine, settings, begin="BEGIN IMMEDIATE" if writer else None)
+        return engine
+    return create_async_engine(
+        url,
+        echo=settings.sql_echo,
+        pool_size=settings.pool_size,
+        max_overflow=settings.pool_size,
+        pool_pre_ping=True,
+        **({} if writer else {"isolation_level": "AUTOCOMMIT"}),
+    )
+
+
+def _configure_sqlite(engine: AsyncEngine, settings: Settings, *, begin: str | None) -> None:
+    busy_ms = int(settings.sqlite_busy_timeout_ms)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control from the driver: BEGIN is emitted by the hook below only.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    if begin is not None:
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            conn.exec_driver_sql(begin)
+
+
+class Database:
+    """The process's engines: one for reads (autocommit), one for transactional writes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.read_engine = make_engine(settings, writer=False)
+        self.write_engine = make_engine(settings, writer=True)
+        self.write_sessions = async_sessionmaker(self.write_engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.read_engine.dialect.name
+
+    def reader(self) -> Reader:
+        return Reader(self.read_engine)
+
+    async def dispose(self) -> None:
+        await self.read_engine.dispose()
+        await self.write_engine.dispose()
+
+    @asynccontextmanager
+    async def write_session(self) -> AsyncIterator[AsyncSession]:
+        async with self.write_sessions() as session:
+            yield session
+
+
+class Reader:
+    """One request's read connection: opened on first use, in autocommit (so a mutation's
+    payload reads its own writes), and serialised, because DataLoaders dispatch concurrently
+    and a connection runs one statement at a time."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._conn: AsyncConnection | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def dialect(self) -> str:
+        return self._engine.dialect.name
+
+    async def execute(self, statement: Executable) -> Result[Any]:
+        async with self._lock:
+            if self._conn is None:
+                self._conn = await self._engine.connect()
+            return await self._conn.execute(statement)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.close()

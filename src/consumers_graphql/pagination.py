@@ -1,0 +1,359 @@
+"""Keyset (seek) pagination with the Relay connection rules, for both databases.
+
+Rows are ordered by ``(sort column, id)`` in the requested direction, NULLs last in both
+directions. A cursor is the ``(value, id)`` of a row plus the order it was made under; a page
+is the rows strictly after/before cursors, never an OFFSET, so rows inserted or deleted
+between two requests cannot shift a page.
+
+NULLs last is built from *segments*: the rows whose sort value is set, ordered by
+``(value, id)``, then the rows where it is NULL, ordered by id. Each segment is a plain
+range over the ``(sort, id)`` index; which segments a cursor reaches is decided here in
+Python, so the database never sees a catch-all ``OR … IS NULL`` predicate that no index
+serves. The segments, and the probes that make ``hasPreviousPage``/``hasNextPage`` exact,
+are sent as one UNION ALL statement.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from enum import Enum
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import ColumnElement, Select, func, literal, literal_column, select, tuple_, union_all
+from sqlalchemy.engine import Row
+
+from consumers_graphql.errors import BadUserInput
+
+DEFAULT_PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
+
+T = TypeVar("T")
+
+
+class ValueKind(Enum):
+    DATETIME = "datetime"
+    DECIMAL = "decimal"
+    INT = "int"
+    TEXT = "text"
+
+
+@dataclass(frozen=True)
+class SortKey:
+    """An order of a connection: a sort column (with the id as tiebreaker) and a direction."""
+
+    connection: str  # "consumers", "Consumer.orders", …: a cursor is only valid where made
+    name: str  # the public name of the sort field, e.g. "createdAt"
+    column: Any  # the table column to order by
+    id_column: Any
+    kind: ValueKind
+    descending: bool
+    nullable: bool
+
+    @property
+    def scope(self) -> str:
+        return f"{self.connection}:{self.name}:{'desc' if self.descending else 'asc'}"
+
+
+@dataclass(frozen=True)
+class Cursor:
+    value: Any
+    id: str
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    """Validated page arguments. Exactly one of first/last is set."""
+
+    first: int | None
+    last: int | None
+    after: Cursor | None
+    before: Cursor | None
+
+    @property
+    def size(self) -> int:
+        return self.first if self.first is not None else self.last  # type: ignore[return-value]
+
+    @property
+    def forward(self) -> bool:
+        return self.last is None
+
+
+@dataclass
+class Page(Generic[T]):
+    items: list[T]
+    cursors: list[str]
+    has_next_page: bool
+    has_previous_page: bool
+
+    @property
+    def start_cursor(self) -> str | None:
+        return self.cursors[0] if self.cursors else None
+
+    @property
+    def end_cursor(self) -> str | None:
+        return self.cursors[-1] if self.cursors else None
+
+
+# --- arguments and cursors -------------------------------------------------------------------
+
+
+def page_request(
+    sort: SortKey,
+    *,
+    first: int | None = None,
+    after: str | None = None,
+    last: int | None = None,
+    before: str | None = None,
+    default_size: int = DEFAULT_PAGE_SIZE,
+) -> PageRequest:
+    """Check the Relay arguments; every misuse is a BadUserInput naming the argument."""
+    if first is not None and last is not None:
+        raise BadUserInput("Passing both `first` and `last` is not supported: choose one.")
+    for name, size in (("first", first), ("last", last)):
+        if size is not None and not 0 <= size <= MAX_PAGE_SIZE:
+            raise BadUserInput(
+                f"`{name}` must be between 0 and {MAX_PAGE_SIZE}; {size} was given."
+            )
+    if first is None and last is None:
+        first = default_size
+    return PageRequest(
+        first=first,
+        last=last,
+        after=decode_cursor(sort, after, "after") if after is not None else None,
+        before=decode_cursor(sort, before, "before") if before is not None else None,
+    )
+
+
+def encode_cursor(sort: SortKey, value: Any, row_id: str) -> str:
+    if isinstance(value, datetime):
+        value = value.isoformat()
+    elif isinstance(value, Decimal):
+        value = str(value)
+    payload = json.dumps([sort.scope, value, row_id], separators=(",", ":"), ensure_ascii=False)
+    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+
+
+def decode_cursor(sort: SortKey, token: str, argument: str) -> Cursor:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        scope, value, row_id = json.loads(raw)
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        raise BadUserInput(f"`{argument}` is not a valid cursor.") from None
+    if scope != sort.scope:
+        raise BadUserInput(
+            f"`{argument}` is a cursor of another connection or sort order; "
+            "cursors are only valid with the arguments they were made under."
+        )
+    if not isinstance(row_id, str) or (value is None and not sort.nullable):
+        raise BadUserInput(f"`{argument}` is not a valid cursor.")
+    try:
+        return Cursor(value=_decode_value(sort.kind, value), id=row_id)
+    except (ValueError, TypeError, InvalidOperation):
+        raise BadUserInput(f"`{argument}` is not a valid cursor.") from None
+
+
+def _decode_value(kind: ValueKind, value: Any) -> Any:
+    if value is None:
+        return None
+    if kind is ValueKind.DATETIME:
+        parsed = datetime.fromisoformat(value)
+        if parsed.tzinfo is None:
+            raise ValueError("naive datetime")
+        return parsed
+    if kind is ValueKind.DECIMAL:
+        if not isinstance(value, str):
+            raise TypeError("decimal must be a string")
+        decimal = Decimal(value)
+        if not decimal.is_finite():
+            raise ValueError("not finite")
+        return decimal
+    if kind is ValueKind.INT:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError("not an int")
+        return value
+    if not isinstance(value, str):
+        raise TypeError("not a string")
+    return value
+
+
+# --- statements ------------------------------------------------------------------------------
+
+_PAGE, _BEFORE_PROBE, _AFTER_PROBE = 0, 1, 2
+_SET, _NULL = 0, 1  # segment ranks: rows with a sort value come first, NULLs last
+
+
+def _segments(sort: SortKey) -> tuple[int, ...]:
+    return (_SET, _NULL) if sort.nullable else (_SET,)
+
+
+def _segment_of(sort: SortKey, cursor: Cursor) -> int:
+    return _NULL if sort.nullable and cursor.value is None else _SET
+
+
+def _bound(
+    sort: SortKey, segment: int, cursor: Cursor, *, after: bool, inclusive: bool
+) -> ColumnElement[bool] | bool:
+    """Rows of `segment` after (or before) `cursor` in the connection's order: a predicate,
+    True (the whole segment) or False (none of it)."""
+    cursor_segment = _segment_of(sort, cursor)
+    if segment != cursor_segment:
+        return (segment > cursor_segment) == after
+    ascending_op = after != sort.descending  # "after" in an ascending order means greater
+    if segment == _NULL:
+        left, right = sort.id_column, literal(cursor.id, sort.id_column.type)
+    else:
+        left = tuple_(sort.column, sort.id_column)
+        right = tuple_(
+            literal(cursor.value, sort.column.type), literal(cursor.id, sort.id_column.type)
+        )
+    if ascending_op:
+        return left >= right if inclusive else left > right
+    return left <= right if inclusive else left < right
+
+
+def _ordering(sort: SortKey, columns: Any, *, forward: bool) -> list[Any]:
+    descending = sort.descending == forward  # reading backward reverses the order
+    col, id_col = columns[sort.column.name], columns[sort.id_column.name]
+    return [col.desc(), id_col.desc()] if descending else [col.asc(), id_col.asc()]
+
+
+def page_statement(
+    base: Select[Any],
+    sort: SortKey,
+    request: PageRequest,
+    *,
+    partition_by: Any = None,
+) -> Select[Any]:
+    """One statement returning the page (size + 1 rows, to see whether more follow) and
+    the probes for the flags that the extra row cannot tell. With `partition_by`, it pages
+    every partition (parent) separately: the nested connections of a whole batch at once."""
+    parts: list[Select[Any]] = []
+    for segment in _segments(sort):
+        parts += _segment_selects(base, sort, request, segment, partition_by)
+    if len(parts) == 1 and partition_by is None:
+        return parts[0]  # already ordered and limited: the common case, a plain index range
+    wrapped = [select(part.subquery()) if partition_by is None else part for part in parts]
+    union = (union_all(*wrapped) if len(wrapped) > 1 else wrapped[0]).subquery("page")
+    forward = request.forward
+    seg_order = union.c._seg.asc() if forward else union.c._seg.desc()
+    return select(union).order_by(
+        union.c._kind, seg_order, *_ordering(sort, union.c, forward=forward)
+    )
+
+
+def _segment_selects(
+    base: Select[Any], sort: SortKey, request: PageRequest, segment: int, partition_by: Any
+) -> list[Select[Any]]:
+    in_segment: list[ColumnElement[bool]] = []
+    if sort.nullable:
+        in_segment.append(sort.column.is_(None) if segment == _NULL else sort.column.isnot(None))
+
+    def restricted(*bounds: ColumnElement[bool] | bool) -> list[ColumnElement[bool]] | None:
+        if any(b is False for b in bounds):
+            return None
+        return in_segment + [b for b in bounds if not isinstance(b, bool)]
+
+    selects = []
+    page_bounds = []
+    if request.after is not None:
+        page_bounds.append(_bound(sort, segment, request.after, after=True, inclusive=False))
+    if request.before is not None:
+        page_bounds.append(_bound(sort, segment, request.before, after=False, inclusive=False))
+    where = restricted(*page_bounds)
+    if where is not None:
+        selects.append(
+            _limited(base, sort, where, _PAGE, segment, request.size + 1, request.forward,
+                     partition_by)
+        )
+    # hasPreviousPage: does any row lie at or before `after`? hasNextPage: at or after `before`?
+    if request.after is not None:
+        where = restricted(_bound(sort, segment, request.after, after=False, inclusive=True))
+        if where is not None:
+            selects.append(_limited(base, sort, where, _BEFORE_PROBE, segment, 1, False,
+                                    partition_by))
+    if request.before is not None:
+        where = restricted(_bound(sort, segment, request.before, after=True, inclusive=True))
+        if where is not None:
+            selects.append(_limited(base, sort, where, _AFTER_PROBE, segment, 1, True,
+                                    partition_by))
+    return selects
+
+
+def _limited(
+    base: Select[Any],
+    sort: SortKey,
+    where: list[ColumnElement[bool]],
+    kind: int,
+    segment: int,
+    limit: int,
+    forward: bool,
+    partition_by: Any,
+) -> Select[Any]:
+    tagged = base.add_columns(
+        literal_column(str(kind)).label("_kind"), literal_column(str(segment)).label("_seg")
+    ).where(*where)
+    table_columns = {sort.column.name: sort.column, sort.id_column.name: sort.id_column}
+    ordering = _ordering(sort, table_columns, forward=forward)
+    if partition_by is None:
+        return tagged.order_by(*ordering).limit(limit)
+    numbered = tagged.add_columns(
+        func.row_number().over(partition_by=partition_by, order_by=ordering).label("_rn")
+    ).subquery()
+    return select(*[c for c in numbered.c if c.name != "_rn"]).where(numbered.c._rn <= limit)
+
+
+# --- assembling pages ------------------------------------------------------------------------
+
+
+def assemble_page(
+    rows: Sequence[Row[Any]],
+    sort: SortKey,
+    request: PageRequest,
+    convert: Callable[[Row[Any]], T],
+) -> Page[T]:
+    page_rows: list[Row[Any]] = []
+    before_probe = after_probe = False
+    for row in rows:
+        kind = getattr(row, "_kind", _PAGE)
+        if kind == _PAGE:
+            page_rows.append(row)
+        elif kind == _BEFORE_PROBE:
+            before_probe = True
+        else:
+            after_probe = True
+    more = len(page_rows) > request.size
+    page_rows = page_rows[: request.size]
+    if request.forward:
+        has_next, has_previous = more or after_probe, before_probe
+    else:
+        page_rows.reverse()
+        has_next, has_previous = after_probe, more or before_probe
+    value_name, id_name = sort.column.name, sort.id_column.name
+    return Page(
+        items=[convert(row) for row in page_rows],
+        cursors=[encode_cursor(sort, row._mapping[value_name], row._mapping[id_name])
+                 for row in page_rows],
+        has_next_page=has_next,
+        has_previous_page=has_previous,
+    )
+
+
+def assemble_pages(
+    rows: Sequence[Row[Any]],
+    keys: Sequence[Hashable],
+    partition_name: str,
+    sort: SortKey,
+    request: PageRequest,
+    convert: Callable[[Row[Any]], T],
+) -> list[Page[T]]:
+    """Split a partitioned page statement's rows into one page per key, in key order."""
+    grouped: dict[Hashable, list[Row[Any]]] = {key: [] for key in keys}
+    for row in rows:
+        grouped[row._mapping[partition_name]].append(row)
+    return [assemble_page(grouped[key], sort, request, convert) for key in keys]

@@ -1,0 +1,33 @@
+from enum import StrEnum
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; read from ``CONSUMERS_*`` variables, passed in, never global."""
+
+    model_config = SettingsConfigDict(env_prefix="CONSUMERS_", extra="ignore")
+
+    database_url: str = "sqlite+aiosqlite:///./consumers.db"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    env: Environment = Environment.DEVELOPMENT
+    log_level: str = "info"
+    sql_echo: bool = False
+    # Connection pool per process (PostgreSQL); SQLite uses its own small pool.
+    pool_size: int = Field(default=10, ge=1)
+    sqlite_busy_timeout_ms: int = Field(default=10_000, ge=0)
+
+    @property
+    def is_production(self) -> bool:
+        return self.env is Environment.PRODUCTION
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")

@@ -1,0 +1,162 @@
+"""Test fixtures: the app on a real database, a SQLite file by default, PostgreSQL when
+CONSUMERS_TEST_DATABASE_URL names a server (a fresh database is created per run)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from sqlalchemy import event, make_url, text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from consumers_graphql.app import create_app
+from consumers_graphql.db import make_engine
+from consumers_graphql.migrate import upgrade
+from consumers_graphql.settings import Settings
+
+TEST_DATABASE_URL = os.environ.get("CONSUMERS_TEST_DATABASE_URL")
+TABLES = ("consumer_audiences", "orders", "api_keys", "audiences", "consumers")
+
+
+@pytest.fixture(scope="session")
+async def database_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    if not TEST_DATABASE_URL:
+        path = tmp_path_factory.mktemp("db") / "consumers.db"
+        yield f"sqlite+aiosqlite:///{path}"
+        return
+    # A database of our own on the given server, dropped afterwards. Failing to reach the
+    # server fails the run: CI must never skip PostgreSQL silently.
+    server = make_url(TEST_DATABASE_URL)
+    name = f"consumers_test_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(server, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()
+
+
+@pytest.fixture(scope="session")
+async def settings(database_url: str) -> Settings:
+    settings = Settings(database_url=database_url)
+    engine = make_engine(settings, writer=True)
+    try:
+        await upgrade(engine)
+    finally:
+        await engine.dispose()
+    return settings
+
+
+@pytest.fixture(scope="session")
+def dialect(settings: Settings) -> str:
+    return "sqlite" if settings.is_sqlite else "postgresql"
+
+
+@pytest.fixture(scope="session")
+async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+    app = create_app(settings)
+    async with LifespanManager(app):
+        yield app
+
+
+@pytest.fixture(scope="session")
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client
+
+
+@pytest.fixture(autouse=True)
+async def clean_database(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Every test starts from empty tables (the schema stays)."""
+    if "app" not in request.fixturenames:
+        yield
+        return
+    app: FastAPI = request.getfixturevalue("app")
+    yield
+    engine = app.state.database.write_engine
+    async with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            await conn.execute(text(f"TRUNCATE {', '.join(TABLES)} CASCADE"))
+        else:
+            for table in TABLES:
+                await conn.execute(text(f"DELETE FROM {table}"))
+
+
+class GraphQL:
+    """Posts operations to /graphql and returns the JSON body."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+        self.headers: dict[str, str] = {}
+
+    async def __call__(
+        self, query: str, variables: dict[str, Any] | None = None, *, status: int = 200
+    ) -> dict[str, Any]:
+        response = await self.client.post(
+            "/graphql", json={"query": query, "variables": variables or {}},
+            headers=self.headers,
+        )
+        assert response.status_code == status, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def data(self, query: str, variables: dict[str, Any] | None = None) -> Any:
+        body = await self(query, variables)
+        assert "errors" not in body, body["errors"]
+        return body["data"]
+
+
+@pytest.fixture
+def gql(client: httpx.AsyncClient) -> GraphQL:
+    return GraphQL(client)
+
+
+class StatementCounter:
+    def __init__(self) -> None:
+        self.statements: list[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.statements)
+
+    @contextmanager
+    def counting(self) -> Iterator[StatementCounter]:
+        self.statements.clear()
+        yield self
+
+
+@pytest.fixture
+def sql(app: FastAPI) -> Iterator[StatementCounter]:
+    """Counts the SQL statements the app sends, on both of its engines."""
+    counter = StatementCounter()
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        counter.statements.append(statement)
+
+    engines = {app.state.database.read_engine.sync_engine, app.state.database.write_engine.sync_engine}
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", record)
+    yield counter
+    for engine in engines:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+@pytest.fixture
+def write_engine(app: FastAPI) -> Any:
+    return app.state.database.write_engine
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parent.parent
