@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import GraphQL
 from consumers_graphql import models
+from tests.conftest import GraphQL
 from tests.factories import (
     BASE_TIME,
     audience_row,
@@ -52,7 +52,8 @@ def make_consumers(count: int, seed: int = 7) -> list[dict[str, Any]]:
         name = rng.choice(names)
         rows.append(consumer_row(
             n,
-            created_at=BASE_TIME + timedelta(seconds=rng.randrange(0, 40), microseconds=rng.choice([0, 123456])),
+            created_at=BASE_TIME + timedelta(seconds=rng.randrange(0, 40),
+                                             microseconds=rng.choice([0, 123456])),
             email=None if n % 9 == 0 else f"{rng.choice(['A', 'b', 'C'])}{n % 13}.{n}@Example.com",
             full_name=None if name is None else f"{name} {rng.randrange(3)}",
             last_order_at=None if n % 3 else BASE_TIME + timedelta(hours=rng.randrange(5)),
@@ -211,7 +212,8 @@ MISUSES = [
     ("too long search", f'consumers(search: "{"x" * 201}")'),
     ("bad audience id", 'consumers(audienceId: "cons_01JD0000000000000000000000")'),
     ("nested first over 100", "consumers { nodes { orders(first: 101) { nodes { id } } } }"),
-    ("nested first and last", "audiences { nodes { consumers(first: 1, last: 1) { nodes { id } } } }"),
+    ("nested first and last",
+     "audiences { nodes { consumers(first: 1, last: 1) { nodes { id } } } }"),
     ("search without criteria", "searchConsumers"),
     ("search short q", 'searchConsumers(q: "x")'),
     ("search first over 100", 'searchConsumers(q: "xy", first: 500)'),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 1
+    # Uvicorn drains requests on SIGTERM, then raises the signal again for the previous
+    # handler: make that a clean exit, since a requested graceful stop is a success.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -31,6 +35,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         server_header=False,
     )
     return 0
+
+
+def _exit_cleanly(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 async def _prepare_database(settings: Settings) -> str | None:

@@ -77,7 +77,7 @@ class Money(TypeDecorator[Decimal]):
         return Decimal(value).quantize(_MONEY_QUANTUM)
 
 
-def SortableText(length: int) -> String:  # noqa: N802 - reads as a type
+def SortableText(length: int) -> String:
     """Text that orders byte-wise on both databases (PostgreSQL's "C" collation, SQLite's
     BINARY), so ordering never depends on the server's locale."""
     return String(length).with_variant(String(length, collation="C"), "postgresql")

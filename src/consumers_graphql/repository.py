@@ -14,7 +14,7 @@ from enum import Enum
 from typing import Any
 
 import phonenumbers
-from sqlalchemy import Select, func, literal_column, select, table, column
+from sqlalchemy import Select, column, func, literal_column, select, table
 from sqlalchemy.engine import Row
 
 from consumers_graphql import models

@@ -19,16 +19,19 @@ from consumers_graphql.ids import IdKind, new_id
 from consumers_graphql.normalize import derived_fields
 
 FIRST_NAMES = (
-    "Olivia Liam Emma Noah Amelia Oliver Ava Elijah Sophia Lucas Mia Mateo Isabella Levi "
-    "Charlotte Ethan Luna James Harper Hiroshi Aiko Chloé Zoë Søren Ingrid Mei Wei Priya "
-    "Arjun Fatima Omar Jürgen Ana João Lucía Diego Kofi Amara Nia Sean Siobhán Élodie John"
-).split()
+    "Olivia", "Liam", "Emma", "Noah", "Amelia", "Oliver", "Ava", "Elijah", "Sophia", "Lucas",
+    "Mia", "Mateo", "Isabella", "Levi", "Charlotte", "Ethan", "Luna", "James", "Harper",
+    "Hiroshi", "Aiko", "Chloé", "Zoë", "Søren", "Ingrid", "Mei", "Wei", "Priya", "Arjun",
+    "Fatima", "Omar", "Jürgen", "Ana", "João", "Lucía", "Diego", "Kofi", "Amara", "Nia",
+    "Sean", "Siobhán", "Élodie", "John",
+)
 LAST_NAMES = (
-    "Smith Johnson Williams Brown Jones Garcia Miller Davis Rodriguez Martinez Hernandez "
-    "Lopez Gonzalez Wilson Anderson Thomas Taylor Moore Jackson Martin Lee Tanaka Nakamura "
-    "Müller Schmidt Dubois Lefèvre Rossi Bianchi Kowalski Nowak Silva Santos Okafor Mensah "
-    "O'Brien Murphy Kim Park Chen Wang Singh Patel Khan Doe"
-).split()
+    "Smith", "Johnson", "Williams", "Brown", "Jones", "Garcia", "Miller", "Davis", "Rodriguez",
+    "Martinez", "Hernandez", "Lopez", "Gonzalez", "Wilson", "Anderson", "Thomas", "Taylor",
+    "Moore", "Jackson", "Martin", "Lee", "Tanaka", "Nakamura", "Müller", "Schmidt", "Dubois",
+    "Lefèvre", "Rossi", "Bianchi", "Kowalski", "Nowak", "Silva", "Santos", "Okafor", "Mensah",
+    "O'Brien", "Murphy", "Kim", "Park", "Chen", "Wang", "Singh", "Patel", "Khan", "Doe",
+)
 DOMAINS = ("example.com", "example.org", "example.net", "mail.test", "shop.test")
 TIERS = ("bronze", "silver", "gold", "platinum", "vip")
 SOURCES = ("import", "checkout", "newsletter", "referral", "pos")
@@ -95,9 +98,9 @@ def _consumer_rows(
         total = Decimal(0)
         last_order = None
         order_count = rng.choice((0, 0, 1, 1, 2, 3, 4, 5))
+        currency = rng.choice(CURRENCIES)  # one per consumer, so their total means something
         for _ in range(order_count):
             placed = created + (now - created) * rng.random()
-            currency = rng.choice(CURRENCIES)
             amount = _money(rng, currency)
             total += amount
             last_order = placed if last_order is None or placed > last_order else last_order
@@ -141,20 +144,19 @@ async def seed(
     now = datetime.now(UTC)
     audience_ids = await _ensure_audiences(engine, now)
     report = SeedReport(consumers=0, audiences=len(audience_ids), memberships=0, orders=0)
-    async with engine.begin() as conn:
-        async with _bulk_search_index(conn):
-            for start, count in _chunks(consumers, chunk_size):
-                rows, members, orders = _consumer_rows(rng, count, start, now, audience_ids)
-                await conn.execute(insert(models.Consumer.__table__), rows)
-                if members:
-                    await conn.execute(insert(models.ConsumerAudience.__table__), members)
-                if orders:
-                    await conn.execute(insert(models.Order.__table__), orders)
-                report.consumers += count
-                report.memberships += len(members)
-                report.orders += len(orders)
-                if progress is not None:
-                    progress(count)
+    async with engine.begin() as conn, _bulk_search_index(conn):
+        for start, count in _chunks(consumers, chunk_size):
+            rows, members, orders = _consumer_rows(rng, count, start, now, audience_ids)
+            await conn.execute(insert(models.Consumer.__table__), rows)
+            if members:
+                await conn.execute(insert(models.ConsumerAudience.__table__), members)
+            if orders:
+                await conn.execute(insert(models.Order.__table__), orders)
+            report.consumers += count
+            report.memberships += len(members)
+            report.orders += len(orders)
+            if progress is not None:
+                progress(count)
     return report
 
 

@@ -1,6 +1,6 @@
 from enum import StrEnum
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     # Connection pool per process (PostgreSQL); SQLite uses its own small pool.
     pool_size: int = Field(default=10, ge=1)
     sqlite_busy_timeout_ms: int = Field(default=10_000, ge=0)
+    # Server-side secret mixed into every API key hash (HMAC-SHA256): a stolen database alone
+    # cannot be used to check guesses. Changing it invalidates every existing key.
+    key_pepper: SecretStr | None = None
 
     @property
     def is_production(self) -> bool:

@@ -31,6 +31,10 @@ class Loaders:
         )
         self._pages: dict[tuple[str, PageRequest], PageLoader] = {}
 
+    def prime_consumers(self, rows: Sequence[Row[Any]]) -> None:
+        """Consumers read as a page need no second look-up (e.g. through Order.consumer)."""
+        self.consumer_by_id.prime_many({row.id: row for row in rows})
+
     def audiences_by_consumer_id(self, request: PageRequest) -> PageLoader:
         return self._paged("audiences", request, self._repository.audience_pages_by_consumer_ids)
 

@@ -28,9 +28,11 @@ from consumers_graphql.repository import (
     AUDIENCE_SORT,
     SEARCH_MIN,
     ConsumerFilter,
-    ConsumerSortField as SortField,
     consumer_sort,
     search_term,
+)
+from consumers_graphql.repository import (
+    ConsumerSortField as SortField,
 )
 
 MAX_NODES = 100
@@ -108,6 +110,7 @@ class Query:
         )
         repository = info.context.repository
         page = await repository.consumer_page(filters, sort, request)
+        info.context.loaders.prime_consumers(page.items)
         return connection(page, Consumer.from_row, lambda: repository.consumer_count(filters))
 
     @strawberry.field(description=(
@@ -136,6 +139,7 @@ class Query:
         filters = ConsumerFilter(search=q, email=email, phone=phone, external_id=external_id)
         repository = info.context.repository
         page = await repository.consumer_page(filters, sort, request)
+        info.context.loaders.prime_consumers(page.items)
         return connection(page, Consumer.from_row, lambda: repository.consumer_count(filters))
 
     @strawberry.field(description="An audience by id; null when there is none.")

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Row
 from strawberry.scalars import JSON
 
 from consumers_graphql.api.context import Info
-from consumers_graphql.pagination import MAX_PAGE_SIZE, DEFAULT_PAGE_SIZE, Page, page_request
+from consumers_graphql.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page, page_request
 from consumers_graphql.repository import AUDIENCE_CONSUMER_SORT, AUDIENCE_SORT, ORDER_SORT
 
 NodeT = TypeVar("NodeT")
@@ -189,6 +189,7 @@ class Audience(Node):
             AUDIENCE_CONSUMER_SORT, first=first, after=after, last=last, before=before
         )
         page = await loaders.consumers_by_audience_id(request).load(self.id)
+        loaders.prime_consumers(page.items)
         return connection(
             page, Consumer.from_row, lambda: loaders.consumer_count_by_audience_id.load(self.id)
         )

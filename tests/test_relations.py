@@ -1,0 +1,152 @@
+"""Relation fields load through DataLoaders: a page costs the same statements at any size."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from consumers_graphql import models
+from tests.conftest import GraphQL, StatementCounter
+from tests.factories import (
+    BASE_TIME,
+    audience_row,
+    consumer_row,
+    insert_consumers,
+    insert_rows,
+    order_row,
+)
+
+PAGE_WITH_RELATIONS = """
+query($first: Int!) {
+  consumers(first: $first) {
+    nodes {
+      id email
+      audiences { nodes { id name } }
+      orders(first: 5) {
+        pageInfo { hasNextPage }
+        nodes { id amount consumer { id email } }
+      }
+    }
+  }
+}
+"""
+
+PAGE_WITH_COUNTS = """
+query($first: Int!) {
+  consumers(first: $first) {
+    totalCount
+    nodes {
+      audiences { totalCount nodes { id consumers(first: 3) { totalCount nodes { id } } } }
+      orders(first: 2) { totalCount nodes { id } }
+    }
+  }
+}
+"""
+
+
+async def given_consumers_with_relations(engine: Any, count: int = 120) -> list[dict[str, Any]]:
+    consumers = [consumer_row(n) for n in range(count)]
+    audiences = [audience_row(name) for name in ("VIP", "Newsletter", "Lapsed")]
+    await insert_consumers(engine, consumers)
+    await insert_rows(engine, models.Audience, audiences)
+    await insert_rows(engine, models.ConsumerAudience, [
+        {"consumer_id": c["id"], "audience_id": a["id"], "created_at": BASE_TIME}
+        for i, c in enumerate(consumers) for j, a in enumerate(audiences) if (i + j) % 2
+    ])
+    await insert_rows(engine, models.Order, [
+        order_row(c["id"], f"{k}.50", BASE_TIME + timedelta(days=k))
+        for i, c in enumerate(consumers) for k in range(i % 8)
+    ])
+    return consumers
+
+
+@pytest.mark.parametrize("size", [1, 20, 100])
+async def test_page_with_relations_costs_three_statements(
+    gql: GraphQL, sql: StatementCounter, write_engine: Any, size: int
+) -> None:
+    await given_consumers_with_relations(write_engine)
+    with sql.counting():
+        data = await gql.data(PAGE_WITH_RELATIONS, {"first": size})
+    nodes = data["consumers"]["nodes"]
+    assert len(nodes) == size
+    # page + audiences + orders; Order.consumer is served by the loader the page primed
+    assert sql.count == 3, sql.statements
+
+
+@pytest.mark.parametrize("size", [1, 20, 100])
+async def test_counts_and_nested_pages_cost_a_constant_number(
+    gql: GraphQL, sql: StatementCounter, write_engine: Any, size: int
+) -> None:
+    await given_consumers_with_relations(write_engine)
+    with sql.counting():
+        await gql.data(PAGE_WITH_COUNTS, {"first": size})
+    # page, count, audiences, audience counts, audience members, member counts, orders,
+    # order counts
+    assert sql.count == 8, sql.statements
+
+
+async def test_relations_hold_the_right_rows(gql: GraphQL, write_engine: Any) -> None:
+    consumers = await given_consumers_with_relations(write_engine, count=10)
+    newest = consumers[-1]  # created last: first in the default order, 9 % 8 = 1 order
+    data = await gql.data(PAGE_WITH_RELATIONS, {"first": 3})
+    node = data["consumers"]["nodes"][0]
+    assert node["id"] == newest["id"]
+    assert [o["amount"] for o in node["orders"]["nodes"]] == [0.5]
+    assert node["orders"]["nodes"][0]["consumer"] == {"id": newest["id"],
+                                                     "email": newest["email"]}
+    # consumer 9 is in the audiences j where (9 + j) is odd: j = 0 and 2, sorted by name
+    assert [a["name"] for a in node["audiences"]["nodes"]] == ["Lapsed", "VIP"]
+
+    seven = next(n for n in data["consumers"]["nodes"] if n["id"] == consumers[7]["id"])
+    amounts = [o["amount"] for o in seven["orders"]["nodes"]]
+    assert amounts == [6.5, 5.5, 4.5, 3.5, 2.5]  # newest placed first, 5 of 7
+    assert seven["orders"]["pageInfo"]["hasNextPage"] is True
+
+
+ORDERS_OF = """
+query($id: ID!, $first: Int, $after: String, $last: Int, $before: String) {
+  consumer(id: $id) {
+    orders(first: $first, after: $after, last: $last, before: $before) {
+      totalCount
+      pageInfo { hasNextPage hasPreviousPage startCursor endCursor }
+      nodes { amount }
+    }
+  }
+}
+"""
+
+
+async def test_nested_connection_pages_both_ways(gql: GraphQL, write_engine: Any) -> None:
+    consumers = await given_consumers_with_relations(write_engine, count=8)
+    seven = consumers[7]["id"]  # 7 orders: amounts 6.5 (newest) .. 0.5
+    first = (await gql.data(ORDERS_OF, {"id": seven, "first": 3}))["consumer"]["orders"]
+    assert [n["amount"] for n in first["nodes"]] == [6.5, 5.5, 4.5]
+    assert first["totalCount"] == 7
+    assert (first["pageInfo"]["hasNextPage"], first["pageInfo"]["hasPreviousPage"]) == (True, False)
+    second = (await gql.data(ORDERS_OF, {"id": seven, "first": 3,
+                                         "after": first["pageInfo"]["endCursor"]}))
+    page = second["consumer"]["orders"]
+    assert [n["amount"] for n in page["nodes"]] == [3.5, 2.5, 1.5]
+    assert (page["pageInfo"]["hasNextPage"], page["pageInfo"]["hasPreviousPage"]) == (True, True)
+    back = (await gql.data(ORDERS_OF, {"id": seven, "last": 2,
+                                       "before": page["pageInfo"]["startCursor"]}))
+    page = back["consumer"]["orders"]
+    assert [n["amount"] for n in page["nodes"]] == [5.5, 4.5]
+    assert (page["pageInfo"]["hasNextPage"], page["pageInfo"]["hasPreviousPage"]) == (True, True)
+
+
+async def test_audience_members_and_filter_agree(gql: GraphQL, write_engine: Any) -> None:
+    await given_consumers_with_relations(write_engine, count=30)
+    data = await gql.data("{ audiences { nodes { id name consumers(first: 100) "
+                          "{ totalCount nodes { id } } } } }")
+    for audience in data["audiences"]["nodes"]:
+        members = [n["id"] for n in audience["consumers"]["nodes"]]
+        assert audience["consumers"]["totalCount"] == len(members) == 15
+        filtered = await gql.data(
+            "query($a: ID!) { consumers(audienceId: $a, first: 100) { totalCount nodes { id } } }",
+            {"a": audience["id"]},
+        )
+        assert [n["id"] for n in filtered["consumers"]["nodes"]] == members
+        assert filtered["consumers"]["totalCount"] == 15
