@@ -18,6 +18,7 @@ from sqlalchemy import event, make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from consumers_graphql.app import create_app
+from consumers_graphql.auth import AUTH_EXECUTION_OPTION, READ_ONLY, READ_WRITE, Scope
 from consumers_graphql.db import make_engine
 from consumers_graphql.migrate import upgrade
 from consumers_graphql.settings import Settings
@@ -49,7 +50,8 @@ async def database_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
 
 @pytest.fixture(scope="session")
 async def settings(database_url: str) -> Settings:
-    settings = Settings(database_url=database_url)
+    # A pepper, so every test also proves that keys are hashed with it consistently.
+    settings = Settings(database_url=database_url, key_pepper="test-pepper")  # type: ignore[arg-type]
     engine = make_engine(settings, writer=True)
     try:
         await upgrade(engine)
@@ -95,11 +97,12 @@ async def clean_database(request: pytest.FixtureRequest) -> AsyncIterator[None]:
 
 
 class GraphQL:
-    """Posts operations to /graphql and returns the JSON body."""
+    """Posts operations to /graphql and returns the JSON body; authenticated with ``secret``
+    (a Bearer key) unless it is None."""
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    def __init__(self, client: httpx.AsyncClient, secret: str | None = None) -> None:
         self.client = client
-        self.headers: dict[str, str] = {}
+        self.headers: dict[str, str] = bearer(secret) if secret is not None else {}
 
     async def __call__(
         self, query: str, variables: dict[str, Any] | None = None, *, status: int = 200
@@ -118,14 +121,55 @@ class GraphQL:
         return body["data"]
 
 
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+async def _new_key(app: FastAPI, name: str, scopes: frozenset[Scope]) -> str:
+    created = await app.state.keys.create(name, scopes=scopes)
+    return str(created.secret.get_secret_value())
+
+
 @pytest.fixture
-def gql(client: httpx.AsyncClient) -> GraphQL:
+async def api_key(app: FastAPI) -> str:
+    """The secret of a fresh read-write key (the tables are emptied after each test)."""
+    return await _new_key(app, "tests", READ_WRITE)
+
+
+@pytest.fixture
+async def read_only_key(app: FastAPI) -> str:
+    return await _new_key(app, "tests (read-only)", READ_ONLY)
+
+
+@pytest.fixture
+def auth_headers(api_key: str) -> dict[str, str]:
+    """For raw ``client`` calls: ``await client.get(url, headers=auth_headers)``."""
+    return bearer(api_key)
+
+
+@pytest.fixture
+def gql(client: httpx.AsyncClient, api_key: str) -> GraphQL:
+    return GraphQL(client, api_key)
+
+
+@pytest.fixture
+def read_only_gql(client: httpx.AsyncClient, read_only_key: str) -> GraphQL:
+    return GraphQL(client, read_only_key)
+
+
+@pytest.fixture
+def anonymous_gql(client: httpx.AsyncClient, app: FastAPI) -> GraphQL:
+    """No Authorization header (expect ``status=401``)."""
     return GraphQL(client)
 
 
 class StatementCounter:
+    """The app's SQL statements; authentication's own (the key lookup, the throttled
+    lastUsedAt write) are kept apart in ``auth_statements``, so counts measure the API work."""
+
     def __init__(self) -> None:
         self.statements: list[str] = []
+        self.auth_statements: list[str] = []
 
     @property
     def count(self) -> int:
@@ -134,6 +178,7 @@ class StatementCounter:
     @contextmanager
     def counting(self) -> Iterator[StatementCounter]:
         self.statements.clear()
+        self.auth_statements.clear()
         yield self
 
 
@@ -142,10 +187,16 @@ def sql(app: FastAPI) -> Iterator[StatementCounter]:
     """Counts the SQL statements the app sends, on both of its engines."""
     counter = StatementCounter()
 
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        counter.statements.append(statement)
+    def record(_conn: Any, _cursor: Any, statement: str, _params: Any, context: Any,
+               *_args: Any) -> None:
+        options = context.execution_options if context is not None else {}
+        if options.get(AUTH_EXECUTION_OPTION):
+            counter.auth_statements.append(statement)
+        else:
+            counter.statements.append(statement)
 
-    engines = {app.state.database.read_engine.sync_engine, app.state.database.write_engine.sync_engine}
+    database = app.state.database
+    engines = {database.read_engine.sync_engine, database.write_engine.sync_engine}
     for engine in engines:
         event.listen(engine, "before_cursor_execute", record)
     yield counter

@@ -4,21 +4,51 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import BackgroundTasks, Depends, FastAPI, Request
 from sqlalchemy import text
-from strawberry.fastapi import GraphQLRouter
 
 from consumers_graphql import __version__
 from consumers_graphql.api.context import Context
+from consumers_graphql.api.http import GraphQLRouter, ProtocolGuard
+from consumers_graphql.api.limits import Limits
 from consumers_graphql.api.loaders import Loaders
 from consumers_graphql.api.schema import build_schema
+from consumers_graphql.auth import ANONYMOUS, KeyStore, Principal
 from consumers_graphql.db import Database
+from consumers_graphql.http_auth import (
+    AuthenticationRequired,
+    authentication_required_response,
+    require_api_key,
+)
 from consumers_graphql.repository import Repository
+from consumers_graphql.request_id import RequestIdMiddleware
+from consumers_graphql.rest import errors as rest_errors
+from consumers_graphql.rest import routes as rest_routes
 from consumers_graphql.settings import Settings
 
 
-async def _graphql_context(request: Request) -> AsyncIterator[Context]:
+def _asks_for_graphiql(request: Request) -> bool:
+    # Strawberry's own test for serving the IDE page; the page carries no data, and should
+    # this drift, permissions.ScopeCheck still refuses to run anything for ANONYMOUS.
+    accept = request.headers.get("accept", "")
+    return (
+        request.method == "GET"
+        and "query" not in request.query_params
+        and ("text/html" in accept or "*/*" in accept)
+    )
+
+
+async def _graphql_principal(request: Request, background_tasks: BackgroundTasks) -> Principal:
+    if request.app.state.graphiql and _asks_for_graphiql(request):
+        return ANONYMOUS
+    return await require_api_key(request, background_tasks)
+
+
+async def _graphql_context(
+    request: Request, principal: Annotated[Principal, Depends(_graphql_principal)]
+) -> AsyncIterator[Context]:
     database: Database = request.app.state.database
     reader = database.reader()
     repository = Repository(reader)
@@ -28,6 +58,7 @@ async def _graphql_context(request: Request) -> AsyncIterator[Context]:
             database=database,
             repository=repository,
             loaders=Loaders(repository),
+            principal=principal,
         )
     finally:
         await reader.close()
@@ -40,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         database = Database(settings)
         app.state.database = database
+        app.state.keys = KeyStore(database.read_engine, database.write_engine, settings.key_pepper)
         try:
             yield
         finally:
@@ -52,14 +84,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None if settings.is_production else "/docs",
     )
     app.state.settings = settings
-    schema = build_schema(production=settings.is_production)
+    app.state.graphiql = not settings.is_production
+    app.add_exception_handler(AuthenticationRequired, authentication_required_response)
+    schema = build_schema(production=settings.is_production, limits=Limits.from_settings(settings))
     app.state.schema = schema
-    graphql: GraphQLRouter[Context, None] = GraphQLRouter(
+    graphql = GraphQLRouter(
         schema,
         context_getter=_graphql_context,
         graphql_ide=None if settings.is_production else "graphiql",
     )
     app.include_router(graphql, prefix="/graphql")
+    # The guard answers before authentication; the request id wraps everything, 500s included.
+    app.add_middleware(ProtocolGuard, path="/graphql", max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    rest_errors.install(app)
+    app.include_router(rest_routes.router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz(request: Request) -> dict[str, str]:

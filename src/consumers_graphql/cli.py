@@ -1,4 +1,4 @@
-"""The ``consumers-graphql`` command: serve, migrate, seed, export-schema."""
+"""The ``consumers-graphql`` command: serve, keys, migrate, seed, export-schema."""
 
 from __future__ import annotations
 
@@ -6,16 +6,23 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from consumers_graphql.settings import Settings
+
+if TYPE_CHECKING:
+    from consumers_graphql.auth import KeyInfo, KeyStore
+    from consumers_graphql.db import Database
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from consumers_graphql.app import create_app
+    from consumers_graphql.logs import log_config
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=overrides)
@@ -23,6 +30,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 1
+    asyncio.run(_create_first_key(settings))
     # Uvicorn drains requests on SIGTERM, then raises the signal again for the previous
     # handler: make that a clean exit, since a requested graceful stop is a success.
     signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -31,10 +39,40 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=log_config(settings.log_level),
         proxy_headers=False,
         server_header=False,
     )
     return 0
+
+
+async def _create_first_key(settings: Settings) -> None:
+    """On a database without any key, make one and show its secret, this once."""
+    from consumers_graphql.db import Database
+
+    database = Database(settings)
+    try:
+        created = await _key_store(database).create_first()
+    finally:
+        await database.dispose()
+    if created is None:
+        return
+    secret = created.secret.get_secret_value()
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(settings.host, settings.host)
+    url = f"http://{host}:{settings.port}/graphql"
+    query = '{"query": "{ consumers(first: 1) { totalCount } }"}'
+    print(
+        f"\nCreated the first API key, {created.info.id} ({_scopes(created.info)}). "
+        f"Its secret is shown only this once; keep it somewhere safe:\n\n"
+        f"    {secret}\n\n"
+        f"Send it with every request:\n"
+        f"    curl {url} -H 'Authorization: Bearer {secret}' \\\n"
+        f"      -H 'Content-Type: application/json' -d '{query}'\n"
+        f"In GraphiQL ({url}), paste this into the Headers panel:\n"
+        f'    {{"Authorization": "Bearer {secret}"}}\n'
+        f"More keys: consumers-graphql keys create --name NAME [--read-only]\n",
+        flush=True,
+    )
 
 
 def _exit_cleanly(_signum: int, _frame: object) -> None:
@@ -91,7 +129,9 @@ def _seed(args: argparse.Namespace, settings: Settings) -> int:
             await upgrade(engine)
             with tqdm(total=args.consumers, unit=" consumers", disable=args.quiet) as bar:
                 report = await seed(
-                    engine, args.consumers, random_seed=args.random_seed, progress=bar.update
+                    engine, args.consumers, random_seed=args.random_seed, progress=bar.update,
+                    orders_per_consumer=args.orders_per_consumer,
+                    audiences_per_consumer=args.audiences_per_consumer,
                 )
         finally:
             await engine.dispose()
@@ -115,6 +155,104 @@ def _export_schema(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _key_store(database: Database) -> KeyStore:
+    from consumers_graphql.auth import KeyStore
+
+    return KeyStore(database.read_engine, database.write_engine, database.settings.key_pepper)
+
+
+def _scopes(info: KeyInfo) -> str:
+    from consumers_graphql.auth import format_scopes
+
+    return format_scopes(info.scopes)
+
+
+def _when(moment: datetime | None, default: str) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%SZ") if moment is not None else default
+
+
+def _run_with_keys(settings: Settings, job: Callable[[KeyStore], Awaitable[int]]) -> int:
+    from consumers_graphql.db import Database
+
+    problem = asyncio.run(_prepare_database(settings))
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
+
+    async def run() -> int:
+        database = Database(settings)
+        try:
+            return await job(_key_store(database))
+        finally:
+            await database.dispose()
+
+    return asyncio.run(run())
+
+
+def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers_graphql.auth import READ_ONLY, READ_WRITE
+
+    async def job(keys: KeyStore) -> int:
+        try:
+            created = await keys.create(
+                args.name, scopes=READ_ONLY if args.read_only else READ_WRITE, test=args.test
+            )
+        except ValueError as error:
+            print(error, file=sys.stderr)
+            return 1
+        secret = created.secret.get_secret_value()
+        print(
+            f"Created API key {created.info.id} \"{created.info.name}\" "
+            f"({_scopes(created.info)}). Its secret is shown only this once:\n\n"
+            f"    {secret}\n\n"
+            f"Send it as the header  Authorization: Bearer {secret}",
+            flush=True,
+        )
+        return 0
+
+    return _run_with_keys(settings, job)
+
+
+def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
+    async def job(keys: KeyStore) -> int:
+        found = await keys.list_keys()
+        if not found:
+            print("No API keys. Create one: consumers-graphql keys create --name NAME")
+            return 0
+        header = ("ID", "NAME", "PREFIX", "SCOPES", "CREATED", "LAST USED", "REVOKED")
+        rows = [header] + [
+            (k.id, k.name, k.prefix + "…", _scopes(k), _when(k.created_at, ""),
+             _when(k.last_used_at, "never"), _when(k.revoked_at, "-"))
+            for k in found
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+                  .rstrip())
+        return 0
+
+    return _run_with_keys(settings, job)
+
+
+def _keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers_graphql.auth import RevokeOutcome
+
+    async def job(keys: KeyStore) -> int:
+        outcome, info = await keys.revoke(args.id)
+        if outcome is RevokeOutcome.NOT_FOUND or info is None:
+            print(f"No API key has the id {args.id!r} (see `consumers-graphql keys list`).",
+                  file=sys.stderr)
+            return 1
+        if outcome is RevokeOutcome.ALREADY_REVOKED:
+            print(f"{info.id} \"{info.name}\" was already revoked "
+                  f"({_when(info.revoked_at, '')}).")
+            return 0
+        print(f"Revoked {info.id} \"{info.name}\": requests with it now get 401.")
+        return 0
+
+    return _run_with_keys(settings, job)
+
+
 def _positive(value: str) -> int:
     number = int(value)
     if number < 0:
@@ -135,6 +273,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
     serve.set_defaults(handler=_serve)
 
+    keys = commands.add_parser("keys", help="create, list and revoke API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="make a key and print its secret, once")
+    create.add_argument("--name", required=True, help="what the key is for, e.g. the app")
+    create.add_argument("--read-only", action="store_true",
+                        help="scope read only: mutations are refused (default: read write)")
+    create.add_argument("--test", action="store_true",
+                        help="an sk_test_ key instead of sk_live_ (a label; same access)")
+    create.set_defaults(handler=_keys_create)
+    listing = key_commands.add_parser("list", help="every key, without secrets")
+    listing.set_defaults(handler=_keys_list)
+    revoke = key_commands.add_parser("revoke", help="refuse a key from now on")
+    revoke.add_argument("id", help="the key's id (key_…), from `keys list`")
+    revoke.set_defaults(handler=_keys_revoke)
+
     migrate = commands.add_parser("migrate", help="bring the database schema up to date")
     migrate.add_argument("--revision", default="head", help="target revision (default head)")
     migrate.set_defaults(handler=_migrate)
@@ -144,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="how many consumers to add (default 1000)")
     seed.add_argument("--random-seed", type=int, default=None,
                       help="make the data reproducible")
+    seed.add_argument("--orders-per-consumer", type=_positive, default=None,
+                      help="exactly this many orders each (default: 0 to 5, 2 on average)")
+    seed.add_argument("--audiences-per-consumer", type=int, default=None, choices=range(9),
+                      metavar="{0..8}",
+                      help="exactly this many audience memberships each, at most 8 "
+                      "(default: each of the 8 audiences with a 30%% chance)")
     seed.add_argument("--quiet", action="store_true", help="no progress bar")
     seed.set_defaults(handler=_seed)
 

@@ -171,11 +171,13 @@ class Reader:
     def dialect(self) -> str:
         return self._engine.dialect.name
 
-    async def execute(self, statement: Executable) -> Result[Any]:
+    async def execute(
+        self, statement: Executable, params: dict[str, Any] | None = None
+    ) -> Result[Any]:
         async with self._lock:
             if self._conn is None:
                 self._conn = await self._engine.connect()
-            return await self._conn.execute(statement)
+            return await self._conn.execute(statement, params)
 
     async def close(self) -> None:
         if self._conn is not None:

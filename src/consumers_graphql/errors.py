@@ -20,7 +20,8 @@ class ErrorCode(StrEnum):
 
 class DomainError(Exception):
     """An expected failure with a stable code and, where it applies, the path of the input
-    field at fault (``("input", "3", "email")``)."""
+    field at fault (``("input", "3", "email")``: list indices are strings, as in the
+    GraphQL `UserError.field: [String!]`)."""
 
     code: ErrorCode = ErrorCode.VALIDATION_FAILED
 
@@ -42,3 +43,11 @@ class BadUserInput(DomainError):
     """A malformed read request: an argument out of range, a bad cursor, a short search."""
 
     code = ErrorCode.BAD_USER_INPUT
+
+
+class DomainErrors(Exception):
+    """Every problem found in one write's input at once, not just the first."""
+
+    def __init__(self, errors: Sequence[DomainError]) -> None:
+        super().__init__("; ".join(error.message for error in errors))
+        self.errors = list(errors)

@@ -19,7 +19,7 @@ import base64
 import binascii
 import json
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from enum import Enum
@@ -27,9 +27,10 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
+    Integer,
     Select,
+    bindparam,
     func,
-    literal,
     literal_column,
     select,
     tuple_,
@@ -96,17 +97,28 @@ class PageRequest:
 @dataclass
 class Page(Generic[T]):
     items: list[T]
-    cursors: list[str]
     has_next_page: bool
     has_previous_page: bool
+    sort: SortKey | None = None
+    # (sort value, id) of each item, from which its cursor is made when asked for
+    keys: list[tuple[Any, str]] = field(default_factory=list)
+
+    def cursor(self, index: int) -> str:
+        assert self.sort is not None
+        value, row_id = self.keys[index]
+        return encode_cursor(self.sort, value, row_id)
+
+    @property
+    def cursors(self) -> list[str]:
+        return [self.cursor(index) for index in range(len(self.items))]
 
     @property
     def start_cursor(self) -> str | None:
-        return self.cursors[0] if self.cursors else None
+        return self.cursor(0) if self.items else None
 
     @property
     def end_cursor(self) -> str | None:
-        return self.cursors[-1] if self.cursors else None
+        return self.cursor(len(self.items) - 1) if self.items else None
 
 
 # --- arguments and cursors -------------------------------------------------------------------
@@ -123,11 +135,14 @@ def page_request(
 ) -> PageRequest:
     """Check the Relay arguments; every misuse is a BadUserInput naming the argument."""
     if first is not None and last is not None:
-        raise BadUserInput("Passing both `first` and `last` is not supported: choose one.")
+        raise BadUserInput(
+            "Passing both `first` and `last` is not supported: choose one.", field=["last"]
+        )
     for name, size in (("first", first), ("last", last)):
         if size is not None and not 0 <= size <= MAX_PAGE_SIZE:
             raise BadUserInput(
-                f"`{name}` must be between 0 and {MAX_PAGE_SIZE}; {size} was given."
+                f"`{name}` must be between 0 and {MAX_PAGE_SIZE}; {size} was given.",
+                field=[name],
             )
     if first is None and last is None:
         first = default_size
@@ -153,18 +168,19 @@ def decode_cursor(sort: SortKey, token: str, argument: str) -> Cursor:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         scope, value, row_id = json.loads(raw)
     except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
-        raise BadUserInput(f"`{argument}` is not a valid cursor.") from None
+        raise BadUserInput(f"`{argument}` is not a valid cursor.", field=[argument]) from None
     if scope != sort.scope:
         raise BadUserInput(
             f"`{argument}` is a cursor of another connection or sort order; "
-            "cursors are only valid with the arguments they were made under."
+            "cursors are only valid with the arguments they were made under.",
+            field=[argument],
         )
     if not isinstance(row_id, str) or (value is None and not sort.nullable):
-        raise BadUserInput(f"`{argument}` is not a valid cursor.")
+        raise BadUserInput(f"`{argument}` is not a valid cursor.", field=[argument])
     try:
         return Cursor(value=_decode_value(sort.kind, value), id=row_id)
     except (ValueError, TypeError, InvalidOperation):
-        raise BadUserInput(f"`{argument}` is not a valid cursor.") from None
+        raise BadUserInput(f"`{argument}` is not a valid cursor.", field=[argument]) from None
 
 
 def _decode_value(kind: ValueKind, value: Any) -> Any:
@@ -206,21 +222,19 @@ def _segment_of(sort: SortKey, cursor: Cursor) -> int:
 
 
 def _bound(
-    sort: SortKey, segment: int, cursor: Cursor, *, after: bool, inclusive: bool
+    sort: SortKey, segment: int, cursor_segment: int, name: str, *, after: bool, inclusive: bool
 ) -> ColumnElement[bool] | bool:
-    """Rows of `segment` after (or before) `cursor` in the connection's order: a predicate,
-    True (the whole segment) or False (none of it)."""
-    cursor_segment = _segment_of(sort, cursor)
+    """Rows of `segment` after (or before) the cursor bound as `name` in the connection's
+    order: a predicate, True (the whole segment) or False (none of it)."""
     if segment != cursor_segment:
         return (segment > cursor_segment) == after
     ascending_op = after != sort.descending  # "after" in an ascending order means greater
+    cursor_id = bindparam(f"{name}_id", type_=sort.id_column.type)
     if segment == _NULL:
-        left, right = sort.id_column, literal(cursor.id, sort.id_column.type)
+        left, right = sort.id_column, cursor_id
     else:
         left = tuple_(sort.column, sort.id_column)
-        right = tuple_(
-            literal(cursor.value, sort.column.type), literal(cursor.id, sort.id_column.type)
-        )
+        right = tuple_(bindparam(f"{name}_value", type_=sort.column.type), cursor_id)
     if ascending_op:
         return left >= right if inclusive else left > right
     return left <= right if inclusive else left < right
@@ -232,32 +246,72 @@ def _ordering(sort: SortKey, columns: Any, *, forward: bool) -> list[Any]:
     return [col.desc(), id_col.desc()] if descending else [col.asc(), id_col.asc()]
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """What a page statement's SQL depends on; values travel as bound parameters, so one
+    statement (and one compiled form) serves every page of the same shape."""
+
+    base: Hashable
+    scope: str
+    forward: bool
+    after_segment: int | None
+    before_segment: int | None
+
+
+_statements: dict[_Shape, Select[Any]] = {}
+_STATEMENT_CACHE_MAX = 4096
+
+
 def page_statement(
-    base: Select[Any],
+    base_key: Hashable,
+    base: Callable[[], Select[Any]],
     sort: SortKey,
     request: PageRequest,
     *,
     partition_by: Any = None,
-) -> Select[Any]:
-    """One statement returning the page (size + 1 rows, to see whether more follow) and
-    the probes for the flags that the extra row cannot tell. With `partition_by`, it pages
-    every partition (parent) separately: the nested connections of a whole batch at once."""
+) -> tuple[Select[Any], dict[str, Any]]:
+    """The statement returning the page (size + 1 rows, to see whether more follow) and the
+    probes for the flags that the extra row cannot tell, with its parameters. `base_key`
+    names the shape of `base()` (its filters), which builds it when it is not cached yet.
+    With `partition_by`, it pages every partition (parent) separately: the nested
+    connections of a whole batch at once."""
+    shape = _Shape(
+        base=base_key,
+        scope=sort.scope,
+        forward=request.forward,
+        after_segment=None if request.after is None else _segment_of(sort, request.after),
+        before_segment=None if request.before is None else _segment_of(sort, request.before),
+    )
+    statement = _statements.get(shape)
+    if statement is None:
+        if len(_statements) >= _STATEMENT_CACHE_MAX:
+            _statements.clear()
+        statement = _statements[shape] = _build(base(), sort, shape, partition_by)
+    params: dict[str, Any] = {"page_limit": request.size + 1}
+    for name, cursor in (("after", request.after), ("before", request.before)):
+        if cursor is not None:
+            params[f"{name}_id"] = cursor.id
+            if cursor.value is not None:
+                params[f"{name}_value"] = cursor.value
+    return statement, params
+
+
+def _build(base: Select[Any], sort: SortKey, shape: _Shape, partition_by: Any) -> Select[Any]:
     parts: list[Select[Any]] = []
     for segment in _segments(sort):
-        parts += _segment_selects(base, sort, request, segment, partition_by)
+        parts += _segment_selects(base, sort, shape, segment, partition_by)
     if len(parts) == 1 and partition_by is None:
         return parts[0]  # already ordered and limited: the common case, a plain index range
     wrapped = [select(part.subquery()) if partition_by is None else part for part in parts]
     union = (union_all(*wrapped) if len(wrapped) > 1 else wrapped[0]).subquery("page")
-    forward = request.forward
-    seg_order = union.c._seg.asc() if forward else union.c._seg.desc()
+    seg_order = union.c._seg.asc() if shape.forward else union.c._seg.desc()
     return select(union).order_by(
-        union.c._kind, seg_order, *_ordering(sort, union.c, forward=forward)
+        union.c._kind, seg_order, *_ordering(sort, union.c, forward=shape.forward)
     )
 
 
 def _segment_selects(
-    base: Select[Any], sort: SortKey, request: PageRequest, segment: int, partition_by: Any
+    base: Select[Any], sort: SortKey, shape: _Shape, segment: int, partition_by: Any
 ) -> list[Select[Any]]:
     in_segment: list[ColumnElement[bool]] = []
     if sort.nullable:
@@ -268,26 +322,29 @@ def _segment_selects(
             return None
         return in_segment + [b for b in bounds if not isinstance(b, bool)]
 
+    after, before = shape.after_segment, shape.before_segment
     selects = []
     page_bounds = []
-    if request.after is not None:
-        page_bounds.append(_bound(sort, segment, request.after, after=True, inclusive=False))
-    if request.before is not None:
-        page_bounds.append(_bound(sort, segment, request.before, after=False, inclusive=False))
+    if after is not None:
+        page_bounds.append(_bound(sort, segment, after, "after", after=True, inclusive=False))
+    if before is not None:
+        page_bounds.append(
+            _bound(sort, segment, before, "before", after=False, inclusive=False)
+        )
     where = restricted(*page_bounds)
+    page_limit = bindparam("page_limit", type_=Integer)
     if where is not None:
         selects.append(
-            _limited(base, sort, where, _PAGE, segment, request.size + 1, request.forward,
-                     partition_by)
+            _limited(base, sort, where, _PAGE, segment, page_limit, shape.forward, partition_by)
         )
     # hasPreviousPage: does any row lie at or before `after`? hasNextPage: at or after `before`?
-    if request.after is not None:
-        where = restricted(_bound(sort, segment, request.after, after=False, inclusive=True))
+    if after is not None:
+        where = restricted(_bound(sort, segment, after, "after", after=False, inclusive=True))
         if where is not None:
             selects.append(_limited(base, sort, where, _BEFORE_PROBE, segment, 1, False,
                                     partition_by))
-    if request.before is not None:
-        where = restricted(_bound(sort, segment, request.before, after=True, inclusive=True))
+    if before is not None:
+        where = restricted(_bound(sort, segment, before, "before", after=True, inclusive=True))
         if where is not None:
             selects.append(_limited(base, sort, where, _AFTER_PROBE, segment, 1, True,
                                     partition_by))
@@ -300,7 +357,7 @@ def _limited(
     where: list[ColumnElement[bool]],
     kind: int,
     segment: int,
-    limit: int,
+    limit: Any,
     forward: bool,
     partition_by: Any,
 ) -> Select[Any]:
@@ -346,10 +403,10 @@ def assemble_page(
     value_name, id_name = sort.column.name, sort.id_column.name
     return Page(
         items=[convert(row) for row in page_rows],
-        cursors=[encode_cursor(sort, row._mapping[value_name], row._mapping[id_name])
-                 for row in page_rows],
         has_next_page=has_next,
         has_previous_page=has_previous,
+        sort=sort,
+        keys=[(row._mapping[value_name], row._mapping[id_name]) for row in page_rows],
     )
 
 

@@ -7,14 +7,15 @@ DataLoaders above it keep a page of any size at a constant number of statements.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
+from functools import lru_cache
 from typing import Any
 
 import phonenumbers
-from sqlalchemy import Select, column, func, literal_column, select, table
+from sqlalchemy import Select, bindparam, column, func, literal_column, select, table
 from sqlalchemy.engine import Row
 
 from consumers_graphql import models
@@ -106,9 +107,13 @@ def search_term(raw: str, argument: str = "search") -> str:
     ``(415) 555`` finds ``+14155550100``."""
     term = raw.strip()
     if len(term) < SEARCH_MIN:
-        raise BadUserInput(f"`{argument}` must be at least {SEARCH_MIN} characters long.")
+        raise BadUserInput(
+            f"`{argument}` must be at least {SEARCH_MIN} characters long.", field=[argument]
+        )
     if len(term) > SEARCH_MAX:
-        raise BadUserInput(f"`{argument}` must be at most {SEARCH_MAX} characters long.")
+        raise BadUserInput(
+            f"`{argument}` must be at most {SEARCH_MAX} characters long.", field=[argument]
+        )
     if _PHONE_LIKE.match(term) and sum(ch.isdigit() for ch in term) >= SEARCH_MIN:
         term = ("+" if term.startswith("+") else "") + "".join(ch for ch in term if ch.isdigit())
     return fold(term) or ""
@@ -127,83 +132,174 @@ def _normalized_phone(raw: str) -> str:
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 
 
+# Each filter as WHERE conditions over bound parameters: a filtered statement is built (and
+# compiled) once per combination of filters, never per request.
+_FILTERS: dict[str, Callable[[], list[Any]]] = {
+    "search": lambda: [_SEARCH_LIKE],
+    # The LIKE is the definition of a match; the FTS5 MATCH only narrows it down through the
+    # trigram index (which needs 3 characters). PostgreSQL's pg_trgm GIN index serves the
+    # LIKE itself.
+    "search_fts": lambda: [
+        literal_column("consumers.rowid").in_(
+            select(_consumers_fts.c.rowid).where(
+                literal_column("consumers_fts").op("MATCH")(bindparam("search_match"))
+            )
+        ),
+        _SEARCH_LIKE,
+    ],
+    "created_after": lambda: [
+        consumers.c.created_at > bindparam("created_after", type_=consumers.c.created_at.type)
+    ],
+    "created_before": lambda: [
+        consumers.c.created_at < bindparam("created_before", type_=consumers.c.created_at.type)
+    ],
+    "audience_id": lambda: [
+        consumers.c.id.in_(
+            select(memberships.c.consumer_id).where(
+                memberships.c.audience_id == bindparam("audience_id")
+            )
+        )
+    ],
+    "email": lambda: [consumers.c.email_key == bindparam("email")],
+    "phone": lambda: [consumers.c.phone == bindparam("phone")],
+    "external_id": lambda: [consumers.c.external_id == bindparam("external_id")],
+}
+_SEARCH_LIKE = consumers.c.search_text.like(bindparam("search_like"), escape="\\")
+
+
+def _conditions(names: tuple[str, ...]) -> list[Any]:
+    return [condition for name in names for condition in _FILTERS[name]()]
+
+
+@lru_cache(maxsize=256)
+def _count_statement(names: tuple[str, ...]) -> Select[Any]:
+    return select(func.count()).select_from(consumers).where(*_conditions(names))
+
+
+@lru_cache(maxsize=8)
+def _by_ids_statement(table_name: str) -> Select[Any]:
+    columns = _COLUMNS[table_name]
+    return select(*columns).where(columns[0].table.c.id.in_(bindparam("ids", expanding=True)))
+
+
+_PARENTS = {
+    "consumer_audiences.audience_id": memberships.c.audience_id,
+    "consumer_audiences.consumer_id": memberships.c.consumer_id,
+    "orders.consumer_id": orders.c.consumer_id,
+}
+
+
+@lru_cache(maxsize=8)
+def _counts_statement(parent_name: str) -> Select[Any]:
+    parent = _PARENTS[parent_name]
+    return (
+        select(parent, func.count())
+        .where(parent.in_(bindparam("parent_ids", expanding=True)))
+        .group_by(parent)
+    )
+
+
+_COLUMNS = {"consumers": CONSUMER_COLUMNS, "audiences": AUDIENCE_COLUMNS,
+            "orders": ORDER_COLUMNS}
+_PARENT_IDS = bindparam("parent_ids", expanding=True)
+
+
+def _members_base() -> Select[Any]:
+    parent = memberships.c.audience_id
+    return (
+        select(*CONSUMER_COLUMNS, parent.label("_parent"))
+        .join(memberships, memberships.c.consumer_id == consumers.c.id)
+        .where(parent.in_(_PARENT_IDS))
+    )
+
+
+def _consumer_audiences_base() -> Select[Any]:
+    parent = memberships.c.consumer_id
+    return (
+        select(*AUDIENCE_COLUMNS, parent.label("_parent"))
+        .join(memberships, memberships.c.audience_id == audiences.c.id)
+        .where(parent.in_(_PARENT_IDS))
+    )
+
+
+def _consumer_orders_base() -> Select[Any]:
+    parent = orders.c.consumer_id
+    return select(*ORDER_COLUMNS, parent.label("_parent")).where(parent.in_(_PARENT_IDS))
+
+
 class Repository:
     """Read queries over one request's connection."""
 
     def __init__(self, reader: Reader) -> None:
         self._reader = reader
 
-    async def _rows(self, statement: Select[Any]) -> Sequence[Row[Any]]:
-        return (await self._reader.execute(statement)).all()
+    async def _rows(
+        self, statement: Select[Any], params: dict[str, Any] | None = None
+    ) -> Sequence[Row[Any]]:
+        return (await self._reader.execute(statement, params)).all()
 
     # -- consumers ------------------------------------------------------------------------
 
-    def _consumer_filter(self, base: Select[Any], f: ConsumerFilter) -> Select[Any]:
+    def _consumer_filter(self, f: ConsumerFilter) -> tuple[tuple[str, ...], dict[str, Any]]:
+        """The names of the filters given, and their parameters."""
+        names: list[str] = []
+        params: dict[str, Any] = {}
         if f.search is not None:
-            base = base.where(*self._search_predicates(search_term(f.search)))
+            term = search_term(f.search)
+            params["search_like"] = _like_pattern(term)
+            if self._reader.dialect == "sqlite" and len(term) >= 3:
+                names.append("search_fts")
+                params["search_match"] = '"' + term.replace('"', '""') + '"'
+            else:
+                names.append("search")
         if f.created_after is not None:
-            base = base.where(consumers.c.created_at > f.created_after)
+            names.append("created_after")
+            params["created_after"] = f.created_after
         if f.created_before is not None:
-            base = base.where(consumers.c.created_at < f.created_before)
+            names.append("created_before")
+            params["created_before"] = f.created_before
         if f.audience_id is not None:
             if not is_id_of(f.audience_id, IdKind.AUDIENCE):
-                raise BadUserInput("`audienceId` is not an audience id.")
-            base = base.where(
-                consumers.c.id.in_(
-                    select(memberships.c.consumer_id).where(
-                        memberships.c.audience_id == f.audience_id
-                    )
-                )
-            )
+                raise BadUserInput("`audienceId` is not an audience id.", field=["audienceId"])
+            names.append("audience_id")
+            params["audience_id"] = f.audience_id
         if f.email is not None:
-            base = base.where(consumers.c.email_key == fold(f.email.strip()))
+            names.append("email")
+            params["email"] = fold(f.email.strip())
         if f.phone is not None:
-            base = base.where(consumers.c.phone == _normalized_phone(f.phone))
+            names.append("phone")
+            params["phone"] = _normalized_phone(f.phone)
         if f.external_id is not None:
-            base = base.where(consumers.c.external_id == f.external_id)
-        return base
-
-    def _search_predicates(self, term: str) -> list[Any]:
-        # The LIKE is the definition of a match; the FTS5 MATCH only narrows it down through
-        # the trigram index (which needs 3 characters). PostgreSQL's pg_trgm GIN index
-        # serves the LIKE itself.
-        like = consumers.c.search_text.like(_like_pattern(term), escape="\\")
-        if self._reader.dialect != "sqlite" or len(term) < 3:
-            return [like]
-        phrase = '"' + term.replace('"', '""') + '"'
-        matching = (
-            select(_consumers_fts.c.rowid)
-            .where(literal_column("consumers_fts").op("MATCH")(phrase))
-        )
-        return [literal_column("consumers.rowid").in_(matching), like]
+            names.append("external_id")
+            params["external_id"] = f.external_id
+        return tuple(names), params
 
     async def consumer_page(
         self, f: ConsumerFilter, sort: SortKey, request: PageRequest
     ) -> Page[Row[Any]]:
-        base = self._consumer_filter(select(*CONSUMER_COLUMNS), f)
-        rows = await self._rows(page_statement(base, sort, request))
+        names, params = self._consumer_filter(f)
+        statement, page_params = page_statement(
+            ("consumers", names),
+            lambda: select(*CONSUMER_COLUMNS).where(*_conditions(names)),
+            sort,
+            request,
+        )
+        rows = await self._rows(statement, {**params, **page_params})
         return assemble_page(rows, sort, request, _identity)
 
     async def consumer_count(self, f: ConsumerFilter) -> int:
-        statement = self._consumer_filter(select(func.count()).select_from(consumers), f)
-        return int((await self._reader.execute(statement)).scalar_one())
+        names, params = self._consumer_filter(f)
+        result = await self._reader.execute(_count_statement(names), params)
+        return int(result.scalar_one())
 
     async def consumers_by_ids(self, ids: Sequence[str]) -> list[Row[Any] | None]:
-        return await self._by_ids(CONSUMER_COLUMNS, consumers.c.id, ids)
+        return await self._by_ids("consumers", ids)
 
     async def consumer_pages_by_audience_ids(
         self, audience_ids: Sequence[str], request: PageRequest
     ) -> list[Page[Row[Any]]]:
-        parent = memberships.c.audience_id
-        base = (
-            select(*CONSUMER_COLUMNS, parent.label("_parent"))
-            .join(memberships, memberships.c.consumer_id == consumers.c.id)
-            .where(parent.in_(audience_ids))
-        )
-        statement = page_statement(base, AUDIENCE_CONSUMER_SORT, request, partition_by=parent)
-        rows = await self._rows(statement)
-        return assemble_pages(rows, audience_ids, "_parent", AUDIENCE_CONSUMER_SORT, request,
-                              _identity)
+        return await self._pages("Audience.consumers", _members_base, AUDIENCE_CONSUMER_SORT,
+                                 memberships.c.audience_id, audience_ids, request)
 
     async def consumer_counts_by_audience_ids(self, audience_ids: Sequence[str]) -> list[int]:
         return await self._counts(memberships.c.audience_id, audience_ids)
@@ -211,7 +307,10 @@ class Repository:
     # -- audiences ------------------------------------------------------------------------
 
     async def audience_page(self, request: PageRequest) -> Page[Row[Any]]:
-        rows = await self._rows(page_statement(select(*AUDIENCE_COLUMNS), AUDIENCE_SORT, request))
+        statement, params = page_statement(
+            "audiences", lambda: select(*AUDIENCE_COLUMNS), AUDIENCE_SORT, request
+        )
+        rows = await self._rows(statement, params)
         return assemble_page(rows, AUDIENCE_SORT, request, _identity)
 
     async def audience_count(self) -> int:
@@ -219,19 +318,13 @@ class Repository:
         return int((await self._reader.execute(statement)).scalar_one())
 
     async def audiences_by_ids(self, ids: Sequence[str]) -> list[Row[Any] | None]:
-        return await self._by_ids(AUDIENCE_COLUMNS, audiences.c.id, ids)
+        return await self._by_ids("audiences", ids)
 
     async def audience_pages_by_consumer_ids(
         self, consumer_ids: Sequence[str], request: PageRequest
     ) -> list[Page[Row[Any]]]:
-        parent = memberships.c.consumer_id
-        base = (
-            select(*AUDIENCE_COLUMNS, parent.label("_parent"))
-            .join(memberships, memberships.c.audience_id == audiences.c.id)
-            .where(parent.in_(consumer_ids))
-        )
-        rows = await self._rows(page_statement(base, AUDIENCE_SORT, request, partition_by=parent))
-        return assemble_pages(rows, consumer_ids, "_parent", AUDIENCE_SORT, request, _identity)
+        return await self._pages("Consumer.audiences", _consumer_audiences_base, AUDIENCE_SORT,
+                                 memberships.c.consumer_id, consumer_ids, request)
 
     async def audience_counts_by_consumer_ids(self, consumer_ids: Sequence[str]) -> list[int]:
         return await self._counts(memberships.c.consumer_id, consumer_ids)
@@ -239,33 +332,41 @@ class Repository:
     # -- orders ---------------------------------------------------------------------------
 
     async def orders_by_ids(self, ids: Sequence[str]) -> list[Row[Any] | None]:
-        return await self._by_ids(ORDER_COLUMNS, orders.c.id, ids)
+        return await self._by_ids("orders", ids)
 
     async def order_pages_by_consumer_ids(
         self, consumer_ids: Sequence[str], request: PageRequest
     ) -> list[Page[Row[Any]]]:
-        parent = orders.c.consumer_id
-        base = select(*ORDER_COLUMNS, parent.label("_parent")).where(parent.in_(consumer_ids))
-        rows = await self._rows(page_statement(base, ORDER_SORT, request, partition_by=parent))
-        return assemble_pages(rows, consumer_ids, "_parent", ORDER_SORT, request, _identity)
+        return await self._pages("Consumer.orders", _consumer_orders_base, ORDER_SORT,
+                                 orders.c.consumer_id, consumer_ids, request)
 
     async def order_counts_by_consumer_ids(self, consumer_ids: Sequence[str]) -> list[int]:
         return await self._counts(orders.c.consumer_id, consumer_ids)
 
     # -- shared ---------------------------------------------------------------------------
 
-    async def _by_ids(
-        self, columns: Sequence[Any], id_column: Any, ids: Sequence[str]
-    ) -> list[Row[Any] | None]:
-        rows = await self._rows(select(*columns).where(id_column.in_(set(ids))))
+    async def _pages(
+        self,
+        relation: str,
+        base: Callable[[], Select[Any]],
+        sort: SortKey,
+        parent: Any,
+        parent_ids: Sequence[str],
+        request: PageRequest,
+    ) -> list[Page[Row[Any]]]:
+        statement, params = page_statement(relation, base, sort, request, partition_by=parent)
+        rows = await self._rows(statement, {**params, "parent_ids": list(set(parent_ids))})
+        return assemble_pages(rows, parent_ids, "_parent", sort, request, _identity)
+
+    async def _by_ids(self, table_name: str, ids: Sequence[str]) -> list[Row[Any] | None]:
+        rows = await self._rows(_by_ids_statement(table_name), {"ids": list(set(ids))})
         by_id = {row.id: row for row in rows}
         return [by_id.get(key) for key in ids]
 
     async def _counts(self, parent: Any, keys: Sequence[str]) -> list[int]:
-        statement = (
-            select(parent, func.count()).where(parent.in_(set(keys))).group_by(parent)
-        )
-        counts = {key: count for key, count in await self._rows(statement)}
+        statement = _counts_statement(f"{parent.table.name}.{parent.name}")
+        rows = await self._rows(statement, {"parent_ids": list(set(keys))})
+        counts = {key: count for key, count in rows}
         return [counts.get(key, 0) for key in keys]
 
 

@@ -77,7 +77,13 @@ def _money(rng: random.Random, currency: str) -> Decimal:
 
 
 def _consumer_rows(
-    rng: random.Random, count: int, start: int, now: datetime, audience_ids: Sequence[str]
+    rng: random.Random,
+    count: int,
+    start: int,
+    now: datetime,
+    audience_ids: Sequence[str],
+    orders_per_consumer: int | None,
+    audiences_per_consumer: int | None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     consumers: list[dict[str, Any]] = []
     orders: list[dict[str, Any]] = []
@@ -97,7 +103,8 @@ def _consumer_rows(
         }
         total = Decimal(0)
         last_order = None
-        order_count = rng.choice((0, 0, 1, 1, 2, 3, 4, 5))
+        order_count = (rng.choice((0, 0, 1, 1, 2, 3, 4, 5)) if orders_per_consumer is None
+                       else orders_per_consumer)
         currency = rng.choice(CURRENCIES)  # one per consumer, so their total means something
         for _ in range(order_count):
             placed = created + (now - created) * rng.random()
@@ -109,10 +116,12 @@ def _consumer_rows(
                 "amount": amount, "currency": currency, "placed_at": placed,
                 "external_id": None, "created_at": placed,
             })
-        for audience_id in audience_ids:
-            if rng.random() < 0.3:
-                memberships.append({"consumer_id": consumer_id, "audience_id": audience_id,
-                                    "created_at": created})
+        if audiences_per_consumer is None:
+            joined = [a for a in audience_ids if rng.random() < 0.3]
+        else:
+            joined = rng.sample(audience_ids, audiences_per_consumer)
+        memberships += [{"consumer_id": consumer_id, "audience_id": audience_id,
+                         "created_at": created} for audience_id in joined]
         consumers.append({
             "id": consumer_id, "email": email, "phone": phone, "full_name": full_name,
             "metadata": metadata,
@@ -137,16 +146,22 @@ async def seed(
     random_seed: int | None = None,
     progress: Callable[[int], None] | None = None,
     chunk_size: int = 5_000,
+    orders_per_consumer: int | None = None,
+    audiences_per_consumer: int | None = None,
 ) -> SeedReport:
     """Add `consumers` consumers (and their orders and memberships) to the database, plus the
     demo audiences if they are missing, in one transaction."""
+    if audiences_per_consumer is not None and audiences_per_consumer > len(AUDIENCES):
+        raise ValueError(f"at most {len(AUDIENCES)} audiences per consumer")
     rng = random.Random(random_seed)
     now = datetime.now(UTC)
     audience_ids = await _ensure_audiences(engine, now)
     report = SeedReport(consumers=0, audiences=len(audience_ids), memberships=0, orders=0)
     async with engine.begin() as conn, _bulk_search_index(conn):
         for start, count in _chunks(consumers, chunk_size):
-            rows, members, orders = _consumer_rows(rng, count, start, now, audience_ids)
+            rows, members, orders = _consumer_rows(
+                rng, count, start, now, audience_ids, orders_per_consumer, audiences_per_consumer
+            )
             await conn.execute(insert(models.Consumer.__table__), rows)
             if members:
                 await conn.execute(insert(models.ConsumerAudience.__table__), members)

@@ -26,6 +26,14 @@ class Settings(BaseSettings):
     # Server-side secret mixed into every API key hash (HMAC-SHA256): a stolen database alone
     # cannot be used to check guesses. Changing it invalidates every existing key.
     key_pepper: SecretStr | None = None
+    # Request limits on /graphql, checked before anything runs (see the README).
+    max_depth: int = Field(default=12, ge=1)
+    max_aliases: int = Field(default=30, ge=0)
+    max_tokens: int = Field(default=5_000, ge=1)
+    max_directives: int = Field(default=5, ge=0)  # on one field, fragment or operation
+    max_duplicate_fields: int = Field(default=50, ge=1)  # one response key, one selection set
+    max_cost: int = Field(default=50_000, ge=1)  # nodes an operation can return
+    max_body_bytes: int = Field(default=1_048_576, ge=1)
 
     @property
     def is_production(self) -> bool:

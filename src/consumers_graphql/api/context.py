@@ -8,6 +8,7 @@ import strawberry
 from strawberry.fastapi import BaseContext
 
 from consumers_graphql.api.loaders import Loaders
+from consumers_graphql.auth import Principal
 from consumers_graphql.db import Database
 from consumers_graphql.repository import Repository
 from consumers_graphql.settings import Settings
@@ -19,6 +20,9 @@ class Context(BaseContext):
     database: Database
     repository: Repository
     loaders: Loaders
+    # The API key of the HTTP request (auth.ANONYMOUS for the GraphiQL page); None for an
+    # in-process caller of schema.execute, which is trusted.
+    principal: Principal | None = None
 
     def __post_init__(self) -> None:
         super().__init__()

@@ -20,6 +20,7 @@ from consumers_graphql.api.types import (
     Order,
     SortDirection,
     connection,
+    consumer_connection,
 )
 from consumers_graphql.errors import BadUserInput
 from consumers_graphql.ids import IdKind, kind_of
@@ -69,7 +70,9 @@ class Query:
                       f"matches no object; at most {MAX_NODES} ids.")
     async def nodes(self, info: Info, ids: list[strawberry.ID]) -> list[Node | None]:
         if len(ids) > MAX_NODES:
-            raise BadUserInput(f"`ids` takes at most {MAX_NODES} ids; {len(ids)} were given.")
+            raise BadUserInput(
+                f"`ids` takes at most {MAX_NODES} ids; {len(ids)} were given.", field=["ids"]
+            )
         return list(await asyncio.gather(*(_node(info, id) for id in ids)))
 
     @strawberry.field(description="A consumer by id; null when there is none.")
@@ -110,8 +113,7 @@ class Query:
         )
         repository = info.context.repository
         page = await repository.consumer_page(filters, sort, request)
-        info.context.loaders.prime_consumers(page.items)
-        return connection(page, Consumer.from_row, lambda: repository.consumer_count(filters))
+        return await consumer_connection(info, page, lambda: repository.consumer_count(filters))
 
     @strawberry.field(description=(
         f"Consumers matching every criterion given: `q` (at least {SEARCH_MIN} characters) as "
@@ -131,7 +133,9 @@ class Query:
         after: AfterArg = None,
     ) -> Connection[Consumer]:
         if q is None and email is None and phone is None and external_id is None:
-            raise BadUserInput("Give at least one of `q`, `email`, `phone` or `externalId`.")
+            raise BadUserInput(
+                "Give at least one of `q`, `email`, `phone` or `externalId`.", field=["q"]
+            )
         if q is not None:
             search_term(q, "q")  # checked here so that the error names `q`
         sort = consumer_sort()
@@ -139,8 +143,7 @@ class Query:
         filters = ConsumerFilter(search=q, email=email, phone=phone, external_id=external_id)
         repository = info.context.repository
         page = await repository.consumer_page(filters, sort, request)
-        info.context.loaders.prime_consumers(page.items)
-        return connection(page, Consumer.from_row, lambda: repository.consumer_count(filters))
+        return await consumer_connection(info, page, lambda: repository.consumer_count(filters))
 
     @strawberry.field(description="An audience by id; null when there is none.")
     async def audience(self, info: Info, id: strawberry.ID) -> Audience | None:

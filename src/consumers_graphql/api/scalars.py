@@ -2,34 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import strawberry
 from strawberry.types.scalar import ScalarDefinition
 
-
-def format_datetime(value: datetime) -> str:
-    """``2024-11-01T10:00:00Z``; microseconds appear when the stored value has them."""
-    value = value.astimezone(UTC)
-    text = value.strftime("%Y-%m-%dT%H:%M:%S")
-    if value.microsecond:
-        text += f".{value.microsecond:06d}"
-    return text + "Z"
-
-
-def parse_datetime(value: object) -> datetime:
-    if not isinstance(value, str):
-        raise ValueError("DateTime must be a string in RFC 3339 form, e.g. 2024-11-01T10:00:00Z")
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(
-            f"{value!r} is not an RFC 3339 timestamp, e.g. 2024-11-01T10:00:00Z"
-        ) from None
-    if parsed.tzinfo is None:
-        raise ValueError(f"{value!r} has no time zone; add Z for UTC or an offset such as +02:00")
-    return parsed.astimezone(UTC)
-
+from consumers_graphql.timestamps import format_datetime, parse_datetime
 
 DateTime: ScalarDefinition = strawberry.scalar(
     name="DateTime",

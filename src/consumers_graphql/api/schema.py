@@ -13,6 +13,10 @@ from strawberry.extensions import SchemaExtension
 from strawberry.schema.config import StrawberryConfig
 from strawberry.types import ExecutionContext
 
+from consumers_graphql import request_id
+from consumers_graphql.api.limits import Limits, OperationLimits
+from consumers_graphql.api.mutation import Mutation
+from consumers_graphql.api.permissions import ScopeCheck
 from consumers_graphql.api.query import Query
 from consumers_graphql.api.scalars import DateTime
 from consumers_graphql.api.types import Audience, Consumer, Order
@@ -76,6 +80,8 @@ class ErrorCodes(SchemaExtension):
                     positions=error.positions, path=error.path,
                 )
             _tag([error], INTERNAL_SERVER_ERROR)
+            if (current_id := request_id.current.get()) is not None:
+                error.extensions = {**(error.extensions or {}), "requestId": current_id}
             return error
         _tag([error], "BAD_USER_INPUT")
         return error
@@ -88,13 +94,30 @@ class Schema(strawberry.Schema):
         # Expected failures are answers, not incidents: only log what nobody planned for.
         for error in errors:
             if _is_unexpected(error):
-                logger.error("unexpected error in %s", error.path, exc_info=error.original_error)
+                logger.error(
+                    "unexpected error in %s (request_id=%s)", error.path,
+                    request_id.current.get(), exc_info=error.original_error,
+                )
+
+    def _get_custom_context_kwargs(
+        self, operation_extensions: dict[str, Any] | None = None, *, sync: bool = False
+    ) -> dict[str, Any]:
+        kwargs = super()._get_custom_context_kwargs(operation_extensions, sync=sync)
+        # graphql-core's own switch, so variable errors make no "Did you mean" either.
+        kwargs["hide_suggestions"] = self.config.disable_field_suggestions
+        return kwargs
 
 
-def build_schema(*, production: bool = False) -> Schema:
-    extensions: list[Any] = [lambda: ErrorCodes(mask_internal=production)]
+def build_schema(*, production: bool = False, limits: Limits | None = None) -> Schema:
+    limits = limits or Limits()
+    extensions: list[Any] = [
+        lambda: ErrorCodes(mask_internal=production),
+        lambda: OperationLimits(limits, production=production),
+        ScopeCheck,
+    ]
     return Schema(
         query=Query,
+        mutation=Mutation,
         types=[Consumer, Audience, Order],
         extensions=extensions,
         config=StrawberryConfig(

@@ -12,16 +12,18 @@ from sqlalchemy.engine import Row
 from strawberry.scalars import JSON
 
 from consumers_graphql.api.context import Info
-from consumers_graphql.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page, page_request
+from consumers_graphql.api.loaders import Loaders
+from consumers_graphql.api.prefetch import PageLoad, Prefetched, prefetch
+from consumers_graphql.pagination import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    Page,
+    SortKey,
+    page_request,
+)
 from consumers_graphql.repository import AUDIENCE_CONSUMER_SORT, AUDIENCE_SORT, ORDER_SORT
 
 NodeT = TypeVar("NodeT")
-
-PAGE_ARGS_DOC = (
-    f"Keyset-paginated (Relay cursor connection): `first` (default {DEFAULT_PAGE_SIZE}) or "
-    f"`last`, each 0..{MAX_PAGE_SIZE}, never both; `after`/`before` take cursors from this "
-    "same connection and order."
-)
 
 FirstArg = Annotated[
     int | None,
@@ -53,14 +55,25 @@ class Node:
 
 @strawberry.type(description="Where a page sits in its connection.")
 class PageInfo:
-    has_next_page: bool = strawberry.field(
-        description="Whether rows follow the last edge (exact, in both directions)."
-    )
-    has_previous_page: bool = strawberry.field(
-        description="Whether rows precede the first edge (exact, in both directions)."
-    )
-    start_cursor: str | None = strawberry.field(description="Cursor of the first edge.")
-    end_cursor: str | None = strawberry.field(description="Cursor of the last edge.")
+    page: strawberry.Private[Page[Row[Any]]]
+
+    @strawberry.field(description="Whether rows follow the last edge (exact, in both "
+                      "directions).")
+    def has_next_page(self) -> bool:
+        return self.page.has_next_page
+
+    @strawberry.field(description="Whether rows precede the first edge (exact, in both "
+                      "directions).")
+    def has_previous_page(self) -> bool:
+        return self.page.has_previous_page
+
+    @strawberry.field(description="Cursor of the first edge.")
+    def start_cursor(self) -> str | None:
+        return self.page.start_cursor
+
+    @strawberry.field(description="Cursor of the last edge.")
+    def end_cursor(self) -> str | None:
+        return self.page.end_cursor
 
 
 @strawberry.type(description="A node with the cursor of its position.")
@@ -72,10 +85,16 @@ class Edge(Generic[NodeT]):
 
 @strawberry.type(description="A page of a keyset-paginated list.")
 class Connection(Generic[NodeT]):
-    edges: list[Edge[NodeT]]
     nodes: list[NodeT] = strawberry.field(description="The edges' nodes, for brevity.")
     page_info: PageInfo
     count: strawberry.Private[Callable[[], Awaitable[int]]]
+    page: strawberry.Private[Page[Row[Any]]]
+
+    @strawberry.field
+    def edges(self) -> list[Edge[NodeT]]:
+        # Cursors are made only when asked for: most clients read `nodes`.
+        page = self.page
+        return [Edge(cursor=page.cursor(i), node=node) for i, node in enumerate(self.nodes)]
 
     @strawberry.field(description="Number of rows matching the filters, whatever the page. "
                       "Computed only when selected (it costs a COUNT).")
@@ -88,16 +107,10 @@ def connection(
     convert: Callable[[Row[Any]], NodeT],
     count: Callable[[], Awaitable[int]],
 ) -> Connection[NodeT]:
-    nodes = [convert(row) for row in page.items]
     return Connection(
-        edges=[Edge(cursor=c, node=n) for c, n in zip(page.cursors, nodes, strict=True)],
-        nodes=nodes,
-        page_info=PageInfo(
-            has_next_page=page.has_next_page,
-            has_previous_page=page.has_previous_page,
-            start_cursor=page.start_cursor,
-            end_cursor=page.end_cursor,
-        ),
+        nodes=[convert(row) for row in page.items],
+        page=page,
+        page_info=PageInfo(page=page),
         count=count,
     )
 
@@ -116,9 +129,10 @@ class Consumer(Node):
                                                       "was placed.")
     created_at: datetime
     updated_at: datetime
+    prefetched: strawberry.Private[Prefetched]
 
     @classmethod
-    def from_row(cls, row: Row[Any]) -> Consumer:
+    def from_row(cls, row: Row[Any], prefetched: Prefetched | None = None) -> Consumer:
         return cls(
             id=strawberry.ID(row.id),
             email=row.email,
@@ -131,33 +145,72 @@ class Consumer(Node):
             last_order_at=row.last_order_at,
             created_at=row.created_at,
             updated_at=row.updated_at,
+            prefetched=prefetched or {},
         )
 
-    @strawberry.field(description="The audiences this consumer belongs to, by name. "
-                      + PAGE_ARGS_DOC)
-    async def audiences(
+    @strawberry.field(description="The audiences this consumer belongs to, by name.")
+    def audiences(
         self, info: Info, first: FirstArg = None, after: AfterArg = None,
         last: LastArg = None, before: BeforeArg = None,
     ) -> Connection[Audience]:
         loaders = info.context.loaders
         request = page_request(AUDIENCE_SORT, first=first, after=after, last=last, before=before)
-        page = await loaders.audiences_by_consumer_id(request).load(self.id)
-        return connection(
-            page, Audience.from_row, lambda: loaders.audience_count_by_consumer_id.load(self.id)
+        return _relation(
+            self.prefetched.get(("audiences", request)),
+            lambda: loaders.audiences_by_consumer_id(request).load(self.id),
+            Audience.from_row,
+            lambda: loaders.audience_count_by_consumer_id.load(self.id),
         )
 
-    @strawberry.field(description="This consumer's orders, most recently placed first. "
-                      + PAGE_ARGS_DOC)
-    async def orders(
+    @strawberry.field(description="This consumer's orders, most recently placed first.")
+    def orders(
         self, info: Info, first: FirstArg = None, after: AfterArg = None,
         last: LastArg = None, before: BeforeArg = None,
     ) -> Connection[Order]:
         loaders = info.context.loaders
         request = page_request(ORDER_SORT, first=first, after=after, last=last, before=before)
-        page = await loaders.orders_by_consumer_id(request).load(self.id)
-        return connection(
-            page, Order.from_row, lambda: loaders.order_count_by_consumer_id.load(self.id)
+        return _relation(
+            self.prefetched.get(("orders", request)),
+            lambda: loaders.orders_by_consumer_id(request).load(self.id),
+            Order.from_row,
+            lambda: loaders.order_count_by_consumer_id.load(self.id),
         )
+
+
+def _relation(
+    prefetched: Page[Row[Any]] | None,
+    load: Callable[[], Awaitable[Page[Row[Any]]]],
+    convert: Callable[[Row[Any]], NodeT],
+    count: Callable[[], Awaitable[int]],
+) -> Any:
+    """A relation connection: at once when the page's look-ahead loaded it, else (an
+    awaitable) through the DataLoader."""
+    if prefetched is not None:
+        return connection(prefetched, convert, count)
+
+    async def loaded() -> Connection[NodeT]:
+        return connection(await load(), convert, count)
+
+    return loaded()
+
+
+def consumer_relations(loaders: Loaders) -> dict[str, tuple[SortKey, PageLoad]]:
+    return {
+        "audiences": (AUDIENCE_SORT, loaders.audiences_by_consumer_id),
+        "orders": (ORDER_SORT, loaders.orders_by_consumer_id),
+    }
+
+
+async def consumer_connection(
+    info: Info, page: Page[Row[Any]], count: Callable[[], Awaitable[int]]
+) -> Connection[Consumer]:
+    """A page of consumers, with their selected relations loaded for the whole page."""
+    loaders = info.context.loaders
+    loaders.prime_consumers(page.items)
+    prefetched = await prefetch(
+        info, "Consumer", [row.id for row in page.items], consumer_relations(loaders)
+    )
+    return connection(page, lambda row: Consumer.from_row(row, prefetched.get(row.id)), count)
 
 
 @strawberry.type(description="A named group of consumers.")
@@ -178,8 +231,7 @@ class Audience(Node):
             updated_at=row.updated_at,
         )
 
-    @strawberry.field(description="The members, newest first (createdAt descending). "
-                      + PAGE_ARGS_DOC)
+    @strawberry.field(description="The members, newest first (createdAt descending).")
     async def consumers(
         self, info: Info, first: FirstArg = None, after: AfterArg = None,
         last: LastArg = None, before: BeforeArg = None,
@@ -189,9 +241,8 @@ class Audience(Node):
             AUDIENCE_CONSUMER_SORT, first=first, after=after, last=last, before=before
         )
         page = await loaders.consumers_by_audience_id(request).load(self.id)
-        loaders.prime_consumers(page.items)
-        return connection(
-            page, Consumer.from_row, lambda: loaders.consumer_count_by_audience_id.load(self.id)
+        return await consumer_connection(
+            info, page, lambda: loaders.consumer_count_by_audience_id.load(self.id)
         )
 
 

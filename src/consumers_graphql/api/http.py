@@ -1,0 +1,241 @@
+"""GraphQL over HTTP (https://graphql.github.io/graphql-over-http/): what /graphql accepts
+and how it answers.
+
+Two layers. ``ProtocolGuard`` (ASGI, in front of everything, authentication included)
+refuses what is not a GraphQL request before any work is done: other methods (405), an
+``Accept`` that allows neither JSON media type (406), a POST that is not
+``application/json`` (415, which also stops the CSRF "simple request" probes), a body
+over the limit (413, counted as it streams, so a chunked body cannot slip past), and
+batches (400). ``GraphQLRouter`` then answers in the negotiated media type with the
+spec's status codes: under ``application/graphql-response+json`` a request error (parse,
+validation, limits, variables) is 400; under ``application/json`` every GraphQL response
+is 200. A mutation over GET is 405 with ``Allow: POST``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cross_web import HTTPException
+from starlette.datastructures import Headers, QueryParams
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from strawberry.fastapi import GraphQLRouter as StrawberryRouter
+from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
+from strawberry.schema.exceptions import InvalidOperationTypeError
+from strawberry.types import ExecutionResult
+from strawberry.types.unset import UNSET
+
+from consumers_graphql.api.context import Context
+from consumers_graphql.api.permissions import FORBIDDEN
+
+GRAPHQL_RESPONSE_JSON = "application/graphql-response+json"
+JSON = "application/json"
+MEDIA_TYPE_STATE = "graphql_media_type"
+REQUEST_ERROR_STATE = "graphql_request_error"
+_UTF8 = frozenset({"utf-8", "utf8"})
+
+
+def negotiate(accept: str | None) -> str | None:
+    """The response media type for an ``Accept`` header, None when neither is acceptable.
+    No header means ``application/json``, and so do ``*/*`` and ``application/*`` (the
+    spec's advice until clients have moved to the new type); the highest q wins, the first
+    listed on a tie."""
+    if accept is None or not accept.strip():
+        return JSON
+    best, best_q = None, 0.0
+    for item in accept.split(","):
+        media, params = _media_type(item)
+        try:
+            q = float(params.get("q", "1"))
+        except ValueError:
+            continue
+        if params.get("charset", "utf-8") not in _UTF8:
+            continue
+        if media == GRAPHQL_RESPONSE_JSON:
+            candidate = GRAPHQL_RESPONSE_JSON
+        elif media in (JSON, "application/*", "*/*"):
+            candidate = JSON
+        else:
+            continue
+        if q > best_q:
+            best, best_q = candidate, q
+    return best
+
+
+def _media_type(value: str) -> tuple[str, dict[str, str]]:
+    media, *parameters = value.split(";")
+    params = {}
+    for parameter in parameters:
+        name, _, setting = parameter.partition("=")
+        params[name.strip().lower()] = setting.strip().strip('"').lower()
+    return media.strip().lower(), params
+
+
+def error_body(message: str, code: str) -> bytes:
+    return json.dumps({"errors": [{"message": message, "extensions": {"code": code}}]}).encode()
+
+
+class ProtocolGuard:
+    def __init__(self, app: ASGIApp, *, path: str, max_body_bytes: int) -> None:
+        self.app = app
+        self.path = path.rstrip("/")
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].rstrip("/") != self.path:
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        method = scope["method"]
+        if method not in ("GET", "POST"):
+            await _refuse(send, 405, "METHOD_NOT_ALLOWED",
+                          "/graphql takes GET (queries) and POST.", {"Allow": "GET, POST"})
+            return
+        media_type = negotiate(headers.get("accept"))
+        asks_for_page = method == "GET" and "query" not in QueryParams(scope["query_string"])
+        if media_type is None and not asks_for_page:  # the GraphiQL page is not JSON
+            await _refuse(send, 406, "NOT_ACCEPTABLE",
+                          f"Accept {GRAPHQL_RESPONSE_JSON} or {JSON}.",
+                          {"Accept": f"{GRAPHQL_RESPONSE_JSON}, {JSON}"})
+            return
+        scope.setdefault("state", {})[MEDIA_TYPE_STATE] = media_type or JSON
+        if method == "POST":
+            content_type, params = _media_type(headers.get("content-type", ""))
+            if content_type != JSON or params.get("charset", "utf-8") not in _UTF8:
+                await _refuse(send, 415, "UNSUPPORTED_MEDIA_TYPE",
+                              f"Send the operation as {JSON} (UTF-8).", {"Accept-Post": JSON})
+                return
+            body = await self._read_body(headers, receive)
+            if body is None:
+                await _refuse(send, 413, "PAYLOAD_TOO_LARGE",
+                              f"The request body is over the limit of {self.max_body_bytes:,} "
+                              "bytes.", {"Connection": "close"})
+                return
+            if body.lstrip()[:1] == b"[":
+                await _refuse(send, 400, "BATCHING_NOT_SUPPORTED",
+                              "Batched operations (a JSON array) are not supported: send one "
+                              "operation per request.")
+                return
+            receive = _replay(body, receive)
+        await self.app(scope, receive, send)
+
+    async def _read_body(self, headers: Headers, receive: Receive) -> bytes | None:
+        """The whole body, or None as soon as it is known to be over the limit."""
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+async def _refuse(
+    send: Send, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> None:
+    response = Response(error_body(message, code), status_code=status, media_type=JSON,
+                        headers=headers)
+    await send({"type": "http.response.start", "status": status,
+                "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+class GraphQLRouter(StrawberryRouter[Context, None]):
+    """Strawberry's router, answering in the negotiated media type with the spec's codes."""
+
+    async def run(
+        self, request: Any, context: Any = UNSET, root_value: Any = UNSET
+    ) -> Any:
+        if self.is_websocket_request(request):
+            return await super().run(request, context, root_value)
+        try:
+            response = await super().run(request, context, root_value)
+        except _Refused as refused:
+            return Response(error_body(refused.message, refused.code), status_code=refused.status,
+                            media_type=JSON, headers=refused.headers)
+        except HTTPException as error:
+            code = "NOT_FOUND" if error.status_code == 404 else "BAD_REQUEST"
+            return Response(error_body(error.reason, code), status_code=error.status_code,
+                            media_type=JSON)
+        if isinstance(response, HTMLResponse | StreamingResponse):
+            return response
+        state = request.scope.get("state", {})
+        media_type = state.get(MEDIA_TYPE_STATE, JSON)
+        response.headers["content-type"] = f"{media_type}; charset=utf-8"
+        request_error_status = state.get(REQUEST_ERROR_STATE)
+        if (media_type == GRAPHQL_RESPONSE_JSON and request_error_status
+                and response.status_code == 200):
+            response.status_code = request_error_status
+        return response
+
+    async def execute_single(
+        self,
+        request: Request,
+        request_adapter: Any,
+        sub_response: Response,
+        context: Context,
+        root_value: None,
+        request_data: GraphQLRequestData,
+    ) -> ExecutionResult:
+        try:
+            return await super().execute_single(
+                request, request_adapter, sub_response, context, root_value, request_data
+            )
+        except HTTPException as error:
+            if isinstance(error.__cause__, InvalidOperationTypeError) and request.method == "GET":
+                raise _Refused(405, "METHOD_NOT_ALLOWED",
+                               "Mutations are only accepted over POST.", {"Allow": "POST"}
+                               ) from error
+            raise
+
+    async def process_result(
+        self, request: Request, result: ExecutionResult
+    ) -> GraphQLHTTPResponse:
+        errors = result.errors or []
+        # An error before execution (no path anywhere) means the spec's "no data entry".
+        request_error = bool(errors) and result.data is None and all(
+            error.path is None for error in errors
+        )
+        # A refused scope is a permission problem (403), any other request error a bad
+        # request (400); both only under application/graphql-response+json.
+        forbidden = all((error.extensions or {}).get("code") == FORBIDDEN for error in errors)
+        request.scope.setdefault("state", {})[REQUEST_ERROR_STATE] = (
+            (403 if forbidden else 400) if request_error else None
+        )
+        response: GraphQLHTTPResponse = {} if request_error else {"data": result.data}
+        if errors:
+            response["errors"] = [error.formatted for error in errors]
+        if result.extensions:
+            response["extensions"] = result.extensions
+        return response

@@ -1,0 +1,474 @@
+"""Limits measured on the document before an operation runs, and the process-wide cache
+that makes them (and parsing and validation) free for an operation seen before.
+
+Checked in this order, each refusal a request error with its own ``extensions.code`` and
+nothing executed: tokens (while parsing), then directives, depth, aliases and duplicate
+fields (on the document, before validation, so a hostile document never reaches the
+validator's quadratic rules), then validation, then cost (which needs the variables).
+
+Cost is the number of nodes the operation can return, as GitHub's node limit counts it:
+every connection field costs its page size times the page sizes of all the connections
+(and id lists) above it; the cost is the sum over every connection field in the operation.
+The page size is ``first`` or ``last`` (variables resolved, clamped to 0..MAX_PAGE_SIZE),
+DEFAULT_PAGE_SIZE when neither is given; a field taking a list of ``ids`` (``nodes``)
+counts the length of that list. Fragments count once per spread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from graphql import (
+    DocumentNode,
+    FieldNode,
+    FragmentDefinitionNode,
+    FragmentSpreadNode,
+    GraphQLError,
+    GraphQLList,
+    GraphQLNamedType,
+    GraphQLNonNull,
+    GraphQLObjectType,
+    GraphQLSchema,
+    InlineFragmentNode,
+    IntValueNode,
+    ListValueNode,
+    Node,
+    NullValueNode,
+    OperationDefinitionNode,
+    SelectionSetNode,
+    ValueNode,
+    VariableNode,
+    get_named_type,
+    validate,
+    value_from_ast_untyped,
+)
+from graphql.language import Visitor, visit
+from graphql.validation import ASTValidationRule, NoSchemaIntrospectionCustomRule
+from strawberry.extensions import SchemaExtension
+from strawberry.schema.validation_rules.maybe_null import MaybeNullValidationRule
+from strawberry.schema.validation_rules.one_of import OneOfInputValidationRule
+
+from consumers_graphql.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from consumers_graphql.settings import Settings
+
+MAX_DEPTH_EXCEEDED = "MAX_DEPTH_EXCEEDED"
+MAX_ALIASES_EXCEEDED = "MAX_ALIASES_EXCEEDED"
+MAX_TOKENS_EXCEEDED = "MAX_TOKENS_EXCEEDED"
+MAX_DIRECTIVES_EXCEEDED = "MAX_DIRECTIVES_EXCEEDED"
+MAX_DUPLICATE_FIELDS_EXCEEDED = "MAX_DUPLICATE_FIELDS_EXCEEDED"
+MAX_COST_EXCEEDED = "MAX_COST_EXCEEDED"
+INTROSPECTION_DISABLED = "INTROSPECTION_DISABLED"
+
+# graphql-core's wording for its own token limit (the only way to tell it from a syntax error).
+_TOKEN_LIMIT_MESSAGE = "Document contains more than"
+_INTROSPECTION_ROOTS = frozenset({"__schema", "__type"})
+_STRAWBERRY_RULES = (MaybeNullValidationRule, OneOfInputValidationRule)
+
+
+@dataclass(frozen=True)
+class Limits:
+    depth: int = 12
+    aliases: int = 30
+    tokens: int = 5_000
+    directives: int = 5
+    duplicate_fields: int = 50
+    cost: int = 50_000
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(
+            depth=settings.max_depth,
+            aliases=settings.max_aliases,
+            tokens=settings.max_tokens,
+            directives=settings.max_directives,
+            duplicate_fields=settings.max_duplicate_fields,
+            cost=settings.max_cost,
+        )
+
+
+def _refusal(message: str, code: str, **extensions: Any) -> GraphQLError:
+    return GraphQLError(message, extensions={"code": code, **extensions})
+
+
+class NoIntrospection(NoSchemaIntrospectionCustomRule):
+    """graphql-core's rule, with a code of its own."""
+
+    def enter_field(self, node: FieldNode, *_args: Any) -> None:
+        if node.name.value in _INTROSPECTION_ROOTS:
+            self.report_error(_refusal(
+                "Introspection is disabled.", INTROSPECTION_DISABLED, field=node.name.value
+            ))
+
+
+# --- the shape of a document -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CostTerm:
+    """A field in the cost tree: a connection (``size`` set), or a plain field or fragment
+    spread (``size`` None: costs nothing itself, passes its children through)."""
+
+    size: tuple[str, ValueNode | None, ValueNode | None] | None
+    children: tuple[CostTerm, ...]
+
+
+@dataclass
+class _Level:
+    """What one selection set holds, fragments included."""
+
+    keys: Counter[str] = field(default_factory=Counter)  # response keys at this level
+    depth: int = 0
+    aliases: int = 0
+    duplicates: tuple[int, str] = (0, "")  # most repeated key in any set below this level
+    terms: list[CostTerm] = field(default_factory=list)
+
+    def add(self, other: _Level) -> None:
+        self.keys.update(other.keys)
+        self.depth = max(self.depth, other.depth)
+        self.aliases += other.aliases
+        self.duplicates = max(self.duplicates, other.duplicates)
+
+
+@dataclass(frozen=True)
+class OperationShape:
+    depth: int
+    aliases: int
+    duplicates: tuple[int, str]
+    cost: tuple[CostTerm, ...]
+    variable_defaults: Mapping[str, Any]
+
+
+class _Analyser:
+    """One linear walk per operation: fragments are summarised once and reused per spread,
+    so a document that spreads fragments exponentially is still measured in linear time."""
+
+    def __init__(self, schema: GraphQLSchema, document: DocumentNode) -> None:
+        self.schema = schema
+        self.fragments = {
+            d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)
+        }
+        self.summaries: dict[str, tuple[_Level, CostTerm]] = {}
+        self.in_progress: set[str] = set()
+
+    def operation(self, operation: OperationDefinitionNode) -> OperationShape:
+        root = self.schema.get_root_type(operation.operation)
+        level = self.selection_set(operation.selection_set, root)
+        defaults = {
+            d.variable.name.value: value_from_ast_untyped(d.default_value)
+            for d in operation.variable_definitions or ()
+            if d.default_value is not None
+        }
+        return OperationShape(
+            depth=level.depth,
+            aliases=level.aliases,
+            duplicates=max(level.duplicates, _most_common(level.keys)),
+            cost=tuple(level.terms),
+            variable_defaults=defaults,
+        )
+
+    def selection_set(self, selection_set: SelectionSetNode, parent: Any) -> _Level:
+        level = _Level()
+        for selection in selection_set.selections:
+            if isinstance(selection, FieldNode):
+                self._field(selection, parent, level)
+            elif isinstance(selection, InlineFragmentNode):
+                condition = selection.type_condition
+                type_ = self.schema.get_type(condition.name.value) if condition else parent
+                inner = self.selection_set(selection.selection_set, type_)
+                level.add(inner)
+                level.terms.extend(inner.terms)
+            elif isinstance(selection, FragmentSpreadNode):
+                summary = self._fragment(selection.name.value)
+                if summary is not None:
+                    inner, term = summary
+                    level.add(inner)
+                    level.terms.append(term)
+        return level
+
+    def _field(self, node: FieldNode, parent: Any, level: _Level) -> None:
+        name = node.name.value
+        level.keys[node.alias.value if node.alias else name] += 1
+        level.aliases += node.alias is not None
+        definition = getattr(parent, "fields", {}).get(name) if parent is not None else None
+        if node.selection_set is None:
+            level.depth = max(level.depth, 1)
+            return
+        type_ = get_named_type(definition.type) if definition is not None else None
+        inner = self.selection_set(node.selection_set, type_)
+        # Introspection is as deep as the type system; its own cost is bounded.
+        level.depth = max(level.depth, 1 if name in _INTROSPECTION_ROOTS else 1 + inner.depth)
+        level.aliases += inner.aliases
+        level.duplicates = max(level.duplicates, inner.duplicates, _most_common(inner.keys))
+        size = _size_of(node, definition.type if definition else None, type_)
+        if size is not None:
+            level.terms.append(CostTerm(size, tuple(inner.terms)))
+        elif inner.terms:
+            level.terms.append(CostTerm(None, tuple(inner.terms)))
+
+    def _fragment(self, name: str) -> tuple[_Level, CostTerm] | None:
+        if name in self.summaries:
+            return self.summaries[name]
+        definition = self.fragments.get(name)
+        if definition is None or name in self.in_progress:
+            return None  # unknown or cyclic: the validator reports it
+        self.in_progress.add(name)
+        type_ = self.schema.get_type(definition.type_condition.name.value)
+        inner = self.selection_set(definition.selection_set, type_)
+        self.in_progress.discard(name)
+        summary = (inner, CostTerm(None, tuple(inner.terms)))
+        self.summaries[name] = summary
+        return summary
+
+
+def _most_common(keys: Counter[str]) -> tuple[int, str]:
+    return max(((n, k) for k, n in keys.items()), default=(0, ""))
+
+
+def _size_of(
+    node: FieldNode, type_: Any, named: GraphQLNamedType | None
+) -> tuple[str, ValueNode | None, ValueNode | None] | None:
+    arguments = {a.name.value: a.value for a in node.arguments or ()}
+    if isinstance(named, GraphQLObjectType) and named.name.endswith("Connection"):
+        return ("page", arguments.get("first"), arguments.get("last"))
+    if "ids" in arguments and isinstance(_unwrap_non_null(type_), GraphQLList):
+        return ("ids", arguments["ids"], None)
+    return None
+
+
+def _unwrap_non_null(type_: Any) -> Any:
+    return type_.of_type if isinstance(type_, GraphQLNonNull) else type_
+
+
+def most_directives(document: DocumentNode) -> int:
+    """The most directives on any one node of the document (fields, fragments, operations)."""
+    most = 0
+
+    class Count(Visitor):
+        def enter(self, node: Node, *_args: Any) -> None:
+            nonlocal most
+            most = max(most, len(getattr(node, "directives", None) or ()))
+
+    visit(document, Count())
+    return most
+
+
+def cost_of(terms: tuple[CostTerm, ...], variables: Mapping[str, Any]) -> int:
+    memo: dict[int, int] = {}
+
+    def value(node: ValueNode | None) -> Any:
+        if node is None or isinstance(node, NullValueNode):
+            return None
+        if isinstance(node, VariableNode):
+            return variables.get(node.name.value)
+        if isinstance(node, IntValueNode):
+            return int(node.value)
+        if isinstance(node, ListValueNode):
+            return node.values
+        return node
+
+    def size(spec: tuple[str, ValueNode | None, ValueNode | None]) -> int:
+        kind, a, b = spec
+        if kind == "ids":
+            ids = value(a)
+            return len(ids) if isinstance(ids, list | tuple) else 1
+        given = [v for v in (value(a), value(b)) if isinstance(v, int) and not isinstance(v, bool)]
+        return min(max(max(given), 0), MAX_PAGE_SIZE) if given else DEFAULT_PAGE_SIZE
+
+    def cost(term: CostTerm) -> int:
+        key = id(term)
+        if key not in memo:
+            below = sum(cost(child) for child in term.children)
+            memo[key] = below if term.size is None else size(term.size) * (1 + below)
+        return memo[key]
+
+    return sum(cost(term) for term in terms)
+
+
+# --- the process-wide cache --------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """A parsed document and what has been learnt about it; shared by every request that
+    sends the same text, so it never holds anything that depends on variables."""
+
+    document: DocumentNode
+    most_directives: int
+    shapes: dict[str | None, OperationShape] = field(default_factory=dict)
+    validation: dict[tuple[type[ASTValidationRule], ...], list[GraphQLError]] = field(
+        default_factory=dict
+    )
+
+
+class DocumentCache:
+    """A bounded LRU of prepared documents, bounded by entries and by total query length
+    (a parsed document is proportional to its text)."""
+
+    def __init__(self, max_entries: int = 1_000, max_chars: int = 4_000_000) -> None:
+        self.max_entries = max_entries
+        self.max_chars = max_chars
+        self._entries: OrderedDict[tuple[Any, ...], Prepared] = OrderedDict()
+        self._chars = 0
+        self._lock = threading.Lock()
+        self.parses = 0  # documents parsed on a miss, for tests and measurements
+        self.validations = 0
+
+    def get(self, key: tuple[Any, ...]) -> Prepared | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key: tuple[Any, ...], entry: Prepared) -> None:
+        size = len(key[-1])
+        if size > self.max_chars:
+            return
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = entry
+            self._chars += size
+            while len(self._entries) > self.max_entries or self._chars > self.max_chars:
+                old_key, _ = self._entries.popitem(last=False)
+                self._chars -= len(old_key[-1])
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._chars = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+DOCUMENTS = DocumentCache()
+
+
+class OperationLimits(SchemaExtension):
+    """Parses through the cache, measures, validates through the cache, prices. Reports
+    ``extensions.cost`` whenever the cost was computed."""
+
+    def __init__(
+        self, limits: Limits, *, production: bool, cache: DocumentCache = DOCUMENTS
+    ) -> None:
+        self.limits = limits
+        self.production = production
+        self.cache = cache
+        self.prepared: Prepared | None = None
+        self.cost: int | None = None
+
+    def _key(self) -> tuple[Any, ...]:
+        context = self.execution_context
+        return (context.schema, self.limits.tokens, self.production, context.query or "")
+
+    def on_operation(self) -> Iterator[None]:
+        context = self.execution_context
+        context.parse_options["max_tokens"] = self.limits.tokens
+        if self.production:
+            context.validation_rules = (*context.validation_rules, NoIntrospection)
+        yield
+
+    def on_parse(self) -> Iterator[None]:
+        context = self.execution_context
+        if context.graphql_document is None and context.query:
+            self.prepared = self.cache.get(self._key())
+            if self.prepared is not None:
+                context.graphql_document = self.prepared.document
+        yield
+        for error in context.pre_execution_errors or ():
+            if error.message.startswith(f"Syntax Error: {_TOKEN_LIMIT_MESSAGE}"):
+                error.message = (
+                    f"The document has more than {self.limits.tokens} tokens, the limit."
+                )
+                error.extensions = {**(error.extensions or {}), "code": MAX_TOKENS_EXCEEDED,
+                                    "limit": self.limits.tokens}
+        if self.prepared is None and context.graphql_document is not None:
+            self.cache.parses += 1
+            self.prepared = Prepared(
+                context.graphql_document, most_directives(context.graphql_document)
+            )
+            if context.query:
+                self.cache.put(self._key(), self.prepared)
+
+    def on_validate(self) -> Iterator[None]:
+        context = self.execution_context
+        prepared = self.prepared
+        if prepared is None or prepared.document is not context.graphql_document:
+            yield  # a document given by another extension: Strawberry validates it
+            return
+        operation = context.operation_name
+        shape = prepared.shapes.get(operation)
+        if shape is None:
+            shape = _Analyser(context.schema._schema, prepared.document).operation(
+                _operation(prepared.document, operation)
+            )
+            prepared.shapes[operation] = shape
+        refusals = self._measure(prepared, shape)
+        if not refusals:
+            rules = (*context.validation_rules, *_STRAWBERRY_RULES)
+            errors = prepared.validation.get(rules)
+            if errors is None:
+                self.cache.validations += 1
+                errors = validate(
+                    context.schema._schema, prepared.document, rules,
+                    hide_suggestions=self.production,
+                )
+                prepared.validation[rules] = errors
+            refusals = list(errors)
+        if not refusals:
+            # Strawberry decides whether to execute inside this hook, so the cost goes here.
+            variables = {**shape.variable_defaults, **(context.variables or {})}
+            self.cost = cost_of(shape.cost, variables)
+            if self.cost > self.limits.cost:
+                refusals = [_refusal(
+                    f"This operation can return up to {self.cost:,} nodes; the limit is "
+                    f"{self.limits.cost:,}. Ask for smaller pages (`first`/`last`) or fewer "
+                    "nested connections.",
+                    MAX_COST_EXCEEDED, cost=self.cost, limit=self.limits.cost,
+                )]
+        context.pre_execution_errors = refusals
+        yield
+
+    def _measure(self, prepared: Prepared, shape: OperationShape) -> list[GraphQLError]:
+        limits = self.limits
+        refusals = []
+        if prepared.most_directives > limits.directives:
+            refusals.append(_refusal(
+                f"A field carries {prepared.most_directives} directives; the limit is "
+                f"{limits.directives}.", MAX_DIRECTIVES_EXCEEDED, limit=limits.directives,
+            ))
+        if shape.depth > limits.depth:
+            refusals.append(_refusal(
+                f"The operation is {shape.depth} levels deep; the limit is {limits.depth}.",
+                MAX_DEPTH_EXCEEDED, limit=limits.depth,
+            ))
+        if shape.aliases > limits.aliases:
+            refusals.append(_refusal(
+                f"The operation uses {shape.aliases} aliases; the limit is {limits.aliases}.",
+                MAX_ALIASES_EXCEEDED, limit=limits.aliases,
+            ))
+        repeats, key = shape.duplicates
+        if repeats > limits.duplicate_fields:
+            refusals.append(_refusal(
+                f"`{key}` is selected {repeats} times in one selection set; the limit is "
+                f"{limits.duplicate_fields}.", MAX_DUPLICATE_FIELDS_EXCEEDED,
+                limit=limits.duplicate_fields,
+            ))
+        return refusals
+
+    def get_results(self) -> dict[str, Any]:
+        if self.cost is None:
+            return {}
+        return {"cost": {"requested": self.cost, "limit": self.limits.cost}}
+
+
+def _operation(document: DocumentNode, name: str | None) -> OperationDefinitionNode:
+    operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
+    if name is None:
+        return operations[0]
+    return next(o for o in operations if o.name is not None and o.name.value == name)

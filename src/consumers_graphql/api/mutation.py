@@ -1,0 +1,190 @@
+"""The Mutation root: a thin face over ``consumers_graphql.services``. Refusals come back as
+``userErrors`` in the payload (HTTP 200); GraphQL ``errors`` are left to malformed requests,
+authentication and limits."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import strawberry
+
+from consumers_graphql import services
+from consumers_graphql.api.context import Info
+from consumers_graphql.api.inputs import (
+    AudienceCreateInput,
+    AudiencePayload,
+    AudienceUpdateInput,
+    ConsumerBatchPayload,
+    ConsumerBatchUpdateInput,
+    ConsumerCreateInput,
+    ConsumerPayload,
+    ConsumerUpdateInput,
+    ErrorPolicy,
+    OrderPayload,
+    OrderRecordInput,
+    user_errors,
+)
+from consumers_graphql.api.types import Audience, Consumer, Order
+from consumers_graphql.errors import DomainErrors
+from consumers_graphql.validation import BATCH_MAX
+
+_BATCH_DOC = (
+    f"At most {BATCH_MAX} items (`BATCH_TOO_LARGE` otherwise, and nothing is written). The "
+    "insert or update is sent as one statement. Under `REJECT_EVERYTHING` (the default) the "
+    "batch is atomic: one refused item and nothing is written. Under `REJECT_FAILED_ROWS` "
+    "the accepted items are written. Either way every refused item is reported, with paths "
+    '`["input", "<index>", "<field>"]`; an item repeating an earlier item\'s email, '
+    "externalId or id is `DUPLICATE_IN_BATCH`."
+)
+
+BatchPolicy = Annotated[
+    ErrorPolicy | None,  # type: ignore[valid-type]
+    strawberry.argument(description="`REJECT_EVERYTHING` (atomic, the default) or "
+                        "`REJECT_FAILED_ROWS` (write the accepted items)."),
+]
+ConsumerIds = Annotated[
+    list[strawberry.ID],
+    strawberry.argument(description=f"At most {BATCH_MAX} consumer ids, each once."),
+]
+
+
+def _services(info: Info) -> services.Services:
+    return services.Services(info.context.database)
+
+
+def _policy(value: services.ErrorPolicy | None) -> services.ErrorPolicy:
+    return value if value is not None else services.ErrorPolicy.REJECT_EVERYTHING
+
+
+@strawberry.type
+class Mutation:
+    @strawberry.mutation(description="Create a consumer.")
+    async def consumer_create(self, info: Info, input: ConsumerCreateInput) -> ConsumerPayload:
+        try:
+            row = await _services(info).create_consumer(input.to_fields())
+        except DomainErrors as refused:
+            return ConsumerPayload(consumer=None, user_errors=user_errors(refused.errors))
+        return ConsumerPayload(consumer=Consumer.from_row(row), user_errors=[])
+
+    @strawberry.mutation(description=(
+        "Change a consumer: fields left out stay, null clears, `metadata` merges shallowly. "
+        "`updatedAt` moves forward when a value actually changes, and only then."
+    ))
+    async def consumer_update(
+        self, info: Info, id: strawberry.ID, input: ConsumerUpdateInput
+    ) -> ConsumerPayload:
+        try:
+            row = await _services(info).update_consumer(id, input.to_fields())
+        except DomainErrors as refused:
+            return ConsumerPayload(consumer=None, user_errors=user_errors(refused.errors))
+        return ConsumerPayload(consumer=Consumer.from_row(row), user_errors=[])
+
+    @strawberry.mutation(description="Delete a consumer with its orders and audience "
+                         "memberships; the payload holds the consumer as it was.")
+    async def consumer_delete(self, info: Info, id: strawberry.ID) -> ConsumerPayload:
+        try:
+            row = await _services(info).delete_consumer(id)
+        except DomainErrors as refused:
+            return ConsumerPayload(consumer=None, user_errors=user_errors(refused.errors))
+        return ConsumerPayload(consumer=Consumer.from_row(row), user_errors=[])
+
+    @strawberry.mutation(description="Create many consumers. " + _BATCH_DOC)
+    async def consumer_batch_create(
+        self,
+        info: Info,
+        input: list[ConsumerCreateInput],
+        error_policy: BatchPolicy = services.ErrorPolicy.REJECT_EVERYTHING,
+    ) -> ConsumerBatchPayload:
+        result = await _services(info).create_consumers(
+            [item.to_fields() for item in input], _policy(error_policy)
+        )
+        return ConsumerBatchPayload.from_result(result)
+
+    @strawberry.mutation(description="Change many consumers, each as `consumerUpdate` does. "
+                         + _BATCH_DOC)
+    async def consumer_batch_update(
+        self,
+        info: Info,
+        input: list[ConsumerBatchUpdateInput],
+        error_policy: BatchPolicy = services.ErrorPolicy.REJECT_EVERYTHING,
+    ) -> ConsumerBatchPayload:
+        result = await _services(info).update_consumers(
+            [item.to_change() for item in input], _policy(error_policy)
+        )
+        return ConsumerBatchPayload.from_result(result)
+
+    @strawberry.mutation(description="Create an audience.")
+    async def audience_create(self, info: Info, input: AudienceCreateInput) -> AudiencePayload:
+        try:
+            row = await _services(info).create_audience(input.to_fields())
+        except DomainErrors as refused:
+            return AudiencePayload(audience=None, user_errors=user_errors(refused.errors))
+        return AudiencePayload(audience=Audience.from_row(row), user_errors=[])
+
+    @strawberry.mutation(description="Change an audience: fields left out stay; `updatedAt` "
+                         "moves forward when a value actually changes.")
+    async def audience_update(
+        self, info: Info, id: strawberry.ID, input: AudienceUpdateInput
+    ) -> AudiencePayload:
+        try:
+            row = await _services(info).update_audience(id, input.to_fields())
+        except DomainErrors as refused:
+            return AudiencePayload(audience=None, user_errors=user_errors(refused.errors))
+        return AudiencePayload(audience=Audience.from_row(row), user_errors=[])
+
+    @strawberry.mutation(description="Delete an audience and its memberships (the consumers "
+                         "stay); the payload holds the audience as it was.")
+    async def audience_delete(self, info: Info, id: strawberry.ID) -> AudiencePayload:
+        try:
+            row = await _services(info).delete_audience(id)
+        except DomainErrors as refused:
+            return AudiencePayload(audience=None, user_errors=user_errors(refused.errors))
+        return AudiencePayload(audience=Audience.from_row(row), user_errors=[])
+
+    @strawberry.mutation(description=(
+        "Add consumers to an audience; those already members stay members. All or nothing: "
+        "an unknown id (`NOT_FOUND`, path `[\"consumerIds\", \"<index>\"]`) or a repeated "
+        "one (`DUPLICATE_IN_BATCH`) and no membership changes."
+    ))
+    async def audience_add_consumers(
+        self, info: Info, audience_id: strawberry.ID, consumer_ids: ConsumerIds
+    ) -> AudiencePayload:
+        try:
+            row = await _services(info).add_audience_consumers(audience_id, consumer_ids)
+        except DomainErrors as refused:
+            return AudiencePayload(audience=None, user_errors=user_errors(refused.errors))
+        return AudiencePayload(audience=Audience.from_row(row), user_errors=[])
+
+    @strawberry.mutation(description=(
+        "Remove consumers from an audience; consumers that are not members are ignored. All "
+        "or nothing, with the same checks as `audienceAddConsumers`."
+    ))
+    async def audience_remove_consumers(
+        self, info: Info, audience_id: strawberry.ID, consumer_ids: ConsumerIds
+    ) -> AudiencePayload:
+        try:
+            row = await _services(info).remove_audience_consumers(audience_id, consumer_ids)
+        except DomainErrors as refused:
+            return AudiencePayload(audience=None, user_errors=user_errors(refused.errors))
+        return AudiencePayload(audience=Audience.from_row(row), user_errors=[])
+
+    @strawberry.mutation(description=(
+        "Record an order. The consumer's `totalOrders`, `totalOrderValue` (exact) and "
+        "`lastOrderAt` are brought up to date in the same transaction. `totalOrderValue` is "
+        "at most 100,000,000,000,000 (`VALIDATION_FAILED` on `amount` past it)."
+    ))
+    async def order_record(self, info: Info, input: OrderRecordInput) -> OrderPayload:
+        try:
+            row = await _services(info).record_order(input.to_fields())
+        except DomainErrors as refused:
+            return OrderPayload(order=None, user_errors=user_errors(refused.errors))
+        return OrderPayload(order=Order.from_row(row), user_errors=[])
+
+    @strawberry.mutation(description="Delete an order and take it out of the consumer's "
+                         "totals; the payload holds the order as it was.")
+    async def order_delete(self, info: Info, id: strawberry.ID) -> OrderPayload:
+        try:
+            row = await _services(info).delete_order(id)
+        except DomainErrors as refused:
+            return OrderPayload(order=None, user_errors=user_errors(refused.errors))
+        return OrderPayload(order=Order.from_row(row), user_errors=[])

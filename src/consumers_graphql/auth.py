@@ -1,0 +1,280 @@
+"""Secret API keys: generation, hashing, verification, scopes, revocation.
+
+A secret (``sk_live_…`` / ``sk_test_…``) is shown once, when it is created; the database keeps
+only its HMAC-SHA256 (keyed by the optional server-side pepper) and a short visible prefix.
+Knows nothing of HTTP: the FastAPI dependency lives in ``http_auth``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import string
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from pydantic import SecretStr
+from sqlalchemy import func, insert, or_, select, text, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from consumers_graphql.ids import IdKind, new_id
+from consumers_graphql.models import ApiKey, utcnow
+
+logger = logging.getLogger("consumers_graphql.auth")
+
+LIVE_PREFIX = "sk_live_"
+TEST_PREFIX = "sk_test_"
+SECRET_BODY_LENGTH = 40  # base62: about 238 bits
+_ALPHABET = string.ascii_letters + string.digits
+VISIBLE_PREFIX_LENGTH = len(LIVE_PREFIX) + 4  # "sk_live_AbCd"
+# Anything shaped like a secret, in a header or in a log line. The upper bound keeps a hostile
+# header from costing more than a regex match.
+SECRET_PATTERN = re.compile(r"sk_(?:live|test)_[A-Za-z0-9]{32,128}")
+_SECRET_EXACT = re.compile(rf"\A{SECRET_PATTERN.pattern}\Z")
+NAME_MAX = 200
+# lastUsedAt is a hint, not an audit log: one write per key per interval at most.
+USE_RECORD_INTERVAL = timedelta(seconds=60)
+# An execution option on every statement of the key store, so statement counts (and anyone
+# tracing SQL) can tell authentication bookkeeping from the request's own work.
+AUTH_EXECUTION_OPTION = "consumers_auth"
+
+
+class Scope(StrEnum):
+    READ = "read"
+    WRITE = "write"
+
+
+READ_WRITE = frozenset({Scope.READ, Scope.WRITE})
+READ_ONLY = frozenset({Scope.READ})
+
+
+def format_scopes(scopes: Iterable[Scope]) -> str:
+    return " ".join(scope.value for scope in Scope if scope in set(scopes))
+
+
+def parse_scopes(value: str) -> frozenset[Scope]:
+    known = {scope.value: scope for scope in Scope}
+    return frozenset(known[word] for word in value.split() if word in known)
+
+
+def generate_secret(*, test: bool = False) -> str:
+    body = "".join(secrets.choice(_ALPHABET) for _ in range(SECRET_BODY_LENGTH))
+    return (TEST_PREFIX if test else LIVE_PREFIX) + body
+
+
+def is_well_formed(secret: str) -> bool:
+    return _SECRET_EXACT.match(secret) is not None
+
+
+def hash_secret(secret: str, pepper: SecretStr | None) -> str:
+    key = pepper.get_secret_value().encode() if pepper is not None else b""
+    return hmac.new(key, secret.encode(), hashlib.sha256).hexdigest()
+
+
+def redact(text_: str) -> str:
+    return SECRET_PATTERN.sub(lambda m: m.group()[:VISIBLE_PREFIX_LENGTH] + "…[redacted]", text_)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key that authenticated the request (never its secret)."""
+
+    key_id: str
+    name: str
+    scopes: frozenset[Scope]
+    last_used_at: datetime | None = None
+
+    def allows(self, scope: Scope) -> bool:
+        return scope in self.scopes
+
+    @property
+    def is_anonymous(self) -> bool:
+        return not self.key_id
+
+
+# A request let through without a key (the GraphiQL page): may run nothing.
+ANONYMOUS = Principal(key_id="", name="anonymous", scopes=frozenset())
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: str
+    name: str
+    prefix: str
+    scopes: frozenset[Scope]
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
+class CreatedKey:
+    info: KeyInfo
+    # The only place the secret ever exists outside the caller's hands; repr keeps it out of
+    # tracebacks and debug output.
+    secret: SecretStr
+
+
+class RevokeOutcome(StrEnum):
+    REVOKED = "revoked"
+    ALREADY_REVOKED = "already_revoked"
+    NOT_FOUND = "not_found"
+
+
+def _info(row: Any) -> KeyInfo:
+    return KeyInfo(
+        id=row.id, name=row.name, prefix=row.prefix, scopes=parse_scopes(row.scopes),
+        created_at=row.created_at, last_used_at=row.last_used_at, revoked_at=row.revoked_at,
+    )
+
+
+class KeyStore:
+    """The process's view of the api_keys table. Holds the in-process throttle of lastUsedAt
+    writes, so keep one per process (the app keeps it in ``app.state.keys``)."""
+
+    def __init__(
+        self,
+        read_engine: AsyncEngine,
+        write_engine: AsyncEngine,
+        pepper: SecretStr | None,
+        *,
+        use_record_interval: timedelta = USE_RECORD_INTERVAL,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._read = read_engine.execution_options(**{AUTH_EXECUTION_OPTION: True})
+        self._write = write_engine.execution_options(**{AUTH_EXECUTION_OPTION: True})
+        self._pepper = pepper
+        self._interval = use_record_interval
+        self._monotonic = monotonic
+        self._recorded: dict[str, float] = {}
+
+    def __repr__(self) -> str:
+        return f"KeyStore({self._read.url.render_as_string(hide_password=True)!r})"
+
+    def _new_key(
+        self, name: str, scopes: frozenset[Scope], test: bool
+    ) -> tuple[dict[str, object], CreatedKey]:
+        name = name.strip()
+        if not name or len(name) > NAME_MAX:
+            raise ValueError(f"A key name takes 1 to {NAME_MAX} characters.")
+        if not scopes or not scopes <= READ_WRITE:
+            raise ValueError("A key needs at least one of the scopes read, write.")
+        secret = generate_secret(test=test)
+        info = KeyInfo(
+            id=new_id(IdKind.API_KEY), name=name, prefix=secret[:VISIBLE_PREFIX_LENGTH],
+            scopes=scopes, created_at=utcnow(), last_used_at=None, revoked_at=None,
+        )
+        row = {
+            "id": info.id, "name": info.name, "prefix": info.prefix,
+            "secret_hash": hash_secret(secret, self._pepper), "scopes": format_scopes(scopes),
+            "created_at": info.created_at, "last_used_at": None, "revoked_at": None,
+        }
+        return row, CreatedKey(info=info, secret=SecretStr(secret))
+
+    async def create(
+        self, name: str, *, scopes: frozenset[Scope] = READ_WRITE, test: bool = False
+    ) -> CreatedKey:
+        row, created = self._new_key(name, scopes, test)
+        async with self._write.begin() as conn:
+            await conn.execute(insert(ApiKey).values(**row))
+        return created
+
+    async def create_first(self, name: str = "default") -> CreatedKey | None:
+        """A read-write key when the table holds none at all (revoked keys count: revoking
+        every key must not be undone by a restart); None otherwise. Safe against two
+        processes starting at once."""
+        row, created = self._new_key(name, READ_WRITE, False)
+        async with self._write.begin() as conn:
+            if self._write.dialect.name == "postgresql":
+                # Self-conflicting, so a concurrent first start waits and then sees our key.
+                await conn.execute(text("LOCK TABLE api_keys IN SHARE ROW EXCLUSIVE MODE"))
+            # (SQLite: the writer's BEGIN IMMEDIATE already serialises this transaction.)
+            count = (await conn.execute(select(func.count()).select_from(ApiKey))).scalar_one()
+            if count:
+                return None
+            await conn.execute(insert(ApiKey).values(**row))
+        return created
+
+    async def list_keys(self) -> list[KeyInfo]:
+        async with self._read.connect() as conn:
+            rows = (await conn.execute(
+                select(ApiKey.__table__).order_by(ApiKey.created_at, ApiKey.id)
+            )).all()
+        return [_info(row) for row in rows]
+
+    async def revoke(self, key_id: str) -> tuple[RevokeOutcome, KeyInfo | None]:
+        async with self._write.begin() as conn:
+            done = await conn.execute(
+                update(ApiKey)
+                .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+                .values(revoked_at=utcnow())
+            )
+            row = (await conn.execute(
+                select(ApiKey.__table__).where(ApiKey.id == key_id)
+            )).first()
+        if row is None:
+            return RevokeOutcome.NOT_FOUND, None
+        outcome = RevokeOutcome.REVOKED if done.rowcount else RevokeOutcome.ALREADY_REVOKED
+        return outcome, _info(row)
+
+    async def verify(self, secret: str) -> Principal | None:
+        """The live key this secret belongs to, or None. One indexed read; no write."""
+        if not is_well_formed(secret):
+            return None
+        digest = hash_secret(secret, self._pepper)
+        async with self._read.connect() as conn:
+            row = (await conn.execute(
+                select(
+                    ApiKey.id, ApiKey.name, ApiKey.scopes, ApiKey.secret_hash,
+                    ApiKey.last_used_at,
+                ).where(ApiKey.secret_hash == digest, ApiKey.revoked_at.is_(None))
+            )).first()
+        # The index lookup found the row; the constant-time comparison is what accepts it.
+        if row is None or not hmac.compare_digest(row.secret_hash, digest):
+            return None
+        return Principal(
+            key_id=row.id, name=row.name, scopes=parse_scopes(row.scopes),
+            last_used_at=row.last_used_at,
+        )
+
+    def use_needs_recording(self, principal: Principal) -> bool:
+        """Whether this use should be written to lastUsedAt; claims the write for this
+        process, so concurrent requests with the same key do not all write."""
+        now = self._monotonic()
+        interval = self._interval.total_seconds()
+        last = self._recorded.get(principal.key_id)
+        if last is not None and now - last < interval:
+            return False
+        self._recorded[principal.key_id] = now
+        seen = principal.last_used_at
+        # Another process wrote it recently: nothing to do, and no write lock to take.
+        return seen is None or utcnow() - seen >= self._interval
+
+    async def record_use(self, key_id: str) -> None:
+        """Set lastUsedAt unless some process already did within the interval. A failure is
+        logged and swallowed: bookkeeping must never fail a request."""
+        now = utcnow()
+        try:
+            async with self._write.begin() as conn:
+                await conn.execute(
+                    update(ApiKey)
+                    .where(
+                        ApiKey.id == key_id,
+                        or_(
+                            ApiKey.last_used_at.is_(None),
+                            ApiKey.last_used_at < now - self._interval,
+                        ),
+                    )
+                    .values(last_used_at=now)
+                )
+        except SQLAlchemyError as error:
+            logger.warning("could not record the use of API key %s: %s", key_id,
+                           type(error).__name__)

@@ -1,0 +1,77 @@
+"""A request id for every HTTP request: taken from ``X-Request-ID`` when the caller sends a
+short safe token (so ids can be followed across services), generated otherwise; sent back
+on every response, 500s included, and available to the code that logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from contextvars import ContextVar
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from ulid import ULID
+
+HEADER = "X-Request-ID"
+INTERNAL_SERVER_ERROR = "INTERNAL_SERVER_ERROR"
+# Letters, digits and . _ : - only, so an id can be written to a log line as it is.
+_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+logger = logging.getLogger("consumers_graphql.http")
+
+current: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
+def new_request_id() -> str:
+    return f"req_{ULID()}"
+
+
+def accept_or_generate(incoming: str | None) -> str:
+    if incoming is not None and _SAFE.fullmatch(incoming):
+        return incoming
+    return new_request_id()
+
+
+class RequestIdMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = next(
+            (v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None
+        )
+        request_id = accept_or_generate(incoming)
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = current.set(request_id)
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                MutableHeaders(scope=message)[HEADER] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Starlette's own 500 is sent outside this middleware, without the id.
+            logger.exception("unhandled error (request_id=%s)", request_id)
+            if started:
+                raise
+            body = json.dumps({"errors": [{
+                "message": "Internal server error.",
+                "extensions": {"code": INTERNAL_SERVER_ERROR, "requestId": request_id},
+            }]}).encode()
+            await send({"type": "http.response.start", "status": 500, "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (HEADER.lower().encode(), request_id.encode()),
+            ]})
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            current.reset(token)

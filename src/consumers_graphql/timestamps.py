@@ -1,0 +1,34 @@
+"""Timestamps on the wire: RFC 3339 in UTC with a ``Z``, in both APIs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+
+def format_datetime(value: datetime) -> str:
+    """``2024-11-01T10:00:00Z``; microseconds appear when the stored value has them."""
+    value = value.astimezone(UTC)
+    text = value.strftime("%Y-%m-%dT%H:%M:%S")
+    if value.microsecond:
+        text += f".{value.microsecond:06d}"
+    return text + "Z"
+
+
+def parse_datetime(value: object, *, assume_utc: bool = False) -> datetime:
+    """An RFC 3339 timestamp as an aware UTC datetime. With `assume_utc`, a timestamp without
+    a zone, or a bare date (midnight), is taken as UTC; otherwise it is refused."""
+    if not isinstance(value, str):
+        raise ValueError("must be a string in RFC 3339 form, e.g. 2024-11-01T10:00:00Z")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not an RFC 3339 timestamp, e.g. 2024-11-01T10:00:00Z"
+        ) from None
+    if parsed.tzinfo is None:
+        if not assume_utc:
+            raise ValueError(
+                f"{value!r} has no time zone; add Z for UTC or an offset such as +02:00"
+            )
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)

@@ -1,0 +1,242 @@
+"""`consumers-graphql keys …` through the CLI entry point against the test database, and the
+first `serve` on an empty database printing one key (and a second start none)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import select
+
+from consumers_graphql.cli import main as cli
+from consumers_graphql.models import ApiKey
+from consumers_graphql.settings import Settings
+from tests.conftest import bearer
+
+SECRET = re.compile(r"sk_(?:live|test)_[A-Za-z0-9]{32,}")
+QUERY = "{ consumers(first: 1) { totalCount } }"
+MUTATION = 'mutation { consumerCreate(input: {email: "cli@example.com"}) { consumer { id } } }'
+
+
+@pytest.fixture
+def cli_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI reads its settings from the environment: point it at the test database."""
+    monkeypatch.setenv("CONSUMERS_DATABASE_URL", settings.database_url)
+    assert settings.key_pepper is not None
+    monkeypatch.setenv("CONSUMERS_KEY_PEPPER", settings.key_pepper.get_secret_value())
+
+
+async def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    # The CLI runs its own event loop, so it gets a thread of its own.
+    capsys.readouterr()
+    code = await asyncio.to_thread(cli, list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def test_create_prints_a_working_secret_once_and_stores_only_its_hash(
+    cli_env: None, capsys: pytest.CaptureFixture[str], app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    # when
+    code, out, _ = await run_cli(capsys, "keys", "create", "--name", "Storefront BFF")
+    # then the secret is printed, and it authenticates against the API
+    assert code == 0
+    secrets_ = set(SECRET.findall(out))
+    assert len(secrets_) == 1
+    secret = secrets_.pop()
+    assert secret.startswith("sk_live_") and len(secret) >= len("sk_live_") + 32
+    response = await client.post("/graphql", json={"query": QUERY}, headers=bearer(secret))
+    assert response.status_code == 200, response.text
+    # and the stored row holds no secret, only a prefix and a hash
+    async with app.state.database.read_engine.connect() as conn:
+        row = (await conn.execute(select(ApiKey.__table__))).one()
+    assert row.name == "Storefront BFF" and row.scopes == "read write"
+    assert row.prefix == secret[:12] and row.secret_hash != secret
+    assert all(secret not in str(value) for value in row)
+    assert row.id in out
+
+
+async def test_read_only_and_test_flags(
+    cli_env: None, capsys: pytest.CaptureFixture[str], app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    code, out, _ = await run_cli(capsys, "keys", "create", "--name", "reports", "--read-only",
+                                 "--test")
+    assert code == 0
+    [secret] = set(SECRET.findall(out))
+    assert secret.startswith("sk_test_")
+    query = await client.post("/graphql", json={"query": QUERY}, headers=bearer(secret))
+    assert query.status_code == 200 and "errors" not in query.json()
+    mutation = await client.post("/graphql", json={"query": MUTATION}, headers=bearer(secret))
+    assert [e["extensions"]["code"] for e in mutation.json()["errors"]] == ["FORBIDDEN"]
+
+
+async def test_list_shows_every_key_but_never_a_secret(
+    cli_env: None, capsys: pytest.CaptureFixture[str], app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    # given no keys
+    code, out, _ = await run_cli(capsys, "keys", "list")
+    assert code == 0 and "No API keys" in out
+    # and then two, one of them used
+    _, first, _ = await run_cli(capsys, "keys", "create", "--name", "used")
+    _, second, _ = await run_cli(capsys, "keys", "create", "--name", "idle", "--read-only")
+    used = SECRET.search(first)
+    assert used is not None
+    await client.post("/graphql", json={"query": QUERY}, headers=bearer(used.group()))
+    # when
+    code, out, _ = await run_cli(capsys, "keys", "list")
+    # then
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["ID", "NAME", "PREFIX", "SCOPES", "CREATED", "LAST", "USED",
+                                "REVOKED"]
+    keys = {key.name: key for key in await app.state.keys.list_keys()}
+    used_line = next(line for line in lines if keys["used"].id in line)
+    idle_line = next(line for line in lines if keys["idle"].id in line)
+    assert keys["used"].prefix in used_line and "read write" in used_line
+    assert keys["used"].last_used_at is not None
+    assert keys["used"].last_used_at.strftime("%Y-%m-%d %H:%M:%SZ") in used_line
+    assert re.search(r"\bread\b\s+\S+ \S+\s+never\s+-$", idle_line), idle_line
+    assert SECRET.search(out) is None  # prefixes are 4 characters, never a secret
+    for created in (first, second):
+        match = SECRET.search(created)
+        assert match is not None and match.group() not in out
+
+
+async def test_revoke_stops_the_key_and_explains_an_unknown_id(
+    cli_env: None, capsys: pytest.CaptureFixture[str], app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    _, out, _ = await run_cli(capsys, "keys", "create", "--name", "leaked")
+    match = SECRET.search(out)
+    assert match is not None
+    secret = match.group()
+    [key] = await app.state.keys.list_keys()
+    # when
+    code, out, _ = await run_cli(capsys, "keys", "revoke", key.id)
+    # then
+    assert code == 0 and "Revoked" in out
+    response = await client.post("/graphql", json={"query": QUERY}, headers=bearer(secret))
+    assert response.status_code == 401
+    _, listing, _ = await run_cli(capsys, "keys", "list")
+    [line] = [line for line in listing.splitlines() if key.id in line]
+    assert not line.rstrip().endswith(" -")  # the revocation time is shown
+    # revoking again is harmless
+    code, out, _ = await run_cli(capsys, "keys", "revoke", key.id)
+    assert code == 0 and "already revoked" in out
+    # an unknown id is an error, on stderr, with a non-zero exit
+    code, out, err = await run_cli(capsys, "keys", "revoke", "key_01JD0000000000000000000000")
+    assert code == 1 and out == ""
+    assert "No API key has the id 'key_01JD0000000000000000000000'" in err
+
+
+async def test_create_refuses_an_empty_name(
+    cli_env: None, capsys: pytest.CaptureFixture[str], app: FastAPI
+) -> None:
+    code, out, err = await run_cli(capsys, "keys", "create", "--name", "  ")
+    assert code == 1 and SECRET.search(out) is None and "name" in err
+    assert await app.state.keys.list_keys() == []
+
+
+# -- the first start -------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Served:
+    """`consumers-graphql serve` (the console script) in a subprocess, its output collected."""
+
+    def __init__(self, database: Path) -> None:
+        self.port = _free_port()
+        script = Path(sys.executable).with_name("consumers-graphql")
+        env = {**os.environ, "CONSUMERS_DATABASE_URL": f"sqlite+aiosqlite:///{database}",
+               "CONSUMERS_KEY_PEPPER": "serve-pepper"}
+        self.process = subprocess.Popen(
+            [str(script), "serve", "--port", str(self.port)], env=env, cwd=database.parent,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_until_up(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=2)
+                return
+            except httpx.TransportError:
+                assert self.process.poll() is None, self.output
+                time.sleep(0.1)
+        raise AssertionError(f"serve did not come up:\n{self.output}")
+
+    def post(self, headers: dict[str, str], query: str = QUERY) -> httpx.Response:
+        return httpx.post(f"http://127.0.0.1:{self.port}/graphql", json={"query": query},
+                          headers=headers, timeout=5)
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=20)
+        self._reader.join(timeout=5)
+        return code
+
+
+def test_first_serve_prints_exactly_one_key_and_a_second_start_none(tmp_path: Path) -> None:
+    database = tmp_path / "fresh.db"
+    # given a first start on an empty database
+    first = Served(database)
+    try:
+        first.wait_until_up()
+        banner = first.output
+        secrets_ = set(SECRET.findall(banner))
+        # then it printed exactly one key, and how to use it (curl and GraphiQL's headers)
+        assert len(secrets_) == 1, banner
+        secret = secrets_.pop()
+        assert f"curl http://127.0.0.1:{first.port}/graphql -H 'Authorization: Bearer {secret}'" \
+            in banner
+        assert f'{{"Authorization": "Bearer {secret}"}}' in banner
+        # and that key works, and a wrong one, or the key in a URL, is not logged
+        assert first.post(bearer(secret)).json()["data"] == {"consumers": {"totalCount": 0}}
+        assert first.post(bearer(secret[:-1] + "x")).status_code == 401
+        assert first.post({}).status_code == 401
+        httpx.get(f"http://127.0.0.1:{first.port}/graphql",
+                  params={"query": "{ __typename }", "api_key": secret},
+                  headers={**bearer(secret), "accept": "application/json"}, timeout=5)
+    finally:
+        assert first.stop() == 0, first.output
+    after_banner = first.output[len(banner):]
+    assert '"POST /graphql HTTP/1.1" 401' in after_banner, after_banner
+    assert "[redacted]" in after_banner  # the key pasted into a URL was masked
+    assert secret not in after_banner and secret[:-1] not in after_banner
+
+    # when the server starts again on the same database
+    second = Served(database)
+    try:
+        second.wait_until_up()
+        # then it prints no key, and the first key still works
+        assert SECRET.search(second.output) is None, second.output
+        assert second.post(bearer(secret)).status_code == 200
+    finally:
+        assert second.stop() == 0, second.output
+    assert SECRET.search(second.output) is None, second.output
