@@ -16,7 +16,8 @@ from consumers_graphql.api.limits import Limits
 from consumers_graphql.api.loaders import Loaders
 from consumers_graphql.api.schema import build_schema
 from consumers_graphql.auth import ANONYMOUS, KeyStore, Principal
-from consumers_graphql.db import Database
+from consumers_graphql.db import Database, Reader
+from consumers_graphql.dependencies import request_reader
 from consumers_graphql.http_auth import (
     AuthenticationRequired,
     authentication_required_response,
@@ -40,28 +41,29 @@ def _asks_for_graphiql(request: Request) -> bool:
     )
 
 
-async def _graphql_principal(request: Request, background_tasks: BackgroundTasks) -> Principal:
+async def _graphql_principal(
+    request: Request,
+    background_tasks: BackgroundTasks,
+    reader: Annotated[Reader, Depends(request_reader)],
+) -> Principal:
     if request.app.state.graphiql and _asks_for_graphiql(request):
         return ANONYMOUS
-    return await require_api_key(request, background_tasks)
+    return await require_api_key(request, background_tasks, reader)
 
 
 async def _graphql_context(
-    request: Request, principal: Annotated[Principal, Depends(_graphql_principal)]
-) -> AsyncIterator[Context]:
-    database: Database = request.app.state.database
-    reader = database.reader()
+    request: Request,
+    principal: Annotated[Principal, Depends(_graphql_principal)],
+    reader: Annotated[Reader, Depends(request_reader)],
+) -> Context:
     repository = Repository(reader)
-    try:
-        yield Context(
-            settings=request.app.state.settings,
-            database=database,
-            repository=repository,
-            loaders=Loaders(repository),
-            principal=principal,
-        )
-    finally:
-        await reader.close()
+    return Context(
+        settings=request.app.state.settings,
+        database=request.app.state.database,
+        repository=repository,
+        loaders=Loaders(repository),
+        principal=principal,
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -93,7 +95,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         context_getter=_graphql_context,
         graphql_ide=None if settings.is_production else "graphiql",
     )
-    app.include_router(graphql, prefix="/graphql")
+    # /openapi.json documents the REST API only: GraphQL has its own schema (/graphql).
+    app.include_router(graphql, prefix="/graphql", include_in_schema=False)
     # The guard answers before authentication; the request id wraps everything, 500s included.
     app.add_middleware(ProtocolGuard, path="/graphql", max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)

@@ -21,10 +21,11 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import SecretStr
-from sqlalchemy import func, insert, or_, select, text, update
+from sqlalchemy import bindparam, func, insert, or_, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from consumers_graphql.db import Reader
 from consumers_graphql.ids import IdKind, new_id
 from consumers_graphql.models import ApiKey, utcnow
 
@@ -136,6 +137,11 @@ def _info(row: Any) -> KeyInfo:
     )
 
 
+_VERIFY = select(
+    ApiKey.id, ApiKey.name, ApiKey.scopes, ApiKey.secret_hash, ApiKey.last_used_at
+).where(ApiKey.secret_hash == bindparam("digest"), ApiKey.revoked_at.is_(None))
+
+
 class KeyStore:
     """The process's view of the api_keys table. Holds the in-process throttle of lastUsedAt
     writes, so keep one per process (the app keeps it in ``app.state.keys``)."""
@@ -225,18 +231,18 @@ class KeyStore:
         outcome = RevokeOutcome.REVOKED if done.rowcount else RevokeOutcome.ALREADY_REVOKED
         return outcome, _info(row)
 
-    async def verify(self, secret: str) -> Principal | None:
-        """The live key this secret belongs to, or None. One indexed read; no write."""
+    async def verify(self, secret: str, reader: Reader | None = None) -> Principal | None:
+        """The live key this secret belongs to, or None. One indexed read (on the request's
+        read connection when given); no write."""
         if not is_well_formed(secret):
             return None
         digest = hash_secret(secret, self._pepper)
-        async with self._read.connect() as conn:
-            row = (await conn.execute(
-                select(
-                    ApiKey.id, ApiKey.name, ApiKey.scopes, ApiKey.secret_hash,
-                    ApiKey.last_used_at,
-                ).where(ApiKey.secret_hash == digest, ApiKey.revoked_at.is_(None))
-            )).first()
+        statement = _VERIFY.execution_options(**{AUTH_EXECUTION_OPTION: True})
+        if reader is not None:
+            row = (await reader.execute(statement, {"digest": digest})).first()
+        else:
+            async with self._read.connect() as conn:
+                row = (await conn.execute(statement, {"digest": digest})).first()
         # The index lookup found the row; the constant-time comparison is what accepts it.
         if row is None or not hmac.compare_digest(row.secret_hash, digest):
             return None

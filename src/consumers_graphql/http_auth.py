@@ -4,10 +4,14 @@ into a Principal, or answers 401. GraphQL uses it through its context; REST rout
 
 from __future__ import annotations
 
-from fastapi import BackgroundTasks, Request
+from typing import Annotated
+
+from fastapi import BackgroundTasks, Depends, Request
 from fastapi.responses import JSONResponse
 
 from consumers_graphql.auth import KeyStore, Principal
+from consumers_graphql.db import Reader
+from consumers_graphql.dependencies import request_reader
 
 AUTHENTICATION_REQUIRED = "Authentication required"
 UNAUTHENTICATED = "UNAUTHENTICATED"
@@ -33,10 +37,14 @@ def bearer_token(request: Request) -> str | None:
     return token
 
 
-async def require_api_key(request: Request, background_tasks: BackgroundTasks) -> Principal:
+async def require_api_key(
+    request: Request,
+    background_tasks: BackgroundTasks,
+    reader: Annotated[Reader, Depends(request_reader)],
+) -> Principal:
     keys: KeyStore = request.app.state.keys
     token = bearer_token(request)
-    principal = await keys.verify(token) if token is not None else None
+    principal = await keys.verify(token, reader) if token is not None else None
     if principal is None:
         raise AuthenticationRequired
     if keys.use_needs_recording(principal):

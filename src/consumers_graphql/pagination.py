@@ -406,7 +406,7 @@ def assemble_page(
         has_next_page=has_next,
         has_previous_page=has_previous,
         sort=sort,
-        keys=[(row._mapping[value_name], row._mapping[id_name]) for row in page_rows],
+        keys=[(getattr(row, value_name), getattr(row, id_name)) for row in page_rows],
     )
 
 

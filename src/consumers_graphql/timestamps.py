@@ -7,11 +7,10 @@ from datetime import UTC, datetime
 
 def format_datetime(value: datetime) -> str:
     """``2024-11-01T10:00:00Z``; microseconds appear when the stored value has them."""
-    value = value.astimezone(UTC)
-    text = value.strftime("%Y-%m-%dT%H:%M:%S")
-    if value.microsecond:
-        text += f".{value.microsecond:06d}"
-    return text + "Z"
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    # isoformat() writes microseconds only when they are not zero, and "+00:00" for UTC.
+    return value.isoformat()[:-6] + "Z"
 
 
 def parse_datetime(value: object, *, assume_utc: bool = False) -> datetime:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 from cross_web import HTTPException
 from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
@@ -173,6 +174,12 @@ class _Refused(Exception):
 
 class GraphQLRouter(StrawberryRouter[Context, None]):
     """Strawberry's router, answering in the negotiated media type with the spec's codes."""
+
+    def encode_json(self, data: object) -> bytes:
+        try:
+            return orjson.dumps(data)
+        except TypeError:  # an integer beyond 64 bits in someone's metadata
+            return json.dumps(data, separators=(",", ":")).encode()
 
     async def run(
         self, request: Any, context: Any = UNSET, root_value: Any = UNSET

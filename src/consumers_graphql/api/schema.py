@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -14,6 +14,7 @@ from strawberry.schema.config import StrawberryConfig
 from strawberry.types import ExecutionContext
 
 from consumers_graphql import request_id
+from consumers_graphql.api.executor import execute_compiled
 from consumers_graphql.api.limits import Limits, OperationLimits
 from consumers_graphql.api.mutation import Mutation
 from consumers_graphql.api.permissions import ScopeCheck
@@ -107,15 +108,28 @@ class Schema(strawberry.Schema):
         kwargs["hide_suggestions"] = self.config.disable_field_suggestions
         return kwargs
 
+    compiled = True
 
-def build_schema(*, production: bool = False, limits: Limits | None = None) -> Schema:
+    def _get_execute_function(self) -> Callable[..., Any]:
+        # Queries run through compiled plans (api/executor.py); everything else, and any
+        # operation that errs, through graphql-core itself.
+        if not self.compiled or self.config.enable_experimental_incremental_execution:
+            return super()._get_execute_function()
+        return execute_compiled
+
+
+def build_schema(
+    *, production: bool = False, limits: Limits | None = None, compiled: bool = True
+) -> Schema:
+    """The schema; `compiled=False` executes every operation with graphql-core alone (the
+    reference the compiled executor is tested against)."""
     limits = limits or Limits()
     extensions: list[Any] = [
         lambda: ErrorCodes(mask_internal=production),
         lambda: OperationLimits(limits, production=production),
         ScopeCheck,
     ]
-    return Schema(
+    schema = Schema(
         query=Query,
         mutation=Mutation,
         types=[Consumer, Audience, Order],
@@ -125,3 +139,5 @@ def build_schema(*, production: bool = False, limits: Limits | None = None) -> S
             disable_field_suggestions=production,
         ),
     )
+    schema.compiled = compiled
+    return schema

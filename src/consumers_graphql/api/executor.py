@@ -1,0 +1,417 @@
+"""A compiled executor for queries.
+
+graphql-core's executor walks every field of every object through generic machinery (about
+ten microseconds a field here); a page of 20 consumers with their audiences and orders is
+some 600 fields. For a query operation this module compiles the selection once per
+document (cached) into plans of plain Python steps, and runs them against the very same
+resolvers Strawberry installed on the schema, with the same arguments and infos. Sibling
+awaitables of a whole level are gathered together, as graphql-core does, so DataLoaders
+still batch.
+
+It handles fields, aliases, merged selections, fragments (inline and named, on object and
+abstract types), `__typename`, lists, non-null and abstract types. Anything else is left to
+graphql-core: mutations, introspection, directives, middleware, and any operation whose
+execution raises or meets a null where the schema forbids one. Those are executed again by
+graphql-core from the start, so errors, their paths and null propagation are exactly
+graphql-core's, and the per-request DataLoader caches make the second run cheap. The
+differential tests run the same operations through both executors and compare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import Any
+
+from graphql import (
+    DocumentNode,
+    ExecutionResult,
+    FieldNode,
+    FragmentDefinitionNode,
+    FragmentSpreadNode,
+    GraphQLAbstractType,
+    GraphQLEnumType,
+    GraphQLField,
+    GraphQLList,
+    GraphQLNonNull,
+    GraphQLObjectType,
+    GraphQLOutputType,
+    GraphQLResolveInfo,
+    GraphQLScalarType,
+    GraphQLSchema,
+    InlineFragmentNode,
+    OperationDefinitionNode,
+    OperationType,
+    SelectionSetNode,
+    execute,
+    is_abstract_type,
+)
+from graphql.execution.values import VariableValues, get_argument_values, get_variable_values
+from graphql.pyutils import Path
+from graphql.type.definition import GraphQLResolveInfoHelpers
+
+_MAX_PLANS = 1000
+_NO_VARIABLES = VariableValues(sources={}, coerced={})
+
+
+class _Unsupported(Exception):
+    """The operation uses something this executor leaves to graphql-core."""
+
+
+class _Fallback(Exception):
+    """Execution met something graphql-core must answer (an error, a null in a non-null)."""
+
+
+def _is_awaitable(value: Any) -> bool:
+    return hasattr(value, "__await__")
+
+
+async def _gather(values: Sequence[Awaitable[Any]]) -> list[Any]:
+    return list(await asyncio.gather(*values))
+
+
+def _track(_values: Sequence[Any]) -> None:
+    return None
+
+
+_HELPERS = GraphQLResolveInfoHelpers(gather=_gather, track=_track)
+
+
+# --- plans -----------------------------------------------------------------------------------
+
+Completer = Callable[[Any, "_Run", Path], Any]
+
+
+@dataclass
+class _FieldPlan:
+    key: str
+    name: str
+    definition: GraphQLField | None  # None for __typename
+    nodes: list[FieldNode]
+    parent: GraphQLObjectType
+    basic: bool  # Strawberry's plain attribute read: needs no info and no arguments
+    read: Callable[[Any], Any] | None  # that read, without Strawberry's wrapper
+    static_args: dict[str, Any] | None  # coerced once when no variable is involved
+    complete: Completer = field(repr=False, default=lambda value, run, path: value)
+
+
+@dataclass
+class _Plan:
+    operation: OperationDefinitionNode
+    fragments: dict[str, FragmentDefinitionNode]
+    root_type: GraphQLObjectType
+    fields: list[_FieldPlan]
+
+
+class _Compiler:
+    def __init__(self, schema: GraphQLSchema, document: DocumentNode,
+                 operation: OperationDefinitionNode) -> None:
+        self.schema = schema
+        self.operation = operation
+        self.fragments = {
+            d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)
+        }
+
+    def plan(self) -> _Plan:
+        root = self.schema.query_type
+        if root is None:
+            raise _Unsupported("no query type")
+        if self.operation.directives:
+            raise _Unsupported("directives")
+        return _Plan(self.operation, self.fragments, root,
+                     self.fields(root, [self.operation.selection_set]))
+
+    def _applies(self, condition: str | None, object_type: GraphQLObjectType) -> bool:
+        if condition is None or condition == object_type.name:
+            return True
+        conditional = self.schema.get_type(condition)
+        return is_abstract_type(conditional) and self.schema.is_sub_type(
+            conditional, object_type  # type: ignore[arg-type]
+        )
+
+    def _collect(
+        self, object_type: GraphQLObjectType, selection_sets: Sequence[SelectionSetNode],
+        into: OrderedDict[str, list[FieldNode]], seen_fragments: set[str],
+    ) -> None:
+        for selection_set in selection_sets:
+            for selection in selection_set.selections:
+                if selection.directives:
+                    raise _Unsupported("directives")
+                if isinstance(selection, FieldNode):
+                    key = selection.alias.value if selection.alias else selection.name.value
+                    into.setdefault(key, []).append(selection)
+                elif isinstance(selection, InlineFragmentNode):
+                    condition = selection.type_condition
+                    if self._applies(condition.name.value if condition else None, object_type):
+                        self._collect(object_type, [selection.selection_set], into,
+                                      seen_fragments)
+                elif isinstance(selection, FragmentSpreadNode):
+                    name = selection.name.value
+                    fragment = self.fragments.get(name)
+                    if fragment is None:
+                        raise _Unsupported("unknown fragment")
+                    if name in seen_fragments:
+                        continue
+                    if self._applies(fragment.type_condition.name.value, object_type):
+                        self._collect(object_type, [fragment.selection_set], into,
+                                      seen_fragments | {name})
+                else:  # pragma: no cover - the language has no other selection
+                    raise _Unsupported("selection")
+
+    def fields(
+        self, object_type: GraphQLObjectType, selection_sets: Sequence[SelectionSetNode]
+    ) -> list[_FieldPlan]:
+        collected: OrderedDict[str, list[FieldNode]] = OrderedDict()
+        self._collect(object_type, selection_sets, collected, set())
+        plans = []
+        for key, nodes in collected.items():
+            name = nodes[0].name.value
+            if name == "__typename":
+                plans.append(_FieldPlan(key, name, None, nodes, object_type, True, None, None,
+                                        _typename(object_type.name)))
+                continue
+            if name.startswith("__"):
+                raise _Unsupported("introspection")
+            definition = object_type.fields.get(name)
+            if definition is None or definition.resolve is None:
+                raise _Unsupported("field without a resolver")
+            basic = bool(getattr(definition.resolve, "_is_default", False))
+            static_args = self._static_arguments(definition, nodes[0])
+            sub_sets = [n.selection_set for n in nodes if n.selection_set is not None]
+            plans.append(_FieldPlan(key, name, definition, nodes, object_type,
+                                    basic and not nodes[0].arguments, _reader(definition, basic),
+                                    static_args, self.completer(definition.type, sub_sets)))
+        return plans
+
+    def _static_arguments(self, definition: GraphQLField, node: FieldNode) -> dict[str, Any] | None:
+        if not definition.args:
+            return {}
+        if any(_has_variable(argument.value) for argument in node.arguments or ()):
+            return None
+        return get_argument_values(definition, node, _NO_VARIABLES)
+
+    def completer(
+        self, return_type: GraphQLOutputType, sub_sets: list[SelectionSetNode]
+    ) -> Completer:
+        if isinstance(return_type, GraphQLNonNull):
+            inner = self.completer(return_type.of_type, sub_sets)
+
+            def non_null(value: Any, run: _Run, path: Path) -> Any:
+                if value is None:
+                    raise _Fallback("null in a non-null position")
+                return inner(value, run, path)
+
+            return non_null
+        if isinstance(return_type, GraphQLList):
+            item = self.completer(return_type.of_type, sub_sets)
+
+            def list_of(value: Any, run: _Run, path: Path) -> Any:
+                if value is None:
+                    return None
+                return [item(v, run, Path(path, i, None)) for i, v in enumerate(value)]
+
+            return list_of
+        if isinstance(return_type, GraphQLScalarType | GraphQLEnumType):
+            serialize = return_type.serialize
+
+            def leaf(value: Any, _run: _Run, _path: Path) -> Any:
+                return None if value is None else serialize(value)
+
+            return leaf
+        if isinstance(return_type, GraphQLObjectType):
+            plans = self.fields(return_type, sub_sets)
+
+            def object_value(value: Any, run: _Run, path: Path) -> Any:
+                if value is None:
+                    return None
+                return run.execute_fields(plans, value, path)
+
+            return object_value
+        if isinstance(return_type, GraphQLAbstractType):
+            by_type: dict[str, list[_FieldPlan]] = {}
+            for possible in self.schema.get_possible_types(return_type):
+                by_type[possible.name] = self.fields(possible, sub_sets)
+
+            def abstract_value(value: Any, run: _Run, path: Path) -> Any:
+                if value is None:
+                    return None
+                definition = getattr(type(value), "__strawberry_definition__", None)
+                plans = by_type.get(getattr(definition, "name", None) or "")
+                if plans is None:
+                    raise _Fallback("unknown runtime type")
+                return run.execute_fields(plans, value, path)
+
+            return abstract_value
+        raise _Unsupported("output type")
+
+
+def _reader(definition: GraphQLField, basic: bool) -> Callable[[Any], Any] | None:
+    """For a basic Strawberry field using the default resolver (getattr), the attribute read
+    itself: what Strawberry's `get_result` would do, minus two calls."""
+    strawberry_field = (definition.extensions or {}).get("strawberry-definition")
+    if not basic or strawberry_field is None or strawberry_field.base_resolver is not None:
+        return None
+    if strawberry_field.default_resolver is not getattr:
+        return None
+    return attrgetter(strawberry_field.python_name)
+
+
+def _typename(name: str) -> Completer:
+    return lambda _value, _run, _path: name
+
+
+def _has_variable(node: Any) -> bool:
+    kind = getattr(node, "kind", "")
+    if kind == "variable":
+        return True
+    if kind == "list_value":
+        return any(_has_variable(v) for v in node.values)
+    if kind == "object_value":
+        return any(_has_variable(f.value) for f in node.fields)
+    return False
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+class _Run:
+    def __init__(self, plan: _Plan, schema: GraphQLSchema, root_value: Any, context: Any,
+                 variables: VariableValues) -> None:
+        self.plan = plan
+        self.schema = schema
+        self.root_value = root_value
+        self.context = context
+        self.variables = variables
+        self.pending: list[tuple[Any, Callable[[Any], None]]] = []
+
+    def execute_fields(
+        self, plans: list[_FieldPlan], source: Any, path: Path | None
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for plan in plans:
+            field_path = Path(path, plan.key, plan.parent.name)
+            if plan.definition is None:  # __typename
+                out[plan.key] = plan.complete(source, self, field_path)
+                continue
+            resolve = plan.definition.resolve
+            assert resolve is not None
+            if plan.read is not None:
+                value = plan.read(source)
+            elif plan.basic:
+                value = resolve(source, None)
+            else:
+                args = plan.static_args
+                if args is None:
+                    args = get_argument_values(plan.definition, plan.nodes[0], self.variables)
+                info = GraphQLResolveInfo(
+                    plan.name, plan.nodes, plan.definition.type, plan.parent, field_path,
+                    self.schema, self.plan.fragments, self.root_value, self.plan.operation,
+                    self.variables, self.context, _is_awaitable, None, _HELPERS,
+                )
+                value = resolve(source, info, **args)
+            if _is_awaitable(value):
+                out[plan.key] = None
+                self.pending.append((value, _filler(out, plan, self, field_path)))
+            else:
+                out[plan.key] = plan.complete(value, self, field_path)
+        return out
+
+    async def settle(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending, []
+            results = await asyncio.gather(*(a for a, _ in batch), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise _Fallback("a resolver raised") from result
+            for (_, fill), result in zip(batch, results, strict=True):
+                fill(result)
+
+    def abandon(self) -> None:
+        for awaitable, _ in self.pending:
+            close = getattr(awaitable, "close", None)
+            if close is not None:
+                close()
+        self.pending = []
+
+
+def _filler(out: dict[str, Any], plan: _FieldPlan, run: _Run, path: Path) -> Callable[[Any], None]:
+    def fill(value: Any) -> None:
+        out[plan.key] = plan.complete(value, run, path)
+
+    return fill
+
+
+# --- the entry point -------------------------------------------------------------------------
+
+_plans: OrderedDict[tuple[int, str, str | None], _Plan | None] = OrderedDict()
+stats = {"compiled": 0, "fallbacks": 0}
+
+
+def _operation(document: DocumentNode, name: str | None) -> OperationDefinitionNode | None:
+    operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
+    if name is None:
+        return operations[0] if len(operations) == 1 else None
+    return next((o for o in operations if o.name and o.name.value == name), None)
+
+
+def _plan_for(schema: GraphQLSchema, document: DocumentNode, name: str | None) -> _Plan | None:
+    if document.loc is None:
+        return None
+    key = (id(schema), document.loc.source.body, name)
+    if key in _plans:
+        _plans.move_to_end(key)
+        return _plans[key]
+    operation = _operation(document, name)
+    plan = None
+    if operation is not None and operation.operation is OperationType.QUERY:
+        try:
+            plan = _Compiler(schema, document, operation).plan()
+        except _Unsupported:
+            plan = None
+    _plans[key] = plan
+    if len(_plans) > _MAX_PLANS:
+        _plans.popitem(last=False)
+    return plan
+
+
+async def execute_compiled(
+    schema: GraphQLSchema,
+    document: DocumentNode,
+    root_value: Any = None,
+    context_value: Any = None,
+    variable_values: dict[str, Any] | None = None,
+    operation_name: str | None = None,
+    middleware: Any = None,
+    **kwargs: Any,
+) -> ExecutionResult:
+    """graphql-core's `execute`, through a compiled plan where the operation allows one."""
+
+    async def standard() -> ExecutionResult:
+        stats["fallbacks"] += 1
+        result = execute(schema, document, root_value=root_value, context_value=context_value,
+                         variable_values=variable_values, operation_name=operation_name,
+                         middleware=middleware, **kwargs)
+        return await result if _is_awaitable(result) else result  # type: ignore[misc]
+
+    if middleware and list(getattr(middleware, "middlewares", None) or ()):
+        return await standard()
+    plan = _plan_for(schema, document, operation_name)
+    if plan is None:
+        return await standard()
+    variables = get_variable_values(
+        schema, plan.operation.variable_definitions or (), variable_values or {}
+    )
+    if not isinstance(variables, VariableValues):
+        return await standard()  # coercion errors: graphql-core reports them
+    run = _Run(plan, schema, root_value, context_value, variables)
+    try:
+        data = run.execute_fields(plan.fields, root_value, None)
+        await run.settle()
+    except (_Fallback, Exception):
+        run.abandon()
+        return await standard()
+    stats["compiled"] += 1
+    return ExecutionResult(data=data, errors=None)

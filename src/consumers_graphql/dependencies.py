@@ -1,0 +1,21 @@
+"""Request-scoped resources shared by the HTTP faces."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+
+from consumers_graphql.db import Database, Reader
+
+
+async def request_reader(request: Request) -> AsyncIterator[Reader]:
+    """The request's read connection, shared by authentication and the API itself (FastAPI
+    resolves a dependency once per request), opened on first use, closed after the
+    response."""
+    database: Database = request.app.state.database
+    reader = database.reader()
+    try:
+        yield reader
+    finally:
+        await reader.close()
