@@ -93,6 +93,9 @@ async def test_a_depth_20_query_is_refused(gql: GraphQL, sql: StatementCounter) 
     body = await refused(gql, sql, nested(20), "MAX_DEPTH_EXCEEDED")
 
     assert body["errors"][0]["message"] == "The operation is 20 levels deep; the limit is 12."
+    # a refused operation still tells its price: 6 nested orders connections of 20 each
+    assert body["extensions"]["cost"] == {
+        "requested": sum(20**n for n in range(1, 7)), "limit": 50_000}
 
 
 async def test_a_depth_12_query_runs(gql: GraphQL) -> None:

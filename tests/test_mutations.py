@@ -542,3 +542,32 @@ async def test_deleting_an_audience_keeps_its_consumers(gql: GraphQL, write_engi
 
     assert await count_rows(write_engine, models.ConsumerAudience) == 0
     assert (await gql.data(GET, {"id": consumer["id"]}))["consumer"]["id"] == consumer["id"]
+
+
+async def test_each_mutation_field_reads_the_writes_before_it(gql: GraphQL) -> None:
+    # given a consumer and an audience
+    created = await gql.data('mutation { consumerCreate(input: {email: "seq@example.com"}) '
+                             "{ consumer { id } } audienceCreate(input: {name: \"Seq\"}) "
+                             "{ audience { id } } }")
+    consumer = created["consumerCreate"]["consumer"]["id"]
+    audience = created["audienceCreate"]["audience"]["id"]
+    # when one operation writes several times and reads after each write
+    data = await gql.data(
+        """mutation($c: ID!, $a: ID!) {
+          o1: orderRecord(input: {consumerId: $c, amount: 10, currency: "USD"}) {
+            order { consumer { totalOrders totalOrderValue audiences { totalCount } } } }
+          o2: orderRecord(input: {consumerId: $c, amount: 5, currency: "USD"}) {
+            order { consumer { totalOrders totalOrderValue } } }
+          add: audienceAddConsumers(audienceId: $a, consumerIds: [$c]) {
+            audience { consumers { totalCount } } }
+          u: consumerUpdate(id: $c, input: {fullName: "After"}) {
+            consumer { fullName totalOrders audiences { totalCount } } } }""",
+        {"c": consumer, "a": audience},
+    )
+    # then every payload shows the state after its own write, not a cached earlier read
+    assert data["o1"]["order"]["consumer"] == {
+        "totalOrders": 1, "totalOrderValue": 10.0, "audiences": {"totalCount": 0}}
+    assert data["o2"]["order"]["consumer"] == {"totalOrders": 2, "totalOrderValue": 15.0}
+    assert data["add"]["audience"]["consumers"]["totalCount"] == 1
+    assert data["u"]["consumer"] == {"fullName": "After", "totalOrders": 2,
+                                     "audiences": {"totalCount": 1}}

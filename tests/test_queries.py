@@ -199,8 +199,8 @@ query($q: String, $email: String, $phone: String, $externalId: String, $first: I
 
 async def test_search_consumers_exact_criteria(gql: GraphQL, write_engine: Any) -> None:
     rows = await given_search_data(write_engine)
-    await insert_consumers(write_engine, [consumer_row(9, email="ext@example.com",
-                                                       external_id="crm-42")])
+    external = consumer_row(9, email="ext@example.com", external_id="crm-42")
+    await insert_consumers(write_engine, [external])
 
     async def ids(**variables: Any) -> list[str]:
         data = await gql.data(SEARCH_CONSUMERS, variables)
@@ -209,7 +209,7 @@ async def test_search_consumers_exact_criteria(gql: GraphQL, write_engine: Any) 
     assert await ids(email="john.doe@example.COM") == [rows[0]["id"]]
     assert await ids(email="john.doe@example") == []  # exact, not a substring
     assert await ids(phone="+1 (415) 555-0100") == [rows[0]["id"]]
-    assert await ids(externalId="crm-42") != []
+    assert await ids(externalId="crm-42") == [external["id"]]
     assert await ids(externalId="CRM-42") == []
     assert await ids(q="john", phone="+33 6 12 34 56 78") == [rows[3]["id"]]
     # newest first: consumer 9, then 5, 4, 2, 1, 0 (3 has no email)

@@ -141,6 +141,7 @@ async def test_audience_members_and_filter_agree(gql: GraphQL, write_engine: Any
     await given_consumers_with_relations(write_engine, count=30)
     data = await gql.data("{ audiences { nodes { id name consumers(first: 100) "
                           "{ totalCount nodes { id } } } } }")
+    assert len(data["audiences"]["nodes"]) == 3
     for audience in data["audiences"]["nodes"]:
         members = [n["id"] for n in audience["consumers"]["nodes"]]
         assert audience["consumers"]["totalCount"] == len(members) == 15

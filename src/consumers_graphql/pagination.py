@@ -20,7 +20,7 @@ import binascii
 import json
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from enum import Enum
 from typing import Any, Generic, TypeVar
@@ -39,6 +39,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Row
 
 from consumers_graphql.errors import BadUserInput
+from consumers_graphql.ids import kind_of
+from consumers_graphql.validation import forbidden_character
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
@@ -57,7 +59,7 @@ class ValueKind(Enum):
 class SortKey:
     """An order of a connection: a sort column (with the id as tiebreaker) and a direction."""
 
-    connection: str  # "consumers", "Consumer.orders", …: a cursor is only valid where made
+    connection: str  # the kind of list ("consumers", "audiences", "orders"): cursors stay in it
     name: str  # the public name of the sort field, e.g. "createdAt"
     column: Any  # the table column to order by
     id_column: Any
@@ -175,35 +177,45 @@ def decode_cursor(sort: SortKey, token: str, argument: str) -> Cursor:
             "cursors are only valid with the arguments they were made under.",
             field=[argument],
         )
-    if not isinstance(row_id, str) or (value is None and not sort.nullable):
+    if (not isinstance(row_id, str) or kind_of(row_id) is None
+            or (value is None and not sort.nullable)):
         raise BadUserInput(f"`{argument}` is not a valid cursor.", field=[argument])
     try:
         return Cursor(value=_decode_value(sort.kind, value), id=row_id)
-    except (ValueError, TypeError, InvalidOperation):
+    except (ValueError, TypeError, InvalidOperation, OverflowError):
         raise BadUserInput(f"`{argument}` is not a valid cursor.", field=[argument]) from None
 
 
+_INT_RANGE = range(-(2**31), 2**31)  # the columns' range on both databases
+_DECIMAL_LIMIT = Decimal(10) ** 15
+_UTC = timedelta(0)
+
+
 def _decode_value(kind: ValueKind, value: Any) -> Any:
+    """A sort value as the server wrote it into a cursor; anything else (a forged cursor)
+    is refused here rather than by the database."""
     if value is None:
         return None
     if kind is ValueKind.DATETIME:
         parsed = datetime.fromisoformat(value)
-        if parsed.tzinfo is None:
-            raise ValueError("naive datetime")
+        if parsed.utcoffset() != _UTC:  # the server writes UTC; also refuses naive values
+            raise ValueError("not a UTC timestamp")
         return parsed
     if kind is ValueKind.DECIMAL:
         if not isinstance(value, str):
             raise TypeError("decimal must be a string")
         decimal = Decimal(value)
-        if not decimal.is_finite():
-            raise ValueError("not finite")
+        exponent = decimal.as_tuple().exponent
+        if (not decimal.is_finite() or not isinstance(exponent, int) or exponent < -4
+                or abs(decimal) >= _DECIMAL_LIMIT):
+            raise ValueError("not a stored amount")
         return decimal
     if kind is ValueKind.INT:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError("not an int")
+        if not isinstance(value, int) or isinstance(value, bool) or value not in _INT_RANGE:
+            raise TypeError("not a stored count")
         return value
-    if not isinstance(value, str):
-        raise TypeError("not a string")
+    if not isinstance(value, str) or forbidden_character(value) is not None:
+        raise TypeError("not a stored text")
     return value
 
 

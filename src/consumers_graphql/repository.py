@@ -32,6 +32,7 @@ from consumers_graphql.pagination import (
     assemble_pages,
     page_statement,
 )
+from consumers_graphql.validation import forbidden_character
 
 consumers = models.Consumer.__table__
 audiences = models.Audience.__table__
@@ -105,6 +106,8 @@ _PHONE_LIKE = re.compile(r"^\+?[\d\s().\-]+$")
 def search_term(raw: str, argument: str = "search") -> str:
     """The folded substring a search looks for; phone-like input loses its formatting so
     ``(415) 555`` finds ``+14155550100``."""
+    if forbidden_character(raw) is not None:
+        raise BadUserInput(f"`{argument}` contains a control character.", field=[argument])
     term = raw.strip()
     if len(term) < SEARCH_MIN:
         raise BadUserInput(
@@ -147,6 +150,9 @@ _FILTERS: dict[str, Callable[[], list[Any]]] = {
         ),
         _SEARCH_LIKE,
     ],
+    # A page of a selective search (see _SEARCH_PROBE): driven by the FTS index, the few
+    # matching rows then sorted; the FROM clause joins consumers_fts (see _page_base).
+    "search_fts_join": lambda: [_FTS_MATCH, _SEARCH_LIKE],
     "created_after": lambda: [
         consumers.c.created_at > bindparam("created_after", type_=consumers.c.created_at.type)
     ],
@@ -165,6 +171,25 @@ _FILTERS: dict[str, Callable[[], list[Any]]] = {
     "external_id": lambda: [consumers.c.external_id == bindparam("external_id")],
 }
 _SEARCH_LIKE = consumers.c.search_text.like(bindparam("search_like"), escape="\\")
+_FTS_MATCH = literal_column("consumers_fts").op("MATCH")(bindparam("search_match"))
+# SQLite's planner cannot know how many rows a trigram search matches. With few matches the
+# FTS index should drive (then sort them); with many, walking the sort index and testing
+# each row finds a page after a few hundred rows. One cheap look at the index decides.
+SELECTIVE_SEARCH_MAX = 2000
+_SEARCH_PROBE = select(func.count()).select_from(
+    select(_consumers_fts.c.rowid).where(_FTS_MATCH).limit(SELECTIVE_SEARCH_MAX + 1).subquery()
+)
+
+
+def _page_base(names: tuple[str, ...]) -> Select[Any]:
+    base = select(*CONSUMER_COLUMNS)
+    if "search_fts_join" in names:
+        base = base.select_from(
+            _consumers_fts.join(
+                consumers, literal_column("consumers.rowid") == _consumers_fts.c.rowid
+            )
+        )
+    return base.where(*_conditions(names))
 
 
 def _conditions(names: tuple[str, ...]) -> list[Any]:
@@ -240,16 +265,25 @@ class Repository:
 
     # -- consumers ------------------------------------------------------------------------
 
-    def _consumer_filter(self, f: ConsumerFilter) -> tuple[tuple[str, ...], dict[str, Any]]:
-        """The names of the filters given, and their parameters."""
+    async def _consumer_filter(
+        self, f: ConsumerFilter, *, page: bool
+    ) -> tuple[tuple[str, ...], dict[str, Any]]:
+        """The names of the filters given, and their parameters. SQLite searches of 3
+        characters or more use the FTS5 trigram index: for a count always, for a page when
+        the search is selective."""
         names: list[str] = []
         params: dict[str, Any] = {}
         if f.search is not None:
             term = search_term(f.search)
             params["search_like"] = _like_pattern(term)
             if self._reader.dialect == "sqlite" and len(term) >= 3:
-                names.append("search_fts")
                 params["search_match"] = '"' + term.replace('"', '""') + '"'
+                if not page:
+                    names.append("search_fts")
+                else:
+                    probe = await self._reader.execute(_SEARCH_PROBE, params)
+                    selective = probe.scalar_one() <= SELECTIVE_SEARCH_MAX
+                    names.append("search_fts_join" if selective else "search")
             else:
                 names.append("search")
         if f.created_after is not None:
@@ -263,6 +297,10 @@ class Repository:
                 raise BadUserInput("`audienceId` is not an audience id.", field=["audienceId"])
             names.append("audience_id")
             params["audience_id"] = f.audience_id
+        for name, value in (("email", f.email), ("phone", f.phone),
+                            ("externalId", f.external_id)):
+            if value is not None and forbidden_character(value) is not None:
+                raise BadUserInput(f"`{name}` contains a control character.", field=[name])
         if f.email is not None:
             names.append("email")
             params["email"] = fold(f.email.strip())
@@ -277,18 +315,15 @@ class Repository:
     async def consumer_page(
         self, f: ConsumerFilter, sort: SortKey, request: PageRequest
     ) -> Page[Row[Any]]:
-        names, params = self._consumer_filter(f)
+        names, params = await self._consumer_filter(f, page=True)
         statement, page_params = page_statement(
-            ("consumers", names),
-            lambda: select(*CONSUMER_COLUMNS).where(*_conditions(names)),
-            sort,
-            request,
+            ("consumers", names), lambda: _page_base(names), sort, request
         )
         rows = await self._rows(statement, {**params, **page_params})
         return assemble_page(rows, sort, request, _identity)
 
     async def consumer_count(self, f: ConsumerFilter) -> int:
-        names, params = self._consumer_filter(f)
+        names, params = await self._consumer_filter(f, page=False)
         result = await self._reader.execute(_count_statement(names), params)
         return int(result.scalar_one())
 

@@ -74,7 +74,7 @@ def invalid(path: Path, message: str) -> DomainError:
     return DomainError(message, field=path, code=ErrorCode.VALIDATION_FAILED)
 
 
-def _forbidden_character(value: str, *, multiline: bool = False) -> str | None:
+def forbidden_character(value: str, *, multiline: bool = False) -> str | None:
     for ch in value:
         category = unicodedata.category(ch)
         if category == "Cc" and not (multiline and ch in _MULTILINE_ALLOWED):
@@ -102,7 +102,7 @@ def text(
     if len(string) > max_length:
         raise invalid(path, f"{label} must be at most {max_length} characters long "
                       f"({len(string)} were given).")
-    bad = _forbidden_character(string, multiline=multiline)
+    bad = forbidden_character(string, multiline=multiline)
     if bad is not None:
         raise invalid(path, f"{label} must not contain control characters ({bad}).")
     return string

@@ -408,6 +408,9 @@ class OperationLimits(SchemaExtension):
                 _operation(prepared.document, operation)
             )
             prepared.shapes[operation] = shape
+        # Known before anything else is decided, so that every answer carries it, refusals too.
+        variables = {**shape.variable_defaults, **(context.variables or {})}
+        self.cost = cost_of(shape.cost, variables)
         refusals = self._measure(prepared, shape)
         if not refusals:
             rules = (*context.validation_rules, *_STRAWBERRY_RULES)
@@ -420,17 +423,13 @@ class OperationLimits(SchemaExtension):
                 )
                 prepared.validation[rules] = errors
             refusals = list(errors)
-        if not refusals:
-            # Strawberry decides whether to execute inside this hook, so the cost goes here.
-            variables = {**shape.variable_defaults, **(context.variables or {})}
-            self.cost = cost_of(shape.cost, variables)
-            if self.cost > self.limits.cost:
-                refusals = [_refusal(
-                    f"This operation can return up to {self.cost:,} nodes; the limit is "
-                    f"{self.limits.cost:,}. Ask for smaller pages (`first`/`last`) or fewer "
-                    "nested connections.",
-                    MAX_COST_EXCEEDED, cost=self.cost, limit=self.limits.cost,
-                )]
+        if not refusals and self.cost > self.limits.cost:
+            refusals = [_refusal(
+                f"This operation can return up to {self.cost:,} nodes; the limit is "
+                f"{self.limits.cost:,}. Ask for smaller pages (`first`/`last`) or fewer "
+                "nested connections.",
+                MAX_COST_EXCEEDED, cost=self.cost, limit=self.limits.cost,
+            )]
         context.pre_execution_errors = refusals
         yield
 

@@ -31,6 +31,10 @@ class Loaders:
         )
         self._pages: dict[tuple[str, PageRequest], PageLoader] = {}
 
+    def clear(self) -> None:
+        """Forget everything loaded so far (after a write)."""
+        self.__init__(self._repository)  # type: ignore[misc]
+
     def prime_consumers(self, rows: Sequence[Row[Any]]) -> None:
         """Consumers read as a page need no second look-up (e.g. through Order.consumer)."""
         self.consumer_by_id.prime_many({row.id: row for row in rows})

@@ -49,6 +49,9 @@ ConsumerIds = Annotated[
 
 
 def _services(info: Info) -> services.Services:
+    # A write makes every read this request has cached stale: this payload, and those of
+    # later mutation fields of the same operation, must read afresh.
+    info.context.loaders.clear()
     return services.Services(info.context.database)
 
 

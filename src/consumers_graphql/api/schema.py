@@ -47,10 +47,8 @@ def _is_unexpected(error: GraphQLError) -> bool:
 class ErrorCodes(SchemaExtension):
     """Every error leaves with a code: parse and validation failures, BAD_USER_INPUT for
     misuse (domain errors and variables that do not coerce), the domain's own codes, and
-    INTERNAL_SERVER_ERROR for anything unexpected (its message masked in production)."""
-
-    def __init__(self, *, mask_internal: bool) -> None:
-        self.mask_internal = mask_internal
+    INTERNAL_SERVER_ERROR for anything unexpected: its message masked in every mode (it may
+    hold SQL or the values of a query), the real exception logged with the request id."""
 
     def on_parse(self) -> Iterator[None]:
         yield
@@ -75,11 +73,10 @@ class ErrorCodes(SchemaExtension):
                 error.extensions["field"] = list(original.field)
             return error
         if _is_unexpected(error):
-            if self.mask_internal:
-                error = GraphQLError(
-                    INTERNAL_MESSAGE, nodes=error.nodes, source=error.source,
-                    positions=error.positions, path=error.path,
-                )
+            error = GraphQLError(
+                INTERNAL_MESSAGE, nodes=error.nodes, source=error.source,
+                positions=error.positions, path=error.path,
+            )
             _tag([error], INTERNAL_SERVER_ERROR)
             if (current_id := request_id.current.get()) is not None:
                 error.extensions = {**(error.extensions or {}), "requestId": current_id}
@@ -125,7 +122,7 @@ def build_schema(
     reference the compiled executor is tested against)."""
     limits = limits or Limits()
     extensions: list[Any] = [
-        lambda: ErrorCodes(mask_internal=production),
+        ErrorCodes,
         lambda: OperationLimits(limits, production=production),
         ScopeCheck,
     ]

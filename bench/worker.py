@@ -1,0 +1,231 @@
+"""One benchmark variant in a process of its own, driven by the coordinator over a pipe.
+
+``run`` (the process) sets the app, or a baseline, up in process behind
+``httpx.ASGITransport`` inside ``asgi_lifespan.LifespanManager``, then answers commands:
+``{"cmd": "round", "n": 10}`` runs n requests and reports their times and SQL statements;
+``capture`` returns one response with the statements it sent (for R1); ``profile`` runs n
+requests under cProfile; ``quit`` ends the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import gc
+import io
+import itertools
+import os
+import pstats
+import sys
+import time
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+import httpx
+import orjson
+from asgi_lifespan import LifespanManager
+
+# Imported here so that the fork server loads it once, not every variant's process.
+import consumers_graphql.app  # noqa: F401
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import baselines
+import workloads
+
+
+class Statements:
+    """The SQL one request sends on the app's engines, authentication apart, with the time
+    spent between sending each statement and getting its cursor back."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, Any]] = []
+        self.auth: list[tuple[str, Any]] = []
+        self.db_seconds = 0.0
+        self._started: dict[int, float] = {}
+
+    def reset(self) -> None:
+        self.items = []
+        self.auth = []
+        self.db_seconds = 0.0
+
+    def before(self, _conn: Any, cursor: Any, statement: str, params: Any, context: Any,
+               _many: bool) -> None:
+        from consumers_graphql.auth import AUTH_EXECUTION_OPTION
+
+        options = context.execution_options if context is not None else {}
+        target = self.auth if options.get(AUTH_EXECUTION_OPTION) else self.items
+        target.append((statement, params))
+        self._started[id(cursor)] = time.perf_counter()
+
+    def after(self, _conn: Any, cursor: Any, *_args: Any) -> None:
+        started = self._started.pop(id(cursor), None)
+        if started is not None:
+            self.db_seconds += time.perf_counter() - started
+
+    def attach(self, engines: list[Any]) -> None:
+        from sqlalchemy import event
+
+        for engine in {e.sync_engine for e in engines}:
+            event.listen(engine, "before_cursor_execute", self.before)
+            event.listen(engine, "after_cursor_execute", self.after)
+
+
+class Target:
+    """What a variant sends its requests to, and how to tidy up after a round."""
+
+    def __init__(self, spec: dict[str, Any], secret: str) -> None:
+        self.spec = spec
+        self.secret = secret
+        self.statements = Statements()
+        self.app: Any = None
+        self.database: Any = None
+        self._tags = itertools.count()
+        self.created: list[str] = []
+
+    def build(self) -> Any:
+        kind = self.spec["kind"]
+        if kind == "graphql":
+            from consumers_graphql.app import create_app
+            from consumers_graphql.settings import Settings
+
+            settings = Settings(database_url=self.spec["url"], log_level="warning")
+            self.app = create_app(settings)
+        elif kind == "r1":
+            self.app = baselines.R1App(self.spec["extra"]["r1"], counter=self.statements)
+        elif kind == "hello":
+            self.app = baselines.HelloApp(self.spec["extra"]["body"])
+        else:
+            raise ValueError(f"unknown variant kind {kind!r}")
+        return self.app
+
+    def started(self) -> None:
+        if self.spec["kind"] == "graphql":
+            self.database = self.app.state.database
+            self.statements.attach([self.database.read_engine, self.database.write_engine])
+
+    def body(self) -> bytes:
+        variables = self.spec["variables"]
+        if self.spec["write"]:
+            tag = f"{os.getpid()}-{time.monotonic_ns()}-{next(self._tags)}"
+            variables = {**variables, "input": workloads.batch_input(tag)}
+        return orjson.dumps({"query": self.spec["query"], "variables": variables})
+
+    def collect(self, response: dict[str, Any]) -> None:
+        if self.spec["write"]:
+            payload = response["data"]["consumerBatchCreate"]
+            self.created += [r["consumer"]["id"] for r in payload["results"] if r["consumer"]]
+            if payload["userErrors"] or payload["count"] != workloads.BATCH_SIZE:
+                raise RuntimeError(f"W5 wrote {payload['count']} rows: "
+                                   f"{payload['userErrors'][:3]}")
+
+    async def tidy(self) -> None:
+        """Takes out what W5 wrote, outside the timed requests."""
+        if not self.spec["write"] or self.database is None:
+            return
+        from sqlalchemy import text
+
+        ids, self.created = self.created, []
+        async with self.database.write_engine.begin() as conn:
+            if ids:
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start:start + 500]
+                    marks = ", ".join(f":p{i}" for i in range(len(chunk)))
+                    await conn.execute(
+                        text(f"DELETE FROM consumers WHERE id IN ({marks})"),
+                        {f"p{i}": v for i, v in enumerate(chunk)},
+                    )
+            else:  # leftovers of an interrupted run
+                await conn.execute(text(
+                    "DELETE FROM consumers WHERE email_key LIKE :domain "
+                    "OR external_id LIKE :prefix"
+                ), {"domain": f"%@{workloads.W5_DOMAIN}",
+                    "prefix": f"{workloads.W5_EXTERNAL_PREFIX}%"})
+
+
+async def serve(conn: Connection, spec: dict[str, Any], secret: str) -> None:
+    target = Target(spec, secret)
+    app = target.build()
+    headers = {"authorization": f"Bearer {secret}", "content-type": "application/json",
+               "accept": "application/json"}
+    async with LifespanManager(app) as manager:
+        target.started()
+        await target.tidy()
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+
+            async def one(body: bytes) -> tuple[float, dict[str, Any]]:
+                target.statements.reset()
+                started = time.perf_counter()
+                response = await client.post("/graphql", content=body, headers=headers)
+                elapsed = time.perf_counter() - started
+                if response.status_code != 200:
+                    raise RuntimeError(f"{spec['name']}: HTTP {response.status_code}: "
+                                       f"{response.text[:500]}")
+                parsed = orjson.loads(response.content)
+                if parsed.get("errors"):
+                    raise RuntimeError(f"{spec['name']}: {parsed['errors']}")
+                target.collect(parsed)
+                return elapsed, parsed
+
+            conn.send({"ready": True, "pid": os.getpid()})
+            while True:
+                command = conn.recv()
+                cmd = command["cmd"]
+                if cmd == "quit":
+                    break
+                if cmd == "round":
+                    times, counts, db = [], [], []
+                    bodies = [target.body() for _ in range(command["n"])]
+                    for body in bodies:
+                        elapsed, _ = await one(body)
+                        times.append(elapsed)
+                        counts.append(len(target.statements.items))
+                        db.append(target.statements.db_seconds)
+                    await target.tidy()
+                    gc.collect()
+                    reply: dict[str, Any] = {"times": times, "statements": counts, "db": db}
+                elif cmd == "capture":
+                    _, parsed = await one(target.body())
+                    reply = {
+                        "response": parsed,
+                        "statements": [s for s, _ in target.statements.items],
+                        "auth_statements": len(target.statements.auth),
+                        "recorded": {"items": target.statements.items,
+                                     "auth": target.statements.auth},
+                    }
+                    await target.tidy()
+                elif cmd == "profile":
+                    bodies = [target.body() for _ in range(command["n"])]
+                    profiler = cProfile.Profile()
+                    profiler.enable()
+                    for body in bodies:
+                        await one(body)
+                    profiler.disable()
+                    await target.tidy()
+                    text_out = io.StringIO()
+                    stats = pstats.Stats(profiler, stream=text_out)
+                    stats.sort_stats(command.get("sort", "cumulative")).print_stats(
+                        command.get("limit", 40))
+                    if command.get("dump"):
+                        stats.dump_stats(command["dump"])
+                    reply = {"profile": text_out.getvalue()}
+                else:
+                    reply = {"error": f"unknown command {cmd!r}"}
+                conn.send(reply)
+
+
+def run(conn: Connection, spec: dict[str, Any], secret: str, log_path: str) -> None:
+    """The process's entry point (forked from a server that has imported the app)."""
+    out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    try:
+        asyncio.run(serve(conn, spec, secret))
+    except BaseException as error:  # the coordinator shows it and stops the run
+        traceback.print_exc()
+        sys.stderr.flush()
+        conn.send({"error": f"{type(error).__name__}: {error}"})
+    finally:
+        conn.close()
