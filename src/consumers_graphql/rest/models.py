@@ -1,11 +1,23 @@
 """The reference's JSON shapes, as pydantic models: they document the API (OpenAPI) and
-type the request bodies. Responses are built by `rest.shapes` and match these exactly."""
+type the request bodies. Responses are built by `rest.shapes` and match these exactly.
+
+Request fields are typed `Any` at run time, with their documented JSON schema attached:
+every value rule (type, length, format, metadata size) lives once, in `validation`, so a
+body with several problems gets all of them back at once, with the same messages as
+GraphQL's `userErrors`. Pydantic checks only the structure (an object per item, no unknown
+keys, `id` present on batch-update items)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel, WithJsonSchema, model_validator
+from pydantic_core import PydanticCustomError
+
+from consumers_graphql.models import EMAIL_MAX, EXTERNAL_ID_MAX, FULL_NAME_MAX
+from consumers_graphql.validation import BATCH_MAX, METADATA_MAX_BYTES, PHONE_INPUT_MAX
+
+BATCH_TOO_LARGE = "batch_too_large"
 
 
 class ConsumerOut(BaseModel):
@@ -65,7 +77,8 @@ class ConsumersListOut(BaseModel):
 
 
 class ErrorDetail(BaseModel):
-    field: str
+    field: str = Field(description="Path of the field at fault: `email`, `3.email` for item 3 "
+                       "of a batch, `id`, `first`, or `body` for the body as a whole.")
     message: str
 
 
@@ -74,22 +87,79 @@ class ErrorOut(BaseModel):
     details: list[ErrorDetail]
 
 
+def _nullable(schema: dict[str, Any], description: str) -> WithJsonSchema:
+    return WithJsonSchema({"anyOf": [schema, {"type": "null"}], "description": description})
+
+
+Email: TypeAlias = Annotated[Any, _nullable(
+    {"type": "string", "format": "email", "maxLength": EMAIL_MAX},
+    "Unique, case-insensitively. Null: no email.",
+)]
+Phone: TypeAlias = Annotated[Any, _nullable(
+    {"type": "string", "maxLength": PHONE_INPUT_MAX},
+    "An international number (E.164 format recommended); spaces, dashes and brackets are "
+    "accepted and stored as E.164 (+14155550100).",
+)]
+FullName: TypeAlias = Annotated[Any, _nullable(
+    {"type": "string", "maxLength": FULL_NAME_MAX}, "No control characters.",
+)]
+Metadata: TypeAlias = Annotated[Any, _nullable(
+    {"type": "object", "additionalProperties": True},
+    f"A JSON object of at most {METADATA_MAX_BYTES:,} bytes serialised. On update it is "
+    "merged shallowly: given keys replace, a key set to null is removed, null clears it.",
+)]
+ExternalId: TypeAlias = Annotated[Any, _nullable(
+    {"type": "string", "maxLength": EXTERNAL_ID_MAX},
+    "Your own id for the consumer, kept exactly as given; unique when set.",
+)]
+
+
 class CreateConsumerRequest(BaseModel):
-    """interface CreateConsumerRequest of the reference."""
+    """interface CreateConsumerRequest of the reference. Every field is optional."""
 
     model_config = ConfigDict(extra="forbid")
 
-    email: str | None = None
-    phone: str | None = Field(default=None, description="E.164 format recommended")
-    fullName: str | None = None
-    metadata: dict[str, Any] | None = None
-    externalId: str | None = None
+    email: Email = None
+    phone: Phone = None
+    fullName: FullName = None
+    metadata: Metadata = None
+    externalId: ExternalId = None
 
 
 class UpdateConsumerRequest(CreateConsumerRequest):
-    """Omitted keys stay unchanged; null clears; metadata is merged shallowly (a key set to
-    null is removed, metadata: null clears it)."""
+    """interface UpdateConsumerRequest of the reference: keys left out stay unchanged, null
+    clears; metadata is merged shallowly (a key set to null is removed, metadata: null clears
+    it)."""
 
 
 class BatchUpdateConsumerItem(UpdateConsumerRequest):
-    id: str
+    """interface BatchUpdateConsumerItem of the reference."""
+
+    id: Annotated[Any, WithJsonSchema({"type": "string", "description": "The consumer ID"})]
+
+
+def _at_most_batch_max(value: Any) -> Any:
+    # Before the items are looked at: a batch too large is refused as a whole.
+    if isinstance(value, list) and len(value) > BATCH_MAX:
+        raise PydanticCustomError(
+            BATCH_TOO_LARGE,
+            "A batch takes at most {max} items; {count} were given. Nothing was written.",
+            {"max": BATCH_MAX, "count": len(value)},
+        )
+    return value
+
+
+class BatchCreateConsumersRequest(RootModel[list[CreateConsumerRequest]]):
+    """type BatchCreateConsumersRequest = CreateConsumerRequest[] (at most 500)."""
+
+    root: Annotated[list[CreateConsumerRequest], Field(max_length=BATCH_MAX)]
+
+    _check_size = model_validator(mode="before")(_at_most_batch_max)
+
+
+class BatchUpdateConsumersRequest(RootModel[list[BatchUpdateConsumerItem]]):
+    """type BatchUpdateConsumersRequest = BatchUpdateConsumerItem[] (at most 500)."""
+
+    root: Annotated[list[BatchUpdateConsumerItem], Field(max_length=BATCH_MAX)]
+
+    _check_size = model_validator(mode="before")(_at_most_batch_max)

@@ -1,17 +1,27 @@
 """The Consumers REST API of the reference, under /api/v1/consumers: a thin face over the
-same repository and services as GraphQL."""
+same repository and services as GraphQL.
+
+Order of answers: body over its limit (413), no usable key (401), key without the scope
+(403: `read` for GET, `write` otherwise), malformed request (400), then the use-case's own
+refusals (400/404)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import json
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel
 from sqlalchemy.engine import Row
 
-from consumers_graphql.errors import BadUserInput, DomainError, ErrorCode
+from consumers_graphql.auth import Principal, Scope
+from consumers_graphql.db import Reader
+from consumers_graphql.dependencies import request_reader
+from consumers_graphql.errors import BadUserInput, DomainError, DomainErrors, ErrorCode
 from consumers_graphql.http_auth import require_api_key
 from consumers_graphql.ids import IdKind, kind_of
 from consumers_graphql.pagination import MAX_PAGE_SIZE, Page, page_request
@@ -24,46 +34,103 @@ from consumers_graphql.repository import (
     consumer_sort,
     search_term,
 )
-from consumers_graphql.rest.models import ConsumersListOut, ConsumerWithRelationsOut, ErrorOut
+from consumers_graphql.rest.body import RestRoute
+from consumers_graphql.rest.errors import Forbidden
+from consumers_graphql.rest.models import (
+    BatchCreateConsumersRequest,
+    BatchUpdateConsumersRequest,
+    ConsumerOut,
+    ConsumersListOut,
+    ConsumerWithRelationsOut,
+    CreateConsumerRequest,
+    ErrorOut,
+    UpdateConsumerRequest,
+)
 from consumers_graphql.rest.shapes import audience_json, consumer_json, order_json
+from consumers_graphql.services import BatchResult, ConsumerChange, ConsumerFields, Services
 from consumers_graphql.timestamps import parse_datetime
 
 RELATIONS = ("audiences", "orders")
 SortBy = Literal["createdAt", "email", "fullName", "lastOrderAt", "totalOrderValue", "totalOrders"]
 
 
+PREFIX = "/api/v1/consumers"
+# Request fields as the reference spells them -> the services' names.
+_FIELDS = {"email": "email", "phone": "phone", "fullName": "full_name", "metadata": "metadata",
+           "externalId": "external_id"}
+
+
 class JSONBody(Response):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
+        try:
+            return orjson.dumps(content)
+        except orjson.JSONEncodeError:
+            # Metadata orjson refuses but the standard library stores: an integer past 64
+            # bits, nesting deeper than 255.
+            return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"model": ErrorOut, "description": description}
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorOut, "description": "Validation failed"},
-    401: {"model": ErrorOut, "description": "Authentication required"},
+    400: _error("Validation failed: `details` lists every problem, with its field."),
+    401: _error("Authentication required: no `Authorization: Bearer <secret key>`, or an "
+                "unknown or revoked key."),
+    403: _error("Forbidden: the key lacks the scope (`read` for GET, `write` otherwise)."),
+    "4XX": _error("Any other client error, in the same shape."),
 }
-NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorOut, "description": "Consumer not found"},
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: _error("Consumer not found")}
+TOO_LARGE: dict[int | str, dict[str, Any]] = {
+    413: _error("Request body too large: over 1 MiB, or 32 MiB on the batch endpoints "
+                "(both in settings)."),
+}
+CONFLICTS: dict[int | str, dict[str, Any]] = {
+    400: _error("Validation failed (`details` lists every problem, with its field: `3.email` "
+                "for item 3 of a batch), or Email already exists, or External ID already "
+                "exists, or Max batch size is 500."),
 }
 
+
 router = APIRouter(
-    prefix="/api/v1/consumers",
+    prefix=PREFIX,
     tags=["consumers"],
     responses=ERRORS,
-    dependencies=[Depends(require_api_key)],
+    dependencies=[
+        # Documents the scheme in OpenAPI; `require_api_key` does the checking.
+        Depends(HTTPBearer(auto_error=False, description="A secret key: sk_live_… / sk_test_…")),
+        Depends(require_api_key),
+    ],
+    route_class=RestRoute,
 )
 
 
-async def _repository(request: Request) -> AsyncIterator[Repository]:
-    reader = request.app.state.database.reader()
-    try:
-        yield Repository(reader)
-    finally:
-        await reader.close()
+def _needs(scope: Scope) -> Any:
+    async def check(principal: Annotated[Principal, Depends(require_api_key)]) -> None:
+        if not principal.allows(scope):
+            raise Forbidden(scope.value)
+
+    return Depends(check)
+
+
+READS = [_needs(Scope.READ)]
+WRITES = [_needs(Scope.WRITE)]
+
+
+def _repository(reader: Annotated[Reader, Depends(request_reader)]) -> Repository:
+    # The request's one read connection, which authentication has used already.
+    return Repository(reader)
+
+
+def _services(request: Request) -> Services:
+    return Services(request.app.state.database)
 
 
 Repo = Annotated[Repository, Depends(_repository)]
+Writes = Annotated[Services, Depends(_services)]
 First = Annotated[
     int | None, Query(description=f"Number of items per page (default 20, max {MAX_PAGE_SIZE})")
 ]
@@ -124,7 +191,19 @@ async def _list_body(
     }
 
 
-@router.get("", response_model=ConsumersListOut, summary="List consumers")
+def _fields(body: BaseModel) -> ConsumerFields:
+    """The keys the client sent (`model_fields_set`): left out is not the same as null."""
+    sent = {_FIELDS[name]: getattr(body, name) for name in body.model_fields_set if name in _FIELDS}
+    return ConsumerFields(**sent)
+
+
+def _written(result: BatchResult) -> list[dict[str, Any]]:
+    if result.errors:
+        raise DomainErrors(result.errors)
+    return [consumer_json(item.row) for item in result.results if item.row is not None]
+
+
+@router.get("", response_model=ConsumersListOut, summary="List consumers", dependencies=READS)
 async def list_consumers(
     repository: Repo,
     first: First = None,
@@ -154,7 +233,22 @@ async def list_consumers(
     return JSONBody(await _list_body(repository, page, relations))
 
 
-@router.get("/search", response_model=ConsumersListOut, summary="Search consumers")
+@router.post(
+    "", status_code=201, response_model=ConsumerOut,
+    responses={**CONFLICTS, **TOO_LARGE, 201: {"headers": {"Location": {
+        "description": "/api/v1/consumers/{id} of the created consumer",
+        "schema": {"type": "string"}}}}},
+    summary="Create a consumer", dependencies=WRITES,
+    response_description="The created consumer (its URL in `Location`).",
+)
+async def create_consumer(services: Writes, body: CreateConsumerRequest) -> Response:
+    row = await services.create_consumer(_fields(body))
+    return JSONBody(consumer_json(row), status_code=201,
+                    headers={"Location": f"{PREFIX}/{row.id}"})
+
+
+@router.get("/search", response_model=ConsumersListOut, summary="Search consumers",
+            dependencies=READS)
 async def search_consumers(
     repository: Repo,
     q: Annotated[str | None, Query(description="Search query (min 2 chars)")] = None,
@@ -177,9 +271,43 @@ async def search_consumers(
     return JSONBody(await _list_body(repository, page, relations))
 
 
+@router.post(
+    "/batch", status_code=201, response_model=list[ConsumerOut],
+    responses={**CONFLICTS, **TOO_LARGE}, summary="Create consumers in a batch",
+    dependencies=WRITES,
+    description="At most 500 consumers (`Max batch size is 500` otherwise). Atomic: one "
+    "refused item and nothing is written; every refused item is reported.",
+    response_description="The created consumers, in input order.",
+)
+async def batch_create_consumers(
+    services: Writes, body: BatchCreateConsumersRequest
+) -> Response:
+    result = await services.create_consumers([_fields(item) for item in body.root])
+    return JSONBody(_written(result), status_code=201)
+
+
+@router.put(
+    "/batch", response_model=list[ConsumerOut],
+    responses={**CONFLICTS, **NOT_FOUND, **TOO_LARGE}, summary="Update consumers in a batch",
+    dependencies=WRITES,
+    description="Each item as `PUT /api/v1/consumers/{id}` does. At most 500 items (`Max "
+    "batch size is 500` otherwise). Atomic: one refused item and nothing is written; every "
+    "refused item is reported (404 `Consumer not found` when unknown ids are the only "
+    "problem).",
+    response_description="The consumers as updated, in input order.",
+)
+async def batch_update_consumers(
+    services: Writes, body: BatchUpdateConsumersRequest
+) -> Response:
+    result = await services.update_consumers(
+        [ConsumerChange(item.id, _fields(item)) for item in body.root]
+    )
+    return JSONBody(_written(result))
+
+
 @router.get(
     "/{consumer_id}", response_model=ConsumerWithRelationsOut, responses=NOT_FOUND,
-    summary="Get a consumer",
+    summary="Get a consumer", dependencies=READS,
 )
 async def get_consumer(
     repository: Repo,
@@ -194,3 +322,29 @@ async def get_consumer(
         raise DomainError("Consumer not found", field=["id"], code=ErrorCode.NOT_FOUND)
     (body,) = await _with_relations(repository, [row], relations)
     return JSONBody(body)
+
+
+@router.put(
+    "/{consumer_id}", response_model=ConsumerOut,
+    responses={**CONFLICTS, **NOT_FOUND, **TOO_LARGE}, summary="Update a consumer",
+    dependencies=WRITES,
+    description="Keys left out stay unchanged, null clears; `metadata` is merged shallowly "
+    "(a key set to null is removed, `metadata: null` clears it).",
+    response_description="The consumer as updated.",
+)
+async def update_consumer(
+    services: Writes, consumer_id: str, body: UpdateConsumerRequest
+) -> Response:
+    row = await services.update_consumer(consumer_id, _fields(body))
+    return JSONBody(consumer_json(row))
+
+
+@router.delete(
+    "/{consumer_id}", response_model=ConsumerOut, responses=NOT_FOUND,
+    summary="Delete a consumer", dependencies=WRITES,
+    description="Deletes the consumer with its orders and audience memberships.",
+    response_description="The deleted consumer, as it was.",
+)
+async def delete_consumer(services: Writes, consumer_id: str) -> Response:
+    row = await services.delete_consumer(consumer_id)
+    return JSONBody(consumer_json(row))
