@@ -149,3 +149,25 @@ async def test_an_internal_error_is_masked_and_logged_with_its_request_id(
     assert logged, caplog.text
     assert "no such table: audiences" in caplog.text
     assert secret not in caplog.text
+
+
+async def test_an_internal_error_on_rest_has_the_reference_shape_and_no_leak(
+    broken_production: tuple[httpx.AsyncClient, str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    client, secret = broken_production
+    created = await client.post("/api/v1/consumers", json={"email": "x@example.com"},
+                                headers=bearer(secret))
+    assert created.status_code == 201
+
+    with caplog.at_level(logging.ERROR):
+        response = await client.get(
+            f"/api/v1/consumers/{created.json()['id']}?include=audiences", headers=bearer(secret)
+        )
+
+    assert response.status_code == 500
+    request_id = response.headers["x-request-id"]
+    assert response.json() == {"error": "Internal server error",
+                               "details": [{"field": "requestId", "message": request_id}]}
+    for leak in ("SELECT", "no such table", "Traceback"):
+        assert leak.lower() not in response.text.lower()
+    assert request_id in caplog.text and "no such table: audiences" in caplog.text

@@ -63,10 +63,14 @@ class RequestIdMiddleware:
             logger.exception("unhandled error (request_id=%s)", request_id)
             if started:
                 raise
-            body = json.dumps({"errors": [{
-                "message": "Internal server error.",
-                "extensions": {"code": INTERNAL_SERVER_ERROR, "requestId": request_id},
-            }]}).encode()
+            if scope.get("path", "").startswith("/api/"):  # the REST reference's shape
+                body = json.dumps({"error": "Internal server error", "details": [
+                    {"field": "requestId", "message": request_id}]}).encode()
+            else:
+                body = json.dumps({"errors": [{
+                    "message": "Internal server error.",
+                    "extensions": {"code": INTERNAL_SERVER_ERROR, "requestId": request_id},
+                }]}).encode()
             await send({"type": "http.response.start", "status": 500, "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
