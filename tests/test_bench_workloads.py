@@ -10,6 +10,16 @@ from typing import Any
 
 import pytest
 
+# Exactly the operations the benchmark sends (W1 to W5).
+from bench.workloads import (
+    BATCH_CREATE,
+    CONSUMER,
+    NODES,
+    PAGE,
+    PAGE_COUNT,
+    SEARCH,
+    SEARCH_COUNT,
+)
 from consumers_graphql import models
 from consumers_graphql.pagination import encode_cursor
 from consumers_graphql.repository import ConsumerSortField, consumer_sort
@@ -23,43 +33,6 @@ from tests.factories import (
     order_row,
 )
 
-SCALARS = (
-    "id email phone fullName metadata externalId totalOrders totalOrderValue lastOrderAt "
-    "createdAt updatedAt"
-)
-RELATIONS = (
-    "audiences { nodes { id name } } orders(first: 5) { nodes { id amount currency placedAt } }"
-)
-# The operations of bench/workloads.py (W1 to W5).
-PAGE = f"""query Page($after: String, $sortBy: ConsumerSortField, $sortDir: SortDirection) {{
-  consumers(first: 20, after: $after, sortBy: $sortBy, sortDir: $sortDir) {{
-    nodes {{ {SCALARS} {RELATIONS} }}
-  }}
-}}"""
-PAGE_COUNT = f"""query PageCount($after: String, $sortBy: ConsumerSortField,
-    $sortDir: SortDirection) {{
-  consumers(first: 20, after: $after, sortBy: $sortBy, sortDir: $sortDir) {{
-    totalCount
-    nodes {{ {SCALARS} {RELATIONS} }}
-  }}
-}}"""
-SEARCH = f"""query Search($search: String!) {{
-  consumers(first: 20, search: $search) {{ nodes {{ {SCALARS} }} }}
-}}"""
-SEARCH_COUNT = f"""query SearchCount($search: String!) {{
-  consumers(first: 20, search: $search) {{ totalCount nodes {{ {SCALARS} }} }}
-}}"""
-CONSUMER = f"""query Consumer($id: ID!) {{ consumer(id: $id) {{ {SCALARS} }} }}"""
-NODES = f"""query Nodes($ids: [ID!]!) {{
-  nodes(ids: $ids) {{ ... on Consumer {{ {SCALARS} }} }}
-}}"""
-BATCH_CREATE = """mutation BatchCreate($input: [ConsumerCreateInput!]!) {
-  consumerBatchCreate(input: $input) {
-    count
-    results { consumer { id } userErrors { code } }
-    userErrors { field code }
-  }
-}"""
 # Walking every match of a search, to compare with the reference filter.
 SEARCH_WALK = """query Walk($search: String!, $after: String) {
   consumers(first: 100, after: $after, search: $search) {
