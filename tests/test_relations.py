@@ -151,3 +151,73 @@ async def test_audience_members_and_filter_agree(gql: GraphQL, write_engine: Any
         )
         assert [n["id"] for n in filtered["consumers"]["nodes"]] == members
         assert filtered["consumers"]["totalCount"] == 15
+
+
+MEMBERS = """
+query($first: Int, $last: Int) {
+  audiences {
+    nodes {
+      id
+      consumers(first: $first, last: $last) {
+        pageInfo { hasNextPage hasPreviousPage }
+        nodes { id }
+      }
+    }
+  }
+}
+"""
+
+MEMBERS_OF = """
+query($id: ID!, $first: Int, $after: String, $last: Int, $before: String) {
+  audience(id: $id) {
+    consumers(first: $first, after: $after, last: $last, before: $before) {
+      pageInfo { hasNextPage hasPreviousPage startCursor endCursor }
+      nodes { id }
+    }
+  }
+}
+"""
+
+
+async def test_members_page_per_audience_in_both_directions(
+    gql: GraphQL, sql: StatementCounter, write_engine: Any
+) -> None:
+    # given three audiences of 15 members each among 30 consumers
+    await given_consumers_with_relations(write_engine, count=30)
+    everything = (await gql.data(MEMBERS, {"first": 100}))["audiences"]["nodes"]
+    expected = {a["id"]: [n["id"] for n in a["consumers"]["nodes"]] for a in everything}
+    assert len(expected) == 3 and all(len(m) == 15 for m in expected.values())
+
+    # when the first and the last page of every audience come in one request
+    for args, window in (({"first": 4}, slice(None, 4)), ({"last": 4}, slice(-4, None))):
+        with sql.counting():
+            nodes = (await gql.data(MEMBERS, args))["audiences"]["nodes"]
+        assert sql.count == 2  # the audiences, and every audience's page in one statement
+        for audience in nodes:
+            assert [n["id"] for n in audience["consumers"]["nodes"]] == (
+                expected[audience["id"]][window])
+            info = audience["consumers"]["pageInfo"]
+            assert (info["hasNextPage"], info["hasPreviousPage"]) == (
+                ("first" in args), ("last" in args))
+
+    # and each audience's members are walked 4 at a time, forwards and backwards
+    for audience_id, members in expected.items():
+        for forward in (True, False):
+            seen: list[str] = []
+            cursor = None
+            while True:
+                args = ({"first": 4, "after": cursor} if forward
+                        else {"last": 4, "before": cursor})
+                page = (await gql.data(MEMBERS_OF, {"id": audience_id, **args})
+                        )["audience"]["consumers"]
+                ids = [n["id"] for n in page["nodes"]]
+                seen = seen + ids if forward else ids + seen
+                info = page["pageInfo"]
+                more = info["hasNextPage"] if forward else info["hasPreviousPage"]
+                back = info["hasPreviousPage"] if forward else info["hasNextPage"]
+                assert back is (cursor is not None)
+                if not more:
+                    break
+                cursor = info["endCursor"] if forward else info["startCursor"]
+            # then every member comes once, in the order of the full page
+            assert seen == members

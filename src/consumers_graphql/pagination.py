@@ -281,12 +281,18 @@ def page_statement(
     request: PageRequest,
     *,
     partition_by: Any = None,
+    per_parent: tuple[Callable[[Any], Any], int] | None = None,
 ) -> tuple[Select[Any], dict[str, Any]]:
     """The statement returning the page (size + 1 rows, to see whether more follow) and the
     probes for the flags that the extra row cannot tell, with its parameters. `base_key`
     names the shape of `base()` (its filters), which builds it when it is not cached yet.
-    With `partition_by`, it pages every partition (parent) separately: the nested
-    connections of a whole batch at once."""
+    With `partition_by`, it pages every partition (parent) separately, with a window
+    function: the nested connections of a whole batch at once. With `per_parent` (a function
+    from a parent's bound parameter to the condition "belongs to it", and the number of
+    parents, bound as `parent_0`, `parent_1`, …) it does the same with one ordered, limited
+    select per parent, which reports the parent as `_parent`: each stops after its page,
+    where a window function would number every child of every parent first (an audience
+    may have a million members)."""
     shape = _Shape(
         base=base_key,
         scope=sort.scope,
@@ -298,7 +304,7 @@ def page_statement(
     if statement is None:
         if len(_statements) >= _STATEMENT_CACHE_MAX:
             _statements.clear()
-        statement = _statements[shape] = _build(base(), sort, shape, partition_by)
+        statement = _statements[shape] = _build(base(), sort, shape, partition_by, per_parent)
     params: dict[str, Any] = {"page_limit": request.size + 1}
     for name, cursor in (("after", request.after), ("before", request.before)):
         if cursor is not None:
@@ -308,8 +314,27 @@ def page_statement(
     return statement, params
 
 
-def _build(base: Select[Any], sort: SortKey, shape: _Shape, partition_by: Any) -> Select[Any]:
+def _build(
+    base: Select[Any],
+    sort: SortKey,
+    shape: _Shape,
+    partition_by: Any,
+    per_parent: tuple[Callable[[Any], Any], int] | None = None,
+) -> Select[Any]:
     parts: list[Select[Any]] = []
+    if per_parent is not None:
+        belongs_to, count = per_parent
+        for index in range(count):
+            parent = bindparam(f"parent_{index}", type_=sort.id_column.type)
+            scoped = base.add_columns(parent.label("_parent")).where(belongs_to(parent))
+            for segment in _segments(sort):
+                parts += _segment_selects(scoped, sort, shape, segment, None)
+        wrapped = [select(part.subquery()) for part in parts]
+        union = (union_all(*wrapped) if len(wrapped) > 1 else wrapped[0]).subquery("page")
+        seg_order = union.c._seg.asc() if shape.forward else union.c._seg.desc()
+        return select(union).order_by(
+            union.c._kind, seg_order, *_ordering(sort, union.c, forward=shape.forward)
+        )
     for segment in _segments(sort):
         parts += _segment_selects(base, sort, shape, segment, partition_by)
     if len(parts) == 1 and partition_by is None:
