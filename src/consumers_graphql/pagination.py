@@ -111,10 +111,6 @@ class Page(Generic[T]):
         return encode_cursor(self.sort, value, row_id)
 
     @property
-    def cursors(self) -> list[str]:
-        return [self.cursor(index) for index in range(len(self.items))]
-
-    @property
     def start_cursor(self) -> str | None:
         return self.cursor(0) if self.items else None
 
