@@ -23,6 +23,8 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
 from operator import attrgetter
 from typing import Any
 
@@ -52,6 +54,7 @@ from graphql import (
 from graphql.execution.values import VariableValues, get_argument_values, get_variable_values
 from graphql.pyutils import Path
 from graphql.type.definition import GraphQLResolveInfoHelpers
+from strawberry.types.arguments import convert_arguments
 
 _MAX_PLANS = 1000
 _NO_VARIABLES = VariableValues(sources={}, coerced={})
@@ -96,6 +99,9 @@ class _FieldPlan:
     read: Callable[[Any], Any] | None  # that read, without Strawberry's wrapper
     static_args: dict[str, Any] | None  # coerced once when no variable is involved
     complete: Completer = field(repr=False, default=lambda value, run, path: value)
+    # For a Strawberry resolver with nothing wrapped around it: its call, with arguments
+    # converted to Python once per plan (see _direct_call).
+    call: Callable[[Any, GraphQLResolveInfo, dict[str, Any]], Any] | None = None
 
 
 @dataclass
@@ -183,7 +189,8 @@ class _Compiler:
             sub_sets = [n.selection_set for n in nodes if n.selection_set is not None]
             plans.append(_FieldPlan(key, name, definition, nodes, object_type,
                                     basic and not nodes[0].arguments, _reader(definition, basic),
-                                    static_args, self.completer(definition.type, sub_sets)))
+                                    static_args, self.completer(definition.type, sub_sets),
+                                    _direct_call(self.schema, definition, static_args)))
         return plans
 
     def _static_arguments(self, definition: GraphQLField, node: FieldNode) -> dict[str, Any] | None:
@@ -259,6 +266,46 @@ def _reader(definition: GraphQLField, basic: bool) -> Callable[[Any], Any] | Non
     return attrgetter(strawberry_field.python_name)
 
 
+_IMMUTABLE = (str, int, float, bool, Enum, datetime, type(None))
+
+
+def _direct_call(
+    schema: GraphQLSchema, definition: GraphQLField, static_args: dict[str, Any] | None
+) -> Callable[[Any, GraphQLResolveInfo, dict[str, Any]], Any] | None:
+    """What Strawberry's resolver wrapper does for a field without extensions (convert the
+    arguments, add `self` and `info`, call), with the conversion done once when the
+    arguments are literals of immutable values. None where anything else applies."""
+    strawberry_schema = getattr(schema, "_strawberry_schema", None)
+    strawberry_field = (definition.extensions or {}).get("strawberry-definition")
+    if strawberry_schema is None or strawberry_field is None or static_args is None:
+        return None
+    resolver = strawberry_field.base_resolver
+    if (resolver is None or strawberry_field.extensions or resolver.parent_parameter
+            or resolver.root_parameter):
+        return None
+    config = strawberry_schema.config
+    converted = convert_arguments(
+        static_args, strawberry_field.arguments,
+        scalar_registry=strawberry_schema.schema_converter.scalar_registry, config=config,
+    )
+    if not all(isinstance(value, _IMMUTABLE) for value in converted.values()):
+        return None
+    info_name = resolver.info_parameter.name if resolver.info_parameter else None
+    with_self = resolver.self_parameter is not None
+    info_class = config.info_class
+
+    def call(source: Any, info: GraphQLResolveInfo, _args: dict[str, Any]) -> Any:
+        strawberry_info = info_class(_raw_info=info, _field=strawberry_field)
+        kwargs = dict(converted)
+        if info_name is not None:
+            kwargs[info_name] = strawberry_info
+        return strawberry_field.get_result(
+            source, strawberry_info, [source] if with_self else [], kwargs
+        )
+
+    return call
+
+
 def _typename(name: str) -> Completer:
     return lambda _value, _run, _path: name
 
@@ -311,7 +358,8 @@ class _Run:
                     self.schema, self.plan.fragments, self.root_value, self.plan.operation,
                     self.variables, self.context, _is_awaitable, None, _HELPERS,
                 )
-                value = resolve(source, info, **args)
+                value = (plan.call(source, info, args) if plan.call is not None
+                         else resolve(source, info, **args))
             if _is_awaitable(value):
                 out[plan.key] = None
                 self.pending.append((value, _filler(out, plan, self, field_path)))
