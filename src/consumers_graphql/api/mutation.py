@@ -4,9 +4,11 @@ authentication and limits."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Awaitable
+from typing import Annotated, Any
 
 import strawberry
+from sqlalchemy.engine import Row
 
 from consumers_graphql import services
 from consumers_graphql.api.context import Info
@@ -55,6 +57,30 @@ def _services(info: Info) -> services.Services:
     return services.Services(info.context.database)
 
 
+async def _consumer_payload(write: Awaitable[Row[Any]]) -> ConsumerPayload:
+    try:
+        row = await write
+    except DomainErrors as refused:
+        return ConsumerPayload(consumer=None, user_errors=user_errors(refused.errors))
+    return ConsumerPayload(consumer=Consumer.from_row(row), user_errors=[])
+
+
+async def _audience_payload(write: Awaitable[Row[Any]]) -> AudiencePayload:
+    try:
+        row = await write
+    except DomainErrors as refused:
+        return AudiencePayload(audience=None, user_errors=user_errors(refused.errors))
+    return AudiencePayload(audience=Audience.from_row(row), user_errors=[])
+
+
+async def _order_payload(write: Awaitable[Row[Any]]) -> OrderPayload:
+    try:
+        row = await write
+    except DomainErrors as refused:
+        return OrderPayload(order=None, user_errors=user_errors(refused.errors))
+    return OrderPayload(order=Order.from_row(row), user_errors=[])
+
+
 def _policy(value: services.ErrorPolicy | None) -> services.ErrorPolicy:
     return value if value is not None else services.ErrorPolicy.REJECT_EVERYTHING
 
@@ -63,11 +89,7 @@ def _policy(value: services.ErrorPolicy | None) -> services.ErrorPolicy:
 class Mutation:
     @strawberry.mutation(description="Create a consumer.")
     async def consumer_create(self, info: Info, input: ConsumerCreateInput) -> ConsumerPayload:
-        try:
-            row = await _services(info).create_consumer(input.to_fields())
-        except DomainErrors as refused:
-            return ConsumerPayload(consumer=None, user_errors=user_errors(refused.errors))
-        return ConsumerPayload(consumer=Consumer.from_row(row), user_errors=[])
+        return await _consumer_payload(_services(info).create_consumer(input.to_fields()))
 
     @strawberry.mutation(description=(
         "Change a consumer: fields left out stay, null clears, `metadata` merges shallowly. "
@@ -76,20 +98,12 @@ class Mutation:
     async def consumer_update(
         self, info: Info, id: strawberry.ID, input: ConsumerUpdateInput
     ) -> ConsumerPayload:
-        try:
-            row = await _services(info).update_consumer(id, input.to_fields())
-        except DomainErrors as refused:
-            return ConsumerPayload(consumer=None, user_errors=user_errors(refused.errors))
-        return ConsumerPayload(consumer=Consumer.from_row(row), user_errors=[])
+        return await _consumer_payload(_services(info).update_consumer(id, input.to_fields()))
 
     @strawberry.mutation(description="Delete a consumer with its orders and audience "
                          "memberships; the payload holds the consumer as it was.")
     async def consumer_delete(self, info: Info, id: strawberry.ID) -> ConsumerPayload:
-        try:
-            row = await _services(info).delete_consumer(id)
-        except DomainErrors as refused:
-            return ConsumerPayload(consumer=None, user_errors=user_errors(refused.errors))
-        return ConsumerPayload(consumer=Consumer.from_row(row), user_errors=[])
+        return await _consumer_payload(_services(info).delete_consumer(id))
 
     @strawberry.mutation(description="Create many consumers. " + _BATCH_DOC)
     async def consumer_batch_create(
@@ -118,31 +132,19 @@ class Mutation:
 
     @strawberry.mutation(description="Create an audience.")
     async def audience_create(self, info: Info, input: AudienceCreateInput) -> AudiencePayload:
-        try:
-            row = await _services(info).create_audience(input.to_fields())
-        except DomainErrors as refused:
-            return AudiencePayload(audience=None, user_errors=user_errors(refused.errors))
-        return AudiencePayload(audience=Audience.from_row(row), user_errors=[])
+        return await _audience_payload(_services(info).create_audience(input.to_fields()))
 
     @strawberry.mutation(description="Change an audience: fields left out stay; `updatedAt` "
                          "moves forward when a value actually changes.")
     async def audience_update(
         self, info: Info, id: strawberry.ID, input: AudienceUpdateInput
     ) -> AudiencePayload:
-        try:
-            row = await _services(info).update_audience(id, input.to_fields())
-        except DomainErrors as refused:
-            return AudiencePayload(audience=None, user_errors=user_errors(refused.errors))
-        return AudiencePayload(audience=Audience.from_row(row), user_errors=[])
+        return await _audience_payload(_services(info).update_audience(id, input.to_fields()))
 
     @strawberry.mutation(description="Delete an audience and its memberships (the consumers "
                          "stay); the payload holds the audience as it was.")
     async def audience_delete(self, info: Info, id: strawberry.ID) -> AudiencePayload:
-        try:
-            row = await _services(info).delete_audience(id)
-        except DomainErrors as refused:
-            return AudiencePayload(audience=None, user_errors=user_errors(refused.errors))
-        return AudiencePayload(audience=Audience.from_row(row), user_errors=[])
+        return await _audience_payload(_services(info).delete_audience(id))
 
     @strawberry.mutation(description=(
         "Add consumers to an audience; those already members stay members. All or nothing: "
@@ -152,11 +154,8 @@ class Mutation:
     async def audience_add_consumers(
         self, info: Info, audience_id: strawberry.ID, consumer_ids: ConsumerIds
     ) -> AudiencePayload:
-        try:
-            row = await _services(info).add_audience_consumers(audience_id, consumer_ids)
-        except DomainErrors as refused:
-            return AudiencePayload(audience=None, user_errors=user_errors(refused.errors))
-        return AudiencePayload(audience=Audience.from_row(row), user_errors=[])
+        write = _services(info).add_audience_consumers(audience_id, consumer_ids)
+        return await _audience_payload(write)
 
     @strawberry.mutation(description=(
         "Remove consumers from an audience; consumers that are not members are ignored. All "
@@ -165,11 +164,8 @@ class Mutation:
     async def audience_remove_consumers(
         self, info: Info, audience_id: strawberry.ID, consumer_ids: ConsumerIds
     ) -> AudiencePayload:
-        try:
-            row = await _services(info).remove_audience_consumers(audience_id, consumer_ids)
-        except DomainErrors as refused:
-            return AudiencePayload(audience=None, user_errors=user_errors(refused.errors))
-        return AudiencePayload(audience=Audience.from_row(row), user_errors=[])
+        write = _services(info).remove_audience_consumers(audience_id, consumer_ids)
+        return await _audience_payload(write)
 
     @strawberry.mutation(description=(
         "Record an order. The consumer's `totalOrders`, `totalOrderValue` (exact) and "
@@ -177,17 +173,9 @@ class Mutation:
         "at most 100,000,000,000,000 (`VALIDATION_FAILED` on `amount` past it)."
     ))
     async def order_record(self, info: Info, input: OrderRecordInput) -> OrderPayload:
-        try:
-            row = await _services(info).record_order(input.to_fields())
-        except DomainErrors as refused:
-            return OrderPayload(order=None, user_errors=user_errors(refused.errors))
-        return OrderPayload(order=Order.from_row(row), user_errors=[])
+        return await _order_payload(_services(info).record_order(input.to_fields()))
 
     @strawberry.mutation(description="Delete an order and take it out of the consumer's "
                          "totals; the payload holds the order as it was.")
     async def order_delete(self, info: Info, id: strawberry.ID) -> OrderPayload:
-        try:
-            row = await _services(info).delete_order(id)
-        except DomainErrors as refused:
-            return OrderPayload(order=None, user_errors=user_errors(refused.errors))
-        return OrderPayload(order=Order.from_row(row), user_errors=[])
+        return await _order_payload(_services(info).delete_order(id))
