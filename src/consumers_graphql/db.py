@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Dialect, Numeric, String, event
+from sqlalchemy import BigInteger, DateTime, Dialect, Numeric, String, event, make_url
 from sqlalchemy.engine import Result
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.sql import Executable
 from sqlalchemy.types import TypeDecorator
 
+from consumers_graphql import sqlite_driver
 from consumers_graphql.settings import Settings
 
 # Money is kept to four decimal places: enough for every ISO 4217 minor unit.
@@ -97,6 +98,9 @@ def make_engine(settings: Settings, *, writer: bool) -> AsyncEngine:
             url,
             echo=settings.sql_echo,
             connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000},
+            # one thread hop per statement on aiosqlite (see sqlite_driver)
+            **({"module": sqlite_driver.DBAPI()}
+               if make_url(url).drivername == "sqlite+aiosqlite" else {}),
         )
         _configure_sqlite(engine, settings, begin="BEGIN IMMEDIATE" if writer else None)
         return engine
