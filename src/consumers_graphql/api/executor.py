@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
+from math import isfinite
 from operator import attrgetter
 from typing import Any
 
@@ -35,8 +36,12 @@ from graphql import (
     FragmentDefinitionNode,
     FragmentSpreadNode,
     GraphQLAbstractType,
+    GraphQLBoolean,
     GraphQLEnumType,
     GraphQLField,
+    GraphQLFloat,
+    GraphQLID,
+    GraphQLInt,
     GraphQLList,
     GraphQLNonNull,
     GraphQLObjectType,
@@ -44,6 +49,7 @@ from graphql import (
     GraphQLResolveInfo,
     GraphQLScalarType,
     GraphQLSchema,
+    GraphQLString,
     InlineFragmentNode,
     OperationDefinitionNode,
     OperationType,
@@ -102,6 +108,10 @@ class _FieldPlan:
     # For a Strawberry resolver with nothing wrapped around it: its call, with arguments
     # converted to Python once per plan (see _direct_call).
     call: Callable[[Any, GraphQLResolveInfo, dict[str, Any]], Any] | None = None
+    # For an attribute read of a scalar or enum (most fields): its serializer, and whether
+    # null is refused. Such a field is answered without a Path or a completer call.
+    leaf: Callable[[Any], Any] | None = None
+    required: bool = False
 
 
 @dataclass
@@ -187,10 +197,19 @@ class _Compiler:
             basic = bool(getattr(definition.resolve, "_is_default", False))
             static_args = self._static_arguments(definition, nodes[0])
             sub_sets = [n.selection_set for n in nodes if n.selection_set is not None]
-            plans.append(_FieldPlan(key, name, definition, nodes, object_type,
-                                    basic and not nodes[0].arguments, _reader(definition, basic),
-                                    static_args, self.completer(definition.type, sub_sets),
-                                    _direct_call(self.schema, definition, static_args)))
+            read = _reader(definition, basic)
+            plan = _FieldPlan(key, name, definition, nodes, object_type,
+                              basic and not nodes[0].arguments, read, static_args,
+                              self.completer(definition.type, sub_sets),
+                              _direct_call(self.schema, definition, static_args))
+            leaf_type = definition.type
+            plan.required = isinstance(leaf_type, GraphQLNonNull)
+            if plan.required:
+                leaf_type = leaf_type.of_type  # type: ignore[union-attr]
+            if read is not None and plan.basic and isinstance(
+                    leaf_type, GraphQLScalarType | GraphQLEnumType):
+                plan.leaf = _serializer(leaf_type)
+            plans.append(plan)
         return plans
 
     def _static_arguments(self, definition: GraphQLField, node: FieldNode) -> dict[str, Any] | None:
@@ -222,7 +241,7 @@ class _Compiler:
 
             return list_of
         if isinstance(return_type, GraphQLScalarType | GraphQLEnumType):
-            serialize = return_type.serialize
+            serialize = _serializer(return_type)
 
             def leaf(value: Any, _run: _Run, _path: Path) -> Any:
                 return None if value is None else serialize(value)
@@ -264,6 +283,26 @@ def _reader(definition: GraphQLField, basic: bool) -> Callable[[Any], Any] | Non
     if strawberry_field.default_resolver is not getattr:
         return None
     return attrgetter(strawberry_field.python_name)
+
+
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
+
+
+def _serializer(leaf_type: GraphQLScalarType | GraphQLEnumType) -> Callable[[Any], Any]:
+    """The type's serialize, short-cut where the value is already what it would return:
+    a str for String and ID, an int in range for Int, a finite float, a bool."""
+    serialize = leaf_type.serialize
+    if leaf_type is GraphQLString or leaf_type is GraphQLID:
+        return lambda value: value if type(value) is str else serialize(value)
+    if leaf_type is GraphQLInt:
+        return lambda value: (value if type(value) is int and _INT_MIN <= value <= _INT_MAX
+                              else serialize(value))
+    if leaf_type is GraphQLFloat:
+        return lambda value: (value if type(value) is float and isfinite(value)
+                              else serialize(value))
+    if leaf_type is GraphQLBoolean:
+        return lambda value: value if type(value) is bool else serialize(value)
+    return serialize
 
 
 _IMMUTABLE = (str, int, float, bool, Enum, datetime, type(None))
@@ -339,6 +378,16 @@ class _Run:
     ) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for plan in plans:
+            leaf = plan.leaf
+            if leaf is not None:
+                value = plan.read(source)  # type: ignore[misc]
+                if value is not None:
+                    out[plan.key] = leaf(value)
+                elif plan.required:
+                    raise _Fallback("null in a non-null position")
+                else:
+                    out[plan.key] = None
+                continue
             field_path = Path(path, plan.key, plan.parent.name)
             if plan.definition is None:  # __typename
                 out[plan.key] = plan.complete(source, self, field_path)
