@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
 
-from fastapi import BackgroundTasks, Depends, FastAPI, Request
+from fastapi import BackgroundTasks, FastAPI, Request
 from sqlalchemy import text
 
 from consumers_graphql import __version__
@@ -16,8 +15,7 @@ from consumers_graphql.api.limits import Limits
 from consumers_graphql.api.loaders import Loaders
 from consumers_graphql.api.schema import build_schema
 from consumers_graphql.auth import ANONYMOUS, KeyStore, Principal
-from consumers_graphql.db import Database, Reader
-from consumers_graphql.dependencies import request_reader
+from consumers_graphql.db import Database
 from consumers_graphql.http_auth import (
     AuthenticationRequired,
     authentication_required_response,
@@ -41,29 +39,29 @@ def _asks_for_graphiql(request: Request) -> bool:
     )
 
 
-async def _graphql_principal(
-    request: Request,
-    background_tasks: BackgroundTasks,
-    reader: Annotated[Reader, Depends(request_reader)],
-) -> Principal:
-    if request.app.state.graphiql and _asks_for_graphiql(request):
-        return ANONYMOUS
-    return await require_api_key(request, background_tasks, reader)
-
-
 async def _graphql_context(
-    request: Request,
-    principal: Annotated[Principal, Depends(_graphql_principal)],
-    reader: Annotated[Reader, Depends(request_reader)],
-) -> Context:
-    repository = Repository(reader)
-    return Context(
-        settings=request.app.state.settings,
-        database=request.app.state.database,
-        repository=repository,
-        loaders=Loaders(repository),
-        principal=principal,
-    )
+    request: Request, background_tasks: BackgroundTasks
+) -> AsyncIterator[Context]:
+    """The request's context: its read connection (shared by the API key look-up and the
+    resolvers, closed after the response) and its principal. One dependency rather than a
+    tree of them: FastAPI's resolution of each costs more than the work inside."""
+    database: Database = request.app.state.database
+    reader = database.reader()
+    try:
+        if request.app.state.graphiql and _asks_for_graphiql(request):
+            principal: Principal = ANONYMOUS
+        else:
+            principal = await require_api_key(request, background_tasks, reader)
+        repository = Repository(reader)
+        yield Context(
+            settings=request.app.state.settings,
+            database=database,
+            repository=repository,
+            loaders=Loaders(repository),
+            principal=principal,
+        )
+    finally:
+        await reader.close()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
