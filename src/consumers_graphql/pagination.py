@@ -410,16 +410,28 @@ def _limited(
 # --- assembling pages ------------------------------------------------------------------------
 
 
+def _positions(rows: Sequence[Row[Any]], sort: SortKey) -> tuple[int | None, int, int]:
+    """Where the probe kind, the sort value and the id are in these rows (rows of one
+    statement share their columns: looked up once, then read by position)."""
+    fields = rows[0]._fields
+    kind = fields.index("_kind") if "_kind" in fields else None
+    return kind, fields.index(sort.column.name), fields.index(sort.id_column.name)
+
+
 def assemble_page(
     rows: Sequence[Row[Any]],
     sort: SortKey,
     request: PageRequest,
     convert: Callable[[Row[Any]], T],
+    positions: tuple[int | None, int, int] | None = None,
 ) -> Page[T]:
     page_rows: list[Row[Any]] = []
     before_probe = after_probe = False
+    if rows and positions is None:
+        positions = _positions(rows, sort)
+    kind_at, value_at, id_at = positions or (None, 0, 0)
     for row in rows:
-        kind = getattr(row, "_kind", _PAGE)
+        kind = _PAGE if kind_at is None else row[kind_at]
         if kind == _PAGE:
             page_rows.append(row)
         elif kind == _BEFORE_PROBE:
@@ -433,13 +445,12 @@ def assemble_page(
     else:
         page_rows.reverse()
         has_next, has_previous = after_probe, more or before_probe
-    value_name, id_name = sort.column.name, sort.id_column.name
     return Page(
         items=[convert(row) for row in page_rows],
         has_next_page=has_next,
         has_previous_page=has_previous,
         sort=sort,
-        keys=[(getattr(row, value_name), getattr(row, id_name)) for row in page_rows],
+        keys=[(row[value_at], row[id_at]) for row in page_rows],
     )
 
 
@@ -453,6 +464,10 @@ def assemble_pages(
 ) -> list[Page[T]]:
     """Split a partitioned page statement's rows into one page per key, in key order."""
     grouped: dict[Hashable, list[Row[Any]]] = {key: [] for key in keys}
-    for row in rows:
-        grouped[row._mapping[partition_name]].append(row)
-    return [assemble_page(grouped[key], sort, request, convert) for key in keys]
+    positions = None
+    if rows:
+        positions = _positions(rows, sort)
+        partition_at = rows[0]._fields.index(partition_name)
+        for row in rows:
+            grouped[row[partition_at]].append(row)
+    return [assemble_page(grouped[key], sort, request, convert, positions) for key in keys]

@@ -161,4 +161,4 @@ class Query:
         request = page_request(AUDIENCE_SORT, first=first, after=after, last=last, before=before)
         repository = info.context.repository
         page = await repository.audience_page(request)
-        return connection(page, Audience.from_row, repository.audience_count)
+        return connection(page, Audience.from_rows, repository.audience_count)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from enum import Enum
+from operator import itemgetter
 from typing import Annotated, Any, Generic, TypeVar
 
 import strawberry
@@ -24,6 +25,21 @@ from consumers_graphql.pagination import (
 from consumers_graphql.repository import AUDIENCE_CONSUMER_SORT, AUDIENCE_SORT, ORDER_SORT
 
 NodeT = TypeVar("NodeT")
+
+_CONSUMER_FIELDS = ("id", "email", "phone", "full_name", "metadata", "external_id",
+                    "total_orders", "total_order_value", "last_order_at", "created_at",
+                    "updated_at")
+_AUDIENCE_FIELDS = ("id", "name", "description", "created_at", "updated_at")
+_ORDER_FIELDS = ("id", "consumer_id", "amount", "currency", "placed_at", "external_id",
+                 "created_at")
+
+
+def _columns(rows: Sequence[Row[Any]], names: tuple[str, ...]) -> Callable[[Row[Any]], Any]:
+    """Reads `names` from each of these rows, by position: rows of one result share their
+    columns, so the positions are looked up once (a read by name costs more than the rest of
+    building a node)."""
+    fields = rows[0]._fields
+    return itemgetter(*(fields.index(name) for name in names))
 
 FirstArg = Annotated[
     int | None,
@@ -104,11 +120,11 @@ class Connection(Generic[NodeT]):
 
 def connection(
     page: Page[Row[Any]],
-    convert: Callable[[Row[Any]], NodeT],
+    convert: Callable[[Sequence[Row[Any]]], list[NodeT]],
     count: Callable[[], Awaitable[int]],
 ) -> Connection[NodeT]:
     return Connection(
-        nodes=[convert(row) for row in page.items],
+        nodes=convert(page.items),
         page=page,
         page_info=PageInfo(page=page),
         count=count,
@@ -132,21 +148,29 @@ class Consumer(Node):
     prefetched: strawberry.Private[Prefetched]
 
     @classmethod
-    def from_row(cls, row: Row[Any], prefetched: Prefetched | None = None) -> Consumer:
-        return cls(
-            id=strawberry.ID(row.id),
-            email=row.email,
-            phone=row.phone,
-            full_name=row.full_name,
-            metadata=row.metadata,
-            external_id=row.external_id,
-            total_orders=row.total_orders,
-            total_order_value=float(row.total_order_value),
-            last_order_at=row.last_order_at,
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-            prefetched=prefetched or {},
-        )
+    def from_row(cls, row: Row[Any]) -> Consumer:
+        return cls.from_rows([row])[0]
+
+    @classmethod
+    def from_rows(
+        cls, rows: Sequence[Row[Any]], prefetched: dict[str, Prefetched] | None = None
+    ) -> list[Consumer]:
+        """Rows of one result (the same columns), with what the look-ahead loaded for each."""
+        if not rows:
+            return []
+        columns = _columns(rows, _CONSUMER_FIELDS)
+        nodes = []
+        for row in rows:
+            (id, email, phone, full_name, metadata, external_id, total_orders,
+             total_order_value, last_order_at, created_at, updated_at) = columns(row)
+            nodes.append(cls(
+                id=id, email=email, phone=phone, full_name=full_name, metadata=metadata,
+                external_id=external_id, total_orders=total_orders,
+                total_order_value=float(total_order_value), last_order_at=last_order_at,
+                created_at=created_at, updated_at=updated_at,
+                prefetched=(prefetched.get(id) if prefetched else None) or {},
+            ))
+        return nodes
 
     @strawberry.field(description="The audiences this consumer belongs to, by name.")
     def audiences(
@@ -158,7 +182,7 @@ class Consumer(Node):
         return _relation(
             self.prefetched.get(("audiences", request)),
             lambda: loaders.audiences_by_consumer_id(request).load(self.id),
-            Audience.from_row,
+            Audience.from_rows,
             lambda: loaders.audience_count_by_consumer_id.load(self.id),
         )
 
@@ -172,7 +196,7 @@ class Consumer(Node):
         return _relation(
             self.prefetched.get(("orders", request)),
             lambda: loaders.orders_by_consumer_id(request).load(self.id),
-            Order.from_row,
+            Order.from_rows,
             lambda: loaders.order_count_by_consumer_id.load(self.id),
         )
 
@@ -180,7 +204,7 @@ class Consumer(Node):
 def _relation(
     prefetched: Page[Row[Any]] | None,
     load: Callable[[], Awaitable[Page[Row[Any]]]],
-    convert: Callable[[Row[Any]], NodeT],
+    convert: Callable[[Sequence[Row[Any]]], list[NodeT]],
     count: Callable[[], Awaitable[int]],
 ) -> Any:
     """A relation connection: at once when the page's look-ahead loaded it, else (an
@@ -210,7 +234,7 @@ async def consumer_connection(
     prefetched = await prefetch(
         info, "Consumer", [row.id for row in page.items], consumer_relations(loaders)
     )
-    return connection(page, lambda row: Consumer.from_row(row, prefetched.get(row.id)), count)
+    return connection(page, lambda rows: Consumer.from_rows(rows, prefetched), count)
 
 
 @strawberry.type(description="A named group of consumers.")
@@ -223,13 +247,19 @@ class Audience(Node):
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> Audience:
-        return cls(
-            id=strawberry.ID(row.id),
-            name=row.name,
-            description=row.description,
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-        )
+        return cls.from_rows([row])[0]
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Row[Any]]) -> list[Audience]:
+        if not rows:
+            return []
+        columns = _columns(rows, _AUDIENCE_FIELDS)
+        nodes = []
+        for row in rows:
+            id, name, description, created_at, updated_at = columns(row)
+            nodes.append(cls(id=id, name=name, description=description,
+                             created_at=created_at, updated_at=updated_at))
+        return nodes
 
     @strawberry.field(description="The members, newest first (createdAt descending).")
     async def consumers(
@@ -258,15 +288,20 @@ class Order(Node):
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> Order:
-        return cls(
-            id=strawberry.ID(row.id),
-            consumer_id=row.consumer_id,
-            amount=float(row.amount),
-            currency=row.currency,
-            placed_at=row.placed_at,
-            external_id=row.external_id,
-            created_at=row.created_at,
-        )
+        return cls.from_rows([row])[0]
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Row[Any]]) -> list[Order]:
+        if not rows:
+            return []
+        columns = _columns(rows, _ORDER_FIELDS)
+        nodes = []
+        for row in rows:
+            id, consumer_id, amount, currency, placed_at, external_id, created_at = columns(row)
+            nodes.append(cls(id=id, consumer_id=consumer_id, amount=float(amount),
+                             currency=currency, placed_at=placed_at, external_id=external_id,
+                             created_at=created_at))
+        return nodes
 
     @strawberry.field
     async def consumer(self, info: Info) -> Consumer:
