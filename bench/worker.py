@@ -67,7 +67,7 @@ class Statements:
     def attach(self, engines: list[Any]) -> None:
         from sqlalchemy import event
 
-        for engine in {e.sync_engine for e in engines}:
+        for engine in engines:
             event.listen(engine, "before_cursor_execute", self.before)
             event.listen(engine, "after_cursor_execute", self.after)
 
@@ -98,12 +98,16 @@ class Target:
             self.app = baselines.HelloApp(self.spec["extra"]["body"])
         else:
             raise ValueError(f"unknown variant kind {kind!r}")
+        # Every variant runs under the collector settings `serve` uses.
+        from consumers_graphql.app import tune_gc
+
+        tune_gc()
         return self.app
 
     def started(self) -> None:
         if self.spec["kind"] == "graphql":
             self.database = self.app.state.database
-            self.statements.attach([self.database.read_engine, self.database.write_engine])
+            self.statements.attach(self.database.engines)
 
     def body(self) -> bytes:
         variables = self.spec["variables"]

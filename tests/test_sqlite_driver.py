@@ -1,6 +1,7 @@
-"""The one-hop aiosqlite adapter (consumers_graphql.sqlite_driver) behaves as a DB-API cursor
-for everything SQLAlchemy asks of it, and sends one call to the connection's thread per
-statement. SQLite only: PostgreSQL uses asyncpg."""
+"""SQLite's two read paths: the one-hop aiosqlite adapter (consumers_graphql.sqlite_driver)
+behaves as a DB-API cursor for everything SQLAlchemy asks of it and sends one call to the
+connection's thread per statement; reads on the event loop's thread (db.Reader) hand a slow
+statement to that thread. SQLite only: PostgreSQL uses asyncpg."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from consumers_graphql.db import make_engine
+from consumers_graphql.db import Database, make_engine
 from consumers_graphql.settings import Settings
 
 
@@ -99,3 +100,76 @@ async def test_one_call_to_the_connection_thread_per_statement(
                 raw._tx = counting.queue
     finally:
         await reader.dispose()
+
+
+# -- reads on the event loop's thread (db.Reader) ------------------------------------------
+
+_SLOW = text("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300000) "
+             "SELECT count(*) FROM n")
+
+
+def _recorded(database: Database) -> list[tuple[str, str]]:
+    """(engine, statement) for every statement sent, by which engine."""
+    sent: list[tuple[str, str]] = []
+    names = {id(database.inline_engine): "inline", id(database.read_engine.sync_engine): "thread",
+             id(database.write_engine.sync_engine): "write"}
+    for engine in database.engines:
+        event.listen(engine, "before_cursor_execute",
+                     lambda conn, _c, statement, *_a: sent.append(
+                         (names[id(conn.engine)], statement)))
+    return sent
+
+
+async def test_reads_run_inline_and_slow_ones_move_to_the_driver_thread(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(text("INSERT INTO t (v) VALUES ('a'), ('b')"))
+    database = Database(settings.model_copy(update={"sqlite_inline_read_ms": 5.0}))
+    sent = _recorded(database)
+    reader = database.reader()
+    try:
+        rows = (await reader.execute(text("SELECT v FROM t ORDER BY v"))).all()
+        assert [tuple(r) for r in rows] == [("a",), ("b",)]
+        assert sent == [("inline", "SELECT v FROM t ORDER BY v")]
+
+        sent.clear()  # over its 5 ms: interrupted, then run again on the driver's thread
+        assert (await reader.execute(_SLOW)).scalar_one() == 300000
+        assert [where for where, _ in sent] == ["inline", "thread"]
+
+        sent.clear()  # a caller that knows a read is long sends it to the thread directly
+        assert (await reader.execute(_SLOW, inline=False)).scalar_one() == 300000
+        assert [where for where, _ in sent] == ["thread"]
+
+        sent.clear()  # the inline connection is fine after an interruption
+        assert (await reader.execute(text("SELECT count(*) FROM t"))).scalar_one() == 2
+        assert [where for where, _ in sent] == ["inline"]
+    finally:
+        await reader.close()
+        await database.dispose()
+
+
+async def test_inline_reads_cannot_write(settings: Settings, engine: AsyncEngine) -> None:
+    database = Database(settings)
+    reader = database.reader()
+    try:
+        with pytest.raises(OperationalError, match="readonly"):
+            await reader.execute(text("INSERT INTO t (v) VALUES ('z')"))
+    finally:
+        await reader.close()
+        await database.dispose()
+    async with engine.connect() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar_one() == 0
+
+
+async def test_no_inline_reads_when_switched_off(settings: Settings, engine: AsyncEngine) -> None:
+    database = Database(settings.model_copy(update={"sqlite_inline_read_ms": 0}))
+    assert database.inline_engine is None
+    sent = _recorded(database)
+    reader = database.reader()
+    try:
+        assert (await reader.execute(text("SELECT 1"))).scalar_one() == 1
+        assert sent == [("thread", "SELECT 1")]
+    finally:
+        await reader.close()
+        await database.dispose()

@@ -7,10 +7,24 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
+from time import thread_time
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Dialect, Numeric, String, event, make_url
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    DateTime,
+    Dialect,
+    Engine,
+    Numeric,
+    QueuePool,
+    String,
+    create_engine,
+    event,
+    make_url,
+)
 from sqlalchemy.engine import Result
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -23,6 +37,10 @@ from sqlalchemy.types import TypeDecorator
 
 from consumers_graphql import sqlite_driver
 from consumers_graphql.settings import Settings
+
+# How often (in SQLite virtual machine steps, some tens of microseconds) an inline read
+# checks its time budget.
+_PROGRESS_STEPS = 10_000
 
 # Money is kept to four decimal places: enough for every ISO 4217 minor unit.
 MONEY_SCALE = 4
@@ -135,25 +153,61 @@ def _configure_sqlite(engine: AsyncEngine, settings: Settings, *, begin: str | N
             conn.exec_driver_sql(begin)
 
 
+def make_inline_engine(settings: Settings) -> Engine | None:
+    """On SQLite, a synchronous read-only engine for reads run on the event loop's thread
+    (see Reader); None elsewhere, or when `sqlite_inline_read_ms` is 0."""
+    url = make_url(settings.database_url)
+    if url.get_backend_name() != "sqlite" or settings.sqlite_inline_read_ms <= 0:
+        return None
+    engine = create_engine(
+        url.set(drivername="sqlite+pysqlite"),
+        echo=settings.sql_echo,
+        # Opened, used and closed on the loop's thread, one request at a time; timeout 0: a
+        # locked database is an error at once (and the statement goes to the driver's
+        # thread, which waits) rather than a sleep on the loop.
+        connect_args={"check_same_thread": False, "timeout": 0},
+        # Never wait for a connection on the loop's thread: the pool grows instead.
+        poolclass=QueuePool, pool_size=settings.pool_size, max_overflow=-1,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute("PRAGMA query_only=ON")  # reads only, whatever is sent
+
+    return engine
+
+
 class Database:
-    """The process's engines: one for reads (autocommit), one for transactional writes."""
+    """The process's engines: one for reads (autocommit), one for transactional writes, and
+    on SQLite one for reads on the event loop's thread."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.read_engine = make_engine(settings, writer=False)
         self.write_engine = make_engine(settings, writer=True)
+        self.inline_engine = make_inline_engine(settings)
         self.write_sessions = async_sessionmaker(self.write_engine, expire_on_commit=False)
 
     @property
     def dialect(self) -> str:
         return self.read_engine.dialect.name
 
+    @property
+    def engines(self) -> list[Engine]:
+        """Every engine that sends statements (for listeners that count or log them)."""
+        engines = [self.read_engine.sync_engine, self.write_engine.sync_engine]
+        return engines if self.inline_engine is None else [*engines, self.inline_engine]
+
     def reader(self) -> Reader:
-        return Reader(self.read_engine)
+        return Reader(self.read_engine, self.inline_engine,
+                      self.settings.sqlite_inline_read_ms / 1000)
 
     async def dispose(self) -> None:
         await self.read_engine.dispose()
         await self.write_engine.dispose()
+        if self.inline_engine is not None:
+            self.inline_engine.dispose()
 
     @asynccontextmanager
     async def write_session(self) -> AsyncIterator[AsyncSession]:
@@ -164,11 +218,24 @@ class Database:
 class Reader:
     """One request's read connection: opened on first use, in autocommit (so a mutation's
     payload reads its own writes), and serialised, because DataLoaders dispatch concurrently
-    and a connection runs one statement at a time."""
+    and a connection runs one statement at a time.
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    On SQLite a read first runs on the event loop's own thread, as the raw-driver baseline
+    of bench/ does: most reads of a request (a keyset page, a page of each relation, a
+    look-up by id) take a fraction of a millisecond, less than handing them to the driver's
+    thread and back. A read still running after `inline_budget` seconds of CPU is interrupted
+    (sqlite3's progress handler) and run again on the driver's thread, so the loop is never
+    held longer than that; a caller that knows a statement can be long (a count, a search)
+    sends it there directly with `inline=False`.
+    """
+
+    def __init__(self, engine: AsyncEngine, inline_engine: Engine | None = None,
+                 inline_budget: float = 0.0) -> None:
         self._engine = engine
         self._conn: AsyncConnection | None = None
+        self._inline_engine = inline_engine
+        self._inline_budget = inline_budget
+        self._inline: Connection | None = None
         self._lock = asyncio.Lock()
 
     @property
@@ -176,14 +243,46 @@ class Reader:
         return self._engine.dialect.name
 
     async def execute(
-        self, statement: Executable, params: dict[str, Any] | None = None
+        self, statement: Executable, params: dict[str, Any] | None = None, *,
+        inline: bool = True,
     ) -> Result[Any]:
         async with self._lock:
+            if inline and self._inline_engine is not None:
+                result = self._execute_inline(statement, params)
+                if result is not None:
+                    return result
             if self._conn is None:
                 self._conn = await self._engine.connect()
             return await self._conn.execute(statement, params)
 
+    def _execute_inline(
+        self, statement: Executable, params: dict[str, Any] | None
+    ) -> Result[Any] | None:
+        """The statement's rows, all fetched, or None when it ran out of time (or met a
+        lock) and must go to the driver's thread."""
+        assert self._inline_engine is not None
+        if self._inline is None:
+            self._inline = self._inline_engine.connect()
+        raw = self._inline.connection.driver_connection
+        # The budget is the thread's CPU time: what holds the loop is the statement's work,
+        # and a pause of the whole process (another program on the core) must not make a
+        # short read run twice.
+        deadline = thread_time() + self._inline_budget
+        raw.set_progress_handler(lambda: thread_time() > deadline, _PROGRESS_STEPS)
+        try:
+            return self._inline.execute(statement, params).freeze()()
+        except OperationalError as error:
+            message = str(error.orig)
+            if message == "interrupted" or "locked" in message:
+                return None
+            raise
+        finally:
+            raw.set_progress_handler(None, 0)
+
     async def close(self) -> None:
+        if self._inline is not None:
+            inline, self._inline = self._inline, None
+            inline.close()
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await conn.close()

@@ -266,9 +266,10 @@ class Repository:
         self._reader = reader
 
     async def _rows(
-        self, statement: Select[Any], params: dict[str, Any] | None = None
+        self, statement: Select[Any], params: dict[str, Any] | None = None, *,
+        inline: bool = True,
     ) -> Sequence[Row[Any]]:
-        return (await self._reader.execute(statement, params)).all()
+        return (await self._reader.execute(statement, params, inline=inline)).all()
 
     # -- consumers ------------------------------------------------------------------------
 
@@ -326,13 +327,14 @@ class Repository:
         statement, page_params = page_statement(
             ("consumers", names), lambda: _page_base(names), sort, request
         )
-        rows = await self._rows(statement, {**params, **page_params})
+        # A filtered page may walk many rows before it has its page: not on the loop.
+        rows = await self._rows(statement, {**params, **page_params}, inline=not names)
         return assemble_page(rows, sort, request, _identity)
 
     async def consumer_count(self, f: ConsumerFilter) -> int:
         names, params = await self._consumer_filter(f, page=False)
         statement = _FTS_COUNT if names == ("search_fts",) else _count_statement(names)
-        result = await self._reader.execute(statement, params)
+        result = await self._reader.execute(statement, params, inline=False)  # a count
         return int(result.scalar_one())
 
     async def consumers_by_ids(self, ids: Sequence[str]) -> list[Row[Any] | None]:
@@ -367,7 +369,7 @@ class Repository:
 
     async def audience_count(self) -> int:
         statement = select(func.count()).select_from(audiences)
-        return int((await self._reader.execute(statement)).scalar_one())
+        return int((await self._reader.execute(statement, inline=False)).scalar_one())
 
     async def audiences_by_ids(self, ids: Sequence[str]) -> list[Row[Any] | None]:
         return await self._by_ids("audiences", ids)

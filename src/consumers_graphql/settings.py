@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     # Connection pool per process (PostgreSQL); SQLite uses its own small pool.
     pool_size: int = Field(default=10, ge=1)
     sqlite_busy_timeout_ms: int = Field(default=10_000, ge=0)
+    # SQLite reads first run on the event loop's own thread, and are handed to the driver's
+    # thread when they take longer than this (0: always on the driver's thread). See db.py.
+    sqlite_inline_read_ms: float = Field(default=2.0, ge=0)
     # Server-side secret mixed into every API key hash (HMAC-SHA256): a stolen database alone
     # cannot be used to check guesses. Changing it invalidates every existing key.
     key_pepper: SecretStr | None = None
