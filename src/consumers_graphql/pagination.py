@@ -104,6 +104,8 @@ class Page(Generic[T]):
     sort: SortKey | None = None
     # (sort value, id) of each item, from which its cursor is made when asked for
     keys: list[tuple[Any, str]] = field(default_factory=list)
+    # the items' column names, when they are rows of one statement
+    fields: tuple[str, ...] = ()
 
     def cursor(self, index: int) -> str:
         assert self.sort is not None
@@ -410,12 +412,16 @@ def _limited(
 # --- assembling pages ------------------------------------------------------------------------
 
 
-def _positions(rows: Sequence[Row[Any]], sort: SortKey) -> tuple[int | None, int, int]:
-    """Where the probe kind, the sort value and the id are in these rows (rows of one
-    statement share their columns: looked up once, then read by position)."""
+_Positions = tuple[tuple[str, ...], int | None, int, int]
+
+
+def _positions(rows: Sequence[Row[Any]], sort: SortKey) -> _Positions:
+    """The rows' column names, and where the probe kind, the sort value and the id are
+    among them (rows of one statement share their columns: looked up once, then read by
+    position)."""
     fields = rows[0]._fields
     kind = fields.index("_kind") if "_kind" in fields else None
-    return kind, fields.index(sort.column.name), fields.index(sort.id_column.name)
+    return fields, kind, fields.index(sort.column.name), fields.index(sort.id_column.name)
 
 
 def assemble_page(
@@ -423,13 +429,13 @@ def assemble_page(
     sort: SortKey,
     request: PageRequest,
     convert: Callable[[Row[Any]], T],
-    positions: tuple[int | None, int, int] | None = None,
+    positions: _Positions | None = None,
 ) -> Page[T]:
     page_rows: list[Row[Any]] = []
     before_probe = after_probe = False
     if rows and positions is None:
         positions = _positions(rows, sort)
-    kind_at, value_at, id_at = positions or (None, 0, 0)
+    fields, kind_at, value_at, id_at = positions or ((), None, 0, 0)
     for row in rows:
         kind = _PAGE if kind_at is None else row[kind_at]
         if kind == _PAGE:
@@ -451,6 +457,7 @@ def assemble_page(
         has_previous_page=has_previous,
         sort=sort,
         keys=[(row[value_at], row[id_at]) for row in page_rows],
+        fields=fields,
     )
 
 
@@ -467,7 +474,7 @@ def assemble_pages(
     positions = None
     if rows:
         positions = _positions(rows, sort)
-        partition_at = rows[0]._fields.index(partition_name)
+        partition_at = positions[0].index(partition_name)
         for row in rows:
             grouped[row[partition_at]].append(row)
     return [assemble_page(grouped[key], sort, request, convert, positions) for key in keys]

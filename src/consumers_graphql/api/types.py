@@ -34,12 +34,22 @@ _ORDER_FIELDS = ("id", "consumer_id", "amount", "currency", "placed_at", "extern
                  "created_at")
 
 
-def _columns(rows: Sequence[Row[Any]], names: tuple[str, ...]) -> Callable[[Row[Any]], Any]:
-    """Reads `names` from each of these rows, by position: rows of one result share their
-    columns, so the positions are looked up once (a read by name costs more than the rest of
-    building a node)."""
-    fields = rows[0]._fields
-    return itemgetter(*(fields.index(name) for name in names))
+_readers: dict[tuple[tuple[str, ...], tuple[str, ...]], Callable[[Row[Any]], Any]] = {}
+
+
+def _columns(
+    rows: Sequence[Row[Any]], names: tuple[str, ...], fields: tuple[str, ...] = ()
+) -> Callable[[Row[Any]], Any]:
+    """Reads `names` from each of these rows by position: rows of one statement share their
+    columns (`fields`, the page knows them), so the positions are looked up once per
+    statement shape (a read by name costs more than the rest of building a node)."""
+    fields = fields or rows[0]._fields
+    reader = _readers.get((fields, names))
+    if reader is None:
+        reader = itemgetter(*(fields.index(name) for name in names))
+        if len(_readers) < 256:  # one per statement shape: a handful
+            _readers[fields, names] = reader
+    return reader
 
 FirstArg = Annotated[
     int | None,
@@ -120,11 +130,11 @@ class Connection(Generic[NodeT]):
 
 def connection(
     page: Page[Row[Any]],
-    convert: Callable[[Sequence[Row[Any]]], list[NodeT]],
+    convert: Callable[[Sequence[Row[Any]], tuple[str, ...]], list[NodeT]],
     count: Callable[[], Awaitable[int]],
 ) -> Connection[NodeT]:
     return Connection(
-        nodes=convert(page.items),
+        nodes=convert(page.items, page.fields),
         page=page,
         page_info=PageInfo(page=page),
         count=count,
@@ -153,12 +163,14 @@ class Consumer(Node):
 
     @classmethod
     def from_rows(
-        cls, rows: Sequence[Row[Any]], prefetched: dict[str, Prefetched] | None = None
+        cls, rows: Sequence[Row[Any]], fields: tuple[str, ...] = (),
+        prefetched: dict[str, Prefetched] | None = None,
     ) -> list[Consumer]:
-        """Rows of one result (the same columns), with what the look-ahead loaded for each."""
+        """Rows of one statement (their column names in `fields` when known), with what the
+        look-ahead loaded for each."""
         if not rows:
             return []
-        columns = _columns(rows, _CONSUMER_FIELDS)
+        columns = _columns(rows, _CONSUMER_FIELDS, fields)
         nodes = []
         for row in rows:
             (id, email, phone, full_name, metadata, external_id, total_orders,
@@ -204,7 +216,7 @@ class Consumer(Node):
 def _relation(
     prefetched: Page[Row[Any]] | None,
     load: Callable[[], Awaitable[Page[Row[Any]]]],
-    convert: Callable[[Sequence[Row[Any]]], list[NodeT]],
+    convert: Callable[[Sequence[Row[Any]], tuple[str, ...]], list[NodeT]],
     count: Callable[[], Awaitable[int]],
 ) -> Any:
     """A relation connection: at once when the page's look-ahead loaded it, else (an
@@ -234,7 +246,9 @@ async def consumer_connection(
     prefetched = await prefetch(
         info, "Consumer", [row.id for row in page.items], consumer_relations(loaders)
     )
-    return connection(page, lambda rows: Consumer.from_rows(rows, prefetched), count)
+    return connection(
+        page, lambda rows, fields: Consumer.from_rows(rows, fields, prefetched), count
+    )
 
 
 @strawberry.type(description="A named group of consumers.")
@@ -250,10 +264,11 @@ class Audience(Node):
         return cls.from_rows([row])[0]
 
     @classmethod
-    def from_rows(cls, rows: Sequence[Row[Any]]) -> list[Audience]:
+    def from_rows(cls, rows: Sequence[Row[Any]], fields: tuple[str, ...] = ()
+                  ) -> list[Audience]:
         if not rows:
             return []
-        columns = _columns(rows, _AUDIENCE_FIELDS)
+        columns = _columns(rows, _AUDIENCE_FIELDS, fields)
         nodes = []
         for row in rows:
             id, name, description, created_at, updated_at = columns(row)
@@ -291,10 +306,10 @@ class Order(Node):
         return cls.from_rows([row])[0]
 
     @classmethod
-    def from_rows(cls, rows: Sequence[Row[Any]]) -> list[Order]:
+    def from_rows(cls, rows: Sequence[Row[Any]], fields: tuple[str, ...] = ()) -> list[Order]:
         if not rows:
             return []
-        columns = _columns(rows, _ORDER_FIELDS)
+        columns = _columns(rows, _ORDER_FIELDS, fields)
         nodes = []
         for row in rows:
             id, consumer_id, amount, currency, placed_at, external_id, created_at = columns(row)
