@@ -318,6 +318,10 @@ async def _lifespan(receive: Receive, send: Send, startup: Any, shutdown: Any) -
 
 def create_app() -> Baselines:
     """For uvicorn --factory: the spec is a pickle named by BENCH_BASELINE_SPEC."""
+    from consumers_graphql.app import tune_gc
+
     with open(os.environ["BENCH_BASELINE_SPEC"], "rb") as f:
         spec = pickle.load(f)
-    return Baselines(R1App(spec["r1"]), HelloApp(spec["hello"]))
+    app = Baselines(R1App(spec["r1"]), HelloApp(spec["hello"]))
+    tune_gc()  # the collector settings `serve` gives the app
+    return app

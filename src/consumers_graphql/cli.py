@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from consumers_graphql.app import create_app
+    from consumers_graphql.app import create_app, tune_gc
     from consumers_graphql.logs import log_config
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -34,8 +34,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     # Uvicorn drains requests on SIGTERM, then raises the signal again for the previous
     # handler: make that a clean exit, since a requested graceful stop is a success.
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    app = create_app(settings)
+    tune_gc()
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
