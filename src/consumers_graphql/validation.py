@@ -75,6 +75,8 @@ def invalid(path: Path, message: str) -> DomainError:
 
 
 def forbidden_character(value: str, *, multiline: bool = False) -> str | None:
+    if value.isprintable():  # no control character, no surrogate: the common case, in C
+        return None
     for ch in value:
         category = unicodedata.category(ch)
         if category == "Cc" and not (multiline and ch in _MULTILINE_ALLOWED):
