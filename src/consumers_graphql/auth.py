@@ -137,9 +137,13 @@ def _info(row: Any) -> KeyInfo:
     )
 
 
+# Built once, options included: a statement object made per request costs SQLAlchemy a
+# cache-key computation and a re-mapping of its cached result columns every time.
 _VERIFY = select(
     ApiKey.id, ApiKey.name, ApiKey.scopes, ApiKey.secret_hash, ApiKey.last_used_at
-).where(ApiKey.secret_hash == bindparam("digest"), ApiKey.revoked_at.is_(None))
+).where(
+    ApiKey.secret_hash == bindparam("digest"), ApiKey.revoked_at.is_(None)
+).execution_options(**{AUTH_EXECUTION_OPTION: True})
 
 
 class KeyStore:
@@ -237,12 +241,11 @@ class KeyStore:
         if not is_well_formed(secret):
             return None
         digest = hash_secret(secret, self._pepper)
-        statement = _VERIFY.execution_options(**{AUTH_EXECUTION_OPTION: True})
         if reader is not None:
-            row = (await reader.execute(statement, {"digest": digest})).first()
+            row = (await reader.execute(_VERIFY, {"digest": digest})).first()
         else:
             async with self._read.connect() as conn:
-                row = (await conn.execute(statement, {"digest": digest})).first()
+                row = (await conn.execute(_VERIFY, {"digest": digest})).first()
         # The index lookup found the row; the constant-time comparison is what accepts it.
         if row is None or not hmac.compare_digest(row.secret_hash, digest):
             return None

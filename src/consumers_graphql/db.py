@@ -24,6 +24,7 @@ from sqlalchemy import (
     make_url,
 )
 from sqlalchemy.engine import Result
+from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -270,7 +271,12 @@ class Reader:
         deadline = thread_time() + self._inline_budget
         raw.set_progress_handler(lambda: thread_time() > deadline, _PROGRESS_STEPS)
         try:
-            return self._inline.execute(statement, params).freeze()()
+            result = self._inline.execute(statement, params)
+            if result.returns_rows:
+                # Every row fetched now, within the budget, as SQLAlchemy's dialects do for
+                # results that must outlive their cursor.
+                result.cursor_strategy = FullyBufferedCursorFetchStrategy(result.cursor)
+            return result
         except OperationalError as error:
             message = str(error.orig)
             if message == "interrupted" or "locked" in message:

@@ -289,7 +289,7 @@ class Repository:
                 if not page:
                     names.append("search_fts")
                 else:
-                    probe = await self._reader.execute(_SEARCH_PROBE, params)
+                    probe = await self._reader.execute(_SEARCH_PROBE, params, inline=False)
                     selective = probe.scalar_one() <= SELECTIVE_SEARCH_MAX
                     names.append("search_fts_join" if selective else "search")
             else:
