@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
+from functools import partial
 from math import isfinite
 from operator import attrgetter
 from typing import Any
@@ -61,6 +62,8 @@ from graphql.execution.values import VariableValues, get_argument_values, get_va
 from graphql.pyutils import Path
 from graphql.type.definition import GraphQLResolveInfoHelpers
 from strawberry.types.arguments import convert_arguments
+
+from consumers_graphql.api.arguments import plan_arguments
 
 _MAX_PLANS = 1000
 _NO_VARIABLES = VariableValues(sources={}, coerced={})
@@ -312,30 +315,35 @@ def _direct_call(
     schema: GraphQLSchema, definition: GraphQLField, static_args: dict[str, Any] | None
 ) -> Callable[[Any, GraphQLResolveInfo, dict[str, Any]], Any] | None:
     """What Strawberry's resolver wrapper does for a field without extensions (convert the
-    arguments, add `self` and `info`, call), with the conversion done once when the
-    arguments are literals of immutable values. None where anything else applies."""
+    arguments, add `self` and `info`, call): with the conversion done once when the
+    arguments are literals of immutable values, else by the field's conversion plan
+    (api/arguments.py). None where anything else applies."""
     strawberry_schema = getattr(schema, "_strawberry_schema", None)
     strawberry_field = (definition.extensions or {}).get("strawberry-definition")
-    if strawberry_schema is None or strawberry_field is None or static_args is None:
+    if strawberry_schema is None or strawberry_field is None:
         return None
     resolver = strawberry_field.base_resolver
     if (resolver is None or strawberry_field.extensions or resolver.parent_parameter
             or resolver.root_parameter):
         return None
     config = strawberry_schema.config
-    converted = convert_arguments(
-        static_args, strawberry_field.arguments,
-        scalar_registry=strawberry_schema.schema_converter.scalar_registry, config=config,
-    )
-    if not all(isinstance(value, _IMMUTABLE) for value in converted.values()):
+    registry = strawberry_schema.schema_converter.scalar_registry
+    convert = plan_arguments(strawberry_field, registry, config)
+    if static_args is not None:
+        converted = convert_arguments(static_args, strawberry_field.arguments,
+                                      scalar_registry=registry, config=config)
+        if all(isinstance(value, _IMMUTABLE) for value in converted.values()):
+            convert = lambda _args: dict(converted)  # noqa: E731
+    if convert is None:
         return None
+    arguments = convert
     info_name = resolver.info_parameter.name if resolver.info_parameter else None
     with_self = resolver.self_parameter is not None
     info_class = config.info_class
 
-    def call(source: Any, info: GraphQLResolveInfo, _args: dict[str, Any]) -> Any:
+    def call(source: Any, info: GraphQLResolveInfo, args: dict[str, Any]) -> Any:
         strawberry_info = info_class(_raw_info=info, _field=strawberry_field)
-        kwargs = dict(converted)
+        kwargs = arguments(args)
         if info_name is not None:
             kwargs[info_name] = strawberry_info
         return strawberry_field.get_result(
@@ -343,6 +351,22 @@ def _direct_call(
         )
 
     return call
+
+
+def plan_mutations(schema: GraphQLSchema) -> None:
+    """Mutations are executed by graphql-core (one field after the other, as the spec
+    wants); their resolvers are given the same direct call, so that their arguments are
+    converted by plan (a 500-item batch input is most of that cost)."""
+    mutation = schema.mutation_type
+    for definition in (mutation.fields.values() if mutation is not None else ()):
+        call = _direct_call(schema, definition, None)
+        if call is not None:
+            definition.resolve = partial(_resolve_with, call)
+
+
+def _resolve_with(call: Callable[[Any, GraphQLResolveInfo, dict[str, Any]], Any],
+                  source: Any, info: GraphQLResolveInfo, **args: Any) -> Any:
+    return call(source, info, args)
 
 
 def _typename(name: str) -> Completer:

@@ -14,7 +14,7 @@ from strawberry.schema.config import StrawberryConfig
 from strawberry.types import ExecutionContext
 
 from consumers_graphql import request_id
-from consumers_graphql.api.executor import execute_compiled
+from consumers_graphql.api.executor import execute_compiled, plan_mutations
 from consumers_graphql.api.limits import Limits, OperationLimits
 from consumers_graphql.api.mutation import Mutation
 from consumers_graphql.api.permissions import ScopeCheck
@@ -137,4 +137,6 @@ def build_schema(
         ),
     )
     schema.compiled = compiled
+    if compiled:
+        plan_mutations(schema._schema)
     return schema
