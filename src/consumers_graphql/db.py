@@ -189,6 +189,12 @@ class Database:
         self.write_engine = make_engine(settings, writer=True)
         self.inline_engine = make_inline_engine(settings)
         self.write_sessions = async_sessionmaker(self.write_engine, expire_on_commit=False)
+        # SQLite has one writer at a time. Writers of this process take turns here, first
+        # come first served, instead of in SQLite's busy handler, which polls with growing
+        # sleeps and lets a late writer overtake one that has waited for seconds (bench/:
+        # four concurrent 500-row batches over HTTP had a p99 of 2.3 s). Other processes
+        # still meet the busy timeout.
+        self._writer_turn = asyncio.Lock() if settings.is_sqlite else None
 
     @property
     def dialect(self) -> str:
@@ -212,7 +218,11 @@ class Database:
 
     @asynccontextmanager
     async def write_session(self) -> AsyncIterator[AsyncSession]:
-        async with self.write_sessions() as session:
+        if self._writer_turn is None:
+            async with self.write_sessions() as session:
+                yield session
+            return
+        async with self._writer_turn, self.write_sessions() as session:
             yield session
 
 
