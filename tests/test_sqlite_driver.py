@@ -5,6 +5,8 @@ statement to that thread. SQLite only: PostgreSQL uses asyncpg."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -171,5 +173,34 @@ async def test_no_inline_reads_when_switched_off(settings: Settings, engine: Asy
         assert (await reader.execute(text("SELECT 1"))).scalar_one() == 1
         assert sent == [("thread", "SELECT 1")]
     finally:
+        await reader.close()
+        await database.dispose()
+
+
+async def test_a_locked_database_sends_the_read_to_the_driver_thread(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(text("INSERT INTO t (v) VALUES ('a')"))
+    # Another process holding the database exclusively: the inline read (no busy timeout,
+    # it must not sleep on the loop) is refused at once, and the driver's thread, which
+    # waits out the busy timeout, answers once the lock is gone.
+    await engine.dispose()  # no other connection open: the holder can take the file
+    path = str(settings.database_url).split("///", 1)[1]
+    holder = sqlite3.connect(path, isolation_level=None, timeout=0)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("INSERT INTO t (v) VALUES ('b')")
+    holder.execute("COMMIT")  # exclusive mode keeps the lock until the connection closes
+    database = Database(settings)
+    sent = _recorded(database)
+    reader = database.reader()
+    asyncio.get_running_loop().call_later(0.2, holder.close)
+    try:
+        rows = (await reader.execute(text("SELECT v FROM t ORDER BY v"))).scalars().all()
+        assert rows == ["a", "b"]
+        assert [where for where, _ in sent] == ["inline", "thread"]
+    finally:
+        holder.close()
         await reader.close()
         await database.dispose()

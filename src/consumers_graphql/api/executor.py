@@ -15,6 +15,10 @@ execution raises or meets a null where the schema forbids one. Those are execute
 graphql-core from the start, so errors, their paths and null propagation are exactly
 graphql-core's, and the per-request DataLoader caches make the second run cheap. The
 differential tests run the same operations through both executors and compare.
+
+Mutations stay with graphql-core (one root field after the other); `plan_mutations` only
+gives their resolvers the same direct call, whose arguments are converted by plan
+(api/arguments.py).
 """
 
 from __future__ import annotations
