@@ -8,10 +8,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import BackgroundTasks, FastAPI, Request
 from sqlalchemy import text
+from starlette.routing import Route
 
 from consumers_graphql import __version__
 from consumers_graphql.api.context import Context
-from consumers_graphql.api.http import GraphQLRouter, ProtocolGuard
+from consumers_graphql.api.http import GraphQLApp, ProtocolGuard
 from consumers_graphql.api.limits import Limits
 from consumers_graphql.api.loaders import Loaders
 from consumers_graphql.api.schema import build_schema
@@ -40,12 +41,12 @@ def _asks_for_graphiql(request: Request) -> bool:
     )
 
 
+@asynccontextmanager
 async def _graphql_context(
     request: Request, background_tasks: BackgroundTasks
 ) -> AsyncIterator[Context]:
     """The request's context: its read connection (shared by the API key look-up and the
-    resolvers, closed after the response) and its principal. One dependency rather than a
-    tree of them: FastAPI's resolution of each costs more than the work inside."""
+    resolvers, closed after the response) and its principal."""
     database: Database = request.app.state.database
     reader = database.reader()
     try:
@@ -107,13 +108,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(AuthenticationRequired, authentication_required_response)
     schema = build_schema(production=settings.is_production, limits=Limits.from_settings(settings))
     app.state.schema = schema
-    graphql = GraphQLRouter(
+    graphql = GraphQLApp(
         schema,
-        context_getter=_graphql_context,
+        context=_graphql_context,
         graphql_ide=None if settings.is_production else "graphiql",
     )
-    # /openapi.json documents the REST API only: GraphQL has its own schema (/graphql).
-    app.include_router(graphql, prefix="/graphql", include_in_schema=False)
+    # A Starlette route: /openapi.json documents the REST API only (GraphQL has its own
+    # schema at /graphql), and FastAPI's dependency resolution is not needed here.
+    app.router.routes.append(Route("/graphql", graphql, methods=["GET", "POST"]))
     # The guard answers before authentication; the request id wraps everything, 500s included.
     app.add_middleware(ProtocolGuard, path="/graphql", max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
