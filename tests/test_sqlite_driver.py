@@ -110,11 +110,18 @@ _SLOW = text("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHE
              "SELECT count(*) FROM n")
 
 
+# Rows that each cost work to produce: the first comes at once, the rest while fetching.
+_SLOW_ROWS = text("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n "
+                  "WHERE i < 30000) SELECT i, (SELECT count(*) FROM t WHERE v <> i) FROM n")
+
+
 def _recorded(database: Database) -> list[tuple[str, str]]:
     """(engine, statement) for every statement sent, by which engine."""
     sent: list[tuple[str, str]] = []
-    names = {id(database.inline_engine): "inline", id(database.read_engine.sync_engine): "thread",
+    names = {id(database.read_engine.sync_engine): "thread",
              id(database.write_engine.sync_engine): "write"}
+    if database.inline is not None:
+        names[id(database.inline.engine)] = "inline"
     for engine in database.engines:
         event.listen(engine, "before_cursor_execute",
                      lambda conn, _c, statement, *_a: sent.append(
@@ -143,6 +150,11 @@ async def test_reads_run_inline_and_slow_ones_move_to_the_driver_thread(
         assert (await reader.execute(_SLOW, inline=False)).scalar_one() == 300000
         assert [where for where, _ in sent] == ["thread"]
 
+        sent.clear()  # interrupted while its rows are fetched (the work is spread over them)
+        many = await reader.execute(_SLOW_ROWS)
+        assert len(many.all()) == 30_000
+        assert [where for where, _ in sent] == ["inline", "thread"]
+
         sent.clear()  # the inline connection is fine after an interruption
         assert (await reader.execute(text("SELECT count(*) FROM t"))).scalar_one() == 2
         assert [where for where, _ in sent] == ["inline"]
@@ -166,7 +178,7 @@ async def test_inline_reads_cannot_write(settings: Settings, engine: AsyncEngine
 
 async def test_no_inline_reads_when_switched_off(settings: Settings, engine: AsyncEngine) -> None:
     database = Database(settings.model_copy(update={"sqlite_inline_read_ms": 0}))
-    assert database.inline_engine is None
+    assert database.inline is None
     sent = _recorded(database)
     reader = database.reader()
     try:

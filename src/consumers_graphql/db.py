@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -154,29 +156,111 @@ def _configure_sqlite(engine: AsyncEngine, settings: Settings, *, begin: str | N
             conn.exec_driver_sql(begin)
 
 
-def make_inline_engine(settings: Settings) -> Engine | None:
-    """On SQLite, a synchronous read-only engine for reads run on the event loop's thread
-    (see Reader); None elsewhere, or when `sqlite_inline_read_ms` is 0."""
-    url = make_url(settings.database_url)
-    if url.get_backend_name() != "sqlite" or settings.sqlite_inline_read_ms <= 0:
-        return None
-    engine = create_engine(
-        url.set(drivername="sqlite+pysqlite"),
-        echo=settings.sql_echo,
-        # Opened, used and closed on the loop's thread, one request at a time; timeout 0: a
-        # locked database is an error at once (and the statement goes to the driver's
-        # thread, which waits) rather than a sleep on the loop.
-        connect_args={"check_same_thread": False, "timeout": 0},
-        # Never wait for a connection on the loop's thread: the pool grows instead.
-        poolclass=QueuePool, pool_size=settings.pool_size, max_overflow=-1,
-    )
+class InlineReads:
+    """SQLite reads on the event loop's own thread (see Reader): one read-only `sqlite3`
+    connection for the process. A read never yields to the loop while it runs, so reads of
+    concurrent requests follow one another on it; a read from another thread finding it in
+    use is sent to the driver's thread instead of waiting."""
 
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-        dbapi_connection.execute("PRAGMA query_only=ON")  # reads only, whatever is sent
+    def __init__(self, settings: Settings) -> None:
+        url = make_url(settings.database_url)
+        self.budget = settings.sqlite_inline_read_ms / 1000
+        self.engine = create_engine(
+            url.set(drivername="sqlite+pysqlite"),
+            echo=settings.sql_echo,
+            # timeout 0: a locked database is an error at once (the statement then goes to
+            # the driver's thread, which waits) rather than a sleep on the loop.
+            connect_args={"check_same_thread": False, "timeout": 0},
+            poolclass=QueuePool, pool_size=1, max_overflow=0,
+        )
 
-    return engine
+        @event.listens_for(self.engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None
+            dbapi_connection.execute("PRAGMA query_only=ON")  # reads only, whatever is sent
+
+        self._connection: Connection | None = None
+        self._in_use = threading.Lock()
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> InlineReads | None:
+        """On SQLite, unless `sqlite_inline_read_ms` is 0."""
+        if make_url(settings.database_url).get_backend_name() != "sqlite":
+            return None
+        return cls(settings) if settings.sqlite_inline_read_ms > 0 else None
+
+    def execute(self, statement: Executable, params: dict[str, Any] | None) -> Result[Any] | None:
+        """The statement's rows, all fetched, or None when it must go to the driver's thread:
+        it ran out of its budget, met a lock, or the connection is busy on another thread."""
+        if not self._in_use.acquire(blocking=False):
+            return None
+        try:
+            return self._execute(statement, params)
+        finally:
+            self._in_use.release()
+
+    def _execute(self, statement: Executable, params: dict[str, Any] | None) -> Result[Any] | None:
+        if self._connection is None:
+            self._connection = self.engine.connect()
+        connection = self._connection
+        raw = connection.connection.driver_connection
+        raw.set_progress_handler(_budget(self.budget), _PROGRESS_STEPS)
+        result: Result[Any] | None = None
+        try:
+            result = connection.execute(statement, params)
+            if result.returns_rows:
+                # Every row fetched now, within the budget, as SQLAlchemy's dialects do for
+                # results that must outlive their cursor.
+                result.cursor_strategy = FullyBufferedCursorFetchStrategy(result.cursor)
+            return result
+        except (OperationalError, sqlite3.OperationalError) as error:
+            # SQLAlchemy wraps what execute() meets; the fetch raises sqlite3's own error.
+            message = str(getattr(error, "orig", None) or error)
+            if message == "interrupted" or "locked" in message:
+                if result is not None:
+                    result.close()
+                return None
+            self._discard()
+            raise
+        except BaseException:
+            self._discard()
+            raise
+        finally:
+            if self._connection is connection:  # not discarded
+                raw.set_progress_handler(None, 0)
+
+    def _discard(self) -> None:
+        """After an unexpected error, start again from a new connection."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.invalidate()
+            connection.close()
+
+    def dispose(self) -> None:
+        with self._in_use:
+            if self._connection is not None:
+                connection, self._connection = self._connection, None
+                connection.close()
+            self.engine.dispose()
+
+
+def _budget(seconds: float) -> Callable[[], bool]:
+    """sqlite3's progress handler for a read on the loop: true (interrupt) once the read
+    has used `seconds` of the thread's CPU. CPU time, because what holds the loop is the
+    statement's work: a pause of the whole process (another program on the core) must not
+    make a short read run twice. The clock starts at the first call, _PROGRESS_STEPS into
+    the statement: SQLAlchemy's compiling of a new statement shape is not the read's."""
+    deadline: float | None = None
+
+    def over() -> bool:
+        nonlocal deadline
+        now = thread_time()
+        if deadline is None:
+            deadline = now + seconds
+            return False
+        return now > deadline
+
+    return over
 
 
 class Database:
@@ -187,13 +271,14 @@ class Database:
         self.settings = settings
         self.read_engine = make_engine(settings, writer=False)
         self.write_engine = make_engine(settings, writer=True)
-        self.inline_engine = make_inline_engine(settings)
+        self.inline = InlineReads.for_settings(settings)
         self.write_sessions = async_sessionmaker(self.write_engine, expire_on_commit=False)
-        # SQLite has one writer at a time. Writers of this process take turns here, first
-        # come first served, instead of in SQLite's busy handler, which polls with growing
+        # SQLite has one writer at a time. The services' transactions (every GraphQL and
+        # REST write) take turns here, first come first served, instead of in SQLite's busy
+        # handler, which polls with growing
         # sleeps and lets a late writer overtake one that has waited for seconds (bench/:
-        # four concurrent 500-row batches over HTTP had a p99 of 2.3 s). Other processes
-        # still meet the busy timeout.
+        # four concurrent 500-row batches over HTTP had a p99 of 2.3 s). API key
+        # bookkeeping and other processes still meet the busy timeout.
         self._writer_turn = asyncio.Lock() if settings.is_sqlite else None
 
     @property
@@ -204,17 +289,16 @@ class Database:
     def engines(self) -> list[Engine]:
         """Every engine that sends statements (for listeners that count or log them)."""
         engines = [self.read_engine.sync_engine, self.write_engine.sync_engine]
-        return engines if self.inline_engine is None else [*engines, self.inline_engine]
+        return engines if self.inline is None else [*engines, self.inline.engine]
 
     def reader(self) -> Reader:
-        return Reader(self.read_engine, self.inline_engine,
-                      self.settings.sqlite_inline_read_ms / 1000)
+        return Reader(self.read_engine, self.inline)
 
     async def dispose(self) -> None:
         await self.read_engine.dispose()
         await self.write_engine.dispose()
-        if self.inline_engine is not None:
-            self.inline_engine.dispose()
+        if self.inline is not None:
+            self.inline.dispose()
 
     @asynccontextmanager
     async def write_session(self) -> AsyncIterator[AsyncSession]:
@@ -234,19 +318,17 @@ class Reader:
     On SQLite a read first runs on the event loop's own thread, as the raw-driver baseline
     of bench/ does: most reads of a request (a keyset page, a page of each relation, a
     look-up by id) take a fraction of a millisecond, less than handing them to the driver's
-    thread and back. A read still running after `inline_budget` seconds of CPU is interrupted
-    (sqlite3's progress handler) and run again on the driver's thread, so the loop is never
-    held longer than that; a caller that knows a statement can be long (a count, a search)
+    thread and back. A read still running after its budget of CPU time (checked every
+    _PROGRESS_STEPS steps of SQLite's machine; time spent waiting for the disk is not
+    counted) is interrupted by sqlite3's progress handler and run again on the driver's
+    thread. A caller that knows a statement can be long (a total, a search, a filtered page)
     sends it there directly with `inline=False`.
     """
 
-    def __init__(self, engine: AsyncEngine, inline_engine: Engine | None = None,
-                 inline_budget: float = 0.0) -> None:
+    def __init__(self, engine: AsyncEngine, inline: InlineReads | None = None) -> None:
         self._engine = engine
         self._conn: AsyncConnection | None = None
-        self._inline_engine = inline_engine
-        self._inline_budget = inline_budget
-        self._inline: Connection | None = None
+        self._inline = inline
         self._lock = asyncio.Lock()
 
     @property
@@ -258,47 +340,15 @@ class Reader:
         inline: bool = True,
     ) -> Result[Any]:
         async with self._lock:
-            if inline and self._inline_engine is not None:
-                result = self._execute_inline(statement, params)
+            if inline and self._inline is not None:
+                result = self._inline.execute(statement, params)
                 if result is not None:
                     return result
             if self._conn is None:
                 self._conn = await self._engine.connect()
             return await self._conn.execute(statement, params)
 
-    def _execute_inline(
-        self, statement: Executable, params: dict[str, Any] | None
-    ) -> Result[Any] | None:
-        """The statement's rows, all fetched, or None when it ran out of time (or met a
-        lock) and must go to the driver's thread."""
-        assert self._inline_engine is not None
-        if self._inline is None:
-            self._inline = self._inline_engine.connect()
-        raw = self._inline.connection.driver_connection
-        # The budget is the thread's CPU time: what holds the loop is the statement's work,
-        # and a pause of the whole process (another program on the core) must not make a
-        # short read run twice.
-        deadline = thread_time() + self._inline_budget
-        raw.set_progress_handler(lambda: thread_time() > deadline, _PROGRESS_STEPS)
-        try:
-            result = self._inline.execute(statement, params)
-            if result.returns_rows:
-                # Every row fetched now, within the budget, as SQLAlchemy's dialects do for
-                # results that must outlive their cursor.
-                result.cursor_strategy = FullyBufferedCursorFetchStrategy(result.cursor)
-            return result
-        except OperationalError as error:
-            message = str(error.orig)
-            if message == "interrupted" or "locked" in message:
-                return None
-            raise
-        finally:
-            raw.set_progress_handler(None, 0)
-
     async def close(self) -> None:
-        if self._inline is not None:
-            inline, self._inline = self._inline, None
-            inline.close()
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await conn.close()

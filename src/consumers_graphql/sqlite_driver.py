@@ -37,7 +37,7 @@ _Outcome = tuple[Any, Sequence[Any], int, int | None]
 
 
 class _Cursor(AsyncAdapt_aiosqlite_cursor):
-    __slots__ = ("_description", "_lastrowid", "_rowcount")
+    __slots__ = ("_arraysize", "_description", "_lastrowid", "_rowcount")
 
     def __init__(self, adapt_connection: AsyncAdapt_aiosqlite_connection) -> None:
         # No aiosqlite cursor is opened here: each statement opens and closes its own
@@ -50,6 +50,15 @@ class _Cursor(AsyncAdapt_aiosqlite_cursor):
         self._description: Any = None
         self._rowcount = -1
         self._lastrowid: int | None = None
+        self._arraysize = 1
+
+    @property
+    def arraysize(self) -> int:
+        return self._arraysize
+
+    @arraysize.setter
+    def arraysize(self, value: int) -> None:
+        self._arraysize = value
 
     @property
     def description(self) -> Any:
@@ -71,7 +80,6 @@ class _Cursor(AsyncAdapt_aiosqlite_cursor):
 
     def _run(self, many: bool, operation: Any, parameters: Any) -> None:
         connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
-        raw = connection._conn  # raises ValueError once the connection is closed
 
         def statement() -> _Outcome:
             cursor = raw.cursor()
@@ -88,9 +96,14 @@ class _Cursor(AsyncAdapt_aiosqlite_cursor):
             finally:
                 cursor.close()
 
-        future: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
-        connection._tx.put_nowait((future, statement))
         try:
+            # What aiosqlite's own _execute checks: a closed connection is an error (which
+            # SQLAlchemy's adapter turns into a lost connection), not a wait forever.
+            if not connection._running:
+                raise ValueError("no active connection")
+            raw = connection._conn  # ValueError("no active connection") once closed
+            future: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
+            connection._tx.put_nowait((future, statement))
             self._description, rows, self._rowcount, self._lastrowid = await_(future)
         except Exception as error:
             self._adapt_connection._handle_exception(error)

@@ -15,6 +15,8 @@ def format_datetime(value: datetime) -> str:
     ``Z`` for UTC with OPT_UTC_Z, the same text as ``isoformat()[:-6] + "Z"``."""
     if value.tzinfo is not UTC:
         value = value.astimezone(UTC)
+    if type(value) is not datetime:  # a subclass: orjson writes datetime itself only
+        return value.isoformat()[:-6] + "Z"
     return orjson.dumps(value, option=orjson.OPT_UTC_Z)[1:-1].decode()
 
 

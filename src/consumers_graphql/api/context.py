@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import strawberry
-from strawberry.fastapi import BaseContext
 
 from consumers_graphql.api.loaders import Loaders
 from consumers_graphql.auth import Principal
@@ -15,7 +14,7 @@ from consumers_graphql.settings import Settings
 
 
 @dataclass
-class Context(BaseContext):
+class Context:
     settings: Settings
     database: Database
     repository: Repository
@@ -23,9 +22,6 @@ class Context(BaseContext):
     # The API key of the HTTP request (auth.ANONYMOUS for the GraphiQL page); None for an
     # in-process caller of schema.execute, which is trusted.
     principal: Principal | None = None
-
-    def __post_init__(self) -> None:
-        super().__init__()
 
 
 Info = strawberry.Info[Context, None]
