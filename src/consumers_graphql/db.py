@@ -275,10 +275,10 @@ class Database:
         self.write_sessions = async_sessionmaker(self.write_engine, expire_on_commit=False)
         # SQLite has one writer at a time. The services' transactions (every GraphQL and
         # REST write) take turns here, first come first served, instead of in SQLite's busy
-        # handler, which polls with growing
-        # sleeps and lets a late writer overtake one that has waited for seconds (bench/:
-        # four concurrent 500-row batches over HTTP had a p99 of 2.3 s). API key
-        # bookkeeping and other processes still meet the busy timeout.
+        # handler, which polls with growing sleeps and lets a late writer overtake one that
+        # has waited for seconds (bench/: four concurrent 500-row batches over HTTP had a
+        # p99 of 2.3 s). API key bookkeeping and other processes still meet the busy
+        # timeout.
         self._writer_turn = asyncio.Lock() if settings.is_sqlite else None
 
     @property
