@@ -287,12 +287,15 @@ PEOPLE = [  # (email, phone, full name): mixed case, accents, other scripts, LIK
     ("plain@example.com", "+447700900124", "Plain Person"),
     (None, None, "Élodie Dubois"),
     ("elodie@example.fr", "+33698765432", "ELODIE DUBOIS"),
+    # its words in the order of "lucas.silva" but apart (PostgreSQL's wider index pattern)
+    ("lucas.x.silva@example.com", "+447700911111", "Lucas Silva"),
 ]
 SEARCHES = [
     "chloé", "CHLOÉ", "chloe", "Martin", "mar", "ÜLLER", "müller", "søren", "o'brien",
     "brien", "田中", "中 花", "straße", "STRASSE", "İsm", "ism", "y\u0131l", "100%", "%_r", "a_b",
     "%%", "example.com", "EXAMPLE", "@example.j", "+4477009001", "(415) 555", "415-555-01",
     "+1415", "5550", "elo", "Élodie", "élodie", "dubois", "nobody-here", "ro", "ar", '"brien',
+    "lucas.silva", "lucas silva", "x.silva@", "+44770091", "+44 7700 9001",
 ]
 
 
