@@ -134,8 +134,8 @@ def _trigram_pattern(term: str) -> str:
     """A wider LIKE pattern for pg_trgm's index: the term's words (runs of letters and
     digits) in order, anything between. pg_trgm pads each word that a non-word character
     starts or ends (`lucas.silva` gives `  s`, `as `), and such trigrams (every word
-    starting with s) have the longest posting lists: `%lucas%silva%1%` reads a third of
-    the index pages `%lucas.silva.1%` does. Every row the term matches matches this too;
+    starting with s) have the longest posting lists: `%lucas%silva%1%` reads about a
+    quarter of the index pages `%lucas.silva.1%` does. Every row the term matches matches this too;
     the exact LIKE then filters (see _FILTERS["search_trgm"])."""
     words = [word for word in _NOT_WORD.split(term) if word]
     return "%" + "%".join(words) + "%" if words else _like_pattern(term)
@@ -153,7 +153,8 @@ def _normalized_phone(raw: str) -> str:
 # compiled) once per combination of filters, never per request.
 _FILTERS: dict[str, Callable[[], list[Any]]] = {
     "search": lambda: [_SEARCH_LIKE],
-    # PostgreSQL, a term with more than one word: the index answers the wider pattern, and
+    # PostgreSQL, a term with characters other than letters and digits (`lucas.silva.1`,
+    # `+44770091`): the index answers the wider pattern of its words (_trigram_pattern), and
     # the exact one is checked on the rows found, as an expression the planner cannot send
     # to the index (where it would add back the padded trigrams).
     "search_trgm": lambda: [
