@@ -185,9 +185,7 @@ class InlineReads:
     @classmethod
     def for_settings(cls, settings: Settings) -> InlineReads | None:
         """On SQLite, unless `sqlite_inline_read_ms` is 0."""
-        if make_url(settings.database_url).get_backend_name() != "sqlite":
-            return None
-        return cls(settings) if settings.sqlite_inline_read_ms > 0 else None
+        return cls(settings) if settings.is_sqlite and settings.sqlite_inline_read_ms > 0 else None
 
     def execute(self, statement: Executable, params: dict[str, Any] | None) -> Result[Any] | None:
         """The statement's rows, all fetched, or None when it must go to the driver's thread:

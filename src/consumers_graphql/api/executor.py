@@ -67,7 +67,7 @@ from graphql.pyutils import Path
 from graphql.type.definition import GraphQLResolveInfoHelpers
 from strawberry.types.arguments import convert_arguments
 
-from consumers_graphql.api.arguments import plan_arguments
+from consumers_graphql.api.arguments import ArgumentsConverter, plan_arguments
 
 _MAX_PLANS = 1000
 _NO_VARIABLES = VariableValues(sources={}, coerced={})
@@ -332,15 +332,16 @@ def _direct_call(
         return None
     config = strawberry_schema.config
     registry = strawberry_schema.schema_converter.scalar_registry
-    convert = plan_arguments(strawberry_field, registry, config)
+    arguments: ArgumentsConverter | None = None
     if static_args is not None:
         converted = convert_arguments(static_args, strawberry_field.arguments,
                                       scalar_registry=registry, config=config)
         if all(isinstance(value, _IMMUTABLE) for value in converted.values()):
-            convert = lambda _args: dict(converted)  # noqa: E731
-    if convert is None:
-        return None
-    arguments = convert
+            arguments = lambda _args: dict(converted)  # noqa: E731
+    if arguments is None:
+        arguments = plan_arguments(strawberry_field, registry, config)
+        if arguments is None:
+            return None
     info_name = resolver.info_parameter.name if resolver.info_parameter else None
     with_self = resolver.self_parameter is not None
     info_class = config.info_class
