@@ -289,13 +289,17 @@ PEOPLE = [  # (email, phone, full name): mixed case, accents, other scripts, LIK
     ("elodie@example.fr", "+33698765432", "ELODIE DUBOIS"),
     # its words in the order of "lucas.silva" but apart (PostgreSQL's wider index pattern)
     ("lucas.x.silva@example.com", "+447700911111", "Lucas Silva"),
+    # `+` and digits in an email and a name: not only the start of a phone (SQLite's B-tree)
+    ("sales+447700912@example.com", None, "Line 2"),
+    ("line3@example.com", None, "Desk +4477009 Ext 7"),
 ]
 SEARCHES = [
     "chloé", "CHLOÉ", "chloe", "Martin", "mar", "ÜLLER", "müller", "søren", "o'brien",
     "brien", "田中", "中 花", "straße", "STRASSE", "İsm", "ism", "y\u0131l", "100%", "%_r", "a_b",
     "%%", "example.com", "EXAMPLE", "@example.j", "+4477009001", "(415) 555", "415-555-01",
     "+1415", "5550", "elo", "Élodie", "élodie", "dubois", "nobody-here", "ro", "ar", '"brien',
-    "lucas.silva", "lucas silva", "x.silva@", "+44770091", "+44 7700 9001",
+    "lucas.silva", "lucas silva", "x.silva@", "+44770091", "+44 7700 9001", "+4477009",
+    "+447700912", "+4", "+49", "7700", "700912", "9123", "+33698765432", "+1", "5+4",
 ]
 
 
@@ -303,7 +307,7 @@ def reference_match(term: str, person: tuple[str | None, str | None, str | None]
     """The contract, written plainly: a substring of the email, phone or full name, case
     folded; phone-like input is matched by its digits (with a leading + kept)."""
     term = term.strip()
-    phone_like = all(ch.isdigit() or ch in " ().-+" for ch in term)
+    phone_like = all(ch.isdigit() or ch in " ().-" for ch in term.removeprefix("+"))
     if phone_like and sum(ch.isdigit() for ch in term) >= 2:
         term = ("+" if term.startswith("+") else "") + "".join(c for c in term if c.isdigit())
     needle = term.lower()

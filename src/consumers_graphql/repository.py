@@ -15,7 +15,18 @@ from functools import lru_cache
 from typing import Any
 
 import phonenumbers
-from sqlalchemy import Select, Text, bindparam, column, func, literal_column, select, table
+from sqlalchemy import (
+    Select,
+    Text,
+    bindparam,
+    column,
+    func,
+    literal_column,
+    select,
+    table,
+    union,
+    union_all,
+)
 from sqlalchemy.engine import Row
 
 from consumers_graphql import models
@@ -45,8 +56,10 @@ ORDER_COLUMNS = list(orders.c)
 
 SEARCH_MIN = 2
 SEARCH_MAX = 200
-# The SQLite FTS5 table over consumers.search_text (trigram tokenizer; see the migrations).
-_consumers_fts = table("consumers_fts", column("rowid"))
+# SQLite's search indexes (migration 0002): FTS5 trigram tables over the folded email and
+# name, and over the phone.
+_text_fts = table("consumers_text_fts", column("rowid"))
+_phone_fts = table("consumers_phone_fts", column("rowid"))
 
 
 class ConsumerSortField(Enum):
@@ -163,20 +176,6 @@ _FILTERS: dict[str, Callable[[], list[Any]]] = {
             bindparam("search_like"), escape="\\"
         ),
     ],
-    # The LIKE is the definition of a match; the FTS5 MATCH only narrows it down through the
-    # trigram index (which needs 3 characters). PostgreSQL's pg_trgm GIN index serves the
-    # LIKE itself.
-    "search_fts": lambda: [
-        literal_column("consumers.rowid").in_(
-            select(_consumers_fts.c.rowid).where(
-                literal_column("consumers_fts").op("MATCH")(bindparam("search_match"))
-            )
-        ),
-        _SEARCH_LIKE,
-    ],
-    # A page of a selective search (see _SEARCH_PROBE): driven by the FTS index, the few
-    # matching rows then sorted; the FROM clause joins consumers_fts (see _page_base).
-    "search_fts_join": lambda: [_FTS_MATCH, _SEARCH_LIKE],
     "created_after": lambda: [
         consumers.c.created_at > bindparam("created_after", type_=consumers.c.created_at.type)
     ],
@@ -189,30 +188,81 @@ _FILTERS: dict[str, Callable[[], list[Any]]] = {
     "external_id": lambda: [consumers.c.external_id == bindparam("external_id")],
 }
 _SEARCH_LIKE = consumers.c.search_text.like(bindparam("search_like"), escape="\\")
-_FTS_MATCH = literal_column("consumers_fts").op("MATCH")(bindparam("search_match"))
+
+
+# SQLite, a term of 3 characters or more: the trigram indexes narrow the rows down, the LIKE
+# (the definition of a match) decides. Which indexes a term needs depends on what it can be
+# part of; phones are stored in E.164 (`+` and ASCII digits), so:
+_TEXT = "text"  # a term with any other character: only an email or a name
+_DIGITS = "digits"  # ASCII digits: anywhere in a phone, too
+_PHONE_START = "phone_start"  # `+` and digits: also the start of a phone, a B-tree range
+_SEARCH_KINDS = (_TEXT, _DIGITS, _PHONE_START)
+
+
+def _search_kind(term: str) -> str:
+    if term.isascii() and term.isdigit():
+        return _DIGITS
+    if term.startswith("+") and term[1:].isascii() and term[1:].isdigit():
+        return _PHONE_START
+    return _TEXT
+
+
+def _match(fts: str) -> Any:
+    return literal_column(fts).op("MATCH")(bindparam("search_match"))
+
+
+def _search_hits(kind: str, *, distinct: bool = True) -> Any:
+    """The rowids of the rows a search may match (every row it matches among them)."""
+    hits = select(_text_fts.c.rowid).where(_match("consumers_text_fts"))
+    if kind == _TEXT:
+        return hits
+    if kind == _DIGITS:
+        phones = select(_phone_fts.c.rowid).where(_match("consumers_phone_fts"))
+    else:
+        phones = select(literal_column("consumers.rowid")).where(
+            consumers.c.phone >= bindparam("phone_from"), consumers.c.phone < bindparam("phone_to")
+        )
+    return union(hits, phones) if distinct else union_all(hits, phones)
+
+
+for _kind in _SEARCH_KINDS:
+    # A count, or a page with other filters: the rows the indexes give, then the LIKE.
+    _FILTERS[f"search_fts_{_kind}"] = lambda kind=_kind: [
+        literal_column("consumers.rowid").in_(_search_hits(kind)), _SEARCH_LIKE
+    ]
+    # A page of a selective search (see _search_probe): driven by the indexes, the few
+    # matching rows then sorted; the FROM clause joins the hits (see _page_base).
+    _FILTERS[f"search_join_{_kind}"] = lambda: [_SEARCH_LIKE]
+
 # SQLite's planner cannot know how many rows a trigram search matches. With few matches the
-# FTS index should drive (then sort them); with many, walking the sort index and testing
-# each row finds a page after a few hundred rows. One cheap look at the index decides.
+# indexes should drive (then sort them); with many, walking the sort index and testing each
+# row finds a page after a few hundred rows. One cheap look at the indexes decides.
 SELECTIVE_SEARCH_MAX = 2000
-_SEARCH_PROBE = select(func.count()).select_from(
-    select(_consumers_fts.c.rowid).where(_FTS_MATCH).limit(SELECTIVE_SEARCH_MAX + 1).subquery()
-)
 
 
-# A search alone is counted in the FTS index itself, without visiting the table: the trigram
-# phrase match is the substring match on the folded text (the LIKE re-check of pages
-# guards only against an index out of step, e.g. after a VACUUM renumbered rows).
-_FTS_COUNT = select(func.count()).select_from(_consumers_fts).where(_FTS_MATCH)
+@lru_cache(maxsize=len(_SEARCH_KINDS))
+def _search_probe(kind: str) -> Select[Any]:
+    hits = _search_hits(kind, distinct=False).limit(SELECTIVE_SEARCH_MAX + 1).subquery()
+    return select(func.count()).select_from(hits)
+
+
+@lru_cache(maxsize=len(_SEARCH_KINDS))
+def _search_count(kind: str) -> Select[Any]:
+    """A search alone, counted in the indexes without visiting the table: a trigram phrase
+    match is the substring match on the folded text, and a range of E.164 phones the
+    prefix match (the LIKE re-check of pages guards only against an index out of step,
+    e.g. after a VACUUM renumbered rows)."""
+    return select(func.count()).select_from(_search_hits(kind).subquery())
 
 
 def _page_base(names: tuple[str, ...]) -> Select[Any]:
     base = select(*CONSUMER_COLUMNS)
-    if "search_fts_join" in names:
-        base = base.select_from(
-            _consumers_fts.join(
-                consumers, literal_column("consumers.rowid") == _consumers_fts.c.rowid
+    for kind in _SEARCH_KINDS:
+        if f"search_join_{kind}" in names:
+            hits = _search_hits(kind).subquery("hits")
+            base = base.select_from(
+                hits.join(consumers, literal_column("consumers.rowid") == hits.c.rowid)
             )
-        )
     return base.where(*_conditions(names))
 
 
@@ -301,7 +351,7 @@ class Repository:
         self, f: ConsumerFilter, *, page: bool
     ) -> tuple[tuple[str, ...], dict[str, Any]]:
         """The names of the filters given, and their parameters. SQLite searches of 3
-        characters or more use the FTS5 trigram index: for a count always, for a page when
+        characters or more use the trigram indexes: for a count always, for a page when
         the search is selective."""
         names: list[str] = []
         params: dict[str, Any] = {}
@@ -309,13 +359,17 @@ class Repository:
             term = search_term(f.search)
             params["search_like"] = _like_pattern(term)
             if self._reader.dialect == "sqlite" and len(term) >= 3:
+                kind = _search_kind(term)
                 params["search_match"] = '"' + term.replace('"', '""') + '"'
+                if kind == _PHONE_START:
+                    params["phone_from"] = term
+                    params["phone_to"] = term[:-1] + chr(ord(term[-1]) + 1)
                 if not page:
-                    names.append("search_fts")
+                    names.append(f"search_fts_{kind}")
                 else:
-                    probe = await self._reader.execute(_SEARCH_PROBE, params, inline=False)
+                    probe = await self._reader.execute(_search_probe(kind), params, inline=False)
                     selective = probe.scalar_one() <= SELECTIVE_SEARCH_MAX
-                    names.append("search_fts_join" if selective else "search")
+                    names.append(f"search_join_{kind}" if selective else "search")
             elif self._reader.dialect == "postgresql" and (
                     wider := _trigram_pattern(term)) != params["search_like"]:
                 names.append("search_trgm")
@@ -361,7 +415,9 @@ class Repository:
 
     async def consumer_count(self, f: ConsumerFilter) -> int:
         names, params = await self._consumer_filter(f, page=False)
-        statement = _FTS_COUNT if names == ("search_fts",) else _count_statement(names)
+        alone = len(names) == 1 and names[0].startswith("search_fts_")
+        statement = _search_count(names[0][len("search_fts_"):]) if alone else (
+            _count_statement(names))
         result = await self._reader.execute(statement, params, inline=False)  # a count
         return int(result.scalar_one())
 

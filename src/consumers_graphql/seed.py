@@ -52,7 +52,7 @@ PHONE_PLANS = (("+1", "415", 7), ("+1", "212", 7), ("+44", "7700", 6), ("+49", "
                ("+33", "6", 8), ("+81", "90", 8), ("+61", "4", 8))
 
 
-_FTS_INSERT_TRIGGER = "consumers_fts_insert"
+_SEARCH_INSERT_TRIGGER = "consumers_search_insert"  # SQLite, migration 0002
 
 
 @dataclass
@@ -193,14 +193,16 @@ async def _bulk_search_index(conn: AsyncConnection) -> AsyncIterator[None]:
     await conn.execute(text("PRAGMA cache_size = -262144"))
     trigger_sql = (await conn.execute(text(
         "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = :name"
-    ), {"name": _FTS_INSERT_TRIGGER})).scalar_one()
+    ), {"name": _SEARCH_INSERT_TRIGGER})).scalar_one()
     last_rowid = (await conn.execute(text("SELECT max(rowid) FROM consumers"))).scalar() or 0
-    await conn.execute(text(f"DROP TRIGGER {_FTS_INSERT_TRIGGER}"))
+    await conn.execute(text(f"DROP TRIGGER {_SEARCH_INSERT_TRIGGER}"))
     yield
-    await conn.execute(text(
-        "INSERT INTO consumers_fts(rowid, search_text) "
-        "SELECT rowid, search_text FROM consumers WHERE rowid > :last"
-    ), {"last": last_rowid})
+    for index, columns in (("consumers_text_fts", "email_key, full_name_key"),
+                           ("consumers_phone_fts", "phone")):
+        await conn.execute(text(
+            f"INSERT INTO {index}(rowid, {columns}) "
+            f"SELECT rowid, {columns} FROM consumers WHERE rowid > :last"
+        ), {"last": last_rowid})
     await conn.execute(text(trigger_sql))
 
 
