@@ -25,7 +25,8 @@ from consumers_graphql.cli import main as cli
 from consumers_graphql.db import make_engine
 from consumers_graphql.models import Base
 from consumers_graphql.settings import Settings
-from tests.conftest import TEST_DATABASE_URL, project_root
+from tests.conftest import TEST_DATABASE_URL, GraphQL, project_root
+from tests.test_bench_workloads import reference_match, walk
 
 
 def test_schema_graphql_matches_the_running_schema() -> None:
@@ -65,7 +66,7 @@ async def test_migrations_match_the_models(settings: Settings) -> None:
 
 
 async def test_seed_produces_consistent_totals(
-    settings: Settings, app: Any, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, app: Any, gql: GraphQL, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # given a seeded database (through the CLI entry point)
     monkeypatch.setenv("CONSUMERS_DATABASE_URL", settings.database_url)
@@ -105,7 +106,18 @@ async def test_seed_produces_consistent_totals(
     assert await _run_cli_in_thread(["seed", "--consumers", "50", "--quiet"]) == 0
     async with engine.connect() as conn:
         total = (await conn.execute(text("SELECT count(*) FROM consumers"))).scalar()
+        rows = (await conn.execute(text("SELECT id, email, phone, full_name FROM consumers")))
+        people = {row.id: (row.email, row.phone, row.full_name) for row in rows}
     assert total == 350
+
+    # and both runs are in the search indexes (filled in bulk on SQLite)
+    first, last = (next(p for p in people.values() if p[0] and p[1]),
+                   next(p for p in reversed(people.values()) if p[0] and p[1]))
+    for email, phone, _ in (first, last):
+        for term in (email.split("@")[0], phone[:7], phone[-6:]):
+            ids, count = await walk(gql, term)
+            expected = {id_ for id_, person in people.items() if reference_match(term, person)}
+            assert (set(ids), count) == (expected, len(expected))
 
 
 async def _run_cli_in_thread(argv: list[str]) -> int:
