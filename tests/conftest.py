@@ -91,7 +91,10 @@ async def clean_database(request: pytest.FixtureRequest) -> AsyncIterator[None]:
         return
     app: FastAPI = request.getfixturevalue("app")
     yield
-    engine = app.state.database.write_engine
+    await empty_tables(app.state.database.write_engine)
+
+
+async def empty_tables(engine: Any) -> None:
     async with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             await conn.execute(text(f"TRUNCATE {', '.join(TABLES)} CASCADE"))

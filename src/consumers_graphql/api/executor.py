@@ -1,4 +1,4 @@
-"""A compiled executor for queries.
+"""A compiled executor for queries and mutations.
 
 graphql-core's executor walks every field of every object through generic machinery (about
 ten microseconds a field here); a page of 20 consumers with their audiences and orders is
@@ -10,15 +10,17 @@ still batch.
 
 It handles fields, aliases, merged selections, fragments (inline and named, on object and
 abstract types), `__typename`, lists, non-null and abstract types. Anything else is left to
-graphql-core: mutations, introspection, directives, middleware, and any operation whose
-execution raises or meets a null where the schema forbids one. Those are executed again by
+graphql-core: introspection, directives, middleware, and any operation whose execution
+raises or meets a null where the schema forbids one. Those are executed again by
 graphql-core from the start, so errors, their paths and null propagation are exactly
 graphql-core's, and the per-request DataLoader caches make the second run cheap. The
 differential tests run the same operations through both executors and compare.
 
-Mutations stay with graphql-core (one root field after the other); `plan_mutations` only
-gives their resolvers the same direct call, whose arguments are converted by plan
-(api/arguments.py).
+Mutations run their root fields one after the other, as the spec wants, each resolved and
+then completed before the next starts. A mutation must not run twice, so every root
+field's outcome (its value, or what it raised) is kept; when graphql-core takes over, the
+resolvers that `plan_mutations` installed replay those outcomes instead of writing again,
+and only the root fields not reached yet run for real (if graphql-core runs them at all).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -139,13 +142,17 @@ class _Compiler:
         }
 
     def plan(self) -> _Plan:
-        root = self.schema.query_type
+        mutation = self.operation.operation is OperationType.MUTATION
+        root = self.schema.mutation_type if mutation else self.schema.query_type
         if root is None:
-            raise _Unsupported("no query type")
+            raise _Unsupported("no root type")
         if self.operation.directives:
             raise _Unsupported("directives")
-        return _Plan(self.operation, self.fragments, root,
-                     self.fields(root, [self.operation.selection_set]))
+        fields = self.fields(root, [self.operation.selection_set])
+        if mutation and not all(plan.definition is None or _replays(plan.definition)
+                                for plan in fields):
+            raise _Unsupported("a mutation whose outcome cannot be replayed")
+        return _Plan(self.operation, self.fragments, root, fields)
 
     def _applies(self, condition: str | None, object_type: GraphQLObjectType) -> bool:
         if condition is None or condition == object_type.name:
@@ -358,10 +365,15 @@ def _direct_call(
     return call
 
 
+# The outcomes of the root fields a compiled mutation has run, by response key, while
+# graphql-core runs the operation again (see execute_compiled).
+_replay: ContextVar[dict[str, Any] | None] = ContextVar("replay", default=None)
+
+
 def plan_mutations(schema: GraphQLSchema) -> None:
-    """Mutations are executed by graphql-core (one field after the other, as the spec
-    wants); their resolvers are given the same direct call, so that their arguments are
-    converted by plan (a 500-item batch input is most of that cost)."""
+    """Gives mutation resolvers the direct call, so that graphql-core, too, converts their
+    arguments by plan (a 500-item batch input is most of that cost), and the replay of an
+    outcome the compiled executor already has."""
     mutation = schema.mutation_type
     for definition in (mutation.fields.values() if mutation is not None else ()):
         call = _direct_call(schema, definition, None)
@@ -371,7 +383,18 @@ def plan_mutations(schema: GraphQLSchema) -> None:
 
 def _resolve_with(call: Callable[[Any, GraphQLResolveInfo, dict[str, Any]], Any],
                   source: Any, info: GraphQLResolveInfo, **args: Any) -> Any:
+    outcomes = _replay.get()
+    if outcomes is not None and info.path.prev is None and info.path.key in outcomes:
+        outcome = outcomes.pop(info.path.key)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
     return call(source, info, args)
+
+
+def _replays(definition: GraphQLField) -> bool:
+    resolve = definition.resolve
+    return isinstance(resolve, partial) and resolve.func is _resolve_with
 
 
 def _typename(name: str) -> Completer:
@@ -401,6 +424,7 @@ class _Run:
         self.context = context
         self.variables = variables
         self.pending: list[tuple[Any, Callable[[Any], None]]] = []
+        self.outcomes: dict[str, Any] = {}  # a mutation's root fields, by response key
 
     def execute_fields(
         self, plans: list[_FieldPlan], source: Any, path: Path | None
@@ -421,29 +445,52 @@ class _Run:
             if plan.definition is None:  # __typename
                 out[plan.key] = plan.complete(source, self, field_path)
                 continue
-            resolve = plan.definition.resolve
-            assert resolve is not None
-            if plan.read is not None:
-                value = plan.read(source)
-            elif plan.basic:
-                value = resolve(source, None)
-            else:
-                args = plan.static_args
-                if args is None:
-                    args = get_argument_values(plan.definition, plan.nodes[0], self.variables)
-                info = GraphQLResolveInfo(
-                    plan.name, plan.nodes, plan.definition.type, plan.parent, field_path,
-                    self.schema, self.plan.fragments, self.root_value, self.plan.operation,
-                    self.variables, self.context, _is_awaitable, None, _HELPERS,
-                )
-                value = (plan.call(source, info, args) if plan.call is not None
-                         else resolve(source, info, **args))
+            value = self.resolve(plan, source, field_path)
             if _is_awaitable(value):
                 out[plan.key] = None
                 self.pending.append((value, _filler(out, plan, self, field_path)))
             else:
                 out[plan.key] = plan.complete(value, self, field_path)
         return out
+
+    def resolve(self, plan: _FieldPlan, source: Any, field_path: Path) -> Any:
+        assert plan.definition is not None and plan.definition.resolve is not None
+        if plan.read is not None:
+            return plan.read(source)
+        if plan.basic:
+            return plan.definition.resolve(source, None)
+        args = plan.static_args
+        if args is None:
+            args = get_argument_values(plan.definition, plan.nodes[0], self.variables)
+        info = GraphQLResolveInfo(
+            plan.name, plan.nodes, plan.definition.type, plan.parent, field_path,
+            self.schema, self.plan.fragments, self.root_value, self.plan.operation,
+            self.variables, self.context, _is_awaitable, None, _HELPERS,
+        )
+        if plan.call is not None:
+            return plan.call(source, info, args)
+        return plan.definition.resolve(source, info, **args)
+
+    async def mutate(self) -> dict[str, Any]:
+        """The root fields one after the other, each resolved once and completed before
+        the next; every outcome kept (see _replay)."""
+        data: dict[str, Any] = {}
+        for plan in self.plan.fields:
+            path = Path(None, plan.key, plan.parent.name)
+            if plan.definition is None:  # __typename
+                data[plan.key] = plan.complete(self.root_value, self, path)
+                continue
+            try:
+                value = self.resolve(plan, self.root_value, path)
+                if _is_awaitable(value):
+                    value = await value
+            except Exception as error:
+                self.outcomes[plan.key] = error
+                raise _Fallback("a mutation raised") from error
+            self.outcomes[plan.key] = value
+            data[plan.key] = plan.complete(value, self, path)
+            await self.settle()
+        return data
 
     async def settle(self) -> None:
         while self.pending:
@@ -492,7 +539,7 @@ def _plan_for(schema: GraphQLSchema, document: DocumentNode, name: str | None) -
         return _plans[key]
     operation = _operation(document, name)
     plan = None
-    if operation is not None and operation.operation is OperationType.QUERY:
+    if operation is not None and operation.operation is not OperationType.SUBSCRIPTION:
         try:
             plan = _Compiler(schema, document, operation).plan()
         except _Unsupported:
@@ -534,10 +581,19 @@ async def execute_compiled(
         return await standard()  # coercion errors: graphql-core reports them
     run = _Run(plan, schema, root_value, context_value, variables)
     try:
-        data = run.execute_fields(plan.fields, root_value, None)
-        await run.settle()
+        if plan.operation.operation is OperationType.MUTATION:
+            data = await run.mutate()
+        else:
+            data = run.execute_fields(plan.fields, root_value, None)
+            await run.settle()
     except (_Fallback, Exception):
         run.abandon()
-        return await standard()
+        if not run.outcomes:
+            return await standard()
+        replaying = _replay.set(run.outcomes)
+        try:
+            return await standard()
+        finally:
+            _replay.reset(replaying)
     stats["compiled"] += 1
     return ExecutionResult(data=data, errors=None)
