@@ -1,13 +1,15 @@
-"""Migrations over a database that already holds data: SQLite's search indexes (0002) are
-built from the rows there, and taken back down to 0001's.
+"""Migrations over a database that already holds data: the search indexes of 0002 (SQLite)
+and 0003 (PostgreSQL) are built from the rows there, kept in step by the triggers, and the
+downgrades take them away again.
 
-On a SQLite file of their own, whichever database the rest of the suite runs on: 0002
-changes nothing on PostgreSQL.
+Each test has a database of its own, of the kind the suite runs on: a SQLite file, or a
+fresh database on the PostgreSQL server.
 """
 
 from __future__ import annotations
 
-import sqlite3
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +17,15 @@ import httpx
 import pytest
 from alembic import command
 from asgi_lifespan import LifespanManager
-from sqlalchemy import create_engine
+from sqlalchemy import make_url, text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from consumers_graphql.app import create_app
 from consumers_graphql.auth import READ_WRITE
 from consumers_graphql.db import make_engine
 from consumers_graphql.migrate import alembic_config, upgrade
 from consumers_graphql.settings import Settings
-from tests.conftest import GraphQL
+from tests.conftest import TEST_DATABASE_URL, GraphQL
 from tests.factories import consumer_row, insert_consumers
 
 SEARCH = """query Search($search: String!) {
@@ -31,15 +34,66 @@ SEARCH = """query Search($search: String!) {
 CREATE = """mutation Create($input: ConsumerCreateInput!) {
   consumerCreate(input: $input) { consumer { id } userErrors { field code } }
 }"""
+UPDATE = """mutation Update($id: ID!, $input: ConsumerUpdateInput!) {
+  consumerUpdate(id: $id, input: $input) { consumer { id } userErrors { field code } }
+}"""
+DELETE = """mutation Delete($id: ID!) {
+  consumerDelete(id: $id) { consumer { id } userErrors { field code } }
+}"""
 PEOPLE = [
     ("ana.lima@example.com", "+447700900123", "Ana Lima"),
     ("bruno@example.com", "+14155550100", "Bruno Costa"),
     ("desk+447700900@example.com", None, "Front Desk"),
+    ("gone@example.com", None, "Soon Gone"),
 ]
+TERMS = ["lima", "+447700", "7700900", "0100", "desk+44", "+1415", "0199", "costa", "gone"]
+# After one consumer is created, one renamed and one deleted (see `searches`).
+EXPECTED = {
+    "lima": ["ana.lima@example.com", "new@example.com"],
+    "+447700": ["ana.lima@example.com", "desk+447700900@example.com", "new@example.com"],
+    "7700900": ["ana.lima@example.com", "desk+447700900@example.com"],
+    "0100": ["bruno@example.com"],
+    "desk+44": ["desk+447700900@example.com"],
+    "+1415": ["bruno@example.com"],
+    "0199": ["new@example.com"],
+    "costa": [],
+    "gone": [],
+}
 
 
-def sqlite_settings(path: Path) -> Settings:
-    return Settings(database_url=f"sqlite+aiosqlite:///{path}", sqlite_inline_read_ms=1_000)
+@pytest.fixture
+async def old_url(tmp_path: Path) -> AsyncIterator[str]:
+    """A database of its own at revision 0001, with rows."""
+    if TEST_DATABASE_URL:
+        server = make_url(TEST_DATABASE_URL)
+        name = f"consumers_migrations_{uuid.uuid4().hex[:12]}"
+        admin = create_async_engine(server, isolation_level="AUTOCOMMIT")
+        async with admin.connect() as conn:
+            await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        url = server.set(database=name).render_as_string(hide_password=False)
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    try:
+        settings = database_settings(url)
+        await migrate_to(settings, "0001")
+        engine = make_engine(settings, writer=True)
+        try:
+            await insert_consumers(engine, [
+                consumer_row(n, email=email, phone=phone, full_name=name)
+                for n, (email, phone, name) in enumerate(PEOPLE)
+            ])
+        finally:
+            await engine.dispose()
+        yield url
+    finally:
+        if TEST_DATABASE_URL:
+            async with admin.connect() as conn:
+                await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            await admin.dispose()
+
+
+def database_settings(url: str) -> Settings:
+    return Settings(database_url=url, sqlite_inline_read_ms=1_000)
 
 
 async def migrate_to(settings: Settings, revision: str) -> None:
@@ -50,63 +104,62 @@ async def migrate_to(settings: Settings, revision: str) -> None:
         await engine.dispose()
 
 
-def downgrade_to(path: Path, revision: str) -> None:
-    engine = create_engine(f"sqlite:///{path}")
+async def downgrade_to(url: str, revision: str) -> None:
+    engine = make_engine(database_settings(url), writer=True)
+
+    def run(connection: Any) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.downgrade(config, revision)
+
     try:
-        with engine.begin() as connection:
-            config = alembic_config()
-            config.attributes["connection"] = connection
-            command.downgrade(config, revision)
+        async with engine.begin() as conn:
+            await conn.run_sync(run)
     finally:
-        engine.dispose()
+        await engine.dispose()
 
 
-def old_index_matches(path: Path, term: str) -> int:
-    with sqlite3.connect(path) as conn:
-        return int(conn.execute(
-            "SELECT count(*) FROM consumers_fts WHERE consumers_fts MATCH ?", (f'"{term}"',)
-        ).fetchone()[0])
+async def query(url: str, sql: str, **params: Any) -> list[Any]:
+    engine = make_engine(database_settings(url), writer=False)
+    try:
+        async with engine.connect() as conn:
+            return list((await conn.execute(text(sql), params)).all())
+    finally:
+        await engine.dispose()
 
 
-def search_tables(path: Path) -> set[str]:
-    with sqlite3.connect(path) as conn:
-        rows = conn.execute(
-            "SELECT name FROM sqlite_master WHERE type IN ('table', 'trigger') "
-            "AND (name LIKE 'consumers%fts' OR name LIKE 'consumers_%_insert')"
-        ).fetchall()
+async def search_objects(url: str) -> set[str]:
+    """The dialect's search tables and triggers."""
+    if url.startswith("sqlite"):
+        rows = await query(url, "SELECT name FROM sqlite_master WHERE type IN "
+                           "('table', 'trigger') AND name LIKE 'consumers%fts%' "
+                           "AND name NOT LIKE '%fts\\_%' ESCAPE '\\' "
+                           "OR name LIKE 'consumers_%_insert'")
+    else:
+        rows = await query(url, "SELECT tablename FROM pg_tables WHERE tablename LIKE "
+                           "'consumer\\_search%' UNION SELECT tgname FROM pg_trigger "
+                           "WHERE tgname LIKE 'consumer\\_search%'")
     return {name for (name,) in rows}
 
 
-@pytest.fixture
-async def old_database(tmp_path: Path) -> Path:
-    """A SQLite file at revision 0001 (one trigram index over search_text), with rows."""
-    path = tmp_path / "old.db"
-    settings = sqlite_settings(path)
-    await migrate_to(settings, "0001")
-    engine = make_engine(settings, writer=True)
-    try:
-        await insert_consumers(engine, [
-            consumer_row(n, email=email, phone=phone, full_name=name)
-            for n, (email, phone, name) in enumerate(PEOPLE)
-        ])
-    finally:
-        await engine.dispose()
-    return path
-
-
-async def searches(path: Path, terms: list[str]) -> dict[str, list[str]]:
-    """Each term's matches (their emails, sorted) through the API; one consumer created
-    first, so that the triggers are exercised too."""
-    app = create_app(sqlite_settings(path))
+async def searches(url: str, terms: list[str]) -> dict[str, list[str]]:
+    """Each term's matches (their emails, sorted) through the API, after a consumer is
+    created, one renamed and one deleted, so that the triggers are exercised too."""
+    app = create_app(database_settings(url))
     async with LifespanManager(app):
         secret = (await app.state.keys.create("t", scopes=READ_WRITE)).secret
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             gql = GraphQL(client, secret.get_secret_value())
-            created = (await gql.data(CREATE, {"input": {
-                "email": "new@example.com", "phone": "+447700019946", "fullName": "New Lima",
-            }}))["consumerCreate"]
-            assert created["userErrors"] == []
+            ids = {email: id_ for id_, email in await query(url, "SELECT id, email FROM consumers")}
+            for operation, variables in (
+                (CREATE, {"input": {"email": "new@example.com", "phone": "+447700019946",
+                                    "fullName": "New Lima"}}),
+                (UPDATE, {"id": ids["bruno@example.com"], "input": {"fullName": "Bruno"}}),
+                (DELETE, {"id": ids["gone@example.com"]}),
+            ):
+                outcome = next(iter((await gql.data(operation, variables)).values()))
+                assert outcome["userErrors"] == []
             found: dict[str, list[str]] = {}
             for term in terms:
                 data: Any = (await gql.data(SEARCH, {"search": term}))["consumers"]
@@ -116,35 +169,35 @@ async def searches(path: Path, terms: list[str]) -> dict[str, list[str]]:
             return found
 
 
-TERMS = ["lima", "+447700", "7700900", "0100", "desk+44", "+1415", "0199"]
-EXPECTED = {
-    "lima": ["ana.lima@example.com", "new@example.com"],
-    "+447700": ["ana.lima@example.com", "desk+447700900@example.com", "new@example.com"],
-    "7700900": ["ana.lima@example.com", "desk+447700900@example.com"],
-    "0100": ["bruno@example.com"],
-    "desk+44": ["desk+447700900@example.com"],
-    "+1415": ["bruno@example.com"],
-    "0199": ["new@example.com"],
-}
+async def test_upgrade_indexes_the_rows_already_there(old_url: str) -> None:
+    before = await search_objects(old_url)
+
+    await migrate_to(database_settings(old_url), "head")
+
+    if old_url.startswith("sqlite"):
+        assert before == {"consumers_fts", "consumers_fts_insert"}
+        assert await search_objects(old_url) == {
+            "consumers_text_fts", "consumers_phone_fts", "consumers_search_insert"}
+    else:
+        assert before == set()
+        assert await search_objects(old_url) == {"consumer_search", *(
+            f"consumer_search_{event}" for event in ("insert", "update", "delete", "truncate"))}
+    assert await searches(old_url, TERMS) == EXPECTED
+    if not old_url.startswith("sqlite"):  # the narrow copy holds exactly the table's text
+        copy = await query(old_url, "SELECT id, search_text FROM consumer_search ORDER BY id")
+        assert copy == await query(old_url, "SELECT id, search_text FROM consumers ORDER BY id")
 
 
-async def test_upgrade_indexes_the_rows_already_there(old_database: Path) -> None:
-    assert search_tables(old_database) == {"consumers_fts", "consumers_fts_insert"}
+async def test_downgrade_restores_what_was_there(old_url: str) -> None:
+    before = await search_objects(old_url)
+    await migrate_to(database_settings(old_url), "head")
+    await searches(old_url, [])  # writes at the head revision
 
-    await migrate_to(sqlite_settings(old_database), "head")
+    await downgrade_to(old_url, "0001")
 
-    assert search_tables(old_database) == {
-        "consumers_text_fts", "consumers_phone_fts", "consumers_search_insert"
-    }
-    assert await searches(old_database, TERMS) == EXPECTED
-
-
-async def test_downgrade_restores_the_single_index(old_database: Path) -> None:
-    await migrate_to(sqlite_settings(old_database), "head")
-
-    await searches(old_database, [])  # a consumer created at 0002
-    downgrade_to(old_database, "0001")
-
-    assert search_tables(old_database) == {"consumers_fts", "consumers_fts_insert"}
-    matches = {term: old_index_matches(old_database, term) for term in ("lima", "7700900", "0199")}
-    assert matches == {"lima": 2, "7700900": 2, "0199": 1}
+    assert await search_objects(old_url) == before
+    if old_url.startswith("sqlite"):  # 0001's index, rebuilt with what was written since
+        matches = {term: (await query(
+            old_url, "SELECT count(*) FROM consumers_fts WHERE consumers_fts MATCH :m",
+            m=f'"{term}"'))[0][0] for term in ("lima", "7700900", "0199", "costa")}
+        assert matches == {"lima": 2, "7700900": 2, "0199": 1, "costa": 0}
