@@ -7,11 +7,13 @@ the services against the database.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import unicodedata
 from collections.abc import Mapping, Sequence
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from typing import Any
 
 import phonenumbers
@@ -108,6 +110,26 @@ def text(
     if bad is not None:
         raise invalid(path, f"{label} must not contain control characters ({bad}).")
     return string
+
+
+def _remember_domain_checks() -> bool:
+    """email-validator checks the domain of every address afresh (a Unicode test of each
+    character, then IDNA mapping): three quarters of its time for an ASCII address. The
+    check depends on nothing but the domain and two flags, and addresses share few
+    domains, so its results are kept; a refusal raises and is not kept. email-validator
+    looks the check up in its module at every call, so the cached one is put there.
+    Returns whether it is in place (a test pins this, so a new email-validator that
+    moved it is noticed)."""
+    module = importlib.import_module("email_validator.validate_email")
+    check = getattr(module, "validate_email_domain_name", None)
+    if check is None or not callable(check):
+        return False
+    if not hasattr(check, "cache_info"):
+        module.validate_email_domain_name = lru_cache(maxsize=1024)(check)  # type: ignore[attr-defined]
+    return True
+
+
+DOMAIN_CHECKS_REMEMBERED = _remember_domain_checks()
 
 
 def email(value: Any, path: Path) -> str:
