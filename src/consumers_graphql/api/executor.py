@@ -17,10 +17,12 @@ graphql-core's, and the per-request DataLoader caches make the second run cheap.
 differential tests run the same operations through both executors and compare.
 
 Mutations run their root fields one after the other, as the spec wants, each resolved and
-then completed before the next starts. A mutation must not run twice, so every root
-field's outcome (its value, or what it raised) is kept; when graphql-core takes over, the
-resolvers that `plan_mutations` installed replay those outcomes instead of writing again,
-and only the root fields not reached yet run for real (if graphql-core runs them at all).
+then completed before the next starts. A write must not run twice, and a payload must show
+the state right after its own write, so when graphql-core has to take over, the root fields
+already completed keep their answers and graphql-core runs only the rest, as an operation
+of their own: the field that failed first, whose outcome (its value, or what it raised) the
+resolvers `plan_mutations` installed replay instead of writing again, then the fields not
+reached yet (if graphql-core runs them at all).
 """
 
 from __future__ import annotations
@@ -148,6 +150,9 @@ class _Compiler:
             raise _Unsupported("no root type")
         if self.operation.directives:
             raise _Unsupported("directives")
+        if mutation and not all(isinstance(selection, FieldNode)
+                                for selection in self.operation.selection_set.selections):
+            raise _Unsupported("fragments at a mutation's root")  # see _Run.remaining
         fields = self.fields(root, [self.operation.selection_set])
         if mutation and not all(plan.definition is None or _replays(plan.definition)
                                 for plan in fields):
@@ -424,7 +429,10 @@ class _Run:
         self.context = context
         self.variables = variables
         self.pending: list[tuple[Any, Callable[[Any], None]]] = []
-        self.outcomes: dict[str, Any] = {}  # a mutation's root fields, by response key
+        # A mutation: the answers of the root fields completed, by response key, and the
+        # outcome of the one being run.
+        self.done: dict[str, Any] = {}
+        self.outcomes: dict[str, Any] = {}
 
     def execute_fields(
         self, plans: list[_FieldPlan], source: Any, path: Path | None
@@ -473,24 +481,41 @@ class _Run:
 
     async def mutate(self) -> dict[str, Any]:
         """The root fields one after the other, each resolved once and completed before
-        the next; every outcome kept (see _replay)."""
-        data: dict[str, Any] = {}
+        the next (see `remaining` for what happens when one fails)."""
         for plan in self.plan.fields:
             path = Path(None, plan.key, plan.parent.name)
             if plan.definition is None:  # __typename
-                data[plan.key] = plan.complete(self.root_value, self, path)
+                self.done[plan.key] = plan.complete(self.root_value, self, path)
                 continue
             try:
                 value = self.resolve(plan, self.root_value, path)
                 if _is_awaitable(value):
                     value = await value
             except Exception as error:
-                self.outcomes[plan.key] = error
+                self.outcomes = {plan.key: error}
                 raise _Fallback("a mutation raised") from error
-            self.outcomes[plan.key] = value
-            data[plan.key] = plan.complete(value, self, path)
+            self.outcomes = {plan.key: value}
+            answer = plan.complete(value, self, path)
             await self.settle()
-        return data
+            self.done[plan.key] = answer
+            self.outcomes = {}
+        return self.done
+
+    def remaining(self, document: DocumentNode) -> DocumentNode:
+        """The operation without the root fields already done (the compiler left
+        mutations with fragments at the root to graphql-core), with the fragments."""
+        operation = self.plan.operation
+        selections = tuple(
+            s for s in operation.selection_set.selections
+            if isinstance(s, FieldNode) and (s.alias or s.name).value not in self.done
+        )
+        rest = OperationDefinitionNode(
+            operation=operation.operation, name=operation.name,
+            variable_definitions=operation.variable_definitions, directives=(),
+            selection_set=SelectionSetNode(selections=selections),
+        )
+        return DocumentNode(definitions=(rest, *(
+            d for d in document.definitions if isinstance(d, FragmentDefinitionNode))))
 
     async def settle(self) -> None:
         while self.pending:
@@ -562,11 +587,11 @@ async def execute_compiled(
 ) -> ExecutionResult:
     """graphql-core's `execute`, through a compiled plan where the operation allows one."""
 
-    async def standard() -> ExecutionResult:
+    async def standard(operations: DocumentNode = document) -> ExecutionResult:
         stats["fallbacks"] += 1
-        result = execute(schema, document, root_value=root_value, context_value=context_value,
-                         variable_values=variable_values, operation_name=operation_name,
-                         middleware=middleware, **kwargs)
+        result = execute(schema, operations, root_value=root_value,
+                         context_value=context_value, variable_values=variable_values,
+                         operation_name=operation_name, middleware=middleware, **kwargs)
         return await result if _is_awaitable(result) else result  # type: ignore[misc]
 
     if middleware and list(getattr(middleware, "middlewares", None) or ()):
@@ -588,12 +613,15 @@ async def execute_compiled(
             await run.settle()
     except (_Fallback, Exception):
         run.abandon()
-        if not run.outcomes:
+        if plan.operation.operation is not OperationType.MUTATION:
             return await standard()
         replaying = _replay.set(run.outcomes)
         try:
-            return await standard()
+            rest = await standard(run.remaining(document))
         finally:
             _replay.reset(replaying)
+        if rest.data is None:  # a non-null root field failed: null for the whole data
+            return rest
+        return ExecutionResult(data={**run.done, **rest.data}, errors=rest.errors)
     stats["compiled"] += 1
     return ExecutionResult(data=data, errors=None)
