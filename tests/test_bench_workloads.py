@@ -294,6 +294,10 @@ PEOPLE = [  # (email, phone, full name): mixed case, accents, other scripts, LIK
     # `+` and digits in an email and a name: not only the start of a phone (SQLite's B-tree)
     ("sales+447700912@example.com", None, "Line 2"),
     ("line3@example.com", None, "Desk +4477009 Ext 7"),
+    # letters SQLite's FTS5 would fold further than str.lower() does (long s to s, final
+    # sigma to sigma)
+    ("carl@example.de", None, "Carl Gau\u017fs"),
+    ("odos@example.gr", None, "ΟΔΟΣ"),
 ]
 SEARCHES = [
     "chloé", "CHLOÉ", "chloe", "Martin", "mar", "ÜLLER", "müller", "søren", "o'brien",
@@ -302,6 +306,7 @@ SEARCHES = [
     "+1415", "5550", "elo", "Élodie", "élodie", "dubois", "nobody-here", "ro", "ar", '"brien',
     "lucas.silva", "lucas silva", "x.silva@", "+44770091", "+44 7700 9001", "+4477009",
     "+447700912", "+4", "+49", "7700", "700912", "9123", "+33698765432", "+1", "5+4",
+    "gauss", "gau\u017fs", "οδο\u03c3", "οδος",
 ]
 
 

@@ -34,10 +34,14 @@ INSERT_TRIGGER = "consumers_search_insert"
 _UP = [
     *(f"DROP TRIGGER IF EXISTS consumers_fts_{event}" for event in ("insert", "delete", "update")),
     "DROP TABLE IF EXISTS consumers_fts",
+    # Case-sensitive: the columns are folded by Python already (normalize.fold), as is the
+    # term, so a match is exactly the substring the LIKE tests. FTS5's own folding goes
+    # further than str.lower() (the long s is `s` to it), which made counts taken from the index
+    # alone disagree with the rows.
     """CREATE VIRTUAL TABLE consumers_text_fts USING fts5(email_key, full_name_key,
-        content='consumers', content_rowid='rowid', tokenize='trigram')""",
+        content='consumers', content_rowid='rowid', tokenize='trigram case_sensitive 1')""",
     """CREATE VIRTUAL TABLE consumers_phone_fts USING fts5(phone,
-        content='consumers', content_rowid='rowid', tokenize='trigram')""",
+        content='consumers', content_rowid='rowid', tokenize='trigram case_sensitive 1')""",
     f"""CREATE TRIGGER {INSERT_TRIGGER} AFTER INSERT ON consumers BEGIN
         INSERT INTO {_TEXT} VALUES (new.rowid, new.email_key, new.full_name_key);
         INSERT INTO {_PHONE} VALUES (new.rowid, new.phone);
