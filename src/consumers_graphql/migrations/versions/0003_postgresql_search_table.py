@@ -5,7 +5,9 @@ matches. In the consumers table those rows are wide and spread out: `garcia` (22
 matches in a million) reads 17,000 of its pages, about 100 ms. consumer_search holds only
 the id and the search text (a third of the size, small enough to stay cached); the same
 count reads 11,000 of its pages in about 25 ms. Statement-level triggers keep it in step
-with consumers, one statement per write statement whatever the number of rows.
+with consumers, one statement per write statement whatever the number of rows (an UPDATE
+trigger with transition tables can name no columns, so every update of consumers runs
+one; the copy follows rows by id, which never changes).
 
 Revision ID: 0003
 Revises: 0002
@@ -34,6 +36,8 @@ _SYNC = {
 def upgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
+    # No write may land between the copy and the triggers.
+    op.execute("LOCK TABLE consumers IN SHARE ROW EXCLUSIVE MODE")
     op.execute("CREATE TABLE consumer_search ("
                "id varchar(32) PRIMARY KEY, search_text text NOT NULL)")
     op.execute("INSERT INTO consumer_search (id, search_text) "
