@@ -115,17 +115,24 @@ def text(
 def _remember_domain_checks() -> bool:
     """email-validator checks the domain of every address afresh (a Unicode test of each
     character, then IDNA mapping): three quarters of its time for an ASCII address. The
-    check depends on nothing but the domain and two flags, and addresses share few
-    domains, so its results are kept; a refusal raises and is not kept. email-validator
-    looks the check up in its module at every call, so the cached one is put there.
-    Returns whether it is in place (a test pins this, so a new email-validator that
-    moved it is noticed)."""
+    check depends on nothing but the domain, two flags and email-validator's list of
+    special-use domains (which this service never changes), and addresses share few
+    domains, so its results are kept (each caller gets a copy); a refusal raises and is
+    not kept. email-validator looks the check up in its module at every call, so the
+    remembering one is put there. Returns whether it is in place (a test pins this, so a
+    new email-validator that moved it is noticed)."""
     module = importlib.import_module("email_validator.validate_email")
     check = getattr(module, "validate_email_domain_name", None)
     if check is None or not callable(check):
         return False
-    if not hasattr(check, "cache_info"):
-        module.validate_email_domain_name = lru_cache(maxsize=1024)(check)  # type: ignore[attr-defined]
+    if getattr(check, "remembered", None) is None:
+        remembered = lru_cache(maxsize=1024)(check)
+
+        def remembering_check(*args: Any, **kwargs: Any) -> Any:
+            return dict(remembered(*args, **kwargs))
+
+        remembering_check.remembered = remembered  # type: ignore[attr-defined]
+        module.validate_email_domain_name = remembering_check  # type: ignore[attr-defined]
     return True
 
 
