@@ -32,7 +32,7 @@ from ulid import ULID
 from consumers_graphql import models, validation
 from consumers_graphql.db import Database
 from consumers_graphql.errors import DomainError, DomainErrors, ErrorCode
-from consumers_graphql.ids import IdKind, is_id_of
+from consumers_graphql.ids import IdKind, is_id_of, new_id, sequential_ids
 from consumers_graphql.normalize import derived_fields, fold
 from consumers_graphql.repository import AUDIENCE_COLUMNS, CONSUMER_COLUMNS, ORDER_COLUMNS
 from consumers_graphql.validation import BATCH_MAX, Path
@@ -185,12 +185,6 @@ def _consumer_values(
         except DomainError as error:
             errors.append(error)
     return values, errors
-
-
-def _sequential_ids(kind: IdKind, at: datetime, count: int) -> list[str]:
-    """Ids that sort in input order (one random ULID, then its successors)."""
-    first = int(ULID.from_datetime(at))
-    return [f"{kind.value}_{ULID.from_int(first + n)}" for n in range(count)]
 
 
 def _later(now: datetime, previous: datetime) -> datetime:
@@ -417,7 +411,7 @@ class Services:
             now = datetime.now(UTC)
             statement = insert(audiences).returning(*AUDIENCE_COLUMNS)
             return (await session.execute(statement, {
-                "id": _sequential_ids(IdKind.AUDIENCE, now, 1)[0],
+                "id": new_id(IdKind.AUDIENCE, now),
                 "name": values["name"],
                 "description": values.get("description"),
                 "created_at": now,
@@ -540,7 +534,7 @@ class Services:
             placed_at = values["placed_at"] or now
             statement = insert(orders).returning(*ORDER_COLUMNS)
             order = (await session.execute(statement, {
-                "id": _sequential_ids(IdKind.ORDER, now, 1)[0],
+                "id": new_id(IdKind.ORDER, now),
                 "consumer_id": consumer_id,
                 "amount": values["amount"],
                 "currency": values["currency"],
@@ -620,7 +614,7 @@ async def _insert_consumers(
     if not values:
         return []
     now = datetime.now(UTC)
-    ids = _sequential_ids(IdKind.CONSUMER, now, len(values))
+    ids = sequential_ids(IdKind.CONSUMER, ULID.from_datetime(now), len(values))
     params = [
         {
             "id": id,

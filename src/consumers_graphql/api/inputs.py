@@ -259,11 +259,17 @@ class ConsumerBatchPayload:
 
     @classmethod
     def from_result(cls, result: services.BatchResult) -> ConsumerBatchPayload:
+        rows = [item.row for item in result.results if item.row is not None]
+        # Rows of one statement become nodes together (their columns looked up once).
+        if rows and all(row._fields == rows[0]._fields for row in rows):
+            written = iter(Consumer.from_rows(rows))
+        else:
+            written = iter([Consumer.from_row(row) for row in rows])
         return cls(
             count=result.count,
             results=[
                 ConsumerBatchResult(
-                    consumer=Consumer.from_row(item.row) if item.row is not None else None,
+                    consumer=next(written) if item.row is not None else None,
                     user_errors=user_errors(item.errors),
                 )
                 for item in result.results
