@@ -82,6 +82,38 @@ async def test_batch_create_returns_results_in_input_order(gql: GraphQL, write_e
     assert await consumer_count(write_engine) == 3
 
 
+ALL_FIELDS = ("id email phone fullName metadata externalId totalOrders totalOrderValue "
+              "lastOrderAt createdAt updatedAt")
+READ_BACK = f"""query($ids: [ID!]!) {{
+  nodes(ids: $ids) {{ ... on Consumer {{ {ALL_FIELDS} }} }}
+}}"""
+
+
+async def test_created_consumers_are_answered_as_a_read_gives_them(gql: GraphQL) -> None:
+    # The written rows are answered from the values inserted, not read back: every field
+    # must be what a read of the same consumers gives, formatting and nulls included.
+    items = [
+        {"email": "Mixed.Case@Example.com", "phone": "+1 (415) 555-0100", "fullName": "Zoë",
+         "metadata": {"big": 2**70, "pi": 3.14159, "nested": {"a": [1, None, "é"]}},
+         "externalId": "ext-1"},
+        {"fullName": "  Trimmed  "},
+        {"email": "plain@example.com", "metadata": {}},
+    ]
+    batch = f"""mutation($input: [ConsumerCreateInput!]!) {{
+      consumerBatchCreate(input: $input) {{ results {{ consumer {{ {ALL_FIELDS} }} }} }} }}"""
+    single = f"""mutation {{
+      consumerCreate(input: {{email: "one@example.com", metadata: {{x: 1}}}}) {{
+        consumer {{ {ALL_FIELDS} }} }} }}"""
+
+    created = [r["consumer"] for r in
+               (await gql.data(batch, {"input": items}))["consumerBatchCreate"]["results"]]
+    created.append((await gql.data(single))["consumerCreate"]["consumer"])
+
+    read = (await gql.data(READ_BACK, {"ids": [c["id"] for c in created]}))["nodes"]
+    assert created == read
+    assert created[0]["metadata"]["big"] == 2**70 and created[1]["lastOrderAt"] is None
+
+
 async def test_empty_batch_writes_nothing(gql: GraphQL) -> None:
     payload = await batch_create(gql, [])
     assert payload == {"count": 0, "results": [], "userErrors": []}

@@ -299,12 +299,16 @@ async def test_delete_returns_the_deleted_consumer_and_removes_its_relations(
 async def test_batch_create_returns_the_created_consumers_in_input_order(
     client: httpx.AsyncClient, auth_headers: dict[str, str]
 ) -> None:
-    response = await client.post(BATCH, headers=auth_headers, json=people(3))
+    items = people(3)
+    items[0] |= {"phone": "+1 (415) 555-0100", "externalId": "x-0",
+                 "metadata": {"big": 2**70, "pi": 3.14159, "nested": {"a": [1, None, "é"]}}}
+    response = await client.post(BATCH, headers=auth_headers, json=items)
     assert response.status_code == 201, response.text
     created = response.json()
     assert [c["email"] for c in created] == [p["email"] for p in people(3)]
     for consumer in created:
         assert_consumer_shape(consumer)
+    # answered from the values inserted: exactly what a read gives
     listed = (await client.get(f"{URL}?sortDir=asc", headers=auth_headers)).json()["data"]
     assert listed == created
 
