@@ -27,18 +27,10 @@ from consumers_graphql.migrate import alembic_config, upgrade
 from consumers_graphql.settings import Settings
 from tests.conftest import TEST_DATABASE_URL, GraphQL
 from tests.factories import consumer_row, insert_consumers
+from tests.test_bench_workloads import CREATE, DELETE, UPDATE
 
 SEARCH = """query Search($search: String!) {
   consumers(first: 50, search: $search) { totalCount nodes { email } }
-}"""
-CREATE = """mutation Create($input: ConsumerCreateInput!) {
-  consumerCreate(input: $input) { consumer { id } userErrors { field code } }
-}"""
-UPDATE = """mutation Update($id: ID!, $input: ConsumerUpdateInput!) {
-  consumerUpdate(id: $id, input: $input) { consumer { id } userErrors { field code } }
-}"""
-DELETE = """mutation Delete($id: ID!) {
-  consumerDelete(id: $id) { consumer { id } userErrors { field code } }
 }"""
 PEOPLE = [
     ("ana.lima@example.com", "+447700900123", "Ana Lima"),
