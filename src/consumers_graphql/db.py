@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -12,6 +13,7 @@ from decimal import Decimal
 from time import thread_time
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     BigInteger,
     Connection,
@@ -105,6 +107,17 @@ def SortableText(length: int) -> String:
     return String(length).with_variant(String(length, collation="C"), "postgresql")
 
 
+def _json_text(value: Any) -> str:
+    """JSON columns as orjson writes them: compact, in a sixth of the standard library's
+    time (a 500-row batch writes 400 metadata objects). Integers past 64 bits, which
+    orjson refuses, go through the standard library; NaN never gets here (metadata
+    refuses it)."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(value)
+
+
 def make_engine(settings: Settings, *, writer: bool) -> AsyncEngine:
     """An engine for the configured database.
 
@@ -118,6 +131,7 @@ def make_engine(settings: Settings, *, writer: bool) -> AsyncEngine:
         engine = create_async_engine(
             url,
             echo=settings.sql_echo,
+            json_serializer=_json_text,
             connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000},
             # one thread hop per statement on aiosqlite (see sqlite_driver)
             **({"module": sqlite_driver.DBAPI()}
@@ -128,6 +142,7 @@ def make_engine(settings: Settings, *, writer: bool) -> AsyncEngine:
     return create_async_engine(
         url,
         echo=settings.sql_echo,
+        json_serializer=_json_text,
         pool_size=settings.pool_size,
         max_overflow=settings.pool_size,
         pool_pre_ping=True,
