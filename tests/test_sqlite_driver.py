@@ -16,7 +16,7 @@ from sqlalchemy import event, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from consumers_graphql.db import Database, make_engine
+from consumers_graphql.db import Database, WalCheckpoints, make_engine
 from consumers_graphql.settings import Settings
 
 
@@ -216,3 +216,36 @@ async def test_a_locked_database_sends_the_read_to_the_driver_thread(
         holder.close()
         await reader.close()
         await database.dispose()
+
+
+async def test_write_transactions_are_checkpointed_off_the_commit(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    database = Database(settings)
+    checkpoints = database.checkpoints
+    assert checkpoints is not None
+    try:
+        # the writers checkpoint by themselves only past the backstop
+        async with database.write_engine.connect() as conn:
+            pages = (await conn.execute(text("PRAGMA wal_autocheckpoint"))).scalar_one()
+        assert pages == checkpoints.BACKSTOP_PAGES
+
+        for n in range(3):
+            async with database.write_session() as session, session.begin():
+                await session.execute(text("INSERT INTO t (v) VALUES (:v)"), {"v": f"v{n}"})
+        await checkpoints.idle()
+
+        # every page of the log was copied back, by the background connection
+        assert checkpoints.last is not None
+        busy, log_pages, copied = checkpoints.last
+        assert busy == 0 and log_pages > 0 and copied == log_pages
+    finally:
+        await database.dispose()
+    with sqlite3.connect(settings.database_url.split("///", 1)[1]) as conn:
+        assert conn.execute("SELECT v FROM t ORDER BY v").fetchall() == [("v0",), ("v1",), ("v2",)]
+
+
+@pytest.mark.parametrize("url", ["postgresql+asyncpg://u@127.0.0.1/db",
+                                 "sqlite+aiosqlite:///:memory:"])
+def test_no_checkpoints_without_a_sqlite_file(url: str) -> None:
+    assert WalCheckpoints.for_settings(Settings(database_url=url)) is None  # type: ignore[arg-type]
