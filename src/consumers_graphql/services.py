@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import Enum
+from functools import lru_cache
+from operator import itemgetter
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import Table, bindparam, delete, func, insert, or_, select, update
@@ -610,6 +612,7 @@ async def _taken_consumer_keys(
 # A consumer as inserted: the columns of a read (CONSUMER_COLUMNS), by name and position.
 _Inserted = namedtuple("_Inserted", [column.name for column in CONSUMER_COLUMNS])  # type: ignore[misc]
 _NO_MONEY = Decimal(0).quantize(Decimal(1).scaleb(-MONEY_SCALE))  # as Money reads it back
+_COLUMN_NAMES = tuple(column.name for column in consumers.c)
 
 
 async def _insert_consumers(
@@ -617,29 +620,70 @@ async def _insert_consumers(
 ) -> list[Any]:
     """One INSERT for all rows, rows returned in the order given. Every column's value is
     decided here (no database default applies), so the rows are these values, as a read
-    would give them; RETURNING asks only for the ids, which keeps the batch one statement
-    (SQLAlchemy's insertmanyvalues) without reading 500 rows back through their type
-    processors."""
+    would give them; RETURNING asks only for the ids, which keeps the batch one
+    statement without reading 500 rows back through their type processors."""
     if not values:
         return []
     now = datetime.now(UTC)
     ids = sequential_ids(IdKind.CONSUMER, ULID.from_datetime(now), len(values))
+    shared = {"total_orders": 0, "total_order_value": _NO_MONEY, "last_order_at": None,
+              "created_at": now, "updated_at": now}  # the same for every row
     params = [
-        {
-            "id": id,
-            **value,
-            "total_orders": 0,
-            "total_order_value": _NO_MONEY,
-            "last_order_at": None,
-            "created_at": now,
-            "updated_at": now,
-            **derived_fields(value["email"], value["phone"], value["full_name"]),
-        }
+        {"id": id, **value, **shared,
+         **derived_fields(value["email"], value["phone"], value["full_name"])}
         for id, value in zip(ids, values, strict=True)
     ]
-    result = await session.execute(insert(consumers).returning(consumers.c.id), params)
-    assert sorted(result.scalars().all()) == ids, "one row inserted per item"
+    connection = await session.connection()
+    if connection.dialect.name == "sqlite":
+        result = await connection.exec_driver_sql(
+            _sqlite_insert(len(params)), _sqlite_parameters(connection.dialect, params, shared)
+        )
+    else:  # SQLAlchemy's insertmanyvalues: one statement too
+        result = await session.execute(insert(consumers).returning(consumers.c.id), params)
+    assert sorted(row[0] for row in result.all()) == ids, "one row inserted per item"
     return [_Inserted(**{name: row[name] for name in _Inserted._fields}) for row in params]
+
+
+# SQLite: the multi-row INSERT written out and its parameters bound here, through the very
+# bind processors SQLAlchemy would use (so the values stored are the same), but those of
+# the columns every row shares run once per batch instead of once per row, and no
+# per-row parameter dictionary is built: 4 to 5 ms less for 500 rows (bench/ W5). 500 rows
+# of 14 columns are 7,000 parameters, within SQLite's 32,766 (RETURNING already needs a
+# SQLite newer than that limit).
+@lru_cache(maxsize=4)
+def _sqlite_insert(count: int) -> str:
+    row = "(" + ", ".join("?" * len(_COLUMN_NAMES)) + ")"
+    return (f"INSERT INTO consumers ({', '.join(_COLUMN_NAMES)}) VALUES "
+            + ", ".join([row] * count) + " RETURNING id")
+
+
+@lru_cache(maxsize=2)
+def _bind_processors(dialect: Any) -> tuple[Callable[[Any], Any] | None, ...]:
+    return tuple(column.type.dialect_impl(dialect).bind_processor(dialect)
+                 for column in consumers.c)
+
+
+def _sqlite_parameters(
+    dialect: Any, params: Sequence[dict[str, Any]], shared: dict[str, Any]
+) -> tuple[Any, ...]:
+    processors = _bind_processors(dialect)
+    constant: list[tuple[int, Any]] = []
+    per_row: list[tuple[int, Callable[[Any], Any]]] = []
+    for index, (name, process) in enumerate(zip(_COLUMN_NAMES, processors, strict=True)):
+        if name in shared:
+            constant.append((index, process(shared[name]) if process else shared[name]))
+        elif process is not None:
+            per_row.append((index, process))
+    row_values = itemgetter(*_COLUMN_NAMES)
+    flat: list[Any] = []
+    for row in params:
+        bound = list(row_values(row))
+        for index, process in per_row:
+            bound[index] = process(bound[index])
+        for index, value in constant:
+            bound[index] = value
+        flat.extend(bound)
+    return tuple(flat)
 
 
 async def _consumers_for_update(
