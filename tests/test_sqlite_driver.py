@@ -249,3 +249,19 @@ async def test_write_transactions_are_checkpointed_off_the_commit(
                                  "sqlite+aiosqlite:///:memory:"])
 def test_no_checkpoints_without_a_sqlite_file(url: str) -> None:
     assert WalCheckpoints.for_settings(Settings(database_url=url)) is None  # type: ignore[arg-type]
+
+
+def test_checkpoints_open_a_file_uri_as_the_engines_do(tmp_path: Path) -> None:
+    path = tmp_path / "uri.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE t (v TEXT)")
+        conn.execute("INSERT INTO t VALUES ('a')")
+    url = f"sqlite+aiosqlite:///file:{path}?mode=rw&uri=true"
+    checkpoints = WalCheckpoints.for_settings(Settings(database_url=url))  # type: ignore[arg-type]
+    assert checkpoints is not None
+
+    checkpoints._checkpoint()
+
+    assert checkpoints.last is not None and checkpoints.last[1] >= 0  # the file, in WAL mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["uri.db", "uri.db-shm", "uri.db-wal"]

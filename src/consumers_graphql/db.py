@@ -187,22 +187,30 @@ class WalCheckpoints:
 
     BACKSTOP_PAGES = 10_000
 
-    def __init__(self, path: str) -> None:
-        self._path = path
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
         self._connection: sqlite3.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._again = False
+        self._closed = False
         self.last: tuple[int, int, int] | None = None  # (busy, log pages, pages copied)
 
     @classmethod
     def for_settings(cls, settings: Settings) -> WalCheckpoints | None:
-        """For a SQLite file (an in-memory database has no log)."""
+        """For a SQLite file (an in-memory database has no log), opened as SQLAlchemy's
+        sqlite3 dialect opens the URL (`file:` URIs included)."""
         if not settings.is_sqlite:
             return None
-        path = make_url(settings.database_url).database
-        return cls(path) if path and path != ":memory:" else None
+        url = make_url(settings.database_url).set(drivername="sqlite+pysqlite")
+        if url.database in (None, "", ":memory:"):
+            return None
+        args, kwargs = url.get_dialect()().create_connect_args(url)
+        kwargs.update(timeout=0, isolation_level=None, check_same_thread=False)
+        return cls(lambda: sqlite3.connect(*args, **kwargs))
 
     def request(self) -> None:
+        if self._closed:
+            return
         if self._task is not None and not self._task.done():
             self._again = True
             return
@@ -216,22 +224,29 @@ class WalCheckpoints:
     async def _run(self) -> None:
         while True:
             self._again = False
-            await asyncio.to_thread(self._checkpoint)
+            try:
+                await asyncio.to_thread(self._checkpoint)
+            except Exception:  # the writers' backstop still applies
+                logger.exception("background WAL checkpoint failed")
+                return
             if not self._again:
                 return
 
     def _checkpoint(self) -> None:
         try:
             if self._connection is None:
-                self._connection = sqlite3.connect(
-                    self._path, timeout=0, isolation_level=None, check_same_thread=False
-                )
+                self._connection = self._connect()
             row = self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            self.last = tuple(row) if row else None
         except sqlite3.Error as error:  # the writers' backstop still applies
             logger.warning("background WAL checkpoint failed: %s", error)
+            return
+        self.last = (row[0], row[1], row[2])
+        if row[1] == -1:  # not in WAL mode: nothing to do, ever
+            logger.warning("the SQLite database is not in WAL mode: no background checkpoints")
+            self._closed = True
 
     async def close(self) -> None:
+        self._closed = True
         await self.idle()
         if self._connection is not None:
             self._connection.close()
@@ -376,12 +391,14 @@ class Database:
         return Reader(self.read_engine, self.inline)
 
     async def dispose(self) -> None:
-        if self.checkpoints is not None:
-            await self.checkpoints.close()
-        await self.read_engine.dispose()
-        await self.write_engine.dispose()
-        if self.inline is not None:
-            self.inline.dispose()
+        try:
+            if self.checkpoints is not None:
+                await self.checkpoints.close()
+        finally:
+            await self.read_engine.dispose()
+            await self.write_engine.dispose()
+            if self.inline is not None:
+                self.inline.dispose()
 
     @asynccontextmanager
     async def write_session(self) -> AsyncIterator[AsyncSession]:

@@ -640,7 +640,8 @@ async def _insert_consumers(
         )
     else:  # SQLAlchemy's insertmanyvalues: one statement too
         result = await session.execute(insert(consumers).returning(consumers.c.id), params)
-    assert sorted(row[0] for row in result.all()) == ids, "one row inserted per item"
+    if sorted(row[0] for row in result.all()) != ids:
+        raise RuntimeError("the INSERT did not write one row per item")
     return [_Inserted(**{name: row[name] for name in _Inserted._fields}) for row in params]
 
 
