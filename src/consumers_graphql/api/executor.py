@@ -370,8 +370,8 @@ def _direct_call(
     return call
 
 
-# The outcomes of the root fields a compiled mutation has run, by response key, while
-# graphql-core runs the operation again (see execute_compiled).
+# The outcome (its value, or what it raised) of the root field a compiled mutation stopped
+# at, by response key, while graphql-core runs the rest of the operation (execute_compiled).
 _replay: ContextVar[dict[str, Any] | None] = ContextVar("replay", default=None)
 
 
