@@ -205,8 +205,10 @@ class WalCheckpoints:
         if url.database in (None, "", ":memory:"):
             return None
         args, kwargs = url.get_dialect()().create_connect_args(url)
-        kwargs.update(timeout=0, isolation_level=None, check_same_thread=False)
-        return cls(lambda: sqlite3.connect(*args, **kwargs))
+        options: dict[str, Any] = {**kwargs, "timeout": 0, "isolation_level": None,
+                                   "check_same_thread": False}
+        database: Any = args[0]
+        return cls(lambda: sqlite3.connect(database, **options))
 
     def request(self) -> None:
         if self._closed:

@@ -227,11 +227,14 @@ def _search_hits(kind: str, *, distinct: bool = True) -> Any:
     return union(hits, phones) if distinct else union_all(hits, phones)
 
 
+def _search_filter(kind: str) -> Callable[[], list[Any]]:
+    return lambda: [literal_column("consumers.rowid").in_(_search_hits(kind)), _SEARCH_LIKE]
+
+
 for _kind in _SEARCH_KINDS:
-    # A count, or a page with other filters: the rows the indexes give, then the LIKE.
-    _FILTERS[f"search_fts_{_kind}"] = lambda kind=_kind: [
-        literal_column("consumers.rowid").in_(_search_hits(kind)), _SEARCH_LIKE
-    ]
+    # A count with other filters: the rows the indexes give, then the LIKE (a search
+    # alone is counted by _search_count).
+    _FILTERS[f"search_fts_{_kind}"] = _search_filter(_kind)
     # A page of a selective search (see _search_probe): driven by the indexes, the few
     # matching rows then sorted; the FROM clause joins the hits (see _page_base).
     _FILTERS[f"search_join_{_kind}"] = lambda: [_SEARCH_LIKE]
@@ -255,7 +258,7 @@ def _narrow_search_count(names: tuple[str, ...]) -> Select[Any]:
     those of the wide consumers table are three times the pages), with the conditions
     _FILTERS gives the consumers table."""
     text_column = _consumer_search.c.search_text
-    like = bindparam("search_like")
+    like: Any = bindparam("search_like")
     conditions = [text_column.like(like, escape="\\")]
     if names == ("search_trgm",):
         conditions = [text_column.like(bindparam("search_trgm")),

@@ -610,7 +610,8 @@ async def _taken_consumer_keys(
 
 
 # A consumer as inserted: the columns of a read (CONSUMER_COLUMNS), by name and position.
-_Inserted = namedtuple("_Inserted", [column.name for column in CONSUMER_COLUMNS])  # type: ignore[misc]
+_INSERTED_FIELDS = tuple(column.name for column in CONSUMER_COLUMNS)
+_Inserted = namedtuple("_Inserted", _INSERTED_FIELDS)  # type: ignore[misc]
 _NO_MONEY = Decimal(0).quantize(Decimal(1).scaleb(-MONEY_SCALE))  # as Money reads it back
 _COLUMN_NAMES = tuple(column.name for column in consumers.c)
 
@@ -642,7 +643,7 @@ async def _insert_consumers(
         result = await session.execute(insert(consumers).returning(consumers.c.id), params)
     if sorted(row[0] for row in result.all()) != ids:
         raise RuntimeError("the INSERT did not write one row per item")
-    return [_Inserted(**{name: row[name] for name in _Inserted._fields}) for row in params]
+    return [_Inserted(**{name: row[name] for name in _INSERTED_FIELDS}) for row in params]
 
 
 # SQLite: the multi-row INSERT written out and its parameters bound here, through the very
