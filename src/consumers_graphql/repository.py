@@ -164,20 +164,25 @@ def _normalized_phone(raw: str) -> str:
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 
 
+def _search_conditions(search_text: Any, name: str) -> list[Any]:
+    """A search's conditions on a search text column (consumers', or PostgreSQL's narrow
+    copy): the exact LIKE. For "search_trgm" (PostgreSQL, a term with characters other
+    than letters and digits: `lucas.silva.1`, `+44770091`) the index answers the wider
+    pattern of its words (_trigram_pattern), and the exact one is checked on the rows
+    found, as an expression the planner cannot send to the index (where it would add back
+    the padded trigrams)."""
+    if name == "search_trgm":
+        return [search_text.like(bindparam("search_trgm")),
+                (search_text + literal_column("''", Text())).like(
+                    bindparam("search_like"), escape="\\")]
+    return [search_text.like(bindparam("search_like"), escape="\\")]
+
+
 # Each filter as WHERE conditions over bound parameters: a filtered statement is built (and
 # compiled) once per combination of filters, never per request.
 _FILTERS: dict[str, Callable[[], list[Any]]] = {
     "search": lambda: [_SEARCH_LIKE],
-    # PostgreSQL, a term with characters other than letters and digits (`lucas.silva.1`,
-    # `+44770091`): the index answers the wider pattern of its words (_trigram_pattern), and
-    # the exact one is checked on the rows found, as an expression the planner cannot send
-    # to the index (where it would add back the padded trigrams).
-    "search_trgm": lambda: [
-        consumers.c.search_text.like(bindparam("search_trgm")),
-        (consumers.c.search_text + literal_column("''", Text())).like(
-            bindparam("search_like"), escape="\\"
-        ),
-    ],
+    "search_trgm": lambda: _search_conditions(consumers.c.search_text, "search_trgm"),
     "created_after": lambda: [
         consumers.c.created_at > bindparam("created_after", type_=consumers.c.created_at.type)
     ],
@@ -189,7 +194,7 @@ _FILTERS: dict[str, Callable[[], list[Any]]] = {
     "phone": lambda: [consumers.c.phone == bindparam("phone")],
     "external_id": lambda: [consumers.c.external_id == bindparam("external_id")],
 }
-_SEARCH_LIKE = consumers.c.search_text.like(bindparam("search_like"), escape="\\")
+(_SEARCH_LIKE,) = _search_conditions(consumers.c.search_text, "search")
 
 
 # SQLite, a term of 3 characters or more: the trigram indexes narrow the rows down, the LIKE
@@ -255,15 +260,11 @@ def _search_probe(kind: str) -> Select[Any]:
 def _narrow_search_count(names: tuple[str, ...]) -> Select[Any]:
     """PostgreSQL, a search alone: counted in consumer_search, whose rows hold only the
     search text (a count re-reads every candidate the lossy trigram index gives, and
-    those of the wide consumers table are three times the pages), with the conditions
-    _FILTERS gives the consumers table."""
-    text_column = _consumer_search.c.search_text
-    like: Any = bindparam("search_like")
-    conditions = [text_column.like(like, escape="\\")]
-    if names == ("search_trgm",):
-        conditions = [text_column.like(bindparam("search_trgm")),
-                      (text_column + literal_column("''", Text())).like(like, escape="\\")]
-    return select(func.count()).select_from(_consumer_search).where(*conditions)
+    those of the wide consumers table are three times the pages)."""
+    (name,) = names
+    return select(func.count()).select_from(_consumer_search).where(
+        *_search_conditions(_consumer_search.c.search_text, name)
+    )
 
 
 @lru_cache(maxsize=len(_SEARCH_KINDS))
