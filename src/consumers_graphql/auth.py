@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
+from urllib.parse import unquote
 
 from pydantic import SecretStr
 from sqlalchemy import bindparam, func, insert, or_, select, text, update
@@ -80,8 +81,35 @@ def hash_secret(secret: str, pepper: SecretStr | None) -> str:
     return hmac.new(key, secret.encode(), hashlib.sha256).hexdigest()
 
 
+def _encoded(characters: str) -> str:
+    """A pattern for one of `characters` as it is or percent-encoded, up to three times
+    (`_`, `%5F`, `%5f`, `%255F`, `%25255F`)."""
+    hexes = "|".join(f"{ord(c):02X}" for c in characters)
+    return f"(?:[{re.escape(characters)}]|%(?:25){{0,2}}(?i:{hexes}))"
+
+
+_BODY_CHARACTERS = _encoded(_ALPHABET)
+# A secret in a log line, in any encoding a URL or a form can give it (uvicorn's access line
+# prints the query string as it was sent).
+LOGGED_SECRET_PATTERN = re.compile(
+    f"{_encoded('s')}{_encoded('k')}{_encoded('_')}"
+    f"(?:{_encoded('l')}{_encoded('i')}{_encoded('v')}{_encoded('e')}"
+    f"|{_encoded('t')}{_encoded('e')}{_encoded('s')}{_encoded('t')})"
+    f"{_encoded('_')}{_BODY_CHARACTERS}{{32,128}}"
+)
+
+
+def _decoded(text_: str) -> str:
+    for _ in range(3):
+        text_ = unquote(text_)
+    return text_
+
+
 def redact(text_: str) -> str:
-    return SECRET_PATTERN.sub(lambda m: m.group()[:VISIBLE_PREFIX_LENGTH] + "…[redacted]", text_)
+    """Every secret in `text_`, plain or percent-encoded, cut to its visible prefix."""
+    return LOGGED_SECRET_PATTERN.sub(
+        lambda m: _decoded(m.group())[:VISIBLE_PREFIX_LENGTH] + "…[redacted]", text_
+    )
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from consumers_graphql.auth import SECRET_PATTERN, redact
+from consumers_graphql.auth import LOGGED_SECRET_PATTERN, redact
 
 _PRIMITIVES = (str, int, float, type(None))
 
@@ -28,7 +28,7 @@ class RedactSecrets(logging.Filter):
             # Structured arguments (dicts, ASGI scopes with their headers at trace level):
             # render, then mask the rendered line.
             message = record.getMessage()
-            if SECRET_PATTERN.search(message):
+            if LOGGED_SECRET_PATTERN.search(message):
                 record.msg, record.args = redact(message), None
         if record.exc_info and not record.exc_text:
             record.exc_text = redact(logging.Formatter().formatException(record.exc_info))

@@ -1,0 +1,145 @@
+"""Real processes for the tests that need them: `consumers-graphql serve` on a free loopback
+port, its output collected, and a private PostgreSQL cluster the test starts and stops."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+import pytest
+
+SECRET = re.compile(r"sk_(?:live|test)_[A-Za-z0-9]{32,}")
+POSTGRES_BIN = Path(os.environ.get("CONSUMERS_TEST_POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Served:
+    """`consumers-graphql serve` (the console script) in a subprocess, stdout and stderr
+    collected line by line."""
+
+    def __init__(self, database_url: str, cwd: Path, env: dict[str, str] | None = None,
+                 preexec: Sequence[str] = ()) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        script = Path(sys.executable).with_name("consumers-graphql")
+        environment = {**os.environ, "CONSUMERS_DATABASE_URL": database_url,
+                       "CONSUMERS_KEY_PEPPER": "serve-pepper", **(env or {})}
+        self.process = subprocess.Popen(
+            [*preexec, str(script), "serve", "--port", str(self.port)], env=environment,
+            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_until_up(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                assert self.process.poll() is None, self.output
+                time.sleep(0.1)
+        raise AssertionError(f"serve did not come up:\n{self.output}")
+
+    def secret(self) -> str:
+        """The first key's secret, as the first start printed it."""
+        found = SECRET.search(self.output)
+        assert found is not None, self.output
+        return found.group()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait(timeout=5)
+        self._reader.join(timeout=5)
+        return code
+
+    def get(self, path: str, **kwargs: object) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=10, **kwargs)  # type: ignore[arg-type]
+
+    def post(self, path: str, **kwargs: object) -> httpx.Response:
+        return httpx.post(self.url + path, timeout=10, **kwargs)  # type: ignore[arg-type]
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster (initdb) on a free loopback port, in a directory of its
+    own. PostgreSQL refuses to run as root: as root (CI) it runs as the `postgres` user, or
+    `nobody` where there is none."""
+
+    def __init__(self) -> None:
+        if not (POSTGRES_BIN / "initdb").exists():
+            pytest.skip(f"PostgreSQL's initdb not found in {POSTGRES_BIN} "
+                        "(set CONSUMERS_TEST_POSTGRES_BIN)")
+        self.port = free_port()
+        self.directory = Path(tempfile.mkdtemp(prefix="consumers-pg-"))
+        self._as_user: list[str] = []
+        if os.geteuid() == 0:
+            user = "postgres" if _user_exists("postgres") else "nobody"
+            shutil.chown(self.directory, user)
+            self._as_user = ["runuser", "-u", user, "--"]
+        self.data = self.directory / "data"
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                  "-E", "UTF8", "--no-sync")
+        self.url = f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, tool: str, *args: str) -> None:
+        result = subprocess.run([*self._as_user, str(POSTGRES_BIN / tool), *args],
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, f"{tool} failed: {result.stdout}{result.stderr}"
+
+    def start(self) -> None:
+        options = (f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
+                   "-c fsync=off -c full_page_writes=off")
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.directory / "log"),
+                  "-o", options, "-w", "start")
+
+    def stop(self) -> None:
+        """As a crash or a pulled cable looks to clients: no goodbye to any connection."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def remove(self) -> None:
+        subprocess.run([*self._as_user, str(POSTGRES_BIN / "pg_ctl"), "-D", str(self.data),
+                        "-m", "immediate", "-w", "stop"], capture_output=True, timeout=60,
+                       check=False)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _user_exists(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True

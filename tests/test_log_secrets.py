@@ -1,0 +1,56 @@
+"""A secret pasted into a URL never reaches `serve`'s output, in whatever encoding it came:
+uvicorn's access line prints the path and query string as they were sent."""
+
+from __future__ import annotations
+
+import secrets
+import string
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+import httpx
+
+from tests.processes import Served
+
+
+def _every_character(text: str, pattern: str) -> str:
+    return "".join(pattern % ord(c) for c in text)
+
+
+def test_a_secret_in_a_url_is_redacted_in_every_encoding(tmp_path: Path) -> None:
+    body = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(40))
+    secret = f"sk_live_{body}"
+    encoded = [
+        secret,
+        secret.replace("_", "%5F"),
+        secret.replace("_", "%5f"),
+        _every_character(secret, "%%%02X"),
+        _every_character(secret, "%%%02x"),
+        quote(secret.replace("_", "%5F")),  # double-encoded: %255F
+        quote(quote(secret.replace("_", "%5f"))),  # three times: %25255f
+        quote(_every_character(secret, "%%%02x")),
+        "Bearer+" + secret,
+        "Bearer%2B" + secret.replace("_", "%5F"),
+        "Bearer%20" + secret[:20] + _every_character(secret[20:], "%%%02X"),
+    ]
+    served = Served(f"sqlite+aiosqlite:///{tmp_path / 'secrets.db'}", tmp_path,
+                    env={"CONSUMERS_LOG_LEVEL": "info"})
+    try:
+        served.wait_until_up()
+        banner = served.output
+        with httpx.Client(base_url=served.url, timeout=10) as client:
+            for form in encoded:
+                for target in (f"/graphql?query=%7B__typename%7D&api_key={form}",
+                               f"/api/v1/consumers?api_key={form}&limit=1",
+                               f"/api/v1/consumers/{form}"):
+                    response = client.get(target, headers={"accept": "application/json"})
+                    assert response.status_code == 401, (target, response.text)
+    finally:
+        assert served.stop() == 0, served.output
+    log = served.output[len(banner):]
+    # every request was logged, each with its key cut to the visible prefix
+    assert log.count('HTTP/1.1" 401') == 3 * len(encoded), log
+    assert log.count(f"{secret[:12]}…[redacted]") == 3 * len(encoded), log
+    # and no part of the secret past that prefix is there, in any encoding
+    decoded = unquote(unquote(unquote(log)))
+    assert body[4:] not in decoded and body[-8:] not in decoded, log
