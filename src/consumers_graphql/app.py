@@ -6,7 +6,8 @@ import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import BackgroundTasks, FastAPI, Request
+from fastapi import BackgroundTasks, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.routing import Route
 
@@ -23,6 +24,7 @@ from consumers_graphql.http_auth import (
     authentication_required_response,
     require_api_key,
 )
+from consumers_graphql.outage import is_unavailable
 from consumers_graphql.repository import Repository
 from consumers_graphql.request_id import RequestIdMiddleware
 from consumers_graphql.rest import errors as rest_errors
@@ -112,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         schema,
         context=_graphql_context,
         graphql_ide=None if settings.is_production else "graphiql",
+        retry_after_s=settings.retry_after_s,
     )
     # A Starlette route: /openapi.json documents the REST API only (GraphQL has its own
     # schema at /graphql), and FastAPI's dependency resolution is not needed here.
@@ -123,9 +126,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(rest_routes.router)
 
     @app.get("/healthz", include_in_schema=False)
-    async def healthz(request: Request) -> dict[str, str]:
-        async with request.app.state.database.read_engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
-        return {"status": "ok"}
+    async def healthz(request: Request) -> Response:
+        database: Database = request.app.state.database
+        try:
+            async with database.read_engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception as error:
+            if not is_unavailable(error):
+                raise
+            database.outage.failed(error)
+            return JSONResponse({"status": "unavailable"}, status_code=503,
+                                headers={"Retry-After": str(settings.retry_after_s)})
+        return JSONResponse({"status": "ok"})
 
     return app

@@ -42,6 +42,7 @@ from sqlalchemy.sql import Executable
 from sqlalchemy.types import TypeDecorator
 
 from consumers_graphql import sqlite_driver
+from consumers_graphql.outage import Outage
 from consumers_graphql.settings import Settings
 
 logger = logging.getLogger("consumers_graphql.db")
@@ -134,6 +135,7 @@ def make_engine(settings: Settings, *, writer: bool) -> AsyncEngine:
         engine = create_async_engine(
             url,
             echo=settings.sql_echo,
+            hide_parameters=True,
             json_serializer=_json_text,
             connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000},
             # one thread hop per statement on aiosqlite (see sqlite_driver)
@@ -145,6 +147,8 @@ def make_engine(settings: Settings, *, writer: bool) -> AsyncEngine:
     return create_async_engine(
         url,
         echo=settings.sql_echo,
+        # No personal data in logs: errors and echoed statements never show their values.
+        hide_parameters=True,
         json_serializer=_json_text,
         pool_size=settings.pool_size,
         max_overflow=settings.pool_size,
@@ -267,6 +271,7 @@ class InlineReads:
         self.engine = create_engine(
             url.set(drivername="sqlite+pysqlite"),
             echo=settings.sql_echo,
+            hide_parameters=True,
             # timeout 0: a locked database is an error at once (the statement then goes to
             # the driver's thread, which waits) rather than a sleep on the loop.
             connect_args={"check_same_thread": False, "timeout": 0},
@@ -378,6 +383,15 @@ class Database:
         # timeout.
         self._writer_turn = asyncio.Lock() if settings.is_sqlite else None
         self.checkpoints = WalCheckpoints.for_settings(settings)
+        self.outage = Outage(settings.retry_after_s)
+        # The database is back once a connection opens, or a write commits (a SQLite file
+        # locked past the busy timeout opens fine): events, so no request pays a check.
+        for engine in self.engines:
+            event.listen(engine, "connect", self._reached)
+        event.listen(self.write_engine.sync_engine, "commit", self._reached)
+
+    def _reached(self, *_args: Any) -> None:
+        self.outage.recovered()
 
     @property
     def dialect(self) -> str:

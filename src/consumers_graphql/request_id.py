@@ -13,6 +13,9 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ulid import ULID
 
+from consumers_graphql import outage
+from consumers_graphql.api.http import JSON, MEDIA_TYPE_STATE
+
 HEADER = "X-Request-ID"
 INTERNAL_SERVER_ERROR = "INTERNAL_SERVER_ERROR"
 # Letters, digits and . _ : - only, so an id can be written to a log line as it is.
@@ -58,24 +61,54 @@ class RequestIdMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
-        except Exception:
-            # Starlette's own 500 is sent outside this middleware, without the id.
-            logger.exception("unhandled error (request_id=%s)", request_id)
+        except Exception as error:
             if started:
+                # Starlette's own 500 is sent outside this middleware, without the id.
+                logger.exception("unhandled error (request_id=%s)", request_id)
                 raise
-            if scope.get("path", "").startswith("/api/"):  # the REST reference's shape
-                body = json.dumps({"error": "Internal server error", "details": [
-                    {"field": "requestId", "message": request_id}]}).encode()
+            if outage.is_unavailable(error):
+                scope["app"].state.database.outage.failed(error)
+                status, headers, body = _unavailable(scope, request_id)
             else:
-                body = json.dumps({"errors": [{
-                    "message": "Internal server error.",
-                    "extensions": {"code": INTERNAL_SERVER_ERROR, "requestId": request_id},
-                }]}).encode()
-            await send({"type": "http.response.start", "status": 500, "headers": [
-                (b"content-type", b"application/json"),
+                logger.exception("unhandled error (request_id=%s)", request_id)
+                status, headers, body = 500, [], _internal(scope, request_id)
+                headers.append((b"content-type", b"application/json"))
+            await send({"type": "http.response.start", "status": status, "headers": [
+                *headers,
                 (b"content-length", str(len(body)).encode()),
                 (HEADER.lower().encode(), request_id.encode()),
             ]})
             await send({"type": "http.response.body", "body": body})
         finally:
             current.reset(token)
+
+
+def _is_rest(scope: Scope) -> bool:
+    return str(scope.get("path", "")).startswith("/api/")  # the REST reference's shape
+
+
+def _internal(scope: Scope, request_id: str) -> bytes:
+    if _is_rest(scope):
+        return json.dumps({"error": "Internal server error", "details": [
+            {"field": "requestId", "message": request_id}]}).encode()
+    return json.dumps({"errors": [{
+        "message": "Internal server error.",
+        "extensions": {"code": INTERNAL_SERVER_ERROR, "requestId": request_id},
+    }]}).encode()
+
+
+def _unavailable(scope: Scope, request_id: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """503 with Retry-After, in the REST reference's shape under /api/, GraphQL's elsewhere
+    (in the media type /graphql negotiated)."""
+    retry_after = str(scope["app"].state.settings.retry_after_s).encode()
+    if _is_rest(scope):
+        body = json.dumps({"error": outage.REST_MESSAGE, "details": []}).encode()
+        media_type = JSON
+    else:
+        body = json.dumps({"errors": [{
+            "message": outage.GRAPHQL_MESSAGE,
+            "extensions": {"code": outage.SERVICE_UNAVAILABLE, "requestId": request_id},
+        }]}).encode()
+        media_type = scope.get("state", {}).get(MEDIA_TYPE_STATE, JSON) + "; charset=utf-8"
+    return 503, [(b"content-type", media_type.encode()),
+                 (b"retry-after", retry_after)], body

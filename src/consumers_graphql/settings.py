@@ -22,6 +22,8 @@ class Settings(BaseSettings):
     sql_echo: bool = False
     # Connection pool per process (PostgreSQL); SQLite uses its own small pool.
     pool_size: int = Field(default=10, ge=1)
+    # The Retry-After of a 503 while the database is out of reach.
+    retry_after_s: int = Field(default=5, ge=1)
     sqlite_busy_timeout_ms: int = Field(default=10_000, ge=0)
     # SQLite reads first run on the event loop's own thread, and are handed to the driver's
     # thread when they take longer than this (0: always on the driver's thread). See db.py.

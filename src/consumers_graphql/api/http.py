@@ -34,6 +34,7 @@ from strawberry.types.unset import UNSET
 
 from consumers_graphql.api.context import Context
 from consumers_graphql.api.permissions import FORBIDDEN
+from consumers_graphql.outage import SERVICE_UNAVAILABLE
 
 GRAPHQL_RESPONSE_JSON = "application/graphql-response+json"
 JSON = "application/json"
@@ -188,9 +189,10 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
     once the response is sent; background tasks (the key's lastUsedAt) run after that."""
 
     def __init__(self, schema: Any, *, context: ContextFactory,
-                 graphql_ide: Any = "graphiql") -> None:
+                 graphql_ide: Any = "graphiql", retry_after_s: int = 5) -> None:
         super().__init__(schema, graphql_ide=graphql_ide)
         self._context = context
+        self._retry_after_s = retry_after_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -233,6 +235,10 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         media_type = state.get(MEDIA_TYPE_STATE, JSON)
         response.headers["content-type"] = f"{media_type}; charset=utf-8"
         request_error_status = state.get(REQUEST_ERROR_STATE)
+        if request_error_status == 503:  # the database out of reach: under both media types
+            response.status_code = 503
+            response.headers["Retry-After"] = str(self._retry_after_s)
+            return response
         if (media_type == GRAPHQL_RESPONSE_JSON and request_error_status
                 and response.status_code == 200):
             response.status_code = request_error_status
@@ -269,8 +275,10 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         # A refused scope is a permission problem (403), any other request error a bad
         # request (400); both only under application/graphql-response+json.
         forbidden = all((error.extensions or {}).get("code") == FORBIDDEN for error in errors)
+        unavailable = any((error.extensions or {}).get("code") == SERVICE_UNAVAILABLE
+                          for error in errors)
         request.scope.setdefault("state", {})[REQUEST_ERROR_STATE] = (
-            (403 if forbidden else 400) if request_error else None
+            503 if unavailable else (403 if forbidden else 400) if request_error else None
         )
         response: GraphQLHTTPResponse = {} if request_error else {"data": result.data}
         if errors:

@@ -13,7 +13,8 @@ from strawberry.extensions import SchemaExtension
 from strawberry.schema.config import StrawberryConfig
 from strawberry.types import ExecutionContext
 
-from consumers_graphql import request_id
+from consumers_graphql import outage, request_id
+from consumers_graphql.api.context import Context
 from consumers_graphql.api.executor import execute_compiled, plan_mutations
 from consumers_graphql.api.limits import Limits, OperationLimits
 from consumers_graphql.api.mutation import Mutation
@@ -72,6 +73,15 @@ class ErrorCodes(SchemaExtension):
             if original.field is not None:
                 error.extensions["field"] = list(original.field)
             return error
+        if _is_unexpected(error) and outage.is_unavailable(original):
+            error = GraphQLError(
+                outage.GRAPHQL_MESSAGE, nodes=error.nodes, source=error.source,
+                positions=error.positions, path=error.path,
+            )
+            _tag([error], outage.SERVICE_UNAVAILABLE)
+            if (current_id := request_id.current.get()) is not None:
+                error.extensions = {**(error.extensions or {}), "requestId": current_id}
+            return error
         if _is_unexpected(error):
             error = GraphQLError(
                 INTERNAL_MESSAGE, nodes=error.nodes, source=error.source,
@@ -91,6 +101,11 @@ class Schema(strawberry.Schema):
     ) -> None:
         # Expected failures are answers, not incidents: only log what nobody planned for.
         for error in errors:
+            if _is_unexpected(error) and outage.is_unavailable(error.original_error):
+                context = execution_context.context if execution_context else None
+                if isinstance(context, Context):  # one warning per outage, not a traceback
+                    context.database.outage.failed(error.original_error)  # type: ignore[arg-type]
+                    continue
             if _is_unexpected(error):
                 logger.error(
                     "unexpected error in %s (request_id=%s)", error.path,

@@ -1,0 +1,176 @@
+"""The database out of reach: `serve` against a PostgreSQL cluster of the test's own, stopped
+under it and started again. Every request answers 503 with Retry-After meanwhile, the log
+has one warning for the outage and one line when it is over, no traceback and no personal
+data, and the server recovers by itself.
+
+The cluster is the test's own whatever the suite's database, so it runs in the SQLite run
+only (the PostgreSQL run would repeat it unchanged)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from consumers_graphql.settings import Settings
+from tests.conftest import bearer
+from tests.processes import PostgresCluster, Served
+
+pytestmark = pytest.mark.skipif(
+    bool(os.environ.get("CONSUMERS_TEST_DATABASE_URL")),
+    reason="brings its own PostgreSQL: runs once, in the SQLite run",
+)
+
+REST = "/api/v1/consumers"
+QUERY = "{ consumers(first: 2) { totalCount nodes { email } } }"
+GRAPHQL_RESPONSE_JSON = "application/graphql-response+json"
+PEOPLE = [("ada.outage@example.com", "Ada Outagelace"), ("grace.outage@example.com",
+                                                          "Grace Outagehopper")]
+
+
+def _create(email: str, name: str) -> str:
+    return (f'mutation {{ consumerCreate(input: {{email: "{email}", fullName: "{name}"}}) '
+            f"{{ consumer {{ id }} userErrors {{ message }} }} }}")
+
+
+@pytest.fixture
+def cluster() -> Iterator[PostgresCluster]:
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+def _assert_unavailable(response: httpx.Response, retry_after: str) -> None:
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == retry_after
+    assert response.headers["x-request-id"].startswith("req_")
+
+
+def test_postgresql_stopped_and_started_again_503_one_warning_and_recovery(
+    cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    served = Served(cluster.url, tmp_path,
+                    env={"CONSUMERS_RETRY_AFTER_S": "7", "CONSUMERS_LOG_LEVEL": "info"})
+    try:
+        served.wait_until_up()
+        key = bearer(served.secret())
+        started = len(served.lines)
+        # given a server that works
+        assert served.post("/graphql", json={"query": QUERY}, headers=key).status_code == 200
+        assert served.get(REST, headers=key).status_code == 200
+        assert served.get("/healthz").json() == {"status": "ok"}
+
+        # when the database stops under it
+        cluster.stop()
+        # then GraphQL answers 503, under either media type, with SERVICE_UNAVAILABLE
+        for accept in ("application/json", GRAPHQL_RESPONSE_JSON):
+            for body in ({"query": QUERY}, {"query": _create(*PEOPLE[0])}):
+                response = served.post("/graphql", json=body,
+                                       headers={**key, "accept": accept})
+                _assert_unavailable(response, "7")
+                assert response.headers["content-type"].startswith(accept)
+                [error] = response.json()["errors"]
+                assert error["extensions"] == {"code": "SERVICE_UNAVAILABLE",
+                                               "requestId": response.headers["x-request-id"]}
+        response = served.get("/graphql", params={"query": QUERY},
+                              headers={**key, "accept": "application/json"})
+        _assert_unavailable(response, "7")
+        # and REST answers 503 in the reference's shape, reads and writes alike
+        for response in (
+            served.get(REST, headers=key),
+            served.get(f"{REST}/cons_01J0000000000000000000000", headers=key),
+            served.post(REST, headers=key, json={"email": PEOPLE[1][0],
+                                                 "fullName": PEOPLE[1][1]}),
+            served.post(f"{REST}/batch", headers=key,
+                        json=[{"email": email, "fullName": name} for email, name in PEOPLE]),
+        ):
+            _assert_unavailable(response, "7")
+            assert response.json() == {"error": "Service unavailable", "details": []}
+        # and so does the health check
+        response = served.get("/healthz")
+        _assert_unavailable(response, "7")
+        assert response.json() == {"status": "unavailable"}
+        # while a request refused before the database is needed is answered as always
+        assert served.get(REST).status_code == 401
+
+        # when the database is back
+        cluster.start()
+        # then the same server answers again, without a restart
+        response = served.post("/graphql", json={"query": _create(*PEOPLE[0])}, headers=key)
+        assert response.status_code == 200, response.text
+        assert response.json()["data"]["consumerCreate"]["userErrors"] == []
+        response = served.post(REST, headers=key, json={"email": PEOPLE[1][0],
+                                                        "fullName": PEOPLE[1][1]})
+        assert response.status_code == 201, response.text
+        assert served.get("/healthz").json() == {"status": "ok"}
+        response = served.post("/graphql", json={"query": QUERY}, headers=key)
+        assert response.json()["data"]["consumers"]["totalCount"] == 2
+    finally:
+        assert served.stop() == 0, served.output
+    log = "".join(served.lines[started:])
+    # one warning for the outage, one line for its end, and nothing else of it
+    assert log.count("database unavailable") == 1, log
+    assert log.count("WARNING") == 1, log
+    assert log.count("database available again") == 1, log
+    assert "Traceback" not in log and "ERROR" not in log, log
+    # no personal data, not even in the failed writes
+    for email, name in PEOPLE:
+        assert email not in log and name not in log, log
+    assert '"GET /healthz HTTP/1.1" 503' in log
+
+
+async def test_a_sqlite_file_locked_past_the_busy_timeout_is_503_then_recovers(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite's outage: another process holding the write lock past the busy timeout."""
+    from asgi_lifespan import LifespanManager
+
+    from consumers_graphql.app import create_app
+    from consumers_graphql.auth import KeyStore
+
+    caplog.set_level(logging.INFO, logger="consumers_graphql")
+    locked = settings.model_copy(update={"sqlite_busy_timeout_ms": 50, "retry_after_s": 3})
+    app = create_app(locked)
+    async with LifespanManager(app):
+        keys: KeyStore = app.state.keys
+        created = await keys.create("outage")
+        key = bearer(created.secret.get_secret_value())
+        path = locked.database_url.removeprefix("sqlite+aiosqlite:///")
+        holder = sqlite3.connect(path, isolation_level=None)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            try:
+                # given another process in the middle of a long write
+                holder.execute("BEGIN IMMEDIATE")
+                # then writes answer 503 (REST and GraphQL), reads go on
+                response = await client.post(REST, headers=key, json={
+                    "email": "locked.out@example.com", "fullName": "Locked Out"})
+                _assert_unavailable(response, "3")
+                assert response.json() == {"error": "Service unavailable", "details": []}
+                response = await client.post("/graphql", headers=key, json={
+                    "query": _create("locked.out@example.com", "Locked Out")})
+                _assert_unavailable(response, "3")
+                [error] = response.json()["errors"]
+                assert error["extensions"]["code"] == "SERVICE_UNAVAILABLE"
+                assert (await client.get(REST, headers=key)).status_code == 200
+            finally:
+                holder.execute("ROLLBACK")
+                holder.close()
+            # when the lock is released, writes succeed again
+            response = await client.post(REST, headers=key, json={
+                "email": "locked.out@example.com", "fullName": "Locked Out"})
+            assert response.status_code == 201, response.text
+            await client.delete(f"{REST}/{response.json()['id']}", headers=key)
+        await keys.revoke(created.info.id)
+    messages = [r.getMessage() for r in caplog.records if r.name == "consumers_graphql.db"]
+    assert sum("database unavailable" in m for m in messages) == 1, messages
+    assert sum("database available again" in m for m in messages) == 1, messages
+    assert not any("locked.out" in r.getMessage() or r.exc_info for r in caplog.records)
