@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
+import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,6 +24,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from consumers_graphql.app import create_app, tune_gc
+    from consumers_graphql.connections import ConnectionLimits
     from consumers_graphql.logs import log_config
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -34,6 +37,12 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     # Uvicorn drains requests on SIGTERM, then raises the signal again for the previous
     # handler: make that a clean exit, since a requested graceful stop is a success.
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    limits = ConnectionLimits.for_settings(settings)
+    if limits.max_connections < settings.max_connections:
+        print(f"At most {limits.max_connections} client connections, not "
+              f"{settings.max_connections}: the process may open only "
+              f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]} files (ulimit -n).",
+              file=sys.stderr, flush=True)
     app = create_app(settings)
     tune_gc()
     uvicorn.run(
@@ -44,6 +53,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         log_config=log_config(settings.log_level),
         proxy_headers=False,
         server_header=False,
+        http=limits.protocol(),
+        backlog=limits.backlog,
+        timeout_keep_alive=math.ceil(limits.idle_s),  # the protocol keeps the exact value
     )
     return 0
 

@@ -28,6 +28,14 @@ class Settings(BaseSettings):
     # SQLite reads first run on the event loop's own thread, and are handed to the driver's
     # thread when they take longer than this (0: always on the driver's thread). See db.py.
     sqlite_inline_read_ms: float = Field(default=2.0, ge=0)
+    # `serve`'s client connections (see connections.py): the first byte of a request within
+    # the keep-alive (idle) timeout, its head within the header timeout of that byte, and at
+    # most the body timeout between two reads of its body; at most max_connections open
+    # (fewer if the descriptor limit, `ulimit -n`, allows fewer).
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    max_connections: int = Field(default=1_000, ge=1)
     # Server-side secret mixed into every API key hash (HMAC-SHA256): a stolen database alone
     # cannot be used to check guesses. Changing it invalidates every existing key.
     key_pepper: SecretStr | None = None

@@ -1,0 +1,161 @@
+"""Slow and idle clients, for `serve`: uvicorn's HTTP/1.1 protocol (h11) with deadlines for
+every phase of a connection and a cap on how many are open.
+
+uvicorn closes a kept-alive connection after `timeout_keep_alive`, but a connection that
+never completes its request head, or sends its body a byte a minute, is kept forever: a few
+hundred of them use up the process's file descriptors and lock every other client out.
+Here a connection must, from the moment it opens or its last response ends,
+- send the first byte of a request within the idle timeout (else it is closed),
+- complete the request head within the header timeout of that first byte (408, closed),
+- keep its body coming: no more than the body timeout between two reads of it (408,
+  closed; never counted while the application has not asked for the body);
+and a connection over the cap is answered 503 with Retry-After and closed at once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from consumers_graphql.settings import Settings
+
+logger = logging.getLogger("consumers_graphql.http")
+
+_TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+_FULL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n"
+         b"retry-after: 1\r\n\r\n")
+# Descriptors kept for everything but clients: the database pools (two engines, each its
+# size plus as many overflow connections), the listening socket, log files, SQLite's files.
+_RESERVED_DESCRIPTORS = 64
+# uvicorn's listen backlog, the most it takes when descriptors are plenty. asyncio accepts up
+# to the backlog's worth of connections in one go, before any is refused over the cap, so
+# the cap leaves that many descriptors free: else a burst meets EMFILE (and asyncio logs a
+# traceback for every connection of it).
+_BACKLOG = 2048
+
+
+class _Wait(Enum):
+    IDLE = "idle"
+    HEAD = "head"
+    BODY = "body"
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    idle_s: float
+    header_s: float
+    body_s: float
+    max_connections: int
+    backlog: int = _BACKLOG
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> ConnectionLimits:
+        """The settings' limits, the cap and the backlog lowered to what the descriptor limit
+        allows."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        cap, backlog = settings.max_connections, _BACKLOG
+        if soft != resource.RLIM_INFINITY:
+            spare = max(2, soft - _RESERVED_DESCRIPTORS - 4 * settings.pool_size)
+            backlog = min(backlog, max(1, spare // 4))
+            cap = min(cap, spare - backlog)
+        return cls(idle_s=settings.keep_alive_timeout_s, header_s=settings.header_timeout_s,
+                   body_s=settings.body_timeout_s, max_connections=cap, backlog=backlog)
+
+    def protocol(self) -> type[asyncio.Protocol]:
+        """The class to give uvicorn as `http=`."""
+        return type("LimitedH11Protocol", (LimitedH11Protocol,), {"limits": self})
+
+
+class LimitedH11Protocol(H11Protocol):
+    limits: ConnectionLimits
+    _full = False  # the cap was reached (logged once until connections are accepted again)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeout_keep_alive = self.limits.idle_s  # type: ignore[assignment]
+        self._clock: asyncio.TimerHandle | None = None
+        self._waiting: _Wait | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.limits.max_connections:
+            self.transport = transport
+            transport.write(_FULL)
+            transport.close()
+            if not type(self)._full:
+                type(self)._full = True
+                logger.warning("%d client connections open, the most allowed: refusing new "
+                               "ones (503) until some close", self.limits.max_connections)
+            return
+        if type(self)._full:
+            type(self)._full = False
+            logger.info("accepting client connections again")
+        super().connection_made(transport)
+        self._watch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_clock()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch(received=True)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch()
+
+    def _watch(self, *, received: bool = False) -> None:
+        """Starts the clock for what the connection now waits for from its client."""
+        if self.transport.is_closing():
+            self._stop_clock()
+            return
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            waiting = _Wait.HEAD if self.conn.trailing_data[0] else _Wait.IDLE
+        elif state is h11.SEND_BODY:
+            waiting = _Wait.BODY
+        else:
+            waiting = None  # the request is in; the application has the connection
+        if waiting is self._waiting and not (waiting is _Wait.BODY and received):
+            return  # the head's deadline runs from its first byte; the body's from each read
+        self._stop_clock()
+        if waiting is not None:
+            self._start_clock(waiting)
+
+    def _start_clock(self, waiting: _Wait) -> None:
+        seconds = {_Wait.IDLE: self.limits.idle_s, _Wait.HEAD: self.limits.header_s,
+                   _Wait.BODY: self.limits.body_s}[waiting]
+        self._waiting = waiting
+        self._clock = self.loop.call_later(seconds, self._expired)
+
+    def _stop_clock(self) -> None:
+        if self._clock is not None:
+            self._clock.cancel()
+        self._clock, self._waiting = None, None
+
+    def _expired(self) -> None:
+        waiting = self._waiting
+        self._clock, self._waiting = None, None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if waiting is _Wait.BODY and cycle is not None and not cycle.response_complete and (
+            self.flow.read_paused or cycle.waiting_for_100_continue
+        ):
+            self._start_clock(waiting)  # the application has not asked for more yet
+            return
+        if waiting is _Wait.HEAD or (
+            waiting is _Wait.BODY and cycle is not None and not cycle.response_started
+        ):
+            if cycle is not None and waiting is _Wait.BODY:
+                # The application's receive() now sees a disconnect; what it sends is dropped.
+                cycle.disconnected = True
+                cycle.message_event.set()
+            self.transport.write(_TIMED_OUT)
+        self.transport.close()

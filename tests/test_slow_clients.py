@@ -1,0 +1,156 @@
+"""Slow and idle clients against `consumers-graphql serve`, over real sockets: each phase of
+a connection has its deadline, and the connection cap refuses at once what is over it.
+
+Timings are bounded both ways without racing the server: a deadline cannot fire early, and
+the upper bounds are the deadline plus a wide margin."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.processes import Served
+
+TIMEOUT_S = 1.0
+MAX_CONNECTIONS = 5
+MARGIN_S = 10.0
+HEAD = b"GET /healthz HTTP/1.1\r\nHost: test\r\n"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    directory = tmp_path_factory.mktemp("slow")
+    served = Served(f"sqlite+aiosqlite:///{directory / 'slow.db'}", directory, env={
+        "CONSUMERS_KEEP_ALIVE_TIMEOUT_S": str(TIMEOUT_S),
+        "CONSUMERS_HEADER_TIMEOUT_S": str(TIMEOUT_S),
+        "CONSUMERS_BODY_TIMEOUT_S": str(TIMEOUT_S),
+        "CONSUMERS_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+    })
+    try:
+        served.wait_until_up()
+        # wait_until_up's own connection, idle, is closed after the idle timeout
+        _wait_for(lambda: _healthz(served) == 200)
+        yield served
+    finally:
+        assert served.stop() == 0, served.output
+    assert "Traceback" not in served.output, served.output
+
+
+def _connect(served: Served) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", served.port), timeout=MARGIN_S)
+    sock.settimeout(0.2)
+    return sock
+
+
+def _healthz(served: Served) -> int:
+    try:
+        return httpx.get(served.url + "/healthz", timeout=MARGIN_S).status_code
+    except httpx.TransportError:
+        return 0
+
+
+def _wait_for(condition: object) -> None:
+    deadline = time.monotonic() + MARGIN_S
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError("not within the margin")
+
+
+def _until_closed(sock: socket.socket, *, trickle: bytes = b"") -> tuple[bytes, float]:
+    """Everything the server sends until it closes, and when it closed (monotonic); sends
+    `trickle` a byte at a time meanwhile."""
+    received, deadline = b"", time.monotonic() + MARGIN_S
+    while time.monotonic() < deadline:
+        if trickle:
+            try:
+                sock.sendall(trickle[:1])
+            except OSError:  # closed by the server
+                return received, time.monotonic()
+            trickle = trickle[1:]
+        try:
+            chunk = sock.recv(4096)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return received, time.monotonic()
+        if not chunk:
+            return received, time.monotonic()
+        received += chunk
+    raise AssertionError(f"still open after {MARGIN_S} s; received {received!r}")
+
+
+def test_a_client_that_never_completes_its_request_head_gets_408_and_is_closed(
+    served: Served,
+) -> None:
+    with _connect(served) as sock:
+        opened = time.monotonic()
+        sock.sendall(HEAD)
+        # a header line a byte at a time, as long as the server listens
+        received, closed = _until_closed(sock, trickle=b"X-Slow: " + b"a" * 1_000)
+    assert received.startswith(b"HTTP/1.1 408 "), received
+    assert closed - opened >= TIMEOUT_S
+
+
+def test_a_client_that_stalls_in_its_body_gets_408_and_is_closed(served: Served) -> None:
+    with _connect(served) as sock:
+        sock.sendall(b"POST /graphql HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: 100\r\n\r\n{\"query\":")
+        sent = time.monotonic()
+        received, closed = _until_closed(sock)
+    assert received.startswith(b"HTTP/1.1 408 "), received
+    assert closed - sent >= TIMEOUT_S
+
+
+@pytest.mark.parametrize("requests", [0, 1], ids=["new", "kept-alive"])
+def test_an_idle_connection_is_closed(served: Served, requests: int) -> None:
+    with _connect(served) as sock:
+        for _ in range(requests):
+            sock.sendall(HEAD + b"\r\n")
+            sock.settimeout(MARGIN_S)
+            response = b""
+            while not response.endswith(b'{"status":"ok"}'):  # the whole response
+                chunk = sock.recv(4096)
+                assert chunk, response
+                response += chunk
+            assert response.startswith(b"HTTP/1.1 200 ")
+            sock.settimeout(0.2)
+        idle = time.monotonic()
+        received, closed = _until_closed(sock)
+    assert received == b""  # nothing was asked, nothing is answered
+    assert closed - idle >= TIMEOUT_S
+
+
+def test_over_the_cap_a_connection_is_refused_at_once_and_served_again_later(
+    served: Served,
+) -> None:
+    # given as many slow clients as the cap allows, each in the middle of its request head
+    slow = [_connect(served) for _ in range(MAX_CONNECTIONS)]
+    try:
+        for sock in slow:
+            sock.sendall(HEAD)
+        # when one more client comes, then it gets 503 and is closed (the slow ones still
+        # held every place: otherwise it would have been let in)
+        with _connect(served) as extra:
+            extra.sendall(HEAD + b"\r\n")
+            received, _ = _until_closed(extra)
+        assert received.startswith(b"HTTP/1.1 503 "), received
+        assert b"retry-after: 1" in received.lower()
+        # and once the slow clients have been timed out, clients are served again
+        for sock in slow:
+            assert _until_closed(sock)[0].startswith(b"HTTP/1.1 408 ")
+        _wait_for(lambda: _healthz(served) == 200)
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_a_client_at_an_ordinary_pace_is_served(served: Served) -> None:
+    with httpx.Client(base_url=served.url, timeout=MARGIN_S) as client:
+        for _ in range(3):  # one kept-alive connection
+            assert client.get("/healthz").json() == {"status": "ok"}
