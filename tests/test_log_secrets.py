@@ -3,13 +3,19 @@ uvicorn's access line prints the path and query string as they were sent."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 import string
 from pathlib import Path
 from urllib.parse import quote, unquote
 
 import httpx
+import pytest
+from asgi_lifespan import LifespanManager
 
+from consumers_graphql.app import create_app
+from consumers_graphql.settings import Settings
+from tests.conftest import bearer
 from tests.processes import Served
 
 
@@ -54,3 +60,25 @@ def test_a_secret_in_a_url_is_redacted_in_every_encoding(tmp_path: Path) -> None
     # and no part of the secret past that prefix is there, in any encoding
     decoded = unquote(unquote(unquote(log)))
     assert body[4:] not in decoded and body[-8:] not in decoded, log
+
+
+async def test_statements_are_logged_without_their_values(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Echoed statements, and the text of any database error, never carry the values."""
+    app = create_app(settings.model_copy(update={"sql_echo": True}))
+    async with LifespanManager(app):
+        created = await app.state.keys.create("echo")
+        caplog.set_level(logging.INFO, logger="sqlalchemy.engine")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.post("/api/v1/consumers", headers=bearer(
+                created.secret.get_secret_value()), json={
+                    "email": "echo.person@example.com", "fullName": "Echo Person"})
+            assert response.status_code == 201, response.text
+            await client.delete(f"/api/v1/consumers/{response.json()['id']}",
+                                headers=bearer(created.secret.get_secret_value()))
+        await app.state.keys.revoke(created.info.id)
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "INSERT INTO consumers" in logged
+    assert "echo.person@example.com" not in logged and "Echo Person" not in logged

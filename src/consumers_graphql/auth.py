@@ -312,6 +312,6 @@ class KeyStore:
                     )
                     .values(last_used_at=now)
                 )
-        except SQLAlchemyError as error:
+        except (SQLAlchemyError, OSError) as error:  # OSError: no connection to be had
             logger.warning("could not record the use of API key %s: %s", key_id,
                            type(error).__name__)

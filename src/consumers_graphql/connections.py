@@ -112,8 +112,8 @@ class LimitedH11Protocol(H11Protocol):
 
     def _watch(self, *, received: bool = False) -> None:
         """Starts the clock for what the connection now waits for from its client."""
-        if self.transport.is_closing():
-            self._stop_clock()
+        if self.transport.is_closing() or self.transport.get_protocol() is not self:
+            self._stop_clock()  # closed, or upgraded to another protocol (a WebSocket)
             return
         state = self.conn.their_state
         if state is h11.IDLE:

@@ -63,13 +63,15 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
         except Exception as error:
             if started:
-                # Starlette's own 500 is sent outside this middleware, without the id.
                 logger.exception("unhandled error (request_id=%s)", request_id)
                 raise
             if outage.is_unavailable(error):
-                scope["app"].state.database.outage.failed(error)
+                database = getattr(scope["app"].state, "database", None)
+                if database is not None:  # the app's lifespan ran
+                    database.outage.failed(error)
                 status, headers, body = _unavailable(scope, request_id)
             else:
+                # Starlette's own 500 is sent outside this middleware, without the id.
                 logger.exception("unhandled error (request_id=%s)", request_id)
                 status, headers, body = 500, [], _internal(scope, request_id)
                 headers.append((b"content-type", b"application/json"))
