@@ -49,7 +49,8 @@ class ErrorCodes(SchemaExtension):
     """Every error leaves with a code: parse and validation failures, BAD_USER_INPUT for
     misuse (domain errors and variables that do not coerce), the domain's own codes, and
     INTERNAL_SERVER_ERROR for anything unexpected: its message masked in every mode (it may
-    hold SQL or the values of a query), the real exception logged with the request id."""
+    hold SQL or the values of a query), the real exception logged with the request id; and
+    SERVICE_UNAVAILABLE when the database is out of reach (see outage.py)."""
 
     def on_parse(self) -> Iterator[None]:
         yield
