@@ -220,3 +220,95 @@ async def test_lists_inside_metadata_are_not_batches(
         "variables": {"m": metadata},
     }, headers=auth_headers)
     assert response.json()["data"]["consumerCreate"]["userErrors"] == []
+
+
+# -- REST: the key before the body, and bounded bodies ---------------------------------------
+
+BATCH = "/api/v1/consumers/batch"
+
+
+def streamed(total: int, counter: list[int]) -> AsyncIterator[bytes]:
+    """A `[{}, {}, …]` body of about ``total`` bytes, counting the chunks the server pulls."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        chunk = b"{}," * 21_845  # 64 KiB
+        yield b"["
+        for _ in range(total // len(chunk)):
+            counter[0] += 1
+            yield chunk
+        yield b"{}]"
+
+    return chunks()
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT"])
+async def test_a_huge_body_without_a_key_is_401_before_it_is_read(
+    client: httpx.AsyncClient, method: str, write_engine: Any
+) -> None:
+    pulled = [0]
+    response = await client.request(method, BATCH, content=streamed(28 << 20, pulled),
+                                     headers={"Content-Type": "application/json"})
+
+    assert response.status_code == 401
+    assert response.json() == {"error": "Authentication required", "details": []}
+    assert pulled[0] == 0
+    assert await consumer_count(write_engine) == 0
+
+
+async def test_a_huge_body_from_a_read_only_key_is_403_before_it_is_read(
+    client: httpx.AsyncClient, read_only_key: str
+) -> None:
+    pulled = [0]
+    response = await client.post(BATCH, content=streamed(28 << 20, pulled), headers={
+        "Authorization": f"Bearer {read_only_key}", "Content-Type": "application/json"})
+
+    assert response.status_code == 403
+    assert response.json()["error"] == "Forbidden"
+    assert pulled[0] == 0
+
+
+async def test_a_declared_length_over_the_limit_is_413_before_the_body_is_read(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], settings: Settings
+) -> None:
+    pulled = [0]
+    limit = settings.max_batch_body_bytes
+    response = await client.post(BATCH, content=streamed(limit + 65_536 * 2, pulled), headers={
+        **auth_headers, "Content-Type": "application/json",
+        "Content-Length": str(limit + 65_536 * 2 + 4)})
+
+    assert response.status_code == 413
+    assert response.json() == {"error": "Request body too large", "details": [{
+        "field": "body", "message": f"The request body is over the limit of {limit:,} bytes."}]}
+    assert pulled[0] == 0
+
+
+async def test_a_batch_body_is_parsed_only_up_to_the_batch_limit(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], settings: Settings,
+    write_engine: Any,
+) -> None:
+    # 32 MiB of `[{}, …]` once cost ~700 MB of dicts; now at most 500 are built.
+    body = b"[" + b"{}," * ((settings.max_batch_body_bytes - 8) // 3) + b"{}]"
+    assert len(body) <= settings.max_batch_body_bytes
+    for method in ("POST", "PUT"):
+        response = await client.request(method, BATCH, content=body, headers={
+            **auth_headers, "Content-Type": "application/json"})
+
+        assert response.status_code == 400
+        assert response.json() == {"error": "Max batch size is 500", "details": [{
+            "field": "body",
+            "message": "A batch takes at most 500 items; more were given. Nothing was written.",
+        }]}
+    assert await consumer_count(write_engine) == 0
+
+
+@pytest.mark.parametrize("body", [b"[{}, ]", b"[{} {}]", b"[{}] []", b"[", b"\xff[]"])
+async def test_a_malformed_batch_is_still_reported_as_malformed_json(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], body: bytes
+) -> None:
+    response = await client.post(BATCH, content=body, headers={
+        **auth_headers, "Content-Type": "application/json"})
+
+    assert response.status_code == 400
+    (detail,) = response.json()["details"]
+    assert detail["field"] == "body"
+    assert detail["message"].startswith("Malformed JSON: ")

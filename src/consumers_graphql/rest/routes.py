@@ -1,9 +1,9 @@
 """The Consumers REST API of the reference, under /api/v1/consumers: a thin face over the
 same repository and services as GraphQL.
 
-Order of answers: body over its limit (413), no usable key (401), key without the scope
-(403: `read` for GET, `write` otherwise), malformed request (400), then the use-case's own
-refusals (400/404)."""
+Order of answers: no usable key (401), key without the scope (403: `read` for GET, `write`
+otherwise), both before a byte of the body is read (rest.body); then a body over its limit
+(413), a malformed request (400), and the use-case's own refusals (400/404)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 from sqlalchemy.engine import Row
 
-from consumers_graphql.auth import Principal, Scope
 from consumers_graphql.db import Reader
 from consumers_graphql.dependencies import request_reader
 from consumers_graphql.errors import BadUserInput, DomainError, DomainErrors, ErrorCode
@@ -35,7 +34,6 @@ from consumers_graphql.repository import (
     search_term,
 )
 from consumers_graphql.rest.body import RestRoute
-from consumers_graphql.rest.errors import Forbidden
 from consumers_graphql.rest.models import (
     BatchCreateConsumersRequest,
     BatchUpdateConsumersRequest,
@@ -106,18 +104,6 @@ router = APIRouter(
     ],
     route_class=RestRoute,
 )
-
-
-def _needs(scope: Scope) -> Any:
-    async def check(principal: Annotated[Principal, Depends(require_api_key)]) -> None:
-        if not principal.allows(scope):
-            raise Forbidden(scope.value)
-
-    return Depends(check)
-
-
-READS = [_needs(Scope.READ)]
-WRITES = [_needs(Scope.WRITE)]
 
 
 def _repository(reader: Annotated[Reader, Depends(request_reader)]) -> Repository:
@@ -203,7 +189,7 @@ def _written(result: BatchResult) -> list[dict[str, Any]]:
     return [consumer_json(item.row) for item in result.results if item.row is not None]
 
 
-@router.get("", response_model=ConsumersListOut, summary="List consumers", dependencies=READS)
+@router.get("", response_model=ConsumersListOut, summary="List consumers")
 async def list_consumers(
     repository: Repo,
     first: First = None,
@@ -238,7 +224,7 @@ async def list_consumers(
     responses={**CONFLICTS, **TOO_LARGE, 201: {"headers": {"Location": {
         "description": "/api/v1/consumers/{id} of the created consumer",
         "schema": {"type": "string"}}}}},
-    summary="Create a consumer", dependencies=WRITES,
+    summary="Create a consumer",
     response_description="The created consumer (its URL in `Location`).",
 )
 async def create_consumer(services: Writes, body: CreateConsumerRequest) -> Response:
@@ -247,8 +233,7 @@ async def create_consumer(services: Writes, body: CreateConsumerRequest) -> Resp
                     headers={"Location": f"{PREFIX}/{row.id}"})
 
 
-@router.get("/search", response_model=ConsumersListOut, summary="Search consumers",
-            dependencies=READS)
+@router.get("/search", response_model=ConsumersListOut, summary="Search consumers")
 async def search_consumers(
     repository: Repo,
     q: Annotated[str | None, Query(description="Search query (min 2 chars)")] = None,
@@ -274,7 +259,6 @@ async def search_consumers(
 @router.post(
     "/batch", status_code=201, response_model=list[ConsumerOut],
     responses={**CONFLICTS, **TOO_LARGE}, summary="Create consumers in a batch",
-    dependencies=WRITES,
     description="At most 500 consumers (`Max batch size is 500` otherwise). Atomic: one "
     "refused item and nothing is written; every refused item is reported.",
     response_description="The created consumers, in input order.",
@@ -289,7 +273,6 @@ async def batch_create_consumers(
 @router.put(
     "/batch", response_model=list[ConsumerOut],
     responses={**CONFLICTS, **NOT_FOUND, **TOO_LARGE}, summary="Update consumers in a batch",
-    dependencies=WRITES,
     description="Each item as `PUT /api/v1/consumers/{id}` does. At most 500 items (`Max "
     "batch size is 500` otherwise). Atomic: one refused item and nothing is written; every "
     "refused item is reported (404 `Consumer not found` when unknown ids are the only "
@@ -307,7 +290,7 @@ async def batch_update_consumers(
 
 @router.get(
     "/{consumer_id}", response_model=ConsumerWithRelationsOut, responses=NOT_FOUND,
-    summary="Get a consumer", dependencies=READS,
+    summary="Get a consumer",
 )
 async def get_consumer(
     repository: Repo,
@@ -327,7 +310,6 @@ async def get_consumer(
 @router.put(
     "/{consumer_id}", response_model=ConsumerOut,
     responses={**CONFLICTS, **NOT_FOUND, **TOO_LARGE}, summary="Update a consumer",
-    dependencies=WRITES,
     description="Keys left out stay unchanged, null clears; `metadata` is merged shallowly "
     "(a key set to null is removed, `metadata: null` clears it).",
     response_description="The consumer as updated.",
@@ -341,7 +323,7 @@ async def update_consumer(
 
 @router.delete(
     "/{consumer_id}", response_model=ConsumerOut, responses=NOT_FOUND,
-    summary="Delete a consumer", dependencies=WRITES,
+    summary="Delete a consumer",
     description="Deletes the consumer with its orders and audience memberships.",
     response_description="The deleted consumer, as it was.",
 )
