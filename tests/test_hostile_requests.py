@@ -312,3 +312,87 @@ async def test_a_malformed_batch_is_still_reported_as_malformed_json(
     (detail,) = response.json()["details"]
     assert detail["field"] == "body"
     assert detail["message"].startswith("Malformed JSON: ")
+
+
+# -- headers -----------------------------------------------------------------------------
+
+SECURITY_HEADERS = {"x-content-type-options": "nosniff", "x-frame-options": "DENY",
+                    "referrer-policy": "no-referrer", "cache-control": "no-store"}
+
+
+async def test_every_answer_carries_the_security_headers(
+    client: httpx.AsyncClient, auth_headers: dict[str, str]
+) -> None:
+    answers = [
+        await client.post("/graphql", json={"query": "{ __typename }"}, headers=auth_headers),
+        await client.post("/graphql", json={"query": "{ __typename }"}),  # 401
+        await client.post("/graphql", content=b"{}", headers={"Content-Type": "text/plain"}),
+        await client.get("/api/v1/consumers", headers=auth_headers),
+        await client.get("/api/v1/consumers"),  # 401
+        await client.patch(BATCH, headers=auth_headers),  # 405
+        await client.get("/api/v1/nothing"),  # 404
+        await client.get("/healthz"),
+        await client.get("/graphql", headers={"Accept": "text/html"}),
+    ]
+    for response in answers:
+        assert {name: response.headers.get(name) for name in SECURITY_HEADERS} \
+            == SECURITY_HEADERS, (response.request.url, response.status_code)
+        assert response.headers["x-request-id"].startswith("req_")
+
+
+async def test_the_graphiql_page_allows_exactly_its_own_scripts_and_is_never_framed(
+    client: httpx.AsyncClient
+) -> None:
+    response = await client.get("/graphql", headers={"Accept": "text/html"})
+
+    assert response.status_code == 200
+    policy = dict(
+        part.strip().split(" ", 1)
+        for part in response.headers["content-security-policy"].split(";")
+    )
+    assert policy["default-src"] == "'none'"
+    assert policy["frame-ancestors"] == "'none'"
+    assert policy["connect-src"] == "'self'"
+    sources = policy["script-src"].split()
+    assert "'unsafe-inline'" not in sources
+    scripts = [s for s in sources if s.startswith("https://")]
+    assert scripts and all(f'src="{s}"' in response.text for s in scripts)
+    assert response.text.count("<script") == len(sources)  # the inline one by its hash
+
+
+async def test_the_rest_description_is_off_in_production(
+    client: httpx.AsyncClient, settings: Settings, app: FastAPI
+) -> None:
+    from consumers_graphql.settings import Environment
+
+    production_app = create_app(settings.model_copy(update={"env": Environment.PRODUCTION}))
+    async with LifespanManager(production_app):
+        transport = httpx.ASGITransport(app=production_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as prod:
+            for path in ("/openapi.json", "/docs", "/redoc"):
+                assert (await prod.get(path)).status_code == 404, path
+                assert (await client.get(path)).status_code == 200, path
+
+
+# -- 405: the methods of each path ---------------------------------------------------------
+
+ALLOWED = {
+    "/api/v1/consumers": "GET, POST",
+    "/api/v1/consumers/search": "GET",
+    "/api/v1/consumers/batch": "POST, PUT",
+    "/api/v1/consumers/cons_01JD0000000000000000000000": "DELETE, GET, PUT",
+}
+
+
+@pytest.mark.parametrize(("path", "allow"), ALLOWED.items())
+async def test_a_405_lists_exactly_the_methods_of_its_path(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], path: str, allow: str
+) -> None:
+    allowed = allow.split(", ")
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        if method in allowed:
+            continue
+        response = await client.request(method, path, headers=auth_headers)
+        assert response.status_code == 405, (method, path, response.text)
+        assert response.headers["allow"] == allow
+        assert response.json() == {"error": "Method not allowed", "details": []}

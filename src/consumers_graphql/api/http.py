@@ -35,6 +35,7 @@ from strawberry.types.unset import UNSET
 
 from consumers_graphql.api.context import Context
 from consumers_graphql.api.permissions import FORBIDDEN
+from consumers_graphql.security_headers import page_policy
 
 GRAPHQL_RESPONSE_JSON = "application/graphql-response+json"
 JSON = "application/json"
@@ -211,6 +212,11 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
                  graphql_ide: Any = "graphiql") -> None:
         super().__init__(schema, graphql_ide=graphql_ide)
         self._context = context
+        self._page_policy = page_policy(self.graphql_ide_html) if graphql_ide else ""
+
+    async def render_graphql_ide(self, request: Any) -> HTMLResponse:
+        return HTMLResponse(self.graphql_ide_html,
+                            headers={"Content-Security-Policy": self._page_policy})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

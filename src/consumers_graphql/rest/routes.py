@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 from sqlalchemy.engine import Row
+from starlette.convertors import StringConvertor, register_url_convertor
 
 from consumers_graphql.db import Reader
 from consumers_graphql.dependencies import request_reader
@@ -51,6 +52,15 @@ from consumers_graphql.timestamps import parse_datetime
 RELATIONS = ("audiences", "orders")
 SortBy = Literal["createdAt", "email", "fullName", "lastOrderAt", "totalOrderValue", "totalOrders"]
 
+
+class ConsumerIdConvertor(StringConvertor):
+    """A path segment other than the collection's own paths: GET /batch is then 405 (Allow:
+    POST, PUT), not a look-up of a consumer called "batch"."""
+
+    regex = "(?!(?:batch|search)$)[^/]+"
+
+
+register_url_convertor("consumer_id", ConsumerIdConvertor())
 
 PREFIX = "/api/v1/consumers"
 # Request fields as the reference spells them -> the services' names.
@@ -289,7 +299,7 @@ async def batch_update_consumers(
 
 
 @router.get(
-    "/{consumer_id}", response_model=ConsumerWithRelationsOut, responses=NOT_FOUND,
+    "/{consumer_id:consumer_id}", response_model=ConsumerWithRelationsOut, responses=NOT_FOUND,
     summary="Get a consumer",
 )
 async def get_consumer(
@@ -308,7 +318,7 @@ async def get_consumer(
 
 
 @router.put(
-    "/{consumer_id}", response_model=ConsumerOut,
+    "/{consumer_id:consumer_id}", response_model=ConsumerOut,
     responses={**CONFLICTS, **NOT_FOUND, **TOO_LARGE}, summary="Update a consumer",
     description="Keys left out stay unchanged, null clears; `metadata` is merged shallowly "
     "(a key set to null is removed, `metadata: null` clears it).",
@@ -322,7 +332,7 @@ async def update_consumer(
 
 
 @router.delete(
-    "/{consumer_id}", response_model=ConsumerOut, responses=NOT_FOUND,
+    "/{consumer_id:consumer_id}", response_model=ConsumerOut, responses=NOT_FOUND,
     summary="Delete a consumer",
     description="Deletes the consumer with its orders and audience memberships.",
     response_description="The deleted consumer, as it was.",
