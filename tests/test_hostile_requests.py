@@ -389,7 +389,7 @@ async def test_a_405_lists_exactly_the_methods_of_its_path(
     client: httpx.AsyncClient, auth_headers: dict[str, str], path: str, allow: str
 ) -> None:
     allowed = allow.split(", ")
-    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
         if method in allowed:
             continue
         response = await client.request(method, path, headers=auth_headers)

@@ -28,6 +28,8 @@ from consumers_graphql.pagination import MAX_PAGE_SIZE, Page, page_request
 from consumers_graphql.repository import (
     AUDIENCE_SORT,
     ORDER_SORT,
+    SEARCH_MAX,
+    SEARCH_MIN,
     ConsumerFilter,
     ConsumerSortField,
     Repository,
@@ -127,12 +129,28 @@ def _services(request: Request) -> Services:
 
 Repo = Annotated[Repository, Depends(_repository)]
 Writes = Annotated[Services, Depends(_services)]
+# What the server checks itself (with its own messages), stated in the OpenAPI document.
+_PAGE_SIZE = {"minimum": 0, "maximum": MAX_PAGE_SIZE}
+_NO_CONTROL = "[^\\u0000-\\u001f\\u007f-\\u009f]"
+_TEXT = {"pattern": f"^{_NO_CONTROL}*$"}
+# At least SEARCH_MIN characters once trimmed: two that are not spaces.
+_SEARCH = {"minLength": SEARCH_MIN, "maxLength": SEARCH_MAX,
+           "pattern": f"^{_NO_CONTROL}*[^\\s\\u0000-\\u001f\\u007f-\\u009f]{_NO_CONTROL}*"
+                      f"[^\\s\\u0000-\\u001f\\u007f-\\u009f]{_NO_CONTROL}*$"}
+_INCLUDE = {"pattern": f"^({'|'.join(RELATIONS)})(,({'|'.join(RELATIONS)}))*$"}
+
 First = Annotated[
-    int | None, Query(description=f"Number of items per page (default 20, max {MAX_PAGE_SIZE})")
+    int | None, Query(description=f"Number of items per page (default 20, max {MAX_PAGE_SIZE})",
+                      json_schema_extra=_PAGE_SIZE)
 ]
 Include = Annotated[
-    str | None, Query(description="Relations to include, comma-separated: audiences, orders")
+    str | None, Query(description="Relations to include, comma-separated: audiences, orders",
+                      json_schema_extra=_INCLUDE)
 ]
+Text = {"json_schema_extra": _TEXT}
+AudienceId = {"json_schema_extra": {"pattern": "^aud_[0-9A-HJKMNP-TV-Z]{26}$"}}
+Timestamp = {"json_schema_extra": {"format": "date-time"}}
+Search = {"json_schema_extra": _SEARCH}
 
 
 def _includes(raw: str | None) -> set[str]:
@@ -205,15 +223,19 @@ async def list_consumers(
     first: First = None,
     after: Annotated[str | None, Query(description="Cursor for forward pagination")] = None,
     before: Annotated[str | None, Query(description="Cursor for backward pagination")] = None,
-    last: Annotated[int | None, Query(description="Items for backward pagination")] = None,
+    last: Annotated[int | None, Query(description="Items for backward pagination (not with "
+                                            "`first`)", json_schema_extra=_PAGE_SIZE)] = None,
     search: Annotated[
-        str | None, Query(description="Search by email, phone, or name (min 2 chars)")
+        str | None, Query(description="Search by email, phone, or name (min 2 chars)", **Search)
     ] = None,
     sortBy: SortBy = "createdAt",
     sortDir: Literal["asc", "desc"] = "desc",
-    createdAfter: Annotated[str | None, Query(description="Created strictly after")] = None,
-    createdBefore: Annotated[str | None, Query(description="Created strictly before")] = None,
-    audienceId: Annotated[str | None, Query(description="Members of this audience only")] = None,
+    createdAfter: Annotated[
+        str | None, Query(description="Created strictly after", **Timestamp)] = None,
+    createdBefore: Annotated[
+        str | None, Query(description="Created strictly before", **Timestamp)] = None,
+    audienceId: Annotated[
+        str | None, Query(description="Members of this audience only", **AudienceId)] = None,
     include: Include = None,
 ) -> Response:
     sort = consumer_sort(ConsumerSortField(sortBy), descending=sortDir == "desc")
@@ -246,10 +268,13 @@ async def create_consumer(services: Writes, body: CreateConsumerRequest) -> Resp
 @router.get("/search", response_model=ConsumersListOut, summary="Search consumers")
 async def search_consumers(
     repository: Repo,
-    q: Annotated[str | None, Query(description="Search query (min 2 chars)")] = None,
-    email: Annotated[str | None, Query(description="Exact email match (case-insensitive)")] = None,
-    phone: Annotated[str | None, Query(description="Exact phone match (as E.164)")] = None,
-    externalId: Annotated[str | None, Query(description="Exact external ID match")] = None,
+    q: Annotated[str | None, Query(description="Search query (min 2 chars)", **Search)] = None,
+    email: Annotated[
+        str | None, Query(description="Exact email match (case-insensitive)", **Text)] = None,
+    phone: Annotated[
+        str | None, Query(description="Exact phone match (as E.164)", **Text)] = None,
+    externalId: Annotated[
+        str | None, Query(description="Exact external ID match", **Text)] = None,
     first: First = None,
     after: Annotated[str | None, Query(description="Cursor for the next page")] = None,
     include: Include = None,
