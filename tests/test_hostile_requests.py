@@ -283,12 +283,10 @@ async def test_a_declared_length_over_the_limit_is_413_before_the_body_is_read(
 
 
 async def test_a_batch_body_is_parsed_only_up_to_the_batch_limit(
-    client: httpx.AsyncClient, auth_headers: dict[str, str], settings: Settings,
-    write_engine: Any,
+    client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any
 ) -> None:
-    # 32 MiB of `[{}, …]` once cost ~700 MB of dicts; now at most 500 are built.
-    body = b"[" + b"{}," * ((settings.max_batch_body_bytes - 8) // 3) + b"{}]"
-    assert len(body) <= settings.max_batch_body_bytes
+    # 600,000 items (10 MB): once all built as dicts before the size was looked at.
+    body = b"[" + b'{"fullName": "x"},' * 600_000 + b"{}]"
     for method in ("POST", "PUT"):
         response = await client.request(method, BATCH, content=body, headers={
             **auth_headers, "Content-Type": "application/json"})
@@ -298,6 +296,28 @@ async def test_a_batch_body_is_parsed_only_up_to_the_batch_limit(
             "field": "body",
             "message": "A batch takes at most 500 items; more were given. Nothing was written.",
         }]}
+    assert await consumer_count(write_engine) == 0
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["as items", "in one item's metadata"])
+async def test_a_batch_of_millions_of_objects_is_refused_before_it_is_parsed(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], settings: Settings,
+    write_engine: Any, inside: bool,
+) -> None:
+    # 32 MiB of `{},`: 11 million dicts, ~800 MB, whether as items or in one item.
+    count = (settings.max_batch_body_bytes - 32) // 3
+    objects = b"{}," * count + b"{}"
+    body = b'[{"metadata": {"a": [' + objects + b"]}}]" if inside else b"[" + objects + b"]"
+    assert len(body) <= settings.max_batch_body_bytes
+    response = await client.post(BATCH, content=body, headers={
+        **auth_headers, "Content-Type": "application/json"})
+
+    assert response.status_code == 400
+    assert response.json() == {"error": "Validation failed", "details": [{
+        "field": "body",
+        "message": "The body holds more than 4,096,500 JSON objects and arrays, more than "
+                   "500 items with valid metadata can.",
+    }]}
     assert await consumer_count(write_engine) == 0
 
 

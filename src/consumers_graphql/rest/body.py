@@ -20,9 +20,13 @@ from consumers_graphql.db import Database
 from consumers_graphql.dependencies import READER_STATE
 from consumers_graphql.http_auth import PRINCIPAL_STATE, Forbidden, require_api_key
 from consumers_graphql.settings import Settings
-from consumers_graphql.validation import BATCH_MAX
+from consumers_graphql.validation import BATCH_MAX, METADATA_MAX_BYTES
 
 BATCH_SUFFIX = "/batch"
+# Objects and arrays a valid batch can hold: each item, and in its metadata (16 KiB compact)
+# at most one per two bytes. Each costs ~64 bytes parsed, so a body of `[{}, …]` inside one
+# item's metadata is refused before it becomes millions of dicts.
+MAX_BATCH_CONTAINERS = BATCH_MAX * (1 + METADATA_MAX_BYTES // 2)
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
 
@@ -39,6 +43,12 @@ class BatchTooLarge(HTTPException):
                          "Nothing was written.")
 
 
+class TooManyContainers(HTTPException):
+    def __init__(self) -> None:
+        super().__init__(400, f"The body holds more than {MAX_BATCH_CONTAINERS:,} JSON objects "
+                         f"and arrays, more than {BATCH_MAX} items with valid metadata can.")
+
+
 # Where a request's malformed-JSON reason is kept (in the ASGI scope's state, which the
 # exception handlers see): its body parses as null, which no body model accepts, so
 # validation refuses it (400) only after the dependencies (authentication, scopes) have run.
@@ -52,7 +62,11 @@ def malformed_json(request: Request) -> str | None:
 
 def bounded_array(body: bytes, max_items: int) -> Any:
     """The JSON of ``body``, parsed one array item at a time when it is an array, so that
-    no more than ``max_items`` items are ever built (BatchTooLarge past that)."""
+    no more than ``max_items`` items are ever built (BatchTooLarge past that), and not at
+    all when it holds more objects and arrays than a valid batch can (counted in C; a brace
+    inside a string counts too, which only a batch of brace-filled metadata would notice)."""
+    if body.count(b"{") + body.count(b"[") > MAX_BATCH_CONTAINERS:
+        raise TooManyContainers
     text = body.decode()
     index = _WHITESPACE.match(text).end()  # type: ignore[union-attr]
     if not text.startswith("[", index):
