@@ -5,11 +5,12 @@ Two layers. ``ProtocolGuard`` (ASGI, in front of everything, authentication incl
 refuses what is not a GraphQL request before any work is done: other methods (405), an
 ``Accept`` that allows neither JSON media type (406), a POST that is not
 ``application/json`` (415, which also stops the CSRF "simple request" probes), a body
-over the limit (413, counted as it streams, so a chunked body cannot slip past), and
-batches (400). ``GraphQLApp`` then answers in the negotiated media type with the
-spec's status codes: under ``application/graphql-response+json`` a request error (parse,
-validation, limits, variables) is 400; under ``application/json`` every GraphQL response
-is 200. A mutation over GET is 405 with ``Allow: POST``.
+over the limit (413, counted as it streams, so a chunked body cannot slip past), batches
+and bodies that are not a JSON object (400), and query strings that are not UTF-8 (400).
+``GraphQLApp`` then answers in the negotiated media type with the spec's status codes:
+under ``application/graphql-response+json`` a request error (parse, validation, limits,
+variables) is 400; under ``application/json`` every GraphQL response is 200. A mutation
+over GET is 405 with ``Allow: POST``.
 """
 
 from __future__ import annotations
