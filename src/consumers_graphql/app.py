@@ -29,6 +29,7 @@ from consumers_graphql.repository import Repository
 from consumers_graphql.request_id import RequestIdMiddleware
 from consumers_graphql.rest import errors as rest_errors
 from consumers_graphql.rest import routes as rest_routes
+from consumers_graphql.security_headers import SecurityHeaders
 from consumers_graphql.settings import Settings
 
 
@@ -103,7 +104,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="Consumers API",
         version=__version__,
         lifespan=lifespan,
+        # Like introspection: the API's description is for development, not production.
+        openapi_url=None if settings.is_production else "/openapi.json",
         docs_url=None if settings.is_production else "/docs",
+        redoc_url=None if settings.is_production else "/redoc",
     )
     app.state.settings = settings
     app.state.graphiql = not settings.is_production
@@ -122,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The guard answers before authentication; the request id wraps everything, 500s included.
     app.add_middleware(ProtocolGuard, path="/graphql", max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(SecurityHeaders)  # outermost: on every answer, the request id's 500s too
     rest_errors.install(app)
     app.include_router(rest_routes.router)
 

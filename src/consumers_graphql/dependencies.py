@@ -8,11 +8,19 @@ from fastapi import Request
 
 from consumers_graphql.db import Database, Reader
 
+# Where a route that opened the request's reader itself (to authenticate before reading the
+# body, rest.body) keeps it; it closes it too.
+READER_STATE = "reader"
+
 
 async def request_reader(request: Request) -> AsyncIterator[Reader]:
     """The request's read connection, shared by authentication and the API itself (FastAPI
     resolves a dependency once per request), opened on first use, closed after the
     response."""
+    opened: Reader | None = request.scope.get("state", {}).get(READER_STATE)
+    if opened is not None:
+        yield opened
+        return
     database: Database = request.app.state.database
     reader = database.reader()
     try:

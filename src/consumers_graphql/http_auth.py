@@ -9,12 +9,14 @@ from typing import Annotated
 from fastapi import BackgroundTasks, Depends, Request
 from fastapi.responses import JSONResponse
 
-from consumers_graphql.auth import KeyStore, Principal
+from consumers_graphql.auth import KeyStore, Principal, Scope
 from consumers_graphql.db import Reader
 from consumers_graphql.dependencies import request_reader
 
 AUTHENTICATION_REQUIRED = "Authentication required"
 UNAUTHENTICATED = "UNAUTHENTICATED"
+# Where a route that authenticates before reading the body keeps the principal it found.
+PRINCIPAL_STATE = "principal"
 
 
 class AuthenticationRequired(Exception):
@@ -23,6 +25,14 @@ class AuthenticationRequired(Exception):
 
     def __init__(self) -> None:
         super().__init__(AUTHENTICATION_REQUIRED)
+
+
+class Forbidden(Exception):
+    """An authenticated key without the scope the endpoint needs."""
+
+    def __init__(self, scope: Scope) -> None:
+        super().__init__(f"This API key lacks the `{scope.value}` scope.")
+        self.message = str(self)
 
 
 def bearer_token(request: Request) -> str | None:
@@ -42,6 +52,9 @@ async def require_api_key(
     background_tasks: BackgroundTasks,
     reader: Annotated[Reader, Depends(request_reader)],
 ) -> Principal:
+    known: Principal | None = request.scope.get("state", {}).get(PRINCIPAL_STATE)
+    if known is not None:
+        return known
     keys: KeyStore = request.app.state.keys
     token = bearer_token(request)
     principal = await keys.verify(token, reader) if token is not None else None

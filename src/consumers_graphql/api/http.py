@@ -5,11 +5,12 @@ Two layers. ``ProtocolGuard`` (ASGI, in front of everything, authentication incl
 refuses what is not a GraphQL request before any work is done: other methods (405), an
 ``Accept`` that allows neither JSON media type (406), a POST that is not
 ``application/json`` (415, which also stops the CSRF "simple request" probes), a body
-over the limit (413, counted as it streams, so a chunked body cannot slip past), and
-batches (400). ``GraphQLApp`` then answers in the negotiated media type with the
-spec's status codes: under ``application/graphql-response+json`` a request error (parse,
-validation, limits, variables) is 400; under ``application/json`` every GraphQL response
-is 200. A mutation over GET is 405 with ``Allow: POST``.
+over the limit (413, counted as it streams, so a chunked body cannot slip past), batches
+and bodies that are not a JSON object (400), and query strings that are not UTF-8 (400).
+``GraphQLApp`` then answers in the negotiated media type with the spec's status codes:
+under ``application/graphql-response+json`` a request error (parse, validation, limits,
+variables) is 400; under ``application/json`` every GraphQL response is 200. A mutation
+over GET is 405 with ``Allow: POST``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import orjson
 from cross_web import HTTPException
@@ -35,12 +37,15 @@ from strawberry.types.unset import UNSET
 from consumers_graphql.api.context import Context
 from consumers_graphql.api.permissions import FORBIDDEN
 from consumers_graphql.outage import SERVICE_UNAVAILABLE
+from consumers_graphql.security_headers import page_policy
 
 GRAPHQL_RESPONSE_JSON = "application/graphql-response+json"
 JSON = "application/json"
 MEDIA_TYPE_STATE = "graphql_media_type"
 REQUEST_ERROR_STATE = "graphql_request_error"
 _UTF8 = frozenset({"utf-8", "utf8"})
+_JSON_WHITESPACE = b" \t\n\r"
+BAD_REQUEST = "BAD_REQUEST"
 
 
 def negotiate(accept: str | None) -> str | None:
@@ -119,12 +124,21 @@ class ProtocolGuard:
                               f"The request body is over the limit of {self.max_body_bytes:,} "
                               "bytes.", {"Connection": "close"})
                 return
-            if body.lstrip()[:1] == b"[":
+            first = body.lstrip(_JSON_WHITESPACE)[:1]
+            if first == b"[":
                 await _refuse(send, 400, "BATCHING_NOT_SUPPORTED",
                               "Batched operations (a JSON array) are not supported: send one "
                               "operation per request.")
                 return
+            if first != b"{":  # a string, number, null: no operation in it
+                await _refuse(send, 400, BAD_REQUEST,
+                              "The request body must be a JSON object: "
+                              '{"query": ..., "variables": {...}, "operationName": ...}.')
+                return
             receive = _replay(body, receive)
+        elif not _is_utf8(scope["query_string"]):
+            await _refuse(send, 400, BAD_REQUEST, "The query string is not valid UTF-8.")
+            return
         await self.app(scope, receive, send)
 
     async def _read_body(self, headers: Headers, receive: Receive) -> bytes | None:
@@ -145,6 +159,14 @@ class ProtocolGuard:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
+
+
+def _is_utf8(query_string: bytes) -> bool:
+    try:
+        unquote_to_bytes(query_string.replace(b"+", b" ")).decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -193,6 +215,11 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         super().__init__(schema, graphql_ide=graphql_ide)
         self._context = context
         self._retry_after_s = retry_after_s
+        self._page_policy = page_policy(self.graphql_ide_html) if graphql_ide else ""
+
+    async def render_graphql_ide(self, request: Any) -> HTMLResponse:
+        return HTMLResponse(self.graphql_ide_html,
+                            headers={"Content-Security-Policy": self._page_policy})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -208,6 +235,28 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
     async def get_context(self, request: Any, response: Any) -> Context:
         resources, tasks = request.scope[_REQUEST_SCOPE]
         return await resources.enter_async_context(self._context(request, tasks))
+
+    def decode_json(self, data: str | bytes) -> object:
+        # Strawberry answers 400 only for a JSONDecodeError; these others would be a 500.
+        try:
+            return json.loads(data)
+        except json.JSONDecodeError as error:
+            reason = str(error)
+        except UnicodeDecodeError:
+            reason = "it is not valid UTF-8"
+        except RecursionError:
+            reason = "it is nested too deeply"
+        except ValueError:  # an integer past Python's limit of 4,300 digits
+            reason = "a number has too many digits"
+        raise HTTPException(400, f"Malformed JSON: {reason}.")
+
+    async def parse_http_body(self, request: Any) -> Any:
+        data = await super().parse_http_body(request)
+        if isinstance(data, GraphQLRequestData) and not isinstance(data.operation_name,
+                                                                   str | None):
+            raise HTTPException(400, "The GraphQL operation's `operationName` must be a string "
+                                "or null, if provided.")
+        return data
 
     def encode_json(self, data: object) -> bytes:
         try:
@@ -226,7 +275,7 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
             return Response(error_body(refused.message, refused.code), status_code=refused.status,
                             media_type=JSON, headers=refused.headers)
         except HTTPException as error:
-            code = "NOT_FOUND" if error.status_code == 404 else "BAD_REQUEST"
+            code = "NOT_FOUND" if error.status_code == 404 else BAD_REQUEST
             return Response(error_body(error.reason, code), status_code=error.status_code,
                             media_type=JSON)
         if isinstance(response, HTMLResponse | StreamingResponse):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -11,12 +11,13 @@ import strawberry
 from graphql import GraphQLError
 from strawberry.extensions import SchemaExtension
 from strawberry.schema.config import StrawberryConfig
-from strawberry.types import ExecutionContext
+from strawberry.types import ExecutionContext, ExecutionResult
+from strawberry.types.graphql import OperationType
 
 from consumers_graphql import outage, request_id
 from consumers_graphql.api.context import Context
 from consumers_graphql.api.executor import execute_compiled, plan_mutations
-from consumers_graphql.api.limits import Limits, OperationLimits
+from consumers_graphql.api.limits import OPERATION_NAMED, Limits, OperationLimits
 from consumers_graphql.api.mutation import Mutation
 from consumers_graphql.api.permissions import ScopeCheck
 from consumers_graphql.api.query import Query
@@ -120,6 +121,25 @@ class Schema(strawberry.Schema):
         # graphql-core's own switch, so variable errors make no "Did you mean" either.
         kwargs["hide_suggestions"] = self.config.disable_field_suggestions
         return kwargs
+
+    async def execute(
+        self,
+        query: str | None,
+        variable_values: dict[str, Any] | None = None,
+        context_value: Any | None = None,
+        root_value: Any | None = None,
+        operation_name: str | None = None,
+        allowed_operation_types: Iterable[OperationType] | None = None,
+        operation_extensions: dict[str, Any] | None = None,
+    ) -> ExecutionResult:
+        named = OPERATION_NAMED.set(operation_name is not None)
+        try:
+            return await super().execute(
+                query, variable_values, context_value, root_value, operation_name,
+                allowed_operation_types, operation_extensions,
+            )
+        finally:
+            OPERATION_NAMED.reset(named)
 
     compiled = True
 

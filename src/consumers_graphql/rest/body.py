@@ -1,26 +1,52 @@
-"""How the REST routes read request bodies: within a size limit (413 past it, counted as the
-body streams, so a chunked body cannot slip past), and parsed late, so that authentication
-(401) and scopes (403) answer before a malformed body (400) does."""
+"""How the REST routes read request bodies: only once the key and its scope are checked
+(401 and 403 before a byte of the body is read), within a size limit (413 past it, by the
+declared length or counted as the body streams, so a chunked body cannot slip past), and,
+on the batch endpoints, parsed an item at a time, stopping past the batch limit: 32 MiB of
+`[{}, …]` would otherwise become 11 million dicts (~700 MB) before anything counts them."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Coroutine
 from contextlib import aclosing
 from typing import Any
 
-from fastapi import HTTPException, Request, Response
+from fastapi import BackgroundTasks, HTTPException, Request, Response
 from fastapi.routing import APIRoute
 
+from consumers_graphql.auth import Scope
+from consumers_graphql.db import Database
+from consumers_graphql.dependencies import READER_STATE
+from consumers_graphql.http_auth import PRINCIPAL_STATE, Forbidden, require_api_key
 from consumers_graphql.settings import Settings
+from consumers_graphql.validation import BATCH_MAX, METADATA_MAX_BYTES
 
 BATCH_SUFFIX = "/batch"
+# Objects and arrays a valid batch can hold: each item, and in its metadata (16 KiB compact)
+# at most one per two bytes. Each costs ~64 bytes parsed, so a body of `[{}, …]` inside one
+# item's metadata is refused before it becomes millions of dicts.
+MAX_BATCH_CONTAINERS = BATCH_MAX * (1 + METADATA_MAX_BYTES // 2)
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
 
 
 class PayloadTooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"The request body is over the limit of {limit:,} bytes.",
                          headers={"Connection": "close"})
+
+
+class BatchTooLarge(HTTPException):
+    def __init__(self) -> None:
+        super().__init__(400, f"A batch takes at most {BATCH_MAX} items; more were given. "
+                         "Nothing was written.")
+
+
+class TooManyContainers(HTTPException):
+    def __init__(self) -> None:
+        super().__init__(400, f"The body holds more than {MAX_BATCH_CONTAINERS:,} JSON objects "
+                         f"and arrays, more than {BATCH_MAX} items with valid metadata can.")
 
 
 # Where a request's malformed-JSON reason is kept (in the ASGI scope's state, which the
@@ -34,8 +60,38 @@ def malformed_json(request: Request) -> str | None:
     return reason
 
 
+def bounded_array(body: bytes, max_items: int) -> Any:
+    """The JSON of ``body``, parsed one array item at a time when it is an array, so that
+    no more than ``max_items`` items are ever built (BatchTooLarge past that), and not at
+    all when it holds more objects and arrays than a valid batch can (counted in C; a brace
+    inside a string counts too, which only a batch of brace-filled metadata would notice)."""
+    if body.count(b"{") + body.count(b"[") > MAX_BATCH_CONTAINERS:
+        raise TooManyContainers
+    text = body.decode()
+    index = _WHITESPACE.match(text).end()  # type: ignore[union-attr]
+    if not text.startswith("[", index):
+        return json.loads(text)
+    items: list[Any] = []
+    index = _WHITESPACE.match(text, index + 1).end()  # type: ignore[union-attr]
+    while not text.startswith("]", index):
+        if len(items) == max_items:
+            raise BatchTooLarge
+        if items:  # after an item: a comma, then the next
+            if not text.startswith(",", index):
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, index)
+            index = _WHITESPACE.match(text, index + 1).end()  # type: ignore[union-attr]
+        item, index = _DECODER.raw_decode(text, index)
+        items.append(item)
+        index = _WHITESPACE.match(text, index).end()  # type: ignore[union-attr]
+    index = _WHITESPACE.match(text, index + 1).end()  # type: ignore[union-attr]
+    if index != len(text):
+        raise json.JSONDecodeError("Extra data", text, index)
+    return items
+
+
 class _LimitedRequest(Request):
     limit: int = 0
+    max_items: int | None = None  # a batch endpoint's
 
     async def body(self) -> bytes:
         if not hasattr(self, "_body"):
@@ -57,7 +113,8 @@ class _LimitedRequest(Request):
             body = await self.body()
             reason = None
             try:
-                self._json = json.loads(body)
+                self._json = (json.loads(body) if self.max_items is None
+                              else bounded_array(body, self.max_items))
             except RecursionError:
                 reason = "it is nested too deeply"
             except ValueError as error:  # JSONDecodeError, bad UTF-8, a huge integer
@@ -79,10 +136,32 @@ class RestRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         path = self.path
+        scope = Scope.READ if self.methods == {"GET"} else Scope.WRITE
 
         async def limited(request: Request) -> Response:
             limited_request = _LimitedRequest(request.scope, request.receive)
             limited_request.limit = body_limit(request.app.state.settings, path)
-            return await handler(limited_request)
+            if path.endswith(BATCH_SUFFIX):
+                limited_request.max_items = BATCH_MAX
+            # FastAPI reads the body before it resolves dependencies: authenticate first here,
+            # on the request's read connection, which the dependencies then share.
+            database: Database = request.app.state.database
+            reader = database.reader()
+            state = request.scope.setdefault("state", {})
+            state[READER_STATE] = reader
+            try:
+                tasks = BackgroundTasks()
+                principal = await require_api_key(limited_request, tasks, reader)
+                if not principal.allows(scope):
+                    raise Forbidden(scope)
+                state[PRINCIPAL_STATE] = principal
+                response = await handler(limited_request)
+            finally:
+                await reader.close()
+            if tasks.tasks:
+                if response.background is not None:
+                    tasks.add_task(response.background)
+                response.background = tasks
+            return response
 
         return limited

@@ -18,9 +18,10 @@ from consumers_graphql.errors import DomainError, DomainErrors, ErrorCode
 from consumers_graphql.http_auth import (
     AUTHENTICATION_REQUIRED,
     AuthenticationRequired,
+    Forbidden,
     authentication_required_response,
 )
-from consumers_graphql.rest.body import malformed_json
+from consumers_graphql.rest.body import BatchTooLarge, malformed_json
 from consumers_graphql.rest.models import BATCH_TOO_LARGE
 
 REST_PREFIX = "/api/"
@@ -44,14 +45,6 @@ _HTTP_TEXTS = {
     405: "Method not allowed",
     413: PAYLOAD_TOO_LARGE,
 }
-
-
-class Forbidden(Exception):
-    """An authenticated key without the scope the endpoint needs."""
-
-    def __init__(self, scope: str) -> None:
-        super().__init__(f"This API key lacks the `{scope}` scope.")
-        self.message = str(self)
 
 
 def error_response(
@@ -148,6 +141,8 @@ def install(app: FastAPI) -> None:
         assert isinstance(error, StarletteHTTPException)
         if not request.url.path.startswith(REST_PREFIX):
             return await http_exception_handler(request, error)
+        if isinstance(error, BatchTooLarge):
+            return error_response(400, MAX_BATCH_SIZE, [{"field": _BODY, "message": error.detail}])
         headers = dict(error.headers or {})
         if error.status_code == 405:
             headers["Allow"] = ", ".join(_allowed_methods(request))

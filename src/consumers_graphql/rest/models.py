@@ -87,21 +87,31 @@ class ErrorOut(BaseModel):
     details: list[ErrorDetail]
 
 
+# What `validation.text` enforces: no control character, and (trimmed fields) at least one
+# character that is not a space; ECMAScript patterns, as JSON Schema has them.
+_PLAIN = "[^\\u0000-\\u001f\\u007f-\\u009f]"
+TRIMMED = f"^{_PLAIN}*[^\\s\\u0000-\\u001f\\u007f-\\u009f]{_PLAIN}*$"
+UNTRIMMED = f"^{_PLAIN}+$"
+# `+`, the country code and the number; whether it is a number in use is checked too.
+PHONE = "^\\s*\\+[0-9][0-9 ()./-]*$"
+
+
 def _nullable(schema: dict[str, Any], description: str) -> WithJsonSchema:
     return WithJsonSchema({"anyOf": [schema, {"type": "null"}], "description": description})
 
 
 Email: TypeAlias = Annotated[Any, _nullable(
-    {"type": "string", "format": "email", "maxLength": EMAIL_MAX},
+    {"type": "string", "format": "email", "maxLength": EMAIL_MAX, "pattern": TRIMMED},
     "Unique, case-insensitively. Null: no email.",
 )]
 Phone: TypeAlias = Annotated[Any, _nullable(
-    {"type": "string", "maxLength": PHONE_INPUT_MAX},
+    {"type": "string", "maxLength": PHONE_INPUT_MAX, "pattern": PHONE},
     "An international number (E.164 format recommended); spaces, dashes and brackets are "
     "accepted and stored as E.164 (+14155550100).",
 )]
 FullName: TypeAlias = Annotated[Any, _nullable(
-    {"type": "string", "maxLength": FULL_NAME_MAX}, "No control characters.",
+    {"type": "string", "maxLength": FULL_NAME_MAX, "pattern": TRIMMED},
+    "No control characters; not only spaces.",
 )]
 Metadata: TypeAlias = Annotated[Any, _nullable(
     {"type": "object", "additionalProperties": True},
@@ -109,7 +119,7 @@ Metadata: TypeAlias = Annotated[Any, _nullable(
     "merged shallowly: given keys replace, a key set to null is removed, null clears it.",
 )]
 ExternalId: TypeAlias = Annotated[Any, _nullable(
-    {"type": "string", "maxLength": EXTERNAL_ID_MAX},
+    {"type": "string", "minLength": 1, "maxLength": EXTERNAL_ID_MAX, "pattern": UNTRIMMED},
     "Your own id for the consumer, kept exactly as given; unique when set.",
 )]
 

@@ -1,9 +1,9 @@
 """The Consumers REST API of the reference, under /api/v1/consumers: a thin face over the
 same repository and services as GraphQL.
 
-Order of answers: body over its limit (413), no usable key (401), key without the scope
-(403: `read` for GET, `write` otherwise), malformed request (400), then the use-case's own
-refusals (400/404)."""
+Order of answers: no usable key (401), key without the scope (403: `read` for GET, `write`
+otherwise), both before a byte of the body is read (rest.body); then a body over its limit
+(413), a malformed request (400), and the use-case's own refusals (400/404)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 from sqlalchemy.engine import Row
+from starlette.convertors import StringConvertor, register_url_convertor
 
-from consumers_graphql.auth import Principal, Scope
 from consumers_graphql.db import Reader
 from consumers_graphql.dependencies import request_reader
 from consumers_graphql.errors import BadUserInput, DomainError, DomainErrors, ErrorCode
@@ -28,6 +28,8 @@ from consumers_graphql.pagination import MAX_PAGE_SIZE, Page, page_request
 from consumers_graphql.repository import (
     AUDIENCE_SORT,
     ORDER_SORT,
+    SEARCH_MAX,
+    SEARCH_MIN,
     ConsumerFilter,
     ConsumerSortField,
     Repository,
@@ -35,7 +37,6 @@ from consumers_graphql.repository import (
     search_term,
 )
 from consumers_graphql.rest.body import RestRoute
-from consumers_graphql.rest.errors import Forbidden
 from consumers_graphql.rest.models import (
     BatchCreateConsumersRequest,
     BatchUpdateConsumersRequest,
@@ -53,6 +54,15 @@ from consumers_graphql.timestamps import parse_datetime
 RELATIONS = ("audiences", "orders")
 SortBy = Literal["createdAt", "email", "fullName", "lastOrderAt", "totalOrderValue", "totalOrders"]
 
+
+class ConsumerIdConvertor(StringConvertor):
+    """A path segment other than the collection's own paths: GET /batch is then 405 (Allow:
+    POST, PUT), not a look-up of a consumer called "batch"."""
+
+    regex = "(?!(?:batch|search)$)[^/]+"
+
+
+register_url_convertor("consumer_id", ConsumerIdConvertor())
 
 PREFIX = "/api/v1/consumers"
 # Request fields as the reference spells them -> the services' names.
@@ -108,18 +118,6 @@ router = APIRouter(
 )
 
 
-def _needs(scope: Scope) -> Any:
-    async def check(principal: Annotated[Principal, Depends(require_api_key)]) -> None:
-        if not principal.allows(scope):
-            raise Forbidden(scope.value)
-
-    return Depends(check)
-
-
-READS = [_needs(Scope.READ)]
-WRITES = [_needs(Scope.WRITE)]
-
-
 def _repository(reader: Annotated[Reader, Depends(request_reader)]) -> Repository:
     # The request's one read connection, which authentication has used already.
     return Repository(reader)
@@ -131,12 +129,28 @@ def _services(request: Request) -> Services:
 
 Repo = Annotated[Repository, Depends(_repository)]
 Writes = Annotated[Services, Depends(_services)]
+# What the server checks itself (with its own messages), stated in the OpenAPI document.
+_PAGE_SIZE = {"minimum": 0, "maximum": MAX_PAGE_SIZE}
+_NO_CONTROL = "[^\\u0000-\\u001f\\u007f-\\u009f]"
+_TEXT = {"pattern": f"^{_NO_CONTROL}*$"}
+# At least SEARCH_MIN characters once trimmed: two that are not spaces.
+_SEARCH = {"minLength": SEARCH_MIN, "maxLength": SEARCH_MAX,
+           "pattern": f"^{_NO_CONTROL}*[^\\s\\u0000-\\u001f\\u007f-\\u009f]{_NO_CONTROL}*"
+                      f"[^\\s\\u0000-\\u001f\\u007f-\\u009f]{_NO_CONTROL}*$"}
+_INCLUDE = {"pattern": f"^({'|'.join(RELATIONS)})(,({'|'.join(RELATIONS)}))*$"}
+
 First = Annotated[
-    int | None, Query(description=f"Number of items per page (default 20, max {MAX_PAGE_SIZE})")
+    int | None, Query(description=f"Number of items per page (default 20, max {MAX_PAGE_SIZE})",
+                      json_schema_extra=_PAGE_SIZE)
 ]
 Include = Annotated[
-    str | None, Query(description="Relations to include, comma-separated: audiences, orders")
+    str | None, Query(description="Relations to include, comma-separated: audiences, orders",
+                      json_schema_extra=_INCLUDE)
 ]
+Text = {"json_schema_extra": _TEXT}
+AudienceId = {"json_schema_extra": {"pattern": "^aud_[0-9A-HJKMNP-TV-Z]{26}$"}}
+Timestamp = {"json_schema_extra": {"format": "date-time"}}
+Search = {"json_schema_extra": _SEARCH}
 
 
 def _includes(raw: str | None) -> set[str]:
@@ -203,21 +217,25 @@ def _written(result: BatchResult) -> list[dict[str, Any]]:
     return [consumer_json(item.row) for item in result.results if item.row is not None]
 
 
-@router.get("", response_model=ConsumersListOut, summary="List consumers", dependencies=READS)
+@router.get("", response_model=ConsumersListOut, summary="List consumers")
 async def list_consumers(
     repository: Repo,
     first: First = None,
     after: Annotated[str | None, Query(description="Cursor for forward pagination")] = None,
     before: Annotated[str | None, Query(description="Cursor for backward pagination")] = None,
-    last: Annotated[int | None, Query(description="Items for backward pagination")] = None,
+    last: Annotated[int | None, Query(description="Items for backward pagination (not with "
+                                            "`first`)", json_schema_extra=_PAGE_SIZE)] = None,
     search: Annotated[
-        str | None, Query(description="Search by email, phone, or name (min 2 chars)")
+        str | None, Query(description="Search by email, phone, or name (min 2 chars)", **Search)
     ] = None,
     sortBy: SortBy = "createdAt",
     sortDir: Literal["asc", "desc"] = "desc",
-    createdAfter: Annotated[str | None, Query(description="Created strictly after")] = None,
-    createdBefore: Annotated[str | None, Query(description="Created strictly before")] = None,
-    audienceId: Annotated[str | None, Query(description="Members of this audience only")] = None,
+    createdAfter: Annotated[
+        str | None, Query(description="Created strictly after", **Timestamp)] = None,
+    createdBefore: Annotated[
+        str | None, Query(description="Created strictly before", **Timestamp)] = None,
+    audienceId: Annotated[
+        str | None, Query(description="Members of this audience only", **AudienceId)] = None,
     include: Include = None,
 ) -> Response:
     sort = consumer_sort(ConsumerSortField(sortBy), descending=sortDir == "desc")
@@ -238,7 +256,7 @@ async def list_consumers(
     responses={**CONFLICTS, **TOO_LARGE, 201: {"headers": {"Location": {
         "description": "/api/v1/consumers/{id} of the created consumer",
         "schema": {"type": "string"}}}}},
-    summary="Create a consumer", dependencies=WRITES,
+    summary="Create a consumer",
     response_description="The created consumer (its URL in `Location`).",
 )
 async def create_consumer(services: Writes, body: CreateConsumerRequest) -> Response:
@@ -247,14 +265,16 @@ async def create_consumer(services: Writes, body: CreateConsumerRequest) -> Resp
                     headers={"Location": f"{PREFIX}/{row.id}"})
 
 
-@router.get("/search", response_model=ConsumersListOut, summary="Search consumers",
-            dependencies=READS)
+@router.get("/search", response_model=ConsumersListOut, summary="Search consumers")
 async def search_consumers(
     repository: Repo,
-    q: Annotated[str | None, Query(description="Search query (min 2 chars)")] = None,
-    email: Annotated[str | None, Query(description="Exact email match (case-insensitive)")] = None,
-    phone: Annotated[str | None, Query(description="Exact phone match (as E.164)")] = None,
-    externalId: Annotated[str | None, Query(description="Exact external ID match")] = None,
+    q: Annotated[str | None, Query(description="Search query (min 2 chars)", **Search)] = None,
+    email: Annotated[
+        str | None, Query(description="Exact email match (case-insensitive)", **Text)] = None,
+    phone: Annotated[
+        str | None, Query(description="Exact phone match (as E.164)", **Text)] = None,
+    externalId: Annotated[
+        str | None, Query(description="Exact external ID match", **Text)] = None,
     first: First = None,
     after: Annotated[str | None, Query(description="Cursor for the next page")] = None,
     include: Include = None,
@@ -274,7 +294,6 @@ async def search_consumers(
 @router.post(
     "/batch", status_code=201, response_model=list[ConsumerOut],
     responses={**CONFLICTS, **TOO_LARGE}, summary="Create consumers in a batch",
-    dependencies=WRITES,
     description="At most 500 consumers (`Max batch size is 500` otherwise). Atomic: one "
     "refused item and nothing is written; every refused item is reported.",
     response_description="The created consumers, in input order.",
@@ -289,7 +308,6 @@ async def batch_create_consumers(
 @router.put(
     "/batch", response_model=list[ConsumerOut],
     responses={**CONFLICTS, **NOT_FOUND, **TOO_LARGE}, summary="Update consumers in a batch",
-    dependencies=WRITES,
     description="Each item as `PUT /api/v1/consumers/{id}` does. At most 500 items (`Max "
     "batch size is 500` otherwise). Atomic: one refused item and nothing is written; every "
     "refused item is reported (404 `Consumer not found` when unknown ids are the only "
@@ -306,8 +324,8 @@ async def batch_update_consumers(
 
 
 @router.get(
-    "/{consumer_id}", response_model=ConsumerWithRelationsOut, responses=NOT_FOUND,
-    summary="Get a consumer", dependencies=READS,
+    "/{consumer_id:consumer_id}", response_model=ConsumerWithRelationsOut, responses=NOT_FOUND,
+    summary="Get a consumer",
 )
 async def get_consumer(
     repository: Repo,
@@ -325,9 +343,8 @@ async def get_consumer(
 
 
 @router.put(
-    "/{consumer_id}", response_model=ConsumerOut,
+    "/{consumer_id:consumer_id}", response_model=ConsumerOut,
     responses={**CONFLICTS, **NOT_FOUND, **TOO_LARGE}, summary="Update a consumer",
-    dependencies=WRITES,
     description="Keys left out stay unchanged, null clears; `metadata` is merged shallowly "
     "(a key set to null is removed, `metadata: null` clears it).",
     response_description="The consumer as updated.",
@@ -340,8 +357,8 @@ async def update_consumer(
 
 
 @router.delete(
-    "/{consumer_id}", response_model=ConsumerOut, responses=NOT_FOUND,
-    summary="Delete a consumer", dependencies=WRITES,
+    "/{consumer_id:consumer_id}", response_model=ConsumerOut, responses=NOT_FOUND,
+    summary="Delete a consumer",
     description="Deletes the consumer with its orders and audience memberships.",
     response_description="The deleted consumer, as it was.",
 )
