@@ -33,10 +33,11 @@ Path = Sequence[str]
 METADATA_MAX_BYTES = 16 * 1024
 PHONE_INPUT_MAX = 64
 BATCH_MAX = 500
-# Limits that keep every total exact in the money column on both databases
-# (NUMERIC(19, 4); a 64-bit count of 1/10,000 units on SQLite).
-AMOUNT_MAX = Decimal(10) ** 12
-TOTAL_ORDER_VALUE_MAX = Decimal(10) ** 14
+# Limits that keep every amount and total exact in the money column (NUMERIC(19, 4); a
+# 64-bit count of 1/10,000 units on SQLite) and on the wire, a double: 11 digits before the
+# point and 4 after are 15, which a double's shortest form always gives back.
+AMOUNT_MAX = Decimal(10) ** 11
+TOTAL_ORDER_VALUE_MAX = Decimal(10) ** 11
 
 # Free text may span lines; names and ids may not.
 _MULTILINE_ALLOWED = frozenset("\t\n\r")
