@@ -117,7 +117,7 @@ def text(
 # whatever the domain, and checked before it.
 _ATEXT = r"a-zA-Z0-9_!#$%&'*+\-/=?^`{|}~"
 _PLAIN_LOCAL_PART = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
-_LOCAL_PART_MAX = 64
+_LOCAL_PART_MAX = 64  # longer ones go to email-validator (refused only in its strict mode)
 _EMAIL_MAX_BYTES = 254
 
 
