@@ -229,6 +229,33 @@ async def test_every_bad_item_is_reported(gql: GraphQL, write_engine: Any) -> No
     assert await consumer_count(write_engine) == 1 + 3
 
 
+async def test_a_repeat_is_reported_even_when_its_first_occurrence_is_invalid(
+    gql: GraphQL, write_engine: Any
+) -> None:
+    items = [
+        {"email": "dup@example.com", "phone": "12", "externalId": "x-1"},  # invalid phone
+        {"email": "DUP@example.com"},  # repeats item 0, which is not written
+        {"email": "dup@example.com", "fullName": "x" * 201, "externalId": "x-1"},
+        {"email": "fine@example.com"},
+    ]
+    expected = [
+        (["input", "0", "phone"], "VALIDATION_FAILED"),
+        (["input", "1", "email"], "DUPLICATE_IN_BATCH"),
+        (["input", "2", "fullName"], "VALIDATION_FAILED"),
+        (["input", "2", "email"], "DUPLICATE_IN_BATCH"),
+        (["input", "2", "externalId"], "DUPLICATE_IN_BATCH"),
+    ]
+    for policy, written in (("REJECT_EVERYTHING", []), ("REJECT_FAILED_ROWS", [3])):
+        payload = await batch_create(gql, items, policy)
+
+        assert codes(payload["userErrors"]) == expected, policy
+        results = payload["results"]
+        assert [e for r in results for e in codes(r["userErrors"])] == expected
+        assert "item 0" in results[1]["userErrors"][0]["message"]
+        assert [i for i, r in enumerate(results) if r["consumer"]] == written
+    assert await consumer_count(write_engine) == 1
+
+
 async def test_batch_insert_is_one_statement(
     gql: GraphQL, sql: StatementCounter, write_engine: Any, dialect: str
 ) -> None:
@@ -334,6 +361,42 @@ async def test_batch_update_reports_every_bad_item(gql: GraphQL) -> None:
     after = await gql.data(names)
     assert [(n["fullName"], n["externalId"]) for n in after["consumers"]["nodes"]] == [
         ("Zero", None), ("User 1", None), ("User 2", "e"), ("User 3", None)
+    ]
+
+
+async def test_batch_update_reports_a_repeat_even_when_its_first_occurrence_is_invalid(
+    gql: GraphQL
+) -> None:
+    ids = [r["consumer"]["id"] for r in (await batch_create(gql, people(4)))["results"]]
+    items = [
+        {"id": ids[0], "phone": "12"},  # invalid
+        {"id": ids[0], "fullName": "Again"},  # repeats the id of item 0
+        {"id": ids[1], "email": "new@example.com", "externalId": "e", "phone": "nope"},
+        {"id": ids[2], "email": "NEW@example.com", "externalId": "e"},  # repeats item 2
+        {"id": ids[0], "fullName": "x" * 201},  # invalid and repeated
+        {"id": ids[3], "fullName": "Fine"},
+    ]
+    expected = [
+        (["input", "0", "phone"], "VALIDATION_FAILED"),
+        (["input", "1", "id"], "DUPLICATE_IN_BATCH"),
+        (["input", "2", "phone"], "VALIDATION_FAILED"),
+        (["input", "3", "email"], "DUPLICATE_IN_BATCH"),
+        (["input", "3", "externalId"], "DUPLICATE_IN_BATCH"),
+        (["input", "4", "fullName"], "VALIDATION_FAILED"),
+        (["input", "4", "id"], "DUPLICATE_IN_BATCH"),
+    ]
+    names = "query { consumers(sortBy: EMAIL, sortDir: ASC) { nodes { fullName } } }"
+    for policy, written in (("REJECT_EVERYTHING", []), ("REJECT_FAILED_ROWS", [5])):
+        payload = await batch_update(gql, items, policy)
+
+        assert codes(payload["userErrors"]) == expected, policy
+        results = payload["results"]
+        assert [e for r in results for e in codes(r["userErrors"])] == expected
+        assert "item 0" in results[1]["userErrors"][0]["message"]
+        assert [i for i, r in enumerate(results) if r["consumer"]] == written
+    after = await gql.data(names)
+    assert [n["fullName"] for n in after["consumers"]["nodes"]] == [
+        "User 0", "User 1", "User 2", "Fine"
     ]
 
 

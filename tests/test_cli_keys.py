@@ -240,3 +240,21 @@ def test_first_serve_prints_exactly_one_key_and_a_second_start_none(tmp_path: Pa
     finally:
         assert second.stop() == 0, second.output
     assert SECRET.search(second.output) is None, second.output
+
+
+@pytest.mark.parametrize(("env", "host", "port"), [
+    ({}, "127.0.0.1", "8000"),
+    ({"CONSUMERS_HOST": "0.0.0.0", "CONSUMERS_PORT": "9123"}, "0.0.0.0", "9123"),
+])
+def test_serve_help_shows_the_defaults_in_effect(env: dict[str, str], host: str,
+                                                 port: str) -> None:
+    script = Path(sys.executable).with_name("consumers-graphql")
+    environment = {k: v for k, v in os.environ.items() if k not in ("CONSUMERS_HOST",
+                                                                    "CONSUMERS_PORT")}
+    done = subprocess.run([str(script), "serve", "--help"], env={**environment, **env},
+                          capture_output=True, text=True, check=True, timeout=60)
+    help_text = " ".join(done.stdout.split())  # argparse wraps lines
+    assert f"(default {host}" in help_text and f"(default {port}" in help_text, help_text
+    if env:
+        assert "from CONSUMERS_HOST" in help_text and "from CONSUMERS_PORT" in help_text
+        assert "default 8000" not in help_text and "default 127.0.0.1" not in help_text

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -136,7 +138,7 @@ async def test_delete_of_an_unknown_order_is_not_found(gql: GraphQL) -> None:
         (1.001, "USD", "amount", "USD allows 2"),
         (100.5, "JPY", "amount", "JPY allows 0"),
         (1.0001, "KWD", "amount", "KWD allows 3"),
-        (1e12, "USD", "amount", "less than"),
+        (1e11, "USD", "amount", "less than 100,000,000,000"),
         (1e300, "USD", "amount", "less than"),
         (10, "XYZ", "currency", "ISO 4217"),
         (10, "US", "currency", "ISO 4217"),
@@ -157,7 +159,7 @@ async def test_record_refuses_bad_amounts_and_currencies(
 @pytest.mark.parametrize(
     ("amount", "currency", "stored"),
     [(0, "USD", 0), (100, "JPY", 100), (1.234, "KWD", 1.234), (19.99, "eur", 19.99),
-     (999999999999.99, "USD", 999999999999.99)],
+     (99999999999.99, "USD", 99999999999.99), (99999999999.9999, "CLF", 99999999999.9999)],
 )
 async def test_record_accepts_amounts_within_the_currency(
     gql: GraphQL, amount: float, currency: str, stored: float
@@ -188,15 +190,36 @@ async def test_record_refuses_unknown_consumer_and_taken_external_id(gql: GraphQ
     assert (await totals(gql, consumer))["totalOrders"] == 1
 
 
-async def test_totals_are_capped(gql: GraphQL) -> None:
+async def test_totals_are_capped_where_a_double_gives_them_back(
+    gql: GraphQL, client: httpx.AsyncClient, auth_headers: dict[str, str]
+) -> None:
+    # Float and JSON numbers are doubles: every amount and total the API accepts (4
+    # decimals at most, in CLF) must read back as the exact decimal, as written.
     consumer = await new_consumer(gql)
-    for _ in range(100):
-        assert (await record(gql, consumer, 999_999_999_999))["userErrors"] == []
-    payload = await record(gql, consumer, 100_000)
+
+    async def exact_totals() -> tuple[Decimal, Decimal]:
+        graphql = await client.post("/graphql", headers=gql.headers, json={
+            "query": TOTALS, "variables": {"id": consumer}})
+        rest = await client.get(f"/api/v1/consumers/{consumer}", headers=auth_headers)
+        return (json.loads(graphql.content, parse_float=Decimal)["data"]["consumer"][
+            "totalOrderValue"], json.loads(rest.content, parse_float=Decimal)["totalOrderValue"])
+
+    response = await client.post("/graphql", headers=gql.headers, json={
+        "query": RECORD, "variables": {"input": {
+            "consumerId": consumer, "amount": 99_999_999_999.9999, "currency": "CLF"}}})
+    recorded = json.loads(response.content, parse_float=Decimal)["data"]["orderRecord"]
+    assert recorded["userErrors"] == []
+    assert recorded["order"]["amount"] == Decimal("99999999999.9999")
+    assert await exact_totals() == (Decimal("99999999999.9999"),) * 2
+
+    assert (await record(gql, consumer, 0.0001, "CLF"))["userErrors"] == []  # the cap itself
+    assert await exact_totals() == (Decimal(10) ** 11,) * 2
+
+    payload = await record(gql, consumer, 0.0001, "CLF")
     assert codes(payload) == [(["input", "amount"], "VALIDATION_FAILED")]
-    state = await totals(gql, consumer)
-    assert state["totalOrders"] == 100
-    assert state["totalOrderValue"] == 99_999_999_999_900
+    assert "past 100,000,000,000" in payload["userErrors"][0]["message"]
+    assert (await totals(gql, consumer))["totalOrders"] == 2
+    assert await exact_totals() == (Decimal(10) ** 11,) * 2
 
 
 async def test_orders_of_a_deleted_consumer_are_gone(gql: GraphQL, write_engine: Any) -> None:

@@ -241,11 +241,14 @@ async def test_update_leaves_omitted_keys_clears_nulls_and_merges_metadata(
 async def test_updating_or_deleting_an_unknown_consumer_is_404(
     client: httpx.AsyncClient, auth_headers: dict[str, str], consumer_id: str
 ) -> None:
-    response = await client.put(f"{URL}/{consumer_id}", headers=auth_headers,
-                                json={"fullName": "X"})
-    assert_error(response, 404, "Consumer not found", ["id"])
-    response = await client.delete(f"{URL}/{consumer_id}", headers=auth_headers)
-    assert_error(response, 404, "Consumer not found", ["id"])
+    # the reference's one text, as GET says it
+    not_found = {"error": "Consumer not found",
+                 "details": [{"field": "id", "message": "Consumer not found"}]}
+    for method in ("GET", "PUT", "DELETE"):
+        body = {"fullName": "X"} if method == "PUT" else None
+        response = await client.request(method, f"{URL}/{consumer_id}", headers=auth_headers,
+                                        json=body)
+        assert (response.status_code, response.json()) == (404, not_found), method
 
 
 async def test_update_validation_and_conflicts(
@@ -336,6 +339,22 @@ async def test_a_batch_is_atomic_and_reports_every_bad_item(
     assert await count_consumers(write_engine) == 1
 
 
+async def test_a_batch_reports_a_repeat_of_an_invalid_item(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any
+) -> None:
+    created = await create(client, auth_headers, email="a@example.com")
+    response = await client.post(BATCH, headers=auth_headers, json=[
+        {"email": "dup@example.com", "phone": "12"}, {"email": "DUP@example.com"}])
+    details = assert_error(response, 400, "Validation failed", ["0.phone", "1.email"])
+    assert "Same email as item 0" in details[1]["message"]
+    response = await client.put(BATCH, headers=auth_headers, json=[
+        {"id": created["id"], "phone": "12"}, {"id": created["id"], "fullName": "Again"}])
+    details = assert_error(response, 400, "Validation failed", ["0.phone", "1.id"])
+    assert "Same id as item 0" in details[1]["message"]
+    assert await count_consumers(write_engine) == 1
+    assert (await client.get(f"{URL}/{created['id']}", headers=auth_headers)).json() == created
+
+
 async def test_a_single_email_conflict_in_a_batch_is_email_already_exists(
     client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any
 ) -> None:
@@ -424,7 +443,8 @@ async def test_batch_update_of_unknown_ids_only_is_404(
     created = await create(client, auth_headers, email="a@example.com")
     response = await client.put(BATCH, headers=auth_headers, json=[
         {"id": created["id"], "fullName": "A"}, {"id": MISSING_ID, "fullName": "X"}])
-    assert_error(response, 404, "Consumer not found", ["1.id"])
+    details = assert_error(response, 404, "Consumer not found", ["1.id"])
+    assert details[0]["message"] == "Consumer not found"
     response = await client.put(BATCH, headers=auth_headers,
                                 json=[{"id": created["id"]}] * (BATCH_MAX + 1))
     assert_error(response, 400, "Max batch size is 500", ["body"])

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -113,6 +114,32 @@ _SLOW = text("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHE
 # Rows that each cost work to produce: the first comes at once, the rest while fetching.
 _SLOW_ROWS = text("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n "
                   "WHERE i < 30000) SELECT i, (SELECT count(*) FROM t WHERE v <> i) FROM n")
+
+
+def test_a_fully_buffered_result_fetches_every_row_when_it_is_made(tmp_path: Path) -> None:
+    # db.InlineReads sets SQLAlchemy's FullyBufferedCursorFetchStrategy (an internal, hence
+    # sqlalchemy <2.2) so that a read's rows are all fetched while its CPU budget watches,
+    # and served from memory afterwards: this pins both halves.
+    engine = create_engine(f"sqlite:///{tmp_path / 'buffered.db'}")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("CREATE TABLE t (v TEXT)"))
+            conn.execute(text("INSERT INTO t (v) VALUES ('a'), ('b'), ('c')"))
+            result = conn.execute(text("SELECT v FROM t ORDER BY v"))
+            result.cursor_strategy = FullyBufferedCursorFetchStrategy(result.cursor)
+            assert result.cursor.fetchone() is None  # the cursor has nothing left
+            assert result.scalars().all() == ["a", "b", "c"]
+
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            many = conn.execute(_SLOW_ROWS)  # its first row is there, the rest cost work
+            raw.set_progress_handler(lambda: 1, 1_000)  # from now on: interrupted
+            with pytest.raises(sqlite3.OperationalError, match="interrupted"):
+                FullyBufferedCursorFetchStrategy(many.cursor)
+            raw.set_progress_handler(None, 0)
+            many.close()
+    finally:
+        engine.dispose()
 
 
 def _recorded(database: Database) -> list[tuple[str, str]]:

@@ -13,6 +13,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
 from consumers_graphql.settings import Settings
 
 if TYPE_CHECKING:
@@ -274,7 +276,17 @@ def _positive(value: str) -> int:
     return number
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _default(settings: Settings, name: str) -> str:
+    """The default in effect, and the variable that set it if one did."""
+    value = getattr(settings, name)
+    if name in settings.model_fields_set:
+        return f"default {value}, from CONSUMERS_{name.upper()}"
+    return f"default {value}"
+
+
+def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
+    """``settings``: whose host and port `serve --help` shows (the built-in ones if None)."""
+    settings = settings if settings is not None else Settings.model_construct()
     parser = argparse.ArgumentParser(
         prog="consumers-graphql",
         description="GraphQL (and REST) API over Consumers data. Configured by CONSUMERS_* "
@@ -283,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the HTTP server (migrates an empty database)")
-    serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    serve.add_argument("--host", help=f"interface to listen on ({_default(settings, 'host')})")
+    serve.add_argument("--port", type=int,
+                       help=f"port to listen on ({_default(settings, 'port')})")
     serve.set_defaults(handler=_serve)
 
     keys = commands.add_parser("keys", help="create, list and revoke API keys")
@@ -327,8 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.handler(args, Settings()))
+    try:
+        settings = Settings()
+    except ValidationError:
+        build_parser().parse_args(argv)  # --help still answers, with the built-in defaults
+        raise
+    args = build_parser(settings).parse_args(argv)
+    return int(args.handler(args, settings))
 
 
 if __name__ == "__main__":

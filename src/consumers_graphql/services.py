@@ -265,14 +265,15 @@ class Services:
             item_values, item_errors = _consumer_values(fields, item_path(index))
             values.append({column: item_values.get(column) for column in _CONSUMER_WRITABLE})
             invalid.append(item_errors)
+        # A repeat is reported whatever else is wrong with either item (an invalid value is
+        # None here, so it repeats nothing).
         _mark_duplicates(
-            ((i, fold(v["email"]), (*item_path(i), "email")) for i, v in enumerate(values)
-             if not invalid[i]),
+            ((i, fold(v["email"]), (*item_path(i), "email")) for i, v in enumerate(values)),
             "email", invalid,
         )
         _mark_duplicates(
             ((i, v["external_id"], (*item_path(i), "externalId"))
-             for i, v in enumerate(values) if not invalid[i]),
+             for i, v in enumerate(values)),
             "externalId", invalid,
         )
 
@@ -330,24 +331,26 @@ class Services:
     ) -> BatchResult:
         changes: list[dict[str, Any]] = []
         invalid: list[list[DomainError]] = []
+        ids: list[str | None] = []  # None: not a consumer id
         for index, item in enumerate(items):
             item_changes, item_errors = _consumer_values(item.fields, item_path(index))
-            if not isinstance(item.id, str) or not is_id_of(item.id, IdKind.CONSUMER):
+            if isinstance(item.id, str) and is_id_of(item.id, IdKind.CONSUMER):
+                ids.append(item.id)
+            else:
+                ids.append(None)
                 item_errors.insert(0, _not_found(id_path(index), "consumer"))
             changes.append(item_changes)
             invalid.append(item_errors)
-        _mark_duplicates(
-            ((i, item.id, id_path(i)) for i, item in enumerate(items) if not invalid[i]),
-            "id", invalid,
-        )
+        # A repeat is reported whatever else is wrong with either item.
+        _mark_duplicates(((i, id, id_path(i)) for i, id in enumerate(ids)), "id", invalid)
         _mark_duplicates(
             ((i, fold(c.get("email")), (*item_path(i), "email"))
-             for i, c in enumerate(changes) if not invalid[i]),
+             for i, c in enumerate(changes)),
             "email", invalid,
         )
         _mark_duplicates(
             ((i, c.get("external_id"), (*item_path(i), "externalId"))
-             for i, c in enumerate(changes) if not invalid[i]),
+             for i, c in enumerate(changes)),
             "externalId", invalid,
         )
 

@@ -201,7 +201,7 @@ class OrderRecordInput:
     consumer_id: strawberry.ID = strawberry.field(description="Who placed it (`NOT_FOUND` "
                                                   "when no consumer has this id).")
     amount: float = strawberry.field(description=(
-        "The amount, 0 or more and less than 1,000,000,000,000, with no more decimal places "
+        "The amount, 0 or more and less than 100,000,000,000, with no more decimal places "
         "than the currency has (2 for USD, 0 for JPY, 3 for KWD). Read as the decimal it is "
         "written as (`19.99` is stored as exactly 19.99). Refunds are not negative orders: "
         "delete the order instead."

@@ -170,7 +170,7 @@ class Mutation:
     @strawberry.mutation(description=(
         "Record an order. The consumer's `totalOrders`, `totalOrderValue` (exact) and "
         "`lastOrderAt` are brought up to date in the same transaction. `totalOrderValue` is "
-        "at most 100,000,000,000,000 (`VALIDATION_FAILED` on `amount` past it)."
+        "at most 100,000,000,000 (`VALIDATION_FAILED` on `amount` past it)."
     ))
     async def order_record(self, info: Info, input: OrderRecordInput) -> OrderPayload:
         return await _order_payload(_services(info).record_order(input.to_fields()))

@@ -32,11 +32,12 @@ PAYLOAD_TOO_LARGE = "Request body too large"
 _BODY = "body"
 
 # Codes whose reference text is not "Validation failed".
+CONSUMER_NOT_FOUND = "Consumer not found"
 _TEXTS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.EMAIL_TAKEN: (400, "Email already exists"),
     ErrorCode.EXTERNAL_ID_TAKEN: (400, "External ID already exists"),
     ErrorCode.BATCH_TOO_LARGE: (400, MAX_BATCH_SIZE),
-    ErrorCode.NOT_FOUND: (404, "Consumer not found"),
+    ErrorCode.NOT_FOUND: (404, CONSUMER_NOT_FOUND),
 }
 # Statuses raised as HTTPException (by Starlette, FastAPI or `rest.body`) under /api/.
 _HTTP_TEXTS = {
@@ -67,7 +68,10 @@ def field_path(path: Sequence[Any] | None) -> str:
 def domain_errors_response(errors: Sequence[DomainError]) -> Response:
     """One response for one or more problems: the most specific text the reference has for
     them (a single kind of conflict), else "Validation failed" with every problem listed."""
-    details = [{"field": field_path(e.field), "message": e.message} for e in errors]
+    # The reference's one text for an unknown id, on every endpoint (all are consumers').
+    details = [{"field": field_path(e.field),
+                "message": CONSUMER_NOT_FOUND if e.code is ErrorCode.NOT_FOUND else e.message}
+               for e in errors]
     kinds = {e.code for e in errors}
     if len(kinds) == 1 and (code := next(iter(kinds))) in _TEXTS:
         status, text = _TEXTS[code]
