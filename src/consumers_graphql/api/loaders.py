@@ -3,15 +3,37 @@ page arguments, so every parent in a batch shares one statement."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import Row
-from strawberry.dataloader import DataLoader
+from strawberry import dataloader
 
 from consumers_graphql.pagination import Page, PageRequest
 from consumers_graphql.repository import Repository
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+
+
+class DataLoader(dataloader.DataLoader[K, T]):
+    """Strawberry's DataLoader, with loads that a cancelled waiter cannot reach.
+
+    graphql-core 3.3 cancels the siblings of a field that fails. A waiter awaiting the
+    loader's own future would cancel it: the future other fields share through the cache,
+    and, once all of a batch's futures are cancelled, the batch itself, even before it
+    started; later loads then join that batch and wait forever. Each load is shielded, so a
+    batch always runs to its end and only the cancelled waiter stops waiting."""
+
+    def load(self, key: K) -> Awaitable[T]:
+        return asyncio.shield(super().load(key))
+
+    def load_many(self, keys: Iterable[K]) -> Awaitable[list[T]]:
+        load = super().load
+        return asyncio.shield(asyncio.gather(*map(load, keys)))
+
 
 PageLoader = DataLoader[str, Page[Row[Any]]]
 

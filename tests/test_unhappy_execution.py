@@ -1,0 +1,115 @@
+"""The unhappy path of execution (issue #12, part 1): a failing or cancelled field never
+hangs a request, poisons a DataLoader or the request's connection; variables work in nested
+relation arguments on the graphql-core path; the cost is priced from coerced variables; a
+fallback from the compiled executor repeats no statement and answers as graphql-core does.
+Each operation runs through both executors (`compiled` fixture)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+
+from consumers_graphql import models
+from tests.conftest import GraphQL
+from tests.factories import (
+    BASE_TIME,
+    audience_row,
+    consumer_row,
+    insert_consumers,
+    insert_rows,
+    order_row,
+)
+
+# A hang fails the test instead of the run: every request here answers in well under this.
+ANSWER_WITHIN_S = 20
+
+
+@pytest.fixture(params=[True, False], ids=["compiled", "graphql-core"])
+def compiled(request: pytest.FixtureRequest, app: FastAPI) -> Iterator[bool]:
+    """Runs the test through the compiled executor (falling back to graphql-core where it
+    must), then through graphql-core alone."""
+    schema = app.state.schema
+    before = schema.compiled
+    schema.compiled = request.param
+    try:
+        yield request.param
+    finally:
+        schema.compiled = before
+
+
+def checked_out(app: FastAPI) -> int:
+    """Connections of the read pool in use (none once every request has answered)."""
+    return int(app.state.database.read_engine.sync_engine.pool.checkedout())
+
+
+async def answer(gql: GraphQL, query: str, variables: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    async with asyncio.timeout(ANSWER_WITHIN_S):
+        return await gql(query, variables)
+
+
+def codes(body: dict[str, Any]) -> list[str]:
+    return [error["extensions"]["code"] for error in body.get("errors", ())]
+
+
+async def given_orders(engine: Any) -> dict[str, Any]:
+    """Two consumers with two orders each; the second consumer is in an audience."""
+    first, second = consumer_row(1), consumer_row(2)
+    audience = audience_row("VIP")
+    orders = [order_row(c["id"], f"{k}.50", BASE_TIME + timedelta(days=k))
+              for c in (first, second) for k in range(2)]
+    await insert_consumers(engine, [first, second])
+    await insert_rows(engine, models.Audience, [audience])
+    await insert_rows(engine, models.ConsumerAudience, [
+        {"consumer_id": second["id"], "audience_id": audience["id"], "created_at": BASE_TIME}])
+    await insert_rows(engine, models.Order, orders)
+    return {"o1": orders[0]["id"], "o2": orders[2]["id"], "c1": first["id"],
+            "c2": second["id"], "audience": audience["id"]}
+
+
+# --- a. a failing field never leaves a request waiting ---------------------------------------
+
+SIBLING_FAILS = """
+query($o1: ID!, $o2: ID!) {
+  node(id: $o1) { ... on Order {
+    bad: consumer { orders(first: 101) { totalCount } }
+    good: consumer { audiences { totalCount } orders { totalCount } } } }
+  later: node(id: $o2) { ... on Order { consumer { audiences { nodes {
+    consumers(first: 1) { nodes { orders { totalCount } } } } } } } }
+}
+"""
+
+
+async def test_a_failing_sibling_never_leaves_the_request_waiting(
+    app: FastAPI, read_only_gql: GraphQL, write_engine: Any, compiled: bool
+) -> None:
+    ids = await given_orders(write_engine)
+
+    body = await answer(read_only_gql, SIBLING_FAILS, {"o1": ids["o1"], "o2": ids["o2"]})
+
+    assert body["data"] == {"node": None, "later": {"consumer": {"audiences": {"nodes": [
+        {"consumers": {"nodes": [{"orders": {"totalCount": 2}}]}}]}}}}
+    assert codes(body) == ["BAD_USER_INPUT"]
+    assert body["errors"][0]["path"] == ["node", "bad", "orders"]
+    assert checked_out(app) == 0
+    # and the next request is served as usual
+    again = await answer(read_only_gql, SIBLING_FAILS, {"o1": ids["o2"], "o2": ids["o2"]})
+    assert codes(again) == ["BAD_USER_INPUT"]
+
+
+async def test_twenty_failing_requests_at_once_all_answer_and_give_back_their_connections(
+    app: FastAPI, read_only_gql: GraphQL, write_engine: Any, compiled: bool
+) -> None:
+    ids = await given_orders(write_engine)
+    variables = {"o1": ids["o1"], "o2": ids["o2"]}
+
+    bodies = await asyncio.gather(*(answer(read_only_gql, SIBLING_FAILS, variables)
+                                    for _ in range(20)))
+
+    assert [codes(body) for body in bodies] == [["BAD_USER_INPUT"]] * 20
+    assert checked_out(app) == 0
