@@ -113,3 +113,64 @@ async def test_twenty_failing_requests_at_once_all_answer_and_give_back_their_co
 
     assert [codes(body) for body in bodies] == [["BAD_USER_INPUT"]] * 20
     assert checked_out(app) == 0
+
+
+# --- b. variables in nested relation arguments -----------------------------------------------
+
+NESTED_VARIABLES = """
+query($n: Int, $e: Boolean!) { consumers(first: 3) { nodes { id email @include(if: $e)
+  orders(first: $n) { nodes { id } } audiences(first: $n) { totalCount } } } }
+"""
+
+AUDIENCE_VARIABLES = """
+query($id: ID!, $n: Int, $e: Boolean!) { audience(id: $id) {
+  consumers(first: $n) { nodes { id email @include(if: $e) orders(last: $n) { nodes { id } }
+  } } } }
+"""
+
+PAYLOAD_VARIABLES = """
+mutation($audience: ID!, $ids: [ID!]!, $n: Int, $e: Boolean!) {
+  audienceAddConsumers(audienceId: $audience, consumerIds: $ids) {
+    audience { id consumers(first: $n) { nodes { id email @include(if: $e)
+      orders(first: $n) { nodes { id } } } } }
+    userErrors { code } } }
+"""
+
+
+async def test_b_variables_in_consumer_relations(
+    gql: GraphQL, write_engine: Any, compiled: bool
+) -> None:
+    ids = await given_orders(write_engine)
+
+    data = await gql.data(NESTED_VARIABLES, {"n": 1, "e": True})
+
+    nodes = data["consumers"]["nodes"]
+    assert [(n["id"], n["email"]) for n in nodes] == [
+        (ids["c2"], "user2@example.com"), (ids["c1"], "user1@example.com")]
+    assert [len(n["orders"]["nodes"]) for n in nodes] == [1, 1]
+    assert [n["audiences"]["totalCount"] for n in nodes] == [1, 0]
+
+
+async def test_b_variables_in_audience_consumers(
+    gql: GraphQL, write_engine: Any, compiled: bool
+) -> None:
+    ids = await given_orders(write_engine)
+
+    data = await gql.data(AUDIENCE_VARIABLES, {"id": ids["audience"], "n": 1, "e": False})
+
+    assert data["audience"]["consumers"]["nodes"] == [
+        {"id": ids["c2"], "orders": {"nodes": [{"id": ids["o2"]}]}}]
+
+
+async def test_b_variables_in_a_mutation_payload(
+    gql: GraphQL, write_engine: Any, compiled: bool
+) -> None:
+    ids = await given_orders(write_engine)
+
+    data = await gql.data(PAYLOAD_VARIABLES, {"audience": ids["audience"], "ids": [ids["c1"]],
+                                              "n": 2, "e": True})
+
+    payload = data["audienceAddConsumers"]
+    assert payload["userErrors"] == []
+    assert [n["id"] for n in payload["audience"]["consumers"]["nodes"]] == [ids["c2"], ids["c1"]]
+    assert [len(n["orders"]["nodes"]) for n in payload["audience"]["consumers"]["nodes"]] == [2, 2]
