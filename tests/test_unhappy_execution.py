@@ -7,6 +7,7 @@ Each operation runs through both executors (`compiled` fixture)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 from fastapi import FastAPI
 
 from consumers_graphql import models
-from tests.conftest import GraphQL
+from tests.conftest import GraphQL, bearer
 from tests.factories import (
     BASE_TIME,
     audience_row,
@@ -215,3 +216,47 @@ async def test_c_a_sibling_cancelled_mid_statement_leaves_a_client_mistake_a_cli
         assert body["data"] is None
         assert codes(body) == ["BAD_USER_INPUT"], body["errors"]
         assert checked_out(app) == 0
+
+
+# --- d. the cost is priced from the values that run ------------------------------------------
+
+NESTED_PAGES = """
+query($n: Int) { consumers(first: $n) { nodes { audiences(first: $n) { nodes {
+  consumers(first: $n) { nodes { id } } } } } } }
+"""
+
+
+@pytest.mark.parametrize("n", ["100.0", "1e2", "1E+2", "100"])
+async def test_d_a_float_for_an_int_is_priced_as_the_int_that_runs(
+    client: Any, api_key: str, sql: Any, n: str, compiled: bool
+) -> None:
+    # given the body as a client would write it (1e2 is a JSON number, not Python's 100.0)
+    body = f'{{"query": {json.dumps(NESTED_PAGES)}, "variables": {{"n": {n}}}}}'
+
+    with sql.counting():
+        response = await client.post("/graphql", content=body, headers={
+            **bearer(api_key), "Content-Type": "application/json"})
+
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer == {
+        "errors": [{
+            "message": "This operation can return up to 1,010,100 nodes; the limit is 50,000. "
+                       "Ask for smaller pages (`first`/`last`) or fewer nested connections.",
+            "extensions": {"code": "MAX_COST_EXCEEDED", "cost": 1_010_100, "limit": 50_000},
+        }],
+        "extensions": {"cost": {"requested": 1_010_100, "limit": 50_000}},
+    }
+    assert sql.statements == []
+
+
+async def test_d_a_float_page_size_that_fits_runs_at_its_price(
+    gql: GraphQL, write_engine: Any, compiled: bool
+) -> None:
+    await given_orders(write_engine)
+
+    body = await gql(NESTED_PAGES, {"n": 2.0})
+
+    assert "errors" not in body
+    assert body["extensions"]["cost"]["requested"] == 2 + 2 * 2 + 2 * 2 * 2
+    assert len(body["data"]["consumers"]["nodes"]) == 2
