@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
+from sqlalchemy import text
 
 from consumers_graphql import models
+from consumers_graphql.app import create_app
+from consumers_graphql.db import make_engine
+from consumers_graphql.settings import Settings
 from tests.conftest import GraphQL, bearer
 from tests.factories import (
     BASE_TIME,
@@ -260,3 +267,118 @@ async def test_d_a_float_page_size_that_fits_runs_at_its_price(
     assert "errors" not in body
     assert body["extensions"]["cost"]["requested"] == 2 + 2 * 2 + 2 * 2 * 2
     assert len(body["data"]["consumers"]["nodes"]) == 2
+
+
+# --- the request deadline --------------------------------------------------------------------
+
+DEADLINE_S = 1.0
+CREATE = """mutation($email: String!) { consumerCreate(input: {email: $email}) {
+  consumer { email } userErrors { code } } }"""
+
+
+@pytest.fixture
+async def hurried(app: FastAPI, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app with a deadline of DEADLINE_S (on the same database). A SQLite
+    writer waiting for the lock on the driver's thread goes on until its busy timeout (the
+    client has its 504 at the deadline; the test's transport waits for the app to end)."""
+    hurried_app = create_app(settings.model_copy(update={
+        "request_timeout_s": DEADLINE_S, "sqlite_busy_timeout_ms": 2_000}))
+    async with LifespanManager(hurried_app):
+        transport = httpx.ASGITransport(app=hurried_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            c.app = hurried_app  # type: ignore[attr-defined]
+            yield c
+
+
+@asynccontextmanager
+async def consumers_locked(settings: Settings) -> AsyncIterator[None]:
+    """Another client holds the consumers table: writes wait (SQLite: the write lock, taken by
+    BEGIN IMMEDIATE), and on PostgreSQL reads too (ACCESS EXCLUSIVE)."""
+    engine = make_engine(settings, writer=True)
+    try:
+        async with engine.begin() as conn:
+            if not settings.is_sqlite:
+                await conn.execute(text("LOCK TABLE consumers IN ACCESS EXCLUSIVE MODE"))
+            yield
+            await conn.rollback()
+    finally:
+        await engine.dispose()
+
+
+def pools_in_use(app: FastAPI) -> tuple[int, int]:
+    database = app.state.database
+    return (database.read_engine.sync_engine.pool.checkedout(),
+            database.write_engine.sync_engine.pool.checkedout())
+
+
+async def test_a_graphql_request_past_its_deadline_is_504_and_gives_its_connections_back(
+    hurried: httpx.AsyncClient, settings: Settings, api_key: str, compiled: bool
+) -> None:
+    hurried_app: FastAPI = hurried.app  # type: ignore[attr-defined]
+    async with consumers_locked(settings):
+        # when a write waits for the lock past the deadline
+        async with asyncio.timeout(ANSWER_WITHIN_S):
+            response = await hurried.post("/graphql", headers=bearer(api_key), json={
+                "query": CREATE, "variables": {"email": "late@example.com"}})
+
+        # then
+        assert response.status_code == 504
+        assert response.json() == {"errors": [{
+            "message": "The request did not finish within its 1 s; it was stopped.",
+            "extensions": {"code": "TIMEOUT",
+                           "requestId": response.headers["X-Request-ID"]}}]}
+        assert pools_in_use(hurried_app) == (0, 0)
+
+    # the next request is served, and the write stopped by the deadline was not made
+    body = (await hurried.post("/graphql", headers=bearer(api_key), json={
+        "query": CREATE, "variables": {"email": "next@example.com"}})).json()
+    assert body["data"]["consumerCreate"] == {"consumer": {"email": "next@example.com"},
+                                             "userErrors": []}
+    emails = (await hurried.post("/graphql", headers=bearer(api_key), json={
+        "query": "{ consumers { nodes { email } } }"})).json()
+    assert emails["data"]["consumers"]["nodes"] == [{"email": "next@example.com"}]
+    assert pools_in_use(hurried_app) == (0, 0)
+
+
+async def test_a_rest_request_past_its_deadline_is_504_in_the_reference_shape(
+    hurried: httpx.AsyncClient, settings: Settings, api_key: str
+) -> None:
+    hurried_app: FastAPI = hurried.app  # type: ignore[attr-defined]
+    async with consumers_locked(settings):
+        async with asyncio.timeout(ANSWER_WITHIN_S):
+            response = await hurried.post("/api/v1/consumers", headers=bearer(api_key),
+                                          json={"email": "late@example.com"})
+
+        assert response.status_code == 504
+        assert response.json() == {"error": "Request timed out", "details": []}
+        assert response.headers["X-Request-ID"]
+        assert pools_in_use(hurried_app) == (0, 0)
+
+    created = await hurried.post("/api/v1/consumers", headers=bearer(api_key),
+                                 json={"email": "next@example.com"})
+    assert created.status_code == 201
+    listed = await hurried.get("/api/v1/consumers", headers=bearer(api_key))
+    assert [c["email"] for c in listed.json()["data"]] == ["next@example.com"]
+
+
+async def test_a_read_past_its_deadline_gives_its_connection_back(
+    hurried: httpx.AsyncClient, settings: Settings, read_only_key: str, compiled: bool
+) -> None:
+    if settings.is_sqlite:
+        pytest.skip("SQLite readers never wait for a writer (WAL)")
+    hurried_app: FastAPI = hurried.app  # type: ignore[attr-defined]
+    query = "{ consumers { totalCount nodes { id } } audiences { nodes { id } } }"
+    async with consumers_locked(settings):
+        async with asyncio.timeout(ANSWER_WITHIN_S):
+            response = await hurried.post("/graphql", headers=bearer(read_only_key),
+                                          json={"query": query})
+            rest = await hurried.get("/api/v1/consumers", headers=bearer(read_only_key))
+
+        assert response.status_code == 504
+        assert response.json()["errors"][0]["extensions"]["code"] == "TIMEOUT"
+        assert rest.status_code == 504
+        assert pools_in_use(hurried_app) == (0, 0)
+
+    body = (await hurried.post("/graphql", headers=bearer(read_only_key),
+                               json={"query": query})).json()
+    assert body["data"]["consumers"] == {"totalCount": 0, "nodes": []}

@@ -1,0 +1,86 @@
+"""A deadline for every HTTP request (`CONSUMERS_REQUEST_TIMEOUT_S`): past it the request's
+work is cancelled, which gives its database connections back to their pools (a statement
+cut short drops its connection: see db.Reader), and the client gets 504 at once, in the
+shape of the face it called: GraphQL ``extensions.code = "TIMEOUT"`` with the request id, REST the
+reference's ``{"error": "Request timed out", "details": []}``. A request whose answer had
+already started is only cut short (nothing more can be said on it)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from consumers_graphql import request_id
+
+TIMEOUT = "TIMEOUT"
+REQUEST_TIMED_OUT = "Request timed out"
+
+logger = logging.getLogger("consumers_graphql.http")
+
+
+class RequestDeadline:
+    def __init__(self, app: ASGIApp, *, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = over = False
+
+        async def send_watched(message: Message) -> None:
+            nonlocal started
+            if over:  # the deadline has answered
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        # A task of its own, so the 504 leaves at the deadline, not once the work has
+        # unwound (a statement on a driver's thread finishes or fails first).
+        work = asyncio.ensure_future(self.app(scope, receive, send_watched))
+        try:
+            await asyncio.wait([work], timeout=self.seconds)
+        except BaseException:
+            work.cancel()
+            raise
+        if work.done():
+            work.result()
+            return
+        over = True
+        work.cancel()
+        current = request_id.current.get()
+        logger.warning("request over its deadline of %s s: %s %s (request_id=%s)",
+                       self.seconds, scope["method"], scope["path"], current)
+        if not started:
+            await send_timeout(send, scope["path"], self.seconds, current)
+        # The work unwinds before the request ends: its connections are back in the pools.
+        await asyncio.wait([work])
+        if not work.cancelled() and work.exception() is not None:
+            logger.warning("request stopped at its deadline failed while unwinding "
+                           "(request_id=%s)", current, exc_info=work.exception())
+
+
+async def send_timeout(send: Send, path: str, seconds: float, current: str | None) -> None:
+    body: dict[str, Any]
+    if path.startswith("/api/"):
+        body = {"error": REQUEST_TIMED_OUT, "details": []}
+    else:
+        extensions: dict[str, str] = {"code": TIMEOUT}
+        if current is not None:
+            extensions["requestId"] = current
+        body = {"errors": [{
+            "message": f"The request did not finish within its {seconds:g} s; it was stopped.",
+            "extensions": extensions,
+        }]}
+    encoded = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": 504, "headers": [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(encoded)).encode()),
+    ]})
+    await send({"type": "http.response.body", "body": encoded})
