@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -382,3 +389,71 @@ async def test_a_read_past_its_deadline_gives_its_connection_back(
     body = (await hurried.post("/graphql", headers=bearer(read_only_key),
                                json={"query": query})).json()
     assert body["data"]["consumers"] == {"totalCount": 0, "nodes": []}
+
+
+# --- SIGTERM ---------------------------------------------------------------------------------
+
+GRACE_S = 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_sigterm_stops_serve_within_its_grace_period_with_a_request_hanging(
+    app: FastAPI, settings: Settings, api_key: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    script = Path(sys.executable).with_name("consumers-graphql")
+    env = {**os.environ, "CONSUMERS_DATABASE_URL": settings.database_url,
+           "CONSUMERS_KEY_PEPPER": "test-pepper", "CONSUMERS_SHUTDOWN_GRACE_S": str(GRACE_S),
+           # the hanging request outlasts the grace period by far
+           "CONSUMERS_REQUEST_TIMEOUT_S": "600", "CONSUMERS_SQLITE_BUSY_TIMEOUT_MS": "600000"}
+    log = (tmp_path / "serve.log").open("w+")
+    server = await asyncio.create_subprocess_exec(
+        str(script), "serve", "--port", str(port), env=env, stdout=log,
+        stderr=subprocess.STDOUT)
+    hanging: asyncio.Future[httpx.Response] | None = None
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            for _ in range(300):  # up within 30 s
+                try:
+                    if (await client.get("/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    assert server.returncode is None, log_text(log)
+                    await asyncio.sleep(0.1)
+            async with consumers_locked(settings):
+                # given a request that waits for the lock another client holds
+                hanging = asyncio.ensure_future(client.post(
+                    "/graphql", headers=bearer(api_key),
+                    json={"query": CREATE, "variables": {"email": "late@example.com"}}))
+                await asyncio.sleep(0.5)
+                assert not hanging.done()
+
+                # when the server is asked to stop
+                server.send_signal(signal.SIGTERM)
+                stopped_at = time.monotonic()
+                try:
+                    code = await asyncio.wait_for(server.wait(), GRACE_S + 10)
+                except TimeoutError:
+                    raise AssertionError(log_text(log)) from None
+
+                # then it stopped within its grace period (and a margin), successfully
+                assert code == 0, log_text(log)
+                assert time.monotonic() - stopped_at < GRACE_S + 10
+    finally:
+        if hanging is not None:
+            hanging.cancel()
+        if server.returncode is None:
+            server.kill()
+            await server.wait()
+    assert "timeout graceful shutdown exceeded" in log_text(log)
+
+
+def log_text(log: Any) -> str:
+    log.flush()
+    log.seek(0)
+    return str(log.read())
