@@ -276,6 +276,46 @@ async def test_d_a_float_page_size_that_fits_runs_at_its_price(
     assert len(body["data"]["consumers"]["nodes"]) == 2
 
 
+# --- e. a fallback repeats no statement and answers as graphql-core does ----------------------
+
+# (operation, statements: the page, then its count where selected)
+FALLBACKS = [
+    ("{ consumers(first: 2) { totalCount nodes { orders(first: 500) { nodes { id } } } } }", 1),
+    ("{ consumers(first: 3) { totalCount nodes { id audiences { totalCount } "
+     "orders(first: 101) { totalCount } } } }", 2),
+]
+
+
+def comparable(body: dict[str, Any]) -> dict[str, Any]:
+    for error in body.get("errors", ()):
+        error["extensions"].pop("requestId", None)
+    return body
+
+
+@pytest.mark.parametrize(("query", "statements"), FALLBACKS, ids=["page", "page and count"])
+async def test_e_a_fallback_reads_nothing_twice_and_answers_as_graphql_core(
+    app: FastAPI, read_only_gql: GraphQL, write_engine: Any, sql: Any, query: str,
+    statements: int,
+) -> None:
+    await given_consumers_with_orders(write_engine)
+    schema = app.state.schema
+    answers = []
+    for compiled in (True, False):
+        schema.compiled = compiled
+        try:
+            with sql.counting():
+                body = await answer(read_only_gql, query)
+        finally:
+            schema.compiled = True
+        answers.append((sql.count, comparable(body)))
+
+    (compiled_count, compiled_body), (core_count, core_body) = answers
+    # the compiled run's page and count are what graphql-core gets when it takes over
+    assert compiled_count == core_count == statements
+    assert compiled_body == core_body
+    assert codes(compiled_body) == ["BAD_USER_INPUT"]
+
+
 # --- the request deadline --------------------------------------------------------------------
 
 DEADLINE_S = 1.0

@@ -52,10 +52,20 @@ class Loaders:
             repository.consumer_counts_by_audience_ids
         )
         self._pages: dict[tuple[str, PageRequest], PageLoader] = {}
+        self._once: dict[Hashable, asyncio.Future[Any]] = {}
 
     def clear(self) -> None:
         """Forget everything loaded so far (after a write)."""
         self.__init__(self._repository)  # type: ignore[misc]
+
+    def once(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+        """A read that is not by key (a root page, a count) made once per request: when
+        graphql-core takes an operation over from the compiled executor, it gets what was
+        already read instead of reading again. Shielded as loads are."""
+        future = self._once.get(key)
+        if future is None:
+            future = self._once[key] = asyncio.ensure_future(read())
+        return asyncio.shield(future)
 
     def prime_consumers(self, rows: Sequence[Row[Any]]) -> None:
         """Consumers read as a page need no second look-up (e.g. through Order.consumer)."""
