@@ -326,8 +326,8 @@ CREATE = """mutation($email: String!) { consumerCreate(input: {email: $email}) {
 @pytest.fixture
 async def hurried(app: FastAPI, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """A client of the app with a deadline of DEADLINE_S (on the same database). A SQLite
-    writer waiting for the lock on the driver's thread goes on until its busy timeout (the
-    client has its 504 at the deadline; the test's transport waits for the app to end)."""
+    writer waiting for the lock on the driver's thread goes on until its busy timeout, made
+    short here."""
     hurried_app = create_app(settings.model_copy(update={
         "request_timeout_s": DEADLINE_S, "sqlite_busy_timeout_ms": 2_000}))
     async with LifespanManager(hurried_app):

@@ -1,7 +1,8 @@
 """A deadline for every HTTP request (`CONSUMERS_REQUEST_TIMEOUT_S`): past it the request's
 work is cancelled, which gives its database connections back to their pools (a statement
-cut short drops its connection: see db.Reader), and the client gets 504 at once, in the
-shape of the face it called: GraphQL ``extensions.code = "TIMEOUT"`` with the request id, REST the
+cut short drops its connection: see db.Reader), and the client gets 504 once the work has
+stopped (at once, but for a statement on a driver's thread, which ends first), in the shape
+of the face it called: GraphQL ``extensions.code = "TIMEOUT"`` with the request id, REST the
 reference's ``{"error": "Request timed out", "details": []}``. A request whose answer had
 already started is only cut short (nothing more can be said on it)."""
 
@@ -31,39 +32,26 @@ class RequestDeadline:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = over = False
+        started = False
 
         async def send_watched(message: Message) -> None:
             nonlocal started
-            if over:  # the deadline has answered
-                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
-        # A task of its own, so the 504 leaves at the deadline, not once the work has
-        # unwound (a statement on a driver's thread finishes or fails first).
-        work = asyncio.ensure_future(self.app(scope, receive, send_watched))
+        deadline = asyncio.timeout(self.seconds)
         try:
-            await asyncio.wait([work], timeout=self.seconds)
-        except BaseException:
-            work.cancel()
-            raise
-        if work.done():
-            work.result()
-            return
-        over = True
-        work.cancel()
-        current = request_id.current.get()
-        logger.warning("request over its deadline of %s s: %s %s (request_id=%s)",
-                       self.seconds, scope["method"], scope["path"], current)
-        if not started:
-            await send_timeout(send, scope["path"], self.seconds, current)
-        # The work unwinds before the request ends: its connections are back in the pools.
-        await asyncio.wait([work])
-        if not work.cancelled() and work.exception() is not None:
-            logger.warning("request stopped at its deadline failed while unwinding "
-                           "(request_id=%s)", current, exc_info=work.exception())
+            async with deadline:
+                await self.app(scope, receive, send_watched)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the app's own, not the deadline's
+            current = request_id.current.get()
+            logger.warning("request over its deadline of %s s: %s %s (request_id=%s)",
+                           self.seconds, scope["method"], scope["path"], current)
+            if not started:
+                await send_timeout(send, scope["path"], self.seconds, current)
 
 
 async def send_timeout(send: Send, path: str, seconds: float, current: str | None) -> None:

@@ -28,11 +28,25 @@ class DataLoader(dataloader.DataLoader[K, T]):
     batch always runs to its end and only the cancelled waiter stops waiting."""
 
     def load(self, key: K) -> Awaitable[T]:
-        return asyncio.shield(super().load(key))
+        return asyncio.shield(_unwatched(super().load(key)))
 
     def load_many(self, keys: Iterable[K]) -> Awaitable[list[T]]:
         load = super().load
-        return asyncio.shield(asyncio.gather(*map(load, keys)))
+        # gather takes what its loads raised; what it raises itself is taken here
+        return asyncio.shield(_unwatched(asyncio.gather(*map(load, keys))))
+
+
+def _unwatched(future: Awaitable[T]) -> Awaitable[T]:
+    """A future whose failure nobody may wait for any more (its waiters were cancelled, the
+    request is over): what it raised is taken, so asyncio does not log it as lost."""
+    if isinstance(future, asyncio.Future) and not future.done():
+        future.add_done_callback(_take_exception)
+    return future
+
+
+def _take_exception(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 PageLoader = DataLoader[str, Page[Row[Any]]]
@@ -65,6 +79,7 @@ class Loaders:
         future = self._once.get(key)
         if future is None:
             future = self._once[key] = asyncio.ensure_future(read())
+            _unwatched(future)
         return asyncio.shield(future)
 
     def prime_consumers(self, rows: Sequence[Row[Any]]) -> None:
