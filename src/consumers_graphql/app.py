@@ -19,6 +19,7 @@ from consumers_graphql.api.loaders import Loaders
 from consumers_graphql.api.schema import build_schema
 from consumers_graphql.auth import ANONYMOUS, KeyStore, Principal
 from consumers_graphql.db import Database
+from consumers_graphql.deadline import RequestDeadline
 from consumers_graphql.http_auth import (
     AuthenticationRequired,
     authentication_required_response,
@@ -123,8 +124,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # A Starlette route: /openapi.json documents the REST API only (GraphQL has its own
     # schema at /graphql), and FastAPI's dependency resolution is not needed here.
     app.router.routes.append(Route("/graphql", graphql, methods=["GET", "POST"]))
-    # The guard answers before authentication; the request id wraps everything, 500s included.
+    # The guard answers before authentication; the deadline covers reading the body too; the
+    # request id wraps everything, 500s and 504s included.
     app.add_middleware(ProtocolGuard, path="/graphql", max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestDeadline, seconds=settings.request_timeout_s)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(SecurityHeaders)  # outermost: on every answer, the request id's 500s too
     rest_errors.install(app)

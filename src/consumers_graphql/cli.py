@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import math
+import os
 import resource
 import signal
 import sys
@@ -58,8 +60,32 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         http=limits.protocol(),
         backlog=limits.backlog,
         timeout_keep_alive=math.ceil(limits.idle_s),  # the protocol keeps the exact value
+        # Requests still running after the grace period are cancelled: a hung one must not
+        # keep the process from stopping.
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
     return 0
+
+
+def _leave_stuck_work() -> None:
+    """Work cancelled at the end of the grace period can still be unwinding: a statement it
+    started goes on on the driver's thread (a SQLite write waiting out its busy timeout,
+    which no interrupt ends), and asyncio.run would wait for it before the process exits.
+    Uvicorn has finished its shutdown when this runs: exit without it; what it had not
+    committed the database rolls back."""
+    try:
+        current = asyncio.current_task()
+        stuck = [task for task in asyncio.all_tasks() if task is not current]
+    except RuntimeError:  # no loop running
+        return
+    if not stuck:
+        return
+    logging.getLogger("consumers_graphql").warning(
+        "stopping with %d task(s) still waiting for the database", len(stuck))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 async def _create_first_key(settings: Settings) -> None:
@@ -92,6 +118,7 @@ async def _create_first_key(settings: Settings) -> None:
 
 
 def _exit_cleanly(_signum: int, _frame: object) -> None:
+    _leave_stuck_work()
     raise SystemExit(0)
 
 

@@ -428,6 +428,10 @@ class Database:
             self.checkpoints.request()
 
 
+class ReaderClosed(RuntimeError):
+    """A statement sent after the request's reads were closed (a load nobody waits for)."""
+
+
 class Reader:
     """One request's read connection: opened on first use, in autocommit (so a mutation's
     payload reads its own writes), and serialised, because DataLoaders dispatch concurrently
@@ -441,6 +445,10 @@ class Reader:
     counted) is interrupted by sqlite3's progress handler and run again on the driver's
     thread. A caller that knows a statement can be long (a total, a search, a filtered page)
     sends it there directly with `inline=False`.
+
+    A caller cancelled while its statement runs (graphql-core cancels the siblings of a
+    field that fails) leaves the connection invalidated by SQLAlchemy: it goes back to the
+    pool at once and the next statement opens another, so the request's other fields go on.
     """
 
     def __init__(self, engine: AsyncEngine, inline: InlineReads | None = None) -> None:
@@ -448,6 +456,7 @@ class Reader:
         self._conn: AsyncConnection | None = None
         self._inline = inline
         self._lock = asyncio.Lock()
+        self._closed = False
 
     @property
     def dialect(self) -> str:
@@ -458,15 +467,51 @@ class Reader:
         inline: bool = True,
     ) -> Result[Any]:
         async with self._lock:
+            if self._closed:
+                raise ReaderClosed("the request's reads are over")
             if inline and self._inline is not None:
                 result = self._inline.execute(statement, params)
                 if result is not None:
                     return result
             if self._conn is None:
                 self._conn = await self._engine.connect()
-            return await self._conn.execute(statement, params)
+            conn = self._conn
+            try:
+                return await conn.execute(statement, params)
+            except asyncio.CancelledError:
+                self._conn = None
+                await asyncio.shield(conn.close())  # a second cancel must not keep it
+                raise
 
     async def close(self) -> None:
-        if self._conn is not None:
+        """Gives the connection back once a statement still running on it (a DataLoader
+        batch whose waiters were cancelled) is over; at once, dropping the connection, when
+        the request itself is being cancelled (its deadline passed)."""
+        self._closed = True
+        if self._conn is None:
+            return
+        task = asyncio.current_task()
+        if self._lock.locked() and task is not None and task.cancelling():
+            await self._drop()
+            return
+        try:
+            await self._lock.acquire()
+        except asyncio.CancelledError:
+            await self._drop()
+            raise
+        try:
             conn, self._conn = self._conn, None
-            await conn.close()
+            if conn is not None:
+                await conn.close()
+        finally:
+            self._lock.release()
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await asyncio.shield(_invalidate_and_close(conn))
+
+
+async def _invalidate_and_close(conn: AsyncConnection) -> None:
+    await conn.invalidate()
+    await conn.close()

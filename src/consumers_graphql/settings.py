@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     max_duplicate_fields: int = Field(default=50, ge=1)  # one response key, one selection set
     max_cost: int = Field(default=50_000, ge=1)  # nodes an operation can return
     max_body_bytes: int = Field(default=1_048_576, ge=1)
+    # Every HTTP request is stopped past this (504), its connections back in the pool.
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    # On SIGTERM, `serve` stops taking requests and waits this long for those under way.
+    shutdown_grace_s: int = Field(default=10, ge=0)
     # REST batch endpoints: 500 items with 16 KiB metadata each are ~8.5 MiB as compact JSON
     # and up to ~28 MiB with every non-ASCII character escaped (\uXXXX); see the README.
     max_batch_body_bytes: int = Field(default=33_554_432, ge=1)

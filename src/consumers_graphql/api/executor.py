@@ -13,8 +13,9 @@ abstract types), `__typename`, lists, non-null and abstract types. Anything else
 graphql-core: introspection, directives, middleware, and any operation whose execution
 raises or meets a null where the schema forbids one. Those are executed again by
 graphql-core from the start, so errors, their paths and null propagation are exactly
-graphql-core's, and the per-request DataLoader caches make the second run cheap. The
-differential tests run the same operations through both executors and compare.
+graphql-core's, and the second run reads nothing again: relations come from the
+per-request DataLoaders, root pages and counts from `Loaders.once`. The differential tests
+run the same operations through both executors and compare.
 
 Mutations run their root fields one after the other, as the spec wants, each resolved and
 then completed before the next starts. A write must not run twice, and a payload must show

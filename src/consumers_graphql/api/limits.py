@@ -9,7 +9,8 @@ validator's quadratic rules), then validation, then cost (which needs the variab
 Cost is the number of nodes the operation can return, as GitHub's node limit counts it:
 every connection field costs its page size times the page sizes of all the connections
 (and id lists) above it; the cost is the sum over every connection field in the operation.
-The page size is ``first`` or ``last`` (variables resolved, clamped to 0..MAX_PAGE_SIZE),
+The page size is ``first`` or ``last`` (variables as graphql-core coerces them for
+execution, so ``100.0`` for an Int is 100; clamped to 0..MAX_PAGE_SIZE),
 DEFAULT_PAGE_SIZE when neither is given; a field taking a list of ``ids`` (``nodes``)
 counts the length of that list. Fragments count once per spread.
 """
@@ -44,11 +45,13 @@ from graphql import (
     OperationDefinitionNode,
     SelectionSetNode,
     ValueNode,
+    VariableDefinitionNode,
     VariableNode,
     get_named_type,
     validate,
     value_from_ast_untyped,
 )
+from graphql.execution.values import VariableValues, get_variable_values
 from graphql.language import Visitor, visit
 from graphql.validation import ASTValidationRule, NoSchemaIntrospectionCustomRule
 from strawberry.extensions import SchemaExtension
@@ -155,6 +158,8 @@ class OperationShape:
     variable_defaults: Mapping[str, Any]
     longest_list: int = 0
     list_variables: tuple[str, ...] = ()  # declared with a list type
+    # The definitions of the variables the cost reads (page sizes, id lists).
+    cost_variables: tuple[VariableDefinitionNode, ...] = ()
 
 
 class _Analyser:
@@ -177,6 +182,7 @@ class _Analyser:
             for d in operation.variable_definitions or ()
             if d.default_value is not None
         }
+        used = _variables_in(level.terms)
         return OperationShape(
             depth=level.depth,
             aliases=level.aliases,
@@ -189,6 +195,8 @@ class _Analyser:
                 if isinstance(d.type.type if isinstance(d.type, NonNullTypeNode) else d.type,
                               ListTypeNode)
             ),
+            cost_variables=tuple(d for d in operation.variable_definitions or ()
+                                 if d.variable.name.value in used),
         )
 
     def selection_set(self, selection_set: SelectionSetNode, parent: Any) -> _Level:
@@ -249,6 +257,27 @@ class _Analyser:
         summary = (inner, CostTerm(None, tuple(inner.terms)))
         self.summaries[name] = summary
         return summary
+
+
+def _variables_in(terms: list[CostTerm]) -> set[str]:
+    names: set[str] = set()
+
+    class Collect(Visitor):
+        def enter_variable(self, node: VariableNode, *_args: Any) -> None:
+            names.add(node.name.value)
+
+    seen: set[int] = set()
+    pending = list(terms)
+    while pending:
+        term = pending.pop()
+        if id(term) in seen:  # a fragment's term is shared by its spreads
+            continue
+        seen.add(id(term))
+        pending.extend(term.children)
+        for value in term.size[1:] if term.size is not None else ():
+            if value is not None:
+                visit(value, Collect())
+    return names
 
 
 def _most_common(keys: Counter[str]) -> tuple[int, str]:
@@ -468,6 +497,14 @@ class OperationLimits(SchemaExtension):
                 )
                 prepared.validation[rules] = errors
             refusals = list(errors)
+        if not refusals and shape.cost_variables:
+            # Priced again from the values execution will use: `100.0` or `1e2` for an Int
+            # is 100 to graphql-core. Values that fail to coerce are reported by execution.
+            coerced = get_variable_values(
+                context.schema._schema, shape.cost_variables, context.variables or {}
+            )
+            if isinstance(coerced, VariableValues):
+                self.cost = cost_of(shape.cost, coerced.coerced)
         if not refusals and self.cost > self.limits.cost:
             refusals = [_refusal(
                 f"This operation can return up to {self.cost:,} nodes; the limit is "

@@ -22,7 +22,7 @@ from graphql import (
     InlineFragmentNode,
     SelectionSetNode,
 )
-from graphql.execution.values import get_argument_values
+from graphql.execution.values import VariableValues, get_argument_values
 from sqlalchemy.engine import Row
 
 from consumers_graphql.errors import DomainError
@@ -64,6 +64,15 @@ def _node_selections(info: Any) -> Iterator[FieldNode]:
                         yield from _fields(edge_field.selection_set, fragments)
 
 
+def _variable_values(values: VariableValues | dict[str, Any]) -> VariableValues:
+    """graphql-core's container of the coerced variables: the compiled executor passes it,
+    Strawberry's execution context only the coerced dict (sources are read only for
+    fragment variables, which the schema does not enable)."""
+    if isinstance(values, VariableValues):
+        return values
+    return VariableValues(sources={}, coerced=values)
+
+
 async def prefetch(
     info: Any,
     node_type: str,
@@ -75,6 +84,7 @@ async def prefetch(
     if not parent_ids:
         return {}
     raw = info._raw_info  # graphql-core's ResolveInfo: the document and the variables
+    variables = _variable_values(raw.variable_values)
     graphql_type = raw.schema.get_type(node_type)
     assert isinstance(graphql_type, GraphQLObjectType)
     wanted: dict[tuple[str, PageRequest], Awaitable[list[Page[Row[Any]]]]] = {}
@@ -84,7 +94,7 @@ async def prefetch(
             continue
         sort, loader_for = relations[name]
         try:
-            args = get_argument_values(graphql_type.fields[name], field, raw.variable_values)
+            args = get_argument_values(graphql_type.fields[name], field, variables)
             request = page_request(
                 sort, first=args.get("first"), after=args.get("after"),
                 last=args.get("last"), before=args.get("before"),

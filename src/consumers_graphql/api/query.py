@@ -24,7 +24,7 @@ from consumers_graphql.api.types import (
 )
 from consumers_graphql.errors import BadUserInput
 from consumers_graphql.ids import IdKind, kind_of
-from consumers_graphql.pagination import MAX_PAGE_SIZE, page_request
+from consumers_graphql.pagination import MAX_PAGE_SIZE, PageRequest, SortKey, page_request
 from consumers_graphql.repository import (
     AUDIENCE_SORT,
     SEARCH_MIN,
@@ -58,6 +58,18 @@ async def _node(info: Info, id: str) -> Node | None:
         row = await loaders.order_by_id.load(id)
         return Order.from_row(row) if row is not None else None
     return None
+
+
+async def _consumers(
+    info: Info, filters: ConsumerFilter, sort: SortKey, request: PageRequest
+) -> Connection[Consumer]:
+    repository = info.context.repository
+    once = info.context.loaders.once
+    page = await once(("consumer_page", filters, sort.scope, request),
+                      lambda: repository.consumer_page(filters, sort, request))
+    return await consumer_connection(
+        info, page,
+        lambda: once(("consumer_count", filters), lambda: repository.consumer_count(filters)))
 
 
 @strawberry.type
@@ -111,9 +123,7 @@ class Query:
             created_before=created_before,
             audience_id=audience_id,
         )
-        repository = info.context.repository
-        page = await repository.consumer_page(filters, sort, request)
-        return await consumer_connection(info, page, lambda: repository.consumer_count(filters))
+        return await _consumers(info, filters, sort, request)
 
     @strawberry.field(description=(
         f"Consumers matching every criterion given: `q` (at least {SEARCH_MIN} characters) as "
@@ -141,9 +151,7 @@ class Query:
         sort = consumer_sort()
         request = page_request(sort, first=first, after=after)
         filters = ConsumerFilter(search=q, email=email, phone=phone, external_id=external_id)
-        repository = info.context.repository
-        page = await repository.consumer_page(filters, sort, request)
-        return await consumer_connection(info, page, lambda: repository.consumer_count(filters))
+        return await _consumers(info, filters, sort, request)
 
     @strawberry.field(description="An audience by id; null when there is none.")
     async def audience(self, info: Info, id: strawberry.ID) -> Audience | None:
@@ -160,5 +168,7 @@ class Query:
     ) -> Connection[Audience]:
         request = page_request(AUDIENCE_SORT, first=first, after=after, last=last, before=before)
         repository = info.context.repository
-        page = await repository.audience_page(request)
-        return connection(page, Audience.from_rows, repository.audience_count)
+        once = info.context.loaders.once
+        page = await once(("audience_page", request), lambda: repository.audience_page(request))
+        return connection(page, Audience.from_rows,
+                          lambda: once("audience_count", repository.audience_count))

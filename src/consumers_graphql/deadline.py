@@ -1,0 +1,74 @@
+"""A deadline for every HTTP request (`CONSUMERS_REQUEST_TIMEOUT_S`): past it the request's
+work is cancelled, which gives its database connections back to their pools (a statement
+cut short drops its connection: see db.Reader), and the client gets 504 once the work has
+stopped (at once, but for a statement on a driver's thread, which ends first), in the shape
+of the face it called: GraphQL ``extensions.code = "TIMEOUT"`` with the request id, REST the
+reference's ``{"error": "Request timed out", "details": []}``. A request whose answer had
+already started is only cut short (nothing more can be said on it)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from consumers_graphql import request_id
+
+TIMEOUT = "TIMEOUT"
+REQUEST_TIMED_OUT = "Request timed out"
+
+logger = logging.getLogger("consumers_graphql.http")
+
+
+class RequestDeadline:
+    def __init__(self, app: ASGIApp, *, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_watched(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        deadline = asyncio.timeout(self.seconds)
+        try:
+            async with deadline:
+                await self.app(scope, receive, send_watched)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the app's own, not the deadline's
+            current = request_id.current.get()
+            logger.warning("request over its deadline of %s s: %s %s (request_id=%s)",
+                           self.seconds, scope["method"], scope["path"], current)
+            if not started:
+                await send_timeout(send, scope["path"], self.seconds, current)
+
+
+async def send_timeout(send: Send, path: str, seconds: float, current: str | None) -> None:
+    body: dict[str, Any]
+    if path.startswith("/api/"):
+        body = {"error": REQUEST_TIMED_OUT, "details": []}
+    else:
+        extensions: dict[str, str] = {"code": TIMEOUT}
+        if current is not None:
+            extensions["requestId"] = current
+        body = {"errors": [{
+            "message": f"The request did not finish within its {seconds:g} s; it was stopped.",
+            "extensions": extensions,
+        }]}
+    encoded = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": 504, "headers": [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(encoded)).encode()),
+    ]})
+    await send({"type": "http.response.body", "body": encoded})

@@ -1,0 +1,499 @@
+"""The unhappy path of execution (issue #12, part 1): a failing or cancelled field never
+hangs a request, poisons a DataLoader or the request's connection; variables work in nested
+relation arguments on the graphql-core path; the cost is priced from coerced variables; a
+fallback from the compiled executor repeats no statement and answers as graphql-core does.
+Each operation runs through both executors (`compiled` fixture)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from consumers_graphql import models
+from consumers_graphql.app import create_app
+from consumers_graphql.db import make_engine
+from consumers_graphql.settings import Settings
+from tests.conftest import GraphQL, bearer
+from tests.factories import (
+    BASE_TIME,
+    audience_row,
+    consumer_row,
+    insert_consumers,
+    insert_rows,
+    order_row,
+)
+
+# A hang fails the test instead of the run: every request here answers in well under this.
+ANSWER_WITHIN_S = 20
+
+
+@pytest.fixture(params=[True, False], ids=["compiled", "graphql-core"])
+def compiled(request: pytest.FixtureRequest, app: FastAPI) -> Iterator[bool]:
+    """Runs the test through the compiled executor (falling back to graphql-core where it
+    must), then through graphql-core alone."""
+    schema = app.state.schema
+    before = schema.compiled
+    schema.compiled = request.param
+    try:
+        yield request.param
+    finally:
+        schema.compiled = before
+
+
+def checked_out(app: FastAPI) -> int:
+    """Connections of the read pool in use (none once every request has answered)."""
+    return int(app.state.database.read_engine.sync_engine.pool.checkedout())
+
+
+async def answer(gql: GraphQL, query: str, variables: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    async with asyncio.timeout(ANSWER_WITHIN_S):
+        return await gql(query, variables)
+
+
+def codes(body: dict[str, Any]) -> list[str]:
+    return [error["extensions"]["code"] for error in body.get("errors", ())]
+
+
+async def given_orders(engine: Any) -> dict[str, Any]:
+    """Two consumers with two orders each; the second consumer is in an audience."""
+    first, second = consumer_row(1), consumer_row(2)
+    audience = audience_row("VIP")
+    orders = [order_row(c["id"], f"{k}.50", BASE_TIME + timedelta(days=k))
+              for c in (first, second) for k in range(2)]
+    await insert_consumers(engine, [first, second])
+    await insert_rows(engine, models.Audience, [audience])
+    await insert_rows(engine, models.ConsumerAudience, [
+        {"consumer_id": second["id"], "audience_id": audience["id"], "created_at": BASE_TIME}])
+    await insert_rows(engine, models.Order, orders)
+    return {"o1": orders[0]["id"], "o2": orders[2]["id"], "c1": first["id"],
+            "c2": second["id"], "audience": audience["id"]}
+
+
+# --- a. a failing field never leaves a request waiting ---------------------------------------
+
+SIBLING_FAILS = """
+query($o1: ID!, $o2: ID!) {
+  node(id: $o1) { ... on Order {
+    bad: consumer { orders(first: 101) { totalCount } }
+    good: consumer { audiences { totalCount } orders { totalCount } } } }
+  later: node(id: $o2) { ... on Order { consumer { audiences { nodes {
+    consumers(first: 1) { nodes { orders { totalCount } } } } } } } }
+}
+"""
+
+
+async def test_a_failing_sibling_never_leaves_the_request_waiting(
+    app: FastAPI, read_only_gql: GraphQL, write_engine: Any, compiled: bool
+) -> None:
+    ids = await given_orders(write_engine)
+
+    body = await answer(read_only_gql, SIBLING_FAILS, {"o1": ids["o1"], "o2": ids["o2"]})
+
+    assert body["data"] == {"node": None, "later": {"consumer": {"audiences": {"nodes": [
+        {"consumers": {"nodes": [{"orders": {"totalCount": 2}}]}}]}}}}
+    assert codes(body) == ["BAD_USER_INPUT"]
+    assert body["errors"][0]["path"] == ["node", "bad", "orders"]
+    assert checked_out(app) == 0
+    # and the next request is served as usual
+    again = await answer(read_only_gql, SIBLING_FAILS, {"o1": ids["o2"], "o2": ids["o2"]})
+    assert codes(again) == ["BAD_USER_INPUT"]
+
+
+async def test_twenty_failing_requests_at_once_all_answer_and_give_back_their_connections(
+    app: FastAPI, read_only_gql: GraphQL, write_engine: Any, compiled: bool
+) -> None:
+    ids = await given_orders(write_engine)
+    variables = {"o1": ids["o1"], "o2": ids["o2"]}
+
+    bodies = await asyncio.gather(*(answer(read_only_gql, SIBLING_FAILS, variables)
+                                    for _ in range(20)))
+
+    assert [codes(body) for body in bodies] == [["BAD_USER_INPUT"]] * 20
+    assert checked_out(app) == 0
+
+
+# --- b. variables in nested relation arguments -----------------------------------------------
+
+NESTED_VARIABLES = """
+query($n: Int, $e: Boolean!) { consumers(first: 3) { nodes { id email @include(if: $e)
+  orders(first: $n) { nodes { id } } audiences(first: $n) { totalCount } } } }
+"""
+
+AUDIENCE_VARIABLES = """
+query($id: ID!, $n: Int, $e: Boolean!) { audience(id: $id) {
+  consumers(first: $n) { nodes { id email @include(if: $e) orders(last: $n) { nodes { id } }
+  } } } }
+"""
+
+PAYLOAD_VARIABLES = """
+mutation($audience: ID!, $ids: [ID!]!, $n: Int, $e: Boolean!) {
+  audienceAddConsumers(audienceId: $audience, consumerIds: $ids) {
+    audience { id consumers(first: $n) { nodes { id email @include(if: $e)
+      orders(first: $n) { nodes { id } } } } }
+    userErrors { code } } }
+"""
+
+
+async def test_b_variables_in_consumer_relations(
+    gql: GraphQL, write_engine: Any, compiled: bool
+) -> None:
+    ids = await given_orders(write_engine)
+
+    data = await gql.data(NESTED_VARIABLES, {"n": 1, "e": True})
+
+    nodes = data["consumers"]["nodes"]
+    assert [(n["id"], n["email"]) for n in nodes] == [
+        (ids["c2"], "user2@example.com"), (ids["c1"], "user1@example.com")]
+    assert [len(n["orders"]["nodes"]) for n in nodes] == [1, 1]
+    assert [n["audiences"]["totalCount"] for n in nodes] == [1, 0]
+
+
+async def test_b_variables_in_audience_consumers(
+    gql: GraphQL, write_engine: Any, compiled: bool
+) -> None:
+    ids = await given_orders(write_engine)
+
+    data = await gql.data(AUDIENCE_VARIABLES, {"id": ids["audience"], "n": 1, "e": False})
+
+    assert data["audience"]["consumers"]["nodes"] == [
+        {"id": ids["c2"], "orders": {"nodes": [{"id": ids["o2"]}]}}]
+
+
+async def test_b_variables_in_a_mutation_payload(
+    gql: GraphQL, write_engine: Any, compiled: bool
+) -> None:
+    ids = await given_orders(write_engine)
+
+    data = await gql.data(PAYLOAD_VARIABLES, {"audience": ids["audience"], "ids": [ids["c1"]],
+                                              "n": 2, "e": True})
+
+    payload = data["audienceAddConsumers"]
+    assert payload["userErrors"] == []
+    assert [n["id"] for n in payload["audience"]["consumers"]["nodes"]] == [ids["c2"], ids["c1"]]
+    assert [len(n["orders"]["nodes"]) for n in payload["audience"]["consumers"]["nodes"]] == [2, 2]
+
+
+# --- c. a cancelled sibling never breaks the request's connection ----------------------------
+
+CANCELLED_MID_STATEMENT = """
+{ consumers(first: 5, search: "example") { totalCount nodes { id orders(first: 3) { nodes {
+    consumer { audiences(first: 101) { totalCount } } } } } }
+  searchConsumers(q: "example", first: 3) { totalCount nodes { id } } }
+"""
+# More siblings with statements of their own (counts, searches), more of them cut short.
+CANCELLED_MID_STATEMENTS = """
+{ consumers(first: 5, search: "example") { totalCount nodes { id orders(first: 3) { nodes {
+    consumer { audiences(first: 101) { totalCount } } } } } }
+  s1: searchConsumers(q: "example", first: 3) { totalCount nodes { id } }
+  s2: searchConsumers(q: "user", first: 3) { totalCount nodes { id } }
+  s3: consumers(search: "ser", first: 3) { totalCount nodes { id } }
+  s4: searchConsumers(q: "exam", first: 3) { totalCount nodes { id } } }
+"""
+
+
+async def given_consumers_with_orders(engine: Any, count: int = 8) -> None:
+    consumers = [consumer_row(n) for n in range(count)]
+    await insert_consumers(engine, consumers)
+    await insert_rows(engine, models.Order, [
+        order_row(c["id"], f"{k}.25", BASE_TIME + timedelta(days=k))
+        for c in consumers for k in range(3)])
+
+
+@pytest.mark.parametrize("query", [CANCELLED_MID_STATEMENT, CANCELLED_MID_STATEMENTS],
+                         ids=["the issue's", "more siblings"])
+async def test_c_a_sibling_cancelled_mid_statement_leaves_a_client_mistake_a_client_mistake(
+    app: FastAPI, read_only_gql: GraphQL, write_engine: Any, compiled: bool, query: str
+) -> None:
+    await given_consumers_with_orders(write_engine)
+
+    for _ in range(30):  # before the fix, up to 2 runs in 3 were internal errors
+        body = await answer(read_only_gql, query)
+
+        assert body["data"] is None
+        assert codes(body) == ["BAD_USER_INPUT"], body["errors"]
+        assert checked_out(app) == 0
+
+
+# --- d. the cost is priced from the values that run ------------------------------------------
+
+NESTED_PAGES = """
+query($n: Int) { consumers(first: $n) { nodes { audiences(first: $n) { nodes {
+  consumers(first: $n) { nodes { id } } } } } } }
+"""
+
+
+@pytest.mark.parametrize("n", ["100.0", "1e2", "1E+2", "100"])
+async def test_d_a_float_for_an_int_is_priced_as_the_int_that_runs(
+    client: Any, api_key: str, sql: Any, n: str, compiled: bool
+) -> None:
+    # given the body as a client would write it (1e2 is a JSON number, not Python's 100.0)
+    body = f'{{"query": {json.dumps(NESTED_PAGES)}, "variables": {{"n": {n}}}}}'
+
+    with sql.counting():
+        response = await client.post("/graphql", content=body, headers={
+            **bearer(api_key), "Content-Type": "application/json"})
+
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer == {
+        "errors": [{
+            "message": "This operation can return up to 1,010,100 nodes; the limit is 50,000. "
+                       "Ask for smaller pages (`first`/`last`) or fewer nested connections.",
+            "extensions": {"code": "MAX_COST_EXCEEDED", "cost": 1_010_100, "limit": 50_000},
+        }],
+        "extensions": {"cost": {"requested": 1_010_100, "limit": 50_000}},
+    }
+    assert sql.statements == []
+
+
+async def test_d_a_float_page_size_that_fits_runs_at_its_price(
+    gql: GraphQL, write_engine: Any, compiled: bool
+) -> None:
+    await given_orders(write_engine)
+
+    body = await gql(NESTED_PAGES, {"n": 2.0})
+
+    assert "errors" not in body
+    assert body["extensions"]["cost"]["requested"] == 2 + 2 * 2 + 2 * 2 * 2
+    assert len(body["data"]["consumers"]["nodes"]) == 2
+
+
+# --- e. a fallback repeats no statement and answers as graphql-core does ----------------------
+
+# (operation, statements: the page, then its count where selected)
+FALLBACKS = [
+    ("{ consumers(first: 2) { totalCount nodes { orders(first: 500) { nodes { id } } } } }", 1),
+    ("{ consumers(first: 3) { totalCount nodes { id audiences { totalCount } "
+     "orders(first: 101) { totalCount } } } }", 2),
+]
+
+
+def comparable(body: dict[str, Any]) -> dict[str, Any]:
+    for error in body.get("errors", ()):
+        error["extensions"].pop("requestId", None)
+    return body
+
+
+@pytest.mark.parametrize(("query", "statements"), FALLBACKS, ids=["page", "page and count"])
+async def test_e_a_fallback_reads_nothing_twice_and_answers_as_graphql_core(
+    app: FastAPI, read_only_gql: GraphQL, write_engine: Any, sql: Any, query: str,
+    statements: int,
+) -> None:
+    await given_consumers_with_orders(write_engine)
+    schema = app.state.schema
+    answers = []
+    for compiled in (True, False):
+        schema.compiled = compiled
+        try:
+            with sql.counting():
+                body = await answer(read_only_gql, query)
+        finally:
+            schema.compiled = True
+        answers.append((sql.count, comparable(body)))
+
+    (compiled_count, compiled_body), (core_count, core_body) = answers
+    # the compiled run's page and count are what graphql-core gets when it takes over
+    assert compiled_count == core_count == statements
+    assert compiled_body == core_body
+    assert codes(compiled_body) == ["BAD_USER_INPUT"]
+
+
+# --- the request deadline --------------------------------------------------------------------
+
+DEADLINE_S = 1.0
+CREATE = """mutation($email: String!) { consumerCreate(input: {email: $email}) {
+  consumer { email } userErrors { code } } }"""
+
+
+@pytest.fixture
+async def hurried(app: FastAPI, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app with a deadline of DEADLINE_S (on the same database). A SQLite
+    writer waiting for the lock on the driver's thread goes on until its busy timeout, made
+    short here."""
+    hurried_app = create_app(settings.model_copy(update={
+        "request_timeout_s": DEADLINE_S, "sqlite_busy_timeout_ms": 2_000}))
+    async with LifespanManager(hurried_app):
+        transport = httpx.ASGITransport(app=hurried_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            c.app = hurried_app  # type: ignore[attr-defined]
+            yield c
+
+
+@asynccontextmanager
+async def consumers_locked(settings: Settings) -> AsyncIterator[None]:
+    """Another client holds the consumers table: writes wait (SQLite: the write lock, taken by
+    BEGIN IMMEDIATE), and on PostgreSQL reads too (ACCESS EXCLUSIVE)."""
+    engine = make_engine(settings, writer=True)
+    try:
+        async with engine.begin() as conn:
+            if not settings.is_sqlite:
+                await conn.execute(text("LOCK TABLE consumers IN ACCESS EXCLUSIVE MODE"))
+            yield
+            await conn.rollback()
+    finally:
+        await engine.dispose()
+
+
+def pools_in_use(app: FastAPI) -> tuple[int, int]:
+    database = app.state.database
+    return (database.read_engine.sync_engine.pool.checkedout(),
+            database.write_engine.sync_engine.pool.checkedout())
+
+
+async def test_a_graphql_request_past_its_deadline_is_504_and_gives_its_connections_back(
+    hurried: httpx.AsyncClient, settings: Settings, api_key: str, compiled: bool
+) -> None:
+    hurried_app: FastAPI = hurried.app  # type: ignore[attr-defined]
+    async with consumers_locked(settings):
+        # when a write waits for the lock past the deadline
+        async with asyncio.timeout(ANSWER_WITHIN_S):
+            response = await hurried.post("/graphql", headers=bearer(api_key), json={
+                "query": CREATE, "variables": {"email": "late@example.com"}})
+
+        # then
+        assert response.status_code == 504
+        assert response.json() == {"errors": [{
+            "message": "The request did not finish within its 1 s; it was stopped.",
+            "extensions": {"code": "TIMEOUT",
+                           "requestId": response.headers["X-Request-ID"]}}]}
+        assert pools_in_use(hurried_app) == (0, 0)
+
+    # the next request is served, and the write stopped by the deadline was not made
+    body = (await hurried.post("/graphql", headers=bearer(api_key), json={
+        "query": CREATE, "variables": {"email": "next@example.com"}})).json()
+    assert body["data"]["consumerCreate"] == {"consumer": {"email": "next@example.com"},
+                                             "userErrors": []}
+    emails = (await hurried.post("/graphql", headers=bearer(api_key), json={
+        "query": "{ consumers { nodes { email } } }"})).json()
+    assert emails["data"]["consumers"]["nodes"] == [{"email": "next@example.com"}]
+    assert pools_in_use(hurried_app) == (0, 0)
+
+
+async def test_a_rest_request_past_its_deadline_is_504_in_the_reference_shape(
+    hurried: httpx.AsyncClient, settings: Settings, api_key: str
+) -> None:
+    hurried_app: FastAPI = hurried.app  # type: ignore[attr-defined]
+    async with consumers_locked(settings):
+        async with asyncio.timeout(ANSWER_WITHIN_S):
+            response = await hurried.post("/api/v1/consumers", headers=bearer(api_key),
+                                          json={"email": "late@example.com"})
+
+        assert response.status_code == 504
+        assert response.json() == {"error": "Request timed out", "details": []}
+        assert response.headers["X-Request-ID"]
+        assert pools_in_use(hurried_app) == (0, 0)
+
+    created = await hurried.post("/api/v1/consumers", headers=bearer(api_key),
+                                 json={"email": "next@example.com"})
+    assert created.status_code == 201
+    listed = await hurried.get("/api/v1/consumers", headers=bearer(api_key))
+    assert [c["email"] for c in listed.json()["data"]] == ["next@example.com"]
+
+
+async def test_a_read_past_its_deadline_gives_its_connection_back(
+    hurried: httpx.AsyncClient, settings: Settings, read_only_key: str, compiled: bool
+) -> None:
+    if settings.is_sqlite:
+        pytest.skip("SQLite readers never wait for a writer (WAL)")
+    hurried_app: FastAPI = hurried.app  # type: ignore[attr-defined]
+    query = "{ consumers { totalCount nodes { id } } audiences { nodes { id } } }"
+    async with consumers_locked(settings):
+        async with asyncio.timeout(ANSWER_WITHIN_S):
+            response = await hurried.post("/graphql", headers=bearer(read_only_key),
+                                          json={"query": query})
+            rest = await hurried.get("/api/v1/consumers", headers=bearer(read_only_key))
+
+        assert response.status_code == 504
+        assert response.json()["errors"][0]["extensions"]["code"] == "TIMEOUT"
+        assert rest.status_code == 504
+        assert pools_in_use(hurried_app) == (0, 0)
+
+    body = (await hurried.post("/graphql", headers=bearer(read_only_key),
+                               json={"query": query})).json()
+    assert body["data"]["consumers"] == {"totalCount": 0, "nodes": []}
+
+
+# --- SIGTERM ---------------------------------------------------------------------------------
+
+GRACE_S = 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_sigterm_stops_serve_within_its_grace_period_with_a_request_hanging(
+    app: FastAPI, settings: Settings, api_key: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    script = Path(sys.executable).with_name("consumers-graphql")
+    env = {**os.environ, "CONSUMERS_DATABASE_URL": settings.database_url,
+           "CONSUMERS_KEY_PEPPER": "test-pepper", "CONSUMERS_SHUTDOWN_GRACE_S": str(GRACE_S),
+           # the hanging request outlasts the grace period by far
+           "CONSUMERS_REQUEST_TIMEOUT_S": "600", "CONSUMERS_SQLITE_BUSY_TIMEOUT_MS": "600000"}
+    log = (tmp_path / "serve.log").open("w+")
+    server = await asyncio.create_subprocess_exec(
+        str(script), "serve", "--port", str(port), env=env, stdout=log,
+        stderr=subprocess.STDOUT)
+    hanging: asyncio.Future[httpx.Response] | None = None
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            for _ in range(300):  # up within 30 s
+                try:
+                    if (await client.get("/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    assert server.returncode is None, log_text(log)
+                    await asyncio.sleep(0.1)
+            async with consumers_locked(settings):
+                # given a request that waits for the lock another client holds
+                hanging = asyncio.ensure_future(client.post(
+                    "/graphql", headers=bearer(api_key),
+                    json={"query": CREATE, "variables": {"email": "late@example.com"}}))
+                await asyncio.sleep(0.5)
+                assert not hanging.done()
+
+                # when the server is asked to stop
+                server.send_signal(signal.SIGTERM)
+                stopped_at = time.monotonic()
+                try:
+                    code = await asyncio.wait_for(server.wait(), GRACE_S + 10)
+                except TimeoutError:
+                    raise AssertionError(log_text(log)) from None
+
+                # then it stopped within its grace period (and a margin), successfully
+                assert code == 0, log_text(log)
+                assert time.monotonic() - stopped_at < GRACE_S + 10
+    finally:
+        if hanging is not None:
+            hanging.cancel()
+        if server.returncode is None:
+            server.kill()
+            await server.wait()
+    assert "timeout graceful shutdown exceeded" in log_text(log)
+
+
+def log_text(log: Any) -> str:
+    log.flush()
+    log.seek(0)
+    return str(log.read())
