@@ -469,7 +469,9 @@ def test_both_paths_answer_alike(
     loop.run_until_complete(same_answer(over_http(app, client, api_key), query, variables))
 
 
-@pytest.mark.xfail(strict=True, reason=(
+# Not strict: whether 1e shows within the 300 operations depends on timing (a whole-suite
+# run may pass). Remove the mark with REGRESSIONS' marks for 1b and 1e.
+@pytest.mark.xfail(strict=False, reason=(
     "issue 12 1e: a fallback's error list differs from graphql-core's (and 1b, variables in "
     "relation arguments); their operations are in REGRESSIONS"))
 def test_both_paths_answer_random_queries_alike(
