@@ -20,6 +20,7 @@ from typing import Any, cast
 import graphql
 import httpx
 import pytest
+import sqlalchemy as sa
 from fastapi import FastAPI
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
@@ -28,8 +29,9 @@ from ulid import ULID
 
 from consumers_graphql import models
 from consumers_graphql.api import executor
+from consumers_graphql.auth import READ_WRITE
 from consumers_graphql.ids import IdKind, sequential_ids
-from tests.conftest import EXECUTION_PATHS, bearer, on_path, project_root
+from tests.conftest import EXECUTION_PATHS, bearer, empty_tables, on_path, project_root
 from tests.factories import (
     BASE_TIME,
     audience_row,
@@ -58,7 +60,9 @@ PROPERTY = settings(
 # -- the dataset: fixed ids and times, so a run is reproducible ---------------------------
 
 def _ids(kind: IdKind, count: int) -> list[str]:
-    return sequential_ids(kind, ULID.from_datetime(BASE_TIME), count)
+    # from_datetime would add random bits: these are the same on every run
+    first = ULID.from_int(int(BASE_TIME.timestamp() * 1000) << 80)
+    return sequential_ids(kind, first, count)
 
 
 @dataclass
@@ -359,9 +363,19 @@ def over_http(app: FastAPI, client: httpx.AsyncClient, secret: str) -> Run:
             raise AssertionError(f"{path}: no answer within {ANSWER_WITHIN_S} s") from None
         finally:
             on_path(app, "compiled")
+        held = _checked_out(app)
+        assert not held, f"{path}: pooled connections not returned: {held}\n{query}\n{variables}"
         return Answer(response.status_code, response.json())
 
     return run
+
+
+def _checked_out(app: FastAPI) -> dict[str, int]:
+    """Connections the app's pools have lent and not had back (none, between requests)."""
+    database = app.state.database
+    engines = {"read": database.read_engine, "write": database.write_engine}
+    return {name: engine.pool.checkedout() for name, engine in engines.items()
+            if hasattr(engine.pool, "checkedout") and engine.pool.checkedout()}
 
 
 def _comparable(answer: Answer) -> str:
@@ -452,6 +466,11 @@ REGRESSIONS = [
     # under another root field; graphql-core alone reports only the first (the data is null
     # before the relation runs), the fallback both (it runs after the compiled attempt has
     # loaded the consumer, so the relation is reached in time)
+    # found by the property test (with a DataLoader fix under way, not on main): a non-null
+    # root field fails while siblings still load; the request's connection must still go
+    # back to the pool with the answer (over_http checks)
+    pytest.param("""{ node(id: "{audience:0}") { id } consumers { totalCount nodes { id } }
+      searchConsumers { totalCount } }""", {}, id="connection returned after a failed root"),
     pytest.param("""{ consumer(id: "{consumer:3}") { orders(first: 0, last: 0) { totalCount } }
       searchConsumers(q: "") { totalCount } }""", {},
                  marks=_known("1e: the fallback's error list differs from graphql-core's"),
@@ -479,6 +498,104 @@ def test_both_paths_answer_random_queries_alike(
     dataset: Dataset,
 ) -> None:
     differential(loop, over_http(app, client, api_key), dataset)
+
+
+# -- mutations: each path from the same seeded state ---------------------------------------
+
+MUTATIONS = [
+    pytest.param("""mutation($n: Int) {
+      consumerCreate(input: {email: "new@example.com", metadata: {a: 1}}) {
+        consumer { email metadata orders(first: $n) { totalCount } audiences(first: $n) {
+          nodes { name } } } userErrors { code } } }""", {"n": 2},
+                 id="create, a variable in the payload's relation arguments"),
+    pytest.param("""mutation($a: ID!, $n: Int) {
+      audienceUpdate(id: $a, input: {description: "changed"}) { audience { description
+        consumers(first: 3) { nodes { email orders(first: $n) { totalCount } } } }
+        userErrors { code } } }""", {"a": "{audience:0}", "n": 2},
+                 marks=_known("1b: variables in nested relation arguments under graphql-core"),
+                 id="update, a variable in the relation arguments of the payload's page"),
+    pytest.param("""mutation($id: ID!, $full: Boolean!) {
+      consumerUpdate(id: $id, input: {fullName: "Renamed", phone: null}) {
+        consumer { fullName phone @include(if: $full) audiences { totalCount } }
+        userErrors { field code } } }""", {"id": "{consumer:1}", "full": True},
+                 id="update, a directive in the payload"),
+    pytest.param("""mutation($items: [ConsumerCreateInput!]!) {
+      consumerBatchCreate(input: $items, errorPolicy: REJECT_FAILED_ROWS) { ...B } }
+      fragment B on ConsumerBatchPayload { count userErrors { field code }
+        results { consumer { email } userErrors { code } } }""",
+                 {"items": [{"email": "b1@example.com"}, {"email": "USER2@example.com"},
+                            {"email": "not an email"}, {"phone": "+1 415 555 0199"}]},
+                 id="batch create, rows refused"),
+    pytest.param("""mutation($a: ID!, $ids: [ID!]!) {
+      added: audienceAddConsumers(audienceId: $a, consumerIds: $ids) {
+        audience { name consumers(first: 5) { totalCount nodes { email } } }
+        userErrors { field code } }
+      order: orderRecord(input: {consumerId: "{consumer:0}", amount: 19.99, currency: "eur",
+                                 placedAt: "2024-12-24T18:00:00+01:00"}) {
+        order { amount currency consumer { totalOrders totalOrderValue lastOrderAt } }
+        userErrors { code } }
+      gone: consumerDelete(id: "{consumer:2}") { consumer { email } userErrors { code } } }""",
+                 {"a": "{audience:2}", "ids": ["{consumer:0}", "{consumer:4}"]},
+                 id="membership, order and delete in one operation"),
+    pytest.param("""mutation {
+      first: consumerCreate(input: {email: "once@example.com"}) { consumer { email } }
+      bad: orderRecord(input: {consumerId: "{consumer:1}", amount: 1, currency: "USD"}) {
+        order { consumer { orders(first: 500) { totalCount } } } userErrors { code } }
+      after: consumerCreate(input: {email: "after@example.com"}) { consumer { email } } }""",
+                 {}, id="an error after a write"),
+]
+
+
+def _masked(value: Any) -> Any:
+    """Values a write makes afresh each time (new ids, timestamps) as a placeholder."""
+    if isinstance(value, dict):
+        return {k: "<new>" if k in {"id", "createdAt", "updatedAt"} and isinstance(v, str)
+                else _masked(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
+    return value
+
+
+async def _state(engine: Any) -> list[Any]:
+    async with engine.connect() as conn:
+        consumers = await conn.execute(sa.select(
+            models.Consumer.email, models.Consumer.full_name, models.Consumer.phone,
+            models.Consumer.total_orders, models.Consumer.total_order_value,
+        ).order_by(models.Consumer.email_key))
+        members = await conn.execute(sa.select(sa.func.count()).select_from(
+            models.ConsumerAudience))
+        orders = await conn.execute(sa.select(sa.func.count()).select_from(models.Order))
+        return [[tuple(row) for row in consumers], members.scalar(), orders.scalar()]
+
+
+@pytest.mark.parametrize(("query", "variables"), MUTATIONS)
+async def test_mutations_answer_alike(
+    app: FastAPI, client: httpx.AsyncClient, query: str, variables: dict[str, Any]
+) -> None:
+    engine = app.state.database.write_engine
+    outcomes = []
+    for path in EXECUTION_PATHS:
+        await empty_tables(engine)
+        dataset = await seed(engine)
+        secret = (await app.state.keys.create("differential", scopes=READ_WRITE)).secret
+        answer = await over_http(app, client, secret.get_secret_value())(
+            path, dataset.bind(query),
+            {name: _bound(dataset, value) for name, value in variables.items()})
+        outcomes.append((path, answer, await _state(engine)))
+
+    for path, answer, _ in outcomes:
+        assert all((error.get("extensions") or {}).get("code") != "INTERNAL_SERVER_ERROR"
+                   for error in answer.body.get("errors") or ()), (path, answer.body)
+    (_, compiled, compiled_state), (_, reference, reference_state) = outcomes
+    assert _comparable(Answer(compiled.status, _masked(compiled.body))) == _comparable(
+        Answer(reference.status, _masked(reference.body)))
+    assert compiled_state == reference_state  # the same writes, each once
+
+
+def _bound(dataset: Dataset, value: Any) -> Any:
+    if isinstance(value, list):
+        return [dataset.bind(item) for item in value]
+    return dataset.bind(value)
 
 
 # -- the comparator catches a difference ----------------------------------------------------
