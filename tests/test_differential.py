@@ -74,16 +74,21 @@ class Dataset:
         """`{consumer:3}` in a string as the id of the fourth consumer seeded (and so on)."""
         if not isinstance(value, str):
             return value
-        for kind, start in (("consumer", 0), ("audience", 8), ("order", 11)):
+        for kind, start in (("consumer", 0), ("audience", CONSUMERS),
+                            ("order", CONSUMERS + AUDIENCES)):
             for n in range(len(self.ids) - start):
                 value = value.replace(f"{{{kind}:{n}}}", self.ids[start + n])
         return value
 
 
+CONSUMERS, AUDIENCES = 8, 3
+
+
 async def seed(engine: Any) -> Dataset:
     """8 consumers (one without email, some with phones, metadata, external ids), n % 4
     orders each, 3 audiences (one empty) with overlapping members."""
-    consumer_ids, audience_ids = _ids(IdKind.CONSUMER, 8), _ids(IdKind.AUDIENCE, 3)
+    consumer_ids = _ids(IdKind.CONSUMER, CONSUMERS)
+    audience_ids = _ids(IdKind.AUDIENCE, AUDIENCES)
     order_ids = iter(_ids(IdKind.ORDER, 32))
     consumers, orders = [], []
     for n, consumer_id in enumerate(consumer_ids):
@@ -116,12 +121,12 @@ async def seed(engine: Any) -> Dataset:
 
 
 # Cursors the API hands out, so that `after`/`before` often name real positions.
-CURSORS = """{
+CURSORS = """query($id: ID!) {
   consumers(first: 3) { edges { cursor } }
   byEmail: consumers(first: 3, sortBy: EMAIL, sortDir: ASC) { edges { cursor } }
   audiences { edges { cursor node { consumers(first: 2) { edges { cursor } } } } }
   searchConsumers(q: "user", first: 2) { edges { cursor } }
-  consumer(id: "ID") { orders(first: 2) { edges { cursor } } audiences { edges { cursor } } }
+  consumer(id: $id) { orders(first: 2) { edges { cursor } } audiences { edges { cursor } } }
 }"""
 
 
@@ -159,12 +164,13 @@ def operations(dataset: Dataset) -> st.SearchStrategy[tuple[str, dict[str, Any]]
                | st.text(max_size=3)).map(_string),
         "DateTime": st.sampled_from(TIMES).map(_string),
     }
+
     def generated(root_field: str | None = None) -> st.SearchStrategy[graphql.DocumentNode]:
         return queries(SCHEMA, fields=[root_field] if root_field else None,
                        custom_scalars=scalars, print_ast=lambda document: document)
 
-    # Selections on a node type, to graft under a connection's `nodes` (the generator seldom
-    # goes that deep by itself, and relations of a page are where the two paths differ most).
+    # Selections on a node type, to graft under a connection's `nodes`: the generator seldom
+    # goes that deep by itself, and a page's relations are where the look-ahead works.
     grafts = {
         "Consumer": generated("consumer").map(partial(_selections_on, "Consumer")),
         "Audience": generated("audience").map(partial(_selections_on, "Audience")),
@@ -192,8 +198,7 @@ def _selections_on(type_name: str, document: graphql.DocumentNode) -> graphql.Se
                  if not isinstance(selection, graphql.InlineFragmentNode)
                  or selection.type_condition is None
                  or selection.type_condition.name.value == type_name)
-    return graphql.SelectionSetNode(selections=kept or (graphql.FieldNode(
-        name=graphql.NameNode(value="id"), arguments=(), directives=()),))
+    return graphql.SelectionSetNode(selections=kept or (_field("id"),))
 
 
 def _field(name: str, *selections: graphql.SelectionNode) -> graphql.FieldNode:
@@ -420,7 +425,7 @@ async def loop(app: FastAPI) -> asyncio.AbstractEventLoop:
 async def dataset(app: FastAPI, client: httpx.AsyncClient, api_key: str) -> Dataset:
     seeded = await seed(app.state.database.write_engine)
     response = await client.post("/graphql", headers=bearer(api_key), json={
-        "query": CURSORS.replace('"ID"', json.dumps(seeded.ids[3]))})
+        "query": CURSORS, "variables": {"id": seeded.bind("{consumer:3}")}})
     seeded.cursors = sorted(set(_strings(response.json()["data"])))
     assert len(seeded.cursors) > 10, response.json()
     return seeded
