@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from sqlalchemy import event, make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from consumers_graphql.api import executor
 from consumers_graphql.app import create_app
 from consumers_graphql.auth import AUTH_EXECUTION_OPTION, READ_ONLY, READ_WRITE, Scope
 from consumers_graphql.db import make_engine
@@ -103,6 +104,48 @@ async def empty_tables(engine: Any) -> None:
                 await conn.execute(text(f"DELETE FROM {table}"))
 
 
+# Every GraphQL test runs twice: through the compiled executor, and through graphql-core
+# alone (the path of every fallback: directives, introspection, any error).
+EXECUTION_PATHS = ("compiled", "graphql-core")
+
+
+def on_path(app: FastAPI, execution_path: str) -> None:
+    """Sends the app's GraphQL operations down ``execution_path``."""
+    app.state.schema.compiled = execution_path == "compiled"
+
+
+@pytest.fixture(params=EXECUTION_PATHS)
+def execution_path(request: pytest.FixtureRequest, app: FastAPI) -> Iterator[str]:
+    """The path the session app executes this test's GraphQL operations on (the ``gql``
+    fixtures request it, so every test using them runs on both)."""
+    path: str = request.param
+    before = dict(executor.stats)
+    on_path(app, path)
+    try:
+        yield path
+    finally:
+        on_path(app, "compiled")
+    if path == "graphql-core":
+        # not one operation went near the compiled executor, not even to fall back
+        assert executor.stats == before, "the graphql-core variant ran the compiled executor"
+
+
+@pytest.fixture(autouse=True)
+def graphql_runs_on_both_paths(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that executes GraphQL without ``execution_path`` fails: it would check only
+    one of the two paths. (Tests that compare the two themselves are marked so.)"""
+    if ("execution_path" in request.fixturenames
+            or request.node.get_closest_marker("compares_paths") is not None):
+        yield
+        return
+    before = dict(executor.stats)
+    yield
+    assert executor.stats == before, (
+        "this test executes GraphQL: request the `execution_path` fixture (or a `gql` "
+        "fixture) so that it runs on both execution paths"
+    )
+
+
 class GraphQL:
     """Posts operations to /graphql and returns the JSON body; authenticated with ``secret``
     (a Bearer key) unless it is None."""
@@ -155,17 +198,19 @@ def auth_headers(api_key: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def gql(client: httpx.AsyncClient, api_key: str) -> GraphQL:
+def gql(client: httpx.AsyncClient, api_key: str, execution_path: str) -> GraphQL:
     return GraphQL(client, api_key)
 
 
 @pytest.fixture
-def read_only_gql(client: httpx.AsyncClient, read_only_key: str) -> GraphQL:
+def read_only_gql(
+    client: httpx.AsyncClient, read_only_key: str, execution_path: str
+) -> GraphQL:
     return GraphQL(client, read_only_key)
 
 
 @pytest.fixture
-def anonymous_gql(client: httpx.AsyncClient, app: FastAPI) -> GraphQL:
+def anonymous_gql(client: httpx.AsyncClient, app: FastAPI, execution_path: str) -> GraphQL:
     """No Authorization header (expect ``status=401``)."""
     return GraphQL(client)
 

@@ -39,7 +39,7 @@ from consumers_graphql.auth import (
 from consumers_graphql.logs import RedactSecrets
 from consumers_graphql.models import ApiKey
 from consumers_graphql.settings import Environment, Settings
-from tests.conftest import GraphQL, StatementCounter, bearer
+from tests.conftest import GraphQL, StatementCounter, bearer, on_path
 
 QUERY = "{ consumers(first: 1) { totalCount } }"
 UNAUTHENTICATED_BODY = {
@@ -116,6 +116,7 @@ async def test_valid_key_is_200_on_post_and_get(
     assert response.json()["data"] == {"consumers": {"totalCount": 0}}
 
 
+@pytest.mark.usefixtures("execution_path")
 async def test_scheme_is_case_insensitive(client: httpx.AsyncClient, api_key: str) -> None:
     response = await client.post("/graphql", json={"query": QUERY},
                                  headers={"Authorization": f"bearer {api_key}"})
@@ -218,6 +219,7 @@ async def test_forbidden_is_403_under_graphql_response_json(
         assert (await conn.execute(text("SELECT count(*) FROM consumers"))).scalar() == 0
 
 
+@pytest.mark.usefixtures("execution_path")
 async def test_operation_name_decides_the_scope_in_a_multi_operation_document(
     client: httpx.AsyncClient, read_only_key: str, app: FastAPI, write_engine: Any
 ) -> None:
@@ -422,10 +424,12 @@ def _free_port() -> int:
 
 
 async def test_no_secret_in_logs_of_a_failed_and_a_successful_request(
-    settings: Settings, app: FastAPI, api_key: str, caplog: pytest.LogCaptureFixture
+    settings: Settings, app: FastAPI, api_key: str, caplog: pytest.LogCaptureFixture,
+    execution_path: str,
 ) -> None:
     # given a real uvicorn server (so its access and error loggers run), everything at DEBUG
     served = create_app(settings)
+    on_path(served, execution_path)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(served, host="127.0.0.1", port=port,
                                            log_config=None, log_level="debug"))

@@ -45,6 +45,7 @@ async def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, 
     return code, out, err
 
 
+@pytest.mark.usefixtures("execution_path")
 async def test_create_prints_a_working_secret_once_and_stores_only_its_hash(
     cli_env: None, capsys: pytest.CaptureFixture[str], app: FastAPI, client: httpx.AsyncClient
 ) -> None:
@@ -67,6 +68,7 @@ async def test_create_prints_a_working_secret_once_and_stores_only_its_hash(
     assert row.id in out
 
 
+@pytest.mark.usefixtures("execution_path")
 async def test_read_only_and_test_flags(
     cli_env: None, capsys: pytest.CaptureFixture[str], app: FastAPI, client: httpx.AsyncClient
 ) -> None:
@@ -81,6 +83,7 @@ async def test_read_only_and_test_flags(
     assert [e["extensions"]["code"] for e in mutation.json()["errors"]] == ["FORBIDDEN"]
 
 
+@pytest.mark.usefixtures("execution_path")
 async def test_list_shows_every_key_but_never_a_secret(
     cli_env: None, capsys: pytest.CaptureFixture[str], app: FastAPI, client: httpx.AsyncClient
 ) -> None:

@@ -116,6 +116,7 @@ async def _run(app: FastAPI, schema: Any, query: str, variables: dict[str, Any])
     return result.data, errors
 
 
+@pytest.mark.compares_paths
 @pytest.mark.parametrize(("case", "query", "variables"), OPERATIONS,
                          ids=[o[0] for o in OPERATIONS])
 async def test_compiled_execution_equals_graphql_core(
@@ -136,7 +137,18 @@ async def test_compiled_execution_equals_graphql_core(
     assert ran_compiled == (not compiled[1] and "@" not in query), case
 
 
-async def test_the_compiled_path_keeps_statement_counts(
+async def test_each_execution_path_is_the_one_that_runs(gql: Any, execution_path: str) -> None:
+    # The suite's switch (conftest.execution_path) really changes the executor.
+    before = dict(executor.stats)
+
+    await gql.data("{ consumers(first: 1) { totalCount nodes { id } } }")
+
+    ran = {k: executor.stats[k] - before[k] for k in before}
+    assert ran == ({"compiled": 1, "fallbacks": 0} if execution_path == "compiled" else
+                   {"compiled": 0, "fallbacks": 0})
+
+
+async def test_a_page_with_relations_costs_five_statements_on_both_paths(
     gql: Any, sql: Any, write_engine: Any
 ) -> None:
     await _given_data(write_engine)
@@ -209,6 +221,7 @@ async def _stored(engine: Any) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in rows]
 
 
+@pytest.mark.compares_paths
 @pytest.mark.parametrize(("case", "query", "variables", "compiled_alone"), MUTATIONS,
                          ids=[m[0] for m in MUTATIONS])
 async def test_compiled_mutations_equal_graphql_core(

@@ -25,7 +25,7 @@ from consumers_graphql.auth import READ_WRITE
 from consumers_graphql.db import make_engine
 from consumers_graphql.migrate import alembic_config, upgrade
 from consumers_graphql.settings import Settings
-from tests.conftest import TEST_DATABASE_URL, GraphQL
+from tests.conftest import TEST_DATABASE_URL, GraphQL, on_path
 from tests.factories import consumer_row, insert_consumers
 from tests.test_bench_workloads import CREATE, DELETE, UPDATE
 
@@ -133,10 +133,11 @@ async def search_objects(url: str) -> set[str]:
     return {name for (name,) in rows}
 
 
-async def searches(url: str, terms: list[str]) -> dict[str, list[str]]:
+async def searches(url: str, terms: list[str], execution_path: str) -> dict[str, list[str]]:
     """Each term's matches (their emails, sorted) through the API, after a consumer is
     created, one renamed and one deleted, so that the triggers are exercised too."""
     app = create_app(database_settings(url))
+    on_path(app, execution_path)
     async with LifespanManager(app):
         secret = (await app.state.keys.create("t", scopes=READ_WRITE)).secret
         transport = httpx.ASGITransport(app=app)
@@ -160,7 +161,7 @@ async def searches(url: str, terms: list[str]) -> dict[str, list[str]]:
             return found
 
 
-async def test_upgrade_indexes_the_rows_already_there(old_url: str) -> None:
+async def test_upgrade_indexes_the_rows_already_there(old_url: str, execution_path: str) -> None:
     before = await search_objects(old_url)
 
     await migrate_to(database_settings(old_url), "head")
@@ -175,16 +176,16 @@ async def test_upgrade_indexes_the_rows_already_there(old_url: str) -> None:
         assert before == set()
         assert await search_objects(old_url) == {"consumer_search", *(
             f"consumer_search_{event}" for event in ("insert", "update", "delete", "truncate"))}
-    assert await searches(old_url, TERMS) == EXPECTED
+    assert await searches(old_url, TERMS, execution_path) == EXPECTED
     if not old_url.startswith("sqlite"):  # the narrow copy holds exactly the table's text
         copy = await query(old_url, "SELECT id, search_text FROM consumer_search ORDER BY id")
         assert copy == await query(old_url, "SELECT id, search_text FROM consumers ORDER BY id")
 
 
-async def test_downgrade_restores_what_was_there(old_url: str) -> None:
+async def test_downgrade_restores_what_was_there(old_url: str, execution_path: str) -> None:
     before = await search_objects(old_url)
     await migrate_to(database_settings(old_url), "head")
-    await searches(old_url, [])  # writes at the head revision
+    await searches(old_url, [], execution_path)  # writes at the head revision
 
     await downgrade_to(old_url, "0001")
 

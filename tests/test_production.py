@@ -19,16 +19,19 @@ from consumers_graphql.auth import READ_WRITE
 from consumers_graphql.db import make_engine
 from consumers_graphql.migrate import upgrade
 from consumers_graphql.settings import Environment, Settings
-from tests.conftest import GraphQL, StatementCounter, bearer
+from tests.conftest import GraphQL, StatementCounter, bearer, on_path
 
 INTROSPECTION = "{ __schema { queryType { name } types { name } } }"
 TYPE_INTROSPECTION = '{ __type(name: "Consumer") { fields { name } } }'
 
 
 @pytest.fixture
-async def production(app: FastAPI, settings: Settings) -> AsyncIterator[GraphQL]:
+async def production(
+    app: FastAPI, settings: Settings, execution_path: str
+) -> AsyncIterator[GraphQL]:
     """A production app on the tests' database (``app`` is requested so tables get emptied)."""
     production_app = create_app(settings.model_copy(update={"env": Environment.PRODUCTION}))
+    on_path(production_app, execution_path)
     async with LifespanManager(production_app):
         created = await production_app.state.keys.create("production", scopes=READ_WRITE)
         transport = httpx.ASGITransport(app=production_app)
@@ -97,7 +100,9 @@ async def test_development_serves_graphiql(client: httpx.AsyncClient) -> None:
 
 
 @pytest.fixture
-async def broken_production(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
+async def broken_production(
+    tmp_path: Path, execution_path: str
+) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
     """A production app on its own SQLite file whose `audiences` table is gone: a real
     database failure, nothing mocked."""
     path = tmp_path / "broken.db"
@@ -111,6 +116,7 @@ async def broken_production(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncCl
         conn.execute("DROP TABLE consumer_audiences")
         conn.execute("DROP TABLE audiences")
     app = create_app(settings)
+    on_path(app, execution_path)
     async with LifespanManager(app):
         created = await app.state.keys.create("broken", scopes=READ_WRITE)
         transport = httpx.ASGITransport(app=app)

@@ -48,6 +48,7 @@ async def post(
         ("text/html, application/*;q=0.1", "application/json"),
     ],
 )
+@pytest.mark.usefixtures("execution_path")
 async def test_the_response_media_type_follows_accept(
     client: httpx.AsyncClient, auth_headers: dict[str, str], accept: str | None, media_type: str
 ) -> None:
@@ -83,6 +84,7 @@ def test_negotiation_ignores_ranges_with_q_zero() -> None:
     [(PARSE_ERROR, "GRAPHQL_PARSE_FAILED"), (VALIDATION_ERROR, "GRAPHQL_VALIDATION_FAILED"),
      (VARIABLE_ERROR, "BAD_USER_INPUT")],
 )
+@pytest.mark.usefixtures("execution_path")
 async def test_request_errors_are_400_under_graphql_response_json_and_200_under_json(
     client: httpx.AsyncClient, auth_headers: dict[str, str], sql: StatementCounter,
     body: dict[str, Any], code: str,
@@ -102,6 +104,7 @@ async def test_request_errors_are_400_under_graphql_response_json_and_200_under_
     assert sql.statements == []
 
 
+@pytest.mark.usefixtures("execution_path")
 async def test_a_field_error_is_200_with_data_under_both_media_types(
     client: httpx.AsyncClient, auth_headers: dict[str, str]
 ) -> None:
@@ -115,6 +118,7 @@ async def test_a_field_error_is_200_with_data_under_both_media_types(
         assert payload["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
 
 
+@pytest.mark.usefixtures("execution_path")
 async def test_queries_are_accepted_over_get(
     client: httpx.AsyncClient, auth_headers: dict[str, str]
 ) -> None:
@@ -180,6 +184,7 @@ async def test_a_post_that_is_not_json_is_415(
     no_work(sql)
 
 
+@pytest.mark.usefixtures("execution_path")
 async def test_a_utf8_json_post_is_accepted(
     client: httpx.AsyncClient, auth_headers: dict[str, str]
 ) -> None:
@@ -258,6 +263,7 @@ async def test_malformed_requests_are_400_in_json(
     assert response.json()["errors"][0]["extensions"]["code"] == "BAD_REQUEST"
 
 
+@pytest.mark.usefixtures("execution_path")
 async def test_every_response_carries_a_request_id(
     client: httpx.AsyncClient, auth_headers: dict[str, str]
 ) -> None:
