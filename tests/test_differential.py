@@ -455,17 +455,14 @@ REGRESSIONS = [
       later: node(id: $o2) { ... on Order { consumer { audiences { nodes {
         consumers(first: 1) { nodes { orders { totalCount } } } } } } } } }""",
                  {"o1": "{order:0}", "o2": "{order:1}"},
-                 marks=_known("1a: a cancelled sibling poisons a DataLoader, graphql-core hangs"),
                  id="1a cancelled loader"),
     pytest.param("""query($n: Int, $e: Boolean!) { consumers(first: 3) { nodes { id
       email @include(if: $e) orders(first: $n) { nodes { id } } } } }""", {"n": 2, "e": True},
-                 marks=_known("1b: variables in nested relation arguments under graphql-core"),
                  id="1b variable in a relation argument"),
     # found by the property test: the same under `searchConsumers`, through a fragment
     pytest.param("""query($n: Int) { searchConsumers(q: "user") { ...F } }
       fragment F on ConsumerConnection { nodes { orders(first: $n) { totalCount } } }""",
                  {"n": 2},
-                 marks=_known("1b: variables in nested relation arguments under graphql-core"),
                  id="1b variable in a relation argument of a search"),
     # found by the property test: a root field that is non-null fails, and so does a relation
     # under another root field; graphql-core alone reports only the first (the data is null
@@ -517,7 +514,6 @@ MUTATIONS = [
       audienceUpdate(id: $a, input: {description: "changed"}) { audience { description
         consumers(first: 3) { nodes { email orders(first: $n) { totalCount } } } }
         userErrors { code } } }""", {"a": "{audience:0}", "n": 2},
-                 marks=_known("1b: variables in nested relation arguments under graphql-core"),
                  id="update, a variable in the relation arguments of the payload's page"),
     pytest.param("""mutation($id: ID!, $full: Boolean!) {
       consumerUpdate(id: $id, input: {fullName: "Renamed", phone: null}) {

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from consumers_graphql.settings import Settings
-from tests.conftest import bearer
+from tests.conftest import bearer, on_path
 from tests.processes import PostgresCluster, Served
 
 pytestmark = pytest.mark.skipif(
@@ -128,7 +128,7 @@ def test_postgresql_stopped_and_started_again_503_one_warning_and_recovery(
 
 
 async def test_a_sqlite_file_locked_past_the_busy_timeout_is_503_then_recovers(
-    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture, execution_path: str
 ) -> None:
     """SQLite's outage: another process holding the write lock past the busy timeout."""
     from asgi_lifespan import LifespanManager
@@ -139,6 +139,7 @@ async def test_a_sqlite_file_locked_past_the_busy_timeout_is_503_then_recovers(
     caplog.set_level(logging.INFO, logger="consumers_graphql")
     locked = settings.model_copy(update={"sqlite_busy_timeout_ms": 50, "retry_after_s": 3})
     app = create_app(locked)
+    on_path(app, execution_path)
     async with LifespanManager(app):
         keys: KeyStore = app.state.keys
         created = await keys.create("outage")

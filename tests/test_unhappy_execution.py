@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -30,7 +30,7 @@ from consumers_graphql import models
 from consumers_graphql.app import create_app
 from consumers_graphql.db import make_engine
 from consumers_graphql.settings import Settings
-from tests.conftest import GraphQL, bearer
+from tests.conftest import GraphQL, bearer, on_path
 from tests.factories import (
     BASE_TIME,
     audience_row,
@@ -44,17 +44,11 @@ from tests.factories import (
 ANSWER_WITHIN_S = 20
 
 
-@pytest.fixture(params=[True, False], ids=["compiled", "graphql-core"])
-def compiled(request: pytest.FixtureRequest, app: FastAPI) -> Iterator[bool]:
-    """Runs the test through the compiled executor (falling back to graphql-core where it
-    must), then through graphql-core alone."""
-    schema = app.state.schema
-    before = schema.compiled
-    schema.compiled = request.param
-    try:
-        yield request.param
-    finally:
-        schema.compiled = before
+@pytest.fixture
+def compiled(execution_path: str) -> bool:
+    """Whether this run is the compiled executor's (falling back to graphql-core where it
+    must); conftest's ``execution_path`` runs each test on graphql-core alone too."""
+    return execution_path == "compiled"
 
 
 def checked_out(app: FastAPI) -> int:
@@ -292,11 +286,13 @@ def comparable(body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+@pytest.mark.compares_paths
 @pytest.mark.parametrize(("query", "statements"), FALLBACKS, ids=["page", "page and count"])
 async def test_e_a_fallback_reads_nothing_twice_and_answers_as_graphql_core(
-    app: FastAPI, read_only_gql: GraphQL, write_engine: Any, sql: Any, query: str,
-    statements: int,
+    app: FastAPI, client: httpx.AsyncClient, read_only_key: str, write_engine: Any, sql: Any,
+    query: str, statements: int,
 ) -> None:
+    read_only_gql = GraphQL(client, read_only_key)  # not the fixture: this test picks the paths
     await given_consumers_with_orders(write_engine)
     schema = app.state.schema
     answers = []
@@ -324,12 +320,15 @@ CREATE = """mutation($email: String!) { consumerCreate(input: {email: $email}) {
 
 
 @pytest.fixture
-async def hurried(app: FastAPI, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+async def hurried(
+    app: FastAPI, settings: Settings, execution_path: str
+) -> AsyncIterator[httpx.AsyncClient]:
     """A client of the app with a deadline of DEADLINE_S (on the same database). A SQLite
     writer waiting for the lock on the driver's thread goes on until its busy timeout, made
     short here."""
     hurried_app = create_app(settings.model_copy(update={
         "request_timeout_s": DEADLINE_S, "sqlite_busy_timeout_ms": 2_000}))
+    on_path(hurried_app, execution_path)
     async with LifespanManager(hurried_app):
         transport = httpx.ASGITransport(app=hurried_app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
