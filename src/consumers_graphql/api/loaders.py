@@ -33,7 +33,7 @@ class Loaders:
 
     def clear(self) -> None:
         """Forget everything loaded so far (after a write)."""
-        self.__init__(self._repository)  # type: ignore[misc]
+        self.__init__(self._repository)  # type: ignore[misc]  # every loader anew, in one place
 
     def prime_consumers(self, rows: Sequence[Row[Any]]) -> None:
         """Consumers read as a page need no second look-up (e.g. through Order.consumer)."""
