@@ -23,6 +23,7 @@ from urllib.parse import unquote
 
 from pydantic import SecretStr
 from sqlalchemy import bindparam, func, insert, or_, select, text, update
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -269,6 +270,7 @@ class KeyStore:
         if not is_well_formed(secret):
             return None
         digest = hash_secret(secret, self._pepper)
+        row: Row[*tuple[Any, ...]] | None  # a reader's rows are untyped, the engine's typed
         if reader is not None:
             row = (await reader.execute(_VERIFY, {"digest": digest})).first()
         else:

@@ -78,11 +78,11 @@ class LimitedH11Protocol(H11Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.timeout_keep_alive = self.limits.idle_s  # type: ignore[assignment]
+        self.timeout_keep_alive = self.limits.idle_s  # type: ignore[assignment]  # uvicorn says int; a float works
         self._clock: asyncio.TimerHandle | None = None
         self._waiting: _Wait | None = None
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's own
         if len(self.connections) >= self.limits.max_connections:
             self.transport = transport
             transport.write(_FULL)

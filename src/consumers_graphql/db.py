@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from time import thread_time
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from sqlalchemy import (
@@ -305,7 +305,7 @@ class InlineReads:
         if self._connection is None:
             self._connection = self.engine.connect()
         connection = self._connection
-        raw = connection.connection.driver_connection
+        raw = cast(sqlite3.Connection, connection.connection.driver_connection)
         raw.set_progress_handler(_budget(self.budget), _PROGRESS_STEPS)
         result: Result[Any] | None = None
         try:

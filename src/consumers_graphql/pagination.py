@@ -89,7 +89,7 @@ class PageRequest:
 
     @property
     def size(self) -> int:
-        return self.first if self.first is not None else self.last  # type: ignore[return-value]
+        return self.first if self.first is not None else self.last  # type: ignore[return-value]  # one is always set
 
     @property
     def forward(self) -> bool:
@@ -240,6 +240,8 @@ def _bound(
         return (segment > cursor_segment) == after
     ascending_op = after != sort.descending  # "after" in an ascending order means greater
     cursor_id = bindparam(f"{name}_id", type_=sort.id_column.type)
+    left: ColumnElement[Any]
+    right: ColumnElement[Any]
     if segment == _NULL:
         left, right = sort.id_column, cursor_id
     else:

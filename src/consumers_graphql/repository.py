@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import phonenumbers
 from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
     Select,
     Text,
     bindparam,
@@ -194,6 +196,7 @@ _FILTERS: dict[str, Callable[[], list[Any]]] = {
     "phone": lambda: [consumers.c.phone == bindparam("phone")],
     "external_id": lambda: [consumers.c.external_id == bindparam("external_id")],
 }
+_SEARCH_LIKE: ColumnElement[bool]  # declared: the lambdas above use it
 (_SEARCH_LIKE,) = _search_conditions(consumers.c.search_text, "search")
 
 
@@ -321,7 +324,7 @@ def _counts_statement(parent_name: str) -> Select[Any]:
 
 _COLUMNS = {"consumers": CONSUMER_COLUMNS, "audiences": AUDIENCE_COLUMNS,
             "orders": ORDER_COLUMNS}
-_PARENT_IDS = bindparam("parent_ids", expanding=True)
+_PARENT_IDS: BindParameter[Any] = bindparam("parent_ids", expanding=True)
 
 
 def _member_of(audience_id: Any) -> Any:
@@ -528,7 +531,7 @@ class Repository:
     async def _counts(self, parent: Any, keys: Sequence[str]) -> list[int]:
         statement = _counts_statement(f"{parent.table.name}.{parent.name}")
         rows = await self._rows(statement, {"parent_ids": list(set(keys))})
-        counts = {key: count for key, count in rows}
+        counts = {key: count for key, count in cast("Sequence[Row[str, int]]", rows)}
         return [counts.get(key, 0) for key in keys]
 
 

@@ -9,9 +9,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import Table, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from consumers_graphql import models
@@ -168,11 +168,11 @@ async def seed(
             rows, members, orders = _consumer_rows(
                 rng, count, start, now, audience_ids, orders_per_consumer, audiences_per_consumer
             )
-            await conn.execute(insert(models.Consumer.__table__), rows)
+            await conn.execute(insert(cast(Table, models.Consumer.__table__)), rows)
             if members:
-                await conn.execute(insert(models.ConsumerAudience.__table__), members)
+                await conn.execute(insert(cast(Table, models.ConsumerAudience.__table__)), members)
             if orders:
-                await conn.execute(insert(models.Order.__table__), orders)
+                await conn.execute(insert(cast(Table, models.Order.__table__)), orders)
             report.consumers += count
             report.memberships += len(members)
             report.orders += len(orders)
@@ -207,10 +207,10 @@ async def _bulk_search_index(conn: AsyncConnection) -> AsyncIterator[None]:
 
 
 async def _ensure_audiences(engine: AsyncEngine, now: datetime) -> list[str]:
-    table = models.Audience.__table__
+    table = cast(Table, models.Audience.__table__)
     async with engine.begin() as conn:
         existing = dict((await conn.execute(select(table.c.name, table.c.id))).all())
-        missing = [
+        missing: list[dict[str, Any]] = [
             {"id": new_id(IdKind.AUDIENCE, now), "name": name, "description": description,
              "created_at": now, "updated_at": now}
             for name, description in AUDIENCES if name not in existing

@@ -614,7 +614,7 @@ async def _taken_consumer_keys(
 
 # A consumer as inserted: the columns of a read (CONSUMER_COLUMNS), by name and position.
 _INSERTED_FIELDS = tuple(column.name for column in CONSUMER_COLUMNS)
-_Inserted = namedtuple("_Inserted", _INSERTED_FIELDS)  # type: ignore[misc]
+_Inserted = namedtuple("_Inserted", _INSERTED_FIELDS)  # type: ignore[misc]  # names computed from the columns
 _NO_MONEY = Decimal(0).quantize(Decimal(1).scaleb(-MONEY_SCALE))  # as Money reads it back
 _COLUMN_NAMES = tuple(column.name for column in consumers.c)
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiosqlite
+from sqlalchemy.connectors.asyncio import AsyncAdapt_dbapi_connection
 from sqlalchemy.dialects.sqlite.aiosqlite import (
     AsyncAdapt_aiosqlite_connection,
     AsyncAdapt_aiosqlite_cursor,
@@ -39,12 +40,12 @@ _Outcome = tuple[Any, Sequence[Any], int, int | None]
 class _Cursor(AsyncAdapt_aiosqlite_cursor):
     __slots__ = ("_arraysize", "_description", "_lastrowid", "_rowcount")
 
-    def __init__(self, adapt_connection: AsyncAdapt_aiosqlite_connection) -> None:
+    def __init__(self, adapt_connection: AsyncAdapt_dbapi_connection) -> None:
         # No aiosqlite cursor is opened here: each statement opens and closes its own
         # sqlite3 cursor on the connection's thread.
         self._adapt_connection = adapt_connection
         self._connection = adapt_connection._connection
-        self._cursor = None  # type: ignore[assignment]
+        self._cursor = None  # type: ignore[assignment]  # each statement opens its own
         self._soft_closed_memoized = EMPTY_DICT
         self._rows = collections.deque()
         self._description: Any = None
@@ -70,7 +71,7 @@ class _Cursor(AsyncAdapt_aiosqlite_cursor):
 
     @property
     def lastrowid(self) -> int:
-        return self._lastrowid  # type: ignore[return-value]
+        return self._lastrowid  # type: ignore[return-value]  # None before an INSERT, as sqlite3
 
     def execute(self, operation: Any, parameters: Any = None) -> None:
         self._run(False, operation, parameters)
@@ -79,7 +80,7 @@ class _Cursor(AsyncAdapt_aiosqlite_cursor):
         self._run(True, operation, seq_of_parameters)
 
     def _run(self, many: bool, operation: Any, parameters: Any) -> None:
-        connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
+        connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]  # typed as the DBAPI protocol
 
         def statement() -> _Outcome:
             cursor = raw.cursor()
@@ -121,7 +122,7 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
     _cursor_cls = _Cursor
 
     def rollback(self) -> None:
-        raw: sqlite3.Connection | None = self._connection._connection  # type: ignore[attr-defined]
+        raw: sqlite3.Connection | None = self._connection._connection
         if raw is not None and raw.in_transaction:
             super().rollback()
 

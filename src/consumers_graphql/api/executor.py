@@ -38,7 +38,7 @@ from enum import Enum
 from functools import partial
 from math import isfinite
 from operator import attrgetter
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 from graphql import (
     DocumentNode,
@@ -87,7 +87,7 @@ class _Fallback(Exception):
     """Execution met something graphql-core must answer (an error, a null in a non-null)."""
 
 
-def _is_awaitable(value: Any) -> bool:
+def _is_awaitable(value: Any) -> TypeGuard[Awaitable[Any]]:
     return hasattr(value, "__await__")
 
 
@@ -120,7 +120,7 @@ class _FieldPlan:
     complete: Completer = field(repr=False, default=lambda value, run, path: value)
     # For a Strawberry resolver with nothing wrapped around it: its call, with arguments
     # converted to Python once per plan (see _direct_call).
-    call: Callable[[Any, GraphQLResolveInfo, dict[str, Any]], Any] | None = None
+    call: Callable[[Any, GraphQLResolveInfo[Any], dict[str, Any]], Any] | None = None
     # For an attribute read of a scalar or enum (most fields): its serializer, and whether
     # null is refused. Such a field is answered without a Path or a completer call.
     leaf: Callable[[Any], Any] | None = None
@@ -165,7 +165,7 @@ class _Compiler:
             return True
         conditional = self.schema.get_type(condition)
         return is_abstract_type(conditional) and self.schema.is_sub_type(
-            conditional, object_type  # type: ignore[arg-type]
+            conditional, object_type
         )
 
     def _collect(
@@ -225,7 +225,7 @@ class _Compiler:
             leaf_type = definition.type
             plan.required = isinstance(leaf_type, GraphQLNonNull)
             if plan.required:
-                leaf_type = leaf_type.of_type  # type: ignore[union-attr]
+                leaf_type = leaf_type.of_type
             if read is not None and plan.basic and isinstance(
                     leaf_type, GraphQLScalarType | GraphQLEnumType):
                 plan.leaf = _serializer(leaf_type)
@@ -330,7 +330,7 @@ _IMMUTABLE = (str, int, float, bool, Enum, datetime, type(None))
 
 def _direct_call(
     schema: GraphQLSchema, definition: GraphQLField, static_args: dict[str, Any] | None
-) -> Callable[[Any, GraphQLResolveInfo, dict[str, Any]], Any] | None:
+) -> Callable[[Any, GraphQLResolveInfo[Any], dict[str, Any]], Any] | None:
     """What Strawberry's resolver wrapper does for a field without extensions (convert the
     arguments, add `self` and `info`, call): with the conversion done once when the
     arguments are literals of immutable values, else by the field's conversion plan
@@ -359,7 +359,7 @@ def _direct_call(
     with_self = resolver.self_parameter is not None
     info_class = config.info_class
 
-    def call(source: Any, info: GraphQLResolveInfo, args: dict[str, Any]) -> Any:
+    def call(source: Any, info: GraphQLResolveInfo[Any], args: dict[str, Any]) -> Any:
         strawberry_info = info_class(_raw_info=info, _field=strawberry_field)
         kwargs = arguments(args)
         if info_name is not None:
@@ -387,8 +387,8 @@ def plan_mutations(schema: GraphQLSchema) -> None:
             definition.resolve = partial(_resolve_with, call)
 
 
-def _resolve_with(call: Callable[[Any, GraphQLResolveInfo, dict[str, Any]], Any],
-                  source: Any, info: GraphQLResolveInfo, **args: Any) -> Any:
+def _resolve_with(call: Callable[[Any, GraphQLResolveInfo[Any], dict[str, Any]], Any],
+                  source: Any, info: GraphQLResolveInfo[Any], **args: Any) -> Any:
     outcomes = _replay.get()
     if outcomes is not None and info.path.prev is None and info.path.key in outcomes:
         outcome = outcomes.pop(info.path.key)
@@ -442,7 +442,7 @@ class _Run:
         for plan in plans:
             leaf = plan.leaf
             if leaf is not None:
-                value = plan.read(source)  # type: ignore[misc]
+                value = plan.read(source)  # type: ignore[misc]  # a leaf is planned only with a read
                 if value is not None:
                     out[plan.key] = leaf(value)
                 elif plan.required:
@@ -593,7 +593,7 @@ async def execute_compiled(
         result = execute(schema, operations, root_value=root_value,
                          context_value=context_value, variable_values=variable_values,
                          operation_name=operation_name, middleware=middleware, **kwargs)
-        return await result if _is_awaitable(result) else result  # type: ignore[misc]
+        return await result if _is_awaitable(result) else cast(ExecutionResult, result)
 
     if middleware and list(getattr(middleware, "middlewares", None) or ()):
         return await standard()

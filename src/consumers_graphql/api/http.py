@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote_to_bytes
 
 import orjson
@@ -233,7 +233,8 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         await tasks()
 
     async def get_context(self, request: Any, response: Any) -> Context:
-        resources, tasks = request.scope[_REQUEST_SCOPE]
+        resources, tasks = cast("tuple[AsyncExitStack, BackgroundTasks]",
+                                request.scope[_REQUEST_SCOPE])
         return await resources.enter_async_context(self._context(request, tasks))
 
     def decode_json(self, data: str | bytes) -> object:

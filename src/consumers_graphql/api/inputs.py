@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 import strawberry
 from strawberry.scalars import JSON
@@ -31,7 +31,7 @@ _NO_CONTROL = "Control characters are refused."
 # to the domain appears here by itself.
 _WRITE_CODES = [(c.name, c.value) for c in ErrorCode if c is not ErrorCode.BAD_USER_INPUT]
 UserErrorCode = strawberry.enum(
-    Enum("UserErrorCode", _WRITE_CODES),  # type: ignore[misc]  # functional Enum API
+    cast("type[Enum]", Enum("UserErrorCode", _WRITE_CODES)),  # functional API: an Enum class
     description="Why a mutation refused (part of) its input. Stable: match on it.",
 )
 
@@ -52,7 +52,7 @@ class UserError:
         "Null when no single field is at fault."
     ))
     message: str = strawberry.field(description="For people; may change. Match on `code`.")
-    code: UserErrorCode
+    code: UserErrorCode  # type: ignore[valid-type]  # an Enum class made at run time
 
     @classmethod
     def from_domain(cls, error: DomainError) -> UserError:

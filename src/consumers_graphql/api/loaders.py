@@ -70,7 +70,7 @@ class Loaders:
 
     def clear(self) -> None:
         """Forget everything loaded so far (after a write)."""
-        self.__init__(self._repository)  # type: ignore[misc]
+        self.__init__(self._repository)  # type: ignore[misc]  # every loader anew, in one place
 
     def once(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> Awaitable[T]:
         """A read that is not by key (a root page, a count) made once per request: when

@@ -11,6 +11,7 @@ import strawberry
 from sqlalchemy.engine import Row
 
 from consumers_graphql import services
+from consumers_graphql.api import decorators
 from consumers_graphql.api.context import Info
 from consumers_graphql.api.inputs import (
     AudienceCreateInput,
@@ -40,7 +41,7 @@ _BATCH_DOC = (
 )
 
 BatchPolicy = Annotated[
-    ErrorPolicy | None,  # type: ignore[valid-type]
+    ErrorPolicy | None,  # type: ignore[valid-type]  # an enum class returned by strawberry.enum()
     strawberry.argument(description="`REJECT_EVERYTHING` (atomic, the default) or "
                         "`REJECT_FAILED_ROWS` (write the accepted items)."),
 ]
@@ -87,11 +88,11 @@ def _policy(value: services.ErrorPolicy | None) -> services.ErrorPolicy:
 
 @strawberry.type
 class Mutation:
-    @strawberry.mutation(description="Create a consumer.")
+    @decorators.mutation(description="Create a consumer.")
     async def consumer_create(self, info: Info, input: ConsumerCreateInput) -> ConsumerPayload:
         return await _consumer_payload(_services(info).create_consumer(input.to_fields()))
 
-    @strawberry.mutation(description=(
+    @decorators.mutation(description=(
         "Change a consumer: fields left out stay, null clears, `metadata` merges shallowly. "
         "`updatedAt` moves forward when a value actually changes, and only then."
     ))
@@ -100,12 +101,12 @@ class Mutation:
     ) -> ConsumerPayload:
         return await _consumer_payload(_services(info).update_consumer(id, input.to_fields()))
 
-    @strawberry.mutation(description="Delete a consumer with its orders and audience "
+    @decorators.mutation(description="Delete a consumer with its orders and audience "
                          "memberships; the payload holds the consumer as it was.")
     async def consumer_delete(self, info: Info, id: strawberry.ID) -> ConsumerPayload:
         return await _consumer_payload(_services(info).delete_consumer(id))
 
-    @strawberry.mutation(description="Create many consumers. " + _BATCH_DOC)
+    @decorators.mutation(description="Create many consumers. " + _BATCH_DOC)
     async def consumer_batch_create(
         self,
         info: Info,
@@ -117,7 +118,7 @@ class Mutation:
         )
         return ConsumerBatchPayload.from_result(result)
 
-    @strawberry.mutation(description="Change many consumers, each as `consumerUpdate` does. "
+    @decorators.mutation(description="Change many consumers, each as `consumerUpdate` does. "
                          + _BATCH_DOC)
     async def consumer_batch_update(
         self,
@@ -130,23 +131,23 @@ class Mutation:
         )
         return ConsumerBatchPayload.from_result(result)
 
-    @strawberry.mutation(description="Create an audience.")
+    @decorators.mutation(description="Create an audience.")
     async def audience_create(self, info: Info, input: AudienceCreateInput) -> AudiencePayload:
         return await _audience_payload(_services(info).create_audience(input.to_fields()))
 
-    @strawberry.mutation(description="Change an audience: fields left out stay; `updatedAt` "
+    @decorators.mutation(description="Change an audience: fields left out stay; `updatedAt` "
                          "moves forward when a value actually changes.")
     async def audience_update(
         self, info: Info, id: strawberry.ID, input: AudienceUpdateInput
     ) -> AudiencePayload:
         return await _audience_payload(_services(info).update_audience(id, input.to_fields()))
 
-    @strawberry.mutation(description="Delete an audience and its memberships (the consumers "
+    @decorators.mutation(description="Delete an audience and its memberships (the consumers "
                          "stay); the payload holds the audience as it was.")
     async def audience_delete(self, info: Info, id: strawberry.ID) -> AudiencePayload:
         return await _audience_payload(_services(info).delete_audience(id))
 
-    @strawberry.mutation(description=(
+    @decorators.mutation(description=(
         "Add consumers to an audience; those already members stay members. All or nothing: "
         "an unknown id (`NOT_FOUND`, path `[\"consumerIds\", \"<index>\"]`) or a repeated "
         "one (`DUPLICATE_IN_BATCH`) and no membership changes."
@@ -157,7 +158,7 @@ class Mutation:
         write = _services(info).add_audience_consumers(audience_id, consumer_ids)
         return await _audience_payload(write)
 
-    @strawberry.mutation(description=(
+    @decorators.mutation(description=(
         "Remove consumers from an audience; consumers that are not members are ignored. All "
         "or nothing, with the same checks as `audienceAddConsumers`."
     ))
@@ -167,7 +168,7 @@ class Mutation:
         write = _services(info).remove_audience_consumers(audience_id, consumer_ids)
         return await _audience_payload(write)
 
-    @strawberry.mutation(description=(
+    @decorators.mutation(description=(
         "Record an order. The consumer's `totalOrders`, `totalOrderValue` (exact) and "
         "`lastOrderAt` are brought up to date in the same transaction. `totalOrderValue` is "
         "at most 100,000,000,000 (`VALIDATION_FAILED` on `amount` past it)."
@@ -175,7 +176,7 @@ class Mutation:
     async def order_record(self, info: Info, input: OrderRecordInput) -> OrderPayload:
         return await _order_payload(_services(info).record_order(input.to_fields()))
 
-    @strawberry.mutation(description="Delete an order and take it out of the consumer's "
+    @decorators.mutation(description="Delete an order and take it out of the consumer's "
                          "totals; the payload holds the order as it was.")
     async def order_delete(self, info: Info, id: strawberry.ID) -> OrderPayload:
         return await _order_payload(_services(info).delete_order(id))

@@ -7,6 +7,7 @@ from datetime import datetime
 
 import strawberry
 
+from consumers_graphql.api import decorators
 from consumers_graphql.api.context import Info
 from consumers_graphql.api.types import (
     AfterArg,
@@ -74,11 +75,11 @@ async def _consumers(
 
 @strawberry.type
 class Query:
-    @strawberry.field(description="Any object by its id; null when no object has this id.")
+    @decorators.field(description="Any object by its id; null when no object has this id.")
     async def node(self, info: Info, id: strawberry.ID) -> Node | None:
         return await _node(info, id)
 
-    @strawberry.field(description=f"Objects by id, in the order given, null for each id that "
+    @decorators.field(description=f"Objects by id, in the order given, null for each id that "
                       f"matches no object; at most {MAX_NODES} ids.")
     async def nodes(self, info: Info, ids: list[strawberry.ID]) -> list[Node | None]:
         if len(ids) > MAX_NODES:
@@ -87,14 +88,14 @@ class Query:
             )
         return list(await asyncio.gather(*(_node(info, id) for id in ids)))
 
-    @strawberry.field(description="A consumer by id; null when there is none.")
+    @decorators.field(description="A consumer by id; null when there is none.")
     async def consumer(self, info: Info, id: strawberry.ID) -> Consumer | None:
         if kind_of(id) is not IdKind.CONSUMER:
             return None
         row = await info.context.loaders.consumer_by_id.load(id)
         return Consumer.from_row(row) if row is not None else None
 
-    @strawberry.field(description=(
+    @decorators.field(description=(
         "Consumers, filtered and ordered, keyset-paginated: `first` (default 20) or `last`, "
         f"0..{MAX_PAGE_SIZE}, never both. `search` (at least {SEARCH_MIN} characters) matches "
         "part of the email, phone or full name, case-insensitively. `createdAfter` and "
@@ -109,7 +110,7 @@ class Query:
         last: LastArg = None,
         before: BeforeArg = None,
         search: str | None = None,
-        sort_by: ConsumerSortField = SortField.CREATED_AT,  # type: ignore[valid-type]
+        sort_by: ConsumerSortField = SortField.CREATED_AT,  # type: ignore[valid-type]  # an enum class made by a call
         sort_dir: SortDirection = SortDirection.DESC,
         created_after: datetime | None = None,
         created_before: datetime | None = None,
@@ -125,7 +126,7 @@ class Query:
         )
         return await _consumers(info, filters, sort, request)
 
-    @strawberry.field(description=(
+    @decorators.field(description=(
         f"Consumers matching every criterion given: `q` (at least {SEARCH_MIN} characters) as "
         "part of the email, phone or full name, case-insensitively; `email` exactly "
         "(case-insensitively); `phone` exactly (normalised to E.164 first); `externalId` "
@@ -153,14 +154,14 @@ class Query:
         filters = ConsumerFilter(search=q, email=email, phone=phone, external_id=external_id)
         return await _consumers(info, filters, sort, request)
 
-    @strawberry.field(description="An audience by id; null when there is none.")
+    @decorators.field(description="An audience by id; null when there is none.")
     async def audience(self, info: Info, id: strawberry.ID) -> Audience | None:
         if kind_of(id) is not IdKind.AUDIENCE:
             return None
         row = await info.context.loaders.audience_by_id.load(id)
         return Audience.from_row(row) if row is not None else None
 
-    @strawberry.field(description="Audiences by name. `first` (default 20) or `last`, "
+    @decorators.field(description="Audiences by name. `first` (default 20) or `last`, "
                       f"0..{MAX_PAGE_SIZE}, never both.")
     async def audiences(
         self, info: Info, first: FirstArg = None, after: AfterArg = None,

@@ -66,7 +66,7 @@ class ErrorCodes(SchemaExtension):
         result = self.execution_context.result
         if result is None or not getattr(result, "errors", None):
             return
-        result.errors = [self._coded(error) for error in result.errors]
+        result.errors = [self._coded(error) for error in result.errors or ()]
 
     def _coded(self, error: GraphQLError) -> GraphQLError:
         original = error.original_error
@@ -106,7 +106,7 @@ class Schema(strawberry.Schema):
             if _is_unexpected(error) and outage.is_unavailable(error.original_error):
                 context = execution_context.context if execution_context else None
                 if isinstance(context, Context):  # one warning per outage, not a traceback
-                    context.database.outage.failed(error.original_error)  # type: ignore[arg-type]
+                    context.database.outage.failed(error.original_error)  # type: ignore[arg-type]  # not None: unavailable
                     continue
             if _is_unexpected(error):
                 logger.error(

@@ -12,6 +12,7 @@ import strawberry
 from sqlalchemy.engine import Row
 from strawberry.scalars import JSON
 
+from consumers_graphql.api import decorators
 from consumers_graphql.api.context import Info
 from consumers_graphql.api.loaders import Loaders
 from consumers_graphql.api.prefetch import PageLoad, Prefetched, prefetch
@@ -83,21 +84,21 @@ class Node:
 class PageInfo:
     page: strawberry.Private[Page[Row[Any]]]
 
-    @strawberry.field(description="Whether rows follow the last edge (exact, in both "
+    @decorators.field(description="Whether rows follow the last edge (exact, in both "
                       "directions).")
     def has_next_page(self) -> bool:
         return self.page.has_next_page
 
-    @strawberry.field(description="Whether rows precede the first edge (exact, in both "
+    @decorators.field(description="Whether rows precede the first edge (exact, in both "
                       "directions).")
     def has_previous_page(self) -> bool:
         return self.page.has_previous_page
 
-    @strawberry.field(description="Cursor of the first edge.")
+    @decorators.field(description="Cursor of the first edge.")
     def start_cursor(self) -> str | None:
         return self.page.start_cursor
 
-    @strawberry.field(description="Cursor of the last edge.")
+    @decorators.field(description="Cursor of the last edge.")
     def end_cursor(self) -> str | None:
         return self.page.end_cursor
 
@@ -122,7 +123,7 @@ class Connection(Generic[NodeT]):
         page = self.page
         return [Edge(cursor=page.cursor(i), node=node) for i, node in enumerate(self.nodes)]
 
-    @strawberry.field(description="Number of rows matching the filters, whatever the page. "
+    @decorators.field(description="Number of rows matching the filters, whatever the page. "
                       "Computed only when selected (it costs a COUNT).")
     async def total_count(self) -> int:
         return await self.count()
@@ -184,7 +185,7 @@ class Consumer(Node):
             ))
         return nodes
 
-    @strawberry.field(description="The audiences this consumer belongs to, by name.")
+    @decorators.field(description="The audiences this consumer belongs to, by name.")
     def audiences(
         self, info: Info, first: FirstArg = None, after: AfterArg = None,
         last: LastArg = None, before: BeforeArg = None,
@@ -198,7 +199,7 @@ class Consumer(Node):
             lambda: loaders.audience_count_by_consumer_id.load(self.id),
         )
 
-    @strawberry.field(description="This consumer's orders, most recently placed first.")
+    @decorators.field(description="This consumer's orders, most recently placed first.")
     def orders(
         self, info: Info, first: FirstArg = None, after: AfterArg = None,
         last: LastArg = None, before: BeforeArg = None,
@@ -218,7 +219,7 @@ def _relation(
     load: Callable[[], Awaitable[Page[Row[Any]]]],
     convert: Callable[[Sequence[Row[Any]], tuple[str, ...]], list[NodeT]],
     count: Callable[[], Awaitable[int]],
-) -> Any:
+) -> Connection[NodeT]:
     """A relation connection: at once when the page's look-ahead loaded it, else (an
     awaitable) through the DataLoader."""
     if prefetched is not None:
@@ -227,7 +228,7 @@ def _relation(
     async def loaded() -> Connection[NodeT]:
         return connection(await load(), convert, count)
 
-    return loaded()
+    return loaded()  # type: ignore[return-value]  # graphql-core awaits it; schema wants Connection
 
 
 def consumer_relations(loaders: Loaders) -> dict[str, tuple[SortKey, PageLoad]]:
@@ -276,7 +277,7 @@ class Audience(Node):
                              created_at=created_at, updated_at=updated_at))
         return nodes
 
-    @strawberry.field(description="The members, newest first (createdAt descending).")
+    @decorators.field(description="The members, newest first (createdAt descending).")
     async def consumers(
         self, info: Info, first: FirstArg = None, after: AfterArg = None,
         last: LastArg = None, before: BeforeArg = None,

@@ -68,22 +68,22 @@ def bounded_array(body: bytes, max_items: int) -> Any:
     if body.count(b"{") + body.count(b"[") > MAX_BATCH_CONTAINERS:
         raise TooManyContainers
     text = body.decode()
-    index = _WHITESPACE.match(text).end()  # type: ignore[union-attr]
+    index = _WHITESPACE.match(text).end()  # type: ignore[union-attr]  # `*`: always a match
     if not text.startswith("[", index):
         return json.loads(text)
     items: list[Any] = []
-    index = _WHITESPACE.match(text, index + 1).end()  # type: ignore[union-attr]
+    index = _WHITESPACE.match(text, index + 1).end()  # type: ignore[union-attr]  # `*`: always a match
     while not text.startswith("]", index):
         if len(items) == max_items:
             raise BatchTooLarge
         if items:  # after an item: a comma, then the next
             if not text.startswith(",", index):
                 raise json.JSONDecodeError("Expecting ',' delimiter", text, index)
-            index = _WHITESPACE.match(text, index + 1).end()  # type: ignore[union-attr]
+            index = _WHITESPACE.match(text, index + 1).end()  # type: ignore[union-attr]  # `*`: always a match
         item, index = _DECODER.raw_decode(text, index)
         items.append(item)
-        index = _WHITESPACE.match(text, index).end()  # type: ignore[union-attr]
-    index = _WHITESPACE.match(text, index + 1).end()  # type: ignore[union-attr]
+        index = _WHITESPACE.match(text, index).end()  # type: ignore[union-attr]  # `*`: always a match
+    index = _WHITESPACE.match(text, index + 1).end()  # type: ignore[union-attr]  # `*`: always a match
     if index != len(text):
         raise json.JSONDecodeError("Extra data", text, index)
     return items
