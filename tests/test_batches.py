@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, text
 
-from consumers_graphql import models
-from consumers_graphql.normalize import derived_fields
+from consumers_graphql.store import models
+from consumers_graphql.store.normalize import derived_fields
 from tests.conftest import GraphQL, StatementCounter
 
 RESULT = "consumer { id email phone fullName metadata externalId updatedAt }"

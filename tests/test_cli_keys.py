@@ -20,8 +20,8 @@ from fastapi import FastAPI
 from sqlalchemy import select
 
 from consumers_graphql.cli import main as cli
-from consumers_graphql.models import ApiKey
 from consumers_graphql.settings import Settings
+from consumers_graphql.store.models import ApiKey
 from tests.conftest import bearer
 
 SECRET = re.compile(r"sk_(?:live|test)_[A-Za-z0-9]{32,}")

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from consumers_graphql import models, services
+from consumers_graphql.domain import services
+from consumers_graphql.store import models
 from tests.conftest import GraphQL
 
 CREATE = """

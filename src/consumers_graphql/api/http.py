@@ -36,8 +36,8 @@ from strawberry.types.unset import UNSET
 
 from consumers_graphql.api.context import Context
 from consumers_graphql.api.permissions import FORBIDDEN
-from consumers_graphql.outage import SERVICE_UNAVAILABLE
-from consumers_graphql.security_headers import page_policy
+from consumers_graphql.store.outage import SERVICE_UNAVAILABLE
+from consumers_graphql.web.security_headers import page_policy
 
 GRAPHQL_RESPONSE_JSON = "application/graphql-response+json"
 JSON = "application/json"

@@ -11,17 +11,17 @@ from typing import Any, cast
 import strawberry
 from strawberry.scalars import JSON
 
-from consumers_graphql import services, validation
 from consumers_graphql.api.types import Audience, Consumer, Order
+from consumers_graphql.domain import services, validation
+from consumers_graphql.domain.services import OMITTED, ConsumerFields
 from consumers_graphql.errors import DomainError, ErrorCode
-from consumers_graphql.models import (
+from consumers_graphql.store.models import (
     AUDIENCE_NAME_MAX,
     DESCRIPTION_MAX,
     EMAIL_MAX,
     EXTERNAL_ID_MAX,
     FULL_NAME_MAX,
 )
-from consumers_graphql.services import OMITTED, ConsumerFields
 
 _METADATA_KIB = validation.METADATA_MAX_BYTES // 1024
 _NO_CONTROL = "Control characters are refused."

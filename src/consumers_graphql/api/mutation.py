@@ -1,4 +1,4 @@
-"""The Mutation root: a thin face over ``consumers_graphql.services``. Refusals come back as
+"""The Mutation root: a thin face over ``consumers_graphql.domain.services``. Refusals come back as
 ``userErrors`` in the payload (HTTP 200); GraphQL ``errors`` are left to malformed requests,
 authentication and limits."""
 
@@ -10,7 +10,6 @@ from typing import Annotated, Any
 import strawberry
 from sqlalchemy.engine import Row
 
-from consumers_graphql import services
 from consumers_graphql.api import decorators
 from consumers_graphql.api.context import Info
 from consumers_graphql.api.inputs import (
@@ -28,8 +27,9 @@ from consumers_graphql.api.inputs import (
     user_errors,
 )
 from consumers_graphql.api.types import Audience, Consumer, Order
+from consumers_graphql.domain import services
+from consumers_graphql.domain.validation import BATCH_MAX
 from consumers_graphql.errors import DomainErrors
-from consumers_graphql.validation import BATCH_MAX
 
 _BATCH_DOC = (
     f"At most {BATCH_MAX} items (`BATCH_TOO_LARGE` otherwise, and nothing is written). The "

@@ -20,7 +20,7 @@ import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 
 from consumers_graphql.errors import DomainError, ErrorCode
-from consumers_graphql.models import (
+from consumers_graphql.store.models import (
     AUDIENCE_NAME_MAX,
     DESCRIPTION_MAX,
     EMAIL_MAX,

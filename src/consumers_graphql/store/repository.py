@@ -31,12 +31,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Row
 
-from consumers_graphql import models
-from consumers_graphql.db import Reader
+from consumers_graphql.domain.validation import forbidden_character
 from consumers_graphql.errors import BadUserInput
 from consumers_graphql.ids import IdKind, is_id_of
-from consumers_graphql.normalize import fold
-from consumers_graphql.pagination import (
+from consumers_graphql.store import models
+from consumers_graphql.store.db import Reader
+from consumers_graphql.store.normalize import fold
+from consumers_graphql.store.pagination import (
     Page,
     PageRequest,
     SortKey,
@@ -45,7 +46,6 @@ from consumers_graphql.pagination import (
     assemble_pages,
     page_statement,
 )
-from consumers_graphql.validation import forbidden_character
 
 consumers = models.Consumer.__table__
 audiences = models.Audience.__table__

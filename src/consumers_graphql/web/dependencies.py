@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 
-from consumers_graphql.db import Database, Reader
+from consumers_graphql.store.db import Database, Reader
 
 # Where a route that opened the request's reader itself (to authenticate before reading the
 # body, rest.body) keeps it; it closes it too.

@@ -32,13 +32,14 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from ulid import ULID
 
-from consumers_graphql import models, validation
-from consumers_graphql.db import MONEY_SCALE, Database
+from consumers_graphql.domain import validation
+from consumers_graphql.domain.validation import BATCH_MAX, Path
 from consumers_graphql.errors import DomainError, DomainErrors, ErrorCode
 from consumers_graphql.ids import IdKind, is_id_of, new_id, sequential_ids
-from consumers_graphql.normalize import derived_fields, fold
-from consumers_graphql.repository import AUDIENCE_COLUMNS, CONSUMER_COLUMNS, ORDER_COLUMNS
-from consumers_graphql.validation import BATCH_MAX, Path
+from consumers_graphql.store import models
+from consumers_graphql.store.db import MONEY_SCALE, Database
+from consumers_graphql.store.normalize import derived_fields, fold
+from consumers_graphql.store.repository import AUDIENCE_COLUMNS, CONSUMER_COLUMNS, ORDER_COLUMNS
 
 T = TypeVar("T")
 
