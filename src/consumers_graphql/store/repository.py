@@ -31,12 +31,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Row
 
-from consumers_graphql.domain.validation import forbidden_character
 from consumers_graphql.errors import BadUserInput
 from consumers_graphql.ids import IdKind, is_id_of
 from consumers_graphql.store import models
 from consumers_graphql.store.db import Reader
-from consumers_graphql.store.normalize import fold
+from consumers_graphql.store.normalize import fold, forbidden_character
 from consumers_graphql.store.pagination import (
     Page,
     PageRequest,
