@@ -118,7 +118,7 @@ async def test_created_consumers_are_answered_as_a_read_gives_them(gql: GraphQL)
 async def test_created_consumers_are_stored_as_sqlalchemy_stores_them(
     gql: GraphQL, write_engine: Any, dialect: str
 ) -> None:
-    # On SQLite the batch INSERT binds its own parameters (services._sqlite_parameters).
+    # On SQLite the batch INSERT binds its own parameters (_sqlite_parameters, domain/consumers).
     # What it stores must be what SQLAlchemy's own insert of the same consumers stores, to
     # the text of timestamps and JSON: rows sort and compare as stored.
     if dialect != "sqlite":

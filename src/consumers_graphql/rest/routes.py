@@ -19,7 +19,8 @@ from pydantic import BaseModel
 from sqlalchemy.engine import Row
 from starlette.convertors import StringConvertor, register_url_convertor
 
-from consumers_graphql.domain.services import BatchResult, ConsumerChange, ConsumerFields, Services
+from consumers_graphql.domain.common import BatchResult
+from consumers_graphql.domain.consumers import ConsumerChange, ConsumerFields, ConsumerService
 from consumers_graphql.errors import BadUserInput, DomainError, DomainErrors, ErrorCode
 from consumers_graphql.ids import IdKind, kind_of
 from consumers_graphql.rest.body import RestRoute
@@ -123,12 +124,12 @@ def _repository(reader: Annotated[Reader, Depends(request_reader)]) -> Repositor
     return Repository(reader)
 
 
-def _services(request: Request) -> Services:
-    return Services(request.app.state.database)
+def _services(request: Request) -> ConsumerService:
+    return ConsumerService(request.app.state.database)
 
 
 Repo = Annotated[Repository, Depends(_repository)]
-Writes = Annotated[Services, Depends(_services)]
+Writes = Annotated[ConsumerService, Depends(_services)]
 # What the server checks itself (with its own messages), stated in the OpenAPI document.
 _PAGE_SIZE = {"minimum": 0, "maximum": MAX_PAGE_SIZE}
 _NO_CONTROL = "[^\\u0000-\\u001f\\u007f-\\u009f]"
