@@ -274,7 +274,7 @@ async def prepare(main: Dataset, search: Dataset, smoke: bool) -> dict[str, Any]
     from consumers_graphql.store.keys import KeyStore
     from consumers_graphql.store.migrate import upgrade
     from consumers_graphql.store.pagination import encode_cursor
-    from consumers_graphql.store.repository import ConsumerSortField, consumer_sort
+    from consumers_graphql.store.queries.consumers import ConsumerSortField, consumer_sort
 
     secrets: dict[str, str] = {}
     pepper = None

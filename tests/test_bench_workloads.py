@@ -22,7 +22,7 @@ from bench.workloads import (
 )
 from consumers_graphql.store import models
 from consumers_graphql.store.pagination import encode_cursor
-from consumers_graphql.store.repository import ConsumerSortField, consumer_sort
+from consumers_graphql.store.queries.consumers import ConsumerSortField, consumer_sort
 from tests.conftest import GraphQL, StatementCounter
 from tests.factories import (
     BASE_TIME,

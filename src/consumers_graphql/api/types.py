@@ -23,7 +23,9 @@ from consumers_graphql.store.pagination import (
     SortKey,
     page_request,
 )
-from consumers_graphql.store.repository import AUDIENCE_CONSUMER_SORT, AUDIENCE_SORT, ORDER_SORT
+from consumers_graphql.store.queries.audiences import AUDIENCE_SORT
+from consumers_graphql.store.queries.consumers import AUDIENCE_CONSUMER_SORT
+from consumers_graphql.store.queries.orders import ORDER_SORT
 
 NodeT = TypeVar("NodeT")
 

@@ -26,7 +26,7 @@ from consumers_graphql.domain.common import (
 from consumers_graphql.domain.validation import BATCH_MAX, Path
 from consumers_graphql.errors import DomainError, DomainErrors, ErrorCode
 from consumers_graphql.ids import IdKind, is_id_of, new_id
-from consumers_graphql.store.repository import AUDIENCE_COLUMNS
+from consumers_graphql.store.queries.common import AUDIENCE_COLUMNS
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from consumers_graphql.errors import DomainError, DomainErrors, ErrorCode
 from consumers_graphql.ids import IdKind, is_id_of, sequential_ids
 from consumers_graphql.store.db import MONEY_SCALE
 from consumers_graphql.store.normalize import derived_fields, fold
-from consumers_graphql.store.repository import CONSUMER_COLUMNS
+from consumers_graphql.store.queries.common import CONSUMER_COLUMNS
 
 
 @dataclass(frozen=True)

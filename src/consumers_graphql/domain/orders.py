@@ -23,7 +23,7 @@ from consumers_graphql.domain.common import (
 )
 from consumers_graphql.errors import DomainError, DomainErrors
 from consumers_graphql.ids import IdKind, is_id_of, new_id
-from consumers_graphql.store.repository import ORDER_COLUMNS
+from consumers_graphql.store.queries.common import ORDER_COLUMNS
 
 
 @dataclass(frozen=True)

@@ -37,17 +37,17 @@ from consumers_graphql.rest.models import (
 from consumers_graphql.rest.shapes import audience_json, consumer_json, order_json
 from consumers_graphql.store.db import Reader
 from consumers_graphql.store.pagination import MAX_PAGE_SIZE, Page, page_request
-from consumers_graphql.store.repository import (
-    AUDIENCE_SORT,
-    ORDER_SORT,
+from consumers_graphql.store.queries.audiences import AUDIENCE_SORT
+from consumers_graphql.store.queries.consumers import (
     SEARCH_MAX,
     SEARCH_MIN,
     ConsumerFilter,
     ConsumerSortField,
-    Repository,
     consumer_sort,
     search_term,
 )
+from consumers_graphql.store.queries.orders import ORDER_SORT
+from consumers_graphql.store.repository import Repository
 from consumers_graphql.timestamps import parse_datetime
 from consumers_graphql.web.dependencies import request_reader
 from consumers_graphql.web.http_auth import require_api_key
