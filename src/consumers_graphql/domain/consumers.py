@@ -99,9 +99,8 @@ def _consumer_values(
 
 
 class ConsumerService(Service):
-    """Consumers: created and updated one at a time or in batches, deleted with their
-    memberships and orders. One class over 200 lines: a batch and its single form share
-    one code path (``_create_consumers``, ``_update_consumers``), and split they would not."""
+    """Consumers: created and updated one at a time or in batches (a single write is a batch
+    of one), deleted with their memberships and orders."""
 
     async def create_consumer(self, fields: ConsumerFields) -> Row[Any]:
         outcome = await self._create_consumers(
