@@ -318,7 +318,7 @@ async def _lifespan(receive: Receive, send: Send, startup: Any, shutdown: Any) -
 
 def create_app() -> Baselines:
     """For uvicorn --factory: the spec is a pickle named by BENCH_BASELINE_SPEC."""
-    from consumers_graphql.app import tune_gc
+    from consumers_graphql.web.app import tune_gc
 
     with open(os.environ["BENCH_BASELINE_SPEC"], "rb") as f:
         spec = pickle.load(f)

@@ -268,13 +268,13 @@ async def prepare(main: Dataset, search: Dataset, smoke: bool) -> dict[str, Any]
     """Migrations up to date, a fresh API key in each database, the cursors and ids."""
     from sqlalchemy import func, select
 
-    from consumers_graphql import models
-    from consumers_graphql.auth import KeyStore
-    from consumers_graphql.db import Database, make_engine
-    from consumers_graphql.migrate import upgrade
-    from consumers_graphql.pagination import encode_cursor
-    from consumers_graphql.repository import ConsumerSortField, consumer_sort
     from consumers_graphql.settings import Settings
+    from consumers_graphql.store import models
+    from consumers_graphql.store.db import Database, make_engine
+    from consumers_graphql.store.keys import KeyStore
+    from consumers_graphql.store.migrate import upgrade
+    from consumers_graphql.store.pagination import encode_cursor
+    from consumers_graphql.store.queries.consumers import ConsumerSortField, consumer_sort
 
     secrets: dict[str, str] = {}
     pepper = None
@@ -371,7 +371,7 @@ _FORK = multiprocessing.get_context("forkserver")
 # Every variant's process is forked from a server that has imported the app and nothing
 # else (its sys.path is the default one, hence no bench module): a fresh process, without
 # paying the imports once per variant.
-_FORK.set_forkserver_preload(["consumers_graphql.app", "httpx", "asgi_lifespan", "orjson"])
+_FORK.set_forkserver_preload(["consumers_graphql.web.app", "httpx", "asgi_lifespan", "orjson"])
 
 
 class Worker:

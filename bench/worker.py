@@ -27,7 +27,7 @@ import orjson
 from asgi_lifespan import LifespanManager
 
 # Imported here so that the fork server loads it once, not every variant's process.
-import consumers_graphql.app  # noqa: F401
+import consumers_graphql.web.app  # noqa: F401
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +52,7 @@ class Statements:
 
     def before(self, _conn: Any, cursor: Any, statement: str, params: Any, context: Any,
                _many: bool) -> None:
-        from consumers_graphql.auth import AUTH_EXECUTION_OPTION
+        from consumers_graphql.store.keys import AUTH_EXECUTION_OPTION
 
         options = context.execution_options if context is not None else {}
         target = self.auth if options.get(AUTH_EXECUTION_OPTION) else self.items
@@ -87,8 +87,8 @@ class Target:
     def build(self) -> Any:
         kind = self.spec["kind"]
         if kind == "graphql":
-            from consumers_graphql.app import create_app
             from consumers_graphql.settings import Settings
+            from consumers_graphql.web.app import create_app
 
             settings = Settings(database_url=self.spec["url"], log_level="warning")
             self.app = create_app(settings)
@@ -99,7 +99,7 @@ class Target:
         else:
             raise ValueError(f"unknown variant kind {kind!r}")
         # Every variant runs under the collector settings `serve` uses.
-        from consumers_graphql.app import tune_gc
+        from consumers_graphql.web.app import tune_gc
 
         tune_gc()
         return self.app

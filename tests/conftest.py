@@ -18,11 +18,11 @@ from sqlalchemy import event, make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from consumers_graphql.api import executor
-from consumers_graphql.app import create_app
-from consumers_graphql.auth import AUTH_EXECUTION_OPTION, READ_ONLY, READ_WRITE, Scope
-from consumers_graphql.db import make_engine
-from consumers_graphql.migrate import upgrade
 from consumers_graphql.settings import Settings
+from consumers_graphql.store.db import make_engine
+from consumers_graphql.store.keys import AUTH_EXECUTION_OPTION, READ_ONLY, READ_WRITE, Scope
+from consumers_graphql.store.migrate import upgrade
+from consumers_graphql.web.app import create_app
 
 TEST_DATABASE_URL = os.environ.get("CONSUMERS_TEST_DATABASE_URL")
 TABLES = ("consumer_audiences", "orders", "api_keys", "audiences", "consumers")

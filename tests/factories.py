@@ -10,9 +10,9 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from consumers_graphql import models
 from consumers_graphql.ids import IdKind, new_id
-from consumers_graphql.normalize import derived_fields
+from consumers_graphql.store import models
+from consumers_graphql.store.normalize import derived_fields
 
 BASE_TIME = datetime(2024, 11, 1, 10, 0, 0, tzinfo=UTC)
 

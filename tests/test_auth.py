@@ -23,10 +23,10 @@ from graphql import GraphQLError
 from pydantic import SecretStr
 from sqlalchemy import select, text
 
-from consumers_graphql import auth
 from consumers_graphql.api.permissions import ScopeCheck
-from consumers_graphql.app import create_app
-from consumers_graphql.auth import (
+from consumers_graphql.settings import Environment, Settings
+from consumers_graphql.store import keys as key_store
+from consumers_graphql.store.keys import (
     ANONYMOUS,
     READ_ONLY,
     READ_WRITE,
@@ -36,9 +36,9 @@ from consumers_graphql.auth import (
     generate_secret,
     hash_secret,
 )
-from consumers_graphql.logs import RedactSecrets
-from consumers_graphql.models import ApiKey
-from consumers_graphql.settings import Environment, Settings
+from consumers_graphql.store.models import ApiKey
+from consumers_graphql.web.app import create_app
+from consumers_graphql.web.logs import RedactSecrets
 from tests.conftest import GraphQL, StatementCounter, bearer, on_path
 
 QUERY = "{ consumers(first: 1) { totalCount } }"
@@ -102,7 +102,7 @@ async def test_revoked_key_is_401_from_the_next_request(gql: GraphQL, app: FastA
     [key] = await app.state.keys.list_keys()
     # when it is revoked
     outcome, _ = await app.state.keys.revoke(key.id)
-    assert outcome is auth.RevokeOutcome.REVOKED
+    assert outcome is key_store.RevokeOutcome.REVOKED
     # then the very next request is refused
     assert await gql(QUERY, status=401) == UNAUTHENTICATED_BODY
 
@@ -323,21 +323,21 @@ async def test_verifier_compares_in_constant_time(
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    monkeypatch.setattr(key_store.hmac, "compare_digest", spy)
     keys: KeyStore = app.state.keys
     principal = await keys.verify(api_key)
     assert principal is not None and principal.scopes == READ_WRITE
     digest = hash_secret(api_key, SecretStr("test-pepper"))
     assert calls == [(digest, digest)]
     # and its answer is final: the lookup alone does not let a key in
-    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: False)
+    monkeypatch.setattr(key_store.hmac, "compare_digest", lambda a, b: False)
     assert await keys.verify(api_key) is None
 
 
 def test_secret_setting_and_created_keys_do_not_print_their_secrets() -> None:
     settings = Settings(key_pepper="pepper-value-123")  # type: ignore[arg-type]
     assert "pepper-value-123" not in repr(settings) and "pepper-value-123" not in str(settings)
-    created = auth.CreatedKey(info=None, secret=SecretStr("sk_live_" + "a" * 40))  # type: ignore[arg-type]
+    created = key_store.CreatedKey(info=None, secret=SecretStr("sk_live_" + "a" * 40))  # type: ignore[arg-type]
     assert "aaaa" not in repr(created)
 
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, text
 
-from consumers_graphql import models
-from consumers_graphql.normalize import derived_fields
+from consumers_graphql.store import models
+from consumers_graphql.store.normalize import derived_fields
 from tests.conftest import GraphQL, StatementCounter
 
 RESULT = "consumer { id email phone fullName metadata externalId updatedAt }"
@@ -118,7 +118,7 @@ async def test_created_consumers_are_answered_as_a_read_gives_them(gql: GraphQL)
 async def test_created_consumers_are_stored_as_sqlalchemy_stores_them(
     gql: GraphQL, write_engine: Any, dialect: str
 ) -> None:
-    # On SQLite the batch INSERT binds its own parameters (services._sqlite_parameters).
+    # On SQLite the batch INSERT binds its own parameters (_sqlite_parameters, domain/consumers).
     # What it stores must be what SQLAlchemy's own insert of the same consumers stores, to
     # the text of timestamps and JSON: rows sort and compare as stored.
     if dialect != "sqlite":

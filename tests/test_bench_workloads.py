@@ -20,9 +20,9 @@ from bench.workloads import (
     SEARCH,
     SEARCH_COUNT,
 )
-from consumers_graphql import models
-from consumers_graphql.pagination import encode_cursor
-from consumers_graphql.repository import ConsumerSortField, consumer_sort
+from consumers_graphql.store import models
+from consumers_graphql.store.pagination import encode_cursor
+from consumers_graphql.store.queries.consumers import ConsumerSortField, consumer_sort
 from tests.conftest import GraphQL, StatementCounter
 from tests.factories import (
     BASE_TIME,

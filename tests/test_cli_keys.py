@@ -6,12 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -20,8 +16,9 @@ from fastapi import FastAPI
 from sqlalchemy import select
 
 from consumers_graphql.cli import main as cli
-from consumers_graphql.models import ApiKey
 from consumers_graphql.settings import Settings
+from consumers_graphql.store.models import ApiKey
+from tests import processes
 from tests.conftest import bearer
 
 SECRET = re.compile(r"sk_(?:live|test)_[A-Za-z0-9]{32,}")
@@ -152,57 +149,15 @@ async def test_create_refuses_an_empty_name(
 
 # -- the first start -------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Served:
-    """`consumers-graphql serve` (the console script) in a subprocess, its output collected."""
+class Served(processes.Served):
+    """`consumers-graphql serve` on a SQLite file, as tests/processes.py runs it."""
 
     def __init__(self, database: Path) -> None:
-        self.port = _free_port()
-        script = Path(sys.executable).with_name("consumers-graphql")
-        env = {**os.environ, "CONSUMERS_DATABASE_URL": f"sqlite+aiosqlite:///{database}",
-               "CONSUMERS_KEY_PEPPER": "serve-pepper"}
-        self.process = subprocess.Popen(
-            [str(script), "serve", "--port", str(self.port)], env=env, cwd=database.parent,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_until_up(self) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=2)
-                return
-            except httpx.TransportError:
-                assert self.process.poll() is None, self.output
-                time.sleep(0.1)
-        raise AssertionError(f"serve did not come up:\n{self.output}")
+        super().__init__(f"sqlite+aiosqlite:///{database}", database.parent)
 
     def post(self, headers: dict[str, str], query: str = QUERY) -> httpx.Response:
-        return httpx.post(f"http://127.0.0.1:{self.port}/graphql", json={"query": query},
-                          headers=headers, timeout=5)
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=20)
-        self._reader.join(timeout=5)
-        return code
+        return httpx.post(f"{self.url}/graphql", json={"query": query}, headers=headers,
+                          timeout=5)
 
 
 def test_first_serve_prints_exactly_one_key_and_a_second_start_none(tmp_path: Path) -> None:

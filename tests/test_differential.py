@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 from hypothesis_graphql import queries
 from ulid import ULID
 
-from consumers_graphql import models
 from consumers_graphql.api import executor
-from consumers_graphql.auth import READ_WRITE
 from consumers_graphql.ids import IdKind, sequential_ids
+from consumers_graphql.store import models
+from consumers_graphql.store.keys import READ_WRITE
 from tests.conftest import EXECUTION_PATHS, bearer, empty_tables, on_path, project_root
 from tests.factories import (
     BASE_TIME,

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from typing import Any
 
-from consumers_graphql import validation
+from consumers_graphql.domain import validation
 from tests.conftest import GraphQL
 
 BATCH = """mutation Batch($input: [ConsumerCreateInput!]!) {

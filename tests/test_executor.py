@@ -11,12 +11,12 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import select
 
-from consumers_graphql import models
 from consumers_graphql.api import executor
 from consumers_graphql.api.context import Context
 from consumers_graphql.api.loaders import Loaders
 from consumers_graphql.api.schema import build_schema
-from consumers_graphql.repository import Repository
+from consumers_graphql.store import models
+from consumers_graphql.store.repository import Repository
 from tests.conftest import empty_tables
 from tests.factories import (
     BASE_TIME,

@@ -13,8 +13,8 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
-from consumers_graphql.app import create_app
 from consumers_graphql.settings import Settings
+from consumers_graphql.web.app import create_app
 from tests.conftest import StatementCounter
 from tests.test_batches import BATCH_CREATE, consumer_count
 

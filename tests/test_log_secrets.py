@@ -13,8 +13,8 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from consumers_graphql.app import create_app
 from consumers_graphql.settings import Settings
+from consumers_graphql.web.app import create_app
 from tests.conftest import bearer
 from tests.processes import Served
 

@@ -20,11 +20,11 @@ from asgi_lifespan import LifespanManager
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from consumers_graphql.app import create_app
-from consumers_graphql.auth import READ_WRITE
-from consumers_graphql.db import make_engine
-from consumers_graphql.migrate import alembic_config, upgrade
 from consumers_graphql.settings import Settings
+from consumers_graphql.store.db import make_engine
+from consumers_graphql.store.keys import READ_WRITE
+from consumers_graphql.store.migrate import alembic_config, upgrade
+from consumers_graphql.web.app import create_app
 from tests.conftest import TEST_DATABASE_URL, GraphQL, on_path
 from tests.factories import consumer_row, insert_consumers
 from tests.test_bench_workloads import CREATE, DELETE, UPDATE

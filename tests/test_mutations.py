@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, text
 
-from consumers_graphql import models
+from consumers_graphql.store import models
 from tests.conftest import GraphQL
 from tests.factories import (
     BASE_TIME,

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from consumers_graphql import models
+from consumers_graphql.store import models
 from tests.conftest import GraphQL
 from tests.factories import BASE_TIME
 

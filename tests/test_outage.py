@@ -133,8 +133,8 @@ async def test_a_sqlite_file_locked_past_the_busy_timeout_is_503_then_recovers(
     """SQLite's outage: another process holding the write lock past the busy timeout."""
     from asgi_lifespan import LifespanManager
 
-    from consumers_graphql.app import create_app
-    from consumers_graphql.auth import KeyStore
+    from consumers_graphql.store.keys import KeyStore
+    from consumers_graphql.web.app import create_app
 
     caplog.set_level(logging.INFO, logger="consumers_graphql")
     locked = settings.model_copy(update={"sqlite_busy_timeout_ms": 50, "retry_after_s": 3})

@@ -14,11 +14,11 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from graphql import get_introspection_query
 
-from consumers_graphql.app import create_app
-from consumers_graphql.auth import READ_WRITE
-from consumers_graphql.db import make_engine
-from consumers_graphql.migrate import upgrade
 from consumers_graphql.settings import Environment, Settings
+from consumers_graphql.store.db import make_engine
+from consumers_graphql.store.keys import READ_WRITE
+from consumers_graphql.store.migrate import upgrade
+from consumers_graphql.web.app import create_app
 from tests.conftest import GraphQL, StatementCounter, bearer, on_path
 
 INTROSPECTION = "{ __schema { queryType { name } types { name } } }"

@@ -22,9 +22,9 @@ from sqlalchemy import text
 
 from consumers_graphql.api.schema import build_schema
 from consumers_graphql.cli import main as cli
-from consumers_graphql.db import make_engine
-from consumers_graphql.models import Base
 from consumers_graphql.settings import Settings
+from consumers_graphql.store.db import make_engine
+from consumers_graphql.store.models import Base
 from tests.conftest import TEST_DATABASE_URL, GraphQL, project_root
 from tests.test_bench_workloads import reference_match, walk
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from consumers_graphql import models
+from consumers_graphql.store import models
 from tests.conftest import GraphQL
 from tests.factories import (
     BASE_TIME,

@@ -25,10 +25,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from consumers_graphql.app import create_app
+from consumers_graphql.domain.validation import BATCH_MAX
 from consumers_graphql.rest.models import TRIMMED
 from consumers_graphql.settings import Settings
-from consumers_graphql.validation import BATCH_MAX
+from consumers_graphql.web.app import create_app
 from tests.conftest import bearer
 from tests.factories import consumer_row, insert_consumers
 

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from consumers_graphql import models
+from consumers_graphql.store import models
 from tests.factories import audience_row, consumer_row, insert_consumers, insert_rows
 
 URL = "/api/v1/consumers"

@@ -13,10 +13,10 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from consumers_graphql import models
-from consumers_graphql.models import EMAIL_MAX, EXTERNAL_ID_MAX, FULL_NAME_MAX
+from consumers_graphql.domain.validation import BATCH_MAX, METADATA_MAX_BYTES
 from consumers_graphql.settings import Settings
-from consumers_graphql.validation import BATCH_MAX, METADATA_MAX_BYTES
+from consumers_graphql.store import models
+from consumers_graphql.store.models import EMAIL_MAX, EXTERNAL_ID_MAX, FULL_NAME_MAX
 from tests.conftest import GraphQL, bearer
 from tests.factories import (
     BASE_TIME,
@@ -502,7 +502,7 @@ async def test_authentication_and_scope_answer_before_a_malformed_body(
 async def test_a_key_without_the_read_scope_cannot_read(
     client: httpx.AsyncClient, app: Any
 ) -> None:
-    from consumers_graphql.auth import Scope
+    from consumers_graphql.store.keys import Scope
 
     created = await app.state.keys.create("write only", scopes=frozenset({Scope.WRITE}))
     headers = bearer(created.secret.get_secret_value())

@@ -1,4 +1,4 @@
-"""SQLite's two read paths: the one-hop aiosqlite adapter (consumers_graphql.sqlite_driver)
+"""SQLite's two read paths: the one-hop aiosqlite adapter (consumers_graphql.store.sqlite_driver)
 behaves as a DB-API cursor for everything SQLAlchemy asks of it and sends one call to the
 connection's thread per statement; reads on the event loop's thread (db.Reader) hand a slow
 statement to that thread. SQLite only: PostgreSQL uses asyncpg."""
@@ -17,8 +17,8 @@ from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from consumers_graphql.db import Database, WalCheckpoints, make_engine
 from consumers_graphql.settings import Settings
+from consumers_graphql.store.db import Database, WalCheckpoints, make_engine
 
 
 @pytest.fixture

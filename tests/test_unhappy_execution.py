@@ -26,10 +26,10 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from sqlalchemy import text
 
-from consumers_graphql import models
-from consumers_graphql.app import create_app
-from consumers_graphql.db import make_engine
 from consumers_graphql.settings import Settings
+from consumers_graphql.store import models
+from consumers_graphql.store.db import make_engine
+from consumers_graphql.web.app import create_app
 from tests.conftest import GraphQL, bearer, on_path
 from tests.factories import (
     BASE_TIME,

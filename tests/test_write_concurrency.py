@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from consumers_graphql import models, services
+from consumers_graphql.domain import consumers as consumer_service
+from consumers_graphql.store import models
 from tests.conftest import GraphQL
 
 CREATE = """
@@ -90,7 +91,7 @@ async def test_a_unique_index_violation_becomes_the_same_user_error(
     # Simulates losing the race: the first check sees nothing, as if the other writer's row
     # were committed just after it, so only the unique index can catch the duplicate.
     await gql.data(CREATE, {"input": {"email": "first@example.com", "externalId": "x"}})
-    real_check = services._taken_consumer_keys
+    real_check = consumer_service._taken_consumer_keys
     calls = 0
 
     async def blind_first_time(*args: Any) -> tuple[set[str], set[str]]:
@@ -98,7 +99,7 @@ async def test_a_unique_index_violation_becomes_the_same_user_error(
         calls += 1
         return (set(), set()) if calls == 1 else await real_check(*args)
 
-    monkeypatch.setattr(services, "_taken_consumer_keys", blind_first_time)
+    monkeypatch.setattr(consumer_service, "_taken_consumer_keys", blind_first_time)
 
     payload = (await gql.data(CREATE, {"input": {"email": "FIRST@example.com"}}))
     assert payload["consumerCreate"] == {

@@ -20,16 +20,16 @@ from pydantic import ValidationError
 from consumers_graphql.settings import Settings
 
 if TYPE_CHECKING:
-    from consumers_graphql.auth import KeyInfo, KeyStore
-    from consumers_graphql.db import Database
+    from consumers_graphql.store.db import Database
+    from consumers_graphql.store.keys import KeyInfo, KeyStore
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from consumers_graphql.app import create_app, tune_gc
-    from consumers_graphql.connections import ConnectionLimits
-    from consumers_graphql.logs import log_config
+    from consumers_graphql.web.app import create_app, tune_gc
+    from consumers_graphql.web.connections import ConnectionLimits
+    from consumers_graphql.web.logs import log_config
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=overrides)
@@ -90,7 +90,7 @@ def _leave_stuck_work() -> None:
 
 async def _create_first_key(settings: Settings) -> None:
     """On a database without any key, make one and show its secret, this once."""
-    from consumers_graphql.db import Database
+    from consumers_graphql.store.db import Database
 
     database = Database(settings)
     try:
@@ -124,8 +124,8 @@ def _exit_cleanly(_signum: int, _frame: object) -> None:
 
 async def _prepare_database(settings: Settings) -> str | None:
     """Migrate an empty database; refuse to serve one that is behind the code."""
-    from consumers_graphql.db import make_engine
-    from consumers_graphql.migrate import current_revision, head_revision, upgrade
+    from consumers_graphql.store.db import make_engine
+    from consumers_graphql.store.migrate import current_revision, head_revision, upgrade
 
     engine = make_engine(settings, writer=True)
     try:
@@ -144,8 +144,8 @@ async def _prepare_database(settings: Settings) -> str | None:
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from consumers_graphql.db import make_engine
-    from consumers_graphql.migrate import current_revision, upgrade
+    from consumers_graphql.store.db import make_engine
+    from consumers_graphql.store.migrate import current_revision, upgrade
 
     async def run() -> str | None:
         engine = make_engine(settings, writer=True)
@@ -162,9 +162,9 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 def _seed(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
-    from consumers_graphql.db import make_engine
-    from consumers_graphql.migrate import upgrade
-    from consumers_graphql.seed import seed
+    from consumers_graphql.store.db import make_engine
+    from consumers_graphql.store.migrate import upgrade
+    from consumers_graphql.store.seed import seed
 
     async def run() -> None:
         engine = make_engine(settings, writer=True)
@@ -199,13 +199,13 @@ def _export_schema(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _key_store(database: Database) -> KeyStore:
-    from consumers_graphql.auth import KeyStore
+    from consumers_graphql.store.keys import KeyStore
 
     return KeyStore(database.read_engine, database.write_engine, database.settings.key_pepper)
 
 
 def _scopes(info: KeyInfo) -> str:
-    from consumers_graphql.auth import format_scopes
+    from consumers_graphql.store.keys import format_scopes
 
     return format_scopes(info.scopes)
 
@@ -215,7 +215,7 @@ def _when(moment: datetime | None, default: str) -> str:
 
 
 def _run_with_keys(settings: Settings, job: Callable[[KeyStore], Awaitable[int]]) -> int:
-    from consumers_graphql.db import Database
+    from consumers_graphql.store.db import Database
 
     problem = asyncio.run(_prepare_database(settings))
     if problem:
@@ -233,7 +233,7 @@ def _run_with_keys(settings: Settings, job: Callable[[KeyStore], Awaitable[int]]
 
 
 def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
-    from consumers_graphql.auth import READ_ONLY, READ_WRITE
+    from consumers_graphql.store.keys import READ_ONLY, READ_WRITE
 
     async def job(keys: KeyStore) -> int:
         try:
@@ -278,7 +278,7 @@ def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
-    from consumers_graphql.auth import RevokeOutcome
+    from consumers_graphql.store.keys import RevokeOutcome
 
     async def job(keys: KeyStore) -> int:
         outcome, info = await keys.revoke(args.id)

@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(default=5, ge=1)
     sqlite_busy_timeout_ms: int = Field(default=10_000, ge=0)
     # SQLite reads first run on the event loop's own thread, and are handed to the driver's
-    # thread when they take longer than this (0: always on the driver's thread). See db.py.
+    # thread when they take longer than this (0: always on the driver's thread). See store/db.py.
     sqlite_inline_read_ms: float = Field(default=2.0, ge=0)
     # `serve`'s client connections (see connections.py): the first byte of a request within
     # the keep-alive (idle) timeout, its head within the header timeout of that byte, and at

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import strawberry
 
 from consumers_graphql.api.loaders import Loaders
-from consumers_graphql.auth import Principal
-from consumers_graphql.db import Database
-from consumers_graphql.repository import Repository
 from consumers_graphql.settings import Settings
+from consumers_graphql.store.db import Database
+from consumers_graphql.store.keys import Principal
+from consumers_graphql.store.repository import Repository
 
 
 @dataclass

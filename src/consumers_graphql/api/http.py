@@ -36,12 +36,11 @@ from strawberry.types.unset import UNSET
 
 from consumers_graphql.api.context import Context
 from consumers_graphql.api.permissions import FORBIDDEN
-from consumers_graphql.outage import SERVICE_UNAVAILABLE
-from consumers_graphql.security_headers import page_policy
+from consumers_graphql.store.outage import SERVICE_UNAVAILABLE
+from consumers_graphql.web.dependencies import JSON, MEDIA_TYPE_STATE
+from consumers_graphql.web.security_headers import page_policy
 
 GRAPHQL_RESPONSE_JSON = "application/graphql-response+json"
-JSON = "application/json"
-MEDIA_TYPE_STATE = "graphql_media_type"
 REQUEST_ERROR_STATE = "graphql_request_error"
 _UTF8 = frozenset({"utf-8", "utf8"})
 _JSON_WHITESPACE = b" \t\n\r"

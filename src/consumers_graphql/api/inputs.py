@@ -11,17 +11,20 @@ from typing import Any, cast
 import strawberry
 from strawberry.scalars import JSON
 
-from consumers_graphql import services, validation
 from consumers_graphql.api.types import Audience, Consumer, Order
+from consumers_graphql.domain import common, validation
+from consumers_graphql.domain.audiences import AudienceFields
+from consumers_graphql.domain.common import OMITTED, BatchResult
+from consumers_graphql.domain.consumers import ConsumerChange, ConsumerFields
+from consumers_graphql.domain.orders import OrderFields
 from consumers_graphql.errors import DomainError, ErrorCode
-from consumers_graphql.models import (
+from consumers_graphql.store.models import (
     AUDIENCE_NAME_MAX,
     DESCRIPTION_MAX,
     EMAIL_MAX,
     EXTERNAL_ID_MAX,
     FULL_NAME_MAX,
 )
-from consumers_graphql.services import OMITTED, ConsumerFields
 
 _METADATA_KIB = validation.METADATA_MAX_BYTES // 1024
 _NO_CONTROL = "Control characters are refused."
@@ -37,7 +40,7 @@ UserErrorCode = strawberry.enum(
 
 
 ErrorPolicy = strawberry.enum(
-    services.ErrorPolicy,
+    common.ErrorPolicy,
     name="ErrorPolicy",
     description="What a batch does when some of its items are refused.",
 )
@@ -163,8 +166,8 @@ class ConsumerBatchUpdateInput:
         default=strawberry.UNSET, description=_EXTERNAL_ID_DOC + _UPDATE_NOTE
     )
 
-    def to_change(self) -> services.ConsumerChange:
-        return services.ConsumerChange(id=self.id, fields=_consumer_fields(self))
+    def to_change(self) -> ConsumerChange:
+        return ConsumerChange(id=self.id, fields=_consumer_fields(self))
 
 
 @strawberry.input(description="A new audience.")
@@ -178,8 +181,8 @@ class AudienceCreateInput:
         "breaks are the only control characters allowed)."
     ))
 
-    def to_fields(self) -> services.AudienceFields:
-        return services.AudienceFields(name=self.name, description=given(self.description))
+    def to_fields(self) -> AudienceFields:
+        return AudienceFields(name=self.name, description=given(self.description))
 
 
 @strawberry.input(description="Changes to an audience: only the fields given change.")
@@ -192,8 +195,8 @@ class AudienceUpdateInput:
         f"At most {DESCRIPTION_MAX} characters, trimmed." + _UPDATE_NOTE
     ))
 
-    def to_fields(self) -> services.AudienceFields:
-        return services.AudienceFields(name=given(self.name), description=given(self.description))
+    def to_fields(self) -> AudienceFields:
+        return AudienceFields(name=given(self.name), description=given(self.description))
 
 
 @strawberry.input(description="An order a consumer placed.")
@@ -216,8 +219,8 @@ class OrderRecordInput:
         f"(`EXTERNAL_ID_TAKEN`). {_NO_CONTROL}"
     ))
 
-    def to_fields(self) -> services.OrderFields:
-        return services.OrderFields(
+    def to_fields(self) -> OrderFields:
+        return OrderFields(
             consumer_id=self.consumer_id,
             amount=self.amount,
             currency=self.currency,
@@ -258,7 +261,7 @@ class ConsumerBatchPayload:
     ))
 
     @classmethod
-    def from_result(cls, result: services.BatchResult) -> ConsumerBatchPayload:
+    def from_result(cls, result: BatchResult) -> ConsumerBatchPayload:
         rows = [item.row for item in result.results if item.row is not None]
         # Rows of one statement become nodes together (their columns looked up once).
         if rows and all(row._fields == rows[0]._fields for row in rows):

@@ -58,9 +58,9 @@ from strawberry.extensions import SchemaExtension
 from strawberry.schema.validation_rules.maybe_null import MaybeNullValidationRule
 from strawberry.schema.validation_rules.one_of import OneOfInputValidationRule
 
-from consumers_graphql.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from consumers_graphql.domain.validation import BATCH_MAX
 from consumers_graphql.settings import Settings
-from consumers_graphql.validation import BATCH_MAX
+from consumers_graphql.store.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 
 MAX_DEPTH_EXCEEDED = "MAX_DEPTH_EXCEEDED"
 MAX_ALIASES_EXCEEDED = "MAX_ALIASES_EXCEEDED"

@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 from sqlalchemy.engine import Row
 from strawberry import dataloader
 
-from consumers_graphql.pagination import Page, PageRequest
-from consumers_graphql.repository import Repository
+from consumers_graphql.store.pagination import Page, PageRequest
+from consumers_graphql.store.repository import Repository
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")

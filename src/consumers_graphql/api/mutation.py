@@ -1,16 +1,15 @@
-"""The Mutation root: a thin face over ``consumers_graphql.services``. Refusals come back as
-``userErrors`` in the payload (HTTP 200); GraphQL ``errors`` are left to malformed requests,
-authentication and limits."""
+"""The Mutation root: a thin face over the use-cases of ``consumers_graphql.domain``. Refusals
+come back as ``userErrors`` in the payload (HTTP 200); GraphQL ``errors`` are left to
+malformed requests, authentication and limits."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import strawberry
 from sqlalchemy.engine import Row
 
-from consumers_graphql import services
 from consumers_graphql.api import decorators
 from consumers_graphql.api.context import Info
 from consumers_graphql.api.inputs import (
@@ -28,8 +27,12 @@ from consumers_graphql.api.inputs import (
     user_errors,
 )
 from consumers_graphql.api.types import Audience, Consumer, Order
+from consumers_graphql.domain import common
+from consumers_graphql.domain.audiences import AudienceService
+from consumers_graphql.domain.consumers import ConsumerService
+from consumers_graphql.domain.orders import OrderService
+from consumers_graphql.domain.validation import BATCH_MAX
 from consumers_graphql.errors import DomainErrors
-from consumers_graphql.validation import BATCH_MAX
 
 _BATCH_DOC = (
     f"At most {BATCH_MAX} items (`BATCH_TOO_LARGE` otherwise, and nothing is written). The "
@@ -51,11 +54,14 @@ ConsumerIds = Annotated[
 ]
 
 
-def _services(info: Info) -> services.Services:
+S = TypeVar("S", ConsumerService, AudienceService, OrderService)
+
+
+def _service(info: Info, kind: type[S]) -> S:
     # A write makes every read this request has cached stale: this payload, and those of
     # later mutation fields of the same operation, must read afresh.
     info.context.loaders.clear()
-    return services.Services(info.context.database)
+    return kind(info.context.database)
 
 
 async def _consumer_payload(write: Awaitable[Row[Any]]) -> ConsumerPayload:
@@ -82,15 +88,16 @@ async def _order_payload(write: Awaitable[Row[Any]]) -> OrderPayload:
     return OrderPayload(order=Order.from_row(row), user_errors=[])
 
 
-def _policy(value: services.ErrorPolicy | None) -> services.ErrorPolicy:
-    return value if value is not None else services.ErrorPolicy.REJECT_EVERYTHING
+def _policy(value: common.ErrorPolicy | None) -> common.ErrorPolicy:
+    return value if value is not None else common.ErrorPolicy.REJECT_EVERYTHING
 
 
 @strawberry.type
 class Mutation:
     @decorators.mutation(description="Create a consumer.")
     async def consumer_create(self, info: Info, input: ConsumerCreateInput) -> ConsumerPayload:
-        return await _consumer_payload(_services(info).create_consumer(input.to_fields()))
+        service = _service(info, ConsumerService)
+        return await _consumer_payload(service.create_consumer(input.to_fields()))
 
     @decorators.mutation(description=(
         "Change a consumer: fields left out stay, null clears, `metadata` merges shallowly. "
@@ -99,21 +106,22 @@ class Mutation:
     async def consumer_update(
         self, info: Info, id: strawberry.ID, input: ConsumerUpdateInput
     ) -> ConsumerPayload:
-        return await _consumer_payload(_services(info).update_consumer(id, input.to_fields()))
+        service = _service(info, ConsumerService)
+        return await _consumer_payload(service.update_consumer(id, input.to_fields()))
 
     @decorators.mutation(description="Delete a consumer with its orders and audience "
                          "memberships; the payload holds the consumer as it was.")
     async def consumer_delete(self, info: Info, id: strawberry.ID) -> ConsumerPayload:
-        return await _consumer_payload(_services(info).delete_consumer(id))
+        return await _consumer_payload(_service(info, ConsumerService).delete_consumer(id))
 
     @decorators.mutation(description="Create many consumers. " + _BATCH_DOC)
     async def consumer_batch_create(
         self,
         info: Info,
         input: list[ConsumerCreateInput],
-        error_policy: BatchPolicy = services.ErrorPolicy.REJECT_EVERYTHING,
+        error_policy: BatchPolicy = common.ErrorPolicy.REJECT_EVERYTHING,
     ) -> ConsumerBatchPayload:
-        result = await _services(info).create_consumers(
+        result = await _service(info, ConsumerService).create_consumers(
             [item.to_fields() for item in input], _policy(error_policy)
         )
         return ConsumerBatchPayload.from_result(result)
@@ -124,28 +132,30 @@ class Mutation:
         self,
         info: Info,
         input: list[ConsumerBatchUpdateInput],
-        error_policy: BatchPolicy = services.ErrorPolicy.REJECT_EVERYTHING,
+        error_policy: BatchPolicy = common.ErrorPolicy.REJECT_EVERYTHING,
     ) -> ConsumerBatchPayload:
-        result = await _services(info).update_consumers(
+        result = await _service(info, ConsumerService).update_consumers(
             [item.to_change() for item in input], _policy(error_policy)
         )
         return ConsumerBatchPayload.from_result(result)
 
     @decorators.mutation(description="Create an audience.")
     async def audience_create(self, info: Info, input: AudienceCreateInput) -> AudiencePayload:
-        return await _audience_payload(_services(info).create_audience(input.to_fields()))
+        service = _service(info, AudienceService)
+        return await _audience_payload(service.create_audience(input.to_fields()))
 
     @decorators.mutation(description="Change an audience: fields left out stay; `updatedAt` "
                          "moves forward when a value actually changes.")
     async def audience_update(
         self, info: Info, id: strawberry.ID, input: AudienceUpdateInput
     ) -> AudiencePayload:
-        return await _audience_payload(_services(info).update_audience(id, input.to_fields()))
+        service = _service(info, AudienceService)
+        return await _audience_payload(service.update_audience(id, input.to_fields()))
 
     @decorators.mutation(description="Delete an audience and its memberships (the consumers "
                          "stay); the payload holds the audience as it was.")
     async def audience_delete(self, info: Info, id: strawberry.ID) -> AudiencePayload:
-        return await _audience_payload(_services(info).delete_audience(id))
+        return await _audience_payload(_service(info, AudienceService).delete_audience(id))
 
     @decorators.mutation(description=(
         "Add consumers to an audience; those already members stay members. All or nothing: "
@@ -155,7 +165,7 @@ class Mutation:
     async def audience_add_consumers(
         self, info: Info, audience_id: strawberry.ID, consumer_ids: ConsumerIds
     ) -> AudiencePayload:
-        write = _services(info).add_audience_consumers(audience_id, consumer_ids)
+        write = _service(info, AudienceService).add_audience_consumers(audience_id, consumer_ids)
         return await _audience_payload(write)
 
     @decorators.mutation(description=(
@@ -165,7 +175,7 @@ class Mutation:
     async def audience_remove_consumers(
         self, info: Info, audience_id: strawberry.ID, consumer_ids: ConsumerIds
     ) -> AudiencePayload:
-        write = _services(info).remove_audience_consumers(audience_id, consumer_ids)
+        write = _service(info, AudienceService).remove_audience_consumers(audience_id, consumer_ids)
         return await _audience_payload(write)
 
     @decorators.mutation(description=(
@@ -174,9 +184,9 @@ class Mutation:
         "at most 100,000,000,000 (`VALIDATION_FAILED` on `amount` past it)."
     ))
     async def order_record(self, info: Info, input: OrderRecordInput) -> OrderPayload:
-        return await _order_payload(_services(info).record_order(input.to_fields()))
+        return await _order_payload(_service(info, OrderService).record_order(input.to_fields()))
 
     @decorators.mutation(description="Delete an order and take it out of the consumer's "
                          "totals; the payload holds the order as it was.")
     async def order_delete(self, info: Info, id: strawberry.ID) -> OrderPayload:
-        return await _order_payload(_services(info).delete_order(id))
+        return await _order_payload(_service(info, OrderService).delete_order(id))

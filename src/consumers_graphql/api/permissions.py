@@ -10,8 +10,8 @@ from strawberry.extensions import SchemaExtension
 from strawberry.types import ExecutionResult
 from strawberry.types.graphql import OperationType
 
-from consumers_graphql.auth import Principal, Scope
-from consumers_graphql.http_auth import AUTHENTICATION_REQUIRED, UNAUTHENTICATED
+from consumers_graphql.store.keys import Principal, Scope
+from consumers_graphql.web.http_auth import AUTHENTICATION_REQUIRED, UNAUTHENTICATED
 
 FORBIDDEN = "FORBIDDEN"
 

@@ -26,7 +26,7 @@ from graphql.execution.values import VariableValues, get_argument_values
 from sqlalchemy.engine import Row
 
 from consumers_graphql.errors import DomainError
-from consumers_graphql.pagination import Page, PageRequest, SortKey, page_request
+from consumers_graphql.store.pagination import Page, PageRequest, SortKey, page_request
 
 PageLoad = Callable[[PageRequest], Any]  # request -> DataLoader of pages by parent id
 Prefetched = dict[tuple[str, PageRequest], Page[Row[Any]]]

@@ -25,17 +25,15 @@ from consumers_graphql.api.types import (
 )
 from consumers_graphql.errors import BadUserInput
 from consumers_graphql.ids import IdKind, kind_of
-from consumers_graphql.pagination import MAX_PAGE_SIZE, PageRequest, SortKey, page_request
-from consumers_graphql.repository import (
-    AUDIENCE_SORT,
+from consumers_graphql.store.pagination import MAX_PAGE_SIZE, PageRequest, SortKey, page_request
+from consumers_graphql.store.queries.audiences import AUDIENCE_SORT
+from consumers_graphql.store.queries.consumers import (
     SEARCH_MIN,
     ConsumerFilter,
     consumer_sort,
     search_term,
 )
-from consumers_graphql.repository import (
-    ConsumerSortField as SortField,
-)
+from consumers_graphql.store.queries.consumers import ConsumerSortField as SortField
 
 MAX_NODES = 100
 

@@ -14,7 +14,6 @@ from strawberry.schema.config import StrawberryConfig
 from strawberry.types import ExecutionContext, ExecutionResult
 from strawberry.types.graphql import OperationType
 
-from consumers_graphql import outage, request_id
 from consumers_graphql.api.context import Context
 from consumers_graphql.api.executor import execute_compiled, plan_mutations
 from consumers_graphql.api.limits import OPERATION_NAMED, Limits, OperationLimits
@@ -24,6 +23,8 @@ from consumers_graphql.api.query import Query
 from consumers_graphql.api.scalars import DateTime
 from consumers_graphql.api.types import Audience, Consumer, Order
 from consumers_graphql.errors import DomainError
+from consumers_graphql.store import outage
+from consumers_graphql.web import request_id
 
 logger = logging.getLogger("consumers_graphql.graphql")
 

@@ -16,14 +16,16 @@ from consumers_graphql.api import decorators
 from consumers_graphql.api.context import Info
 from consumers_graphql.api.loaders import Loaders
 from consumers_graphql.api.prefetch import PageLoad, Prefetched, prefetch
-from consumers_graphql.pagination import (
+from consumers_graphql.store.pagination import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
     Page,
     SortKey,
     page_request,
 )
-from consumers_graphql.repository import AUDIENCE_CONSUMER_SORT, AUDIENCE_SORT, ORDER_SORT
+from consumers_graphql.store.queries.audiences import AUDIENCE_SORT
+from consumers_graphql.store.queries.consumers import AUDIENCE_CONSUMER_SORT
+from consumers_graphql.store.queries.orders import ORDER_SORT
 
 NodeT = TypeVar("NodeT")
 

@@ -15,12 +15,12 @@ from typing import Any
 from fastapi import BackgroundTasks, HTTPException, Request, Response
 from fastapi.routing import APIRoute
 
-from consumers_graphql.auth import Scope
-from consumers_graphql.db import Database
-from consumers_graphql.dependencies import READER_STATE
-from consumers_graphql.http_auth import PRINCIPAL_STATE, Forbidden, require_api_key
+from consumers_graphql.domain.validation import BATCH_MAX, METADATA_MAX_BYTES
 from consumers_graphql.settings import Settings
-from consumers_graphql.validation import BATCH_MAX, METADATA_MAX_BYTES
+from consumers_graphql.store.db import Database
+from consumers_graphql.store.keys import Scope
+from consumers_graphql.web.dependencies import READER_STATE
+from consumers_graphql.web.http_auth import PRINCIPAL_STATE, Forbidden, require_api_key
 
 BATCH_SUFFIX = "/batch"
 # Objects and arrays a valid batch can hold: each item, and in its metadata (16 KiB compact)

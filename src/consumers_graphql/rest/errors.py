@@ -15,14 +15,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from consumers_graphql.errors import DomainError, DomainErrors, ErrorCode
-from consumers_graphql.http_auth import (
+from consumers_graphql.rest.body import BatchTooLarge, malformed_json
+from consumers_graphql.rest.models import BATCH_TOO_LARGE
+from consumers_graphql.web.http_auth import (
     AUTHENTICATION_REQUIRED,
     AuthenticationRequired,
     Forbidden,
     authentication_required_response,
 )
-from consumers_graphql.rest.body import BatchTooLarge, malformed_json
-from consumers_graphql.rest.models import BATCH_TOO_LARGE
 
 REST_PREFIX = "/api/"
 VALIDATION_FAILED = "Validation failed"

@@ -14,8 +14,8 @@ from typing import Annotated, Any, TypeAlias
 from pydantic import BaseModel, ConfigDict, Field, RootModel, WithJsonSchema, model_validator
 from pydantic_core import PydanticCustomError
 
-from consumers_graphql.models import EMAIL_MAX, EXTERNAL_ID_MAX, FULL_NAME_MAX
-from consumers_graphql.validation import BATCH_MAX, METADATA_MAX_BYTES, PHONE_INPUT_MAX
+from consumers_graphql.domain.validation import BATCH_MAX, METADATA_MAX_BYTES, PHONE_INPUT_MAX
+from consumers_graphql.store.models import EMAIL_MAX, EXTERNAL_ID_MAX, FULL_NAME_MAX
 
 BATCH_TOO_LARGE = "batch_too_large"
 

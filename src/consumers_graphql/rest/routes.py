@@ -19,23 +19,10 @@ from pydantic import BaseModel
 from sqlalchemy.engine import Row
 from starlette.convertors import StringConvertor, register_url_convertor
 
-from consumers_graphql.db import Reader
-from consumers_graphql.dependencies import request_reader
+from consumers_graphql.domain.common import BatchResult
+from consumers_graphql.domain.consumers import ConsumerChange, ConsumerFields, ConsumerService
 from consumers_graphql.errors import BadUserInput, DomainError, DomainErrors, ErrorCode
-from consumers_graphql.http_auth import require_api_key
 from consumers_graphql.ids import IdKind, kind_of
-from consumers_graphql.pagination import MAX_PAGE_SIZE, Page, page_request
-from consumers_graphql.repository import (
-    AUDIENCE_SORT,
-    ORDER_SORT,
-    SEARCH_MAX,
-    SEARCH_MIN,
-    ConsumerFilter,
-    ConsumerSortField,
-    Repository,
-    consumer_sort,
-    search_term,
-)
 from consumers_graphql.rest.body import RestRoute
 from consumers_graphql.rest.models import (
     BatchCreateConsumersRequest,
@@ -48,8 +35,22 @@ from consumers_graphql.rest.models import (
     UpdateConsumerRequest,
 )
 from consumers_graphql.rest.shapes import audience_json, consumer_json, order_json
-from consumers_graphql.services import BatchResult, ConsumerChange, ConsumerFields, Services
+from consumers_graphql.store.db import Reader
+from consumers_graphql.store.pagination import MAX_PAGE_SIZE, Page, page_request
+from consumers_graphql.store.queries.audiences import AUDIENCE_SORT
+from consumers_graphql.store.queries.consumers import (
+    SEARCH_MAX,
+    SEARCH_MIN,
+    ConsumerFilter,
+    ConsumerSortField,
+    consumer_sort,
+    search_term,
+)
+from consumers_graphql.store.queries.orders import ORDER_SORT
+from consumers_graphql.store.repository import Repository
 from consumers_graphql.timestamps import parse_datetime
+from consumers_graphql.web.dependencies import request_reader
+from consumers_graphql.web.http_auth import require_api_key
 
 RELATIONS = ("audiences", "orders")
 SortBy = Literal["createdAt", "email", "fullName", "lastOrderAt", "totalOrderValue", "totalOrders"]
@@ -123,12 +124,12 @@ def _repository(reader: Annotated[Reader, Depends(request_reader)]) -> Repositor
     return Repository(reader)
 
 
-def _services(request: Request) -> Services:
-    return Services(request.app.state.database)
+def _services(request: Request) -> ConsumerService:
+    return ConsumerService(request.app.state.database)
 
 
 Repo = Annotated[Repository, Depends(_repository)]
-Writes = Annotated[Services, Depends(_services)]
+Writes = Annotated[ConsumerService, Depends(_services)]
 # What the server checks itself (with its own messages), stated in the OpenAPI document.
 _PAGE_SIZE = {"minimum": 0, "maximum": MAX_PAGE_SIZE}
 _NO_CONTROL = "[^\\u0000-\\u001f\\u007f-\\u009f]"

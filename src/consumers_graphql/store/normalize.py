@@ -6,9 +6,12 @@ ASCII while PostgreSQL's folds all of Unicode: one function keeps both databases
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 SEARCH_SEPARATOR = "\n"
+# Free text may span lines; names and ids may not.
+_MULTILINE_ALLOWED = frozenset("\t\n\r")
 
 
 def fold(value: str | None) -> str | None:
@@ -26,3 +29,17 @@ def derived_fields(email: str | None, phone: str | None, full_name: str | None) 
         "full_name_key": fold(full_name),
         "search_text": search_text(email, phone, full_name),
     }
+
+
+# What a stored string may not hold: here, since searches and cursors check it as well as the
+# rules in domain/validation.py.
+def forbidden_character(value: str, *, multiline: bool = False) -> str | None:
+    if value.isprintable():  # no control character, no surrogate: the common case, in C
+        return None
+    for ch in value:
+        category = unicodedata.category(ch)
+        if category == "Cc" and not (multiline and ch in _MULTILINE_ALLOWED):
+            return f"U+{ord(ch):04X}"
+        if category == "Cs":  # a lone surrogate cannot be stored as UTF-8
+            return f"U+{ord(ch):04X}"
+    return None

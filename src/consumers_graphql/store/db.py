@@ -41,9 +41,9 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.sql import Executable
 from sqlalchemy.types import TypeDecorator
 
-from consumers_graphql import sqlite_driver
-from consumers_graphql.outage import Outage
 from consumers_graphql.settings import Settings
+from consumers_graphql.store import sqlite_driver
+from consumers_graphql.store.outage import Outage
 
 logger = logging.getLogger("consumers_graphql.db")
 

@@ -18,7 +18,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from consumers_graphql.db import Money, SortableText, UTCDateTime
+from consumers_graphql.store.db import Money, SortableText, UTCDateTime
 
 ID_LENGTH = 32  # "cons_" + 26 ULID characters, with room for the longest prefix
 EMAIL_MAX = 254
@@ -60,7 +60,7 @@ class Consumer(Base):
     last_order_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    # Derived from the fields above by `consumers_graphql.normalize.derived_fields`, written
+    # Derived from the fields above by `consumers_graphql.store.normalize.derived_fields`, written
     # with them: the case-folded keys that uniqueness, sorting and search work on.
     email_key: Mapped[str | None] = mapped_column(SortableText(EMAIL_MAX))
     full_name_key: Mapped[str | None] = mapped_column(SortableText(FULL_NAME_MAX))

@@ -17,21 +17,21 @@ from consumers_graphql.api.http import GraphQLApp, ProtocolGuard
 from consumers_graphql.api.limits import Limits
 from consumers_graphql.api.loaders import Loaders
 from consumers_graphql.api.schema import build_schema
-from consumers_graphql.auth import ANONYMOUS, KeyStore, Principal
-from consumers_graphql.db import Database
-from consumers_graphql.deadline import RequestDeadline
-from consumers_graphql.http_auth import (
+from consumers_graphql.rest import errors as rest_errors
+from consumers_graphql.rest import routes as rest_routes
+from consumers_graphql.settings import Settings
+from consumers_graphql.store.db import Database
+from consumers_graphql.store.keys import ANONYMOUS, KeyStore, Principal
+from consumers_graphql.store.outage import is_unavailable
+from consumers_graphql.store.repository import Repository
+from consumers_graphql.web.deadline import RequestDeadline
+from consumers_graphql.web.http_auth import (
     AuthenticationRequired,
     authentication_required_response,
     require_api_key,
 )
-from consumers_graphql.outage import is_unavailable
-from consumers_graphql.repository import Repository
-from consumers_graphql.request_id import RequestIdMiddleware
-from consumers_graphql.rest import errors as rest_errors
-from consumers_graphql.rest import routes as rest_routes
-from consumers_graphql.security_headers import SecurityHeaders
-from consumers_graphql.settings import Settings
+from consumers_graphql.web.request_id import RequestIdMiddleware
+from consumers_graphql.web.security_headers import SecurityHeaders
 
 
 def _asks_for_graphiql(request: Request) -> bool:

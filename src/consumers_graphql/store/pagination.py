@@ -40,7 +40,7 @@ from sqlalchemy.engine import Row
 
 from consumers_graphql.errors import BadUserInput
 from consumers_graphql.ids import kind_of
-from consumers_graphql.validation import forbidden_character
+from consumers_graphql.store.normalize import forbidden_character
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100

@@ -27,9 +27,9 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from consumers_graphql.db import Reader
 from consumers_graphql.ids import IdKind, new_id
-from consumers_graphql.models import ApiKey, utcnow
+from consumers_graphql.store.db import Reader
+from consumers_graphql.store.models import ApiKey, utcnow
 
 logger = logging.getLogger("consumers_graphql.auth")
 

@@ -6,11 +6,14 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 
-from consumers_graphql.db import Database, Reader
+from consumers_graphql.store.db import Database, Reader
 
 # Where a route that opened the request's reader itself (to authenticate before reading the
 # body, rest.body) keeps it; it closes it too.
 READER_STATE = "reader"
+JSON = "application/json"
+# The media type the GraphQL face negotiated, which request_id's error answers use too.
+MEDIA_TYPE_STATE = "graphql_media_type"
 
 
 async def request_reader(request: Request) -> AsyncIterator[Reader]:

@@ -14,9 +14,9 @@ from typing import Any, cast
 from sqlalchemy import Table, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from consumers_graphql import models
 from consumers_graphql.ids import IdKind, new_id
-from consumers_graphql.normalize import derived_fields
+from consumers_graphql.store import models
+from consumers_graphql.store.normalize import derived_fields
 
 FIRST_NAMES = (
     "Olivia", "Liam", "Emma", "Noah", "Amelia", "Oliver", "Ava", "Elijah", "Sophia", "Lucas",

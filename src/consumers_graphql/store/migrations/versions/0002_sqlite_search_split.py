@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-_initial = importlib.import_module("consumers_graphql.migrations.versions.0001_initial")
+_initial = importlib.import_module("consumers_graphql.store.migrations.versions.0001_initial")
 
 revision: str = "0002"
 down_revision: str | None = "0001"

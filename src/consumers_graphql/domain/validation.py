@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import unicodedata
 from collections.abc import Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
@@ -20,13 +19,14 @@ import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 
 from consumers_graphql.errors import DomainError, ErrorCode
-from consumers_graphql.models import (
+from consumers_graphql.store.models import (
     AUDIENCE_NAME_MAX,
     DESCRIPTION_MAX,
     EMAIL_MAX,
     EXTERNAL_ID_MAX,
     FULL_NAME_MAX,
 )
+from consumers_graphql.store.normalize import forbidden_character
 
 Path = Sequence[str]
 
@@ -38,9 +38,6 @@ BATCH_MAX = 500
 # point and 4 after are 15, which a double's shortest form always gives back.
 AMOUNT_MAX = Decimal(10) ** 11
 TOTAL_ORDER_VALUE_MAX = Decimal(10) ** 11
-
-# Free text may span lines; names and ids may not.
-_MULTILINE_ALLOWED = frozenset("\t\n\r")
 
 # ISO 4217 codes and their minor units (digits after the decimal point): the current list,
 # without the fund, metal and testing codes (XAU, XDR, XTS, …) that no order is paid in,
@@ -75,18 +72,6 @@ CURRENCY_MINOR_UNITS: Mapping[str, int] = {
 
 def invalid(path: Path, message: str) -> DomainError:
     return DomainError(message, field=path, code=ErrorCode.VALIDATION_FAILED)
-
-
-def forbidden_character(value: str, *, multiline: bool = False) -> str | None:
-    if value.isprintable():  # no control character, no surrogate: the common case, in C
-        return None
-    for ch in value:
-        category = unicodedata.category(ch)
-        if category == "Cc" and not (multiline and ch in _MULTILINE_ALLOWED):
-            return f"U+{ord(ch):04X}"
-        if category == "Cs":  # a lone surrogate cannot be stored as UTF-8
-            return f"U+{ord(ch):04X}"
-    return None
 
 
 def text(

@@ -1,9 +1,9 @@
-"""Alembic environment: always run through `consumers_graphql.migrate`, which hands over a
+"""Alembic environment: always run through `consumers_graphql.store.migrate`, which hands over a
 connection (async engines cannot be driven from here)."""
 
 from alembic import context
 
-from consumers_graphql.models import Base
+from consumers_graphql.store.models import Base
 
 connection = context.config.attributes["connection"]
 context.configure(

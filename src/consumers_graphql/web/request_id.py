@@ -13,8 +13,8 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ulid import ULID
 
-from consumers_graphql import outage
-from consumers_graphql.api.http import JSON, MEDIA_TYPE_STATE
+from consumers_graphql.store import outage
+from consumers_graphql.web.dependencies import JSON, MEDIA_TYPE_STATE
 
 HEADER = "X-Request-ID"
 INTERNAL_SERVER_ERROR = "INTERNAL_SERVER_ERROR"

@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from consumers_graphql import request_id
+from consumers_graphql.web import request_id
 
 TIMEOUT = "TIMEOUT"
 REQUEST_TIMED_OUT = "Request timed out"

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from consumers_graphql.auth import LOGGED_SECRET_PATTERN, redact
+from consumers_graphql.store.keys import LOGGED_SECRET_PATTERN, redact
 
 _PRIMITIVES = (str, int, float, type(None))
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from consumers_graphql.db import Money, SortableText, UTCDateTime
+from consumers_graphql.store.db import Money, SortableText, UTCDateTime
 
 revision: str = "0001"
 down_revision: str | None = None

@@ -9,9 +9,9 @@ from typing import Annotated
 from fastapi import BackgroundTasks, Depends, Request
 from fastapi.responses import JSONResponse
 
-from consumers_graphql.auth import KeyStore, Principal, Scope
-from consumers_graphql.db import Reader
-from consumers_graphql.dependencies import request_reader
+from consumers_graphql.store.db import Reader
+from consumers_graphql.store.keys import KeyStore, Principal, Scope
+from consumers_graphql.web.dependencies import request_reader
 
 AUTHENTICATION_REQUIRED = "Authentication required"
 UNAUTHENTICATED = "UNAUTHENTICATED"

@@ -1,0 +1,66 @@
+"""Audience reads: pages, counts, look-ups, a consumer's audiences."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.engine import Row
+
+from consumers_graphql.store.pagination import (
+    Page,
+    PageRequest,
+    SortKey,
+    ValueKind,
+    assemble_page,
+    page_statement,
+)
+from consumers_graphql.store.queries.common import (
+    AUDIENCE_COLUMNS,
+    PARENT_IDS,
+    Reads,
+    audiences,
+    identity,
+    memberships,
+)
+
+AUDIENCE_SORT = SortKey(
+    "audiences", "name", audiences.c.name, audiences.c.id, ValueKind.TEXT, False, False
+)
+
+
+def _consumer_audiences_base() -> Select[Any]:
+    parent = memberships.c.consumer_id
+    return (
+        select(*AUDIENCE_COLUMNS, parent.label("_parent"))
+        .join(memberships, memberships.c.audience_id == audiences.c.id)
+        .where(parent.in_(PARENT_IDS))
+    )
+
+
+class AudienceReads(Reads):
+    """Reads of audiences."""
+
+    async def audience_page(self, request: PageRequest) -> Page[Row[Any]]:
+        statement, params = page_statement(
+            "audiences", lambda: select(*AUDIENCE_COLUMNS), AUDIENCE_SORT, request
+        )
+        rows = await self._rows(statement, params)
+        return assemble_page(rows, AUDIENCE_SORT, request, identity)
+
+    async def audience_count(self) -> int:
+        statement = select(func.count()).select_from(audiences)
+        return int((await self._reader.execute(statement, inline=False)).scalar_one())
+
+    async def audiences_by_ids(self, ids: Sequence[str]) -> list[Row[Any] | None]:
+        return await self._by_ids("audiences", ids)
+
+    async def audience_pages_by_consumer_ids(
+        self, consumer_ids: Sequence[str], request: PageRequest
+    ) -> list[Page[Row[Any]]]:
+        return await self._pages("Consumer.audiences", _consumer_audiences_base, AUDIENCE_SORT,
+                                 memberships.c.consumer_id, consumer_ids, request)
+
+    async def audience_counts_by_consumer_ids(self, consumer_ids: Sequence[str]) -> list[int]:
+        return await self._counts(memberships.c.consumer_id, consumer_ids)

@@ -1,0 +1,100 @@
+"""What the reads of every aggregate share: the tables and columns read, look-ups by id,
+counts and pages per parent, each one statement whatever the number of keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from typing import Any, cast
+
+from sqlalchemy import BindParameter, Select, bindparam, func, select
+from sqlalchemy.engine import Row
+
+from consumers_graphql.store import models
+from consumers_graphql.store.db import Reader
+from consumers_graphql.store.pagination import (
+    Page,
+    PageRequest,
+    SortKey,
+    assemble_pages,
+    page_statement,
+)
+
+consumers = models.Consumer.__table__
+audiences = models.Audience.__table__
+memberships = models.ConsumerAudience.__table__
+orders = models.Order.__table__
+
+CONSUMER_COLUMNS = [c for c in consumers.c if c.name != "search_text"]
+AUDIENCE_COLUMNS = list(audiences.c)
+ORDER_COLUMNS = list(orders.c)
+
+
+@lru_cache(maxsize=8)
+def by_ids_statement(table_name: str) -> Select[Any]:
+    columns = _COLUMNS[table_name]
+    return select(*columns).where(columns[0].table.c.id.in_(bindparam("ids", expanding=True)))
+
+
+_PARENTS = {
+    "consumer_audiences.audience_id": memberships.c.audience_id,
+    "consumer_audiences.consumer_id": memberships.c.consumer_id,
+    "orders.consumer_id": orders.c.consumer_id,
+}
+
+
+@lru_cache(maxsize=8)
+def counts_statement(parent_name: str) -> Select[Any]:
+    parent = _PARENTS[parent_name]
+    return (
+        select(parent, func.count())
+        .where(parent.in_(bindparam("parent_ids", expanding=True)))
+        .group_by(parent)
+    )
+
+
+_COLUMNS = {"consumers": CONSUMER_COLUMNS, "audiences": AUDIENCE_COLUMNS,
+            "orders": ORDER_COLUMNS}
+PARENT_IDS: BindParameter[Any] = bindparam("parent_ids", expanding=True)
+
+
+def identity(row: Row[Any]) -> Row[Any]:
+    return row
+
+
+class Reads:
+    """One request's connection, and the shapes every aggregate's reads share."""
+
+    def __init__(self, reader: Reader) -> None:
+        self._reader = reader
+
+    async def _rows(
+        self, statement: Select[Any], params: dict[str, Any] | None = None, *,
+        inline: bool = True,
+    ) -> Sequence[Row[Any]]:
+        return (await self._reader.execute(statement, params, inline=inline)).all()
+
+    async def _pages(
+        self,
+        relation: str,
+        base: Callable[[], Select[Any]],
+        sort: SortKey,
+        parent: Any,
+        parent_ids: Sequence[str],
+        request: PageRequest,
+    ) -> list[Page[Row[Any]]]:
+        statement, params = page_statement(relation, base, sort, request, partition_by=parent)
+        rows = await self._rows(statement, {**params, "parent_ids": list(set(parent_ids))})
+        return assemble_pages(rows, parent_ids, "_parent", sort, request, identity)
+
+    async def _by_ids(self, table_name: str, ids: Sequence[str]) -> list[Row[Any] | None]:
+        rows = await self._rows(by_ids_statement(table_name), {"ids": list(set(ids))})
+        by_id = {row.id: row for row in rows}
+        return [by_id.get(key) for key in ids]
+
+    async def _counts(self, parent: Any, keys: Sequence[str]) -> list[int]:
+        statement = counts_statement(f"{parent.table.name}.{parent.name}")
+        rows = await self._rows(statement, {"parent_ids": list(set(keys))})
+        counts = {key: count for key, count in cast("Sequence[Row[str, int]]", rows)}
+        return [counts.get(key, 0) for key in keys]
