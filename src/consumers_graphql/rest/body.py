@@ -96,8 +96,9 @@ def restore_refused_metadata(
 ) -> list[DomainError]:
     """The services' errors with each refused metadata's own error in place of the one they
     give its stand-in (not an object); ``metadata`` holds each item's value, in input order."""
-    refused = {("input", str(i), "metadata"): value.error
-               for i, value in enumerate(metadata) if isinstance(value, RefusedMetadata)}
+    refused: dict[tuple[str, ...], DomainError] = {
+        ("input", str(i), "metadata"): value.error
+        for i, value in enumerate(metadata) if isinstance(value, RefusedMetadata)}
     return [refused.get(error.field, error) if error.field else error for error in errors]
 
 
