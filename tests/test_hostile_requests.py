@@ -4,6 +4,7 @@ nothing runs or is written."""
 from __future__ import annotations
 
 import json
+import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
@@ -16,6 +17,7 @@ from fastapi import FastAPI
 from consumers_graphql.settings import Settings
 from consumers_graphql.web.app import create_app
 from tests.conftest import StatementCounter
+from tests.factories import consumer_row, insert_consumers
 from tests.test_batches import BATCH_CREATE, consumer_count
 
 GRAPHQL_RESPONSE = "application/graphql-response+json"
@@ -320,6 +322,85 @@ async def test_a_batch_of_millions_of_objects_is_refused_before_it_is_parsed(
         "message": "The body holds more than 4,096,500 JSON objects and arrays, more than "
                    "500 items with valid metadata can.",
     }]}
+    assert await consumer_count(write_engine) == 0
+
+
+def oversize_metadata(strings: int) -> str:
+    # `"ab"` a piece: ~15 times its size once parsed, the costliest metadata per byte.
+    return '{"k": [' + ",".join(['"ab"'] * strings) + "]}"
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT"])
+async def test_a_batch_of_oversize_metadata_reports_every_item_and_writes_nothing(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any, method: str
+) -> None:
+    ids = [f"cons_01JD00000000000000000000{n:02d}" for n in range(4)]
+    await insert_consumers(write_engine, [
+        consumer_row(n, id=id, metadata={"n": n}) for n, id in enumerate(ids)])
+    items = [
+        f'{{"metadata": {oversize_metadata(20_000)}}}',
+        '{"metadata": {"fine": true}, "email": "not an address"}',
+        f'{{"metadata": {oversize_metadata(5_000)}, "fullName": "   "}}',
+        '{"metadata": {"fine": true}}',
+    ]
+    if method == "PUT":
+        items = [f'{{"id": "{id}", {item[1:]}' for id, item in zip(ids, items, strict=True)]
+    response = await client.request(method, BATCH, content=f"[{','.join(items)}]", headers={
+        **auth_headers, "Content-Type": "application/json"})
+
+    assert response.status_code == 400
+    assert response.json()["details"] == [
+        {"field": "0.metadata", "message": "metadata must be at most 16384 bytes once "
+                                           "serialised (100007 were given)."},
+        {"field": "1.email", "message": "email is not a valid address: An email address must "
+                                        "have an @-sign."},
+        {"field": "2.fullName", "message": "fullName must not be empty (null means no value)."},
+        {"field": "2.metadata", "message": "metadata must be at most 16384 bytes once "
+                                           "serialised (25007 were given)."},
+    ]
+    assert await consumer_count(write_engine) == len(ids)
+    unchanged = await client.get(f"/api/v1/consumers/{ids[3]}", headers=auth_headers)
+    assert unchanged.json()["metadata"] == {"n": 3}
+
+
+async def test_a_batch_of_oversize_metadata_costs_about_its_size(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any
+) -> None:
+    # 4 MiB of 64 items over the metadata limit: ~60 MiB once parsed, were the items kept.
+    item = f'{{"metadata": {oversize_metadata(13_000)}}}'.encode()
+    body = b"[" + b",".join([item] * 64) + b"]"
+    tracemalloc.start()
+    try:
+        response = await client.post(BATCH, content=body, headers={
+            **auth_headers, "Content-Type": "application/json"})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert response.status_code == 400
+    assert len(response.json()["details"]) == 64
+    assert peak < 3 * len(body), peak / len(body)
+    assert await consumer_count(write_engine) == 0
+
+
+async def test_one_item_is_parsed_from_at_most_a_single_body_limit(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], settings: Settings,
+    write_engine: Any,
+) -> None:
+    # One item of 2 MiB would be ~30 MiB parsed; no valid item comes near 1 MiB.
+    huge = f'{{"metadata": {oversize_metadata(2 * settings.max_body_bytes // 5)}}}'
+    response = await client.post(BATCH, content=f'[{{}}, {huge}]', headers={
+        **auth_headers, "Content-Type": "application/json"})
+
+    assert response.status_code == 400
+    assert response.json()["details"] == [{"field": "body", "message": (
+        f"Item 1 takes more than {settings.max_body_bytes:,} characters of JSON, the limit "
+        "of a body of POST /api/v1/consumers. Nothing was written.")}]
+    # A malformed item before a long body is still malformed JSON, at its own place.
+    response = await client.post(BATCH, content=f'[{{"fullName": nope}}, {huge}]', headers={
+        **auth_headers, "Content-Type": "application/json"})
+    assert response.json()["details"] == [{"field": "body", "message": (
+        "Malformed JSON: Expecting value: line 1 column 15 (char 14)")}]
     assert await consumer_count(write_engine) == 0
 
 

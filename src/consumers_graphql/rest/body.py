@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import aclosing
 from typing import Any
 
 from fastapi import BackgroundTasks, HTTPException, Request, Response
 from fastapi.routing import APIRoute
 
-from consumers_graphql.domain.validation import BATCH_MAX, METADATA_MAX_BYTES
+from consumers_graphql.domain.validation import BATCH_MAX, METADATA_MAX_BYTES, check_metadata_size
+from consumers_graphql.errors import DomainError
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.db import Database
 from consumers_graphql.store.keys import Scope
@@ -29,6 +30,7 @@ BATCH_SUFFIX = "/batch"
 MAX_BATCH_CONTAINERS = BATCH_MAX * (1 + METADATA_MAX_BYTES // 2)
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
+_FIRST_WINDOW = 64 * 1024  # characters: four times a valid item's metadata
 
 
 class PayloadTooLarge(HTTPException):
@@ -49,6 +51,12 @@ class TooManyContainers(HTTPException):
                          f"and arrays, more than {BATCH_MAX} items with valid metadata can.")
 
 
+class ItemTooLarge(HTTPException):
+    def __init__(self, number: int, limit: int) -> None:
+        super().__init__(400, f"Item {number} takes more than {limit:,} characters of JSON, "
+                         "the limit of a body of POST /api/v1/consumers. Nothing was written.")
+
+
 # Where a request's malformed-JSON reason is kept (in the ASGI scope's state, which the
 # exception handlers see): its body parses as null, which no body model accepts, so
 # validation refuses it (400) only after the dependencies (authentication, scopes) have run.
@@ -60,11 +68,68 @@ def malformed_json(request: Request) -> str | None:
     return reason
 
 
-def bounded_array(body: bytes, max_items: int) -> Any:
+class RefusedMetadata:
+    """Stands for an item's metadata refused as the body was parsed (over 16 KiB serialised,
+    or not storable): its error is kept, not its content, so that a batch of oversize
+    metadata costs about its body's size while every refused item is still reported."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: DomainError) -> None:
+        self.error = error
+
+
+def _metadata_checked(item: Any, index: int) -> Any:
+    metadata = item.get("metadata") if isinstance(item, dict) else None
+    if isinstance(metadata, dict):
+        try:
+            check_metadata_size(metadata, ("input", str(index), "metadata"))
+        except DomainError as error:
+            # Without its traceback, whose frames hold the metadata.
+            item["metadata"] = RefusedMetadata(error.with_traceback(None))
+        except RecursionError:
+            pass  # the field rules report it, as for any body
+    return item
+
+
+def restore_refused_metadata(
+    errors: Sequence[DomainError], metadata: Sequence[Any]
+) -> list[DomainError]:
+    """The services' errors with each refused metadata's own error in place of the one they
+    give its stand-in (not an object); ``metadata`` holds each item's value, in input order."""
+    refused: dict[tuple[str, ...], DomainError] = {
+        ("input", str(i), "metadata"): value.error
+        for i, value in enumerate(metadata) if isinstance(value, RefusedMetadata)}
+    return [refused.get(error.field, error) if error.field else error for error in errors]
+
+
+def _item(text: str, index: int, limit: int, number: int) -> tuple[Any, int]:
+    """The array item at ``index``, parsed from at most ``limit`` characters of ``text``: one
+    item of a 32 MiB body would otherwise cost ~15 times its size before its size is known.
+    A short window first: copying the whole limit for every small item would cost more."""
+    for size in (min(_FIRST_WINDOW, limit), limit):
+        window = text[index:index + size]
+        try:
+            item, end = _DECODER.raw_decode(window)
+        except json.JSONDecodeError as error:
+            # Where a cut item fails: at the window's end, or at a string running past it.
+            cut = len(window) == size and (error.pos >= size - 6
+                                           or error.msg.startswith("Unterminated string"))
+            if not cut:
+                raise json.JSONDecodeError(error.msg, text, index + error.pos) from None
+            continue
+        return item, index + end
+    raise ItemTooLarge(number, limit)
+
+
+def bounded_array(body: bytes, max_items: int, item_limit: int) -> Any:
     """The JSON of ``body``, parsed one array item at a time when it is an array, so that
-    no more than ``max_items`` items are ever built (BatchTooLarge past that), and not at
-    all when it holds more objects and arrays than a valid batch can (counted in C; a brace
-    inside a string counts too, which only a batch of brace-filled metadata would notice)."""
+    no more than ``max_items`` items are ever built (BatchTooLarge past that), none from more
+    than ``item_limit`` characters (ItemTooLarge), and not at all when the body holds more
+    objects and arrays than a valid batch can (counted in C; a brace inside a string counts
+    too, which only a batch of brace-filled metadata would notice). Metadata refused as
+    each item is parsed is dropped at once (RefusedMetadata): a batch then costs about
+    twice its body's size."""
     if body.count(b"{") + body.count(b"[") > MAX_BATCH_CONTAINERS:
         raise TooManyContainers
     text = body.decode()
@@ -80,8 +145,8 @@ def bounded_array(body: bytes, max_items: int) -> Any:
             if not text.startswith(",", index):
                 raise json.JSONDecodeError("Expecting ',' delimiter", text, index)
             index = _WHITESPACE.match(text, index + 1).end()  # type: ignore[union-attr]  # `*`: always a match
-        item, index = _DECODER.raw_decode(text, index)
-        items.append(item)
+        item, index = _item(text, index, item_limit, len(items))
+        items.append(_metadata_checked(item, len(items)))
         index = _WHITESPACE.match(text, index).end()  # type: ignore[union-attr]  # `*`: always a match
     index = _WHITESPACE.match(text, index + 1).end()  # type: ignore[union-attr]  # `*`: always a match
     if index != len(text):
@@ -92,6 +157,7 @@ def bounded_array(body: bytes, max_items: int) -> Any:
 class _LimitedRequest(Request):
     limit: int = 0
     max_items: int | None = None  # a batch endpoint's
+    item_limit: int = 0  # a batch endpoint's, for one item
 
     async def body(self) -> bytes:
         if not hasattr(self, "_body"):
@@ -114,7 +180,7 @@ class _LimitedRequest(Request):
             reason = None
             try:
                 self._json = (json.loads(body) if self.max_items is None
-                              else bounded_array(body, self.max_items))
+                              else bounded_array(body, self.max_items, self.item_limit))
             except RecursionError:
                 reason = "it is nested too deeply"
             except ValueError as error:  # JSONDecodeError, bad UTF-8, a huge integer
@@ -143,6 +209,7 @@ class RestRoute(APIRoute):
             limited_request.limit = body_limit(request.app.state.settings, path)
             if path.endswith(BATCH_SUFFIX):
                 limited_request.max_items = BATCH_MAX
+                limited_request.item_limit = request.app.state.settings.max_body_bytes
             # FastAPI reads the body before it resolves dependencies: authenticate first here,
             # on the request's read connection, which the dependencies then share.
             database: Database = request.app.state.database

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, TypeAlias
 
+from email_validator import SPECIAL_USE_DOMAIN_NAMES
 from pydantic import BaseModel, ConfigDict, Field, RootModel, WithJsonSchema, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -88,12 +89,26 @@ class ErrorOut(BaseModel):
 
 
 # What `validation.text` enforces: no control character, and (trimmed fields) at least one
-# character that is not a space; ECMAScript patterns, as JSON Schema has them.
-_PLAIN = "[^\\u0000-\\u001f\\u007f-\\u009f]"
-TRIMMED = f"^{_PLAIN}*[^\\s\\u0000-\\u001f\\u007f-\\u009f]{_PLAIN}*$"
+# character that is not a space; ECMAScript patterns, as JSON Schema has them (a range of
+# lone surrogates, refused too, is not one that validators accept).
+_BANNED = "\\u0000-\\u001f\\u007f-\\u009f"
+_PLAIN = f"[^{_BANNED}]"
+TRIMMED = f"^{_PLAIN}*[^\\s{_BANNED}]{_PLAIN}*$"
 UNTRIMMED = f"^{_PLAIN}+$"
-# `+`, the country code and the number; whether it is a number in use is checked too.
-PHONE = "^\\s*\\+[0-9][0-9 ()./-]*$"
+
+
+def _any_case(word: str) -> str:
+    return "".join(f"[{ch}{ch.upper()}]" for ch in word)
+
+
+# email-validator refuses the special-use domains (RFC 6761 and its kin) and their subdomains.
+SPECIAL_USE = "|".join(_any_case(name) for name in SPECIAL_USE_DOMAIN_NAMES)
+EMAIL = f"^(?!.*[@.](?:{SPECIAL_USE})\\.?\\s*$){TRIMMED[1:]}"
+# `+`, a country code (never 0) and 7 to 15 digits in all, with the separators people write;
+# whether it is a number in use (phonenumbers' metadata) is checked too.
+PHONE = "^\\s*\\+[1-9](?:[ ()./-]*[0-9]){6,14}[ ()./-]*\\s*$"
+# Each key of a JSON object takes at least 5 bytes (`"":0,`): an upper bound the size implies.
+METADATA_MAX_KEYS = (METADATA_MAX_BYTES - 1) // 5
 
 
 def _nullable(schema: dict[str, Any], description: str) -> WithJsonSchema:
@@ -101,20 +116,21 @@ def _nullable(schema: dict[str, Any], description: str) -> WithJsonSchema:
 
 
 Email: TypeAlias = Annotated[Any, _nullable(
-    {"type": "string", "format": "email", "maxLength": EMAIL_MAX, "pattern": TRIMMED},
+    {"type": "string", "format": "email", "minLength": 3, "maxLength": EMAIL_MAX,
+     "pattern": EMAIL},
     "Unique, case-insensitively. Null: no email.",
 )]
 Phone: TypeAlias = Annotated[Any, _nullable(
-    {"type": "string", "maxLength": PHONE_INPUT_MAX, "pattern": PHONE},
+    {"type": "string", "minLength": 8, "maxLength": PHONE_INPUT_MAX, "pattern": PHONE},
     "An international number (E.164 format recommended); spaces, dashes and brackets are "
     "accepted and stored as E.164 (+14155550100).",
 )]
 FullName: TypeAlias = Annotated[Any, _nullable(
-    {"type": "string", "maxLength": FULL_NAME_MAX, "pattern": TRIMMED},
+    {"type": "string", "minLength": 1, "maxLength": FULL_NAME_MAX, "pattern": TRIMMED},
     "No control characters; not only spaces.",
 )]
 Metadata: TypeAlias = Annotated[Any, _nullable(
-    {"type": "object", "additionalProperties": True},
+    {"type": "object", "additionalProperties": True, "maxProperties": METADATA_MAX_KEYS},
     f"A JSON object of at most {METADATA_MAX_BYTES:,} bytes serialised. On update it is "
     "merged shallowly: given keys replace, a key set to null is removed, null clears it.",
 )]

@@ -23,7 +23,7 @@ from consumers_graphql.domain.common import BatchResult
 from consumers_graphql.domain.consumers import ConsumerChange, ConsumerFields, ConsumerService
 from consumers_graphql.errors import BadUserInput, DomainError, DomainErrors, ErrorCode
 from consumers_graphql.ids import IdKind, kind_of
-from consumers_graphql.rest.body import RestRoute
+from consumers_graphql.rest.body import RestRoute, restore_refused_metadata
 from consumers_graphql.rest.models import (
     BatchCreateConsumersRequest,
     BatchUpdateConsumersRequest,
@@ -212,9 +212,10 @@ def _fields(body: BaseModel) -> ConsumerFields:
     return ConsumerFields(**sent)
 
 
-def _written(result: BatchResult) -> list[dict[str, Any]]:
+def _written(result: BatchResult, items: Sequence[BaseModel] = ()) -> list[dict[str, Any]]:
     if result.errors:
-        raise DomainErrors(result.errors)
+        metadata = [getattr(item, "metadata", None) for item in items]
+        raise DomainErrors(restore_refused_metadata(result.errors, metadata))
     return [consumer_json(item.row) for item in result.results if item.row is not None]
 
 
@@ -303,7 +304,7 @@ async def batch_create_consumers(
     services: Writes, body: BatchCreateConsumersRequest
 ) -> Response:
     result = await services.create_consumers([_fields(item) for item in body.root])
-    return JSONBody(_written(result), status_code=201)
+    return JSONBody(_written(result, body.root), status_code=201)
 
 
 @router.put(
@@ -321,7 +322,7 @@ async def batch_update_consumers(
     result = await services.update_consumers(
         [ConsumerChange(item.id, _fields(item)) for item in body.root]
     )
-    return JSONBody(_written(result))
+    return JSONBody(_written(result, body.root))
 
 
 @router.get(
