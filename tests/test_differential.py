@@ -471,6 +471,11 @@ REGRESSIONS = [
     # has loaded the consumer already (Loaders.replay)
     pytest.param("""{ consumer(id: "{consumer:3}") { orders(first: 0, last: 0) { totalCount } }
       searchConsumers(q: "") { totalCount } }""", {}, id="1e fallback error list"),
+    # found by the property test: two non-null root fields fail, `consumers` in its read
+    # (a turn of the event loop later), `searchConsumers` at once; graphql-core alone
+    # reports the second, and so must the fallback, though the first's read is over
+    pytest.param("""{ consumers(audienceId: "{consumer:0}") { totalCount }
+      searchConsumers(q: "") { totalCount } }""", {}, id="1e which failed root comes first"),
 ]
 
 
