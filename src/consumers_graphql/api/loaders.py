@@ -34,7 +34,8 @@ class DataLoader(dataloader.DataLoader[K, T]):
         self.loaded: dict[K, asyncio.Future[T]] = {}
 
     def load(self, key: K) -> Awaitable[T]:
-        return asyncio.shield(_unwatched(self._load(key)))
+        future = self.loaded[key] = cast("asyncio.Future[T]", super().load(key))
+        return asyncio.shield(_unwatched(future))
 
     def load_many(self, keys: Iterable[K]) -> Awaitable[list[T]]:
         # gather takes what its loads raised; what it raises itself is taken here
