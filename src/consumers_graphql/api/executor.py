@@ -14,7 +14,8 @@ graphql-core: introspection, directives, middleware, and any operation whose exe
 raises or meets a null where the schema forbids one. Those are executed again by
 graphql-core from the start, so errors, their paths and null propagation are exactly
 graphql-core's, and the second run reads nothing again: relations come from the
-per-request DataLoaders, root pages and counts from `Loaders.once`. The differential tests
+per-request DataLoaders, root pages and counts from `Loaders.once`, replayed (Loaders.replay)
+so that each answer arrives in the turn of the event loop a cold run's would. The differential tests
 run the same operations through both executors and compare.
 
 Mutations run their root fields one after the other, as the spec wants, each resolved and
@@ -74,6 +75,7 @@ from graphql.type.definition import GraphQLResolveInfoHelpers
 from strawberry.types.arguments import convert_arguments
 
 from consumers_graphql.api.arguments import ArgumentsConverter, plan_arguments
+from consumers_graphql.api.loaders import Loaders
 
 _MAX_PLANS = 1000
 _NO_VARIABLES = VariableValues(sources={}, coerced={})
@@ -614,6 +616,9 @@ async def execute_compiled(
             await run.settle()
     except (_Fallback, Exception):
         run.abandon()
+        loaders = getattr(context_value, "loaders", None)
+        if isinstance(loaders, Loaders):  # graphql-core's turns of the loop, not warm caches
+            loaders.replay()
         if plan.operation.operation is not OperationType.MUTATION:
             return await standard()
         replaying = _replay.set(run.outcomes)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy.engine import Row
 from strawberry import dataloader
@@ -27,13 +27,51 @@ class DataLoader(dataloader.DataLoader[K, T]):
     started; later loads then join that batch and wait forever. Each load is shielded, so a
     batch always runs to its end and only the cancelled waiter stops waiting."""
 
+    def __init__(self, load_fn: Callable[[list[K]], Awaitable[Sequence[T | BaseException]]],
+                 recorded: dict[K, asyncio.Future[T]] | None = None) -> None:
+        super().__init__(partial(_replaying, load_fn, recorded) if recorded else load_fn)
+        # every key's future, as handed out by load: what replay() hands on
+        self.loaded: dict[K, asyncio.Future[T]] = {}
+
     def load(self, key: K) -> Awaitable[T]:
-        return asyncio.shield(_unwatched(super().load(key)))
+        future = self.loaded[key] = cast("asyncio.Future[T]", super().load(key))
+        return asyncio.shield(_unwatched(future))
 
     def load_many(self, keys: Iterable[K]) -> Awaitable[list[T]]:
-        load = super().load
         # gather takes what its loads raised; what it raises itself is taken here
-        return asyncio.shield(_unwatched(asyncio.gather(*map(load, keys))))
+        return asyncio.shield(_unwatched(asyncio.gather(*map(self._load, keys))))
+
+    def _load(self, key: K) -> asyncio.Future[T]:
+        future = cast("asyncio.Future[T]", super().load(key))
+        self.loaded[key] = future
+        return future
+
+
+async def _replaying(
+    load_fn: Callable[[list[K]], Awaitable[Sequence[T | BaseException]]],
+    recorded: dict[K, asyncio.Future[T]],
+    keys: list[K],
+) -> list[T | BaseException]:
+    """A batch that reads only the keys not read before, in the batch's own turn of the
+    event loop, as the first run's batch answered (see Loaders.replay)."""
+    missing = [key for key in keys if key not in recorded]
+    outcomes = dict(zip(missing, await load_fn(missing), strict=True)) if missing else {}
+    for key in keys:
+        if key in recorded:
+            outcome = await _outcome(recorded[key])
+            outcomes[key] = outcome
+    return [outcomes[key] for key in keys]
+
+
+async def _outcome(future: asyncio.Future[T]) -> T | BaseException:
+    try:
+        return await asyncio.shield(future)  # no turn of the loop when it is done already
+    except Exception as error:  # a DataLoader hands an exception on as the key's outcome
+        return error
+
+
+async def _replayed(future: asyncio.Future[T]) -> T:
+    return await asyncio.shield(future)
 
 
 def _unwatched(future: Awaitable[T]) -> Awaitable[T]:
@@ -53,32 +91,62 @@ PageLoader = DataLoader[str, Page[Row[Any]]]
 
 
 class Loaders:
-    def __init__(self, repository: Repository) -> None:
+    def __init__(
+        self, repository: Repository,
+        recorded: dict[Hashable, dict[Any, asyncio.Future[Any]]] | None = None,
+        recorded_once: dict[Hashable, asyncio.Future[Any]] | None = None,
+    ) -> None:
         self._repository = repository
-        self.consumer_by_id = DataLoader(repository.consumers_by_ids)
-        self.audience_by_id = DataLoader(repository.audiences_by_ids)
-        self.order_by_id = DataLoader(repository.orders_by_ids)
-        self.audience_count_by_consumer_id = DataLoader(
-            repository.audience_counts_by_consumer_ids
+        self._recorded = recorded or {}
+        self._recorded_once = recorded_once or {}
+        self._loaders: dict[Hashable, DataLoader[Any, Any]] = {}
+        self.consumer_by_id = self._loader("consumer_by_id", repository.consumers_by_ids)
+        self.audience_by_id = self._loader("audience_by_id", repository.audiences_by_ids)
+        self.order_by_id = self._loader("order_by_id", repository.orders_by_ids)
+        self.audience_count_by_consumer_id = self._loader(
+            "audience_count_by_consumer_id", repository.audience_counts_by_consumer_ids
         )
-        self.order_count_by_consumer_id = DataLoader(repository.order_counts_by_consumer_ids)
-        self.consumer_count_by_audience_id = DataLoader(
-            repository.consumer_counts_by_audience_ids
+        self.order_count_by_consumer_id = self._loader(
+            "order_count_by_consumer_id", repository.order_counts_by_consumer_ids
         )
-        self._pages: dict[tuple[str, PageRequest], PageLoader] = {}
+        self.consumer_count_by_audience_id = self._loader(
+            "consumer_count_by_audience_id", repository.consumer_counts_by_audience_ids
+        )
         self._once: dict[Hashable, asyncio.Future[Any]] = {}
+
+    def _loader(
+        self, name: Hashable, load_fn: Callable[[list[Any]], Awaitable[Sequence[Any]]]
+    ) -> DataLoader[Any, Any]:
+        loader = self._loaders[name] = DataLoader(load_fn, self._recorded.get(name))
+        return loader
 
     def clear(self) -> None:
         """Forget everything loaded so far (after a write)."""
         self.__init__(self._repository)  # type: ignore[misc]  # every loader anew, in one place
 
+    def replay(self) -> None:
+        """Before graphql-core runs an operation again (the compiled executor fell back):
+        every loader and read anew, cold, but answered from what the first run read, each
+        in its batch's or read's own turn of the event loop. With warm caches, fields that
+        waited for a load in the first run would complete at once, and reach errors that
+        graphql-core alone never reaches, because a failing non-null field cancels them
+        while their loads are still under way."""
+        recorded = {name: {**self._recorded.get(name, {}), **{
+            key: future for key, future in loader.loaded.items() if not future.cancelled()}}
+            for name, loader in self._loaders.items()}
+        once = {**self._recorded_once, **{
+            key: future for key, future in self._once.items() if not future.cancelled()}}
+        self.__init__(self._repository, recorded, once)  # type: ignore[misc]  # as clear()
+
     def once(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> Awaitable[T]:
         """A read that is not by key (a root page, a count) made once per request: when
         graphql-core takes an operation over from the compiled executor, it gets what was
-        already read instead of reading again. Shielded as loads are."""
+        already read instead of reading again (see replay). Shielded as loads are."""
         future = self._once.get(key)
         if future is None:
-            future = self._once[key] = asyncio.ensure_future(read())
+            recorded = self._recorded_once.get(key)
+            future = self._once[key] = asyncio.ensure_future(
+                read() if recorded is None else _replayed(recorded))
             _unwatched(future)
         return asyncio.shield(future)
 
@@ -104,10 +172,10 @@ class Loaders:
         load: Callable[[Sequence[str], PageRequest], Awaitable[list[Page[Row[Any]]]]],
     ) -> PageLoader:
         key = (name, request)
-        loader = self._pages.get(key)
+        loader = self._loaders.get(key)
         if loader is None:
-            loader = self._pages[key] = DataLoader(partial(_load_pages, load, request))
-        return loader
+            loader = self._loader(key, partial(_load_pages, load, request))
+        return cast(PageLoader, loader)
 
 
 async def _load_pages(
