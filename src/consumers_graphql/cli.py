@@ -38,9 +38,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         print(problem, file=sys.stderr)
         return 1
     asyncio.run(_create_first_key(settings))
-    # Uvicorn drains requests on SIGTERM, then raises the signal again for the previous
-    # handler: make that a clean exit, since a requested graceful stop is a success.
+    # Uvicorn drains requests on SIGTERM and SIGINT, then raises the signal again for the
+    # previous handler: make that a clean exit, since a requested graceful stop is a success.
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    signal.signal(signal.SIGINT, _exit_cleanly)
     limits = ConnectionLimits.for_settings(settings)
     if limits.max_connections < settings.max_connections:
         print(f"At most {limits.max_connections} client connections, not "
@@ -67,7 +68,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _leave_stuck_work() -> None:
+def _leave_stuck_work(code: int) -> None:
     """Work cancelled at the end of the grace period can still be unwinding: a statement it
     started goes on on the driver's thread (a SQLite write waiting out its busy timeout,
     which no interrupt ends), and asyncio.run would wait for it before the process exits.
@@ -85,7 +86,7 @@ def _leave_stuck_work() -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 async def _create_first_key(settings: Settings) -> None:
@@ -117,9 +118,11 @@ async def _create_first_key(settings: Settings) -> None:
     )
 
 
-def _exit_cleanly(_signum: int, _frame: object) -> None:
-    _leave_stuck_work()
-    raise SystemExit(0)
+def _exit_cleanly(signum: int, _frame: object) -> None:
+    # Ctrl-C exits 130 (128 + SIGINT), as shells report an interrupted command.
+    code = 128 + signal.SIGINT if signum == signal.SIGINT else 0
+    _leave_stuck_work(code)
+    raise SystemExit(code)
 
 
 async def _prepare_database(settings: Settings) -> str | None:

@@ -9,7 +9,12 @@ Here a connection must, from the moment it opens or its last response ends,
 - complete the request head within the header timeout of that first byte (408, closed),
 - keep its body coming: no more than the body timeout between two reads of it (408,
   closed; never counted while the application has not asked for the body);
-and a connection over the cap is answered 503 with Retry-After and closed at once."""
+a connection answered before its request's body is all in (a 401, a 504) is closed: h11
+cannot reuse it, and uvicorn would drop what more comes while waiting for it forever;
+and a connection over the cap is answered 503 with Retry-After and closed at once.
+Every close after an answer is a lingering one (RFC 9112 §9.6): the answer is sent, the
+sending side shut, and what the client still sends discarded for a moment, so that a reset
+does not destroy the answer before the client has read it."""
 
 from __future__ import annotations
 
@@ -38,6 +43,11 @@ _RESERVED_DESCRIPTORS = 64
 # the cap leaves that many descriptors free: else a burst meets EMFILE (and asyncio logs a
 # traceback for every connection of it).
 _BACKLOG = 2048
+# How long a closing connection still reads (and drops) what its client sends.
+_LINGER_S = 1.0
+# Refused connections lingering at once, at most (fewer when descriptors are scarce); the
+# cap keeps their descriptors free too.
+_LINGERING_REFUSALS = 64
 
 
 class _Wait(Enum):
@@ -53,19 +63,22 @@ class ConnectionLimits:
     body_s: float
     max_connections: int
     backlog: int = _BACKLOG
+    lingering_refusals: int = _LINGERING_REFUSALS
 
     @classmethod
     def for_settings(cls, settings: Settings) -> ConnectionLimits:
         """The settings' limits, the cap and the backlog lowered to what the descriptor limit
         allows."""
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        cap, backlog = settings.max_connections, _BACKLOG
+        cap, backlog, lingering = settings.max_connections, _BACKLOG, _LINGERING_REFUSALS
         if soft != resource.RLIM_INFINITY:
             spare = max(2, soft - _RESERVED_DESCRIPTORS - 4 * settings.pool_size)
             backlog = min(backlog, max(1, spare // 4))
-            cap = min(cap, spare - backlog)
+            lingering = min(lingering, backlog)
+            cap = min(cap, max(1, spare - backlog - lingering))
         return cls(idle_s=settings.keep_alive_timeout_s, header_s=settings.header_timeout_s,
-                   body_s=settings.body_timeout_s, max_connections=cap, backlog=backlog)
+                   body_s=settings.body_timeout_s, max_connections=cap, backlog=backlog,
+                   lingering_refusals=lingering)
 
     def protocol(self) -> type[asyncio.Protocol]:
         """The class to give uvicorn as `http=`."""
@@ -75,18 +88,26 @@ class ConnectionLimits:
 class LimitedH11Protocol(H11Protocol):
     limits: ConnectionLimits
     _full = False  # the cap was reached (logged once until connections are accepted again)
+    _refusals = 0  # refused connections still lingering
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.timeout_keep_alive = self.limits.idle_s  # type: ignore[assignment]  # uvicorn says int; a float works
         self._clock: asyncio.TimerHandle | None = None
         self._waiting: _Wait | None = None
+        self._lingering = False
+        self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's own
         if len(self.connections) >= self.limits.max_connections:
             self.transport = transport
-            transport.write(_FULL)
-            transport.close()
+            if type(self)._refusals < self.limits.lingering_refusals:
+                type(self)._refusals += 1
+                self._refused = True
+                self._close_lingering(_FULL)
+            else:
+                transport.write(_FULL)
+                transport.close()
             if not type(self)._full:
                 type(self)._full = True
                 logger.warning("%d client connections open, the most allowed: refusing new "
@@ -100,15 +121,38 @@ class LimitedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_clock()
+        if self._refused:
+            self._refused = False
+            type(self)._refusals -= 1
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # the connection is closing: what the client still sends is dropped
         super().data_received(data)
         self._watch(received=True)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.SEND_BODY:
+            self._unset_keepalive_if_required()
+            self._close_lingering()  # answered before the body was in: nothing more to serve
+            return
         self._watch()
+
+    def _close_lingering(self, answer: bytes = b"") -> None:
+        """Sends `answer`, shuts the sending side, then drops what comes for a moment and
+        closes."""
+        self._stop_clock()
+        if answer:
+            self.transport.write(answer)
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self._lingering = True
+        # The client's own close (EOF) ends it sooner: uvicorn's eof_received lets it close.
+        self._clock = self.loop.call_later(_LINGER_S, self.transport.close)
 
     def _watch(self, *, received: bool = False) -> None:
         """Starts the clock for what the connection now waits for from its client."""
@@ -157,5 +201,6 @@ class LimitedH11Protocol(H11Protocol):
                 # The application's receive() now sees a disconnect; what it sends is dropped.
                 cycle.disconnected = True
                 cycle.message_event.set()
-            self.transport.write(_TIMED_OUT)
+            self._close_lingering(_TIMED_OUT)
+            return
         self.transport.close()
