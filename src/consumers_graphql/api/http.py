@@ -11,7 +11,7 @@ and bodies that are not a JSON object (400), and query strings that are not UTF-
 under ``application/graphql-response+json`` a request error (parse, validation, limits,
 variables) is 400; under ``application/json`` every GraphQL response is 200. A mutation
 over GET is 405 with ``Allow: POST``. The database out of reach is 503 with Retry-After under
-both, unless a mutation's root field ran (its write may have committed: no retry invited).
+both, unless a mutation may have written (past its first field's failure: no retry invited).
 A body the client stopped sending is never executed, and nothing is answered.
 """
 
@@ -26,7 +26,7 @@ from urllib.parse import unquote_to_bytes
 import orjson
 from cross_web import HTTPException
 from fastapi import BackgroundTasks
-from graphql import GraphQLError, OperationType, get_operation_ast, parse
+from graphql import FieldNode, GraphQLError, OperationType, get_operation_ast, parse
 from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response, StreamingResponse
@@ -48,7 +48,7 @@ REQUEST_ERROR_STATE = "graphql_request_error"
 _UTF8 = frozenset({"utf-8", "utf8"})
 _JSON_WHITESPACE = b" \t\n\r"
 BAD_REQUEST = "BAD_REQUEST"
-OPERATION_IS_MUTATION_STATE = "graphql_operation_is_mutation"
+MAY_HAVE_WRITTEN_STATE = "graphql_may_have_written"
 
 
 def negotiate(accept: str | None) -> str | None:
@@ -324,10 +324,14 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
                                "Mutations are only accepted over POST.", {"Allow": "POST"}
                                ) from error
             raise
-        if any(error.path is not None and _is_unavailable(error) for error in result.errors or ()):
+        errors = result.errors or ()
+        if any(error.path is not None and _is_unavailable(error) for error in errors):
             # Only then is it worth parsing again: a mutation that ran may have committed.
-            request.scope.setdefault("state", {})[OPERATION_IS_MUTATION_STATE] = (
-                _is_mutation(request_data.query, request_data.operation_name))
+            first = _first_mutation_field(request_data.query, request_data.operation_name)
+            failed_first = result.data is None and all(
+                error.path is not None and list(error.path) == [first] for error in errors)
+            request.scope.setdefault("state", {})[MAY_HAVE_WRITTEN_STATE] = (
+                first is not None and not failed_first)
         return result
 
     async def process_result(
@@ -342,11 +346,11 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         # request (400); both only under application/graphql-response+json.
         forbidden = all((error.extensions or {}).get("code") == FORBIDDEN for error in errors)
         state = request.scope.setdefault("state", {})
-        # 503 (retry) only when nothing ran, or a query came back without data; a mutation
-        # whose root field ran may have committed, so it answers as usual, with field errors.
+        # 503 (retry) only when nothing was written: nothing ran, a query came back without
+        # data, or a mutation's first field failed; past that a write may have committed.
         unavailable = any(_is_unavailable(error) for error in errors) and (
             request_error
-            or (result.data is None and not state.get(OPERATION_IS_MUTATION_STATE, False)))
+            or (result.data is None and not state.get(MAY_HAVE_WRITTEN_STATE, False)))
         state[REQUEST_ERROR_STATE] = (
             503 if unavailable else (403 if forbidden else 400) if request_error else None
         )
@@ -362,9 +366,16 @@ def _is_unavailable(error: GraphQLError) -> bool:
     return (error.extensions or {}).get("code") == SERVICE_UNAVAILABLE
 
 
-def _is_mutation(query: str | None, operation_name: str | None) -> bool:
+def _first_mutation_field(query: str | None, operation_name: str | None) -> str | None:
+    """The response key of a mutation's first root field ("" when it is a fragment's), None
+    for any other operation."""
     try:
         operation = get_operation_ast(parse(query or ""), operation_name)
     except GraphQLError:
-        return False
-    return operation is not None and operation.operation is OperationType.MUTATION
+        return None
+    if operation is None or operation.operation is not OperationType.MUTATION:
+        return None
+    first = operation.selection_set.selections[0]
+    if not isinstance(first, FieldNode):
+        return ""  # matches no path: a fragment's fields are not told apart here
+    return (first.alias or first.name).value
