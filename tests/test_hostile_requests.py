@@ -499,3 +499,58 @@ async def test_a_405_lists_exactly_the_methods_of_its_path(
         assert response.status_code == 405, (method, path, response.text)
         assert response.headers["allow"] == allow
         assert response.json() == {"error": "Method not allowed", "details": []}
+
+
+# -- Bodies that never finish arriving --------------------------------------------------------
+
+
+async def cut_short(app: FastAPI, path: str, body: bytes, secret: str) -> list[Any]:
+    """Sends `body` under a Content-Length 500 bytes longer, then the client goes away (as
+    `serve`'s body timeout also reports it); what the app sent back."""
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": body, "more_body": True}, {"type": "http.disconnect"}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await app({
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+        "root_path": "", "server": ("testserver", 80), "client": ("127.0.0.1", 1),
+        "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body) + 500).encode()),
+                    (b"authorization", f"Bearer {secret}".encode())],
+    }, receive, send)
+    return sent
+
+
+async def test_a_graphql_body_cut_short_is_never_executed(
+    app: FastAPI, api_key: str, sql: StatementCounter, write_engine: Any, execution_path: str
+) -> None:
+    body = json.dumps({"query": 'mutation { consumerCreate(input: {email: "cut@example.com"}) '
+                                "{ consumer { id } } }"}).encode()
+
+    sent = await cut_short(app, "/graphql", body, api_key)
+
+    assert sent == []  # nobody is left to read an answer
+    no_work(sql)
+    assert sql.auth_statements == []
+    assert await consumer_count(write_engine) == 0
+
+
+async def test_a_rest_body_cut_short_is_never_executed(
+    app: FastAPI, api_key: str, sql: StatementCounter, write_engine: Any
+) -> None:
+    body = json.dumps({"email": "cut@example.com"}).encode()
+
+    sent = await cut_short(app, "/api/v1/consumers", body, api_key)
+
+    # FastAPI reports the ClientDisconnect as a body it could not parse, to no one
+    assert sent[0]["status"] == 400
+    no_work(sql)
+    assert await consumer_count(write_engine) == 0

@@ -175,3 +175,68 @@ async def test_a_sqlite_file_locked_past_the_busy_timeout_is_503_then_recovers(
     assert sum("database unavailable" in m for m in messages) == 1, messages
     assert sum("database available again" in m for m in messages) == 1, messages
     assert not any("locked.out" in r.getMessage() or r.exc_info for r in caplog.records)
+
+
+# Cuts every other connection to the database, the request's read connection among them,
+# from inside the order's INSERT: the write commits, the payload's reads meet a dead socket.
+CUT_READERS = [
+    """CREATE FUNCTION cut_readers() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+         PERFORM pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+          WHERE datname = current_database() AND pid <> pg_backend_pid()
+            AND backend_type = 'client backend';
+         RETURN NEW; END $$""",
+    "CREATE TRIGGER cut_readers AFTER INSERT ON orders FOR EACH ROW EXECUTE FUNCTION "
+    "cut_readers()",
+]
+RECORD_ORDER = """mutation($id: ID!) { orderRecord(input: {consumerId: $id, amount: 10,
+  currency: "EUR", placedAt: "2024-01-01T00:00:00Z"}) {
+  order { amount consumer { totalOrders } } userErrors { code } } }"""
+
+
+@pytest.mark.parametrize("accept", ["application/json", GRAPHQL_RESPONSE_JSON])
+async def test_a_mutation_that_committed_is_never_503_when_its_payload_meets_an_outage(
+    cluster: PostgresCluster, accept: str, execution_path: str
+) -> None:
+    from asgi_lifespan import LifespanManager
+    from sqlalchemy import text
+
+    from consumers_graphql.store.db import make_engine
+    from consumers_graphql.store.migrate import upgrade
+    from consumers_graphql.web.app import create_app
+
+    settings = Settings(database_url=cluster.url, key_pepper="outage-pepper")  # type: ignore[arg-type]
+    engine = make_engine(settings, writer=True)
+    try:
+        await upgrade(engine)
+        async with engine.begin() as conn:
+            for statement in CUT_READERS:
+                await conn.execute(text(statement))
+    finally:
+        await engine.dispose()
+    app = create_app(settings)
+    on_path(app, execution_path)
+    async with LifespanManager(app):
+        key = bearer((await app.state.keys.create("outage")).secret.get_secret_value())
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            created = await client.post("/graphql", headers=key, json={
+                "query": _create(*PEOPLE[0])})
+            consumer_id = created.json()["data"]["consumerCreate"]["consumer"]["id"]
+
+            # when the order is written and its payload's reads find the database gone
+            response = await client.post("/graphql", headers={**key, "Accept": accept}, json={
+                "query": RECORD_ORDER, "variables": {"id": consumer_id}})
+
+            # then the answer is the mutation's own, not a 503 inviting a retry
+            assert response.status_code == 200, response.text
+            assert "retry-after" not in response.headers
+            body = response.json()
+            assert body["data"] == {"orderRecord": {"order": None, "userErrors": []}}
+            [error] = body["errors"]
+            assert error["path"][:2] == ["orderRecord", "order"]
+            assert error["extensions"]["code"] == "SERVICE_UNAVAILABLE"
+
+            # and the order was written, once
+            response = await client.post("/graphql", headers=key, json={
+                "query": "{ consumers { nodes { totalOrders } } }"})
+            assert response.json()["data"] == {"consumers": {"nodes": [{"totalOrders": 1}]}}

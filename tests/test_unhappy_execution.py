@@ -362,18 +362,21 @@ def pools_in_use(app: FastAPI) -> tuple[int, int]:
             database.write_engine.sync_engine.pool.checkedout())
 
 
+@pytest.mark.parametrize("accept", ["application/json", "application/graphql-response+json"])
 async def test_a_graphql_request_past_its_deadline_is_504_and_gives_its_connections_back(
-    hurried: httpx.AsyncClient, settings: Settings, api_key: str, compiled: bool
+    hurried: httpx.AsyncClient, settings: Settings, api_key: str, compiled: bool, accept: str
 ) -> None:
     hurried_app: FastAPI = hurried.app  # type: ignore[attr-defined]
     async with consumers_locked(settings):
         # when a write waits for the lock past the deadline
         async with asyncio.timeout(ANSWER_WITHIN_S):
-            response = await hurried.post("/graphql", headers=bearer(api_key), json={
+            response = await hurried.post("/graphql", headers={
+                **bearer(api_key), "Accept": accept}, json={
                 "query": CREATE, "variables": {"email": "late@example.com"}})
 
-        # then
+        # then, in the media type the request negotiated
         assert response.status_code == 504
+        assert response.headers["content-type"] == f"{accept}; charset=utf-8"
         assert response.json() == {"errors": [{
             "message": "The request did not finish within its 1 s; it was stopped.",
             "extensions": {"code": "TIMEOUT",
@@ -410,6 +413,33 @@ async def test_a_rest_request_past_its_deadline_is_504_in_the_reference_shape(
     assert created.status_code == 201
     listed = await hurried.get("/api/v1/consumers", headers=bearer(api_key))
     assert [c["email"] for c in listed.json()["data"]] == ["next@example.com"]
+
+
+async def test_a_health_check_past_its_deadline_is_504_in_its_own_shape() -> None:
+    """/healthz's one statement cannot be held up from outside (SELECT 1 waits for no lock),
+    so the deadline is met by an app that never answers, under the real middleware."""
+    from consumers_graphql.web.deadline import RequestDeadline
+
+    async def never_answers(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.Event().wait()
+
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async with asyncio.timeout(ANSWER_WITHIN_S):
+        await RequestDeadline(never_answers, seconds=0.01)(
+            {"type": "http", "method": "GET", "path": "/healthz", "headers": []},
+            receive, send)
+
+    start, body = sent
+    assert start["status"] == 504
+    assert dict(start["headers"])[b"content-type"] == b"application/json"
+    assert json.loads(body["body"]) == {"status": "timeout"}
 
 
 async def test_a_read_past_its_deadline_gives_its_connection_back(

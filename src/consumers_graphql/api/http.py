@@ -10,7 +10,9 @@ and bodies that are not a JSON object (400), and query strings that are not UTF-
 ``GraphQLApp`` then answers in the negotiated media type with the spec's status codes:
 under ``application/graphql-response+json`` a request error (parse, validation, limits,
 variables) is 400; under ``application/json`` every GraphQL response is 200. A mutation
-over GET is 405 with ``Allow: POST``.
+over GET is 405 with ``Allow: POST``. The database out of reach is 503 with Retry-After under
+both, unless a mutation may have written (past its first field's failure: no retry invited).
+A body the client stopped sending is never executed, and nothing is answered.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from urllib.parse import unquote_to_bytes
 import orjson
 from cross_web import HTTPException
 from fastapi import BackgroundTasks
+from graphql import FieldNode, GraphQLError, OperationType, get_operation_ast, parse
 from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response, StreamingResponse
@@ -45,6 +48,7 @@ REQUEST_ERROR_STATE = "graphql_request_error"
 _UTF8 = frozenset({"utf-8", "utf8"})
 _JSON_WHITESPACE = b" \t\n\r"
 BAD_REQUEST = "BAD_REQUEST"
+MAY_HAVE_WRITTEN_STATE = "graphql_may_have_written"
 
 
 def negotiate(accept: str | None) -> str | None:
@@ -117,7 +121,10 @@ class ProtocolGuard:
                 await _refuse(send, 415, "UNSUPPORTED_MEDIA_TYPE",
                               f"Send the operation as {JSON} (UTF-8).", {"Accept-Post": JSON})
                 return
-            body = await self._read_body(headers, receive)
+            try:
+                body = await self._read_body(headers, receive)
+            except _Disconnected:  # a body that never finished is never executed
+                return
             if body is None:
                 await _refuse(send, 413, "PAYLOAD_TOO_LARGE",
                               f"The request body is over the limit of {self.max_body_bytes:,} "
@@ -141,7 +148,8 @@ class ProtocolGuard:
         await self.app(scope, receive, send)
 
     async def _read_body(self, headers: Headers, receive: Receive) -> bytes | None:
-        """The whole body, or None as soon as it is known to be over the limit."""
+        """The whole body, or None as soon as it is known to be over the limit; _Disconnected
+        when the client (or the server's body timeout) ended the request first."""
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             return None
@@ -149,7 +157,7 @@ class ProtocolGuard:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                break
+                raise _Disconnected
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
@@ -158,6 +166,10 @@ class ProtocolGuard:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
+
+
+class _Disconnected(Exception):
+    """The request ended before its body did: there is no one left to answer."""
 
 
 def _is_utf8(query_string: bytes) -> bool:
@@ -303,7 +315,7 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         request_data: GraphQLRequestData,
     ) -> ExecutionResult:
         try:
-            return await super().execute_single(
+            result = await super().execute_single(
                 request, request_adapter, sub_response, context, root_value, request_data
             )
         except HTTPException as error:
@@ -312,6 +324,15 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
                                "Mutations are only accepted over POST.", {"Allow": "POST"}
                                ) from error
             raise
+        errors = result.errors or ()
+        if any(error.path is not None and _is_unavailable(error) for error in errors):
+            # Only then is it worth parsing again: a mutation that ran may have committed.
+            first = _first_mutation_field(request_data.query, request_data.operation_name)
+            failed_first = result.data is None and all(
+                error.path is not None and list(error.path) == [first] for error in errors)
+            request.scope.setdefault("state", {})[MAY_HAVE_WRITTEN_STATE] = (
+                first is not None and not failed_first)
+        return result
 
     async def process_result(
         self, request: Request, result: ExecutionResult
@@ -324,9 +345,13 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         # A refused scope is a permission problem (403), any other request error a bad
         # request (400); both only under application/graphql-response+json.
         forbidden = all((error.extensions or {}).get("code") == FORBIDDEN for error in errors)
-        unavailable = any((error.extensions or {}).get("code") == SERVICE_UNAVAILABLE
-                          for error in errors)
-        request.scope.setdefault("state", {})[REQUEST_ERROR_STATE] = (
+        state = request.scope.setdefault("state", {})
+        # 503 (retry) only when nothing was written: nothing ran, a query came back without
+        # data, or a mutation's first field failed; past that a write may have committed.
+        unavailable = any(_is_unavailable(error) for error in errors) and (
+            request_error
+            or (result.data is None and not state.get(MAY_HAVE_WRITTEN_STATE, False)))
+        state[REQUEST_ERROR_STATE] = (
             503 if unavailable else (403 if forbidden else 400) if request_error else None
         )
         response: GraphQLHTTPResponse = {} if request_error else {"data": result.data}
@@ -335,3 +360,22 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         if result.extensions:
             response["extensions"] = result.extensions
         return response
+
+
+def _is_unavailable(error: GraphQLError) -> bool:
+    return (error.extensions or {}).get("code") == SERVICE_UNAVAILABLE
+
+
+def _first_mutation_field(query: str | None, operation_name: str | None) -> str | None:
+    """The response key of a mutation's first root field ("" when it is a fragment's), None
+    for any other operation."""
+    try:
+        operation = get_operation_ast(parse(query or ""), operation_name)
+    except GraphQLError:
+        return None
+    if operation is None or operation.operation is not OperationType.MUTATION:
+        return None
+    first = operation.selection_set.selections[0]
+    if not isinstance(first, FieldNode):
+        return ""  # matches no path: a fragment's fields are not told apart here
+    return (first.alias or first.name).value

@@ -2,9 +2,11 @@
 work is cancelled, which gives its database connections back to their pools (a statement
 cut short drops its connection: see db.Reader), and the client gets 504 once the work has
 stopped (at once, but for a statement on a driver's thread, which ends first), in the shape
-of the face it called: GraphQL ``extensions.code = "TIMEOUT"`` with the request id, REST the
-reference's ``{"error": "Request timed out", "details": []}``. A request whose answer had
-already started is only cut short (nothing more can be said on it)."""
+of the face it called: GraphQL ``extensions.code = "TIMEOUT"`` with the request id (in the media
+type /graphql negotiated), REST the reference's ``{"error": "Request timed out", "details":
+[]}``, anything else (/healthz) ``{"status": "timeout"}`` like its 503's ``{"status":
+"unavailable"}``. A request whose answer had already started is only cut short (nothing more
+can be said on it)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from consumers_graphql.web import request_id
+from consumers_graphql.web.dependencies import JSON, MEDIA_TYPE_STATE
 
 TIMEOUT = "TIMEOUT"
 REQUEST_TIMED_OUT = "Request timed out"
@@ -51,13 +54,19 @@ class RequestDeadline:
             logger.warning("request over its deadline of %s s: %s %s (request_id=%s)",
                            self.seconds, scope["method"], scope["path"], current)
             if not started:
-                await send_timeout(send, scope["path"], self.seconds, current)
+                await send_timeout(send, scope, self.seconds, current)
 
 
-async def send_timeout(send: Send, path: str, seconds: float, current: str | None) -> None:
+async def send_timeout(send: Send, scope: Scope, seconds: float, current: str | None) -> None:
     body: dict[str, Any]
+    path = str(scope["path"])
+    # ProtocolGuard stores the negotiated type for /graphql only.
+    media_type = scope.get("state", {}).get(MEDIA_TYPE_STATE)
+    content_type = JSON if media_type is None else f"{media_type}; charset=utf-8"
     if path.startswith("/api/"):
         body = {"error": REQUEST_TIMED_OUT, "details": []}
+    elif media_type is None:
+        body = {"status": "timeout"}
     else:
         extensions: dict[str, str] = {"code": TIMEOUT}
         if current is not None:
@@ -68,7 +77,7 @@ async def send_timeout(send: Send, path: str, seconds: float, current: str | Non
         }]}
     encoded = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": 504, "headers": [
-        (b"content-type", b"application/json"),
+        (b"content-type", content_type.encode()),
         (b"content-length", str(len(encoded)).encode()),
     ]})
     await send({"type": "http.response.body", "body": encoded})
