@@ -110,9 +110,10 @@ def test_a_client_that_never_completes_its_request_head_gets_408_and_is_closed(
 
 def test_a_client_that_stalls_in_its_body_gets_408_and_is_closed(served: Served) -> None:
     with _connect(served) as sock:
+        sent = time.monotonic()  # before the server's clock starts (it may read the bytes
+        # before this thread runs again)
         sock.sendall(b"POST /graphql HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
                      b"\r\nContent-Length: 100\r\n\r\n{\"query\":")
-        sent = time.monotonic()
         received, closed = _until_closed(sock)
     assert received.startswith(b"HTTP/1.1 408 "), received
     assert closed - sent >= TIMEOUT_S
