@@ -7,6 +7,7 @@ Each operation runs through both executors (`compiled` fixture)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -25,6 +27,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from sqlalchemy import text
+from sqlalchemy.exc import SAWarning
 
 from consumers_graphql.settings import Settings
 from consumers_graphql.store import models
@@ -224,6 +227,35 @@ async def test_c_a_sibling_cancelled_mid_statement_leaves_a_client_mistake_a_cli
         assert body["data"] is None
         assert codes(body) == ["BAD_USER_INPUT"], body["errors"]
         assert checked_out(app) == 0
+
+
+# The reviewer's query: the failing field cancels its siblings while their batches wait
+# for a connection; the request's reads closed under them.
+CLOSED_WHILE_CONNECTING = """{ good: consumers(search: "ab") { totalCount }
+  c3: audiences { totalCount } bad: consumers(first: 101) { totalCount } }"""
+
+
+async def test_c_reads_closed_while_a_batch_waits_for_its_connection_leak_none(
+    settings: Settings, read_only_key: str, execution_path: str
+) -> None:
+    # an app of its own: its pool starts empty, so batches wait for new connections
+    fresh = create_app(settings)
+    on_path(fresh, execution_path)
+    async with LifespanManager(fresh), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=fresh), base_url="http://testserver") as c:
+        fresh_gql = GraphQL(c, read_only_key)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SAWarning)  # "non-checked-in connection", at GC
+            for _ in range(10):  # before the fix, one more connection kept every request or two
+                body = await answer(fresh_gql, CLOSED_WHILE_CONNECTING)
+
+                assert codes(body) == ["BAD_USER_INPUT"], body["errors"]
+                assert checked_out(fresh) == 0
+                # a batch left running would finish connecting meanwhile and keep that
+                # connection; with the fix none is left running
+                await asyncio.sleep(0.05)
+                assert checked_out(fresh) == 0
+            gc.collect()
 
 
 # --- d. the cost is priced from the values that run ------------------------------------------
