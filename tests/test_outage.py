@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from consumers_graphql.settings import Settings
-from tests.conftest import bearer, on_path
+from tests.conftest import GraphQL, bearer, on_path
 from tests.processes import PostgresCluster, Served
 
-pytestmark = pytest.mark.skipif(
+# the tests with a database of their own run once, in the SQLite run
+own_database = pytest.mark.skipif(
     bool(os.environ.get("CONSUMERS_TEST_DATABASE_URL")),
-    reason="brings its own PostgreSQL: runs once, in the SQLite run",
+    reason="brings its own database: runs once, in the SQLite run",
 )
 
 REST = "/api/v1/consumers"
@@ -54,6 +59,7 @@ def _assert_unavailable(response: httpx.Response, retry_after: str) -> None:
     assert response.headers["x-request-id"].startswith("req_")
 
 
+@own_database
 def test_postgresql_stopped_and_started_again_503_one_warning_and_recovery(
     cluster: PostgresCluster, tmp_path: Path
 ) -> None:
@@ -118,6 +124,10 @@ def test_postgresql_stopped_and_started_again_503_one_warning_and_recovery(
     log = "".join(served.lines[started:])
     # one warning for the outage, one line for its end, and nothing else of it
     assert log.count("database unavailable") == 1, log
+    # named by the driver's connection error, not by a wrapper (a fallback, SQLAlchemy's)
+    assert re.search(r"database unavailable \((ConnectionRefusedError|ConnectionResetError|"
+                     r"ConnectionDoesNotExistError|CannotConnectNowError|AdminShutdownError"
+                     r"|OSError): ", log), log
     assert log.count("WARNING") == 1, log
     assert log.count("database available again") == 1, log
     assert "Traceback" not in log and "ERROR" not in log, log
@@ -127,6 +137,7 @@ def test_postgresql_stopped_and_started_again_503_one_warning_and_recovery(
     assert '"GET /healthz HTTP/1.1" 503' in log
 
 
+@own_database
 async def test_a_sqlite_file_locked_past_the_busy_timeout_is_503_then_recovers(
     settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture, execution_path: str
 ) -> None:
@@ -173,5 +184,38 @@ async def test_a_sqlite_file_locked_past_the_busy_timeout_is_503_then_recovers(
         await keys.revoke(created.info.id)
     messages = [r.getMessage() for r in caplog.records if r.name == "consumers_graphql.db"]
     assert sum("database unavailable" in m for m in messages) == 1, messages
+    assert any(m.startswith("database unavailable (OperationalError: database is locked)")
+               for m in messages), messages
     assert sum("database available again" in m for m in messages) == 1, messages
     assert not any("locked.out" in r.getMessage() or r.exc_info for r in caplog.records)
+
+
+async def test_an_outage_of_waiting_for_the_pool_ends_at_the_next_checkout(
+    app: FastAPI, read_only_gql: GraphQL, settings: Settings,
+    caplog: pytest.LogCaptureFixture, execution_path: str
+) -> None:
+    """A pool that gave no connection in time: read-only traffic on pooled connections
+    (no new connection, no commit) ends it, so the next outage is logged too."""
+    caplog.set_level(logging.INFO, logger="consumers_graphql")
+    outage = app.state.database.outage
+    tiny = create_async_engine(settings.database_url, pool_size=1, max_overflow=0,
+                               pool_timeout=0.01)
+    await read_only_gql.data(QUERY)  # the key's first use written, the pool warm
+    try:
+        for _ in range(2):
+            # given an outage flagged by a real wait for a pool past its timeout
+            async with tiny.connect():
+                with pytest.raises(PoolTimeout) as waited:
+                    await tiny.connect()
+            outage.failed(waited.value)
+            assert outage.down
+            # when a read-only request checks a connection out of the app's pool
+            await read_only_gql.data(QUERY)
+            # then the outage is over
+            assert not outage.down
+    finally:
+        await tiny.dispose()
+    messages = [r.getMessage() for r in caplog.records if r.name == "consumers_graphql.db"]
+    assert sum(m.startswith("database unavailable (TimeoutError: QueuePool limit")
+               for m in messages) == 2, messages
+    assert sum("database available again" in m for m in messages) == 2, messages
