@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from consumers_graphql.settings import Settings
+from consumers_graphql.store.outage import Outage, is_unavailable
 from tests.conftest import GraphQL, bearer, on_path
 from tests.processes import PostgresCluster, Served
 
@@ -219,3 +221,46 @@ async def test_an_outage_of_waiting_for_the_pool_ends_at_the_next_checkout(
     assert sum(m.startswith("database unavailable (TimeoutError: QueuePool limit")
                for m in messages) == 2, messages
     assert sum("database available again" in m for m in messages) == 2, messages
+
+
+async def _refused() -> OSError:
+    """What the driver raises for a server that is not there: a real connection refused."""
+    with socket.socket() as closed:  # a port bound, never listened on: refused at once
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        engine = create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/none")
+        try:
+            with pytest.raises(OSError) as refused:
+                await engine.connect()
+        finally:
+            await engine.dispose()
+    return refused.value
+
+
+async def test_only_what_an_error_was_raised_from_classifies_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    refused = await _refused()
+    assert isinstance(refused, ConnectionRefusedError)
+    assert is_unavailable(refused)
+    # a wrapper raised from it (a fallback, GraphQL's original_error) is an outage, named by it
+    try:
+        raise RuntimeError("a resolver raised") from refused
+    except RuntimeError as wrapper:
+        assert is_unavailable(wrapper)
+        caplog.set_level(logging.INFO, logger="consumers_graphql")
+        Outage(1).failed(wrapper)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("database unavailable (ConnectionRefusedError: "), warning
+    # a bug raised while handling one is a bug (500), not an outage
+    try:
+        try:
+            raise refused
+        except OSError:
+            {}["missing"]
+    except KeyError as bug:
+        assert bug.__context__ is refused
+        assert not is_unavailable(bug)
+    # nor is every OSError: a missing file, a permission
+    assert not is_unavailable(FileNotFoundError(2, "No such file or directory"))
+    assert not is_unavailable(PermissionError(13, "Permission denied"))
