@@ -10,20 +10,27 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from consumers_graphql.settings import Settings
-from tests.conftest import bearer, on_path
+from consumers_graphql.store.outage import Outage, is_unavailable
+from tests.conftest import GraphQL, bearer, on_path
 from tests.processes import PostgresCluster, Served
 
-pytestmark = pytest.mark.skipif(
+# the tests with a database of their own run once, in the SQLite run
+own_database = pytest.mark.skipif(
     bool(os.environ.get("CONSUMERS_TEST_DATABASE_URL")),
-    reason="brings its own PostgreSQL: runs once, in the SQLite run",
+    reason="brings its own database: runs once, in the SQLite run",
 )
 
 REST = "/api/v1/consumers"
@@ -54,6 +61,7 @@ def _assert_unavailable(response: httpx.Response, retry_after: str) -> None:
     assert response.headers["x-request-id"].startswith("req_")
 
 
+@own_database
 def test_postgresql_stopped_and_started_again_503_one_warning_and_recovery(
     cluster: PostgresCluster, tmp_path: Path
 ) -> None:
@@ -118,6 +126,10 @@ def test_postgresql_stopped_and_started_again_503_one_warning_and_recovery(
     log = "".join(served.lines[started:])
     # one warning for the outage, one line for its end, and nothing else of it
     assert log.count("database unavailable") == 1, log
+    # named by the driver's connection error, not by a wrapper (a fallback, SQLAlchemy's)
+    assert re.search(r"database unavailable \((ConnectionRefusedError|ConnectionResetError|"
+                     r"ConnectionDoesNotExistError|CannotConnectNowError|AdminShutdownError"
+                     r"|OSError): ", log), log
     assert log.count("WARNING") == 1, log
     assert log.count("database available again") == 1, log
     assert "Traceback" not in log and "ERROR" not in log, log
@@ -127,6 +139,7 @@ def test_postgresql_stopped_and_started_again_503_one_warning_and_recovery(
     assert '"GET /healthz HTTP/1.1" 503' in log
 
 
+@own_database
 async def test_a_sqlite_file_locked_past_the_busy_timeout_is_503_then_recovers(
     settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture, execution_path: str
 ) -> None:
@@ -173,6 +186,8 @@ async def test_a_sqlite_file_locked_past_the_busy_timeout_is_503_then_recovers(
         await keys.revoke(created.info.id)
     messages = [r.getMessage() for r in caplog.records if r.name == "consumers_graphql.db"]
     assert sum("database unavailable" in m for m in messages) == 1, messages
+    assert any(m.startswith("database unavailable (OperationalError: database is locked)")
+               for m in messages), messages
     assert sum("database available again" in m for m in messages) == 1, messages
     assert not any("locked.out" in r.getMessage() or r.exc_info for r in caplog.records)
 
@@ -193,6 +208,7 @@ RECORD_ORDER = """mutation($id: ID!) { orderRecord(input: {consumerId: $id, amou
   order { amount consumer { totalOrders } } userErrors { code } } }"""
 
 
+@own_database
 @pytest.mark.parametrize("accept", ["application/json", GRAPHQL_RESPONSE_JSON])
 async def test_a_mutation_that_committed_is_never_503_when_its_payload_meets_an_outage(
     cluster: PostgresCluster, accept: str, execution_path: str
@@ -240,3 +256,77 @@ async def test_a_mutation_that_committed_is_never_503_when_its_payload_meets_an_
             response = await client.post("/graphql", headers=key, json={
                 "query": "{ consumers { nodes { totalOrders } } }"})
             assert response.json()["data"] == {"consumers": {"nodes": [{"totalOrders": 1}]}}
+
+
+async def test_an_outage_of_waiting_for_the_pool_ends_at_the_next_checkout(
+    app: FastAPI, read_only_gql: GraphQL, settings: Settings,
+    caplog: pytest.LogCaptureFixture, execution_path: str
+) -> None:
+    """A pool that gave no connection in time: read-only traffic on pooled connections
+    (no new connection, no commit) ends it, so the next outage is logged too."""
+    caplog.set_level(logging.INFO, logger="consumers_graphql")
+    outage = app.state.database.outage
+    tiny = create_async_engine(settings.database_url, pool_size=1, max_overflow=0,
+                               pool_timeout=0.01)
+    await read_only_gql.data(QUERY)  # the key's first use written, the pool warm
+    try:
+        for _ in range(2):
+            # given an outage flagged by a real wait for a pool past its timeout
+            async with tiny.connect():
+                with pytest.raises(PoolTimeout) as waited:
+                    await tiny.connect()
+            outage.failed(waited.value)
+            assert outage.down
+            # when a read-only request checks a connection out of the app's pool
+            await read_only_gql.data(QUERY)
+            # then the outage is over
+            assert not outage.down
+    finally:
+        await tiny.dispose()
+    messages = [r.getMessage() for r in caplog.records if r.name == "consumers_graphql.db"]
+    assert sum(m.startswith("database unavailable (TimeoutError: QueuePool limit")
+               for m in messages) == 2, messages
+    assert sum("database available again" in m for m in messages) == 2, messages
+
+
+async def _refused() -> OSError:
+    """What the driver raises for a server that is not there: a real connection refused."""
+    with socket.socket() as closed:  # a port bound, never listened on: refused at once
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        engine = create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/none")
+        try:
+            with pytest.raises(OSError) as refused:
+                await engine.connect()
+        finally:
+            await engine.dispose()
+    return refused.value
+
+
+async def test_only_what_an_error_was_raised_from_classifies_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    refused = await _refused()
+    assert isinstance(refused, ConnectionRefusedError)
+    assert is_unavailable(refused)
+    # a wrapper raised from it (a fallback, GraphQL's original_error) is an outage, named by it
+    try:
+        raise RuntimeError("a resolver raised") from refused
+    except RuntimeError as wrapper:
+        assert is_unavailable(wrapper)
+        caplog.set_level(logging.INFO, logger="consumers_graphql")
+        Outage(1).failed(wrapper)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("database unavailable (ConnectionRefusedError: "), warning
+    # a bug raised while handling one is a bug (500), not an outage
+    try:
+        try:
+            raise refused
+        except OSError:
+            {}["missing"]
+    except KeyError as bug:
+        assert bug.__context__ is refused
+        assert not is_unavailable(bug)
+    # nor is every OSError: a missing file, a permission
+    assert not is_unavailable(FileNotFoundError(2, "No such file or directory"))
+    assert not is_unavailable(PermissionError(13, "Permission denied"))

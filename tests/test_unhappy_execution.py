@@ -7,6 +7,7 @@ Each operation runs through both executors (`compiled` fixture)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -25,6 +27,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from sqlalchemy import text
+from sqlalchemy.exc import SAWarning
 
 from consumers_graphql.settings import Settings
 from consumers_graphql.store import models
@@ -225,6 +228,89 @@ async def test_c_a_sibling_cancelled_mid_statement_leaves_a_client_mistake_a_cli
         assert body["data"] is None
         assert codes(body) == ["BAD_USER_INPUT"], body["errors"]
         assert checked_out(app) == 0
+
+
+# The reviewer's query: the failing field cancels its siblings while their batches wait
+# for a connection; the request's reads closed under them.
+CLOSED_WHILE_CONNECTING = """{ good: consumers(search: "ab") { totalCount }
+  c3: audiences { totalCount } bad: consumers(first: 101) { totalCount } }"""
+
+
+async def test_c_reads_closed_while_a_batch_waits_for_its_connection_leak_none(
+    settings: Settings, read_only_key: str, execution_path: str
+) -> None:
+    # an app of its own: its pool starts empty, so batches wait for new connections
+    fresh = create_app(settings)
+    on_path(fresh, execution_path)
+    async with LifespanManager(fresh), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=fresh), base_url="http://testserver") as c:
+        fresh_gql = GraphQL(c, read_only_key)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SAWarning)  # "non-checked-in connection", at GC
+            for _ in range(10):  # before the fix, one more connection kept every request or two
+                body = await answer(fresh_gql, CLOSED_WHILE_CONNECTING)
+
+                assert codes(body) == ["BAD_USER_INPUT"], body["errors"]
+                assert checked_out(fresh) == 0
+                # a batch left running would finish connecting meanwhile and keep that
+                # connection; with the fix none is left running
+                await asyncio.sleep(0.05)
+                assert checked_out(fresh) == 0
+            gc.collect()
+
+
+# `node` is nullable: the request goes on after it fails, with reads of tables not locked
+THREE_TABLES = """query($o: ID!) { a: node(id: $o) { ... on Order { amount } }
+  b: consumers(first: 1) { totalCount } c: audiences(first: 1) { totalCount } }"""
+
+
+async def test_c_a_connection_killed_mid_request_is_unavailable_and_the_next_statement_reconnects(
+    read_only_key: str, write_engine: Any, settings: Settings, dialect: str,
+    execution_path: str
+) -> None:
+    if dialect != "postgresql":
+        pytest.skip("terminates a PostgreSQL backend")
+    ids = await given_orders(write_engine)
+    variables = {"o": ids["o1"]}
+    fresh = create_app(settings)  # an app of its own: no other test's connections in its pool
+    on_path(fresh, execution_path)
+    engine = make_engine(settings, writer=True)
+    async with LifespanManager(fresh), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=fresh), base_url="http://testserver") as c:
+        fresh_gql = GraphQL(c, read_only_key)
+        await answer(fresh_gql, THREE_TABLES, variables)  # the app's pool warm
+        try:
+            # given the request's first statement waiting on a lock of the orders table
+            async with engine.connect() as holder:
+                await holder.execute(text("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE"))
+                request = asyncio.ensure_future(c.post(
+                    "/graphql", json={"query": THREE_TABLES, "variables": variables},
+                    headers=fresh_gql.headers))
+                waiting: list[int] = []
+                for _ in range(200):  # bounded: the statement reaches the lock in milliseconds
+                    waiting = list((await holder.execute(text(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"))).scalars())
+                    if waiting or request.done():
+                        break
+                    await asyncio.sleep(0.05)
+                # when its backend is killed (a failover, pgbouncer's idle kill)
+                assert len(waiting) == 1
+                await holder.execute(text("SELECT pg_terminate_backend(:pid)"),
+                                     {"pid": waiting[0]})
+                await holder.rollback()
+                response = await request
+        finally:
+            await engine.dispose()
+
+        # then that statement is unavailable, and the request's other reads run on another
+        # connection instead of meeting PendingRollbackError (an internal error) on the dead one
+        body = response.json()
+        assert codes(body) == ["SERVICE_UNAVAILABLE"], body
+        assert response.status_code == 503, body
+        assert checked_out(fresh) == 0
+        assert (await answer(fresh_gql, THREE_TABLES, variables))["data"] == {
+            "a": {"amount": 0.5}, "b": {"totalCount": 2}, "c": {"totalCount": 1}}
 
 
 # --- d. the cost is priced from the values that run ------------------------------------------

@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Result
 from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -385,13 +385,20 @@ class Database:
         self.checkpoints = WalCheckpoints.for_settings(settings)
         self.outage = Outage(settings.retry_after_s)
         # The database is back once a connection opens, or a write commits (a SQLite file
-        # locked past the busy timeout opens fine): events, so no request pays a check.
+        # locked past the busy timeout opens fine), or a pooled connection is checked out:
+        # PostgreSQL's pings it first; on SQLite that only ends a wait for the pool. Events,
+        # so no request pays a check.
         for engine in self.engines:
             event.listen(engine, "connect", self._reached)
+            event.listen(engine, "checkout",
+                         self._checked_out if settings.is_sqlite else self._reached)
         event.listen(self.write_engine.sync_engine, "commit", self._reached)
 
     def _reached(self, *_args: Any) -> None:
         self.outage.recovered()
+
+    def _checked_out(self, *_args: Any) -> None:
+        self.outage.checked_out()
 
     @property
     def dialect(self) -> str:
@@ -474,7 +481,11 @@ class Reader:
                 if result is not None:
                     return result
             if self._conn is None:
-                self._conn = await self._engine.connect()
+                conn = await self._engine.connect()
+                if self._closed:  # closed while we waited for the pool: ours to give back
+                    await asyncio.shield(conn.close())
+                    raise ReaderClosed("the request's reads are over")
+                self._conn = conn
             conn = self._conn
             try:
                 return await conn.execute(statement, params)
@@ -482,13 +493,20 @@ class Reader:
                 self._conn = None
                 await asyncio.shield(conn.close())  # a second cancel must not keep it
                 raise
+            except Exception as error:
+                if conn.invalidated or (isinstance(error, DBAPIError)
+                                        and error.connection_invalidated):
+                    # dropped under us (a restart, a killed backend): the next one opens another
+                    self._conn = None
+                    await asyncio.shield(conn.close())
+                raise
 
     async def close(self) -> None:
         """Gives the connection back once a statement still running on it (a DataLoader
         batch whose waiters were cancelled) is over; at once, dropping the connection, when
         the request itself is being cancelled (its deadline passed)."""
         self._closed = True
-        if self._conn is None:
+        if self._conn is None and not self._lock.locked():
             return
         task = asyncio.current_task()
         if self._lock.locked() and task is not None and task.cancelling():

@@ -10,6 +10,7 @@ an internal error."""
 from __future__ import annotations
 
 import logging
+import socket
 import sqlite3
 import threading
 import time
@@ -30,45 +31,56 @@ _SQLITE_UNAVAILABLE = ("database is locked", "unable to open database file")
 
 
 def _causes(error: BaseException) -> Iterator[BaseException]:
-    """The error, what it wraps (a DBAPI error's `orig`) and what caused it, each once."""
+    """The error, then what it wraps (a DBAPI error's `orig`) or was raised from, outermost
+    first, each once. Not `__context__`: an error raised while another was being handled
+    (a fallback's re-run) says nothing about the first."""
     seen: set[int] = set()
-    pending: list[BaseException | None] = [error]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
         seen.add(id(current))
         yield current
         orig = getattr(current, "orig", None)
-        pending += [current.__cause__, current.__context__,
-                    orig if isinstance(orig, BaseException) else None]
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+
+
+# A socket's failure (refused, reset, a name that does not resolve) or a timed-out wait for
+# a connection; not any OSError (a missing file, a permission).
+_UNAVAILABLE_ERRORS = (PoolTimeout, ConnectionError, socket.gaierror, TimeoutError)
+
+
+def _unavailable_cause(error: BaseException | None) -> BaseException | None:
+    """The deepest cause that says the database is out of reach, or None."""
+    found: BaseException | None = None
+    for cause in _causes(error) if error is not None else ():
+        if _says_unavailable(cause):
+            found = cause
+    return found
+
+
+def _says_unavailable(cause: BaseException) -> bool:
+    if isinstance(cause, _UNAVAILABLE_ERRORS):
+        return True
+    if isinstance(cause, DBAPIError) and cause.connection_invalidated:
+        return True
+    sqlstate = getattr(cause, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+        return True
+    return isinstance(cause, sqlite3.OperationalError) and str(cause) in _SQLITE_UNAVAILABLE
 
 
 def is_unavailable(error: BaseException | None) -> bool:
-    if error is None:
-        return False
-    for cause in _causes(error):
-        if isinstance(cause, PoolTimeout | OSError):  # the pool's wait, a socket's failure
-            return True
-        if isinstance(cause, DBAPIError) and cause.connection_invalidated:
-            return True
-        sqlstate = getattr(cause, "sqlstate", None)
-        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
-            return True
-        if isinstance(cause, sqlite3.OperationalError) and str(cause) in _SQLITE_UNAVAILABLE:
-            return True
-    return False
+    return _unavailable_cause(error) is not None
 
 
 def _describe(error: BaseException) -> str:
-    """The innermost cause, by class and first line: a driver's words about the connection,
-    never a statement or its parameters."""
-    innermost = error
-    for cause in _causes(error):
-        if not isinstance(cause, DBAPIError):
-            innermost = cause
-    message = str(innermost).splitlines()[0][:200] if str(innermost) else ""
-    return f"{type(innermost).__name__}: {message}" if message else type(innermost).__name__
+    """The deepest cause that says the database is out of reach, by class and first line: a
+    driver's words about the connection, never a statement or its parameters."""
+    cause = _unavailable_cause(error) or error
+    if isinstance(cause, DBAPIError):  # SQLAlchemy's text quotes the statement
+        cause = cause.orig if isinstance(cause.orig, BaseException) else cause
+    text = str(cause)
+    message = text.splitlines()[0][:200] if text else ""
+    return f"{type(cause).__name__}: {message}" if message else type(cause).__name__
 
 
 class Outage:
@@ -77,6 +89,7 @@ class Outage:
     def __init__(self, retry_after_s: int) -> None:
         self.retry_after_s = retry_after_s
         self._since: float | None = None
+        self._pool_wait = False  # the outage was a wait for the pool, which any checkout ends
         self._lock = threading.Lock()  # SQLite's connect events come from its own threads
 
     @property
@@ -88,6 +101,7 @@ class Outage:
             if self._since is not None:
                 return
             self._since = time.monotonic()
+            self._pool_wait = isinstance(_unavailable_cause(error), PoolTimeout)
         logger.warning("database unavailable (%s): requests get 503 until it is back",
                        _describe(error))
 
@@ -98,3 +112,10 @@ class Outage:
             since, self._since = self._since, None
         if since is not None:
             logger.info("database available again, after %.1f s", time.monotonic() - since)
+
+    def checked_out(self) -> None:
+        """A connection came out of the pool without a check of the server: that ends an
+        outage of waiting for the pool, not one of the server (a locked SQLite file)."""
+        if self._since is None or not self._pool_wait:  # the common case, without the lock
+            return
+        self.recovered()
