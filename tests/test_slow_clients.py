@@ -7,24 +7,14 @@ the upper bounds are the deadline plus a wide margin."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-from fastapi import FastAPI
 
-from consumers_graphql.settings import Settings
-from tests.conftest import bearer
-from tests.processes import Served, free_port
-from tests.test_unhappy_execution import CREATE, GRACE_S, consumers_locked, log_text
+from tests.processes import Served
 
 TIMEOUT_S = 1.0
 MAX_CONNECTIONS = 5
@@ -184,55 +174,3 @@ def test_a_client_at_an_ordinary_pace_is_served(served: Served) -> None:
     with httpx.Client(base_url=served.url, timeout=MARGIN_S) as client:
         for _ in range(3):  # one kept-alive connection
             assert client.get("/healthz").json() == {"status": "ok"}
-
-
-async def test_sigint_stops_serve_within_its_grace_period_with_a_request_hanging(
-    app: FastAPI, settings: Settings, api_key: str, tmp_path: Path
-) -> None:
-    port = free_port()
-    script = Path(sys.executable).with_name("consumers-graphql")
-    env = {**os.environ, "CONSUMERS_DATABASE_URL": settings.database_url,
-           "CONSUMERS_KEY_PEPPER": "test-pepper", "CONSUMERS_SHUTDOWN_GRACE_S": str(GRACE_S),
-           # the hanging request outlasts the grace period by far
-           "CONSUMERS_REQUEST_TIMEOUT_S": "600", "CONSUMERS_SQLITE_BUSY_TIMEOUT_MS": "600000"}
-    log = (tmp_path / "serve.log").open("w+")
-    server = await asyncio.create_subprocess_exec(
-        str(script), "serve", "--port", str(port), env=env, stdout=log,
-        stderr=subprocess.STDOUT)
-    hanging: asyncio.Future[httpx.Response] | None = None
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            for _ in range(300):  # up within 30 s
-                try:
-                    if (await client.get("/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    assert server.returncode is None, log_text(log)
-                    await asyncio.sleep(0.1)
-            async with consumers_locked(settings):
-                # given a request that waits for the lock another client holds
-                hanging = asyncio.ensure_future(client.post(
-                    "/graphql", headers=bearer(api_key),
-                    json={"query": CREATE, "variables": {"email": "late@example.com"}}))
-                await asyncio.sleep(0.5)
-                assert not hanging.done()
-
-                # when the server is interrupted (Ctrl-C)
-                server.send_signal(signal.SIGINT)
-                stopped_at = time.monotonic()
-                try:
-                    code = await asyncio.wait_for(server.wait(), GRACE_S + 10)
-                except TimeoutError:
-                    raise AssertionError(log_text(log)) from None
-
-                # then it stopped within its grace period (and a margin), as interrupted
-                assert code == 130, log_text(log)
-                assert time.monotonic() - stopped_at < GRACE_S + 10
-    finally:
-        if hanging is not None:
-            hanging.cancel()
-        if server.returncode is None:
-            server.kill()
-            await server.wait()
-    assert "timeout graceful shutdown exceeded" in log_text(log)
-    assert "Traceback" not in log_text(log)
