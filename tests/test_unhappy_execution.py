@@ -265,52 +265,51 @@ THREE_TABLES = """query($o: ID!) { a: node(id: $o) { ... on Order { amount } }
 
 
 async def test_c_a_connection_killed_mid_request_is_unavailable_and_the_next_statement_reconnects(
-    read_only_key: str, write_engine: Any, settings: Settings, dialect: str,
-    execution_path: str
+    app: FastAPI, read_only_gql: GraphQL, write_engine: Any, settings: Settings, dialect: str,
+    compiled: bool
 ) -> None:
     if dialect != "postgresql":
         pytest.skip("terminates a PostgreSQL backend")
     ids = await given_orders(write_engine)
     variables = {"o": ids["o1"]}
-    fresh = create_app(settings)  # an app of its own: no other test's connections in its pool
-    on_path(fresh, execution_path)
+    await answer(read_only_gql, THREE_TABLES, variables)  # the app's pool warm
+    # given the request's first statement waiting on a lock of the orders table
     engine = make_engine(settings, writer=True)
-    async with LifespanManager(fresh), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=fresh), base_url="http://testserver") as c:
-        fresh_gql = GraphQL(c, read_only_key)
-        await answer(fresh_gql, THREE_TABLES, variables)  # the app's pool warm
-        try:
-            # given the request's first statement waiting on a lock of the orders table
-            async with engine.connect() as holder:
-                await holder.execute(text("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE"))
-                request = asyncio.ensure_future(c.post(
-                    "/graphql", json={"query": THREE_TABLES, "variables": variables},
-                    headers=fresh_gql.headers))
-                waiting: list[int] = []
-                for _ in range(200):  # bounded: the statement reaches the lock in milliseconds
-                    waiting = list((await holder.execute(text(
-                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                        "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"))).scalars())
-                    if waiting or request.done():
-                        break
-                    await asyncio.sleep(0.05)
-                # when its backend is killed (a failover, pgbouncer's idle kill)
-                assert len(waiting) == 1
-                await holder.execute(text("SELECT pg_terminate_backend(:pid)"),
-                                     {"pid": waiting[0]})
-                await holder.rollback()
-                response = await request
-        finally:
-            await engine.dispose()
+    try:
+        async with engine.connect() as holder:
+            await holder.execute(text("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE"))
+            request = asyncio.ensure_future(read_only_gql.client.post(
+                "/graphql", json={"query": THREE_TABLES, "variables": variables},
+                headers=read_only_gql.headers))
+            waiting: list[int] = []
+            for _ in range(200):  # bounded: the statement reaches the lock in milliseconds
+                # pg_stat_activity is a snapshot kept for the transaction: take a new one
+                await holder.execute(text("SELECT pg_stat_clear_snapshot()"))
+                waiting = list((await holder.execute(text(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"))).scalars())
+                if waiting or request.done():
+                    break
+                await asyncio.sleep(0.05)
+            # when its backend is killed (a failover, pgbouncer's idle kill)
+            assert len(waiting) == 1
+            await holder.execute(text("SELECT pg_terminate_backend(:pid)"),
+                                 {"pid": waiting[0]})
+            await holder.rollback()
+            response = await request
+    finally:
+        await engine.dispose()
 
-        # then that statement is unavailable, and the request's other reads run on another
-        # connection instead of meeting PendingRollbackError (an internal error) on the dead one
-        body = response.json()
-        assert codes(body) == ["SERVICE_UNAVAILABLE"], body
-        assert response.status_code == 503, body
-        assert checked_out(fresh) == 0
-        assert (await answer(fresh_gql, THREE_TABLES, variables))["data"] == {
-            "a": {"amount": 0.5}, "b": {"totalCount": 2}, "c": {"totalCount": 1}}
+    # then that statement is unavailable, and the request's other reads run on another
+    # connection instead of meeting PendingRollbackError (an internal error) on the dead one;
+    # with their data the answer is 200, not 503 (http.py: 503 only for an answer without data)
+    body = response.json()
+    assert codes(body) == ["SERVICE_UNAVAILABLE"], body
+    assert response.status_code == 200, body
+    assert body["data"] == {"a": None, "b": {"totalCount": 2}, "c": {"totalCount": 1}}, body
+    assert checked_out(app) == 0
+    assert (await answer(read_only_gql, THREE_TABLES, variables))["data"] == {
+        "a": {"amount": 0.5}, "b": {"totalCount": 2}, "c": {"totalCount": 1}}
 
 
 # --- d. the cost is priced from the values that run ------------------------------------------
