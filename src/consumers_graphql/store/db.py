@@ -483,23 +483,28 @@ class Reader:
             if self._conn is None:
                 conn = await self._engine.connect()
                 if self._closed:  # closed while we waited for the pool: ours to give back
-                    await asyncio.shield(conn.close())
+                    await self._give_back(conn)
                     raise ReaderClosed("the request's reads are over")
                 self._conn = conn
             conn = self._conn
             try:
                 return await conn.execute(statement, params)
             except asyncio.CancelledError:
-                self._conn = None
-                await asyncio.shield(conn.close())  # a second cancel must not keep it
+                await self._give_back(conn)
                 raise
             except Exception as error:
                 if conn.invalidated or (isinstance(error, DBAPIError)
                                         and error.connection_invalidated):
                     # dropped under us (a restart, a killed backend): the next one opens another
-                    self._conn = None
-                    await asyncio.shield(conn.close())
+                    await self._give_back(conn)
                 raise
+
+    async def _give_back(self, conn: AsyncConnection) -> None:
+        """Forgets `conn` (the next statement opens another) and returns it to the pool,
+        shielded: a second cancel must not keep it."""
+        if self._conn is conn:
+            self._conn = None
+        await asyncio.shield(conn.close())
 
     async def close(self) -> None:
         """Gives the connection back once a statement still running on it (a DataLoader
