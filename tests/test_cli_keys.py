@@ -81,6 +81,20 @@ async def test_read_only_and_test_flags(
 
 
 @pytest.mark.usefixtures("execution_path")
+async def test_secret_only_prints_just_the_secret_for_scripts(
+    cli_env: None, capsys: pytest.CaptureFixture[str], client: httpx.AsyncClient
+) -> None:
+    # when a script captures the output (KEY=$(consumers-graphql keys create ... --secret-only))
+    code, out, err = await run_cli(capsys, "keys", "create", "--name", "script", "--secret-only")
+    # then stdout is the secret and a line break, nothing else, and it authenticates
+    assert code == 0 and err == ""
+    secret = out.removesuffix("\n")
+    assert SECRET.fullmatch(secret), out
+    response = await client.post("/graphql", json={"query": QUERY}, headers=bearer(secret))
+    assert response.status_code == 200 and "errors" not in response.json(), response.text
+
+
+@pytest.mark.usefixtures("execution_path")
 async def test_list_shows_every_key_but_never_a_secret(
     cli_env: None, capsys: pytest.CaptureFixture[str], app: FastAPI, client: httpx.AsyncClient
 ) -> None:

@@ -247,6 +247,9 @@ def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
             print(error, file=sys.stderr)
             return 1
         secret = created.secret.get_secret_value()
+        if args.secret_only:  # for scripts: KEY=$(consumers-graphql keys create ... --secret-only)
+            print(secret, flush=True)
+            return 0
         print(
             f"Created API key {created.info.id} \"{created.info.name}\" "
             f"({_scopes(created.info)}). Its secret is shown only this once:\n\n"
@@ -338,6 +341,9 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
                         help="scope read only: mutations are refused (default: read write)")
     create.add_argument("--test", action="store_true",
                         help="an sk_test_ key instead of sk_live_ (a label; same access)")
+    create.add_argument("--secret-only", action="store_true",
+                        help="print the secret alone, for scripts: "
+                        "KEY=$(consumers-graphql keys create --name N --secret-only)")
     create.set_defaults(handler=_keys_create)
     listing = key_commands.add_parser("list", help="every key, without secrets")
     listing.set_defaults(handler=_keys_list)
