@@ -8,6 +8,7 @@ fresh database on the PostgreSQL server.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from consumers_graphql.store.migrate import alembic_config, upgrade
 from consumers_graphql.web.app import create_app
 from tests.conftest import TEST_DATABASE_URL, GraphQL, on_path
 from tests.factories import consumer_row, insert_consumers
+from tests.processes import Served
 from tests.test_bench_workloads import CREATE, DELETE, UPDATE
 
 SEARCH = """query Search($search: String!) {
@@ -202,3 +204,43 @@ async def test_downgrade_restores_what_was_there(old_url: str, execution_path: s
             old_url, "SELECT count(*) FROM consumers_fts WHERE consumers_fts MATCH :m",
             m=f'"{term}"'))[0][0] for term in ("lima", "7700900", "0199", "costa")}
         assert matches == {"lima": 3, "7700900": 2, "0199": 2, "costa": 0}
+
+
+def _serve_on(url: str, directory: Path) -> tuple[int | None, str]:
+    """`serve` on ``url``: its exit code if it stopped by itself within its start, and its
+    output; a server that came up answers an authenticated REST list first."""
+    served = Served(url, directory)
+    try:
+        served.wait_until_up()
+    except AssertionError:
+        return served.process.wait(timeout=30), served.output
+    try:
+        response = served.get("/api/v1/consumers?first=1",
+                              headers={"Authorization": f"Bearer {served.secret()}"})
+        assert response.status_code == 200, response.text
+    finally:
+        assert served.stop() == 0, served.output
+    return None, served.output
+
+
+async def test_serve_refuses_a_database_behind_the_code_and_serves_one_ahead_of_it(
+    old_url: str, tmp_path: Path
+) -> None:
+    # given a database at 0001: behind this version, so `serve` refuses it, naming the command
+    code, output = await asyncio.to_thread(_serve_on, old_url, tmp_path)
+    assert code not in (None, 0), output
+    assert "schema revision 0001" in output and "consumers-graphql migrate" in output, output
+    assert "Traceback" not in output, output
+    # when a newer release has migrated it past this version's head (its revision unknown here)
+    await migrate_to(database_settings(old_url), "head")
+    engine = make_engine(database_settings(old_url), writer=True)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = 'f00d0newer'"))
+    finally:
+        await engine.dispose()
+    # then this version serves it (expand/contract migrations: a rolling deploy or a
+    # roll-back runs the older version on the newer schema), and says so
+    code, output = await asyncio.to_thread(_serve_on, old_url, tmp_path)
+    assert code is None, output
+    assert "f00d0newer, newer than this version's" in output, output

@@ -128,7 +128,12 @@ def _exit_cleanly(signum: int, _frame: object) -> None:
 async def _prepare_database(settings: Settings) -> str | None:
     """Migrate an empty database; refuse to serve one that is behind the code."""
     from consumers_graphql.store.db import make_engine
-    from consumers_graphql.store.migrate import current_revision, head_revision, upgrade
+    from consumers_graphql.store.migrate import (
+        current_revision,
+        head_revision,
+        is_behind,
+        upgrade,
+    )
 
     engine = make_engine(settings, writer=True)
     try:
@@ -136,11 +141,15 @@ async def _prepare_database(settings: Settings) -> str | None:
         if current is None:
             await upgrade(engine)
             print(f"Created the database schema (revision {head_revision()}).", flush=True)
-        elif current != head_revision():
+        elif is_behind(current):
             return (
                 f"The database is at schema revision {current}, this version needs "
                 f"{head_revision()}: run `consumers-graphql migrate` first."
             )
+        elif current != head_revision():
+            print(f"The database is at schema revision {current}, newer than this version's "
+                  f"{head_revision()}: serving it (migrations are backward-compatible).",
+                  flush=True)
         return None
     finally:
         await engine.dispose()

@@ -26,6 +26,16 @@ def head_revision() -> str:
     return head
 
 
+def is_behind(current: str) -> bool:
+    """Whether a database at ``current`` needs this version's migrations. A revision this
+    version does not know was written by a newer release: not behind, since migrations are
+    backward-compatible (expand, then contract), and an older process may serve it during a
+    rolling deploy or a roll-back."""
+    script = ScriptDirectory.from_config(alembic_config())
+    known = {revision.revision for revision in script.walk_revisions()}
+    return current in known and current != script.get_current_head()
+
+
 async def current_revision(engine: AsyncEngine) -> str | None:
     def read(connection: Any) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
