@@ -172,6 +172,16 @@ def test_ports_agree_everywhere() -> None:
     assert [container_port(p) for p in app.get("ports", [])] == [exposed]
 
 
+def test_the_app_has_time_to_drain_on_stop() -> None:
+    app = compose()["services"]["app"]
+    grace = float(environment(app).get("CONSUMERS_SHUTDOWN_GRACE_S",
+                                       Settings.model_fields["shutdown_grace_s"].default))
+    period = re.fullmatch(r"(\d+)s", str(app.get("stop_grace_period", "10s")))
+    assert period is not None and int(period.group(1)) > grace, (
+        "stop_grace_period must exceed CONSUMERS_SHUTDOWN_GRACE_S, or Docker kills requests "
+        "the app is still draining")
+
+
 def test_every_command_and_variable_is_the_clis() -> None:
     known = settings_variables() | PENDING_VARIABLES
     for name, service in compose()["services"].items():
