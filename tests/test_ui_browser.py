@@ -152,6 +152,18 @@ async def test_graphiql_runs_a_query_and_shows_the_docs_once_a_key_is_typed_in(
     assert result["data"]["consumers"] == {
         "totalCount": 0, "pageInfo": {"hasNextPage": False, "endCursor": None}, "nodes": []}
 
+    # and another walk-through tab takes the key without it being typed again
+    await tabs.nth(names.index("Search")).click()
+    assert secret in await headers.inner_text()
+    await page.wait_for_timeout(1_000)  # GraphiQL takes the new tab's operation name (100 ms)
+    async with page.expect_response(
+        lambda r: r.request.method == "POST" and "query Search" in (r.request.post_data or "")
+    ) as answer:
+        await page.locator("button.graphiql-execute-button").click()
+    searched = await answer.value
+    assert searched.status == 200, (searched.request.post_data, await searched.text())
+    await response.get_by_text('"searchConsumers"').wait_for(timeout=TIMEOUT_MS)
+
     # and the docs show the schema, fetched again with the key (no manual re-fetch)
     await page.get_by_label("Show Documentation Explorer").click()
     docs = page.locator(".graphiql-doc-explorer")
@@ -162,7 +174,8 @@ async def test_graphiql_runs_a_query_and_shows_the_docs_once_a_key_is_typed_in(
     # and the key was kept in the page only, never in the browser's storage
     stored = await page.evaluate(
         "JSON.stringify([Object.entries(localStorage), Object.entries(sessionStorage)])")
-    assert secret not in stored and "graphiql:tabState" in stored
+    assert secret not in stored
+    assert "graphiql:tabState" in stored and "query Search" in stored  # history was kept
 
 
 async def test_swagger_ui_lists_the_operations_offline(browser: Browser, served: Served) -> None:

@@ -1,6 +1,7 @@
 """The GraphiQL page at /graphql: GraphiQL 4 with the README's walk-through in its tabs, the
-Headers panel open with where the key goes, and the schema fetched again whenever the
-headers settle on a new value (the first introspection runs before any key is entered)."""
+Headers panel open with where the key goes, the key typed once for every tab, and the schema
+fetched again whenever the headers settle on a new value (the first introspection runs
+before any key is entered)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,12 @@ _VARIABLES = {
 }
 # The Headers panel's first content: where the key goes (the first `serve` prints one).
 HEADERS_HINT = '{\n  "Authorization": "Bearer sk_live_..."\n}'
+# A new tab's operation (the walk-through is in the first ones).
+NEW_TAB = """# The walk-through is in the first tabs; the key in Headers applies here too.
+{
+  consumers(first: 5) { totalCount nodes { id email } }
+}
+"""
 # How long the headers must stay unchanged before the schema is fetched with them.
 HEADERS_DEBOUNCE_MS = 400
 
@@ -84,7 +91,8 @@ def page(mode: UiAssets) -> str:
             return f'<link rel="stylesheet" href="{html.escape(url)}"{extra}>'
         return f'<script src="{html.escape(url)}"{extra}></script>'
 
-    config = {"tabs": _tabs(), "headers": HEADERS_HINT, "debounceMs": HEADERS_DEBOUNCE_MS}
+    config = {"tabs": _tabs(), "headers": HEADERS_HINT, "newTab": NEW_TAB,
+              "debounceMs": HEADERS_DEBOUNCE_MS}
     return (template
             .replace("{{ stylesheet }}", tag("graphiql.min.css"))
             .replace("{{ scripts }}", "\n    ".join(tag(name) for name in (
