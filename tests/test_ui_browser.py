@@ -18,9 +18,11 @@ from typing import Any
 
 import pytest
 
+from consumers_graphql.web import ui_assets
 from consumers_graphql.web.graphiql import WALKTHROUGH
 from tests.processes import Served
 
+SCRIPT = Path(sys.executable).with_name("consumers-graphql")
 CHROMIUM = Path(os.environ.get("CONSUMERS_TEST_CHROMIUM", "/usr/bin/chromium"))
 TIMEOUT_MS = 20_000
 # Records what a Content-Security-Policy blocked, before any script of the page runs.
@@ -47,12 +49,28 @@ def fetched_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """GraphiQL's files, as `consumers-graphql assets fetch` puts them (from the npm registry,
     once per session)."""
     directory = tmp_path_factory.mktemp("ui-assets")
-    script = Path(sys.executable).with_name("consumers-graphql")
-    result = subprocess.run([str(script), "assets", "fetch"], capture_output=True, text=True,
+    result = subprocess.run([str(SCRIPT), "assets", "fetch"], capture_output=True, text=True,
                             timeout=300, check=False,
                             env={**os.environ, "CONSUMERS_UI_ASSETS_DIR": str(directory)})
     assert result.returncode == 0, result.stdout + result.stderr
     return directory
+
+
+def test_assets_fetch_keeps_only_the_files_the_page_loads(fetched_assets: Path) -> None:
+    # then exactly the pinned packages' listed files are there, each as published
+    found = sorted(str(path.relative_to(fetched_assets))
+                   for path in fetched_assets.rglob("*") if path.is_file())
+    assert found == sorted(f"{package.folder}/{asset.path}" for package in ui_assets.PACKAGES
+                           for asset in package.assets)
+    for package in ui_assets.PACKAGES:
+        for asset in package.assets:
+            content = (fetched_assets / package.folder / asset.path).read_bytes()
+            assert ui_assets.integrity(content, "sha384") == asset.sri  # the CDN's pins too
+    # and a second run downloads nothing
+    result = subprocess.run([str(SCRIPT), "assets", "fetch"], capture_output=True, text=True,
+                            timeout=60, check=False,
+                            env={**os.environ, "CONSUMERS_UI_ASSETS_DIR": str(fetched_assets)})
+    assert result.returncode == 0 and "(nothing new)" in result.stdout, result.stderr
 
 
 @pytest.fixture(scope="module")
