@@ -50,13 +50,16 @@ async def database_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
 
 
 @pytest.fixture(scope="session")
-async def settings(database_url: str) -> Settings:
+async def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     # A pepper, so every test also proves that keys are hashed with it consistently. A wide
     # budget for SQLite reads on the loop: statement counts are exact, and a read over the
     # default 2 ms of CPU (a loaded machine) would be sent twice, inline and then on the
     # driver's thread; test_sqlite_driver covers that hand-over.
+    # GraphiQL's files from an empty folder: the page takes them from the CDN, whatever this
+    # machine's user has fetched (tests/test_ui_assets.py covers the local mode).
     settings = Settings(database_url=database_url, key_pepper="test-pepper",  # type: ignore[arg-type]
-                        sqlite_inline_read_ms=1_000)
+                        sqlite_inline_read_ms=1_000, ui_assets=None,
+                        ui_assets_dir=tmp_path_factory.mktemp("no-ui-assets"))
     engine = make_engine(settings, writer=True)
     try:
         await upgrade(engine)

@@ -1,4 +1,4 @@
-"""The ``consumers-graphql`` command: serve, keys, migrate, seed, export-schema."""
+"""The ``consumers-graphql`` command: serve, keys, migrate, seed, assets, export-schema."""
 
 from __future__ import annotations
 
@@ -27,12 +27,20 @@ if TYPE_CHECKING:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
+    from consumers_graphql.web import ui_assets
     from consumers_graphql.web.app import create_app, tune_gc
     from consumers_graphql.web.connections import ConnectionLimits
     from consumers_graphql.web.logs import log_config
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=overrides)
+    assets_problem = ui_assets.check(settings)
+    if assets_problem:
+        print(assets_problem, file=sys.stderr)
+        return 2
+    notice = ui_assets.notice(settings)
+    if notice:
+        print(notice, file=sys.stderr, flush=True)
     problem = asyncio.run(_prepare_database(settings))
     if problem:
         print(problem, file=sys.stderr)
@@ -210,6 +218,20 @@ def _export_schema(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _assets_fetch(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers_graphql.web import ui_assets
+
+    directory = ui_assets.assets_dir(settings)
+    try:
+        written = ui_assets.fetch(directory, registry=args.registry or ui_assets.NPM_REGISTRY)
+    except ui_assets.FetchFailed as error:
+        print(error, file=sys.stderr)
+        return 1
+    fetched = ", ".join(written) if written else "nothing new"
+    print(f"GraphiQL's files are in {directory} ({fetched}): `serve` uses them from now on.")
+    return 0
+
+
 def _key_store(database: Database) -> KeyStore:
     from consumers_graphql.store.keys import KeyStore
 
@@ -377,6 +399,15 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
                       "(default: each of the 8 audiences with a 30%% chance)")
     seed.add_argument("--quiet", action="store_true", help="no progress bar")
     seed.set_defaults(handler=_seed)
+
+    assets = commands.add_parser("assets", help="GraphiQL's scripts, served from here")
+    asset_commands = assets.add_subparsers(dest="assets_command", required=True)
+    fetch = asset_commands.add_parser(
+        "fetch", help="download the pinned graphiql, react and react-dom from the npm registry "
+        "(each checked against its pinned sha512) into CONSUMERS_UI_ASSETS_DIR")
+    fetch.add_argument("--registry", default=None,
+                       help="an npm registry mirror (default https://registry.npmjs.org)")
+    fetch.set_defaults(handler=_assets_fetch)
 
     export = commands.add_parser("export-schema", help="print the GraphQL schema (SDL)")
     export.add_argument("--output", "-o", help="write to this file instead of stdout")

@@ -1,4 +1,5 @@
 from enum import StrEnum
+from pathlib import Path
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -7,6 +8,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Environment(StrEnum):
     DEVELOPMENT = "development"
     PRODUCTION = "production"
+
+
+class UiAssets(StrEnum):
+    CDN = "cdn"
+    LOCAL = "local"
 
 
 class Settings(BaseSettings):
@@ -54,6 +60,15 @@ class Settings(BaseSettings):
     # REST batch endpoints: 500 items with 16 KiB metadata each are ~8.5 MiB as compact JSON
     # and up to ~28 MiB with every non-ASCII character escaped (\uXXXX); see the README.
     max_batch_body_bytes: int = Field(default=33_554_432, ge=1)
+
+    # --- GraphiQL and API docs offline (web/ui_assets.py) ---
+    # Where GraphiQL's scripts come from: `local` (fetched by `consumers-graphql assets
+    # fetch`; Swagger UI and ReDoc are always installed) or `cdn` (unpkg, SRI-pinned). Unset:
+    # local once fetched, else cdn with a notice at startup.
+    ui_assets: UiAssets | None = None
+    # The folder `assets fetch` fills and the app serves (default: a per-user data folder,
+    # $XDG_DATA_HOME/consumers-graphql/ui-assets).
+    ui_assets_dir: Path | None = None
 
     @property
     def is_production(self) -> bool:

@@ -222,14 +222,16 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
     once the response is sent; background tasks (the key's lastUsedAt) run after that."""
 
     def __init__(self, schema: Any, *, context: ContextFactory,
-                 graphql_ide: Any = "graphiql", retry_after_s: int = 5) -> None:
-        super().__init__(schema, graphql_ide=graphql_ide)
+                 ide_page: str | None = None, retry_after_s: int = 5) -> None:
+        """``ide_page``: the GraphiQL page's HTML (web/graphiql.py), None for no page."""
+        super().__init__(schema, graphql_ide="graphiql" if ide_page is not None else None)
         self._context = context
         self._retry_after_s = retry_after_s
-        self._page_policy = page_policy(self.graphql_ide_html) if graphql_ide else ""
+        self._ide_page = ide_page or ""
+        self._page_policy = page_policy(self._ide_page) if ide_page is not None else ""
 
     async def render_graphql_ide(self, request: Any) -> HTMLResponse:
-        return HTMLResponse(self.graphql_ide_html,
+        return HTMLResponse(self._ide_page,
                             headers={"Content-Security-Policy": self._page_policy})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -24,6 +24,7 @@ from consumers_graphql.store.db import Database
 from consumers_graphql.store.keys import ANONYMOUS, KeyStore, Principal
 from consumers_graphql.store.outage import is_unavailable
 from consumers_graphql.store.repository import Repository
+from consumers_graphql.web import api_docs
 from consumers_graphql.web.deadline import RequestDeadline
 from consumers_graphql.web.http_auth import (
     AuthenticationRequired,
@@ -107,8 +108,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         # Like introspection: the API's description is for development, not production.
         openapi_url=None if settings.is_production else "/openapi.json",
-        docs_url=None if settings.is_production else "/docs",
-        redoc_url=None if settings.is_production else "/redoc",
+        docs_url=None,  # web/api_docs.py: from installed files, not a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.graphiql = not settings.is_production
@@ -118,9 +119,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     graphql = GraphQLApp(
         schema,
         context=_graphql_context,
-        graphql_ide=None if settings.is_production else "graphiql",
+        ide_page=None if settings.is_production else api_docs.graphiql_page(app, settings),
         retry_after_s=settings.retry_after_s,
     )
+    if not settings.is_production:
+        api_docs.install_docs(app)
     # A Starlette route: /openapi.json documents the REST API only (GraphQL has its own
     # schema at /graphql), and FastAPI's dependency resolution is not needed here.
     app.router.routes.append(Route("/graphql", graphql, methods=["GET", "POST"]))

@@ -19,19 +19,29 @@ HEADERS = {
 }
 _INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
 _SCRIPT_SRC = re.compile(r'<script[^>]*\ssrc="([^"]+)"')
-_STYLESHEET = re.compile(r'<link[^>]*\shref="(https://[^"]+)"')
+_STYLESHEET = re.compile(r'<link[^>]*\srel="stylesheet"[^>]*\shref="([^"]+)"'
+                         r'|<link[^>]*\shref="([^"]+)"[^>]*\srel="stylesheet"')
+
+
+def _sources(urls: list[str]) -> list[str]:
+    """A CDN's file by its full URL; this origin's as 'self' (a path is no CSP source)."""
+    sources = ["'self'" if url.startswith("/") and not url.startswith("//") else url
+               for url in urls]
+    return list(dict.fromkeys(sources))
 
 
 def page_policy(html: str) -> str:
-    """A Content-Security-Policy for a page: exactly the scripts and stylesheets it names,
-    its own inline scripts by hash, requests to this origin only, never framed."""
+    """A Content-Security-Policy for a page: exactly the scripts and stylesheets it names
+    (this origin's as 'self'), its own inline scripts by hash, requests to this origin only,
+    never framed."""
     hashes = [
         f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'"
         for s in _INLINE_SCRIPT.findall(html)
     ]
-    scripts = " ".join([*_SCRIPT_SRC.findall(html), *hashes])
-    # GraphiQL's editor adds <style> elements as it runs.
-    styles = " ".join([*_STYLESHEET.findall(html), "'unsafe-inline'"])
+    scripts = " ".join([*_sources(_SCRIPT_SRC.findall(html)), *hashes])
+    stylesheets = [a or b for a, b in _STYLESHEET.findall(html)]
+    # GraphiQL's editor and Swagger UI add <style> elements as they run.
+    styles = " ".join([*_sources(stylesheets), "'unsafe-inline'"])
     return (f"default-src 'none'; script-src {scripts}; style-src {styles}; "
             "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; "
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
