@@ -12,7 +12,7 @@ from importlib import resources
 from consumers_graphql.settings import UiAssets
 from consumers_graphql.web.ui_assets import graphiql_urls
 
-# The README's "GraphiQL walk-through", in its order (tests/test_graphiql.py keeps them equal).
+# The README's "GraphiQL walk-through", in its order (tests/test_ui_assets.py keeps them equal).
 WALKTHROUGH = (
     """query ListConsumers {
   consumers(first: 20, search: "john", sortBy: CREATED_AT, sortDir: DESC) {
@@ -22,13 +22,13 @@ WALKTHROUGH = (
   }
 }""",
     """query NextPage($after: String!) {
-  consumers(first: 20, search: "john", after: $after) {
+  consumers(first: 20, search: "john", sortBy: CREATED_AT, sortDir: DESC, after: $after) {
     pageInfo { hasNextPage endCursor }
     nodes { id email fullName }
   }
 }""",
-    """query GetConsumer {
-  consumer(id: "cons_01JD…") {
+    """query GetConsumer($id: ID!) {
+  consumer(id: $id) {
     id email phone fullName metadata externalId
     totalOrders totalOrderValue lastOrderAt createdAt updatedAt
     audiences { nodes { id name } }
@@ -38,8 +38,11 @@ WALKTHROUGH = (
     """query Search {
   searchConsumers(email: "john@example.com") { nodes { id email fullName } }
 }""",
-    """query Nodes {
-  nodes(ids: ["cons_01JD…", "aud_01JD…"]) {
+    """query Audiences {
+  audiences { nodes { id name description consumers { totalCount } } }
+}""",
+    """query Nodes($ids: [ID!]!) {
+  nodes(ids: $ids) {
     __typename id
     ... on Consumer { email }
     ... on Audience { name consumers(first: 5) { totalCount nodes { email } } }
@@ -54,7 +57,9 @@ WALKTHROUGH = (
 # What the operations with variables need, for the user to fill in.
 _VARIABLES = {
     "NextPage": {"after": "endCursor from ListConsumers"},
-    "VipSpenders": {"audienceId": "aud_… (from Nodes or a consumer's audiences)"},
+    "GetConsumer": {"id": "cons_… (an id from ListConsumers)"},
+    "Nodes": {"ids": ["cons_… (from ListConsumers)", "aud_… (from Audiences)"]},
+    "VipSpenders": {"audienceId": "aud_… (an id from Audiences)"},
 }
 # The Headers panel's first content: where the key goes (the first `serve` prints one).
 HEADERS_HINT = '{\n  "Authorization": "Bearer sk_live_..."\n}'
