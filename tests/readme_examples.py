@@ -52,7 +52,7 @@ README_ADDRESS = "127.0.0.1:8000"
 SHELL = frozenset({"sh", "bash", "shell"})
 RUN = SHELL | {"graphql", "python", "js", "json"}
 FIGURES = frozenset({"text"})  # diagrams and listings: not examples
-DIRECTIVE = re.compile(r"^<!--\s*readme-test:\s*(.*?)\s*-->\s*$")
+DIRECTIVE = re.compile(r"^ {0,3}<!--\s*readme-test:\s*(.*?)\s*-->\s*$")
 FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})\s*([^`\s]*)(.*)$")
 
 
