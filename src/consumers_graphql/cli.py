@@ -27,12 +27,18 @@ if TYPE_CHECKING:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
+    from consumers_graphql.web import tracing
     from consumers_graphql.web.app import create_app, tune_gc
     from consumers_graphql.web.connections import ConnectionLimits
     from consumers_graphql.web.logs import log_config
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=overrides)
+    try:  # before anything starts: a configuration error (exit 2)
+        tracing.check(settings)
+    except tracing.TracingUnavailable as error:
+        print(error, file=sys.stderr)
+        return 2
     problem = asyncio.run(_prepare_database(settings))
     if problem:
         print(problem, file=sys.stderr)

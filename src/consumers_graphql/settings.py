@@ -1,6 +1,6 @@
 from enum import StrEnum
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -54,6 +54,21 @@ class Settings(BaseSettings):
     # REST batch endpoints: 500 items with 16 KiB metadata each are ~8.5 MiB as compact JSON
     # and up to ~28 MiB with every non-ASCII character escaped (\uXXXX); see the README.
     max_batch_body_bytes: int = Field(default=33_554_432, ge=1)
+
+    # --- Tracing (web/tracing.py): the standard OpenTelemetry variables, under their own
+    # names (no CONSUMERS_ prefix). An OTLP endpoint turns tracing on; the SDK reads the rest
+    # (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER, OTEL_EXPORTER_OTLP_*).
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    otel_exporter_otlp_traces_endpoint: str | None = Field(
+        default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+    otel_exporter_otlp_protocol: str | None = Field(
+        default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                                                    "OTEL_EXPORTER_OTLP_PROTOCOL"))
+    otel_traces_exporter: str = Field(
+        default="otlp", validation_alias=AliasChoices("OTEL_TRACES_EXPORTER"))
+    otel_sdk_disabled: bool = Field(
+        default=False, validation_alias=AliasChoices("OTEL_SDK_DISABLED"))
 
     @property
     def is_production(self) -> bool:

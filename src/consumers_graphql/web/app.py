@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import BackgroundTasks, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -24,6 +25,7 @@ from consumers_graphql.store.db import Database
 from consumers_graphql.store.keys import ANONYMOUS, KeyStore, Principal
 from consumers_graphql.store.outage import is_unavailable
 from consumers_graphql.store.repository import Repository
+from consumers_graphql.web import tracing as web_tracing
 from consumers_graphql.web.deadline import RequestDeadline
 from consumers_graphql.web.http_auth import (
     AuthenticationRequired,
@@ -32,6 +34,9 @@ from consumers_graphql.web.http_auth import (
 )
 from consumers_graphql.web.request_id import RequestIdMiddleware
 from consumers_graphql.web.security_headers import SecurityHeaders
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 
 def _asks_for_graphiql(request: Request) -> bool:
@@ -88,23 +93,35 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, tracer_provider: TracerProvider | None = None
+) -> FastAPI:
+    """The app. Tracing is on when OTEL_EXPORTER_OTLP_ENDPOINT is set (web/tracing.py), or
+    with a `tracer_provider` given (tests; its owner exports)."""
     settings = settings or Settings()
+    tracing = web_tracing.setup(settings, tracer_provider=tracer_provider)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         database = Database(settings)
         app.state.database = database
         app.state.keys = KeyStore(database.read_engine, database.write_engine, settings.key_pepper)
+        if tracing is not None:  # here: in the process (worker) that serves
+            tracing.instrument(database)
         try:
             yield
         finally:
-            await database.dispose()
+            try:
+                await database.dispose()
+            finally:
+                if tracing is not None:
+                    await tracing.shutdown()
 
     app = FastAPI(
         title="Consumers API",
         version=__version__,
         lifespan=lifespan,
+        telemetry=web_tracing.telemetry(tracing),
         # Like introspection: the API's description is for development, not production.
         openapi_url=None if settings.is_production else "/openapi.json",
         docs_url=None if settings.is_production else "/docs",
@@ -113,7 +130,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.graphiql = not settings.is_production
     app.add_exception_handler(AuthenticationRequired, authentication_required_response)
-    schema = build_schema(production=settings.is_production, limits=Limits.from_settings(settings))
+    schema = build_schema(production=settings.is_production, limits=Limits.from_settings(settings),
+                          operation_spans=tracing.operation_span if tracing else None)
     app.state.schema = schema
     graphql = GraphQLApp(
         schema,
