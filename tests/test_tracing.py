@@ -27,12 +27,14 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from consumers_graphql.api import executor
 from consumers_graphql.settings import Settings
 from consumers_graphql.store import models
 from consumers_graphql.web.app import create_app
-from consumers_graphql.web.tracing import INSTALL
+from consumers_graphql.web.tracing import INSTALL, wanted
 from tests.conftest import EXECUTION_PATHS, bearer, on_path, project_root
 from tests.factories import BASE_TIME, consumer_row, insert_consumers, insert_rows, order_row
 from tests.processes import Served, free_port
@@ -450,3 +452,54 @@ def test_tracing_that_cannot_run_is_a_configuration_error(
     lines = served.output.strip().splitlines()
     assert len(lines) == 1 and named in lines[0], served.output
     assert not (tmp_path / "never.db").exists()  # refused before anything started
+
+
+async def test_a_failed_statement_is_described_by_its_error_type_only(
+    traced_app: FastAPI, exporter: InMemorySpanExporter, dialect: str,
+) -> None:
+    # Both drivers quote the parameter in their message; neither message reaches the span.
+    failing = {"sqlite": "SELECT json_extract('{}', :value)",
+               "postgresql": "SELECT CAST(:value AS integer)"}[dialect]
+    exporter.clear()
+    with pytest.raises(DBAPIError) as raised:
+        async with traced_app.state.database.write_engine.connect() as conn:
+            await conn.execute(text(failing), {"value": EMAIL})
+    assert EMAIL in str(raised.value.orig)  # what the span would have said
+    [span] = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.CLIENT
+              and statement(s) == failing.replace(":value", "?" if dialect == "sqlite" else "$1")]
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description == type(raised.value.orig).__name__
+    assert str((span.attributes or {})["error.type"]).endswith(type(raised.value.orig).__name__)
+    assert_nothing_personal(exporter.get_finished_spans())
+
+
+async def test_an_anonymous_operation_is_named_by_its_type(
+    traced: httpx.AsyncClient, traced_path: str, exporter: InMemorySpanExporter,
+    api_key: str,
+) -> None:
+    response = await traced.post("/graphql", headers=bearer(api_key),
+                                 json={"query": "{ consumers { totalCount } }"})
+    assert response.status_code == 200, response.text
+    [operation] = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.INTERNAL]
+    assert operation.name == "query"
+    assert "graphql.operation.name" not in (operation.attributes or {})
+
+
+@pytest.mark.parametrize(("variables", "on"), [
+    ({}, False),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}, True),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces"}, True),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_SDK_DISABLED": "TRUE"},
+     False),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_TRACES_EXPORTER": "none"},
+     False),
+])
+def test_the_standard_variables_turn_tracing_on_and_off(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], on: bool,
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("OTEL_"):
+            monkeypatch.delenv(name)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert wanted(Settings()) is on

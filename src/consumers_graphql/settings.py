@@ -67,8 +67,9 @@ class Settings(BaseSettings):
                                                     "OTEL_EXPORTER_OTLP_PROTOCOL"))
     otel_traces_exporter: str = Field(
         default="otlp", validation_alias=AliasChoices("OTEL_TRACES_EXPORTER"))
-    otel_sdk_disabled: bool = Field(
-        default=False, validation_alias=AliasChoices("OTEL_SDK_DISABLED"))
+    # Text, read as the SDK reads it ("true" in any case disables): never a validation error.
+    otel_sdk_disabled: str = Field(
+        default="", validation_alias=AliasChoices("OTEL_SDK_DISABLED"))
 
     @property
     def is_production(self) -> bool:

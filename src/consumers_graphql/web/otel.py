@@ -25,6 +25,8 @@ from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from sqlalchemy import event
+from sqlalchemy.engine import ExceptionContext
 
 from consumers_graphql import __version__
 from consumers_graphql.settings import Settings
@@ -37,6 +39,8 @@ REDACTED = "REDACTED"
 # Query parameter names kept as they are (their values never are); any other is dropped.
 _PARAMETER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-\[\]]{0,63}")
 _QUERY_ATTRIBUTES = ("url.query", "url.full", "http.url", "http.target")
+# Where the SQLAlchemy instrumentation keeps a statement's span (on its execution context).
+_SPAN = "_otel_span"
 
 
 def redact_query(query: str) -> str:
@@ -94,6 +98,23 @@ class _OperationSpan:
             self.span.set_status(Status(StatusCode.ERROR, ", ".join(error_codes)))
 
 
+def _failed_statement(context: ExceptionContext) -> None:
+    """Ends a failed statement's span with the error's type only: a driver's message can
+    quote a parameter (asyncpg's "invalid input for query argument $1: '…'", SQLite's JSON
+    path errors). The span is taken from where the instrumentation keeps it (the minor
+    version is pinned in pyproject.toml; tests/test_tracing.py fails if it moves), so that
+    its own handler, which records the message, finds none."""
+    execution = context.execution_context
+    span = getattr(execution, _SPAN, None) if execution is not None else None
+    if not isinstance(span, trace.Span):
+        return
+    setattr(execution, _SPAN, None)
+    error = context.original_exception
+    span.set_attribute("error.type", f"{type(error).__module__}.{type(error).__qualname__}")
+    span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+    span.end()
+
+
 class Tracing:
     """One process's tracing: its tracer provider (the app's, or one a test passes in),
     the GraphQL operation spans, and the SQL spans of a database's engines."""
@@ -133,6 +154,8 @@ class Tracing:
         connections = NoOpMeterProvider().get_meter(TRACER).create_up_down_counter(
             "db.client.connections.usage")
         for engine in database.engines:
+            # Before the instrumentation's own, which would describe the error by its message.
+            event.listen(engine, "handle_error", _failed_statement)
             EngineTracer(tracer, engine, connections)  # type: ignore[no-untyped-call]  # the package has no annotations
         if self._owned and self._exporting is None:
             assert isinstance(self.tracer_provider, SdkTracerProvider)

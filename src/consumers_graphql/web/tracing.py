@@ -49,7 +49,8 @@ StartOperationSpan = Callable[[], AbstractContextManager[OperationSpan]]
 def wanted(settings: Settings) -> bool:
     """Whether the OTEL_* variables ask for traces."""
     endpoint = settings.otel_exporter_otlp_traces_endpoint or settings.otel_exporter_otlp_endpoint
-    return (bool(endpoint and endpoint.strip()) and not settings.otel_sdk_disabled
+    return (bool(endpoint and endpoint.strip())
+            and settings.otel_sdk_disabled.strip().lower() != "true"
             and settings.otel_traces_exporter.strip().lower() != "none")
 
 
