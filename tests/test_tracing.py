@@ -503,3 +503,14 @@ def test_the_standard_variables_turn_tracing_on_and_off(
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
     assert wanted(Settings()) is on
+
+
+async def test_probes_are_not_traced(
+    traced: httpx.AsyncClient, exporter: InMemorySpanExporter,
+) -> None:
+    response = await traced.get("/healthz")
+    assert response.status_code == 200
+    # neither the request nor its SELECT 1 (which would start a trace of its own)
+    assert exporter.get_finished_spans() == ()
+    await traced.get("/api/v1/consumers")  # the control: a 401, traced
+    assert [s.name for s in exporter.get_finished_spans()] == ["GET /api/v1/consumers"]

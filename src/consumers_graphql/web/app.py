@@ -144,6 +144,8 @@ def create_app(
     app.router.routes.append(Route("/graphql", graphql, methods=["GET", "POST"]))
     # The guard answers before authentication; the deadline covers reading the body too; the
     # request id wraps everything, 500s and 504s included.
+    if tracing is not None:
+        app.add_middleware(tracing.untraced_paths)  # probes and scrapes: no spans
     app.add_middleware(ProtocolGuard, path="/graphql", max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestDeadline, seconds=settings.request_timeout_s)
     app.add_middleware(RequestIdMiddleware)

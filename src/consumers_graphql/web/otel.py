@@ -18,6 +18,7 @@ from opentelemetry.context import Context as OtelContext
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
 from opentelemetry.instrumentation.sqlalchemy.version import __version__ as instrumentation
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import Span as SdkSpan
@@ -27,6 +28,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from sqlalchemy import event
 from sqlalchemy.engine import ExceptionContext
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from consumers_graphql import __version__
 from consumers_graphql.settings import Settings
@@ -34,6 +36,8 @@ from consumers_graphql.store.db import Database
 from consumers_graphql.web.tracing import OperationSpan
 
 DEFAULT_SERVICE_NAME = "consumers-graphql"
+# Probes and scrapes, every few seconds from every load balancer and Prometheus: no trace.
+UNTRACED_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
 TRACER = "consumers_graphql"
 REDACTED = "REDACTED"
 # Query parameter names kept as they are (their values never are); any other is dropped.
@@ -65,6 +69,26 @@ class RedactQueries(SpanProcessor):
             elif "?" in value:
                 base, _, query = value.partition("?")
                 span.set_attribute(key, f"{base}?{redact_query(query)}")
+
+
+def untraced(scope: Scope) -> bool:
+    return scope["type"] == "http" and str(scope.get("path", "")).rstrip("/") in UNTRACED_PATHS
+
+
+class Untraced:
+    """No span at all for an untraced path: FastAPI leaves out the request's (its
+    `exclude`), and this keeps its SQL (a readiness check's) from starting traces of their
+    own."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not untraced(scope):
+            await self.app(scope, receive, send)
+            return
+        with suppress_instrumentation():
+            await self.app(scope, receive, send)
 
 
 def resource() -> Resource:
@@ -131,6 +155,8 @@ class Tracing:
         self.tracer_provider = tracer_provider
         self._tracer = tracer_provider.get_tracer(TRACER, __version__)
         self._exporting: BatchSpanProcessor | None = None
+
+    untraced_paths = Untraced
 
     def operation_span(self) -> AbstractContextManager[OperationSpan]:
         return self._operation_span()

@@ -98,5 +98,8 @@ def telemetry(tracing: Tracing | None) -> TelemetryConfig:
     if tracing is None:
         return {"tracing": False, "metrics": False, "logs": False, "operation_spans": False,
                 "auto_configure": False}
+    from consumers_graphql.web.otel import untraced
+
     return {"tracing": True, "tracer_provider": tracing.tracer_provider, "metrics": False,
-            "logs": False, "operation_spans": False, "auto_configure": False}
+            "logs": False, "operation_spans": False, "auto_configure": False,
+            "exclude": untraced}
