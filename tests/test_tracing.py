@@ -421,6 +421,7 @@ def test_serve_exports_to_the_otlp_endpoint(
                 for export in received for spans in export.resource_spans
                 for a in spans.resource.attributes}
     assert resource["service.name"] == "consumers-graphql"
+    assert resource["service.version"] and len(resource["service.instance.id"]) == 36
     names = _span_names(received)
     assert any(name.startswith("SELECT") for name in names), names
 

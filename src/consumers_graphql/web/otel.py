@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from urllib.parse import parse_qsl
@@ -20,7 +21,12 @@ from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
 from opentelemetry.instrumentation.sqlalchemy.version import __version__ as instrumentation
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.metrics import NoOpMeterProvider
-from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
+from opentelemetry.sdk.resources import (
+    SERVICE_INSTANCE_ID,
+    SERVICE_NAME,
+    SERVICE_VERSION,
+    Resource,
+)
 from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
@@ -93,11 +99,15 @@ class Untraced:
 
 def resource() -> Resource:
     """OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES as the SDK reads them, with this
-    service's name when neither gives one."""
+    service's name when neither gives one, and an instance id of this process's own (each
+    worker, each host: their spans told apart) unless they give one."""
     detected = Resource.create({SERVICE_VERSION: __version__})
+    defaults: dict[str, str] = {}
     if str(detected.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
-        detected = detected.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
-    return detected
+        defaults[SERVICE_NAME] = DEFAULT_SERVICE_NAME
+    if SERVICE_INSTANCE_ID not in detected.attributes:
+        defaults[SERVICE_INSTANCE_ID] = str(uuid.uuid4())
+    return detected.merge(Resource(defaults))
 
 
 def traces_endpoint(settings: Settings) -> str:
