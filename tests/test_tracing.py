@@ -33,6 +33,7 @@ from sqlalchemy.exc import DBAPIError
 from consumers_graphql.api import executor
 from consumers_graphql.settings import Settings
 from consumers_graphql.store import models
+from consumers_graphql.web import otel
 from consumers_graphql.web.app import create_app
 from consumers_graphql.web.tracing import INSTALL, wanted
 from tests.conftest import EXECUTION_PATHS, bearer, on_path, project_root
@@ -515,3 +516,47 @@ async def test_probes_are_not_traced(
     assert exporter.get_finished_spans() == ()
     await traced.get("/api/v1/consumers")  # the control: a 401, traced
     assert [s.name for s in exporter.get_finished_spans()] == ["GET /api/v1/consumers"]
+
+
+async def test_headers_stay_out_even_when_the_variables_ask_for_them(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, api_key: str, execution_path: str,
+) -> None:
+    # OpenTelemetry's instrumentations capture the headers these name; FastAPI's must not,
+    # and the Authorization header (the key) and cookies never reach a span.
+    for variable in ("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST",
+                     "OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_RESPONSE"):
+        monkeypatch.setenv(variable, ".*")
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = create_app(settings, tracer_provider=provider)
+    on_path(app, execution_path)
+    async with LifespanManager(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        response = await client.post(
+            "/graphql", json={"query": "{ consumers { totalCount } }"},
+            headers={**bearer(api_key), "Cookie": f"session={EMAIL}", "X-Email": EMAIL})
+    assert response.status_code == 200, response.text
+    spans = exporter.get_finished_spans()
+    assert len(spans) >= 3  # request, operation, SQL
+    assert_nothing_personal(spans, api_key, api_key.split("_")[-1])
+
+
+@pytest.mark.parametrize(("variables", "name", "instance"), [
+    ({}, "consumers-graphql", None),
+    ({"OTEL_SERVICE_NAME": "consumers-eu"}, "consumers-eu", None),
+    ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=api,service.instance.id=pod-7"}, "api",
+     "pod-7"),
+])
+def test_the_service_is_named_by_the_standard_variables(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], name: str,
+    instance: str | None,
+) -> None:
+    for variable in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in variables.items():
+        monkeypatch.setenv(variable, value)
+    attributes = otel.resource().attributes
+    assert attributes["service.name"] == name
+    assert attributes["service.instance.id"] == instance or (
+        instance is None and len(str(attributes["service.instance.id"])) == 36)
