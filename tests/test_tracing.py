@@ -435,6 +435,7 @@ def _span_names(received: list[ExportTraceServiceRequest]) -> set[str]:
 @pytest.mark.parametrize(("env", "named"), [
     ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "OTEL_EXPORTER_OTLP_PROTOCOL=grpc"),
     ({"OTEL_TRACES_EXPORTER": "console"}, "OTEL_TRACES_EXPORTER=console"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}, "OTEL_EXPORTER_OTLP_ENDPOINT is not"),
     ({"PYTHONPATH": "{shadow}"}, INSTALL),
 ])
 def test_tracing_that_cannot_run_is_a_configuration_error(

@@ -15,6 +15,7 @@ import importlib
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
 
 from fastapi.telemetry import TelemetryConfig
 
@@ -64,6 +65,17 @@ def check(settings: Settings) -> None:
         raise TracingUnavailable(
             f"OTEL_TRACES_EXPORTER={settings.otel_traces_exporter} is not supported: traces are "
             "exported over OTLP (set it to otlp, or none to turn tracing off).")
+    for name, value in (("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                         settings.otel_exporter_otlp_traces_endpoint),
+                        ("OTEL_EXPORTER_OTLP_ENDPOINT", settings.otel_exporter_otlp_endpoint)):
+        if value and value.strip():
+            url = urlsplit(value.strip())
+            if url.scheme not in ("http", "https") or not url.hostname:
+                # Not repeated: a URL can hold a password.
+                raise TracingUnavailable(
+                    f"{name} is not an absolute http:// or https:// URL (the collector's "
+                    "OTLP/HTTP address, e.g. http://127.0.0.1:4318).")
+            break
     protocol = (settings.otel_exporter_otlp_protocol or _PROTOCOL).strip().lower()
     if protocol != _PROTOCOL:
         raise TracingUnavailable(
