@@ -142,10 +142,10 @@ def create_app(
     # A Starlette route: /openapi.json documents the REST API only (GraphQL has its own
     # schema at /graphql), and FastAPI's dependency resolution is not needed here.
     app.router.routes.append(Route("/graphql", graphql, methods=["GET", "POST"]))
-    # The guard answers before authentication; the deadline covers reading the body too; the
-    # request id wraps everything, 500s and 504s included.
     if tracing is not None:
         app.add_middleware(tracing.untraced_paths)  # probes and scrapes: no spans
+    # The guard answers before authentication; the deadline covers reading the body too; the
+    # request id wraps everything, 500s and 504s included.
     app.add_middleware(ProtocolGuard, path="/graphql", max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestDeadline, seconds=settings.request_timeout_s)
     app.add_middleware(RequestIdMiddleware)
