@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from consumers_graphql.web import ui_assets
+    from consumers_graphql.web import tracing, ui_assets
     from consumers_graphql.web.app import create_app, tune_gc
     from consumers_graphql.web.connections import ConnectionLimits
     from consumers_graphql.web.logs import log_config
@@ -41,6 +41,11 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     notice = ui_assets.notice(settings)
     if notice:
         print(notice, file=sys.stderr, flush=True)
+    try:  # before anything starts: a configuration error (exit 2)
+        tracing.check(settings)
+    except tracing.TracingUnavailable as error:
+        print(error, file=sys.stderr)
+        return 2
     problem = asyncio.run(_prepare_database(settings))
     if problem:
         print(problem, file=sys.stderr)

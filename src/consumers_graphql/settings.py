@@ -1,7 +1,7 @@
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -69,6 +69,21 @@ class Settings(BaseSettings):
     # The folder `assets fetch` fills and the app serves (default: a per-user data folder,
     # $XDG_DATA_HOME/consumers-graphql/ui-assets).
     ui_assets_dir: Path | None = None
+    # --- Tracing (web/tracing.py): the standard OpenTelemetry variables, under their own
+    # names (no CONSUMERS_ prefix). An OTLP endpoint turns tracing on; the SDK reads the rest
+    # (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER, OTEL_EXPORTER_OTLP_*).
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    otel_exporter_otlp_traces_endpoint: str | None = Field(
+        default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+    otel_exporter_otlp_protocol: str | None = Field(
+        default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                                                    "OTEL_EXPORTER_OTLP_PROTOCOL"))
+    otel_traces_exporter: str = Field(
+        default="otlp", validation_alias=AliasChoices("OTEL_TRACES_EXPORTER"))
+    # Text, read as the SDK reads it ("true" in any case disables): never a validation error.
+    otel_sdk_disabled: str = Field(
+        default="", validation_alias=AliasChoices("OTEL_SDK_DISABLED"))
 
     @property
     def is_production(self) -> bool:

@@ -21,10 +21,12 @@ from consumers_graphql.api.mutation import Mutation
 from consumers_graphql.api.permissions import ScopeCheck
 from consumers_graphql.api.query import Query
 from consumers_graphql.api.scalars import DateTime
+from consumers_graphql.api.tracing import OperationTracing
 from consumers_graphql.api.types import Audience, Consumer, Order
 from consumers_graphql.errors import DomainError
 from consumers_graphql.store import outage
 from consumers_graphql.web import request_id
+from consumers_graphql.web.tracing import StartOperationSpan
 
 logger = logging.getLogger("consumers_graphql.graphql")
 
@@ -153,16 +155,21 @@ class Schema(strawberry.Schema):
 
 
 def build_schema(
-    *, production: bool = False, limits: Limits | None = None, compiled: bool = True
+    *, production: bool = False, limits: Limits | None = None, compiled: bool = True,
+    operation_spans: StartOperationSpan | None = None,
 ) -> Schema:
     """The schema; `compiled=False` executes every operation with graphql-core alone (the
-    reference the compiled executor is tested against)."""
+    reference the compiled executor is tested against). `operation_spans` (tracing on, see
+    web/tracing.py) gives every operation a span."""
     limits = limits or Limits()
     extensions: list[Any] = [
         ErrorCodes,
         lambda: OperationLimits(limits, production=production),
         ScopeCheck,
     ]
+    if operation_spans is not None:
+        # First, so that it ends last: after ErrorCodes has given every error its code.
+        extensions.insert(0, lambda: OperationTracing(operation_spans))
     schema = Schema(
         query=Query,
         mutation=Mutation,

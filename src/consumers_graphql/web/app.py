@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import BackgroundTasks, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -25,6 +26,7 @@ from consumers_graphql.store.keys import ANONYMOUS, KeyStore, Principal
 from consumers_graphql.store.outage import is_unavailable
 from consumers_graphql.store.repository import Repository
 from consumers_graphql.web import api_docs
+from consumers_graphql.web import tracing as web_tracing
 from consumers_graphql.web.deadline import RequestDeadline
 from consumers_graphql.web.http_auth import (
     AuthenticationRequired,
@@ -33,6 +35,9 @@ from consumers_graphql.web.http_auth import (
 )
 from consumers_graphql.web.request_id import RequestIdMiddleware
 from consumers_graphql.web.security_headers import SecurityHeaders
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 
 def _asks_for_graphiql(request: Request) -> bool:
@@ -89,23 +94,35 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, tracer_provider: TracerProvider | None = None
+) -> FastAPI:
+    """The app. Tracing is on when OTEL_EXPORTER_OTLP_ENDPOINT is set (web/tracing.py), or
+    with a `tracer_provider` given (tests; its owner exports)."""
     settings = settings or Settings()
+    tracing = web_tracing.setup(settings, tracer_provider=tracer_provider)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         database = Database(settings)
         app.state.database = database
         app.state.keys = KeyStore(database.read_engine, database.write_engine, settings.key_pepper)
+        if tracing is not None:  # here: in the process (worker) that serves
+            tracing.instrument(database)
         try:
             yield
         finally:
-            await database.dispose()
+            try:
+                await database.dispose()
+            finally:
+                if tracing is not None:
+                    await tracing.shutdown()
 
     app = FastAPI(
         title="Consumers API",
         version=__version__,
         lifespan=lifespan,
+        telemetry=web_tracing.telemetry(tracing),
         # Like introspection: the API's description is for development, not production.
         openapi_url=None if settings.is_production else "/openapi.json",
         docs_url=None,  # web/api_docs.py: from installed files, not a CDN
@@ -114,7 +131,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.graphiql = not settings.is_production
     app.add_exception_handler(AuthenticationRequired, authentication_required_response)
-    schema = build_schema(production=settings.is_production, limits=Limits.from_settings(settings))
+    schema = build_schema(production=settings.is_production, limits=Limits.from_settings(settings),
+                          operation_spans=tracing.operation_span if tracing else None)
     app.state.schema = schema
     graphql = GraphQLApp(
         schema,
@@ -127,6 +145,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # A Starlette route: /openapi.json documents the REST API only (GraphQL has its own
     # schema at /graphql), and FastAPI's dependency resolution is not needed here.
     app.router.routes.append(Route("/graphql", graphql, methods=["GET", "POST"]))
+    if tracing is not None:
+        app.add_middleware(tracing.untraced_paths)  # probes and scrapes: no spans
     # The guard answers before authentication; the deadline covers reading the body too; the
     # request id wraps everything, 500s and 504s included.
     app.add_middleware(ProtocolGuard, path="/graphql", max_body_bytes=settings.max_body_bytes)
