@@ -29,6 +29,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -322,8 +323,11 @@ def peer_ready() -> str | None:
         if npm is None:
             return "npm is not installed (the peer installs its own Node 22 with it)"
         log("installing the peer: npm ci in bench/peer (once)")
-        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=PEER_DIR,
-                              capture_output=True, text=True, check=False, timeout=900)
+        try:
+            done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=PEER_DIR,
+                                  capture_output=True, text=True, check=False, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return f"npm ci in bench/peer failed: {error}"
         if done.returncode != 0 or not NODE.exists():
             tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
             return "npm ci in bench/peer failed: " + " | ".join(tail)
@@ -442,14 +446,23 @@ def pyloadgen(server: Server, query: str, variables: dict[str, Any], seconds: fl
             "p99_ms": raw["p99_ms"]}
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure(server: Server, w: Workload, args: argparse.Namespace,
             seconds: float) -> dict[str, Any]:
+    """One load run; the server's CPU over it, and the load generator's (its share of its
+    core: near 1.0 would mean it, not the server, sets the pace)."""
     query, variables = w.ours if server.label == "ours" else w.peer
     generate = wrk if args.loadgen == "wrk" else pyloadgen
-    cpu = server.cpu_seconds()
+    cpu, loadgen_cpu = server.cpu_seconds(), _children_cpu()
     result = generate(server, query, variables, seconds, args.connections)
     result["cpu_s"] = server.cpu_seconds() - cpu
+    result["loadgen_cpu_share"] = (_children_cpu() - loadgen_cpu) / result["seconds"]
     result["rps"] = result["requests"] / result["seconds"]
+    result["server_core_share"] = result["cpu_s"] / result["seconds"]
     return result
 
 
@@ -463,6 +476,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "cpu_ms": 1000 * sum(r["cpu_s"] for r in runs) / requests if requests else None,
             "p50_ms": statistics.median(r["p50_ms"] for r in runs),
             "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+            "loadgen_cpu_share": max(r["loadgen_cpu_share"] for r in runs),
+            "server_core_share": statistics.median(r["server_core_share"] for r in runs),
             "requests": requests, "runs": runs}
 
 
@@ -471,101 +486,131 @@ def _n(value: float) -> str:
 
 
 def table(items: list[Workload], summary: dict[str, dict[str, Any]]) -> str:
+    """req/s: median over the rounds (min-max); ratio: ours / the peer's; CPU ratio: the
+    peer's CPU per request / ours, what the req/s ratio is when both have a core to
+    themselves (steadier than req/s on a busy machine); core busy: the server's CPU over
+    the run's wall time (below ~0.95 it was short of its core, or waiting)."""
     lines = [
-        "| workload | ours req/s | peer req/s | ratio | CPU ms/request ours vs peer "
+        "| workload | ours req/s | peer req/s | ratio | CPU ratio "
+        "| CPU ms/request ours vs peer | core busy ours / peer "
         "| p50 ms ours / peer | p99 ms ours / peer |",
-        "| --- | ---: | ---: | ---: | --- | --- | --- |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- |",
     ]
     for w in items:
         a, b = summary[w.name]["ours"], summary[w.name]["peer"]
         lines.append(
             f"| {w.name}: {w.what} | {_n(a['rps'])} ({_n(a['rps_min'])}-{_n(a['rps_max'])}) "
             f"| {_n(b['rps'])} ({_n(b['rps_min'])}-{_n(b['rps_max'])}) "
-            f"| {a['rps'] / b['rps']:.2f} | {a['cpu_ms']:.3f} vs {b['cpu_ms']:.3f} "
+            f"| {a['rps'] / b['rps']:.2f} | {b['cpu_ms'] / a['cpu_ms']:.2f} "
+            f"| {a['cpu_ms']:.3f} vs {b['cpu_ms']:.3f} "
+            f"| {a['server_core_share']:.2f} / {b['server_core_share']:.2f} "
             f"| {a['p50_ms']:.2f} / {b['p50_ms']:.2f} | {a['p99_ms']:.2f} / {b['p99_ms']:.2f} |")
     return "\n".join(lines)
 
 
 # --- py-spy ----------------------------------------------------------------------------------
 
-AREAS = (  # (area, what a frame's file path contains), first match wins
-    ("uvicorn/h11 (HTTP parsing, protocol)", ("/uvicorn/", "/h11/")),
-    ("our web layer (middleware, connections, auth)", ("consumers_graphql/web/",)),
-    ("starlette/fastapi (routing, middleware)", ("/starlette/", "/fastapi/")),
-    ("our GraphQL face (http.py, executor, loaders)", ("consumers_graphql/api/",)),
-    ("strawberry", ("/strawberry/",)),
-    ("graphql-core", ("/graphql/",)),
-    ("our store/domain (reads, keys, pagination)", ("consumers_graphql/store/",
-                                                    "consumers_graphql/domain/")),
-    ("sqlalchemy", ("/sqlalchemy/",)),
-    ("asyncpg", ("/asyncpg/",)),
-    ("asyncio event loop", ("/asyncio/", "selectors.py")),
-    ("json/orjson/pydantic", ("/json/", "orjson", "/pydantic")),
-    ("logging", ("/logging/",)),
+AREAS = (  # (area, path prefixes of a frame's file as py-spy prints it), first match wins
+    ("uvicorn + h11 (HTTP/1.1 parsing, the protocol)", ("uvicorn/", "h11/")),
+    ("ours: web/ (middleware, connections, auth)", ("consumers_graphql/web/",)),
+    ("ours: api/ (GraphQLApp, compiled executor, loaders, types)", ("consumers_graphql/api/",)),
+    ("ours: store/, domain/ (reads, keys, pagination)", ("consumers_graphql/store/",
+                                                         "consumers_graphql/domain/")),
+    ("ours: other", ("consumers_graphql/",)),
+    ("starlette + fastapi (middleware, routing)", ("starlette/", "fastapi/")),
+    ("strawberry (HTTP view, DataLoader)", ("strawberry/",)),
+    ("graphql-core", ("graphql/",)),
+    ("sqlalchemy (compile, execute, result rows)", ("sqlalchemy/",)),
+    ("asyncpg", ("asyncpg/",)),
+    ("asyncio (event loop, transports)", ("asyncio/", "selectors.py")),
+    ("json, orjson, pydantic", ("json/", "orjson", "pydantic")),
+    ("logging", ("logging/",)),
 )
+# A sample whose innermost frame is a socket write is mostly not CPU: the write wakes the
+# PostgreSQL backend (or the client), which the scheduler often runs on the writer's core at
+# once, and py-spy, which samples wall time, counts the writer as active while it waits for its
+# core back. Those samples are split out; the rest are spread over the measured CPU time.
+BLOCKED = ("_SelectorSocketTransport.write (asyncio/", "EpollSelector.select (")
+
+
+def _frame_path(frame: str) -> str:
+    return frame.rsplit(" (", 1)[-1].rstrip(")")
 
 
 def area_of(frame: str) -> str:
-    for name, needles in AREAS:
-        if any(n in frame for n in needles):
+    path = _frame_path(frame)
+    for name, prefixes in AREAS:
+        if any(path.startswith(p) or f"/{p}" in path for p in prefixes):
             return name
-    return "other"
+    return "other (stdlib, C extensions' Python parts)"
+
+
+def _function(frame: str) -> str:
+    """`name (path:line)` without the line: one entry per function."""
+    name, _, where = frame.rpartition(" (")
+    return f"{name} ({where.rsplit(':', 1)[0]})"
 
 
 def profile(args: argparse.Namespace, ds: run.Dataset, prep: dict[str, Any]) -> int:
-    """py-spy (sampling, native frames off, idle frames dropped) on our server while wrk
-    sends one workload; prints self time by function and by area."""
+    """py-spy (sampling, no native frames) on our server while wrk sends one workload: its
+    self time by area and by function, and this project's functions by inclusive time, each
+    in ms of CPU per request (the samples' share of the CPU the server used per request)."""
     spy = shutil.which("py-spy") or str(Path(run.PY).parent / "py-spy")
     if not Path(spy).exists():
         raise SystemExit("py-spy is not installed (pip install -e '.[bench]')")
     w = next((x for x in make_workloads(prep) if x.name == args.profile), None)
-    if w is None:
-        raise SystemExit(f"no workload {args.profile!r}")
+    if w is None or w.name == "W3":
+        raise SystemExit(f"no workload {args.profile!r} to profile (typename, W1, W2, search)")
+    out = run.RESULTS_DIR / f"peer_profile_{w.name}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
     ours = start_ours(ds, prep["secret"])
     try:
         measure(ours, w, args, args.warmup)  # warm
-        out = run.RESULTS_DIR / f"peer_profile_{w.name}.txt"
-        out.parent.mkdir(parents=True, exist_ok=True)
         recorder = subprocess.Popen(
             [spy, "record", "--pid", str(ours.process.pid), "--format", "raw", "--rate",
-             str(args.profile_rate), "--duration", str(round(args.seconds) + 1), "--output",
+             str(args.profile_rate), "--duration", str(round(args.seconds) + 2), "--output",
              str(out), "--nonblocking"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(0.5)
+        time.sleep(1)
         result = measure(ours, w, args, args.seconds)
         recorder.wait(timeout=60)
     finally:
         ours.stop()
     per_request = 1000 * result["cpu_s"] / max(1, result["requests"])
-    log(f"under py-spy: {result['rps']:.0f} req/s, {per_request:.3f} ms CPU/request; raw "
-        f"stacks in {out}")
-    self_time: collections.Counter[str] = collections.Counter()
+    self_fn: collections.Counter[str] = collections.Counter()
     by_area: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
-    total = 0
+    blocked = on_cpu = 0
     for line in out.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
             continue
         n = int(count)
         frames = stack.split(";")
-        total += n
-        self_time[frames[-1]] += n
+        if frames[-1].startswith(BLOCKED):
+            blocked += n
+            continue
+        on_cpu += n
+        self_fn[_function(frames[-1])] += n
         by_area[area_of(frames[-1])] += n
-        for f in set(frames):
+        for f in {_function(x) for x in frames}:
             inclusive[f] += n
-    print(f"\n{w.name} on our server: {total} samples "
-          f"({result['requests']} requests, {result['rps']:.0f} req/s under the profiler)\n")
-    print("self time by area:")
+    ms = per_request / max(1, on_cpu)  # CPU ms per request that one sample stands for
+    print(f"\n{w.name} ({w.what}) on our server under py-spy: {result['rps']:.0f} req/s, "
+          f"{per_request:.3f} ms CPU/request ({result['requests']} requests); "
+          f"{on_cpu} samples spread over that CPU, {blocked} in socket writes/select left out "
+          f"(waiting for the core, see BLOCKED); raw stacks: {out}\n")
+    print("self time by area (ms CPU per request):")
     for name, n in by_area.most_common():
-        print(f"  {100 * n / total:5.1f}%  {name}")
+        print(f"  {n * ms:6.3f}  {100 * n / on_cpu:5.1f}%  {name}")
     print("\nself time, top functions:")
-    for frame, n in self_time.most_common(args.profile_top):
-        print(f"  {100 * n / total:5.1f}%  {frame}")
-    print("\ninclusive time, top functions of this project:")
-    ours_only = [(f, n) for f, n in inclusive.most_common() if "consumers_graphql" in f]
-    for frame, n in ours_only[:args.profile_top]:
-        print(f"  {100 * n / total:5.1f}%  {frame}")
+    for frame, n in self_fn.most_common(args.profile_top):
+        print(f"  {n * ms:6.3f}  {100 * n / on_cpu:5.1f}%  {frame}")
+    print("\ninclusive time, this project's functions:")
+    mine = [(f, n) for f, n in inclusive.most_common() if "consumers_graphql/" in f
+            and "cli.py" not in f]
+    for frame, n in mine[:args.profile_top]:
+        print(f"  {n * ms:6.3f}  {100 * n / on_cpu:5.1f}%  {frame}")
     return 0
 
 
@@ -668,6 +713,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = {name: {label: summarise(x) for label, x in per.items()}
                for name, per in runs.items()}
     text = table(items, summary)
+    busiest = max((summary[w.name][label]["loadgen_cpu_share"], w.name, label)
+                  for w in items for label in ("ours", "peer"))
+    text += (f"\n\nLoad generator ({args.loadgen}): at most {100 * busiest[0]:.0f} % of its "
+             f"core ({busiest[1]}, {busiest[2]}).")
     print(text)
     notes = (f"{args.rounds} interleaved rounds x {args.seconds:g} s; {args.loadgen} "
              f"({args.connections} connections) on core 1, each server on core 0; "
