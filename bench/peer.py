@@ -551,16 +551,25 @@ def _function(frame: str) -> str:
     return f"{name} ({where.rsplit(':', 1)[0]})"
 
 
-def profile(args: argparse.Namespace, ds: run.Dataset, prep: dict[str, Any]) -> int:
-    """py-spy (sampling, no native frames) on our server while wrk sends one workload: its
-    self time by area and by function, and this project's functions by inclusive time, each
-    in ms of CPU per request (the samples' share of the CPU the server used per request)."""
-    spy = shutil.which("py-spy") or str(Path(run.PY).parent / "py-spy")
-    if not Path(spy).exists():
-        raise SystemExit("py-spy is not installed (pip install -e '.[bench]')")
-    w = next((x for x in make_workloads(prep) if x.name == args.profile), None)
-    if w is None or w.name == "W3":
-        raise SystemExit(f"no workload {args.profile!r} to profile (typename, W1, W2, search)")
+@dataclass
+class Profile:
+    workload: Workload
+    result: dict[str, Any]
+    per_request_ms: float
+    on_cpu: int
+    blocked: int
+    by_area: collections.Counter[str]
+    self_fn: collections.Counter[str]
+    inclusive: collections.Counter[str]
+    path: Path
+
+    def ms(self, samples: int) -> float:
+        """CPU ms per request that `samples` stand for."""
+        return self.per_request_ms * samples / max(1, self.on_cpu)
+
+
+def record_profile(args: argparse.Namespace, ds: run.Dataset, prep: dict[str, Any],
+                   w: Workload, spy: str) -> Profile:
     out = run.RESULTS_DIR / f"peer_profile_{w.name}.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
     ours = start_ours(ds, prep["secret"])
@@ -576,11 +585,8 @@ def profile(args: argparse.Namespace, ds: run.Dataset, prep: dict[str, Any]) -> 
         recorder.wait(timeout=60)
     finally:
         ours.stop()
-    per_request = 1000 * result["cpu_s"] / max(1, result["requests"])
-    self_fn: collections.Counter[str] = collections.Counter()
-    by_area: collections.Counter[str] = collections.Counter()
-    inclusive: collections.Counter[str] = collections.Counter()
-    blocked = on_cpu = 0
+    found = Profile(w, result, 1000 * result["cpu_s"] / max(1, result["requests"]), 0, 0,
+                    collections.Counter(), collections.Counter(), collections.Counter(), out)
     for line in out.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
@@ -588,29 +594,56 @@ def profile(args: argparse.Namespace, ds: run.Dataset, prep: dict[str, Any]) -> 
         n = int(count)
         frames = stack.split(";")
         if frames[-1].startswith(BLOCKED):
-            blocked += n
+            found.blocked += n
             continue
-        on_cpu += n
-        self_fn[_function(frames[-1])] += n
-        by_area[area_of(frames[-1])] += n
+        found.on_cpu += n
+        found.self_fn[_function(frames[-1])] += n
+        found.by_area[area_of(frames[-1])] += n
         for f in {_function(x) for x in frames}:
-            inclusive[f] += n
-    ms = per_request / max(1, on_cpu)  # CPU ms per request that one sample stands for
-    print(f"\n{w.name} ({w.what}) on our server under py-spy: {result['rps']:.0f} req/s, "
-          f"{per_request:.3f} ms CPU/request ({result['requests']} requests); "
-          f"{on_cpu} samples spread over that CPU, {blocked} in socket writes/select left out "
-          f"(waiting for the core, see BLOCKED); raw stacks: {out}\n")
-    print("self time by area (ms CPU per request):")
-    for name, n in by_area.most_common():
-        print(f"  {n * ms:6.3f}  {100 * n / on_cpu:5.1f}%  {name}")
-    print("\nself time, top functions:")
-    for frame, n in self_fn.most_common(args.profile_top):
-        print(f"  {n * ms:6.3f}  {100 * n / on_cpu:5.1f}%  {frame}")
-    print("\ninclusive time, this project's functions:")
-    mine = [(f, n) for f, n in inclusive.most_common() if "consumers_graphql/" in f
-            and "cli.py" not in f]
-    for frame, n in mine[:args.profile_top]:
-        print(f"  {n * ms:6.3f}  {100 * n / on_cpu:5.1f}%  {frame}")
+            found.inclusive[f] += n
+    return found
+
+
+def profile(args: argparse.Namespace, ds: run.Dataset, prep: dict[str, Any]) -> int:
+    """py-spy (sampling, no native frames) on our server while wrk sends each workload named
+    (a fresh server each): self time by area and by function, and this project's functions
+    by inclusive time, in ms of CPU per request (the samples' share of the CPU the server
+    used per request); with several workloads, the areas side by side."""
+    spy = shutil.which("py-spy") or str(Path(run.PY).parent / "py-spy")
+    if not Path(spy).exists():
+        raise SystemExit("py-spy is not installed (pip install -e '.[bench]')")
+    by_name = {w.name: w for w in make_workloads(prep) if w.name != "W3"}
+    names = [x.strip() for x in args.profile.split(",")]
+    if not names or any(n not in by_name for n in names):
+        raise SystemExit(f"--profile takes workloads among {', '.join(by_name)}")
+    found = [record_profile(args, ds, prep, by_name[n], spy) for n in names]
+    for p in found:
+        w, result = p.workload, p.result
+        print(f"\n== {w.name} ({w.what}) on our server under py-spy: {result['rps']:.0f} "
+              f"req/s, {p.per_request_ms:.3f} ms CPU/request ({result['requests']} requests); "
+              f"{p.on_cpu} samples spread over that CPU, {p.blocked} in socket writes/select "
+              f"left out (waiting for the core, see BLOCKED); raw stacks: {p.path}\n")
+        print("self time by area (ms CPU per request):")
+        for name, n in p.by_area.most_common():
+            print(f"  {p.ms(n):6.3f}  {100 * n / p.on_cpu:5.1f}%  {name}")
+        print("\nself time, top functions:")
+        for frame, n in p.self_fn.most_common(args.profile_top):
+            print(f"  {p.ms(n):6.3f}  {100 * n / p.on_cpu:5.1f}%  {frame}")
+        print("\ninclusive time, this project's functions:")
+        mine = [(f, n) for f, n in p.inclusive.most_common() if "consumers_graphql/" in f
+                and "cli.py" not in f]
+        for frame, n in mine[:args.profile_top]:
+            print(f"  {p.ms(n):6.3f}  {100 * n / p.on_cpu:5.1f}%  {frame}")
+    if len(found) > 1:
+        areas = sorted({a for p in found for a in p.by_area},
+                       key=lambda a: -found[-1].ms(found[-1].by_area[a]))
+        print("\n== self time by area, ms CPU per request\n")
+        print("| area | " + " | ".join(p.workload.name for p in found) + " |")
+        print("| --- |" + " ---: |" * len(found))
+        for a in areas:
+            print(f"| {a} | " + " | ".join(f"{p.ms(p.by_area[a]):.3f}" for p in found) + " |")
+        print("| **total (measured CPU per request)** | "
+              + " | ".join(f"**{p.per_request_ms:.3f}**" for p in found) + " |")
     return 0
 
 
@@ -635,8 +668,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--postgres", default=run.DEFAULT_PG,
                         help=f"PostgreSQL server URL, without a database (default "
                         f"{run.DEFAULT_PG})")
-    parser.add_argument("--profile", metavar="WORKLOAD",
-                        help="only py-spy our server under one workload (e.g. W1)")
+    parser.add_argument("--profile", metavar="WORKLOADS",
+                        help="only py-spy our server under these workloads, e.g. "
+                        "'typename,W1' (areas side by side)")
     parser.add_argument("--profile-rate", type=int, default=250,
                         help="py-spy samples per second (default 250)")
     parser.add_argument("--profile-top", type=int, default=30,
@@ -647,8 +681,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.loadgen is None:
         args.loadgen = "wrk" if shutil.which("wrk") else "python"
         if args.loadgen == "python":
-            log("wrk is not installed (apt-get install wrk): using bench/loadgen.py, which "
-                "cannot saturate the peer on small requests")
+            log("wrk is not installed (apt-get install wrk): using bench/loadgen.py (about "
+                "twice wrk's CPU per request; see its core use in the table's note)")
     elif args.loadgen == "wrk" and not shutil.which("wrk"):
         parser.error("wrk is not installed (apt-get install wrk)")
     return args
