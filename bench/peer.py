@@ -3,7 +3,7 @@
 
   /work/venv/bin/python bench/peer.py                       5 interleaved rounds, 3 s each
   /work/venv/bin/python bench/peer.py --rounds 3 --seconds 2
-  /work/venv/bin/python bench/peer.py --profile W1          py-spy on our server under W1
+  /work/venv/bin/python bench/peer.py --profile typename,W1 py-spy on our server under load
 
 The peer (bench/peer/server.mjs: npm `postgraphile` 5.1, amber preset, simplify-inflection,
 pg-many-to-many, connection-filter) runs on the Node 22 binary of the npm package
@@ -719,6 +719,10 @@ def main(argv: list[str] | None = None) -> int:
         items = make_workloads(prep)
         if args.workloads:
             wanted = {x.strip() for x in args.workloads.split(",")}
+            unknown = wanted - {w.name for w in items}
+            if unknown:
+                raise SystemExit(f"no workload {', '.join(sorted(unknown))} (typename, W1, "
+                                 "W2, W3, search)")
             items = [w for w in items if w.name in wanted]
         rows = check_same(items, ours, peer)
         servers = (ours, peer)
