@@ -25,14 +25,24 @@ if TYPE_CHECKING:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = settings.model_copy(update=overrides)
+    # First: it chooses how prometheus-client keeps its numbers, before anything imports it.
+    from consumers_graphql.web import metrics
+
+    try:
+        metrics.setup_parent(settings)
+    except OSError as error:
+        print(f"Cannot serve /metrics on port {settings.metrics_port} "
+              f"(CONSUMERS_METRICS_PORT): {error.strerror or error}.", file=sys.stderr)
+        return 2
+
     import uvicorn
 
     from consumers_graphql.web.app import create_app, tune_gc
     from consumers_graphql.web.connections import ConnectionLimits
     from consumers_graphql.web.logs import log_config
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    settings = settings.model_copy(update=overrides)
     problem = asyncio.run(_prepare_database(settings))
     if problem:
         print(problem, file=sys.stderr)
@@ -55,7 +65,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        log_config=log_config(settings.log_level),
+        log_config=log_config(settings.log_level, settings.effective_log_format),
+        access_log=False,  # web/access_log.py writes one line per request instead
         proxy_headers=False,
         server_header=False,
         http=limits.protocol(),

@@ -9,6 +9,11 @@ class Environment(StrEnum):
     PRODUCTION = "production"
 
 
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
 class Settings(BaseSettings):
     """Every knob of the service; read from ``CONSUMERS_*`` variables, passed in, never global."""
 
@@ -54,6 +59,25 @@ class Settings(BaseSettings):
     # REST batch endpoints: 500 items with 16 KiB metadata each are ~8.5 MiB as compact JSON
     # and up to ~28 MiB with every non-ASCII character escaped (\uXXXX); see the README.
     max_batch_body_bytes: int = Field(default=33_554_432, ge=1)
+
+
+    # --- Health, metrics and logs (issue 13; see the README's "Health, metrics and logs") ---
+    # json: one JSON object per line; the default is json in production, text otherwise.
+    log_format: LogFormat | None = None
+    # /metrics (Prometheus text format, every worker summed). Off: 404, nothing collected.
+    metrics_enabled: bool = True
+    # When set, `serve` answers /metrics on this port (of metrics_host, default host) and
+    # the app does not.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str | None = None
+    # /readyz waits at most this long for the database before answering 503.
+    health_timeout_s: float = Field(default=5.0, gt=0)
+
+    @property
+    def effective_log_format(self) -> LogFormat:
+        if self.log_format is not None:
+            return self.log_format
+        return LogFormat.JSON if self.is_production else LogFormat.TEXT
 
     @property
     def is_production(self) -> bool:

@@ -15,8 +15,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from consumers_graphql.errors import DomainError, DomainErrors, ErrorCode
-from consumers_graphql.rest.body import BatchTooLarge, malformed_json
+from consumers_graphql.rest.body import BatchTooLarge, PayloadTooLarge, malformed_json
 from consumers_graphql.rest.models import BATCH_TOO_LARGE
+from consumers_graphql.web import observe
 from consumers_graphql.web.http_auth import (
     AUTHENTICATION_REQUIRED,
     AuthenticationRequired,
@@ -30,6 +31,8 @@ MAX_BATCH_SIZE = "Max batch size is 500"
 FORBIDDEN = "Forbidden"
 PAYLOAD_TOO_LARGE = "Request body too large"
 _BODY = "body"
+# The refusals' codes in the metrics, as the GraphQL face names them.
+PAYLOAD_TOO_LARGE_CODE = "PAYLOAD_TOO_LARGE"
 
 # Codes whose reference text is not "Validation failed".
 CONSUMER_NOT_FOUND = "Consumer not found"
@@ -123,6 +126,8 @@ def install(app: FastAPI) -> None:
 
     async def on_domain_errors(_request: Request, error: Exception) -> Response:
         assert isinstance(error, DomainErrors)
+        if any(e.code is ErrorCode.BATCH_TOO_LARGE for e in error.errors):
+            observe.refused(ErrorCode.BATCH_TOO_LARGE.value)
         return domain_errors_response(error.errors)
 
     async def on_invalid_request(request: Request, error: Exception) -> Response:
@@ -145,7 +150,10 @@ def install(app: FastAPI) -> None:
         assert isinstance(error, StarletteHTTPException)
         if not request.url.path.startswith(REST_PREFIX):
             return await http_exception_handler(request, error)
+        if isinstance(error, PayloadTooLarge):
+            observe.refused(PAYLOAD_TOO_LARGE_CODE)
         if isinstance(error, BatchTooLarge):
+            observe.refused(ErrorCode.BATCH_TOO_LARGE.value)
             return error_response(400, MAX_BATCH_SIZE, [{"field": _BODY, "message": error.detail}])
         headers = dict(error.headers or {})
         if error.status_code == 405:

@@ -1,4 +1,5 @@
-"""The ASGI application: GraphQL at /graphql (GraphiQL in a browser), health at /healthz."""
+"""The ASGI application: GraphQL at /graphql (GraphiQL in a browser), REST at /api/v1,
+health at /livez and /readyz (/healthz), Prometheus metrics at /metrics."""
 
 from __future__ import annotations
 
@@ -6,9 +7,7 @@ import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import BackgroundTasks, FastAPI, Request, Response
-from fastapi.responses import JSONResponse
-from sqlalchemy import text
+from fastapi import BackgroundTasks, FastAPI, Request
 from starlette.routing import Route
 
 from consumers_graphql import __version__
@@ -22,14 +21,16 @@ from consumers_graphql.rest import routes as rest_routes
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.db import Database
 from consumers_graphql.store.keys import ANONYMOUS, KeyStore, Principal
-from consumers_graphql.store.outage import is_unavailable
 from consumers_graphql.store.repository import Repository
+from consumers_graphql.web import health, observe
+from consumers_graphql.web.access_log import AccessLog
 from consumers_graphql.web.deadline import RequestDeadline
 from consumers_graphql.web.http_auth import (
     AuthenticationRequired,
     authentication_required_response,
     require_api_key,
 )
+from consumers_graphql.web.metrics import Metrics
 from consumers_graphql.web.request_id import RequestIdMiddleware
 from consumers_graphql.web.security_headers import SecurityHeaders
 
@@ -90,11 +91,15 @@ def tune_gc() -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    metrics = Metrics() if settings.metrics_enabled else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         database = Database(settings)
         app.state.database = database
+        observe.count_statements(database)
+        if metrics is not None:
+            metrics.watch_pools(database)
         app.state.keys = KeyStore(database.read_engine, database.write_engine, settings.key_pepper)
         try:
             yield
@@ -111,6 +116,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None if settings.is_production else "/redoc",
     )
     app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.readiness = health.Readiness(settings)
     app.state.graphiql = not settings.is_production
     app.add_exception_handler(AuthenticationRequired, authentication_required_response)
     schema = build_schema(production=settings.is_production, limits=Limits.from_settings(settings))
@@ -129,22 +136,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ProtocolGuard, path="/graphql", max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestDeadline, seconds=settings.request_timeout_s)
     app.add_middleware(RequestIdMiddleware)
-    app.add_middleware(SecurityHeaders)  # outermost: on every answer, the request id's 500s too
+    app.add_middleware(SecurityHeaders)  # on every answer, the request id's 500s too
+    # Outermost: its line and numbers have the final status, whoever answered.
+    app.add_middleware(AccessLog, recorder=metrics)
     rest_errors.install(app)
     app.include_router(rest_routes.router)
 
-    @app.get("/healthz", include_in_schema=False)
-    async def healthz(request: Request) -> Response:
-        database: Database = request.app.state.database
-        try:
-            async with database.read_engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-        except Exception as error:
-            if not is_unavailable(error):
-                raise
-            database.outage.failed(error)
-            return JSONResponse({"status": "unavailable"}, status_code=503,
-                                headers={"Retry-After": str(settings.retry_after_s)})
-        return JSONResponse({"status": "ok"})
+    # Starlette routes: outside the OpenAPI document, and no key needed.
+    app.router.routes.append(Route("/livez", health.livez, methods=["GET"]))
+    for path in ("/readyz", "/healthz"):
+        app.router.routes.append(Route(path, health.readyz, methods=["GET"]))
+    if metrics is not None and settings.metrics_port is None:
+        app.router.routes.append(Route("/metrics", metrics.endpoint, methods=["GET"]))
 
     return app
