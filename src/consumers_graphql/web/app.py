@@ -98,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         database = Database(settings)
         app.state.database = database
         observe.count_statements(database)
+        app.state.readiness.head()
         if metrics is not None:
             metrics.watch_pools(database)
         app.state.keys = KeyStore(database.read_engine, database.write_engine, settings.key_pepper)

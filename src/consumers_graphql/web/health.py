@@ -39,7 +39,8 @@ class Readiness:
         self._known: frozenset[str] = frozenset()
         self._verified_until = 0.0
 
-    def _revisions(self) -> str:
+    def head(self) -> str:
+        """The revision this version needs (the scripts are read once, at startup)."""
         if self._head is None:
             script = ScriptDirectory.from_config(alembic_config())
             self._known = frozenset(r.revision for r in script.walk_revisions())
@@ -50,7 +51,7 @@ class Readiness:
 
     async def problem(self, database: Database) -> str | None:
         """None when ready; the reason otherwise."""
-        head = self._revisions()
+        head = self.head()
         timeout = self.settings.health_timeout_s
         try:
             async with asyncio.timeout(timeout):

@@ -68,16 +68,18 @@ class JsonFormatter(logging.Formatter):
     one, an access line's fields (access_log.py), and the traceback of an error."""
 
     def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, ACCESS_FIELDS, None)
         line: dict[str, Any] = {
             "time": _timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            # An access line's numbers are fields of their own, not repeated in its message.
+            "message": (f"{fields['method']} {fields['path']} {fields['status']}"
+                        if isinstance(fields, dict) else record.getMessage()),
         }
         current = getattr(record, "request_id", None)
         if current is not None:
             line["request_id"] = current
-        fields = getattr(record, ACCESS_FIELDS, None)
         if isinstance(fields, dict):
             line.update(fields)
         if record.exc_info and not record.exc_text:
