@@ -11,10 +11,15 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import bearer
 from tests.processes import SECRET, Served, free_port
+
+# Each brings its own SQLite file: they run once, in the SQLite run.
+pytestmark = pytest.mark.skipif(bool(os.environ.get("CONSUMERS_TEST_DATABASE_URL")),
+                                reason="brings its own database: runs once, in the SQLite run")
 
 EMAIL = "jo.serve-logs@example.com"
 PHONE = "+14155550177"
