@@ -23,10 +23,15 @@ from consumers_graphql.store.db import make_engine
 from consumers_graphql.store.keys import AUTH_EXECUTION_OPTION, READ_ONLY, READ_WRITE, Scope
 from consumers_graphql.store.migrate import upgrade
 from consumers_graphql.web.app import create_app
-from tests.log_audit import AUDIT, pytest_configure, pytest_sessionfinish
+from tests.log_audit import (
+    AUDIT,
+    pytest_configure,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+)
 
 # The log of the whole run is checked for personal data and secrets (see log_audit.py).
-__all__ = ["pytest_configure", "pytest_sessionfinish"]
+__all__ = ["pytest_configure", "pytest_sessionfinish", "pytest_terminal_summary"]
 
 TEST_DATABASE_URL = os.environ.get("CONSUMERS_TEST_DATABASE_URL")
 TABLES = ("consumer_audiences", "orders", "api_keys", "audiences", "consumers")

@@ -52,6 +52,7 @@ class LogAudit:
             self.handler.addFilter(log_filter)
         self.used: set[str] = set()
         self._level: int | None = None
+        self.found: list[str] = []
 
     def install(self) -> None:
         logging.getLogger().addHandler(self.handler)
@@ -129,24 +130,22 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     AUDIT.uninstall()
-    leaks = AUDIT.leaks()
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    AUDIT.found = AUDIT.leaks()
+    if AUDIT.found:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    leaks = AUDIT.found
     if not leaks:
-        if reporter is not None:
-            reporter.ensure_newline()
-            lines = AUDIT.stream.getvalue().count("\n")
-            reporter.write_line(f"log audit: {lines:,} log lines, none with any of the "
-                                f"{len(AUDIT.used):,} values the run used, nor an email, "
-                                "phone or secret")
+        lines = AUDIT.stream.getvalue().count("\n")
+        terminalreporter.write_line(
+            f"log audit: {lines:,} log lines, none with any of the {len(AUDIT.used):,} "
+            "values the run used, nor an email, phone or secret")
         return
     report = [f"LOG AUDIT: {len(leaks)} value(s) the run used, or shaped like personal data or "
               "a secret, reached the log:"]
     for leak in leaks:
         report.append(f"  {leak!r} in:")
         report.extend(f"    {line[:400]}" for line in list(AUDIT.lines_with(leak))[:3])
-    if reporter is not None:
-        reporter.ensure_newline()
-        reporter.write_line("\n".join(report), red=True)
-    else:
-        print("\n".join(report))
-    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    terminalreporter.write_line("\n".join(report), red=True)

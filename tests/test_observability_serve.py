@@ -153,3 +153,51 @@ def test_a_metrics_port_in_use_is_a_configuration_error(tmp_path: Path) -> None:
         code = served.stop() if served.process.wait(timeout=30) is not None else None
     assert code == 2, served.output
     assert "CONSUMERS_METRICS_PORT" in served.output and "Traceback" not in served.output
+
+
+MULTIPROCESS = '''
+import os, sys
+from consumers_graphql.settings import Settings
+from consumers_graphql.web import metrics
+
+metrics.setup_parent(Settings())
+directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+worker = metrics.Metrics()
+worker.in_flight.labels("graphql").inc()
+worker.refusals.labels("MAX_COST_EXCEEDED").inc()
+print(worker.render().decode())
+print("----")
+metrics.child_exited(os.getpid())
+print(worker.render().decode())
+print("----")
+print(directory)
+'''
+
+
+def test_a_worker_gone_no_longer_counts_in_the_gauges_but_its_counts_stay() -> None:
+    """setup_parent's directory, and child_exited, as the process manager of `serve
+    --workers` uses them (one process here: its files are a worker's)."""
+    result = subprocess.run([sys.executable, "-c", MULTIPROCESS], capture_output=True,
+                            text=True, timeout=60, check=False,
+                            env={k: v for k, v in os.environ.items()
+                                 if k != "PROMETHEUS_MULTIPROC_DIR"})
+    assert result.returncode == 0, result.stderr
+    alive, gone, directory = result.stdout.split("----\n")
+    assert _count(alive, "consumers_http_requests_in_flight", face="graphql") == 1
+    assert _count(gone, "consumers_http_requests_in_flight", face="graphql") == 0
+    for text in (alive, gone):
+        assert _count(text, "consumers_refusals_total", code="MAX_COST_EXCEEDED") == 1
+    assert not Path(directory.strip()).exists()  # removed at exit
+
+
+def test_setup_parent_refuses_to_run_after_prometheus_client_was_imported() -> None:
+    script = ("import prometheus_client\n"
+              "from consumers_graphql.settings import Settings\n"
+              "from consumers_graphql.web import metrics\n"
+              "metrics.setup_parent(Settings())\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60, check=False,
+                            env={k: v for k, v in os.environ.items()
+                                 if k != "PROMETHEUS_MULTIPROC_DIR"})
+    assert result.returncode == 1
+    assert "MetricsSetupError: prometheus_client was imported before" in result.stderr
