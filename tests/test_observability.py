@@ -323,3 +323,59 @@ async def test_an_app_of_its_own_on_its_path(settings: Settings, execution_path:
             await app.state.keys.revoke(created.info.id)
     assert value(samples, "consumers_http_requests_total", face="graphql",
                  operation_type="query", status="200") == 1
+
+
+async def test_a_500_is_logged_in_json_with_its_request_id_and_no_secret(
+    tmp_path: Path, execution_path: str,
+) -> None:
+    import io
+    import json
+    import sqlite3
+
+    from consumers_graphql.web.logs import JsonFormatter, RedactSecrets, WithRequestId
+
+    # given an app whose `audiences` table is gone (a real database failure) and a JSON log
+    path = tmp_path / "broken.db"
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{path}")
+    engine = make_engine(settings, writer=True)
+    try:
+        await upgrade(engine)
+    finally:
+        await engine.dispose()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE consumer_audiences")
+        conn.execute("DROP TABLE audiences")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RedactSecrets())
+    handler.addFilter(WithRequestId())
+    app_logger = logging.getLogger("consumers_graphql")
+    app_logger.addHandler(handler)
+    app = create_app(settings)
+    on_path(app, execution_path)
+    try:
+        async with LifespanManager(app):
+            created = await app.state.keys.create("broken")
+            secret = created.secret.get_secret_value()
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                # when a GraphQL field and a REST call fail on it
+                graphql = await client.post("/graphql", headers=bearer(secret), json={
+                    "query": "{ audiences { nodes { id } } }"})
+                made = await client.post("/api/v1/consumers", headers=bearer(secret),
+                                         json={"email": "broken.json@example.com"})
+                rest = await client.get(
+                    f"/api/v1/consumers/{made.json()['id']}?include=audiences&k={secret}",
+                    headers=bearer(secret))
+    finally:
+        app_logger.removeHandler(handler)
+    # then each error line is JSON, carries its request's id, and the traceback
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    errors = [line for line in lines if line["level"] == "error"]
+    assert graphql.json()["errors"][0]["extensions"]["code"] == "INTERNAL_SERVER_ERROR"
+    assert rest.status_code == 500
+    assert [e["request_id"] for e in errors] == [graphql.headers["x-request-id"],
+                                                 rest.headers["x-request-id"]], errors
+    assert all("no such table: audiences" in e["exception"] for e in errors)
+    assert secret not in stream.getvalue() and secret[12:] not in stream.getvalue()
