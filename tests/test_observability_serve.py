@@ -90,7 +90,12 @@ def test_json_logs_one_object_a_line_with_the_access_fields_and_no_personal_data
     assert lines and all(isinstance(line, dict) for line in lines), served.output
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
     assert any(line["logger"].startswith("uvicorn") for line in lines)  # its startup too
-    access = [line for line in lines if line["logger"] == "consumers_graphql.access"]
+    # (logged as each request ends: the mutation's lastUsedAt write follows its answer)
+    by_id = {line["request_id"]: line for line in lines
+             if line["logger"] == "consumers_graphql.access"}
+    responses = [created, listed, one, missing, unauthenticated, metrics]
+    assert len(by_id) == len(responses)
+    access = [by_id[response.headers["x-request-id"]] for response in responses]
     assert [(a["method"], a["path"], a["status"]) for a in access] == [
         ("POST", "/graphql", 200),
         ("GET", "/api/v1/consumers", 200),
