@@ -51,7 +51,7 @@ _UTF8 = frozenset({"utf-8", "utf8"})
 _JSON_WHITESPACE = b" \t\n\r"
 BAD_REQUEST = "BAD_REQUEST"
 MAY_HAVE_WRITTEN_STATE = "graphql_may_have_written"
-PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+PAYLOAD_TOO_LARGE = observe.PAYLOAD_TOO_LARGE
 
 
 def negotiate(accept: str | None) -> str | None:

@@ -31,8 +31,6 @@ MAX_BATCH_SIZE = "Max batch size is 500"
 FORBIDDEN = "Forbidden"
 PAYLOAD_TOO_LARGE = "Request body too large"
 _BODY = "body"
-# The refusals' codes in the metrics, as the GraphQL face names them.
-PAYLOAD_TOO_LARGE_CODE = "PAYLOAD_TOO_LARGE"
 
 # Codes whose reference text is not "Validation failed".
 CONSUMER_NOT_FOUND = "Consumer not found"
@@ -151,7 +149,7 @@ def install(app: FastAPI) -> None:
         if not request.url.path.startswith(REST_PREFIX):
             return await http_exception_handler(request, error)
         if isinstance(error, PayloadTooLarge):
-            observe.refused(PAYLOAD_TOO_LARGE_CODE)
+            observe.refused(observe.PAYLOAD_TOO_LARGE)
         if isinstance(error, BatchTooLarge):
             observe.refused(ErrorCode.BATCH_TOO_LARGE.value)
             return error_response(400, MAX_BATCH_SIZE, [{"field": _BODY, "message": error.detail}])

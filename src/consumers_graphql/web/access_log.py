@@ -8,8 +8,10 @@ type, name and cost, the limit that refused it if one did, and the SQL statement
 request sent (the key look-up included) with their time. Text: uvicorn's look; JSON (see
 logs.py): these as fields.
 
-A request that ended without an answer is logged with status 499 (the client went away),
-or 500 when an error escaped."""
+The line is written when the request's work is over, background work after the answer
+(an API key's lastUsedAt) included: lines follow the order in which requests end. A
+request that ended without an answer is logged with status 499 (the client went away), or
+500 when an error escaped."""
 
 from __future__ import annotations
 

@@ -23,6 +23,8 @@ NO_OPERATION = "none"
 # A GraphQL Name, as the access line accepts it from a request (at most 100 characters).
 _NAME = re.compile(r"[_A-Za-z][_0-9A-Za-z]{0,99}")
 _STARTED = "consumers_statement_started"
+# A body over its limit (413), refused by either face under the same code.
+PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
 
 
 @dataclass
