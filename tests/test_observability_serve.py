@@ -182,6 +182,13 @@ print(directory)
 def test_a_worker_gone_no_longer_counts_in_the_gauges_but_its_counts_stay() -> None:
     """setup_parent's directory, and child_exited, as the process manager of `serve
     --workers` uses them (one process here: its files are a worker's)."""
+    import tempfile
+
+    # given the directory a killed `serve` left behind (its pid no longer runs)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    orphan = Path(tempfile.mkdtemp(prefix=f"consumers-metrics-{gone.pid}-"))
+    (orphan / "counter_1.db").write_bytes(b"")
     result = subprocess.run([sys.executable, "-c", MULTIPROCESS], capture_output=True,
                             text=True, timeout=60, check=False,
                             env={k: v for k, v in os.environ.items()
@@ -193,6 +200,7 @@ def test_a_worker_gone_no_longer_counts_in_the_gauges_but_its_counts_stay() -> N
     for text in (alive, gone):
         assert _count(text, "consumers_refusals_total", code="MAX_COST_EXCEEDED") == 1
     assert not Path(directory.strip()).exists()  # removed at exit
+    assert not orphan.exists()  # and the dead one's at start
 
 
 def test_setup_parent_refuses_to_run_after_prometheus_client_was_imported() -> None:

@@ -97,6 +97,9 @@ def _leave_stuck_work(code: int) -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    from consumers_graphql.web import metrics
+
+    metrics.cleanup()  # os._exit runs no exit handler
     os._exit(code)
 
 

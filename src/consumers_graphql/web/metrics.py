@@ -14,6 +14,7 @@ limits (constants of the code base); never a path, an id or an operation name.""
 from __future__ import annotations
 
 import atexit
+import glob
 import os
 import shutil
 import sys
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
 MULTIPROCESS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
+# `serve`'s directories: consumers-metrics-<its pid>-<random>, in the temporary directory.
+_PREFIX = "consumers-metrics-"
 # The text format every Prometheus server reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -62,14 +65,41 @@ def setup_parent(settings: Settings) -> None:
     if "prometheus_client" in sys.modules and not _values_in_files():
         raise MetricsSetupError("prometheus_client was imported before metrics.setup_parent: "
                                 "its numbers would stay in one process")
-    directory = tempfile.mkdtemp(prefix="consumers-metrics-")
-    atexit.register(shutil.rmtree, directory, True)
+    _remove_orphans()
+    directory = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
+    atexit.register(cleanup)
     os.environ[MULTIPROCESS_DIRECTORY] = directory
     if settings.metrics_port is not None:
         from prometheus_client import start_http_server
 
         start_http_server(settings.metrics_port, addr=settings.metrics_host or settings.host,
                           registry=_summed(directory))
+
+
+def cleanup() -> None:
+    """Removes this process's directory (at exit; `serve` calls it too when it must exit
+    without running the exit handlers)."""
+    directory = os.environ.get(MULTIPROCESS_DIRECTORY, "")
+    if os.path.basename(directory).startswith(f"{_PREFIX}{os.getpid()}-"):
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _remove_orphans() -> None:
+    """The directories of `serve` processes that died without cleaning up (killed)."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{_PREFIX}*-*")):
+        pid = os.path.basename(path)[len(_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def child_exited(pid: int) -> None:
