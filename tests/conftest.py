@@ -23,6 +23,15 @@ from consumers_graphql.store.db import make_engine
 from consumers_graphql.store.keys import AUTH_EXECUTION_OPTION, READ_ONLY, READ_WRITE, Scope
 from consumers_graphql.store.migrate import upgrade
 from consumers_graphql.web.app import create_app
+from tests.log_audit import (
+    AUDIT,
+    pytest_configure,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+)
+
+# The log of the whole run is checked for personal data and secrets (see log_audit.py).
+__all__ = ["pytest_configure", "pytest_sessionfinish", "pytest_terminal_summary"]
 
 TEST_DATABASE_URL = os.environ.get("CONSUMERS_TEST_DATABASE_URL")
 TABLES = ("consumer_audiences", "orders", "api_keys", "audiences", "consumers")
@@ -83,7 +92,8 @@ async def app(settings: Settings) -> AsyncIterator[FastAPI]:
 @pytest.fixture(scope="session")
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
+                                 event_hooks={"request": [AUDIT.async_use_request]}) as client:
         yield client
 
 
@@ -180,6 +190,7 @@ def bearer(secret: str) -> dict[str, str]:
 
 async def _new_key(app: FastAPI, name: str, scopes: frozenset[Scope]) -> str:
     created = await app.state.keys.create(name, scopes=scopes)
+    AUDIT.use(created.secret.get_secret_value())
     return str(created.secret.get_secret_value())
 
 

@@ -102,10 +102,13 @@ def test_postgresql_stopped_and_started_again_503_one_warning_and_recovery(
         ):
             _assert_unavailable(response, "7")
             assert response.json() == {"error": "Service unavailable", "details": []}
-        # and so does the health check
-        response = served.get("/healthz")
-        _assert_unavailable(response, "7")
-        assert response.json() == {"status": "unavailable"}
+        # and so do the readiness checks, with the reason, while the process is alive
+        for probe in ("/healthz", "/readyz"):
+            response = served.get(probe)
+            _assert_unavailable(response, "7")
+            assert response.json() == {"status": "unavailable",
+                                       "reason": "database unreachable"}
+        assert served.get("/livez").json() == {"status": "ok"}
         # while a request refused before the database is needed is answered as always
         assert served.get(REST).status_code == 401
 
@@ -119,6 +122,7 @@ def test_postgresql_stopped_and_started_again_503_one_warning_and_recovery(
                                                         "fullName": PEOPLE[1][1]})
         assert response.status_code == 201, response.text
         assert served.get("/healthz").json() == {"status": "ok"}
+        assert served.get("/readyz").json() == {"status": "ok"}
         response = served.post("/graphql", json={"query": QUERY}, headers=key)
         assert response.json()["data"]["consumers"]["totalCount"] == 2
     finally:

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = settings.model_copy(update=overrides)
     import uvicorn
 
     from consumers_graphql.web import tracing, ui_assets
@@ -32,8 +34,6 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from consumers_graphql.web.connections import ConnectionLimits
     from consumers_graphql.web.logs import log_config
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    settings = settings.model_copy(update=overrides)
     assets_problem = ui_assets.check(settings)
     if assets_problem:
         print(assets_problem, file=sys.stderr)
@@ -45,6 +45,16 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         tracing.check(settings)
     except tracing.TracingUnavailable as error:
         print(error, file=sys.stderr)
+        return 2
+    # Before the app: it chooses how prometheus-client keeps its numbers, before anything
+    # imports it.
+    from consumers_graphql.web import metrics
+
+    try:
+        metrics.setup_parent(settings)
+    except OSError as error:
+        print(f"Cannot serve /metrics on port {settings.metrics_port} "
+              f"(CONSUMERS_METRICS_PORT): {error.strerror or error}.", file=sys.stderr)
         return 2
     problem = asyncio.run(_prepare_database(settings))
     if problem:
@@ -68,7 +78,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        log_config=log_config(settings.log_level),
+        log_config=log_config(settings.log_level, settings.effective_log_format),
+        access_log=False,  # web/access_log.py writes one line per request instead
         proxy_headers=False,
         server_header=False,
         http=limits.protocol(),
@@ -99,6 +110,9 @@ def _leave_stuck_work(code: int) -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    from consumers_graphql.web import metrics
+
+    metrics.cleanup()  # os._exit runs no exit handler
     os._exit(code)
 
 

@@ -13,6 +13,9 @@ class Environment(StrEnum):
 class UiAssets(StrEnum):
     CDN = "cdn"
     LOCAL = "local"
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
 
 
 class Settings(BaseSettings):
@@ -84,6 +87,24 @@ class Settings(BaseSettings):
     # Text, read as the SDK reads it ("true" in any case disables): never a validation error.
     otel_sdk_disabled: str = Field(
         default="", validation_alias=AliasChoices("OTEL_SDK_DISABLED"))
+
+    # --- Health, metrics and logs (issue 13; see the README's "Health, metrics and logs") ---
+    # json: one JSON object per line; the default is json in production, text otherwise.
+    log_format: LogFormat | None = None
+    # /metrics (Prometheus text format, every worker summed). Off: 404, nothing collected.
+    metrics_enabled: bool = True
+    # When set, `serve` answers /metrics on this port (of metrics_host, default host) and
+    # the app does not.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str | None = None
+    # /readyz waits at most this long for the database before answering 503.
+    health_timeout_s: float = Field(default=5.0, gt=0)
+
+    @property
+    def effective_log_format(self) -> LogFormat:
+        if self.log_format is not None:
+            return self.log_format
+        return LogFormat.JSON if self.is_production else LogFormat.TEXT
 
     @property
     def is_production(self) -> bool:

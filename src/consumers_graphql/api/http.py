@@ -38,8 +38,10 @@ from strawberry.types import ExecutionResult
 from strawberry.types.unset import UNSET
 
 from consumers_graphql.api.context import Context
+from consumers_graphql.api.limits import LIMIT_CODES
 from consumers_graphql.api.permissions import FORBIDDEN
 from consumers_graphql.store.outage import SERVICE_UNAVAILABLE
+from consumers_graphql.web import observe
 from consumers_graphql.web.dependencies import JSON, MEDIA_TYPE_STATE
 from consumers_graphql.web.security_headers import page_policy
 
@@ -49,6 +51,7 @@ _UTF8 = frozenset({"utf-8", "utf8"})
 _JSON_WHITESPACE = b" \t\n\r"
 BAD_REQUEST = "BAD_REQUEST"
 MAY_HAVE_WRITTEN_STATE = "graphql_may_have_written"
+PAYLOAD_TOO_LARGE = observe.PAYLOAD_TOO_LARGE
 
 
 def negotiate(accept: str | None) -> str | None:
@@ -126,7 +129,8 @@ class ProtocolGuard:
             except _Disconnected:  # a body that never finished is never executed
                 return
             if body is None:
-                await _refuse(send, 413, "PAYLOAD_TOO_LARGE",
+                observe.refused(PAYLOAD_TOO_LARGE)
+                await _refuse(send, 413, PAYLOAD_TOO_LARGE,
                               f"The request body is over the limit of {self.max_body_bytes:,} "
                               "bytes.", {"Connection": "close"})
                 return
@@ -356,12 +360,26 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         state[REQUEST_ERROR_STATE] = (
             503 if unavailable else (403 if forbidden else 400) if request_error else None
         )
+        _observe(result, request_error)
         response: GraphQLHTTPResponse = {} if request_error else {"data": result.data}
         if errors:
             response["errors"] = [error.formatted for error in errors]
         if result.extensions:
             response["extensions"] = result.extensions
         return response
+
+
+def _observe(result: ExecutionResult, request_error: bool) -> None:
+    """The operation's cost, and the limits that refused it, for the access line and the
+    metrics."""
+    cost = (result.extensions or {}).get("cost", {}).get("requested")
+    if isinstance(cost, int):
+        observe.priced(cost)
+    if request_error:
+        for error in result.errors or ():
+            code = (error.extensions or {}).get("code")
+            if code in LIMIT_CODES:
+                observe.refused(code)
 
 
 def _is_unavailable(error: GraphQLError) -> bool:

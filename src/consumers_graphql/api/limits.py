@@ -76,6 +76,11 @@ OPERATION_NAMED: ContextVar[bool] = ContextVar("operation_named", default=True)
 # graphql-core coerces it, which costs ~10 µs an item (250,000 `{}` in 1 MiB: seconds).
 MAX_LIST_ITEMS = BATCH_MAX
 INTROSPECTION_DISABLED = "INTROSPECTION_DISABLED"
+# The refusals the metrics count by code (consumers_refusals_total).
+LIMIT_CODES = frozenset({
+    MAX_DEPTH_EXCEEDED, MAX_ALIASES_EXCEEDED, MAX_TOKENS_EXCEEDED, MAX_DIRECTIVES_EXCEEDED,
+    MAX_DUPLICATE_FIELDS_EXCEEDED, MAX_COST_EXCEEDED, BATCH_TOO_LARGE,
+})
 
 # graphql-core's wording for its own token limit (the only way to tell it from a syntax error).
 _TOKEN_LIMIT_MESSAGE = "Document contains more than"

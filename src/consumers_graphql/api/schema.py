@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 import strawberry
-from graphql import GraphQLError
+from graphql import GraphQLError, get_operation_ast
 from strawberry.extensions import SchemaExtension
 from strawberry.schema.config import StrawberryConfig
 from strawberry.types import ExecutionContext, ExecutionResult
@@ -25,7 +25,7 @@ from consumers_graphql.api.tracing import OperationTracing
 from consumers_graphql.api.types import Audience, Consumer, Order
 from consumers_graphql.errors import DomainError
 from consumers_graphql.store import outage
-from consumers_graphql.web import request_id
+from consumers_graphql.web import observe, request_id
 from consumers_graphql.web.tracing import StartOperationSpan
 
 logger = logging.getLogger("consumers_graphql.graphql")
@@ -100,6 +100,21 @@ class ErrorCodes(SchemaExtension):
         return error
 
 
+class OperationFacts(SchemaExtension):
+    """The operation's type and name, for the access line and the metrics (web/observe.py),
+    once the document is parsed."""
+
+    def on_parse(self) -> Iterator[None]:
+        yield
+        context = self.execution_context
+        if context.graphql_document is None or observe.current.get() is None:
+            return
+        operation = get_operation_ast(context.graphql_document, context.operation_name)
+        if operation is not None:
+            observe.operation(operation.operation.value,
+                              operation.name.value if operation.name else None)
+
+
 class Schema(strawberry.Schema):
     def process_errors(
         self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
@@ -163,6 +178,7 @@ def build_schema(
     web/tracing.py) gives every operation a span."""
     limits = limits or Limits()
     extensions: list[Any] = [
+        OperationFacts,
         ErrorCodes,
         lambda: OperationLimits(limits, production=production),
         ScopeCheck,

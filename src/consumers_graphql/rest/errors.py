@@ -15,8 +15,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from consumers_graphql.errors import DomainError, DomainErrors, ErrorCode
-from consumers_graphql.rest.body import BatchTooLarge, malformed_json
+from consumers_graphql.rest.body import BatchTooLarge, PayloadTooLarge, malformed_json
 from consumers_graphql.rest.models import BATCH_TOO_LARGE
+from consumers_graphql.web import observe
 from consumers_graphql.web.http_auth import (
     AUTHENTICATION_REQUIRED,
     AuthenticationRequired,
@@ -123,6 +124,8 @@ def install(app: FastAPI) -> None:
 
     async def on_domain_errors(_request: Request, error: Exception) -> Response:
         assert isinstance(error, DomainErrors)
+        if any(e.code is ErrorCode.BATCH_TOO_LARGE for e in error.errors):
+            observe.refused(ErrorCode.BATCH_TOO_LARGE.value)
         return domain_errors_response(error.errors)
 
     async def on_invalid_request(request: Request, error: Exception) -> Response:
@@ -145,7 +148,10 @@ def install(app: FastAPI) -> None:
         assert isinstance(error, StarletteHTTPException)
         if not request.url.path.startswith(REST_PREFIX):
             return await http_exception_handler(request, error)
+        if isinstance(error, PayloadTooLarge):
+            observe.refused(observe.PAYLOAD_TOO_LARGE)
         if isinstance(error, BatchTooLarge):
+            observe.refused(ErrorCode.BATCH_TOO_LARGE.value)
             return error_response(400, MAX_BATCH_SIZE, [{"field": _BODY, "message": error.detail}])
         headers = dict(error.headers or {})
         if error.status_code == 405:

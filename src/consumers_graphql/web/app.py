@@ -1,4 +1,5 @@
-"""The ASGI application: GraphQL at /graphql (GraphiQL in a browser), health at /healthz."""
+"""The ASGI application: GraphQL at /graphql (GraphiQL in a browser), REST at /api/v1,
+health at /livez and /readyz (/healthz), Prometheus metrics at /metrics."""
 
 from __future__ import annotations
 
@@ -7,9 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from fastapi import BackgroundTasks, FastAPI, Request, Response
-from fastapi.responses import JSONResponse
-from sqlalchemy import text
+from fastapi import BackgroundTasks, FastAPI, Request
 from starlette.routing import Route
 
 from consumers_graphql import __version__
@@ -23,16 +22,17 @@ from consumers_graphql.rest import routes as rest_routes
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.db import Database
 from consumers_graphql.store.keys import ANONYMOUS, KeyStore, Principal
-from consumers_graphql.store.outage import is_unavailable
 from consumers_graphql.store.repository import Repository
-from consumers_graphql.web import api_docs
+from consumers_graphql.web import api_docs, health, observe
 from consumers_graphql.web import tracing as web_tracing
+from consumers_graphql.web.access_log import AccessLog
 from consumers_graphql.web.deadline import RequestDeadline
 from consumers_graphql.web.http_auth import (
     AuthenticationRequired,
     authentication_required_response,
     require_api_key,
 )
+from consumers_graphql.web.metrics import Metrics
 from consumers_graphql.web.request_id import RequestIdMiddleware
 from consumers_graphql.web.security_headers import SecurityHeaders
 
@@ -101,11 +101,16 @@ def create_app(
     with a `tracer_provider` given (tests; its owner exports)."""
     settings = settings or Settings()
     tracing = web_tracing.setup(settings, tracer_provider=tracer_provider)
+    metrics = Metrics() if settings.metrics_enabled else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         database = Database(settings)
         app.state.database = database
+        observe.count_statements(database)
+        app.state.readiness.head()
+        if metrics is not None:
+            metrics.watch_pools(database)
         app.state.keys = KeyStore(database.read_engine, database.write_engine, settings.key_pepper)
         if tracing is not None:  # here: in the process (worker) that serves
             tracing.instrument(database)
@@ -129,6 +134,8 @@ def create_app(
         redoc_url=None,
     )
     app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.readiness = health.Readiness(settings)
     app.state.graphiql = not settings.is_production
     app.add_exception_handler(AuthenticationRequired, authentication_required_response)
     schema = build_schema(production=settings.is_production, limits=Limits.from_settings(settings),
@@ -152,22 +159,17 @@ def create_app(
     app.add_middleware(ProtocolGuard, path="/graphql", max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestDeadline, seconds=settings.request_timeout_s)
     app.add_middleware(RequestIdMiddleware)
-    app.add_middleware(SecurityHeaders)  # outermost: on every answer, the request id's 500s too
+    app.add_middleware(SecurityHeaders)  # on every answer, the request id's 500s too
+    # Outermost: its line and numbers have the final status, whoever answered.
+    app.add_middleware(AccessLog, recorder=metrics)
     rest_errors.install(app)
     app.include_router(rest_routes.router)
 
-    @app.get("/healthz", include_in_schema=False)
-    async def healthz(request: Request) -> Response:
-        database: Database = request.app.state.database
-        try:
-            async with database.read_engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-        except Exception as error:
-            if not is_unavailable(error):
-                raise
-            database.outage.failed(error)
-            return JSONResponse({"status": "unavailable"}, status_code=503,
-                                headers={"Retry-After": str(settings.retry_after_s)})
-        return JSONResponse({"status": "ok"})
+    # Starlette routes: outside the OpenAPI document, and no key needed.
+    app.router.routes.append(Route("/livez", health.livez, methods=["GET"]))
+    for path in ("/readyz", "/healthz"):
+        app.router.routes.append(Route(path, health.readyz, methods=["GET"]))
+    if metrics is not None and settings.metrics_port is None:
+        app.router.routes.append(Route("/metrics", metrics.endpoint, methods=["GET"]))
 
     return app

@@ -17,7 +17,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from consumers_graphql.web import request_id
+from consumers_graphql.web import observe, request_id
 from consumers_graphql.web.dependencies import JSON, MEDIA_TYPE_STATE
 
 TIMEOUT = "TIMEOUT"
@@ -51,6 +51,7 @@ class RequestDeadline:
             if not deadline.expired():
                 raise  # the app's own, not the deadline's
             current = request_id.current.get()
+            observe.refused(TIMEOUT)
             logger.warning("request over its deadline of %s s: %s %s (request_id=%s)",
                            self.seconds, scope["method"], scope["path"], current)
             if not started:

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from consumers_graphql.store.db import Reader
 from consumers_graphql.store.keys import KeyStore, Principal, Scope
+from consumers_graphql.web import observe
 from consumers_graphql.web.dependencies import request_reader
 
 AUTHENTICATION_REQUIRED = "Authentication required"
@@ -60,6 +61,7 @@ async def require_api_key(
     principal = await keys.verify(token, reader) if token is not None else None
     if principal is None:
         raise AuthenticationRequired
+    observe.authenticated(principal.key_id)
     if keys.use_needs_recording(principal):
         # After the response: a busy SQLite writer must not delay the request it serves.
         background_tasks.add_task(keys.record_use, principal.key_id)

@@ -1,0 +1,121 @@
+"""One access line per HTTP request (`consumers_graphql.access`, INFO), in place of
+uvicorn's, and the request's numbers handed to the metrics.
+
+The line has the method, the path (the route's template where one matched, so no id or
+external id; never the query string, which can carry a key or personal data), the status,
+the duration until the last byte of the answer, the API key's id, the GraphQL operation's
+type, name and cost, the limit that refused it if one did, and the SQL statements the
+request sent (the key look-up included) with their time. Text: uvicorn's look; JSON (see
+logs.py): these as fields.
+
+The line is written when the request's work is over, background work after the answer
+(an API key's lastUsedAt) included: lines follow the order in which requests end. A
+request that ended without an answer is logged with status 499 (the client went away), or
+500 when an error escaped."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any, Protocol
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from consumers_graphql.store.keys import redact
+from consumers_graphql.web import observe
+from consumers_graphql.web.logs import ACCESS_FIELDS
+
+logger = logging.getLogger("consumers_graphql.access")
+
+CLIENT_CLOSED = 499
+# Path segments that look like personal data (an email, a phone number) in a path no route
+# matched: masked, as no route template stands in for them.
+_PERSONAL = re.compile(r"(?<=/)(?:[^/]*@[^/]*|\+?[\d ().-]{7,}(?=/|$))")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class Recorder(Protocol):
+    def started(self, facts: observe.RequestFacts) -> None: ...
+
+    def finished(self, facts: observe.RequestFacts, status: int, seconds: float) -> None: ...
+
+
+def logged_path(scope: Scope) -> str:
+    template = getattr(scope.get("route"), "path_format", None)
+    if isinstance(template, str):
+        return template
+    path = _PERSONAL.sub("{redacted}", str(scope.get("path", "")))
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", redact(path))
+
+
+class AccessLog:
+    def __init__(self, app: ASGIApp, *, recorder: Recorder | None = None) -> None:
+        self.app = app
+        self.recorder = recorder
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        facts = observe.RequestFacts(face=observe.face_of(scope["path"]))
+        token = observe.current.set(facts)
+        status: int | None = None
+        ended: float | None = None
+
+        async def send_watched(message: Message) -> None:
+            nonlocal status, ended
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                ended = time.perf_counter()
+            await send(message)
+
+        if self.recorder is not None:
+            self.recorder.started(facts)
+        failed = True
+        try:
+            await self.app(scope, receive, send_watched)
+            failed = False
+        finally:
+            observe.current.reset(token)
+            final = status if status is not None else 500 if failed else CLIENT_CLOSED
+            seconds = (ended or time.perf_counter()) - facts.started
+            if self.recorder is not None:
+                self.recorder.finished(facts, final, seconds)
+            if logger.isEnabledFor(logging.INFO):
+                _log(scope, facts, final, seconds)
+
+
+def _log(scope: Scope, facts: observe.RequestFacts, status: int, seconds: float) -> None:
+    path = logged_path(scope)
+    method = str(scope.get("method", ""))
+    fields: dict[str, Any] = {
+        "request_id": scope.get("state", {}).get("request_id"),
+        "method": method,
+        "path": path,
+        "status": status,
+        "duration_ms": round(seconds * 1000, 2),
+        "face": facts.face,
+        "key_id": facts.key_id,
+        "operation_type": facts.operation_type,
+        "operation_name": facts.operation_name,
+        "cost": facts.cost,
+        "refused": facts.refusals[0] if facts.refusals else None,
+        "statements": facts.statements,
+        "database_ms": round(facts.database_s * 1000, 2),
+    }
+    extra = [f"request_id={fields['request_id']}"]
+    if facts.key_id:
+        extra.append(f"key={facts.key_id}")
+    if facts.face == observe.GRAPHQL:
+        extra.append(f"operation={facts.operation_type}"
+                     + (f":{facts.operation_name}" if facts.operation_name else ""))
+        if facts.cost is not None:
+            extra.append(f"cost={facts.cost}")
+    if facts.refusals:
+        extra.append(f"refused={','.join(facts.refusals)}")
+    extra.append(f"sql={facts.statements}/{fields['database_ms']:g}ms")
+    logger.info('"%s %s HTTP/%s" %d %.1fms %s', method, path,
+                scope.get("http_version", "1.1"), status, seconds * 1000, " ".join(extra),
+                extra={ACCESS_FIELDS: fields, "request_id": fields["request_id"]})

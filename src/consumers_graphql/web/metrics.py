@@ -1,0 +1,218 @@
+"""Prometheus metrics, summed over every process of `serve`.
+
+prometheus-client chooses between values in memory and values in per-process files
+(multiprocess mode) when it is first imported, by `PROMETHEUS_MULTIPROC_DIR`. So this module
+imports it only inside functions: `serve` calls `setup_parent` first, which makes a private
+directory and sets the variable for itself and every worker it starts; /metrics then reads
+every process's files. An app built without `serve` (tests, the benchmark) keeps its
+numbers in memory, in a registry of its own: two apps in one process never share counts.
+
+Labels are few by construction: the face (graphql, rest, other), the operation type
+(query, mutation, subscription, none), the status, the engine's role, and the codes of the
+limits (constants of the code base); never a path, an id or an operation name."""
+
+from __future__ import annotations
+
+import atexit
+import glob
+import os
+import shutil
+import sys
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, event
+from starlette.requests import Request
+from starlette.responses import Response
+
+from consumers_graphql.settings import Settings
+from consumers_graphql.store.db import Database
+from consumers_graphql.web.observe import RequestFacts
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+MULTIPROCESS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
+# `serve`'s directories: consumers-metrics-<its pid>-<random>, in the temporary directory.
+_PREFIX = "consumers-metrics-"
+# The text format every Prometheus server reads.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0)
+DATABASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0)
+STATEMENT_BUCKETS = (0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144)
+
+
+class MetricsSetupError(RuntimeError):
+    """prometheus-client was imported before `setup_parent` could choose its mode."""
+
+
+def _values_in_files() -> bool:
+    from prometheus_client import values
+
+    return bool(getattr(values.ValueClass, "_multiprocess", False))
+
+
+def setup_parent(settings: Settings) -> None:
+    """In the `serve` process, before any worker starts (and before anything imports
+    prometheus-client): a private, empty directory for every process's numbers, removed at
+    exit; and, with `metrics_port`, /metrics served from this process on its own port,
+    summed over the workers. Raises OSError when that port cannot be bound."""
+    if not settings.metrics_enabled:
+        return
+    if "prometheus_client" in sys.modules and not _values_in_files():
+        raise MetricsSetupError("prometheus_client was imported before metrics.setup_parent: "
+                                "its numbers would stay in one process")
+    _remove_orphans()
+    directory = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
+    atexit.register(cleanup)
+    os.environ[MULTIPROCESS_DIRECTORY] = directory
+    if settings.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr=settings.metrics_host or settings.host,
+                          registry=_summed(directory))
+
+
+def cleanup() -> None:
+    """Removes this process's directory (at exit; `serve` calls it too when it must exit
+    without running the exit handlers)."""
+    directory = os.environ.get(MULTIPROCESS_DIRECTORY, "")
+    if os.path.basename(directory).startswith(f"{_PREFIX}{os.getpid()}-"):
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _remove_orphans() -> None:
+    """The directories of `serve` processes that died without cleaning up (killed)."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{_PREFIX}*-*")):
+        pid = os.path.basename(path)[len(_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def child_exited(pid: int) -> None:
+    """A worker is gone: its gauges (in-flight requests, pool use) no longer count."""
+    from prometheus_client import multiprocess
+
+    directory = os.environ.get(MULTIPROCESS_DIRECTORY)
+    if directory:
+        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]  # untyped upstream
+
+
+def _summed(directory: str) -> CollectorRegistry:
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]  # untyped upstream
+    return registry
+
+
+class Metrics:
+    """The app's metrics (one per app: see the module's docstring)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.directory = os.environ.get(MULTIPROCESS_DIRECTORY) or None
+        if self.directory is not None and not _values_in_files():
+            raise MetricsSetupError(f"{MULTIPROCESS_DIRECTORY} was set after prometheus_client "
+                                    "was imported")
+        registry = None if self.directory is not None else CollectorRegistry()
+        self.registry = registry
+        request = ("face", "operation_type")
+        self.requests = Counter(
+            "consumers_http_requests", "HTTP requests answered, by face, GraphQL operation "
+            "type and status (499: the client left first).", [*request, "status"],
+            registry=registry)
+        self.latency = Histogram(
+            "consumers_http_request_duration_seconds", "Time to the last byte of the answer.",
+            request, buckets=LATENCY_BUCKETS, registry=registry)
+        self.in_flight = Gauge(
+            "consumers_http_requests_in_flight", "Requests being answered.", ["face"],
+            multiprocess_mode="livesum", registry=registry)
+        self.statements = Histogram(
+            "consumers_http_request_sql_statements", "SQL statements sent for one request "
+            "(the API key look-up included).", ["face"], buckets=STATEMENT_BUCKETS,
+            registry=registry)
+        self.database = Histogram(
+            "consumers_http_request_database_seconds", "Time spent waiting for SQL "
+            "statements in one request.", ["face"], buckets=DATABASE_BUCKETS,
+            registry=registry)
+        self.refusals = Counter(
+            "consumers_refusals", "Requests refused by a limit, by its code (GraphQL's "
+            "extensions.code: MAX_DEPTH_EXCEEDED, MAX_COST_EXCEEDED, ...; PAYLOAD_TOO_LARGE, "
+            "TIMEOUT).", ["code"], registry=registry)
+        self.pool_checked_out = Gauge(
+            "consumers_db_pool_checked_out", "Database connections in use, by engine.",
+            ["pool"], multiprocess_mode="livesum", registry=registry)
+        self.pool_overflow = Gauge(
+            "consumers_db_pool_overflow", "Connections open beyond the pool's size.",
+            ["pool"], multiprocess_mode="livesum", registry=registry)
+        self.pool_size = Gauge(
+            "consumers_db_pool_size", "The pool's size (PostgreSQL: CONSUMERS_POOL_SIZE; as "
+            "many again may overflow).", ["pool"], multiprocess_mode="livesum",
+            registry=registry)
+
+    def started(self, facts: RequestFacts) -> None:
+        self.in_flight.labels(facts.face).inc()
+
+    def finished(self, facts: RequestFacts, status: int, seconds: float) -> None:
+        self.in_flight.labels(facts.face).dec()
+        self.requests.labels(facts.face, facts.operation_type, str(status)).inc()
+        self.latency.labels(facts.face, facts.operation_type).observe(seconds)
+        self.statements.labels(facts.face).observe(facts.statements)
+        self.database.labels(facts.face).observe(facts.database_s)
+        for code in facts.refusals:
+            self.refusals.labels(code).inc()
+
+    def watch_pools(self, database: Database) -> None:
+        engines: list[tuple[str, Engine]] = [("read", database.read_engine.sync_engine),
+                                             ("write", database.write_engine.sync_engine)]
+        if database.inline is not None:
+            engines.append(("inline", database.inline.engine))
+        for role, engine in engines:
+            self._watch(role, engine)
+
+    def _watch(self, role: str, engine: Engine) -> None:
+        pool: Any = engine.pool
+        checked_out = self.pool_checked_out.labels(role)
+        overflow = self.pool_overflow.labels(role)
+        size = getattr(pool, "size", None)
+        if callable(size):
+            self.pool_size.labels(role).set(size())
+        counts_overflow = callable(getattr(pool, "overflow", None))
+
+        def on_checkout(*_args: Any) -> None:
+            checked_out.inc()
+            if counts_overflow:
+                overflow.set(max(0, pool.overflow()))
+
+        def on_checkin(*_args: Any) -> None:
+            checked_out.dec()
+            if counts_overflow:
+                overflow.set(max(0, pool.overflow()))
+
+        event.listen(engine, "checkout", on_checkout)
+        event.listen(engine, "checkin", on_checkin)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        registry = self.registry if self.registry is not None else _summed(
+            self.directory or "")
+        return generate_latest(registry)
+
+    async def endpoint(self, _request: Request) -> Response:
+        return Response(self.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,151 @@
+"""The log of a whole test run, checked for personal data and secrets at its end.
+
+For the whole session a handler on the root logger writes every record, as `serve` would
+in production (the JSON formatter, behind the same filters), with the app's loggers at
+DEBUG. Meanwhile the audit collects what the run used: every secret the key fixtures made,
+and every email, phone, full name and metadata text the test client sent. When the session
+ends, the run fails if any of those, or anything shaped like an email, a phone number or a
+secret, is in the log (in any percent-encoding). The hooks are tests/conftest.py's;
+tests/test_log_audit.py plants leaks to show that the check fails the run.
+
+Client-side loggers (httpx, httpcore) are not the server's log and are left out."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+import httpx
+import pytest
+
+from consumers_graphql.web.logs import JsonFormatter, RedactSecrets, WithRequestId
+
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+_PHONE = re.compile(r"\+[1-9]\d{7,14}\b")
+# A secret with more of its body than the visible prefix the redaction keeps.
+_SECRET = re.compile(r"sk_(?:live|test)_[A-Za-z0-9]{8,}")
+# Fields whose values are personal data, whatever their shape.
+_PERSONAL_FIELDS = frozenset({"email", "phone", "fullName", "full_name", "name"})
+_CLIENT_SIDE = ("httpx", "httpcore")
+# Shorter texts (a name like "Ada", a tier like "gold") are found inside unrelated words.
+MIN_TEXT = 8
+MAX_BODY = 256 * 1024
+
+
+class _ServerSide(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith(_CLIENT_SIDE)
+
+
+class LogAudit:
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+        self.handler = logging.StreamHandler(self.stream)
+        self.handler.setLevel(logging.DEBUG)
+        self.handler.setFormatter(JsonFormatter())
+        for log_filter in (_ServerSide(), RedactSecrets(), WithRequestId()):
+            self.handler.addFilter(log_filter)
+        self.used: set[str] = set()
+        self._level: int | None = None
+        self.found: list[str] = []
+
+    def install(self) -> None:
+        logging.getLogger().addHandler(self.handler)
+        app_logger = logging.getLogger("consumers_graphql")
+        self._level = app_logger.level
+        app_logger.setLevel(logging.DEBUG)
+
+    def uninstall(self) -> None:
+        logging.getLogger().removeHandler(self.handler)
+        if self._level is not None:
+            logging.getLogger("consumers_graphql").setLevel(self._level)
+
+    def use(self, value: str) -> None:
+        """A value the run used that must never be logged (a secret: its body too)."""
+        value = value.strip()
+        if _SECRET.fullmatch(value):
+            self.used.add(value.split("_", 2)[2])
+        if len(value) >= MIN_TEXT or _EMAIL.fullmatch(value) or _PHONE.fullmatch(value):
+            self.used.add(value)
+
+    def use_json(self, value: Any, personal: bool = False) -> None:
+        if isinstance(value, dict):
+            for name, item in value.items():
+                self.use_json(item, personal or name in _PERSONAL_FIELDS or name == "metadata")
+        elif isinstance(value, list):
+            for item in value:
+                self.use_json(item, personal)
+        elif isinstance(value, str) and (personal or _EMAIL.fullmatch(value)
+                                         or _PHONE.fullmatch(value)):
+            self.use(value)
+
+    def use_request(self, request: httpx.Request) -> None:
+        """An httpx event hook: the key, the body's personal values, the query's values."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token:
+            self.use(token)
+        for _, query_value in parse_qsl(request.url.query.decode("latin-1")):
+            if _EMAIL.search(query_value) or _PHONE.search(query_value):
+                self.use(query_value)
+        try:
+            content = request.content
+        except httpx.RequestNotRead:  # a streamed body
+            return
+        # Larger bodies are the hostile-request tests' (whose memory is measured), not data.
+        is_json = request.headers.get("content-type", "").startswith("application/json")
+        if is_json and 0 < len(content) <= MAX_BODY:
+            try:
+                self.use_json(json.loads(content))
+            except (ValueError, RecursionError):  # the tests of malformed bodies
+                return
+
+    async def async_use_request(self, request: httpx.Request) -> None:
+        self.use_request(request)
+
+    def leaks(self, text: str | None = None) -> list[str]:
+        logged = self.stream.getvalue() if text is None else text
+        decoded = unquote(unquote(unquote(logged)))
+        found = [value for value in sorted(self.used) if value in logged or value in decoded]
+        for pattern in (_EMAIL, _PHONE, _SECRET):
+            found += sorted({m.group() for m in pattern.finditer(decoded)} - set(found))
+        return found
+
+    def lines_with(self, leak: str) -> Iterator[str]:
+        for line in self.stream.getvalue().splitlines():
+            if leak in line or leak in unquote(unquote(unquote(line))):
+                yield line
+
+
+AUDIT = LogAudit()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    AUDIT.install()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    AUDIT.uninstall()
+    AUDIT.found = AUDIT.leaks()
+    if AUDIT.found:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    leaks = AUDIT.found
+    if not leaks:
+        lines = AUDIT.stream.getvalue().count("\n")
+        terminalreporter.write_line(
+            f"log audit: {lines:,} log lines, none with any of the {len(AUDIT.used):,} "
+            "values the run used, nor an email, phone or secret")
+        return
+    report = [f"LOG AUDIT: {len(leaks)} value(s) the run used, or shaped like personal data or "
+              "a secret, reached the log:"]
+    for leak in leaks:
+        report.append(f"  {leak!r} in:")
+        report.extend(f"    {line[:400]}" for line in list(AUDIT.lines_with(leak))[:3])
+    terminalreporter.write_line("\n".join(report), red=True)

@@ -1,0 +1,62 @@
+"""The audit of the run's log (log_audit.py) fails a run that leaks, and only such a run:
+pytest runs planted tests in a subprocess, with the audit's hooks as a plugin."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import project_root
+
+PLANTED = '''
+import logging
+
+from tests.log_audit import AUDIT
+
+log = logging.getLogger("consumers_graphql.planted")
+
+
+def test_planted() -> None:
+    AUDIT.use_json({{"fullName": "Planted Personname", "metadata": {{"note": "left-handed"}}}})
+    AUDIT.use("sk_live_" + "P" * 40)
+    {line}
+'''
+
+
+def _run(tmp_path: Path, line: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "test_planted.py").write_text(PLANTED.format(line=line))
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "tests.log_audit", "-p", "no:cacheprovider",
+         "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_planted.py")],
+        cwd=project_root(), capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "PYTHONPATH": str(project_root())},
+    )
+
+
+LEAKS = [
+    ('log.info("looked up %s", "planted.person@example.com")', "planted.person@example.com"),
+    ('log.warning("called %s back", "+14155550188")', "+14155550188"),
+    ('log.error("for Planted Personname")', "Planted Personname"),
+    ('log.debug("note: left-handed")', "left-handed"),
+    # a key's body without its prefix, which the redaction cannot recognise
+    ('log.info("token %s", "P" * 40)', "P" * 40),
+    ('log.info("/x?e=%s", "planted%40example.com")', "planted@example.com"),
+]
+
+
+def test_every_leak_fails_the_run_and_is_named(tmp_path: Path) -> None:
+    result = _run(tmp_path, "\n    ".join(line for line, _ in LEAKS))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "1 passed" in result.stdout, result.stdout
+    assert f"LOG AUDIT: {len(LEAKS)} value(s)" in result.stdout, result.stdout
+    for _, leak in LEAKS:
+        assert repr(leak) in result.stdout, (leak, result.stdout)
+
+
+def test_a_run_without_a_leak_passes(tmp_path: Path) -> None:
+    result = _run(tmp_path, 'log.info("a request for key_01J0000000000000000000000, "'
+                            '"sk_live_PPPP…[redacted]")')
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "LOG AUDIT" not in result.stdout
