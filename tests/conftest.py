@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,9 @@ from consumers_graphql.store.migrate import upgrade
 from consumers_graphql.web.app import create_app
 
 TEST_DATABASE_URL = os.environ.get("CONSUMERS_TEST_DATABASE_URL")
+# Where the tests create and drop their databases when the app's URL is a pooler (CI's run
+# through pgbouncer): the server itself. Defaults to the app's URL.
+ADMIN_DATABASE_URL = os.environ.get("CONSUMERS_TEST_DATABASE_ADMIN_URL") or TEST_DATABASE_URL
 TABLES = ("consumer_audiences", "orders", "api_keys", "audiences", "consumers")
 
 
@@ -36,13 +39,23 @@ async def database_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
         return
     # A database of our own on the given server, dropped afterwards. Failing to reach the
     # server fails the run: CI must never skip PostgreSQL silently.
-    server = make_url(TEST_DATABASE_URL)
-    name = f"consumers_test_{uuid.uuid4().hex[:12]}"
-    admin = create_async_engine(server, isolation_level="AUTOCOMMIT")
+    async with new_database("consumers_test") as url:
+        yield url
+
+
+@asynccontextmanager
+async def new_database(prefix: str) -> AsyncIterator[str]:
+    """A database of its own on the PostgreSQL test server, as the app reaches it (through
+    the pooler, if any: its `*` entry serves any database), created and dropped on the
+    server directly (ADMIN_DATABASE_URL)."""
+    assert TEST_DATABASE_URL and ADMIN_DATABASE_URL
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(make_url(ADMIN_DATABASE_URL), isolation_level="AUTOCOMMIT")
     async with admin.connect() as conn:
         await conn.execute(text(f'CREATE DATABASE "{name}"'))
     try:
-        yield server.set(database=name).render_as_string(hide_password=False)
+        yield make_url(TEST_DATABASE_URL).set(database=name).render_as_string(
+            hide_password=False)
     finally:
         async with admin.connect() as conn:
             await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -1,12 +1,31 @@
+from __future__ import annotations
+
 from enum import StrEnum
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Environment(StrEnum):
     DEVELOPMENT = "development"
     PRODUCTION = "production"
+
+
+class Pooler(StrEnum):
+    NONE = "none"
+    TRANSACTION = "transaction"
+
+
+# The URL schemes that mean PostgreSQL without naming a driver (libpq's and Heroku's spelling).
+_POSTGRES_SCHEMES = ("postgres://", "postgresql://")
+
+
+def normalise_database_url(url: str) -> str:
+    """`postgres://` and `postgresql://` name no driver: they mean asyncpg here."""
+    for scheme in _POSTGRES_SCHEMES:
+        if url.startswith(scheme):
+            return "postgresql+asyncpg://" + url[len(scheme):]
+    return url
 
 
 class Settings(BaseSettings):
@@ -54,6 +73,31 @@ class Settings(BaseSettings):
     # REST batch endpoints: 500 items with 16 KiB metadata each are ~8.5 MiB as compact JSON
     # and up to ~28 MiB with every non-ASCII character escaped (\uXXXX); see the README.
     max_batch_body_bytes: int = Field(default=33_554_432, ge=1)
+
+    # --- PostgreSQL behind a pooler, and a read replica (README: "PostgreSQL behind
+    # pgbouncer", "Read replica") ---
+    # `transaction`: the database URL is a pooler in transaction mode (pgbouncer before 1.21):
+    # no server-side prepared statement outlives its statement. No effect on SQLite.
+    database_pooler: Pooler = Pooler.NONE
+    # PostgreSQL only: reads that are not part of a write go there (a mutation's own reads
+    # and its payload stay on the primary). Its pool is `pool_size` too.
+    database_replica_url: str | None = None
+
+    @field_validator("database_url", "database_replica_url")
+    @classmethod
+    def _normalised(cls, url: str | None) -> str | None:
+        return None if url is None else normalise_database_url(url)
+
+    @model_validator(mode="after")
+    def _replica_on_postgresql(self) -> Settings:
+        if self.database_replica_url is not None and (
+                self.is_sqlite or self.database_replica_url.startswith("sqlite")):
+            raise ValueError(
+                "CONSUMERS_DATABASE_REPLICA_URL needs PostgreSQL for both the database and "
+                "the replica: a SQLite file has no replicas (its readers already run "
+                "alongside its writer), and a second file would be another database."
+            )
+        return self
 
     @property
     def is_production(self) -> bool:

@@ -95,7 +95,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         database = Database(settings)
         app.state.database = database
-        app.state.keys = KeyStore(database.read_engine, database.write_engine, settings.key_pepper)
+        # Keys are verified on the primary (store/keys.py: revocation takes effect at once).
+        app.state.keys = KeyStore(database.primary_engine, database.write_engine,
+                                  settings.key_pepper)
         try:
             yield
         finally:
