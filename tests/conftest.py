@@ -117,6 +117,31 @@ async def empty_tables(engine: Any) -> None:
                 await conn.execute(text(f"DELETE FROM {table}"))
 
 
+# pgbouncer 1.18 (Debian 12's) can exit with "FATAL ... disconnect_client(): bad client
+# state: 0" when the client of a cancel request closes it before the server has answered
+# (pgbouncer issue 801, fixed since): asyncpg does so when it drops a connection whose
+# statement it is cancelling. Below 1.21, the release the README asks for, these tests are
+# skipped; CI sets the version for its run through pgbouncer.
+PGBOUNCER_VERSION = os.environ.get("CONSUMERS_TEST_PGBOUNCER_VERSION")
+
+
+def _pooler_crashes_on_cancel() -> bool:
+    if not PGBOUNCER_VERSION:
+        return False
+    major, minor, *_ = (int(part) for part in PGBOUNCER_VERSION.split("."))
+    return (major, minor) < (1, 21)
+
+
+@pytest.fixture(autouse=True)
+def statements_cancelled_only_where_the_pooler_survives_it(
+    request: pytest.FixtureRequest,
+) -> None:
+    if (request.node.get_closest_marker("cancels_statements") is not None
+            and _pooler_crashes_on_cancel()):
+        pytest.skip(f"cancels statements: pgbouncer {PGBOUNCER_VERSION} can crash on a "
+                    "cancel request (issue 801); runs in the direct PostgreSQL run")
+
+
 # Every GraphQL test runs twice: through the compiled executor, and through graphql-core
 # alone (the path of every fallback: directives, introspection, any error).
 EXECUTION_PATHS = ("compiled", "graphql-core")
