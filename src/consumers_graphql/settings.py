@@ -76,8 +76,9 @@ class Settings(BaseSettings):
 
     # --- PostgreSQL behind a pooler, and a read replica (README: "PostgreSQL behind
     # pgbouncer", "Read replica") ---
-    # `transaction`: the database URL is a pooler in transaction mode (pgbouncer before 1.21):
-    # no server-side prepared statement outlives its statement. No effect on SQLite.
+    # `transaction`: the database URL (and the replica's) is a pooler in transaction mode
+    # (pgbouncer): no server-side prepared statement outlives its statement. No effect on
+    # SQLite. See store/db.py pooler_connect_args.
     database_pooler: Pooler = Pooler.NONE
     # PostgreSQL only: reads that are not part of a write go there (a mutation's own reads
     # and its payload stay on the primary). Its pool is `pool_size` too.
