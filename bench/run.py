@@ -288,7 +288,7 @@ async def prepare(main: Dataset, search: Dataset, smoke: bool) -> dict[str, Any]
             await engine.dispose()
         database = Database(settings)
         try:
-            keys = KeyStore(database.read_engine, database.write_engine, settings.key_pepper)
+            keys = KeyStore(database.primary_engine, database.write_engine, settings.key_pepper)
             created = await keys.create(f"bench {datetime.now(UTC):%Y-%m-%d %H:%M:%S}")
             secrets[ds.name] = created.secret.get_secret_value()
         finally:

@@ -143,3 +143,76 @@ def _user_exists(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+PGBOUNCER = Path(os.environ.get("CONSUMERS_TEST_PGBOUNCER", "/usr/sbin/pgbouncer"))
+
+
+class PgBouncer:
+    """A private pgbouncer in transaction mode on a free loopback port, in front of the
+    server at `server_port` (every database, `* =`; every user trusted, as the server is).
+    pgbouncer refuses to run as root: as root it drops to `postgres` (or `nobody`) itself,
+    so that it stays this process's child and stops with it."""
+
+    def __init__(self, server_port: int = 5432, *, pool_size: int = 20) -> None:
+        if not PGBOUNCER.exists():
+            pytest.skip(f"pgbouncer not found at {PGBOUNCER} (apt-get install pgbouncer, or "
+                        "set CONSUMERS_TEST_PGBOUNCER)")
+        self.port = free_port()
+        self.directory = Path(tempfile.mkdtemp(prefix="consumers-pgbouncer-"))
+        (self.directory / "userlist.txt").write_text('"postgres" ""\n"root" ""\n')
+        (self.directory / "pgbouncer.ini").write_text(
+            "[databases]\n"
+            f"* = host=127.0.0.1 port={server_port}\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\n"
+            f"unix_socket_dir = {self.directory}\n"
+            "auth_type = trust\n"
+            f"auth_file = {self.directory / 'userlist.txt'}\n"
+            "pool_mode = transaction\n"
+            f"default_pool_size = {pool_size}\nmax_client_conn = 500\n"
+            f"logfile = {self.directory / 'pgbouncer.log'}\n"
+            f"pidfile = {self.directory / 'pgbouncer.pid'}\n"
+            "admin_users = postgres\n"
+        )
+        as_user: list[str] = []
+        if os.geteuid() == 0:
+            user = "postgres" if _user_exists("postgres") else "nobody"
+            for path in (self.directory, *self.directory.iterdir()):
+                shutil.chown(path, user)
+            as_user = ["-u", user]
+        self.process = subprocess.Popen(
+            [str(PGBOUNCER), *as_user, str(self.directory / "pgbouncer.ini")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    log = self.log
+                    self.stop()
+                    raise AssertionError(f"pgbouncer did not start: {log}") from None
+                time.sleep(0.05)
+
+    def url(self, database: str, user: str = "postgres") -> str:
+        return f"postgresql+asyncpg://{user}@127.0.0.1:{self.port}/{database}"
+
+    @property
+    def log(self) -> str:
+        try:
+            return (self.directory / "pgbouncer.log").read_text()
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        shutil.rmtree(self.directory, ignore_errors=True)

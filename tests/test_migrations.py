@@ -9,8 +9,8 @@ fresh database on the PostgreSQL server.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +18,14 @@ import httpx
 import pytest
 from alembic import command
 from asgi_lifespan import LifespanManager
-from sqlalchemy import make_url, text
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy import text
 
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.db import make_engine
 from consumers_graphql.store.keys import READ_WRITE
 from consumers_graphql.store.migrate import alembic_config, upgrade
 from consumers_graphql.web.app import create_app
-from tests.conftest import TEST_DATABASE_URL, GraphQL, on_path
+from tests.conftest import TEST_DATABASE_URL, GraphQL, new_database, on_path
 from tests.factories import consumer_row, insert_consumers
 from tests.processes import Served
 from tests.test_bench_workloads import CREATE, DELETE, UPDATE
@@ -58,16 +57,11 @@ EXPECTED = {
 @pytest.fixture
 async def old_url(tmp_path: Path) -> AsyncIterator[str]:
     """A database of its own at revision 0001, with rows."""
-    if TEST_DATABASE_URL:
-        server = make_url(TEST_DATABASE_URL)
-        name = f"consumers_migrations_{uuid.uuid4().hex[:12]}"
-        admin = create_async_engine(server, isolation_level="AUTOCOMMIT")
-        async with admin.connect() as conn:
-            await conn.execute(text(f'CREATE DATABASE "{name}"'))
-        url = server.set(database=name).render_as_string(hide_password=False)
-    else:
-        url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
-    try:
+    async with AsyncExitStack() as stack:
+        if TEST_DATABASE_URL:
+            url = await stack.enter_async_context(new_database("consumers_migrations"))
+        else:
+            url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
         settings = database_settings(url)
         await migrate_to(settings, "0001")
         engine = make_engine(settings, writer=True)
@@ -79,11 +73,6 @@ async def old_url(tmp_path: Path) -> AsyncIterator[str]:
         finally:
             await engine.dispose()
         yield url
-    finally:
-        if TEST_DATABASE_URL:
-            async with admin.connect() as conn:
-                await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            await admin.dispose()
 
 
 def database_settings(url: str) -> Settings:

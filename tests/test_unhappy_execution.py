@@ -215,6 +215,7 @@ async def given_consumers_with_orders(engine: Any, count: int = 8) -> list[str]:
     return [c["id"] for c in consumers]
 
 
+@pytest.mark.cancels_statements
 @pytest.mark.parametrize("query", [CANCELLED_MID_STATEMENT, CANCELLED_MID_STATEMENTS],
                          ids=["the issue's", "more siblings"])
 async def test_c_a_sibling_cancelled_mid_statement_leaves_a_client_mistake_a_client_mistake(
@@ -447,6 +448,7 @@ def pools_in_use(app: FastAPI) -> tuple[int, int]:
             database.write_engine.sync_engine.pool.checkedout())
 
 
+@pytest.mark.cancels_statements
 @pytest.mark.parametrize("accept", ["application/json", "application/graphql-response+json"])
 async def test_a_graphql_request_past_its_deadline_is_504_and_gives_its_connections_back(
     hurried: httpx.AsyncClient, settings: Settings, api_key: str, compiled: bool, accept: str
@@ -479,6 +481,7 @@ async def test_a_graphql_request_past_its_deadline_is_504_and_gives_its_connecti
     assert pools_in_use(hurried_app) == (0, 0)
 
 
+@pytest.mark.cancels_statements
 async def test_a_rest_request_past_its_deadline_is_504_in_the_reference_shape(
     hurried: httpx.AsyncClient, settings: Settings, api_key: str
 ) -> None:
@@ -527,6 +530,7 @@ async def test_a_health_check_past_its_deadline_is_504_in_its_own_shape() -> Non
     assert json.loads(body["body"]) == {"status": "timeout"}
 
 
+@pytest.mark.cancels_statements
 async def test_a_read_past_its_deadline_gives_its_connection_back(
     hurried: httpx.AsyncClient, settings: Settings, read_only_key: str, compiled: bool
 ) -> None:
@@ -562,6 +566,7 @@ def free_port() -> int:
 
 
 # SIGTERM is a requested stop (a success); SIGINT an interruption (Ctrl-C), 130 as a shell has it
+@pytest.mark.cancels_statements
 @pytest.mark.parametrize(("stop", "exit_code"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)],
                          ids=["SIGTERM", "SIGINT"])
 async def test_serve_stops_within_its_grace_period_with_a_request_hanging(

@@ -254,7 +254,7 @@ def _assets_fetch(args: argparse.Namespace, settings: Settings) -> int:
 def _key_store(database: Database) -> KeyStore:
     from consumers_graphql.store.keys import KeyStore
 
-    return KeyStore(database.read_engine, database.write_engine, database.settings.key_pepper)
+    return KeyStore(database.primary_engine, database.write_engine, database.settings.key_pepper)
 
 
 def _scopes(info: KeyInfo) -> str:

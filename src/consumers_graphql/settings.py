@@ -1,7 +1,9 @@
+from __future__ import annotations
+
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -13,9 +15,28 @@ class Environment(StrEnum):
 class UiAssets(StrEnum):
     CDN = "cdn"
     LOCAL = "local"
+
+
 class LogFormat(StrEnum):
     TEXT = "text"
     JSON = "json"
+
+
+class Pooler(StrEnum):
+    NONE = "none"
+    TRANSACTION = "transaction"
+
+
+# The URL schemes that mean PostgreSQL without naming a driver (libpq's and Heroku's spelling).
+_POSTGRES_SCHEMES = ("postgres://", "postgresql://")
+
+
+def normalise_database_url(url: str) -> str:
+    """`postgres://` and `postgresql://` name no driver: they mean asyncpg here."""
+    for scheme in _POSTGRES_SCHEMES:
+        if url.startswith(scheme):
+            return "postgresql+asyncpg://" + url[len(scheme):]
+    return url
 
 
 class Settings(BaseSettings):
@@ -105,6 +126,31 @@ class Settings(BaseSettings):
         if self.log_format is not None:
             return self.log_format
         return LogFormat.JSON if self.is_production else LogFormat.TEXT
+    # --- PostgreSQL behind a pooler, and a read replica (README: "PostgreSQL behind
+    # pgbouncer", "Read replica") ---
+    # `transaction`: the database URL (and the replica's) is a pooler in transaction mode
+    # (pgbouncer): no server-side prepared statement outlives its statement. No effect on
+    # SQLite. See store/db.py pooler_connect_args.
+    database_pooler: Pooler = Pooler.NONE
+    # PostgreSQL only: reads that are not part of a write go there (a mutation's own reads
+    # and its payload stay on the primary). Its pool is `pool_size` too.
+    database_replica_url: str | None = None
+
+    @field_validator("database_url", "database_replica_url")
+    @classmethod
+    def _normalised(cls, url: str | None) -> str | None:
+        return None if url is None else normalise_database_url(url)
+
+    @model_validator(mode="after")
+    def _replica_on_postgresql(self) -> Settings:
+        if self.database_replica_url is not None and (
+                self.is_sqlite or self.database_replica_url.startswith("sqlite")):
+            raise ValueError(
+                "CONSUMERS_DATABASE_REPLICA_URL needs PostgreSQL for both the database and "
+                "the replica: a SQLite file has no replicas (its readers already run "
+                "alongside its writer), and a second file would be another database."
+            )
+        return self
 
     @property
     def is_production(self) -> bool:

@@ -37,4 +37,7 @@ def parse_datetime(value: object, *, assume_utc: bool = False) -> datetime:
                 f"{value!r} has no time zone; add Z for UTC or an offset such as +02:00"
             )
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise ValueError(f"{value!r} is out of range once in UTC") from None

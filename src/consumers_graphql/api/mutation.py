@@ -59,8 +59,10 @@ S = TypeVar("S", ConsumerService, AudienceService, OrderService)
 
 def _service(info: Info, kind: type[S]) -> S:
     # A write makes every read this request has cached stale: this payload, and those of
-    # later mutation fields of the same operation, must read afresh.
+    # later mutation fields of the same operation, must read afresh, and from the primary
+    # (a replica may not have the write yet).
     info.context.loaders.clear()
+    info.context.repository.use_primary()
     return kind(info.context.database)
 
 

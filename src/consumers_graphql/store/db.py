@@ -41,7 +41,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.sql import Executable
 from sqlalchemy.types import TypeDecorator
 
-from consumers_graphql.settings import Settings
+from consumers_graphql.settings import Pooler, Settings
 from consumers_graphql.store import sqlite_driver
 from consumers_graphql.store.outage import Outage
 
@@ -122,15 +122,15 @@ def _json_text(value: Any) -> str:
         return json.dumps(value)
 
 
-def make_engine(settings: Settings, *, writer: bool) -> AsyncEngine:
-    """An engine for the configured database.
+def make_engine(settings: Settings, *, writer: bool, url: str | None = None) -> AsyncEngine:
+    """An engine for the configured database (or `url`: the replica's).
 
     Reader engines run every statement in autocommit, so each sees the latest committed data
     and holds no snapshot or lock between statements. Writer engines open real transactions;
     on SQLite with BEGIN IMMEDIATE, so concurrent writers queue on the busy timeout instead of
     failing with "database is locked" when a read lock cannot be upgraded.
     """
-    url = settings.database_url
+    url = url or settings.database_url
     if url.startswith("sqlite"):
         engine = create_async_engine(
             url,
@@ -153,8 +153,33 @@ def make_engine(settings: Settings, *, writer: bool) -> AsyncEngine:
         pool_size=settings.pool_size,
         max_overflow=settings.pool_size,
         pool_pre_ping=True,
+        connect_args=pooler_connect_args(settings),
         **({} if writer else {"isolation_level": "AUTOCOMMIT"}),
     )
+
+
+def pooler_connect_args(settings: Settings) -> dict[str, Any]:
+    """asyncpg's arguments for the pooler in front of PostgreSQL.
+
+    Behind pgbouncer in transaction mode (before 1.21, which tracks prepared statements),
+    consecutive transactions of one client connection, and in autocommit consecutive
+    statements, run on whichever server connection is free. A prepared statement kept by
+    name (asyncpg's statement cache, SQLAlchemy's prepared statement cache) then meets a
+    server that never saw it ("does not exist") or one where another client used its name
+    ("already exists"). With both caches off, asyncpg prepares unnamed statements and parses
+    each again in the same message sequence as its execution (asyncpg 0.29+), so a
+    statement never leaves its server connection. SQLAlchemy's documented recipe of unique
+    names (`prepared_statement_name_func`) is not used: a named statement is prepared in
+    one exchange and executed in the next, which in autocommit can land on another server
+    (tests/test_pgbouncer.py shows it failing, like the caches).
+
+    Nothing else here is session-scoped: no `server_settings` or `SET` on connect, no
+    advisory lock, LISTEN or temporary table; the one lock (`LOCK TABLE`, the first key) is
+    inside its transaction.
+    """
+    if settings.database_pooler is Pooler.TRANSACTION:
+        return {"statement_cache_size": 0, "prepared_statement_cache_size": 0}
+    return {}
 
 
 def _configure_sqlite(engine: AsyncEngine, settings: Settings, *, begin: str | None) -> None:
@@ -366,12 +391,23 @@ def _budget(seconds: float) -> Callable[[], bool]:
 
 
 class Database:
-    """The process's engines: one for reads (autocommit), one for transactional writes, and
-    on SQLite one for reads on the event loop's thread."""
+    """The process's engines: one for reads (autocommit), one for transactional writes, on
+    SQLite one for reads on the event loop's thread, and with a replica one for reads there.
+
+    `read_engine` serves the reads that are not part of a write: the replica's engine when
+    one is configured, else `primary_engine`. `primary_engine` reads in autocommit on the
+    primary: a request that wrote reads its payload there (Reader.use_primary), and API keys
+    are verified there (immediate revocation). Writes go to `write_engine`, on the primary.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.read_engine = make_engine(settings, writer=False)
+        self.primary_engine = make_engine(settings, writer=False)
+        self.replica_engine = (
+            None if settings.database_replica_url is None
+            else make_engine(settings, writer=False, url=settings.database_replica_url)
+        )
+        self.read_engine = self.replica_engine or self.primary_engine
         self.write_engine = make_engine(settings, writer=True)
         self.inline = InlineReads.for_settings(settings)
         self.write_sessions = async_sessionmaker(self.write_engine, expire_on_commit=False)
@@ -407,18 +443,22 @@ class Database:
     @property
     def engines(self) -> list[Engine]:
         """Every engine that sends statements (for listeners that count or log them)."""
-        engines = [self.read_engine.sync_engine, self.write_engine.sync_engine]
+        engines = [self.primary_engine.sync_engine, self.write_engine.sync_engine]
+        if self.replica_engine is not None:
+            engines.append(self.replica_engine.sync_engine)
         return engines if self.inline is None else [*engines, self.inline.engine]
 
     def reader(self) -> Reader:
-        return Reader(self.read_engine, self.inline)
+        return Reader(self.read_engine, self.inline, primary=self.primary_engine)
 
     async def dispose(self) -> None:
         try:
             if self.checkpoints is not None:
                 await self.checkpoints.close()
         finally:
-            await self.read_engine.dispose()
+            await self.primary_engine.dispose()
+            if self.replica_engine is not None:
+                await self.replica_engine.dispose()
             await self.write_engine.dispose()
             if self.inline is not None:
                 self.inline.dispose()
@@ -458,8 +498,10 @@ class Reader:
     pool at once and the next statement opens another, so the request's other fields go on.
     """
 
-    def __init__(self, engine: AsyncEngine, inline: InlineReads | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, inline: InlineReads | None = None, *,
+                 primary: AsyncEngine | None = None) -> None:
         self._engine = engine
+        self._primary = primary or engine
         self._conn: AsyncConnection | None = None
         self._inline = inline
         self._lock = asyncio.Lock()
@@ -468,6 +510,17 @@ class Reader:
     @property
     def dialect(self) -> str:
         return self._engine.dialect.name
+
+    @property
+    def on_primary(self) -> bool:
+        """Whether the next statement goes to the primary (always, without a replica)."""
+        return self._engine is self._primary
+
+    def use_primary(self) -> None:
+        """The request writes: its later reads (a mutation's payload, the next mutation's)
+        go to the primary, which has the write, not to a replica that may lag behind it.
+        The replica's connection, if one is open, is given back before the next statement."""
+        self._engine = self._primary
 
     async def execute(
         self, statement: Executable, params: dict[str, Any] | None = None, *,
@@ -480,6 +533,8 @@ class Reader:
                 result = self._inline.execute(statement, params)
                 if result is not None:
                     return result
+            if self._conn is not None and self._conn.engine is not self._engine:
+                await self._give_back(self._conn)  # a replica's, before use_primary()
             if self._conn is None:
                 conn = await self._engine.connect()
                 if self._closed:  # closed while we waited for the pool: ours to give back

@@ -266,12 +266,14 @@ class KeyStore:
 
     async def verify(self, secret: str, reader: Reader | None = None) -> Principal | None:
         """The live key this secret belongs to, or None. One indexed read (on the request's
-        read connection when given); no write."""
+        read connection when given and on the primary, else on one of the store's own, on
+        the primary: a revoked key must stop working at once, not once a replica catches
+        up); no write."""
         if not is_well_formed(secret):
             return None
         digest = hash_secret(secret, self._pepper)
         row: Row[*tuple[Any, ...]] | None  # a reader's rows are untyped, the engine's typed
-        if reader is not None:
+        if reader is not None and reader.on_primary:
             row = (await reader.execute(_VERIFY, {"digest": digest})).first()
         else:
             async with self._read.connect() as conn:

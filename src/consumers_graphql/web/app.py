@@ -111,9 +111,11 @@ def create_app(
         app.state.readiness.head()
         if metrics is not None:
             metrics.watch_pools(database)
-        app.state.keys = KeyStore(database.read_engine, database.write_engine, settings.key_pepper)
         if tracing is not None:  # here: in the process (worker) that serves
             tracing.instrument(database)
+        # Keys are verified on the primary (store/keys.py: revocation takes effect at once).
+        app.state.keys = KeyStore(database.primary_engine, database.write_engine,
+                                  settings.key_pepper)
         try:
             yield
         finally:

@@ -69,6 +69,10 @@ class Reads:
     def __init__(self, reader: Reader) -> None:
         self._reader = reader
 
+    def use_primary(self) -> None:
+        """The request writes: read what it wrote from the primary (see Reader.use_primary)."""
+        self._reader.use_primary()
+
     async def _rows(
         self, statement: Select[Any], params: dict[str, Any] | None = None, *,
         inline: bool = True,
