@@ -1,7 +1,8 @@
 """Health probes, without a key and outside the OpenAPI document.
 
 - `/livez`: the process answers HTTP (no I/O): restart it when this fails.
-- `/readyz` (and `/healthz`, its older name): the database answers, within
+- `/readyz` (and `/healthz`, its older name): the database (and the replica, when one is
+  configured) answers, within
   `CONSUMERS_HEALTH_TIMEOUT_S`, and its schema is the one this version needs; 503 with
   Retry-After and the reason otherwise: send it no traffic.
 
@@ -55,11 +56,15 @@ class Readiness:
         timeout = self.settings.health_timeout_s
         try:
             async with asyncio.timeout(timeout):
+                # The replica answers too, when there is one: queries go there.
+                if database.replica_engine is not None:
+                    async with database.replica_engine.connect() as conn:
+                        await conn.execute(text("SELECT 1"))
                 if time.monotonic() < self._verified_until:
-                    async with database.read_engine.connect() as conn:
+                    async with database.primary_engine.connect() as conn:
                         await conn.execute(text("SELECT 1"))
                     return None
-                current = await current_revision(database.read_engine)
+                current = await current_revision(database.primary_engine)
         except TimeoutError:
             self._verified_until = 0.0
             return f"database did not answer within {timeout:g} s"

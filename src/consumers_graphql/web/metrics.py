@@ -178,8 +178,10 @@ class Metrics:
             self.refusals.labels(code).inc()
 
     def watch_pools(self, database: Database) -> None:
-        engines: list[tuple[str, Engine]] = [("read", database.read_engine.sync_engine),
+        engines: list[tuple[str, Engine]] = [("read", database.primary_engine.sync_engine),
                                              ("write", database.write_engine.sync_engine)]
+        if database.replica_engine is not None:
+            engines.append(("replica", database.replica_engine.sync_engine))
         if database.inline is not None:
             engines.append(("inline", database.inline.engine))
         for role, engine in engines:
