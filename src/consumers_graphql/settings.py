@@ -1,7 +1,18 @@
-from enum import StrEnum
+"""Settings, from ``CONSUMERS_*`` variables, and what goes wrong with them: a value that does
+not parse, a variable no setting reads (a typo), a database URL without its driver."""
 
-from pydantic import Field, SecretStr
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "CONSUMERS_"
 
 
 class Environment(StrEnum):
@@ -12,7 +23,7 @@ class Environment(StrEnum):
 class Settings(BaseSettings):
     """Every knob of the service; read from ``CONSUMERS_*`` variables, passed in, never global."""
 
-    model_config = SettingsConfigDict(env_prefix="CONSUMERS_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     database_url: str = "sqlite+aiosqlite:///./consumers.db"
     host: str = "127.0.0.1"
@@ -55,6 +66,24 @@ class Settings(BaseSettings):
     # and up to ~28 MiB with every non-ASCII character escaped (\uXXXX); see the README.
     max_batch_body_bytes: int = Field(default=33_554_432, ge=1)
 
+    # -- Workers (`serve --workers N`): processes serving one port, each with its own pools.
+    workers: int = Field(default=1, ge=1)
+
+    @field_validator("database_url")
+    @classmethod
+    def database_url_with_driver(cls, url: str) -> str:
+        """The driver this service runs on, for URLs written without one (as most hosts and
+        tools hand them out); any other scheme is refused, naming the ones that work."""
+        scheme, separator, rest = url.partition("://")
+        if not separator:
+            raise ValueError("not a database URL (scheme://...)")
+        driver = _ASYNC_DRIVERS.get(scheme.lower())
+        if driver is None:
+            raise ValueError(
+                f"the scheme {scheme!r} is not supported: use postgresql+asyncpg:// "
+                "(or postgres://, postgresql://) or sqlite+aiosqlite:/// (or sqlite:///)")
+        return f"{driver}://{rest}"
+
     @property
     def is_production(self) -> bool:
         return self.env is Environment.PRODUCTION
@@ -62,3 +91,77 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+# Schemes accepted for CONSUMERS_DATABASE_URL, and the async driver each runs on.
+_ASYNC_DRIVERS = {
+    "postgres": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+}
+# CONSUMERS_* variables that are not settings: the tests' own, and the client-side ones the
+# README's examples export (the API's address and a key, for curl and a BFF).
+_NOT_SETTINGS = re.compile(r"CONSUMERS_(TEST_.*|DIFFERENTIAL_EXAMPLES|KEY|API)")
+# Values never repeated in a message: secrets, and URLs (which may carry a password).
+_SECRET_NAME = re.compile(r"url|pepper|secret|password|token", re.IGNORECASE)
+
+
+def variable(field: str) -> str:
+    """The environment variable of a setting."""
+    return ENV_PREFIX + field.upper()
+
+
+def known_variables() -> set[str]:
+    return {variable(name) for name in Settings.model_fields}
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for every CONSUMERS_* variable no setting reads (a typo, a removed setting),
+    with the closest known name when there is one."""
+    known = known_variables()
+    warnings = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if (not upper.startswith(ENV_PREFIX) or upper in known
+                or _NOT_SETTINGS.fullmatch(upper)):
+            continue
+        # compared without the prefix, which every name shares
+        close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX),
+                                          [k.removeprefix(ENV_PREFIX) for k in known], n=1)
+        hint = (f"; did you mean {ENV_PREFIX}{close[0]}?" if close
+                else " (the README's Configuration lists every setting)")
+        warnings.append(f"Warning: {name} is not a setting of consumers-graphql, ignored{hint}")
+    return warnings
+
+
+def describe_invalid(error: ValidationError) -> list[str]:
+    """One line per bad setting: its variable, what is wrong, what to do. A value is repeated
+    only when it is not a secret or a URL."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        field = str(problem["loc"][0]) if problem["loc"] else ""
+        name = variable(field) if field in Settings.model_fields else "a CONSUMERS_* variable"
+        shown = _shown_value(field, problem.get("input"))
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        lines.append(f"Configuration error: {name}{shown}: {message}. Set it to a valid value "
+                     f"or unset it (the README's Configuration lists every setting).")
+    return lines
+
+
+def describe_unparsable(message: str) -> str:
+    """pydantic-settings' own error (a complex value that is not JSON) names the field."""
+    found = re.search(r'field "(\w+)"', message)
+    name = variable(found.group(1)) if found else "a CONSUMERS_* variable"
+    return (f"Configuration error: {name} could not be read (a list or object is written "
+            f"as JSON). Set it to a valid value or unset it.")
+
+
+def _shown_value(field: str, value: Any) -> str:
+    info = Settings.model_fields.get(field)
+    secret = info is not None and "SecretStr" in str(info.annotation)
+    if secret or _SECRET_NAME.search(field) or not isinstance(value, str | int | float) or (
+            isinstance(value, str) and len(value) > 80):
+        return ""
+    return f"={value!r}" if isinstance(value, str) else f"={value}"
