@@ -464,14 +464,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(lines), file=sys.stderr)
         return EXIT_CONFIGURATION
     args = build_parser(settings).parse_args(argv)
+    from consumers_graphql.store.outage import explain_unreachable, missing_sqlite_directory
+
+    missing = missing_sqlite_directory(settings.database_url)
+    if missing and args.command != "export-schema":
+        print(missing, file=sys.stderr)
+        return EXIT_CONFIGURATION
     try:
         return int(args.handler(args, settings))
     except ConfigurationError as error:
         print(error, file=sys.stderr)
         return EXIT_CONFIGURATION
     except Exception as error:
-        from consumers_graphql.store.outage import explain_unreachable
-
         explained = explain_unreachable(error, settings.database_url)
         if explained is None:
             raise

@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -138,6 +139,29 @@ def explain_unreachable(error: BaseException, url: str) -> str | None:
     """Two lines for a command that could not reach the database at all (refused, no such
     host, no answer, refused credentials, no such database, a SQLite file that cannot be
     opened or written), naming the URL without its password; None for any other error."""
+    reason = _reason(error)
+    return None if reason is None else _unusable(url, *reason)
+
+
+def missing_sqlite_directory(url: str) -> str | None:
+    """The same two lines for a SQLite file whose directory does not exist, found before
+    connecting: aiosqlite (0.22) answers a failed connection's stop after its error, on a
+    thread, and when a command has ended its event loop by then that thread prints a
+    traceback."""
+    from sqlalchemy import make_url
+
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return None
+    path = Path(database.removeprefix("file:").split("?", 1)[0])
+    if path.parent.is_dir():
+        return None
+    return _unusable(url, "its directory does not exist",
+                     "create the directory, or check the path")
+
+
+def _unusable(url: str, what: str, todo: str) -> str:
     from sqlalchemy import make_url
 
     parsed = make_url(url)
@@ -147,10 +171,6 @@ def explain_unreachable(error: BaseException, url: str) -> str | None:
         user = f"{parsed.username}@" if parsed.username else ""
         where = (f"{parsed.drivername}://{user}{parsed.host or 'localhost'}:"
                  f"{parsed.port or 5432}/{parsed.database or ''}")
-    reason = _reason(error)
-    if reason is None:
-        return None
-    what, todo = reason
     return (f"Cannot use the database at CONSUMERS_DATABASE_URL ({where}): {what}.\n"
             f"{todo[0].upper()}{todo[1:]}, or set CONSUMERS_DATABASE_URL to another database.")
 
