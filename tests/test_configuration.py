@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import make_url
 
+import consumers_graphql
 from consumers_graphql.settings import Settings
 from tests.conftest import TEST_DATABASE_URL
 from tests.processes import free_port
@@ -68,7 +69,7 @@ def test_help_and_version_still_answer_with_a_bad_setting(tmp_path: Path) -> Non
 def test_version(tmp_path: Path) -> None:
     done = run("--version", env={}, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == VERSION_LINE == "consumers-graphql 0.1.0\n"
+    assert done.stdout == VERSION_LINE == f"consumers-graphql {consumers_graphql.__version__}\n"
 
 
 def test_an_unknown_variable_is_a_warning_with_the_closest_name(tmp_path: Path) -> None:
