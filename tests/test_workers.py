@@ -112,14 +112,14 @@ def test_two_workers_share_the_port_start_once_replace_a_killed_one_and_stop_cle
     try:
         served.wait_until_up()
         _until(lambda: len(_workers(served)) == 2, "two workers", served)
+        _until(lambda: served.output.count("Application startup complete") == 2,
+               "both workers started", served)
         first = _workers(served)
         # then the parent made the schema and the first key once, and each worker serves
         secret = served.secret()
         for worker in first:
             with _only(served, worker):
                 assert _count(served, secret) == 0
-        _until(lambda: served.output.count("Application startup complete") == 2,
-               "both workers started", served)
         output = served.output
         assert output.count("Created the database schema") == 1, output
         assert output.count("Created the first API key") == 1, output
@@ -132,6 +132,8 @@ def test_two_workers_share_the_port_start_once_replace_a_killed_one_and_stop_cle
         _until(lambda: killed not in _workers(served) and len(_workers(served)) == 2,
                "the killed worker replaced", served)
         (replacement,) = _workers(served) - first
+        _until(lambda: served.output.count("Application startup complete") == 3,
+               "the replacement started", served)
         with _only(served, replacement):
             assert _count(served, secret) == 0
         assert f"Child process [{killed}] died" in served.output, served.output
@@ -168,6 +170,30 @@ def test_sigint_stops_every_worker_and_exits_130(tmp_path: Path) -> None:
         served.stop()
     assert code == 130, served.output
     assert all(_gone(pid) for pid in workers), served.output
+    assert "Traceback" not in served.output, served.output
+
+
+def test_sighup_replaces_every_worker_one_at_a_time(tmp_path: Path) -> None:
+    served = Served(f"sqlite+aiosqlite:///{tmp_path / 'hup.db'}", tmp_path,
+                    env={"CONSUMERS_WORKERS": "2"})
+    try:
+        served.wait_until_up()
+        _until(lambda: served.output.count("Application startup complete") == 2,
+               "both workers started", served)
+        secret = served.secret()
+        before = _workers(served)
+        # when the parent is sent SIGHUP
+        served.process.send_signal(signal.SIGHUP)
+        # then both workers are replaced, the port never closed, and the new ones serve
+        _until(lambda: len(_workers(served)) == 2 and not _workers(served) & before,
+               "both workers replaced", served, seconds=90)
+        for worker in _workers(served):
+            with _only(served, worker):
+                assert _count(served, secret) == 0
+        assert served.process.poll() is None
+    finally:
+        assert served.stop() == 0, served.output
+    assert served.output.count("Application shutdown complete") == 4, served.output
     assert "Traceback" not in served.output, served.output
 
 

@@ -36,6 +36,11 @@ if TYPE_CHECKING:
 # A configuration that cannot work: a bad or missing setting, an unreachable database, a
 # schema behind the code (argparse uses it for bad arguments too).
 EXIT_CONFIGURATION = 2
+# How long `serve --workers N` waits for a worker to answer its health check, and for a new
+# one to be serving (a SIGHUP restart waits for that before stopping the old one): uvicorn's
+# 5 s is less than a worker takes to start on a busy 2-core machine (importing and building
+# the app), and a restart gave up.
+WORKER_HEALTHCHECK_S = 30
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -107,6 +112,7 @@ def _serve_workers(settings: Settings, limits: ConnectionLimits) -> int:
     config = uvicorn.Config(
         functools.partial(_worker_app, settings), factory=True, workers=settings.workers,
         http=limits.protocol_factory(),  # type: ignore[arg-type]  # uvicorn calls it, a class or not
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
         **_server_options(settings, limits),
     )
     supervisor = Workers(config, sockets=[config.bind_socket()])
