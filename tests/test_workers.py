@@ -130,10 +130,10 @@ def test_two_workers_share_the_port_start_once_replace_a_killed_one_and_stop_cle
         os.kill(killed, signal.SIGKILL)
         # then another takes its place, and it serves too
         _until(lambda: killed not in _workers(served) and len(_workers(served)) == 2,
-               "the killed worker replaced", served)
+               "the killed worker replaced", served, seconds=60)
         (replacement,) = _workers(served) - first
         _until(lambda: served.output.count("Application startup complete") == 3,
-               "the replacement started", served)
+               "the replacement started", served, seconds=60)
         with _only(served, replacement):
             assert _count(served, secret) == 0
         assert f"Child process [{killed}] died" in served.output, served.output
