@@ -135,11 +135,25 @@ def prepare(args: argparse.Namespace) -> tuple[str, str, list[str]]:
         log(f"seeding {args.consumers:,} consumers into {url}")
         _cli("seed", "--consumers", str(args.consumers), "--orders-per-consumer", "3",
              "--audiences-per-consumer", "3", "--random-seed", "1", "--quiet", url=url)
+        if not args.sqlite:
+            asyncio.run(_analyze(url))  # what autovacuum would do soon after a bulk load
     created = _cli("keys", "create", "--name", f"bench-workers-{int(time.time())}", url=url)
     found = SECRET.search(created)
     assert found is not None, created
     ids = asyncio.run(_some_ids(url))
     return url, found.group(), ids
+
+
+async def _analyze(url: str) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("VACUUM ANALYZE"))
+    finally:
+        await engine.dispose()
 
 
 async def _some_ids(url: str) -> list[str]:
