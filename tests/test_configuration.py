@@ -48,6 +48,7 @@ def assert_refused(done: subprocess.CompletedProcess[str], *names: str) -> str:
     ({"CONSUMERS_DATABASE_URL": f"mysql://app:{PASSWORD}@db.example/consumers"},
      "CONSUMERS_DATABASE_URL"),
     ({"CONSUMERS_DATABASE_URL": f"{PASSWORD}"}, "CONSUMERS_DATABASE_URL"),
+    ({"CONSUMERS_DATABASE_URL": f"app:{PASSWORD}@db://x"}, "CONSUMERS_DATABASE_URL"),
 ])
 @pytest.mark.parametrize("command", [("serve",), ("keys", "list"), ("migrate",),
                                      ("seed", "--consumers", "1")])

@@ -79,8 +79,10 @@ class Settings(BaseSettings):
             raise ValueError("not a database URL (scheme://...)")
         driver = _ASYNC_DRIVERS.get(scheme.lower())
         if driver is None:
+            # the scheme is named only when it looks like one (not, say, a password's end)
+            named = f" {scheme!r}" if re.fullmatch(r"[a-z][a-z0-9+.-]{0,30}", scheme) else ""
             raise ValueError(
-                f"the scheme {scheme!r} is not supported: use postgresql+asyncpg:// "
+                f"the scheme{named} is not supported: use postgresql+asyncpg:// "
                 "(or postgres://, postgresql://) or sqlite+aiosqlite:/// (or sqlite:///)")
         return f"{driver}://{rest}"
 
