@@ -21,6 +21,7 @@ import base64
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -301,17 +302,45 @@ def load(server: Server, secret: str, payloads: list[bytes],
         "concurrency": args.concurrency, "seconds": args.seconds,
         "warmup_seconds": args.warmup, "max_requests": 10_000_000,
     }
-    server_cpu = server.cpu_seconds()
+    server_cpu, postgres_cpu, busy = server.cpu_seconds(), _postgres_cpu(), _machine_busy()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    began = time.perf_counter()
     loadgen = subprocess.Popen([PY, str(HERE / "loadgen.py")], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = loadgen.communicate(json.dumps(job).encode())
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the load generator, reaped
     if loadgen.returncode != 0:
         raise SystemExit(f"load generator failed: {err.decode()[-2000:]}")
     result: dict[str, Any] = json.loads(out)
     if result["errors"]:
         raise SystemExit(f"{result['errors']} failed requests: {result['first_error']}")
     result["server_cpu_s"] = server.cpu_seconds() - server_cpu
+    result["postgres_cpu_s"] = _postgres_cpu() - postgres_cpu
+    result["loadgen_cpu_s"] = (after.ru_utime + after.ru_stime
+                               - children.ru_utime - children.ru_stime)
+    result["machine_busy_s"] = _machine_busy() - busy
+    result["wall_s"] = time.perf_counter() - began
     return result
+
+
+def _postgres_cpu() -> float:
+    """CPU seconds of every PostgreSQL server process (other users' too, if any)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "postgres":
+                    total += _cpu_seconds(int(entry.name))
+            except OSError:
+                continue
+    return total
+
+
+def _machine_busy() -> float:
+    """CPU seconds every core spent on anything but idling, since boot."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / CLOCK_TICKS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,22 +372,28 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.seconds:g} s per load, median of {args.rounds} round(s), "
              f"{os.cpu_count()} cores)",
              f"{'workload':<14}{'workers':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
-             f"{'server CPU':>12}"]
+             f"{'cores: server':>15}{'PG':>6}{'loadgen':>9}{'machine':>9}"]
     for name, by_workers in runs.items():
         medians = {}
         for workers, results in by_workers.items():
             middle = sorted(results, key=lambda r: r["rps"])[len(results) // 2]
             medians[workers] = middle
-            cores = middle["server_cpu_s"] / middle["seconds"] if middle["seconds"] else 0
+            span = middle["wall_s"]  # the counters span the whole load, warm-up included
+
+            def cores(key: str, result: dict[str, Any] = middle, span: float = span) -> str:
+                return f"{result[key] / span:.2f}"
+
             lines.append(f"{name:<14}{workers:>8}{middle['rps']:>9.0f}{middle['p50_ms']:>9.1f}"
-                         f"{middle['p99_ms']:>9.1f}{cores:>9.2f} cores")
+                         f"{middle['p99_ms']:>9.1f}{cores('server_cpu_s'):>15}"
+                         f"{cores('postgres_cpu_s'):>6}{cores('loadgen_cpu_s'):>9}"
+                         f"{cores('machine_busy_s'):>9}")
             rows.append({"workload": name, "workers": workers, **middle,
                          "rounds_rps": [r["rps"] for r in results]})
         ratio = medians[2]["rps"] / medians[1]["rps"] if medians[1]["rps"] else 0.0
         lines.append(f"{name:<14}{'2 / 1':>8}{ratio:>8.2f}x")
         rows.append({"workload": name, "ratio_2_to_1": ratio})
-    lines.append("(server CPU: cores the serving processes used while loaded; the load "
-                 "generator shares the same cores)")
+    lines.append("(cores: CPU seconds per second of load used by the serving processes, "
+                 "PostgreSQL, the load generator, and the whole machine, other work included)")
     lines.append("load average at the start / end: "
                  f"{' '.join(f'{x:.1f}' for x in load_start)} / "
                  f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
