@@ -40,7 +40,7 @@ PY = sys.executable
 CLI = str(Path(PY).with_name("consumers-graphql"))
 DATA_DIR = HERE / ".data"
 DEFAULT_PG = "postgresql+asyncpg://postgres@127.0.0.1:5432"
-DATABASE = "consumers_bench_workers"
+DATABASE = "consumers_bench_workers"  # and its size: the smoke's tiny data apart
 SECRET = re.compile(r"sk_(?:live|test)_[A-Za-z0-9]{32,}")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -104,15 +104,15 @@ async def _consumers_in(url: str) -> int | None:
         await engine.dispose()
 
 
-async def _recreate_pg(server: str) -> None:
+async def _recreate_pg(server: str, name: str) -> None:
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
 
     admin = create_async_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
     try:
         async with admin.connect() as conn:
-            await conn.execute(text(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)'))
-            await conn.execute(text(f'CREATE DATABASE "{DATABASE}"'))
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            await conn.execute(text(f'CREATE DATABASE "{name}"'))
     finally:
         await admin.dispose()
 
@@ -124,7 +124,7 @@ def prepare(args: argparse.Namespace) -> tuple[str, str, list[str]]:
         path = DATA_DIR / f"workers_{args.consumers}.db"
         url = f"sqlite+aiosqlite:///{path}"
     else:
-        url = f"{args.postgres}/{DATABASE}"
+        url = f"{args.postgres}/{DATABASE}_{args.consumers}"
     if asyncio.run(_consumers_in(url)) == args.consumers:
         log(f"reusing {url} ({args.consumers:,} consumers)")
     else:
@@ -132,7 +132,7 @@ def prepare(args: argparse.Namespace) -> tuple[str, str, list[str]]:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
         else:
-            asyncio.run(_recreate_pg(args.postgres))
+            asyncio.run(_recreate_pg(args.postgres, f"{DATABASE}_{args.consumers}"))
         log(f"seeding {args.consumers:,} consumers into {url}")
         _cli("seed", "--consumers", str(args.consumers), "--orders-per-consumer", "3",
              "--audiences-per-consumer", "3", "--random-seed", "1", "--quiet", url=url)
@@ -315,7 +315,7 @@ def load(server: Server, secret: str, payloads: list[bytes],
     if result["errors"]:
         raise SystemExit(f"{result['errors']} failed requests: {result['first_error']}")
     result["server_cpu_s"] = server.cpu_seconds() - server_cpu
-    result["postgres_cpu_s"] = _postgres_cpu() - postgres_cpu
+    result["postgres_cpu_s"] = _spent(postgres_cpu, _postgres_cpu())
     result["loadgen_cpu_s"] = (after.ru_utime + after.ru_stime
                                - children.ru_utime - children.ru_stime)
     result["machine_busy_s"] = _machine_busy() - busy
@@ -323,17 +323,21 @@ def load(server: Server, secret: str, payloads: list[bytes],
     return result
 
 
-def _postgres_cpu() -> float:
-    """CPU seconds of every PostgreSQL server process (other users' too, if any)."""
-    total = 0.0
+def _postgres_cpu() -> dict[int, float]:
+    """CPU seconds of each PostgreSQL backend of the bench's database (its title names it)."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if (entry / "comm").read_text().strip() == "postgres":
-                    total += _cpu_seconds(int(entry.name))
+                if DATABASE.encode() in (entry / "cmdline").read_bytes():
+                    found[int(entry.name)] = _cpu_seconds(int(entry.name))
             except OSError:
                 continue
-    return total
+    return found
+
+
+def _spent(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
 
 
 def _machine_busy() -> float:
