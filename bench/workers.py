@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rounds = args.rounds or (1 if smoke else 3)
     args.seconds = args.seconds or (1.0 if smoke else 5.0)
     args.warmup = args.warmup if args.warmup is not None else (0.3 if smoke else 1.0)
+    args.database_name = f"{DATABASE}_{args.consumers}"
     return args
 
 
@@ -124,7 +125,7 @@ def prepare(args: argparse.Namespace) -> tuple[str, str, list[str]]:
         path = DATA_DIR / f"workers_{args.consumers}.db"
         url = f"sqlite+aiosqlite:///{path}"
     else:
-        url = f"{args.postgres}/{DATABASE}_{args.consumers}"
+        url = f"{args.postgres}/{args.database_name}"
     if asyncio.run(_consumers_in(url)) == args.consumers:
         log(f"reusing {url} ({args.consumers:,} consumers)")
     else:
@@ -132,7 +133,7 @@ def prepare(args: argparse.Namespace) -> tuple[str, str, list[str]]:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
         else:
-            asyncio.run(_recreate_pg(args.postgres, f"{DATABASE}_{args.consumers}"))
+            asyncio.run(_recreate_pg(args.postgres, args.database_name))
         log(f"seeding {args.consumers:,} consumers into {url}")
         _cli("seed", "--consumers", str(args.consumers), "--orders-per-consumer", "3",
              "--audiences-per-consumer", "3", "--random-seed", "1", "--quiet", url=url)
@@ -302,7 +303,8 @@ def load(server: Server, secret: str, payloads: list[bytes],
         "concurrency": args.concurrency, "seconds": args.seconds,
         "warmup_seconds": args.warmup, "max_requests": 10_000_000,
     }
-    server_cpu, postgres_cpu, busy = server.cpu_seconds(), _postgres_cpu(), _machine_busy()
+    server_cpu, busy = server.cpu_seconds(), _machine_busy()
+    postgres_cpu = _postgres_cpu(args.database_name)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.perf_counter()
     loadgen = subprocess.Popen([PY, str(HERE / "loadgen.py")], stdin=subprocess.PIPE,
@@ -315,7 +317,7 @@ def load(server: Server, secret: str, payloads: list[bytes],
     if result["errors"]:
         raise SystemExit(f"{result['errors']} failed requests: {result['first_error']}")
     result["server_cpu_s"] = server.cpu_seconds() - server_cpu
-    result["postgres_cpu_s"] = _spent(postgres_cpu, _postgres_cpu())
+    result["postgres_cpu_s"] = _spent(postgres_cpu, _postgres_cpu(args.database_name))
     result["loadgen_cpu_s"] = (after.ru_utime + after.ru_stime
                                - children.ru_utime - children.ru_stime)
     result["machine_busy_s"] = _machine_busy() - busy
@@ -323,13 +325,14 @@ def load(server: Server, secret: str, payloads: list[bytes],
     return result
 
 
-def _postgres_cpu() -> dict[int, float]:
+def _postgres_cpu(database: str) -> dict[int, float]:
     """CPU seconds of each PostgreSQL backend of the bench's database (its title names it)."""
+    title = f" {database} ".encode()
     found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if DATABASE.encode() in (entry / "cmdline").read_bytes():
+                if title in (entry / "cmdline").read_bytes():
                     found[int(entry.name)] = _cpu_seconds(int(entry.name))
             except OSError:
                 continue
