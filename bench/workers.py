@@ -210,21 +210,23 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _listening_inode(port: int) -> str | None:
+def _listening_inodes(port: int) -> set[str]:
+    """The listening sockets on the port: one shared, or one per worker (SO_REUSEPORT)."""
+    found = set()
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":  # LISTEN
-            return fields[9]
-    return None
+            found.add(fields[9])
+    return found
 
 
-def _watches(pid: int, inode: str) -> bool:
-    """Whether the process's epoll instance watches the socket with this inode."""
+def _watches(pid: int, inodes: set[str]) -> bool:
+    """Whether the process's epoll instance watches one of these sockets."""
     try:
         fds = {fd.name: os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()}
     except OSError:
         return False
-    sockets = {fd for fd, target in fds.items() if target == f"socket:[{inode}]"}
+    sockets = {fd for fd, target in fds.items() if target[8:-1] in inodes}
     for fd, target in fds.items():
         if target == "anon_inode:[eventpoll]":
             info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
@@ -260,8 +262,8 @@ class Server:
         serving = self.pids()
         if len(serving) != self.workers:
             return False
-        listening = _listening_inode(self.port)
-        if listening is None or not all(_watches(pid, listening) for pid in serving):
+        listening = _listening_inodes(self.port)
+        if not all(_watches(pid, listening) for pid in serving):
             return False
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:

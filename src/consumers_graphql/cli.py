@@ -107,7 +107,7 @@ def _serve_workers(settings: Settings, limits: ConnectionLimits) -> int:
     its requests within the grace period."""
     import uvicorn
 
-    from consumers_graphql.web.workers import Workers
+    from consumers_graphql.web.workers import OwnSocket, Workers, reserve_port
 
     config = uvicorn.Config(
         functools.partial(_worker_app, settings), factory=True, workers=settings.workers,
@@ -115,8 +115,22 @@ def _serve_workers(settings: Settings, limits: ConnectionLimits) -> int:
         timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
         **_server_options(settings, limits),
     )
-    supervisor = Workers(config, sockets=[config.bind_socket()])
-    supervisor.run()
+    try:
+        reserved = reserve_port(settings.host, settings.port)
+    except OSError as error:
+        raise ConfigurationError(
+            f"Cannot listen on {settings.host}:{settings.port} ({error.strerror}): set "
+            "CONSUMERS_HOST / CONSUMERS_PORT (or --host / --port) to a free address.") from error
+    host, port = reserved.getsockname()[:2]
+    logging.getLogger("uvicorn.error").info(
+        "Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
+        f"[{host}]" if ":" in host else host, port)
+    # each worker binds a socket of its own to the address (see OwnSocket)
+    supervisor = Workers(config, sockets=[OwnSocket(host, port)])  # type: ignore[list-item]  # a socket once in the worker
+    try:
+        supervisor.run()
+    finally:
+        reserved.close()
     if supervisor.startup_failed:
         print("A worker could not start (its error is above): stopped.", file=sys.stderr)
         return EXIT_CONFIGURATION
