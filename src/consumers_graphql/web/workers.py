@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable
-from socket import AF_INET, AF_INET6, SO_REUSEADDR, SO_REUSEPORT, SOCK_STREAM, SOL_SOCKET, socket
+from socket import (
+    AF_INET,
+    AF_INET6,
+    IPPROTO_TCP,
+    SO_REUSEADDR,
+    SO_REUSEPORT,
+    SOCK_STREAM,
+    SOL_SOCKET,
+    socket,
+)
 
 from uvicorn.config import STARTUP_FAILURE, Config
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
@@ -73,7 +82,9 @@ class OwnSocket:
 
 
 def reuse_port_socket(host: str, port: int) -> socket:
-    sock = socket(AF_INET6 if ":" in host else AF_INET, SOCK_STREAM)
+    # IPPROTO_TCP named, as uvicorn does: asyncio sets TCP_NODELAY on accepted connections
+    # only for sockets that say so (else Nagle's algorithm held answers up to 40 ms).
+    sock = socket(AF_INET6 if ":" in host else AF_INET, SOCK_STREAM, IPPROTO_TCP)
     sock.setsockopt(SOL_SOCKET, SO_REUSEADDR, 1)
     sock.setsockopt(SOL_SOCKET, SO_REUSEPORT, 1)
     sock.bind((host, port))
