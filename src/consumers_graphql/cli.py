@@ -99,9 +99,10 @@ def _server_options(settings: Settings, limits: ConnectionLimits) -> dict[str, A
 
 
 def _serve_workers(settings: Settings, limits: ConnectionLimits) -> int:
-    """`serve --workers N`: uvicorn's process manager binds the port here and spawns N workers
-    that accept on it, each building its own app (`_worker_app`) with these settings, pickled
-    to it, command-line overrides included. It replaces a worker that dies, restarts them
+    """`serve --workers N`: this process holds the address and uvicorn's process manager
+    spawns N workers, each listening on a socket of its own there (`OwnSocket`) and building
+    its own app (`_worker_app`) with these settings, pickled to it, command-line overrides
+    included. It replaces a worker that dies, restarts them
     all on SIGHUP (each replacement ready before the one it replaces stops), adds one on
     SIGTTIN, removes one on SIGTTOU, and on SIGTERM or SIGINT stops them all, each draining
     its requests within the grace period."""

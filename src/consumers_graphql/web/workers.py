@@ -2,7 +2,8 @@
 replaces a worker that dies or hangs, restarts them all on SIGHUP (each replacement ready
 before the one it replaces stops), adds one on SIGTTIN and removes one on SIGTTOU. Here it
 also tells the metrics when a worker has exited (uvicorn has no hook for that), and keeps
-what stopped it: the signal, or a worker that could not start."""
+what stopped it: the signal, or a worker that could not start; and every worker listens on
+a socket of its own (`OwnSocket`)."""
 
 from __future__ import annotations
 
