@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -12,84 +13,162 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
+from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
-from consumers_graphql.settings import Settings
+from consumers_graphql.errors import ConfigurationError
+from consumers_graphql.settings import (
+    Settings,
+    describe_invalid,
+    describe_unparsable,
+    unknown_variables,
+)
 
 if TYPE_CHECKING:
     from consumers_graphql.store.db import Database
     from consumers_graphql.store.keys import KeyInfo, KeyStore
+    from consumers_graphql.web.connections import ConnectionLimits
+
+# A configuration that cannot work: a bad or missing setting, an unreachable database, a
+# schema behind the code (argparse uses it for bad arguments too).
+EXIT_CONFIGURATION = 2
+# How long `serve --workers N` waits for a worker to answer its health check, and for a new
+# one to be serving (a SIGHUP restart waits for that before stopping the old one): uvicorn's
+# 5 s is less than a worker takes to start on a busy 2-core machine (importing and building
+# the app), and a restart gave up.
+WORKER_HEALTHCHECK_S = 30
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    settings = settings.model_copy(update=overrides)
-    import uvicorn
-
     from consumers_graphql.web import tracing, ui_assets
-    from consumers_graphql.web.app import create_app, tune_gc
     from consumers_graphql.web.connections import ConnectionLimits
-    from consumers_graphql.web.logs import log_config
 
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
+                                    ("workers", args.workers)) if v is not None}
+    settings = settings.model_copy(update=overrides)
     assets_problem = ui_assets.check(settings)
     if assets_problem:
-        print(assets_problem, file=sys.stderr)
-        return 2
+        raise ConfigurationError(assets_problem)
+    tracing.check(settings)
+    problem = asyncio.run(_prepare_database(settings))
+    if problem:
+        raise ConfigurationError(problem)
     notice = ui_assets.notice(settings)
     if notice:
         print(notice, file=sys.stderr, flush=True)
-    try:  # before anything starts: a configuration error (exit 2)
-        tracing.check(settings)
-    except tracing.TracingUnavailable as error:
-        print(error, file=sys.stderr)
-        return 2
+    asyncio.run(_create_first_key(settings))
+    limits = ConnectionLimits.for_settings(settings)
+    if limits.max_connections < settings.max_connections:
+        per_process = " per worker" if settings.workers > 1 else ""
+        print(f"At most {limits.max_connections} client connections{per_process}, not "
+              f"{settings.max_connections}: the process may open only "
+              f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]} files (ulimit -n).",
+              file=sys.stderr, flush=True)
     # Before the app: it chooses how prometheus-client keeps its numbers, before anything
-    # imports it.
+    # imports it (and serves them on CONSUMERS_METRICS_PORT, summed over the workers).
     from consumers_graphql.web import metrics
 
     try:
         metrics.setup_parent(settings)
     except OSError as error:
-        print(f"Cannot serve /metrics on port {settings.metrics_port} "
-              f"(CONSUMERS_METRICS_PORT): {error.strerror or error}.", file=sys.stderr)
-        return 2
-    problem = asyncio.run(_prepare_database(settings))
-    if problem:
-        print(problem, file=sys.stderr)
-        return 1
-    asyncio.run(_create_first_key(settings))
+        raise ConfigurationError(
+            f"Cannot serve /metrics on port {settings.metrics_port} (CONSUMERS_METRICS_PORT): "
+            f"{error.strerror or error}.") from error
+    if settings.workers > 1:
+        return _serve_workers(settings, limits)
+
+    import uvicorn
+
+    from consumers_graphql.web.app import create_app, tune_gc
+
     # Uvicorn drains requests on SIGTERM and SIGINT, then raises the signal again for the
     # previous handler: make that a clean exit, since a requested graceful stop is a success.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     signal.signal(signal.SIGINT, _exit_cleanly)
-    limits = ConnectionLimits.for_settings(settings)
-    if limits.max_connections < settings.max_connections:
-        print(f"At most {limits.max_connections} client connections, not "
-              f"{settings.max_connections}: the process may open only "
-              f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]} files (ulimit -n).",
-              file=sys.stderr, flush=True)
     app = create_app(settings)
     tune_gc()
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=log_config(settings.log_level, settings.effective_log_format),
-        access_log=False,  # web/access_log.py writes one line per request instead
-        proxy_headers=False,
-        server_header=False,
-        http=limits.protocol(),
-        backlog=limits.backlog,
-        timeout_keep_alive=math.ceil(limits.idle_s),  # the protocol keeps the exact value
+    uvicorn.run(app, http=limits.protocol(), **_server_options(settings, limits))
+    return 0
+
+
+def _server_options(settings: Settings, limits: ConnectionLimits) -> dict[str, Any]:
+    """uvicorn's options for one serving process, a single `serve` or each worker."""
+    from consumers_graphql.web.logs import log_config
+
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "log_config": log_config(settings.log_level, settings.effective_log_format),
+        "access_log": False,  # web/access_log.py writes one line per request instead
+        "proxy_headers": False,
+        "server_header": False,
+        "backlog": limits.backlog,
+        "timeout_keep_alive": math.ceil(limits.idle_s),  # the protocol keeps the exact value
         # Requests still running after the grace period are cancelled: a hung one must not
         # keep the process from stopping.
-        timeout_graceful_shutdown=settings.shutdown_grace_s,
+        "timeout_graceful_shutdown": settings.shutdown_grace_s,
+    }
+
+
+def _serve_workers(settings: Settings, limits: ConnectionLimits) -> int:
+    """`serve --workers N`: this process holds the address and uvicorn's process manager
+    spawns N workers, each listening on a socket of its own there (`OwnSocket`) and building
+    its own app (`_worker_app`) with these settings, pickled to it, command-line overrides
+    included. It replaces a worker that dies, restarts them
+    all on SIGHUP (each replacement ready before the one it replaces stops), adds one on
+    SIGTTIN, removes one on SIGTTOU, and on SIGTERM or SIGINT stops them all, each draining
+    its requests within the grace period."""
+    import uvicorn
+
+    from consumers_graphql.web.workers import OwnSocket, Workers, reserve_port
+
+    config = uvicorn.Config(
+        functools.partial(_worker_app, settings), factory=True, workers=settings.workers,
+        http=limits.protocol_factory(),  # type: ignore[arg-type]  # uvicorn calls it, a class or not
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
+        **_server_options(settings, limits),
     )
-    return 0
+    try:
+        reserved = reserve_port(settings.host, settings.port)
+    except OSError as error:
+        raise ConfigurationError(
+            f"Cannot listen on {settings.host}:{settings.port} ({error.strerror}): set "
+            "CONSUMERS_HOST / CONSUMERS_PORT (or --host / --port) to a free address.") from error
+    host, port = reserved.getsockname()[:2]
+    logging.getLogger("uvicorn.error").info(
+        "Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
+        f"[{host}]" if ":" in host else host, port)
+    # each worker binds a socket of its own to the address (see OwnSocket)
+    supervisor = Workers(config, sockets=[OwnSocket(host, port)])  # type: ignore[list-item]  # a socket once in the worker
+    try:
+        supervisor.run()
+    finally:
+        reserved.close()
+    if supervisor.startup_failed:
+        print("A worker could not start (its error is above): stopped.", file=sys.stderr)
+        return EXIT_CONFIGURATION
+    return 128 + signal.SIGINT if supervisor.stopped_by == signal.SIGINT else 0
+
+
+def _worker_app(settings: Settings) -> Any:
+    """Runs in each worker process: its app, or uvicorn's start-up failure exit, which stops
+    the parent instead of restarting a worker that would fail the same way."""
+    from uvicorn.config import STARTUP_FAILURE
+
+    from consumers_graphql.web.app import worker_app
+
+    try:
+        return worker_app(settings)
+    except ConfigurationError as error:
+        print(error, file=sys.stderr, flush=True)
+    except Exception:
+        logging.getLogger("consumers_graphql").exception("the app could not be built")
+    sys.exit(STARTUP_FAILURE)
 
 
 def _leave_stuck_work(code: int) -> None:
@@ -272,8 +351,7 @@ def _run_with_keys(settings: Settings, job: Callable[[KeyStore], Awaitable[int]]
 
     problem = asyncio.run(_prepare_database(settings))
     if problem:
-        print(problem, file=sys.stderr)
-        return 1
+        raise ConfigurationError(problem)
 
     async def run() -> int:
         database = Database(settings)
@@ -352,6 +430,20 @@ def _keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     return _run_with_keys(settings, job)
 
 
+def _at_least_one(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return number
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError("must be from 0 to 65535")
+    return number
+
+
 def _positive(value: str) -> int:
     number = int(value)
     if number < 0:
@@ -375,12 +467,17 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
         description="GraphQL (and REST) API over Consumers data. Configured by CONSUMERS_* "
         "environment variables, e.g. CONSUMERS_DATABASE_URL.",
     )
+    parser.add_argument("--version", action="version",
+                        version=f"consumers-graphql {version('consumers-graphql')}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the HTTP server (migrates an empty database)")
     serve.add_argument("--host", help=f"interface to listen on ({_default(settings, 'host')})")
-    serve.add_argument("--port", type=int,
+    serve.add_argument("--port", type=_port,
                        help=f"port to listen on ({_default(settings, 'port')})")
+    serve.add_argument("--workers", type=_at_least_one,
+                       help="processes serving the port, about one per core "
+                       f"({_default(settings, 'workers')})")
     serve.set_defaults(handler=_serve)
 
     keys = commands.add_parser("keys", help="create, list and revoke API keys")
@@ -435,13 +532,34 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for warning in unknown_variables(os.environ):
+        print(warning, file=sys.stderr)
     try:
         settings = Settings()
-    except ValidationError:
-        build_parser().parse_args(argv)  # --help still answers, with the built-in defaults
-        raise
+    except (ValidationError, SettingsError) as error:
+        build_parser().parse_args(argv)  # --help and --version still answer
+        lines = (describe_invalid(error) if isinstance(error, ValidationError)
+                 else [describe_unparsable(str(error))])
+        print("\n".join(lines), file=sys.stderr)
+        return EXIT_CONFIGURATION
     args = build_parser(settings).parse_args(argv)
-    return int(args.handler(args, settings))
+    from consumers_graphql.store.outage import explain_unreachable, missing_sqlite_directory
+
+    missing = missing_sqlite_directory(settings.database_url)
+    if missing and args.command != "export-schema":
+        print(missing, file=sys.stderr)
+        return EXIT_CONFIGURATION
+    try:
+        return int(args.handler(args, settings))
+    except ConfigurationError as error:
+        print(error, file=sys.stderr)
+        return EXIT_CONFIGURATION
+    except Exception as error:
+        explained = explain_unreachable(error, settings.database_url)
+        if explained is None:
+            raise
+        print(explained, file=sys.stderr)
+        return EXIT_CONFIGURATION
 
 
 if __name__ == "__main__":

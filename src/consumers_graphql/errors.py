@@ -51,3 +51,9 @@ class DomainErrors(Exception):
     def __init__(self, errors: Sequence[DomainError]) -> None:
         super().__init__("; ".join(error.message for error in errors))
         self.errors = list(errors)
+
+
+class ConfigurationError(Exception):
+    """A setting the service cannot start with (a missing extra, a database behind the code):
+    every command prints its message, one or two lines naming the variable and what to do,
+    and exits 2, without a traceback."""

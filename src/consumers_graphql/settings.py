@@ -1,10 +1,26 @@
+"""Settings, from ``CONSUMERS_*`` variables, and what goes wrong with them: a value that does
+not parse, a variable no setting reads (a typo), a database URL without its driver."""
+
 from __future__ import annotations
 
+import difflib
+import re
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "CONSUMERS_"
 
 
 class Environment(StrEnum):
@@ -27,22 +43,10 @@ class Pooler(StrEnum):
     TRANSACTION = "transaction"
 
 
-# The URL schemes that mean PostgreSQL without naming a driver (libpq's and Heroku's spelling).
-_POSTGRES_SCHEMES = ("postgres://", "postgresql://")
-
-
-def normalise_database_url(url: str) -> str:
-    """`postgres://` and `postgresql://` name no driver: they mean asyncpg here."""
-    for scheme in _POSTGRES_SCHEMES:
-        if url.startswith(scheme):
-            return "postgresql+asyncpg://" + url[len(scheme):]
-    return url
-
-
 class Settings(BaseSettings):
     """Every knob of the service; read from ``CONSUMERS_*`` variables, passed in, never global."""
 
-    model_config = SettingsConfigDict(env_prefix="CONSUMERS_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     database_url: str = "sqlite+aiosqlite:///./consumers.db"
     host: str = "127.0.0.1"
@@ -126,6 +130,7 @@ class Settings(BaseSettings):
         if self.log_format is not None:
             return self.log_format
         return LogFormat.JSON if self.is_production else LogFormat.TEXT
+
     # --- PostgreSQL behind a pooler, and a read replica (README: "PostgreSQL behind
     # pgbouncer", "Read replica") ---
     # `transaction`: the database URL (and the replica's) is a pooler in transaction mode
@@ -135,11 +140,6 @@ class Settings(BaseSettings):
     # PostgreSQL only: reads that are not part of a write go there (a mutation's own reads
     # and its payload stay on the primary). Its pool is `pool_size` too.
     database_replica_url: str | None = None
-
-    @field_validator("database_url", "database_replica_url")
-    @classmethod
-    def _normalised(cls, url: str | None) -> str | None:
-        return None if url is None else normalise_database_url(url)
 
     @model_validator(mode="after")
     def _replica_on_postgresql(self) -> Settings:
@@ -152,6 +152,28 @@ class Settings(BaseSettings):
             )
         return self
 
+    # -- Workers (`serve --workers N`): processes serving one port, each with its own pools.
+    workers: int = Field(default=1, ge=1)
+
+    @field_validator("database_url", "database_replica_url")
+    @classmethod
+    def database_url_with_driver(cls, url: str | None) -> str | None:
+        """The driver this service runs on, for URLs written without one (as most hosts and
+        tools hand them out); any other scheme is refused, naming the ones that work."""
+        if url is None:
+            return None
+        scheme, separator, rest = url.partition("://")
+        if not separator:
+            raise ValueError("not a database URL (scheme://...)")
+        driver = _ASYNC_DRIVERS.get(scheme.lower())
+        if driver is None:
+            # the scheme is named only when it looks like one (not, say, a password's end)
+            named = f" {scheme!r}" if re.fullmatch(r"[a-z][a-z0-9+.-]{0,30}", scheme) else ""
+            raise ValueError(
+                f"the scheme{named} is not supported: use postgresql+asyncpg:// "
+                "(or postgres://, postgresql://) or sqlite+aiosqlite:/// (or sqlite:///)")
+        return f"{driver}://{rest}"
+
     @property
     def is_production(self) -> bool:
         return self.env is Environment.PRODUCTION
@@ -159,3 +181,85 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+# Schemes accepted for CONSUMERS_DATABASE_URL, and the async driver each runs on.
+_ASYNC_DRIVERS = {
+    "postgres": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+}
+# CONSUMERS_* variables that are not settings: the tests' own, and the client-side ones the
+# README's examples export (the API's address and a key, for curl and a BFF).
+_NOT_SETTINGS = re.compile(r"CONSUMERS_(TEST_.*|DIFFERENTIAL_EXAMPLES|KEY|API)")
+# Values never repeated in a message: secrets, and URLs (which may carry a password).
+_SECRET_NAME = re.compile(r"url|pepper|secret|password|token", re.IGNORECASE)
+
+
+def variable(field: str) -> str:
+    """The environment variable of a setting (the standard OTEL_* ones read under their own
+    names: the first of their aliases)."""
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info is not None else None
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return ENV_PREFIX + field.upper()
+
+
+def known_variables() -> set[str]:
+    return {variable(name) for name in Settings.model_fields}  # OTEL_* ones never warned of
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for every CONSUMERS_* variable no setting reads (a typo, a removed setting),
+    with the closest known name when there is one."""
+    known = known_variables()
+    warnings = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if (not upper.startswith(ENV_PREFIX) or upper in known
+                or _NOT_SETTINGS.fullmatch(upper)):
+            continue
+        # compared without the prefix, which every name shares
+        close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX),
+                                          [k.removeprefix(ENV_PREFIX) for k in known], n=1)
+        hint = (f"; did you mean {ENV_PREFIX}{close[0]}?" if close
+                else " (the README's Configuration lists every setting)")
+        warnings.append(f"Warning: {name} is not a setting of consumers-graphql, ignored{hint}")
+    return warnings
+
+
+def describe_invalid(error: ValidationError) -> list[str]:
+    """One line per bad setting: its variable, what is wrong, what to do. A value is repeated
+    only when it is not a secret or a URL."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        field = str(problem["loc"][0]) if problem["loc"] else ""
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        if not field:  # a rule between settings: its message names them
+            lines.append(f"Configuration error: {message}")
+            continue
+        name = variable(field) if field in Settings.model_fields else "a CONSUMERS_* variable"
+        shown = _shown_value(field, problem.get("input"))
+        lines.append(f"Configuration error: {name}{shown}: {message}. Set it to a valid value "
+                     f"or unset it (the README's Configuration lists every setting).")
+    return lines
+
+
+def describe_unparsable(message: str) -> str:
+    """pydantic-settings' own error (a complex value that is not JSON) names the field."""
+    found = re.search(r'field "(\w+)"', message)
+    name = variable(found.group(1)) if found else "a CONSUMERS_* variable"
+    return (f"Configuration error: {name} could not be read (a list or object is written "
+            f"as JSON). Set it to a valid value or unset it.")
+
+
+def _shown_value(field: str, value: Any) -> str:
+    info = Settings.model_fields.get(field)
+    secret = info is not None and "SecretStr" in str(info.annotation)
+    if secret or _SECRET_NAME.search(field) or not isinstance(value, str | int | float) or (
+            isinstance(value, str) and len(value) > 80):
+        return ""
+    return f"={value!r}" if isinstance(value, str) else f"={value}"

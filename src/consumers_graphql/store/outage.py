@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -119,3 +120,89 @@ class Outage:
         if self._since is None or not self._pool_wait:  # the common case, without the lock
             return
         self.recovered()
+
+
+# PostgreSQL's SQLSTATEs for a server that answers but will not let this client in, and
+# what to check for each.
+_REFUSALS = {
+    "28P01": "check the user name and password",  # invalid_password
+    "28000": "check the user name and the server's pg_hba.conf",  # invalid authorization
+    "3D000": "create the database (createdb NAME) or fix its name",  # invalid_catalog_name
+    "42501": "grant this user access to the database",  # insufficient_privilege
+    "53300": "the server has no free connection: lower CONSUMERS_POOL_SIZE or raise "
+             "max_connections",
+    "57P03": "the server is starting up: try again in a moment",
+}
+
+
+def explain_unreachable(error: BaseException, url: str) -> str | None:
+    """Two lines for a command that could not reach the database at all (refused, no such
+    host, no answer, refused credentials, no such database, a SQLite file that cannot be
+    opened or written), naming the URL without its password; None for any other error."""
+    reason = _reason(error)
+    return None if reason is None else _unusable(url, *reason)
+
+
+def missing_sqlite_directory(url: str) -> str | None:
+    """The same two lines for a SQLite file whose directory does not exist, found before
+    connecting: aiosqlite (0.22) answers a failed connection's stop after its error, on a
+    thread, and when a command has ended its event loop by then that thread prints a
+    traceback."""
+    from sqlalchemy import make_url
+
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return None
+    path = Path(database.removeprefix("file:").split("?", 1)[0])
+    if path.parent.is_dir():
+        return None
+    return _unusable(url, "its directory does not exist",
+                     "create the directory, or check the path")
+
+
+def _unusable(url: str, what: str, todo: str) -> str:
+    from sqlalchemy import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        where = f"the SQLite file {parsed.database!r}"
+    else:
+        user = f"{parsed.username}@" if parsed.username else ""
+        where = (f"{parsed.drivername}://{user}{parsed.host or 'localhost'}:"
+                 f"{parsed.port or 5432}/{parsed.database or ''}")
+    return (f"Cannot use the database at CONSUMERS_DATABASE_URL ({where}): {what}.\n"
+            f"{todo[0].upper()}{todo[1:]}, or set CONSUMERS_DATABASE_URL to another database.")
+
+
+def _reason(error: BaseException) -> tuple[str, str] | None:
+    for cause in _causes(error):
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused", "check that PostgreSQL is running on that host and port"
+        if isinstance(cause, socket.gaierror):
+            return "the host name does not resolve", "check the host name"
+        if isinstance(cause, TimeoutError | PoolTimeout):
+            return "no answer in time", "check the host, the port and any firewall between"
+        sqlstate = getattr(cause, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate in _REFUSALS:
+            return _first_line(cause), _REFUSALS[sqlstate]
+        if isinstance(sqlstate, str) and sqlstate.startswith("08"):
+            return _first_line(cause), "check the host, the port and the server's settings"
+        if isinstance(cause, sqlite3.OperationalError | sqlite3.DatabaseError):
+            message = str(cause)
+            if "unable to open database file" in message:
+                return message, ("check that its directory exists and that this user may "
+                                 "create files there")
+            if "readonly" in message:
+                return message, "let this user write the file and its directory"
+            if "not a database" in message:
+                return message, "point CONSUMERS_DATABASE_URL at a SQLite database file"
+        if isinstance(cause, OSError) and cause.errno is not None and not isinstance(
+                cause, FileNotFoundError | PermissionError):
+            return (cause.strerror or type(cause).__name__).lower(), "check the host and port"
+    return None
+
+
+def _first_line(cause: BaseException) -> str:
+    text = str(cause)
+    return text.splitlines()[0][:200] if text else type(cause).__name__

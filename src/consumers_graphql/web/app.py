@@ -94,6 +94,14 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
+def worker_app(settings: Settings) -> FastAPI:
+    """The app of one `serve --workers N` worker (uvicorn calls this factory in each worker
+    process), set up as a single `serve` sets up its own."""
+    app = create_app(settings)
+    tune_gc()
+    return app
+
+
 def create_app(
     settings: Settings | None = None, *, tracer_provider: TracerProvider | None = None
 ) -> FastAPI:

@@ -19,8 +19,10 @@ does not destroy the answer before the client has read it."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -81,8 +83,24 @@ class ConnectionLimits:
                    lingering_refusals=lingering)
 
     def protocol(self) -> type[asyncio.Protocol]:
-        """The class to give uvicorn as `http=`."""
-        return type("LimitedH11Protocol", (LimitedH11Protocol,), {"limits": self})
+        """The class to give uvicorn as `http=`, one per process and limits: its connections
+        share the counts kept on it."""
+        return _protocol_class(self)
+
+    def protocol_factory(self) -> Callable[..., asyncio.Protocol]:
+        """What `serve --workers N` gives uvicorn as `http=`: uvicorn pickles its configuration
+        to each worker process it spawns, and a class made at run time cannot be pickled; this
+        can, and makes each connection's protocol from the worker's own class."""
+        return functools.partial(_new_protocol, self)
+
+
+@functools.cache
+def _protocol_class(limits: ConnectionLimits) -> type[LimitedH11Protocol]:
+    return type("LimitedH11Protocol", (LimitedH11Protocol,), {"limits": limits})
+
+
+def _new_protocol(limits: ConnectionLimits, *args: Any, **kwargs: Any) -> asyncio.Protocol:
+    return _protocol_class(limits)(*args, **kwargs)
 
 
 class LimitedH11Protocol(H11Protocol):

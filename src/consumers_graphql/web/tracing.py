@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from fastapi.telemetry import TelemetryConfig
 
+from consumers_graphql.errors import ConfigurationError
 from consumers_graphql.settings import Settings
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ INSTALL = "pip install 'consumers-graphql[otel]'"
 _PROTOCOL = "http/protobuf"
 
 
-class TracingUnavailable(RuntimeError):
+class TracingUnavailable(ConfigurationError):
     """Tracing is asked for but cannot run as configured (the ``[otel]`` extra is not
     installed, or an OTEL_* variable names what this build does not export): a configuration
     error, which `serve` reports in one line and exits 2 for."""

@@ -1,0 +1,258 @@
+"""`serve --workers N` as a real process tree: one port, every worker answering, the schema
+and the first key made once by the parent, a killed worker replaced, a clean stop.
+
+Which worker answers a request is the kernel's choice (each worker listens on a socket of
+its own, SO_REUSEPORT): to see that each one serves, the test opens connections, queries on
+each, and finds which worker holds the server's end of each (/proc)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import make_url, text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from tests.conftest import TEST_DATABASE_URL
+from tests.processes import SECRET, Served
+
+COUNT = {"query": "{ consumers(first: 1) { totalCount } }"}
+
+
+@pytest.fixture
+async def fresh_url(tmp_path: Path) -> AsyncIterator[str]:
+    """An empty database, written as people write URLs: without the async driver
+    (`postgres://`, `sqlite:///`), which the settings add."""
+    if not TEST_DATABASE_URL:
+        yield f"sqlite:///{tmp_path / 'workers.db'}"
+        return
+    server = make_url(TEST_DATABASE_URL)
+    name = f"consumers_workers_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(server, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = server.set(database=name).render_as_string(hide_password=False)
+    try:
+        yield "postgres://" + url.split("://", 1)[1]
+    finally:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found.update(int(child) for child in (task / "children").read_text().split())
+    return found
+
+
+def _workers(served: Served) -> set[int]:
+    """The serving children (multiprocessing's resource tracker is a child too)."""
+    workers = set()
+    for child in _children(served.process.pid):
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        if b"spawn_main" in command:
+            workers.add(child)
+    return workers
+
+
+def _gone(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status  # exited, not yet reaped by whoever adopted it
+
+
+def _answering(served: Served, secret: str, expected: set[int]) -> set[int]:
+    """The workers that answer a query on new connections (the kernel spreads them over the
+    workers' sockets by a hash of their addresses): batches of 16, each connection kept open
+    until the worker holding its other end is found, until the expected ones have answered
+    (the chance that 16 land on one of 2 workers is 2 in 65,536; five batches in a row,
+    never)."""
+    body = json.dumps(COUNT).encode()
+    request = (f"POST /graphql HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {secret}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+               ).encode() + body
+    answered: set[int] = set()
+    for _ in range(5):
+        connections = [socket.create_connection(("127.0.0.1", served.port), timeout=30)
+                       for _ in range(16)]
+        try:
+            for connection in connections:
+                connection.sendall(request)
+                status, answer = _response(connection)
+                assert status == 200 and b'"totalCount":0' in answer, answer
+            answered |= _holders(served, {c.getsockname()[1] for c in connections})
+        finally:
+            for connection in connections:
+                connection.close()
+        if answered >= expected:
+            break
+    return answered
+
+
+def _response(connection: socket.socket) -> tuple[int, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(rest) < length:
+        rest += connection.recv(65536)
+    return int(head.split(b" ", 2)[1]), rest
+
+
+def _holders(served: Served, client_ports: set[int]) -> set[int]:
+    """The workers holding the server's end of connections from these client ports."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16)
+        if local == served.port and remote in client_ports and fields[3] == "01":
+            inodes.add(f"socket:[{fields[9]}]")
+    holders = set()
+    for worker in _workers(served):
+        descriptors = Path(f"/proc/{worker}/fd")
+        if any(os.readlink(fd) in inodes for fd in descriptors.iterdir()):
+            holders.add(worker)
+    return holders
+
+
+def _until(condition: object, what: str, served: Served, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if callable(condition) and condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{what}:\n{served.output}")
+
+
+def test_two_workers_share_the_port_start_once_replace_a_killed_one_and_stop_cleanly(
+    fresh_url: str, tmp_path: Path
+) -> None:
+    # given `serve --workers 2` on an empty database
+    served = Served(fresh_url, tmp_path, env={"CONSUMERS_WORKERS": "2"})
+    stopped = False
+    try:
+        served.wait_until_up()
+        _until(lambda: len(_workers(served)) == 2, "two workers", served)
+        _until(lambda: served.output.count("Application startup complete") == 2,
+               "both workers started", served)
+        first = _workers(served)
+        # then the parent made the schema and the first key once, and each worker serves
+        secret = served.secret()
+        assert _answering(served, secret, first) == first
+        output = served.output
+        assert output.count("Created the database schema") == 1, output
+        assert output.count("Created the first API key") == 1, output
+        assert set(SECRET.findall(output)) == {secret}, output
+
+        # when a worker is killed
+        killed = min(first)
+        os.kill(killed, signal.SIGKILL)
+        # then another takes its place, and it serves too
+        _until(lambda: killed not in _workers(served) and len(_workers(served)) == 2,
+               "the killed worker replaced", served, seconds=60)
+        (replacement,) = _workers(served) - first
+        _until(lambda: served.output.count("Application startup complete") == 3,
+               "the replacement started", served, seconds=60)
+        assert replacement in _answering(served, secret, {replacement})
+        assert f"Child process [{killed}] died" in served.output, served.output
+
+        # when the parent is sent SIGTERM
+        workers = _workers(served)
+        served.process.send_signal(signal.SIGTERM)
+        code = served.process.wait(timeout=30)
+        stopped = True
+    finally:
+        if not stopped:
+            served.stop()
+    # then it exits 0, having stopped every worker, each after its own clean shutdown
+    assert code == 0, served.output
+    assert all(_gone(pid) for pid in workers), served.output
+    served.stop()
+    assert served.output.count("Application shutdown complete") == 2, served.output
+    assert "Traceback" not in served.output, served.output
+    assert SECRET.search(served.output[served.output.index("Uvicorn running"):]) is None
+
+
+def test_sigint_stops_every_worker_and_exits_130(tmp_path: Path) -> None:
+    served = Served(f"sqlite+aiosqlite:///{tmp_path / 'sigint.db'}", tmp_path,
+                    env={"CONSUMERS_WORKERS": "2"})
+    try:
+        served.wait_until_up()
+        _until(lambda: served.output.count("Application startup complete") == 2,
+               "both workers started", served)
+        workers = _workers(served)
+        assert len(workers) == 2
+        served.process.send_signal(signal.SIGINT)
+        code = served.process.wait(timeout=30)
+    finally:
+        served.stop()
+    assert code == 130, served.output
+    assert all(_gone(pid) for pid in workers), served.output
+    assert "Traceback" not in served.output, served.output
+
+
+def test_sighup_replaces_every_worker_one_at_a_time(tmp_path: Path) -> None:
+    served = Served(f"sqlite+aiosqlite:///{tmp_path / 'hup.db'}", tmp_path,
+                    env={"CONSUMERS_WORKERS": "2"})
+    try:
+        served.wait_until_up()
+        _until(lambda: served.output.count("Application startup complete") == 2,
+               "both workers started", served)
+        secret = served.secret()
+        before = _workers(served)
+        # when the parent is sent SIGHUP
+        served.process.send_signal(signal.SIGHUP)
+        # then both workers are replaced, the port never closed, and the new ones serve
+        _until(lambda: len(_workers(served)) == 2 and not _workers(served) & before,
+               "both workers replaced", served, seconds=90)
+        assert _answering(served, secret, _workers(served)) == _workers(served)
+        assert served.process.poll() is None
+    finally:
+        assert served.stop() == 0, served.output
+    assert served.output.count("Application shutdown complete") == 4, served.output
+    assert "Traceback" not in served.output, served.output
+
+
+def test_one_worker_is_the_serving_process_itself(tmp_path: Path) -> None:
+    # the default: no process manager, no child process
+    served = Served(f"sqlite+aiosqlite:///{tmp_path / 'one.db'}", tmp_path)
+    try:
+        served.wait_until_up()
+        assert served.get("/healthz").status_code == 200
+        assert _children(served.process.pid) == set()
+    finally:
+        assert served.stop() == 0, served.output
+    assert "Started parent process" not in served.output, served.output
+
+
+def test_a_port_in_use_is_a_configuration_error(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("consumers-graphql")
+    environment = {**os.environ, "CONSUMERS_DATABASE_URL": f"sqlite:///{tmp_path / 'taken.db'}"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([str(script), "serve", "--workers", "2", "--port", str(port)],
+                              env=environment, capture_output=True, text=True, timeout=60,
+                              check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"Cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr
+    assert "CONSUMERS_PORT" in done.stderr and "Traceback" not in done.stderr
