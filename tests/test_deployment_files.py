@@ -26,14 +26,6 @@ from consumers_graphql.settings import Settings
 from consumers_graphql.web.app import create_app
 
 ROOT = Path(__file__).parent.parent
-# Names decided for issue 13 and implemented on other branches at the time this was written:
-# accepted while Settings (or the app) lacks them. Once merged, the last test asks for each to
-# be removed from here, so that from then on the real Settings is the only judge.
-PENDING_VARIABLES = frozenset({
-    "CONSUMERS_WORKERS", "CONSUMERS_DATABASE_POOLER", "CONSUMERS_LOG_FORMAT",
-    "CONSUMERS_METRICS_ENABLED",
-})
-PENDING_PATHS = frozenset({"/livez", "/readyz"})
 SECRET_NAMES = re.compile(r"PASSWORD|PEPPER|SECRET|TOKEN|_KEY$", re.IGNORECASE)
 REQUIRED_SUBSTITUTION = re.compile(r"^\$\{[A-Z0-9_]+:\?[^}]*\}$")
 API_KEY = re.compile(r"sk_(?:live|test)_[A-Za-z0-9]{8,}")
@@ -165,7 +157,7 @@ def test_ports_agree_everywhere() -> None:
     [url] = re.findall(r"https?://[^\s'\"]+", health)
     parts = urlsplit(url)
     assert parts.hostname == "127.0.0.1" and parts.port == exposed, url
-    assert parts.path in app_paths() | PENDING_PATHS, f"{parts.path} is not served by the app"
+    assert parts.path in app_paths(), f"{parts.path} is not served by the app"
     app = compose()["services"]["app"]
     app_port = cli_arguments(image_command(app)).port
     assert app_port == exposed
@@ -183,7 +175,7 @@ def test_the_app_has_time_to_drain_on_stop() -> None:
 
 
 def test_every_command_and_variable_is_the_clis() -> None:
-    known = settings_variables() | PENDING_VARIABLES
+    known = settings_variables()
     for name, service in compose()["services"].items():
         if "build" in service:  # this project's image: its ENTRYPOINT is consumers-graphql
             cli_arguments(image_command(service))
@@ -229,14 +221,6 @@ def test_no_secret_is_written_in_the_files() -> None:
     for path in ("Dockerfile", "compose.yaml"):
         text = (ROOT / path).read_text()
         assert API_KEY.search(text) is None, path
-
-
-def test_the_pending_names_are_still_pending() -> None:
-    """Names other branches were adding; once merged, Settings (and the app) judge alone."""
-    merged = PENDING_VARIABLES & settings_variables()
-    assert not merged, f"now Settings fields: remove {sorted(merged)} from PENDING_VARIABLES"
-    served = PENDING_PATHS & app_paths()
-    assert not served, f"now served: remove {sorted(served)} from PENDING_PATHS"
 
 
 @pytest.mark.parametrize("planted", [
