@@ -19,7 +19,9 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -78,6 +80,20 @@ def _gone(pid: int) -> bool:
     return "\nState:\tZ" in status  # exited, not yet reaped by whoever adopted it
 
 
+# GraphQL queries answered 200, by server port (what /metrics must add up to).
+SENT: dict[int, int] = {}
+
+
+def _graphql_answered(served: Served) -> float:
+    """consumers_http_requests_total for GraphQL 200s on /metrics, over every label set."""
+    text = httpx.get(f"{served.url}/metrics", timeout=30).text
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples
+               if sample.name == "consumers_http_requests_total"
+               and sample.labels.get("face") == "graphql"
+               and sample.labels.get("status") == "200")
+
+
 def _answering(served: Served, secret: str, expected: set[int]) -> set[int]:
     """The workers that answer a query on new connections (the kernel spreads them over the
     workers' sockets by a hash of their addresses): batches of 16, each connection kept open
@@ -97,6 +113,7 @@ def _answering(served: Served, secret: str, expected: set[int]) -> set[int]:
                 connection.sendall(request)
                 status, answer = _response(connection)
                 assert status == 200 and b'"totalCount":0' in answer, answer
+                SENT[served.port] = SENT.get(served.port, 0) + 1
             answered |= _holders(served, {c.getsockname()[1] for c in connections})
         finally:
             for connection in connections:
@@ -157,6 +174,8 @@ def test_two_workers_share_the_port_start_once_replace_a_killed_one_and_stop_cle
         # then the parent made the schema and the first key once, and each worker serves
         secret = served.secret()
         assert _answering(served, secret, first) == first
+        # and /metrics, whichever worker answers it, counts what both workers answered
+        assert _graphql_answered(served) == SENT[served.port]
         output = served.output
         assert output.count("Created the database schema") == 1, output
         assert output.count("Created the first API key") == 1, output
@@ -172,6 +191,8 @@ def test_two_workers_share_the_port_start_once_replace_a_killed_one_and_stop_cle
         _until(lambda: served.output.count("Application startup complete") == 3,
                "the replacement started", served, seconds=60)
         assert replacement in _answering(served, secret, {replacement})
+        # the killed worker's counts stay in the sum, beside its replacement's
+        assert _graphql_answered(served) == SENT[served.port]
         assert f"Child process [{killed}] died" in served.output, served.output
 
         # when the parent is sent SIGTERM
