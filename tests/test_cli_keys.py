@@ -232,3 +232,32 @@ def test_serve_help_shows_the_defaults_in_effect(env: dict[str, str], host: str,
     if env:
         assert "from CONSUMERS_HOST" in help_text and "from CONSUMERS_PORT" in help_text
         assert "default 8000" not in help_text and "default 127.0.0.1" not in help_text
+
+
+def test_secret_only_on_a_new_database_prints_the_secret_alone(tmp_path: Path) -> None:
+    # given a database that does not exist yet (the command creates its schema first)
+    env = {**os.environ, "CONSUMERS_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'new.db'}"}
+    # when a script captures the secret
+    done = subprocess.run(
+        [sys.executable, "-m", "consumers_graphql.cli", "keys", "create", "--name", "script",
+         "--secret-only"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    # then stdout is the secret and nothing else; the schema's note went to stderr
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"sk_live_[A-Za-z0-9]{32,}\n", done.stdout), done.stdout
+    assert "Created the database schema" in done.stderr
+
+
+def test_a_first_production_start_prints_no_secret(tmp_path: Path) -> None:
+    # given a first start in production on an empty database
+    served = processes.Served(f"sqlite+aiosqlite:///{tmp_path / 'prod.db'}", tmp_path,
+                              env={"CONSUMERS_ENV": "production"})
+    try:
+        served.wait_until_up()
+        # then it says how to make a key, and prints none (its output is a log collector's)
+        assert "No API key exists yet" in served.output, served.output
+        assert SECRET.search(served.output) is None, served.output
+        assert httpx.post(f"{served.url}/graphql", json={"query": QUERY},
+                          timeout=5).status_code == 401
+    finally:
+        assert served.stop() == 0, served.output
+    assert SECRET.search(served.output) is None, served.output

@@ -196,12 +196,20 @@ def _leave_stuck_work(code: int) -> None:
 
 
 async def _create_first_key(settings: Settings) -> None:
-    """On a database without any key, make one and show its secret, this once."""
+    """On a database without any key, make one and show its secret, this once. Not in
+    production: what a server prints there goes to a log collector, and no secret may."""
     from consumers_graphql.store.db import Database
 
     database = Database(settings)
     try:
-        created = await _key_store(database).create_first()
+        keys = _key_store(database)
+        if settings.is_production:
+            if not await keys.list_keys():
+                print("No API key exists yet, so every request is refused: create one with "
+                      "`consumers-graphql keys create --name NAME` (in production `serve` "
+                      "prints no secret).", file=sys.stderr, flush=True)
+            return
+        created = await keys.create_first()
     finally:
         await database.dispose()
     if created is None:
@@ -246,7 +254,10 @@ async def _prepare_database(settings: Settings) -> str | None:
         current = await current_revision(engine)
         if current is None:
             await upgrade(engine)
-            print(f"Created the database schema (revision {head_revision()}).", flush=True)
+            # on stderr: stdout is for what a command is asked for (`keys create
+            # --secret-only` prints the secret alone, for a script to capture)
+            print(f"Created the database schema (revision {head_revision()}).",
+                  file=sys.stderr, flush=True)
         elif is_behind(current):
             return (
                 f"The database is at schema revision {current}, this version needs "
@@ -255,7 +266,7 @@ async def _prepare_database(settings: Settings) -> str | None:
         elif current != head_revision():
             print(f"The database is at schema revision {current}, newer than this version's "
                   f"{head_revision()}: serving it (migrations are backward-compatible).",
-                  flush=True)
+                  file=sys.stderr, flush=True)
         return None
     finally:
         await engine.dispose()
