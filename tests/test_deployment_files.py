@@ -22,7 +22,7 @@ import yaml
 from starlette.routing import BaseRoute
 
 from consumers_graphql.cli import build_parser
-from consumers_graphql.settings import Settings
+from consumers_graphql.settings import Settings, known_variables
 from consumers_graphql.web.app import create_app
 
 ROOT = Path(__file__).parent.parent
@@ -88,8 +88,7 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
 
 
 def settings_variables() -> set[str]:
-    prefix = Settings.model_config.get("env_prefix", "")
-    return {f"{prefix}{name}".upper() for name in Settings.model_fields}
+    return known_variables()  # the standard OTEL_* ones under their own names
 
 
 def cli_arguments(command: list[str]) -> Any:
@@ -259,3 +258,21 @@ def test_each_check_fails_on_a_planted_mistake(
         except AssertionError:
             failed.append(check.__name__)
     assert failed, f"no check noticed {after!r} in {path}"
+
+
+def test_every_setting_is_in_the_readme_configuration_table() -> None:
+    """A setting no reader can find is a setting nobody uses: each variable has a row."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    listed: set[str] = set()
+    for row in (line for line in section.splitlines() if line.startswith("| `")):
+        names = re.findall(r"`((?:CONSUMERS|OTEL)_[A-Z0-9_]+|_[A-Z0-9_]+)`", row.split(" | ")[0])
+        family = ""
+        for name in names:
+            if name.startswith("_"):  # `CONSUMERS_MAX_DEPTH`, `_ALIASES`: the same family
+                listed.add(family + name)
+            else:
+                listed.add(name)
+                family = name.rsplit("_", 1)[0]
+    missing = sorted(settings_variables() - listed)
+    assert not missing, f"settings without a row in the README's Configuration: {missing}"
