@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -34,7 +35,9 @@ from consumers_graphql.api import executor
 from consumers_graphql.settings import Settings
 from consumers_graphql.store import models
 from consumers_graphql.web import otel
+from consumers_graphql.web.access_log import logged_path
 from consumers_graphql.web.app import create_app
+from consumers_graphql.web.logs import ACCESS_FIELDS
 from consumers_graphql.web.tracing import INSTALL, wanted
 from tests.conftest import EXECUTION_PATHS, bearer, on_path, project_root
 from tests.factories import BASE_TIME, consumer_row, insert_consumers, insert_rows, order_row
@@ -320,6 +323,91 @@ async def test_rest_is_request_then_sql(
         "GET /api/v1/consumers/{consumer_id}"
 
 
+def _access_paths(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [getattr(record, ACCESS_FIELDS)["path"] for record in caplog.records
+            if record.name == "consumers_graphql.access"]
+
+
+async def test_a_path_with_personal_data_or_a_secret_reaches_no_span(
+    traced: httpx.AsyncClient, traced_path: str, exporter: InMemorySpanExporter,
+    api_key: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The request span's url.path is the access line's path: the route's template where one
+    # matched (an id of any shape), masked where none did (a mount's static files too); the
+    # span is named by the template, or the method alone.
+    caplog.set_level(logging.INFO, logger="consumers_graphql.access")
+    secret_tail = api_key.split("_")[-1]
+    consumer = "/api/v1/consumers/{consumer_id}"
+    paths: dict[str, tuple[str | None, str | None]] = {  # path: template logged, route
+        f"/api/v1/consumers/{EMAIL}": (consumer, consumer),
+        f"/api/v1/consumers/{api_key}": (consumer, consumer),
+        f"/api/v1/consumers/{PHONE}?email={EMAIL}": (consumer, consumer),
+        f"/graphiql/assets/{EMAIL}/{api_key}": (None, None),
+        f"/api/v1/nope/{EMAIL}/{api_key}": (None, None),
+        f"/api/v1/consumers/{EMAIL}/{PHONE}": (None, None),
+        f"/{PHONE}/{api_key}": (None, None),
+        f"/api/v1/{EMAIL}": (None, None),
+    }
+    for path, (template, route) in paths.items():
+        exporter.clear()
+        caplog.clear()
+        response = await traced.get(path, headers=bearer(api_key))
+        assert response.status_code in (400, 404), (path, response.status_code)
+        spans = Trace(exporter.get_finished_spans())
+        attributes = spans.request.attributes or {}
+        [logged] = _access_paths(caplog)
+        assert attributes["url.path"] == logged, path
+        if template is not None:
+            assert logged == template
+        assert spans.request.name == ("GET" if route is None else f"GET {route}")
+        assert attributes.get("http.route") == route
+        assert_nothing_personal(spans.spans, api_key, secret_tail)
+    # a GraphQL request, on this execution path: its span's path is the route's too
+    exporter.clear()
+    caplog.clear()
+    response = await traced.post("/graphql", headers=bearer(api_key), json={
+        "query": "query Find($email: String) { consumers(search: $email) { totalCount } }",
+        "variables": {"email": EMAIL}})
+    assert response.status_code == 200 and "errors" not in response.json(), response.text
+    spans = Trace(exporter.get_finished_spans())
+    assert (spans.request.attributes or {})["url.path"] == "/graphql" == \
+        _access_paths(caplog)[0]
+    assert_nothing_personal(spans.spans, api_key, secret_tail)
+
+
+def test_other_instrumentations_urls_are_masked_as_their_spans_start(
+    settings: Settings, api_key: str,
+) -> None:
+    # An HTTP client's or another server instrumentation's span: the path in its name, the
+    # whole URL in url.full / http.url (with a user and password), path?query in http.target.
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    create_app(settings, tracer_provider=provider)  # adds its processor to the provider
+    target = f"/api/v1/nope/{EMAIL}/{api_key}?email={EMAIL}#{PHONE}"
+    tracer = provider.get_tracer("another.instrumentation")
+    tracer.start_span(f"GET {target}", kind=SpanKind.CLIENT, attributes={
+        "http.method": "GET", "http.target": target,
+        "http.url": f"https://{EMAIL}:{api_key}@example.org:8443{target}",
+        "url.full": f"http://user:pw@127.0.0.1{target}",
+    }).end()
+    tracer.start_span(target, kind=SpanKind.SERVER, attributes={"url.path": target}).end()
+    tracer.start_span("SELECT /tmp/12345678/test.db", kind=SpanKind.CLIENT,
+                      attributes={"db.system": "sqlite"}).end()
+    client, server, sql = exporter.get_finished_spans()
+    # the path as the access line has it (whatever its masking: nothing personal, below)
+    masked_target = logged_path({"type": "http", "path": f"/api/v1/nope/{EMAIL}/{api_key}"})
+    assert client.name == f"GET {masked_target}?email=REDACTED"
+    assert dict(client.attributes or {}) == {
+        "http.method": "GET", "http.target": f"{masked_target}?email=REDACTED",
+        "http.url": f"https://example.org:8443{masked_target}?email=REDACTED",
+        "url.full": f"http://127.0.0.1{masked_target}?email=REDACTED",
+    }
+    assert server.name == f"{masked_target}?email=REDACTED"
+    assert_nothing_personal([client, server], api_key, api_key.split("_")[-1], "user:pw")
+    assert sql.name == "SELECT /tmp/12345678/test.db"  # not a request's span: as it was
+
+
 _IMPORTS_NOTHING = textwrap.dedent("""
     import asyncio, json, sys
     import httpx
@@ -409,11 +497,16 @@ def test_serve_exports_to_the_otlp_endpoint(
         "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"})
     try:
         served.wait_until_up()
-        response = served.post("/graphql", headers=bearer(served.secret()), json={
+        secret = served.secret()
+        response = served.post("/graphql", headers=bearer(secret), json={
             "query": "query Count { consumers { totalCount } }"})
         assert response.status_code == 200, response.text
+        # personal data and a secret in a path no route matches, and in one that does
+        for path in (f"/api/v1/nope/{EMAIL}/{secret}", f"/api/v1/consumers/{EMAIL}"):
+            assert served.get(path, headers=bearer(secret)).status_code == 404
         deadline = time.monotonic() + 30
-        while not _span_names(received) >= {"POST /graphql", "query Count"}:
+        while not _span_names(received) >= {"POST /graphql", "query Count", "GET",
+                                            "GET /api/v1/consumers/{consumer_id}"}:
             assert time.monotonic() < deadline, (_span_names(received), served.output)
             time.sleep(0.1)
     finally:
@@ -425,6 +518,9 @@ def test_serve_exports_to_the_otlp_endpoint(
     assert resource["service.version"] and len(resource["service.instance.id"]) == 36
     names = _span_names(received)
     assert any(name.startswith("SELECT") for name in names), names
+    exported = "\n".join(str(export) for export in received)  # every name and attribute
+    for value in (*PERSONAL, secret, secret.split("_")[-1]):
+        assert value.lower() not in exported.lower(), value
 
 
 def _span_names(received: list[ExportTraceServiceRequest]) -> set[str]:

@@ -123,8 +123,10 @@ async def browser(chromium: Path, served: Served) -> AsyncIterator[Browser]:
     from playwright.async_api import async_playwright
 
     async with async_playwright() as playwright:
+        # --no-sandbox: as root in CI; --disable-dev-shm-usage: a container's /dev/shm can
+        # be 64 MB, too small for chromium's shared memory (it crashes); /tmp is used instead.
         launched = await playwright.chromium.launch(
-            executable_path=str(chromium), args=["--no-sandbox"])  # as root in CI
+            executable_path=str(chromium), args=["--no-sandbox", "--disable-dev-shm-usage"])
         try:
             context = await launched.new_context()
             browser = Browser(context, await context.new_page(), served.url)

@@ -163,7 +163,7 @@ def create_app(
     # schema at /graphql), and FastAPI's dependency resolution is not needed here.
     app.router.routes.append(Route("/graphql", graphql, methods=["GET", "POST"]))
     if tracing is not None:
-        app.add_middleware(tracing.untraced_paths)  # probes and scrapes: no spans
+        app.add_middleware(tracing.middleware)  # probes: no spans; others: the logged path
     # The guard answers before authentication; the deadline covers reading the body too; the
     # request id wraps everything, 500s and 504s included.
     app.add_middleware(ProtocolGuard, path="/graphql", max_body_bytes=settings.max_body_bytes)

@@ -12,7 +12,7 @@ import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 from opentelemetry import trace
 from opentelemetry.context import Context as OtelContext
@@ -34,11 +34,12 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from sqlalchemy import event
 from sqlalchemy.engine import ExceptionContext
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from consumers_graphql import __version__
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.db import Database
+from consumers_graphql.web.access_log import logged_path
 from consumers_graphql.web.tracing import OperationSpan
 
 DEFAULT_SERVICE_NAME = "consumers-graphql"
@@ -48,7 +49,13 @@ TRACER = "consumers_graphql"
 REDACTED = "REDACTED"
 # Query parameter names kept as they are (their values never are); any other is dropped.
 _PARAMETER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-\[\]]{0,63}")
-_QUERY_ATTRIBUTES = ("url.query", "url.full", "http.url", "http.target")
+# The request's URL as instrumentations record it: its path, its query, both, or all of it.
+_PATH = "url.path"
+_QUERY = "url.query"
+_TARGETS = ("http.target",)  # path?query
+_FULL_URLS = ("url.full", "http.url")  # scheme://host/path?query
+_REQUEST_ATTRIBUTES = (_PATH, _QUERY, *_TARGETS, *_FULL_URLS, "http.request.method",
+                       "http.method")
 # Where the SQLAlchemy instrumentation keeps a statement's span (on its execution context).
 _SPAN = "_otel_span"
 
@@ -60,41 +67,102 @@ def redact_query(query: str) -> str:
     return "&".join(f"{name}={REDACTED}" for name in names if _PARAMETER_NAME.fullmatch(name))
 
 
-class RedactQueries(SpanProcessor):
-    """Replaces the query string's values in every span's URL attributes as the span starts
-    (FastAPI's request span records ``url.query``), before any exporter sees it."""
+def masked_path(path: str) -> str:
+    """A path as the access log writes one that no route matched: a span starts before the
+    request is routed (see RequestSpans for the route's template, once there is one)."""
+    return logged_path({"type": "http", "path": path})
+
+
+def masked_target(target: str) -> str:
+    """path?query: the path masked, the query's values redacted."""
+    path, question, query = target.partition("?")
+    return masked_path(path) + (f"?{redact_query(query)}" if question else "")
+
+
+def masked_url(url: str) -> str:
+    """scheme://host/path?query: no user or password, the path masked, the query's values
+    redacted, no fragment."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return REDACTED
+    host = parts.netloc.rpartition("@")[2]
+    query = f"?{redact_query(parts.query)}" if parts.query else ""
+    return f"{parts.scheme}://{host}{masked_path(parts.path)}{query}"
+
+
+class RedactUrls(SpanProcessor):
+    """Masks the request's URL in every span as the span starts, before any exporter sees
+    it: the path as the access log writes it (web/access_log.py: emails, phone numbers and
+    secrets in a path are masked), the query string's values replaced, and the span's name
+    when it holds the path. FastAPI's request span records ``url.path`` and ``url.query``
+    and is named by the method until a route matches (then by the route's template); the
+    others are what other HTTP instrumentations record."""
 
     def on_start(self, span: SdkSpan, parent_context: OtelContext | None = None) -> None:
         attributes = span.attributes or {}
-        for key in _QUERY_ATTRIBUTES:
+        if not any(key in attributes for key in _REQUEST_ATTRIBUTES):
+            return  # not a request's span (SQL's are named after the database, a file path)
+        masked: dict[str, str] = {}
+        for key, mask in ((_PATH, masked_path), (_QUERY, redact_query),
+                          *((key, masked_target) for key in _TARGETS),
+                          *((key, masked_url) for key in _FULL_URLS)):
             value = attributes.get(key)
-            if not isinstance(value, str):
-                continue
-            if key == "url.query":
-                span.set_attribute(key, redact_query(value))
-            elif "?" in value:
-                base, _, query = value.partition("?")
-                span.set_attribute(key, f"{base}?{redact_query(query)}")
+            if isinstance(value, str):
+                masked[key] = mask(value)
+        span.set_attributes(masked)
+        # "GET /path" (a path can hold spaces), or the path alone
+        method, space, target = span.name.partition(" ")
+        if not space:
+            method, target = "", method
+        if target.startswith("/"):
+            span.update_name(f"{method}{space}{masked_target(target)}")
+        elif "://" in target:
+            span.update_name(f"{method}{space}{masked_url(target)}")
 
 
 def untraced(scope: Scope) -> bool:
     return scope["type"] == "http" and str(scope.get("path", "")).rstrip("/") in UNTRACED_PATHS
 
 
-class Untraced:
+class RequestSpans:
     """No span at all for an untraced path: FastAPI leaves out the request's (its
     `exclude`), and this keeps its SQL (a readiness check's) from starting traces of their
-    own."""
+    own. Any other request's span gets the path the access log writes once routing is done
+    (the route's template where one matched) as its ``url.path``, in place of the masked
+    path it started with (RedactUrls)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not untraced(scope):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        with suppress_instrumentation():
+        if untraced(scope):
+            with suppress_instrumentation():
+                await self.app(scope, receive, send)
+            return
+        # FastAPI's request span, current around the whole app (this runs inside it).
+        span = trace.get_current_span()
+        if not (isinstance(span, SdkSpan) and span.kind is SpanKind.SERVER
+                and _PATH in (span.attributes or {})):
             await self.app(scope, receive, send)
+            return
+
+        def routed() -> None:
+            if span.is_recording():  # not yet ended (it ends with the answer's last byte)
+                span.set_attribute(_PATH, logged_path(scope))
+
+        async def send_routed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                routed()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_routed)
+        finally:
+            routed()  # no answer (an error, a deadline's cancel): still routed, maybe
 
 
 def resource() -> Resource:
@@ -161,12 +229,12 @@ class Tracing:
             # flushes what it has.
             tracer_provider = SdkTracerProvider(resource=resource(), shutdown_on_exit=False)
         if isinstance(tracer_provider, SdkTracerProvider):
-            tracer_provider.add_span_processor(RedactQueries())
+            tracer_provider.add_span_processor(RedactUrls())
         self.tracer_provider = tracer_provider
         self._tracer = tracer_provider.get_tracer(TRACER, __version__)
         self._exporting: BatchSpanProcessor | None = None
 
-    untraced_paths = Untraced
+    middleware = RequestSpans
 
     def operation_span(self) -> AbstractContextManager[OperationSpan]:
         return self._operation_span()
