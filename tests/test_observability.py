@@ -174,7 +174,7 @@ async def test_metrics_count_graphql_queries_and_mutations_by_type_and_status(
     assert delta(before, after, "consumers_http_request_database_seconds_sum",
                  face="graphql") > 0
     # nothing is left checked out of any pool, and /metrics counts itself in flight
-    for pool in ("read", "write"):
+    for pool in ("primary", "write"):
         assert value(after, "consumers_db_pool_checked_out", pool=pool) == 0
         assert value(after, "consumers_db_pool_size", pool=pool) >= 1
     assert value(after, "consumers_http_requests_in_flight", face="other") == 1
@@ -271,8 +271,9 @@ async def test_one_access_line_per_request_with_its_key_operation_cost_and_state
     rest = await client.get("/api/v1/consumers/cons_01J0000000000000000000000?x=secret",
                             headers=bearer(api_key))
     missing = await client.get("/nowhere/ada@example.com/+14155550123")
+    named = await client.get("/api/v1/Ada Lovelace/orders", headers=bearer(api_key))
 
-    graphql_line, rest_line, missing_line = _access_lines(caplog)
+    graphql_line, rest_line, missing_line, named_line = _access_lines(caplog)
     assert graphql_line == {
         "request_id": response.headers["x-request-id"], "method": "POST", "path": "/graphql",
         "status": 200, "duration_ms": graphql_line["duration_ms"], "face": "graphql",
@@ -286,13 +287,15 @@ async def test_one_access_line_per_request_with_its_key_operation_cost_and_state
     assert rest_line["path"] == "/api/v1/consumers/{consumer_id}"
     assert (rest_line["face"], rest_line["status"], rest_line["key_id"]) == ("rest", 404, key.id)
     assert rest_line["operation_type"] == "none" and rest_line["cost"] is None
-    # an unknown path keeps its shape, not an email or a phone number
+    # of a path no route matched, only the segments that begin the app's own routes
     assert missing.status_code == 404 and missing_line["key_id"] is None
-    assert missing_line["path"] == "/nowhere/{redacted}/{redacted}"
+    assert missing_line["path"] == "/{unmatched}"
+    assert named.status_code == 404 and named_line["path"] == "/api/v1/{unmatched}"
     text_lines = [r.getMessage() for r in caplog.records if r.name == "consumers_graphql.access"]
     assert text_lines[0].startswith('"POST /graphql HTTP/1.1" 200 ')
     assert f"key={key.id} operation=query:FirstPage cost=2 sql={sent}/" in text_lines[0]
-    assert not any("ada@example.com" in line or "secret" in line for line in text_lines)
+    assert not any("ada@example.com" in line or "secret" in line or "Lovelace" in line
+                   for line in text_lines)
 
 
 async def test_an_access_line_names_the_limit_that_refused_the_request(

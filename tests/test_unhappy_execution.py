@@ -503,6 +503,26 @@ async def test_a_rest_request_past_its_deadline_is_504_in_the_reference_shape(
     assert [c["email"] for c in listed.json()["data"]] == ["next@example.com"]
 
 
+@pytest.mark.cancels_statements
+async def test_a_request_past_its_deadline_is_logged_with_its_route_not_its_path(
+    hurried: httpx.AsyncClient, settings: Settings, api_key: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    created = await hurried.post("/api/v1/consumers", headers=bearer(api_key),
+                                 json={"email": "logged.late@example.com"})
+    consumer_id = created.json()["id"]
+    async with consumers_locked(settings):
+        async with asyncio.timeout(ANSWER_WITHIN_S):
+            response = await hurried.put(f"/api/v1/consumers/{consumer_id}",
+                                         headers=bearer(api_key), json={"fullName": "Late"})
+        assert response.status_code == 504
+
+    [warning] = [record.getMessage() for record in caplog.records
+                 if "over its deadline" in record.getMessage()]
+    assert "PUT /api/v1/consumers/{consumer_id} " in warning, warning
+    assert consumer_id not in warning
+
+
 async def test_a_health_check_past_its_deadline_is_504_in_its_own_shape() -> None:
     """/healthz's one statement cannot be held up from outside (SELECT 1 waits for no lock),
     so the deadline is met by an app that never answers, under the real middleware."""
