@@ -23,6 +23,7 @@ from consumers_graphql.store.migrate import head_revision, upgrade
 from consumers_graphql.web.app import create_app
 from consumers_graphql.web.logs import ACCESS_FIELDS
 from tests.conftest import TEST_DATABASE_URL, GraphQL, StatementCounter, bearer, on_path
+from tests.log_audit import AUDIT
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -79,7 +80,8 @@ async def test_readyz_reads_the_schema_revision_again_only_after_a_while(
         for engine in app.state.database.engines:
             event.listen(engine, "before_cursor_execute", record)
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                     event_hooks=AUDIT.event_hooks()) as client:
             # when it is probed three times
             answers = [(await client.get("/readyz")).status_code for _ in range(3)]
     # then the revision was read once, and the database was asked every time
@@ -122,7 +124,8 @@ async def test_readyz_is_503_with_the_reason_while_the_schema_is_behind(
     app = create_app(settings)
     async with LifespanManager(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                     event_hooks=AUDIT.event_hooks()) as client:
             # given a database one migration behind: not ready, and why
             for path in ("/readyz", "/healthz"):
                 response = await client.get(path)
@@ -231,7 +234,8 @@ async def test_each_app_counts_its_own_requests(settings: Settings) -> None:
         app = create_app(settings)
         async with LifespanManager(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://t",
+                                         event_hooks=AUDIT.event_hooks()) as client:
                 await client.get("/livez")
                 samples = await metrics(client)
         assert value(samples, "consumers_http_requests_total", face="other",
@@ -245,7 +249,8 @@ async def test_metrics_turned_off_or_on_their_own_port_are_not_on_the_app(
     app = create_app(settings.model_copy(update=change))
     async with LifespanManager(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t",
+                                     event_hooks=AUDIT.event_hooks()) as client:
             assert (await client.get("/metrics")).status_code == 404
             assert (await client.get("/livez")).status_code == 200
     assert (app.state.metrics is None) is (change == {"metrics_enabled": False})
@@ -318,7 +323,8 @@ async def test_an_app_of_its_own_on_its_path(settings: Settings, execution_path:
         created = await app.state.keys.create("own app")
         try:
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://t",
+                                         event_hooks=AUDIT.event_hooks()) as client:
                 gql = GraphQL(client, created.secret.get_secret_value())
                 await gql.data("{ consumers(first: 1) { totalCount } }")
                 samples = await metrics(client)
@@ -362,7 +368,8 @@ async def test_a_500_is_logged_in_json_with_its_request_id_and_no_secret(
             created = await app.state.keys.create("broken")
             secret = created.secret.get_secret_value()
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://t",
+                                         event_hooks=AUDIT.event_hooks()) as client:
                 # when a GraphQL field and a REST call fail on it
                 graphql = await client.post("/graphql", headers=bearer(secret), json={
                     "query": "{ audiences { nodes { id } } }"})

@@ -82,7 +82,7 @@ def test_json_logs_one_object_a_line_with_the_access_fields_and_no_personal_data
     try:
         served.wait_until_up()
         key = bearer(secret)
-        with httpx.Client(base_url=served.url, timeout=10) as client:
+        with served.client(timeout=10) as client:
             created = client.post(
                 f"/graphql?api_key={quote(secret)}&email={quote(EMAIL)}", headers=key,
                 json={"query": CREATE, "operationName": "Create", "variables": {"input": {

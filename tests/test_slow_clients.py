@@ -171,7 +171,7 @@ def test_a_client_answered_before_its_body_is_in_is_closed(served: Served) -> No
 
 
 def test_a_client_at_an_ordinary_pace_is_served(served: Served) -> None:
-    with httpx.Client(base_url=served.url, timeout=MARGIN_S) as client:
+    with served.client(timeout=MARGIN_S) as client:
         for _ in range(3):  # one kept-alive connection
             assert client.get("/healthz").json() == {"status": "ok"}
 

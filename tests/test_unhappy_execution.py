@@ -42,6 +42,7 @@ from tests.factories import (
     insert_rows,
     order_row,
 )
+from tests.log_audit import AUDIT
 
 # A hang fails the test instead of the run: every request here answers in well under this.
 ANSWER_WITHIN_S = 20
@@ -244,7 +245,8 @@ async def test_c_reads_closed_while_a_batch_waits_for_its_connection_leak_none(
     fresh = create_app(settings)
     on_path(fresh, execution_path)
     async with LifespanManager(fresh), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=fresh), base_url="http://testserver") as c:
+            transport=httpx.ASGITransport(app=fresh), base_url="http://testserver",
+            event_hooks=AUDIT.event_hooks()) as c:
         fresh_gql = GraphQL(c, read_only_key)
         with warnings.catch_warnings():
             warnings.simplefilter("error", SAWarning)  # "non-checked-in connection", at GC
@@ -422,7 +424,8 @@ async def hurried(
     on_path(hurried_app, execution_path)
     async with LifespanManager(hurried_app):
         transport = httpx.ASGITransport(app=hurried_app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
+                                     event_hooks=AUDIT.event_hooks()) as c:
             c.app = hurried_app  # type: ignore[attr-defined]
             yield c
 
@@ -605,7 +608,8 @@ async def test_serve_stops_within_its_grace_period_with_a_request_hanging(
         stderr=subprocess.STDOUT)
     hanging: asyncio.Future[httpx.Response] | None = None
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60,
+                                     event_hooks=AUDIT.event_hooks()) as client:
             for _ in range(300):  # up within 30 s
                 try:
                     if (await client.get("/healthz")).status_code == 200:
