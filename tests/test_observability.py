@@ -3,6 +3,7 @@ the test's own), on the test database."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -23,7 +24,8 @@ from consumers_graphql.store.migrate import head_revision, upgrade
 from consumers_graphql.web.app import create_app
 from consumers_graphql.web.logs import ACCESS_FIELDS
 from tests.conftest import TEST_DATABASE_URL, GraphQL, StatementCounter, bearer, on_path
-from tests.log_audit import AUDIT
+from tests.log_audit import AUDIT, asgi_client
+from tests.test_unhappy_execution import consumers_locked
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -182,6 +184,68 @@ async def test_metrics_count_graphql_queries_and_mutations_by_type_and_status(
         assert value(after, "consumers_db_pool_size", pool=pool) >= 1
     assert value(after, "consumers_http_requests_in_flight", face="other") == 1
     assert value(after, "consumers_http_requests_in_flight", face="graphql") == 0
+
+
+POOL_DEADLINE_S = 5.0
+
+
+def _in_use(samples: Samples) -> float:
+    """Connections in use, but SQLite's inline one (checked out for the process's life)."""
+    return sum(value for (name, labels), value in samples.items()
+               if name == "consumers_db_pool_checked_out" and ("pool", "inline") not in labels)
+
+
+async def _seen_in_use(client: httpx.AsyncClient, request: asyncio.Task[Any]) -> float:
+    """Scrapes while `request` waits, until a connection shows as in use (10 s at most)."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        in_use = _in_use(await metrics(client))
+        if in_use >= 1 or request.done() or asyncio.get_running_loop().time() > deadline:
+            return in_use
+        await asyncio.sleep(0.02)
+
+
+async def _settled(client: httpx.AsyncClient) -> Samples:
+    """Scrapes until no connection is in use (10 s at most); the last scrape."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        samples = await metrics(client)
+        if _in_use(samples) == 0 or asyncio.get_running_loop().time() > deadline:
+            return samples
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.cancels_statements
+async def test_the_pool_gauges_count_a_connection_while_its_statement_waits(
+    app: FastAPI, settings: Settings, api_key: str,
+) -> None:
+    """A write held up by a lock another client holds: its connection counts as checked out
+    while it waits, and no longer once it is over, whether it finished or its deadline
+    stopped it (SQLite's writer waits out its busy timeout, just past the deadline)."""
+    own = create_app(settings.model_copy(update={
+        "request_timeout_s": POOL_DEADLINE_S,
+        "sqlite_busy_timeout_ms": int(POOL_DEADLINE_S * 1000) + 1000}))
+    async with LifespanManager(own), asgi_client(own) as client:
+        assert _in_use(await metrics(client)) == 0
+        for stopped_by_the_deadline in (False, True):
+            async with consumers_locked(settings):
+                request = asyncio.create_task(client.post(
+                    "/api/v1/consumers", headers=bearer(api_key),
+                    json={"email": f"held.{stopped_by_the_deadline}@example.com"}))
+                # while it waits for the lock, its connection is in use
+                assert await _seen_in_use(client, request) >= 1
+                assert not request.done()
+                if stopped_by_the_deadline:
+                    response = await request
+            if not stopped_by_the_deadline:
+                response = await request
+            assert response.status_code == (504 if stopped_by_the_deadline else 201), (
+                response.text)
+            # and once it is over (the key's lastUsedAt write after the answer too), none is
+            after = await _settled(client)
+            assert _in_use(after) == 0, {k: v for k, v in after.items() if "pool" in k[0]}
+            for pool in ("primary", "write"):
+                assert value(after, "consumers_db_pool_checked_out", pool=pool) == 0
 
 
 async def test_the_statement_histogram_has_exactly_the_statements_sent(
