@@ -25,6 +25,7 @@ from consumers_graphql.store.migrate import upgrade
 from consumers_graphql.web.app import create_app
 from tests.log_audit import (
     AUDIT,
+    asgi_client,
     pytest_configure,
     pytest_sessionfinish,
     pytest_terminal_summary,
@@ -104,9 +105,7 @@ async def app(settings: Settings) -> AsyncIterator[FastAPI]:
 
 @pytest.fixture(scope="session")
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
-                                 event_hooks={"request": [AUDIT.async_use_request]}) as client:
+    async with asgi_client(app) as client:
         yield client
 
 

@@ -8,6 +8,11 @@ ends, the run fails if any of those, or anything shaped like an email, a phone n
 secret, is in the log (in any percent-encoding). The hooks are tests/conftest.py's;
 tests/test_log_audit.py plants leaks to show that the check fails the run.
 
+Every test client registers what it sends: the session's `client`, and those of the apps
+and servers tests make themselves (`asgi_client`, `event_hooks`, Served's). The output of
+every `serve` subprocess (tests/processes.py) is checked when it stops (`check_output`):
+a find fails that test, and the run.
+
 Client-side loggers (httpx, httpcore) are not the server's log and are left out."""
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ class LogAudit:
         self.used: set[str] = set()
         self._level: int | None = None
         self.found: list[str] = []
+        # what the processes' outputs had (check_output), with the lines
+        self.in_processes: dict[str, list[str]] = {}
 
     def install(self) -> None:
         logging.getLogger().addHandler(self.handler)
@@ -115,13 +122,46 @@ class LogAudit:
             found += sorted({m.group() for m in pattern.finditer(decoded)} - set(found))
         return found
 
-    def lines_with(self, leak: str) -> Iterator[str]:
-        for line in self.stream.getvalue().splitlines():
+    def lines_with(self, leak: str, text: str | None = None) -> Iterator[str]:
+        logged = self.stream.getvalue() if text is None else text
+        for line in logged.splitlines():
             if leak in line or leak in unquote(unquote(unquote(line))):
                 yield line
 
+    def check_output(self, output: str, what: str) -> None:
+        """The output of a process the run started: raises AssertionError, and fails the run,
+        when it has a value the run used or anything shaped like personal data or a secret."""
+        leaks = self.leaks(output)
+        if not leaks:
+            return
+        report = []
+        for leak in leaks:
+            lines = [line[:400] for line in list(self.lines_with(leak, output))[:3]]
+            self.in_processes.setdefault(leak, []).extend(f"({what}) {line}" for line in lines)
+            report.append(f"  {leak!r} in:")
+            report.extend(f"    {line}" for line in lines)
+        raise AssertionError(f"LOG AUDIT: the output of {what} has {len(leaks)} value(s) the "
+                             "run used, or shaped like personal data or a secret:\n"
+                             + "\n".join(report))
+
+    def event_hooks(self) -> dict[str, list[Any]]:
+        """For an httpx.AsyncClient of the tests: what it sends is registered."""
+        return {"request": [self.async_use_request]}
+
+    def sync_event_hooks(self) -> dict[str, list[Any]]:
+        """For an httpx.Client."""
+        return {"request": [self.use_request]}
+
 
 AUDIT = LogAudit()
+
+
+def asgi_client(app: Any, base_url: str = "http://testserver",
+                **kwargs: Any) -> httpx.AsyncClient:
+    """A client of an app a test built (its lifespan is the test's), audited like the
+    session's `client`."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url,
+                             event_hooks=AUDIT.event_hooks(), **kwargs)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -131,6 +171,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     AUDIT.uninstall()
     AUDIT.found = AUDIT.leaks()
+    AUDIT.found += sorted(set(AUDIT.in_processes) - set(AUDIT.found))
     if AUDIT.found:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
@@ -148,4 +189,5 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     for leak in leaks:
         report.append(f"  {leak!r} in:")
         report.extend(f"    {line[:400]}" for line in list(AUDIT.lines_with(leak))[:3])
+        report.extend(f"    {line}" for line in AUDIT.in_processes.get(leak, [])[:3])
     terminalreporter.write_line("\n".join(report), red=True)

@@ -19,7 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.log_audit import AUDIT
+
 SECRET = re.compile(r"sk_(?:live|test)_[A-Za-z0-9]{32,}")
+# What the first start prints, this once, on purpose: the first key's secret and its use.
+_BANNER = re.compile(r"\nCreated the first API key, .*?\nMore keys: [^\n]*\n", re.DOTALL)
 POSTGRES_BIN = Path(os.environ.get("CONSUMERS_TEST_POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
 
 
@@ -31,7 +35,8 @@ def free_port() -> int:
 
 class Served:
     """`consumers-graphql serve` (the console script) in a subprocess, stdout and stderr
-    collected line by line."""
+    collected line by line, and audited when it stops (tests/log_audit.py): but for the
+    first start's banner, no value the run used, no email, phone or secret."""
 
     def __init__(self, database_url: str, cwd: Path, env: dict[str, str] | None = None,
                  preexec: Sequence[str] = ()) -> None:
@@ -45,6 +50,7 @@ class Served:
             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.lines: list[str] = []
+        self._audited = False
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -72,7 +78,13 @@ class Served:
         """The first key's secret, as the first start printed it."""
         found = SECRET.search(self.output)
         assert found is not None, self.output
+        AUDIT.use(found.group())
         return found.group()
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        """A client of this server, audited like the session's `client`."""
+        return httpx.Client(base_url=self.url, event_hooks=AUDIT.sync_event_hooks(),
+                            **{"timeout": 10, **kwargs})  # type: ignore[arg-type]
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -83,13 +95,18 @@ class Served:
             self.process.kill()
             code = self.process.wait(timeout=5)
         self._reader.join(timeout=5)
+        if not self._audited:
+            self._audited = True
+            AUDIT.check_output(_BANNER.sub("\n", self.output), f"serve on port {self.port}")
         return code
 
     def get(self, path: str, **kwargs: object) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=10, **kwargs)  # type: ignore[arg-type]
+        with self.client() as client:
+            return client.get(path, **kwargs)  # type: ignore[arg-type]
 
     def post(self, path: str, **kwargs: object) -> httpx.Response:
-        return httpx.post(self.url + path, timeout=10, **kwargs)  # type: ignore[arg-type]
+        with self.client() as client:
+            return client.post(path, **kwargs)  # type: ignore[arg-type]
 
 
 class PostgresCluster:

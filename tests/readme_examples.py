@@ -46,6 +46,8 @@ from typing import Any
 import httpx
 from graphql import OperationDefinitionNode, parse
 
+from tests.log_audit import AUDIT
+
 README = Path(__file__).parent.parent / "README.md"
 README_ADDRESS = "127.0.0.1:8000"
 
@@ -263,8 +265,8 @@ class Session:
                 payload["operationName"] = operation.name.value
             if block.variables is not None:
                 payload["variables"] = self._expand(block.variables)
-            response = httpx.post(f"{self.url}/graphql", json=payload, headers=headers,
-                                  timeout=60)
+            with httpx.Client(timeout=60, event_hooks=AUDIT.sync_event_hooks()) as client:
+                response = client.post(f"{self.url}/graphql", json=payload, headers=headers)
             body = response.json()
             name = operation.name.value if operation.name else "(anonymous)"
             if not block.expect_errors:

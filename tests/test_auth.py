@@ -40,6 +40,7 @@ from consumers_graphql.store.models import ApiKey
 from consumers_graphql.web.app import create_app
 from consumers_graphql.web.logs import RedactSecrets
 from tests.conftest import GraphQL, StatementCounter, bearer, on_path
+from tests.log_audit import AUDIT
 
 QUERY = "{ consumers(first: 1) { totalCount } }"
 UNAUTHENTICATED_BODY = {
@@ -163,7 +164,8 @@ async def test_production_has_no_ide_and_no_exemption(settings: Settings) -> Non
     app = create_app(settings.model_copy(update={"env": Environment.PRODUCTION}))
     async with LifespanManager(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t",
+                                     event_hooks=AUDIT.event_hooks()) as client:
             assert_unauthenticated(await client.get("/graphql", headers={"accept": "text/html"}))
 
 
@@ -441,7 +443,8 @@ async def test_no_secret_in_logs_of_a_failed_and_a_successful_request(
     try:
         while not server.started:  # noqa: ASYNC110 - uvicorn offers a flag, not an event
             await asyncio.sleep(0.02)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                     event_hooks=AUDIT.event_hooks()) as client:
             # when a request fails (a revoked-looking unknown key) and one succeeds
             other = api_key[:-1] + ("Y" if api_key.endswith("Z") else "Z")  # a wrong key
             failed = await client.post("/graphql", json={"query": QUERY},

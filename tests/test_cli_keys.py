@@ -170,8 +170,8 @@ class Served(processes.Served):
         super().__init__(f"sqlite+aiosqlite:///{database}", database.parent)
 
     def post(self, headers: dict[str, str], query: str = QUERY) -> httpx.Response:
-        return httpx.post(f"{self.url}/graphql", json={"query": query}, headers=headers,
-                          timeout=5)
+        with self.client(timeout=5) as client:
+            return client.post("/graphql", json={"query": query}, headers=headers)
 
 
 def test_first_serve_prints_exactly_one_key_and_a_second_start_none(tmp_path: Path) -> None:
@@ -193,9 +193,9 @@ def test_first_serve_prints_exactly_one_key_and_a_second_start_none(tmp_path: Pa
         wrong = secret[:-1] + ("y" if secret.endswith("x") else "x")
         assert first.post(bearer(wrong)).status_code == 401
         assert first.post({}).status_code == 401
-        httpx.get(f"http://127.0.0.1:{first.port}/graphql",
-                  params={"query": "{ __typename }", "api_key": secret},
-                  headers={**bearer(secret), "accept": "application/json"}, timeout=5)
+        with first.client(timeout=5) as client:
+            client.get("/graphql", params={"query": "{ __typename }", "api_key": secret},
+                       headers={**bearer(secret), "accept": "application/json"})
     finally:
         assert first.stop() == 0, first.output
     after_banner = first.output[len(banner):]

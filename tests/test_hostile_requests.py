@@ -18,6 +18,7 @@ from consumers_graphql.settings import Settings
 from consumers_graphql.web.app import create_app
 from tests.conftest import StatementCounter
 from tests.factories import consumer_row, insert_consumers
+from tests.log_audit import AUDIT
 from tests.test_batches import BATCH_CREATE, consumer_count
 
 GRAPHQL_RESPONSE = "application/graphql-response+json"
@@ -45,7 +46,8 @@ async def reference_client(settings: Settings) -> AsyncIterator[httpx.AsyncClien
     app.state.schema.compiled = False
     async with LifespanManager(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
+                                     event_hooks=AUDIT.event_hooks()) as c:
             yield c
 
 
@@ -471,7 +473,8 @@ async def test_the_rest_description_is_off_in_production(
     production_app = create_app(settings.model_copy(update={"env": Environment.PRODUCTION}))
     async with LifespanManager(production_app):
         transport = httpx.ASGITransport(app=production_app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as prod:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
+                                     event_hooks=AUDIT.event_hooks()) as prod:
             for path in ("/openapi.json", "/docs"):
                 assert (await prod.get(path)).status_code == 404, path
                 assert (await client.get(path)).status_code == 200, path

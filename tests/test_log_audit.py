@@ -60,3 +60,61 @@ def test_a_run_without_a_leak_passes(tmp_path: Path) -> None:
                             '"sk_live_PPPP…[redacted]")')
     assert result.returncode == 0, result.stdout + result.stderr
     assert "LOG AUDIT" not in result.stdout
+
+
+# The output of a `serve` the run started is audited when it stops (tests/processes.py);
+# here a shell in front of the command prints, then exits at once.
+SERVED = '''
+    import tempfile
+    from pathlib import Path
+    from tests.processes import Served
+    served = Served("sqlite+aiosqlite:///unused.db", Path(tempfile.mkdtemp()),
+                    preexec=["sh", "-c", {script!r}, "sh"])
+    served.process.wait(timeout=60)
+    served.stop()'''
+
+
+def test_a_leak_in_the_output_of_serve_fails_the_test_and_the_run(tmp_path: Path) -> None:
+    script = "echo 'INFO: looked up planted.served@example.com'"
+    result = _run(tmp_path, SERVED.format(script=script))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "1 failed" in result.stdout, result.stdout
+    assert "LOG AUDIT: the output of serve on port" in result.stdout, result.stdout
+    assert "'planted.served@example.com'" in result.stdout, result.stdout
+
+
+def test_the_first_start_banner_is_the_one_place_a_secret_is_printed(tmp_path: Path) -> None:
+    secret = "sk_live_" + "B" * 40
+    banner = (f"printf '\\nCreated the first API key, key_1 (read-write). Its secret is shown "
+              f"only this once:\\n\\n    {secret}\\n\\nMore keys: consumers-graphql keys create "
+              f"--name NAME\\nINFO: started\\n'")
+    assert _run(tmp_path, SERVED.format(script=banner)).returncode == 0
+    # the same secret anywhere else is a leak
+    leaked = f"printf 'INFO: key {secret}\\n'"
+    result = _run(tmp_path, SERVED.format(script=leaked))
+    assert result.returncode == 1 and repr(secret) in result.stdout, result.stdout
+
+
+CLIENT = '''
+    import asyncio
+    from tests.log_audit import asgi_client
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await receive()
+        await send({{"type": "http.response.start", "status": 204, "headers": []}})
+        await send({{"type": "http.response.body", "body": b""}})
+
+    async def call():
+        async with asgi_client(app) as client:
+            await client.post("/graphql", json={{"variables": {{"fullName": "Sent Clientname"}}}})
+
+    asyncio.run(call())
+    log.info("created Sent Clientname")'''
+
+
+def test_what_a_test_client_sends_is_registered(tmp_path: Path) -> None:
+    result = _run(tmp_path, CLIENT.format())
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "'Sent Clientname'" in result.stdout, result.stdout

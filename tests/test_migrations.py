@@ -27,6 +27,7 @@ from consumers_graphql.store.migrate import alembic_config, upgrade
 from consumers_graphql.web.app import create_app
 from tests.conftest import TEST_DATABASE_URL, GraphQL, new_database, on_path
 from tests.factories import consumer_row, insert_consumers
+from tests.log_audit import AUDIT
 from tests.processes import Served
 from tests.test_bench_workloads import CREATE, DELETE, UPDATE
 
@@ -132,7 +133,8 @@ async def searches(url: str, terms: list[str], execution_path: str) -> dict[str,
     async with LifespanManager(app):
         secret = (await app.state.keys.create("t", scopes=READ_WRITE)).secret
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                     event_hooks=AUDIT.event_hooks()) as client:
             gql = GraphQL(client, secret.get_secret_value())
             ids = {email: id_ for id_, email in await query(url, "SELECT id, email FROM consumers")}
             for operation, variables in (

@@ -3,6 +3,7 @@ the test's own), on the test database."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +24,8 @@ from consumers_graphql.store.migrate import head_revision, upgrade
 from consumers_graphql.web.app import create_app
 from consumers_graphql.web.logs import ACCESS_FIELDS
 from tests.conftest import TEST_DATABASE_URL, GraphQL, StatementCounter, bearer, on_path
+from tests.log_audit import AUDIT, asgi_client
+from tests.test_unhappy_execution import consumers_locked
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -79,7 +82,8 @@ async def test_readyz_reads_the_schema_revision_again_only_after_a_while(
         for engine in app.state.database.engines:
             event.listen(engine, "before_cursor_execute", record)
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                     event_hooks=AUDIT.event_hooks()) as client:
             # when it is probed three times
             answers = [(await client.get("/readyz")).status_code for _ in range(3)]
     # then the revision was read once, and the database was asked every time
@@ -122,7 +126,8 @@ async def test_readyz_is_503_with_the_reason_while_the_schema_is_behind(
     app = create_app(settings)
     async with LifespanManager(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                     event_hooks=AUDIT.event_hooks()) as client:
             # given a database one migration behind: not ready, and why
             for path in ("/readyz", "/healthz"):
                 response = await client.get(path)
@@ -174,11 +179,73 @@ async def test_metrics_count_graphql_queries_and_mutations_by_type_and_status(
     assert delta(before, after, "consumers_http_request_database_seconds_sum",
                  face="graphql") > 0
     # nothing is left checked out of any pool, and /metrics counts itself in flight
-    for pool in ("read", "write"):
+    for pool in ("primary", "write"):
         assert value(after, "consumers_db_pool_checked_out", pool=pool) == 0
         assert value(after, "consumers_db_pool_size", pool=pool) >= 1
     assert value(after, "consumers_http_requests_in_flight", face="other") == 1
     assert value(after, "consumers_http_requests_in_flight", face="graphql") == 0
+
+
+POOL_DEADLINE_S = 5.0
+
+
+def _in_use(samples: Samples) -> float:
+    """Connections in use, but SQLite's inline one (checked out for the process's life)."""
+    return sum(value for (name, labels), value in samples.items()
+               if name == "consumers_db_pool_checked_out" and ("pool", "inline") not in labels)
+
+
+async def _seen_in_use(client: httpx.AsyncClient, request: asyncio.Task[Any]) -> float:
+    """Scrapes while `request` waits, until a connection shows as in use (10 s at most)."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        in_use = _in_use(await metrics(client))
+        if in_use >= 1 or request.done() or asyncio.get_running_loop().time() > deadline:
+            return in_use
+        await asyncio.sleep(0.02)
+
+
+async def _settled(client: httpx.AsyncClient) -> Samples:
+    """Scrapes until no connection is in use (10 s at most); the last scrape."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        samples = await metrics(client)
+        if _in_use(samples) == 0 or asyncio.get_running_loop().time() > deadline:
+            return samples
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.cancels_statements
+async def test_the_pool_gauges_count_a_connection_while_its_statement_waits(
+    app: FastAPI, settings: Settings, api_key: str,
+) -> None:
+    """A write held up by a lock another client holds: its connection counts as checked out
+    while it waits, and no longer once it is over, whether it finished or its deadline
+    stopped it (SQLite's writer waits out its busy timeout, just past the deadline)."""
+    own = create_app(settings.model_copy(update={
+        "request_timeout_s": POOL_DEADLINE_S,
+        "sqlite_busy_timeout_ms": int(POOL_DEADLINE_S * 1000) + 1000}))
+    async with LifespanManager(own), asgi_client(own) as client:
+        assert _in_use(await metrics(client)) == 0
+        for stopped_by_the_deadline in (False, True):
+            async with consumers_locked(settings):
+                request = asyncio.create_task(client.post(
+                    "/api/v1/consumers", headers=bearer(api_key),
+                    json={"email": f"held.{stopped_by_the_deadline}@example.com"}))
+                # while it waits for the lock, its connection is in use
+                assert await _seen_in_use(client, request) >= 1
+                assert not request.done()
+                if stopped_by_the_deadline:
+                    response = await request
+            if not stopped_by_the_deadline:
+                response = await request
+            assert response.status_code == (504 if stopped_by_the_deadline else 201), (
+                response.text)
+            # and once it is over (the key's lastUsedAt write after the answer too), none is
+            after = await _settled(client)
+            assert _in_use(after) == 0, {k: v for k, v in after.items() if "pool" in k[0]}
+            for pool in ("primary", "write"):
+                assert value(after, "consumers_db_pool_checked_out", pool=pool) == 0
 
 
 async def test_the_statement_histogram_has_exactly_the_statements_sent(
@@ -231,7 +298,8 @@ async def test_each_app_counts_its_own_requests(settings: Settings) -> None:
         app = create_app(settings)
         async with LifespanManager(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://t",
+                                         event_hooks=AUDIT.event_hooks()) as client:
                 await client.get("/livez")
                 samples = await metrics(client)
         assert value(samples, "consumers_http_requests_total", face="other",
@@ -245,7 +313,8 @@ async def test_metrics_turned_off_or_on_their_own_port_are_not_on_the_app(
     app = create_app(settings.model_copy(update=change))
     async with LifespanManager(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t",
+                                     event_hooks=AUDIT.event_hooks()) as client:
             assert (await client.get("/metrics")).status_code == 404
             assert (await client.get("/livez")).status_code == 200
     assert (app.state.metrics is None) is (change == {"metrics_enabled": False})
@@ -271,8 +340,9 @@ async def test_one_access_line_per_request_with_its_key_operation_cost_and_state
     rest = await client.get("/api/v1/consumers/cons_01J0000000000000000000000?x=secret",
                             headers=bearer(api_key))
     missing = await client.get("/nowhere/ada@example.com/+14155550123")
+    named = await client.get("/api/v1/Ada Lovelace/orders", headers=bearer(api_key))
 
-    graphql_line, rest_line, missing_line = _access_lines(caplog)
+    graphql_line, rest_line, missing_line, named_line = _access_lines(caplog)
     assert graphql_line == {
         "request_id": response.headers["x-request-id"], "method": "POST", "path": "/graphql",
         "status": 200, "duration_ms": graphql_line["duration_ms"], "face": "graphql",
@@ -286,13 +356,15 @@ async def test_one_access_line_per_request_with_its_key_operation_cost_and_state
     assert rest_line["path"] == "/api/v1/consumers/{consumer_id}"
     assert (rest_line["face"], rest_line["status"], rest_line["key_id"]) == ("rest", 404, key.id)
     assert rest_line["operation_type"] == "none" and rest_line["cost"] is None
-    # an unknown path keeps its shape, not an email or a phone number
+    # of a path no route matched, only the segments that begin the app's own routes
     assert missing.status_code == 404 and missing_line["key_id"] is None
-    assert missing_line["path"] == "/nowhere/{redacted}/{redacted}"
+    assert missing_line["path"] == "/{unmatched}"
+    assert named.status_code == 404 and named_line["path"] == "/api/v1/{unmatched}"
     text_lines = [r.getMessage() for r in caplog.records if r.name == "consumers_graphql.access"]
     assert text_lines[0].startswith('"POST /graphql HTTP/1.1" 200 ')
     assert f"key={key.id} operation=query:FirstPage cost=2 sql={sent}/" in text_lines[0]
-    assert not any("ada@example.com" in line or "secret" in line for line in text_lines)
+    assert not any("ada@example.com" in line or "secret" in line or "Lovelace" in line
+                   for line in text_lines)
 
 
 async def test_an_access_line_names_the_limit_that_refused_the_request(
@@ -315,7 +387,8 @@ async def test_an_app_of_its_own_on_its_path(settings: Settings, execution_path:
         created = await app.state.keys.create("own app")
         try:
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://t",
+                                         event_hooks=AUDIT.event_hooks()) as client:
                 gql = GraphQL(client, created.secret.get_secret_value())
                 await gql.data("{ consumers(first: 1) { totalCount } }")
                 samples = await metrics(client)
@@ -359,7 +432,8 @@ async def test_a_500_is_logged_in_json_with_its_request_id_and_no_secret(
             created = await app.state.keys.create("broken")
             secret = created.secret.get_secret_value()
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://t",
+                                         event_hooks=AUDIT.event_hooks()) as client:
                 # when a GraphQL field and a REST call fail on it
                 graphql = await client.post("/graphql", headers=bearer(secret), json={
                     "query": "{ audiences { nodes { id } } }"})

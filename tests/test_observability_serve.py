@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote, unquote
 
@@ -55,6 +56,23 @@ def _count(text: str, name: str, **labels: str) -> float:
                if sample.name == name and sample.labels == labels)
 
 
+def _scraped_once_counted(scrape: Callable[[], httpx.Response],
+                          expected: list[tuple[str, dict[str, str], float]]) -> httpx.Response:
+    """Scrapes until every expected count is there (a request counts once its work is over:
+    the key's lastUsedAt write after its answer may still be running), for at most 30 s;
+    the last scrape."""
+    deadline = time.monotonic() + 30
+    while True:
+        response = scrape()
+        if response.status_code == 200 and all(
+                _count(response.text, name, **labels) == value
+                for name, labels, value in expected):
+            return response
+        if time.monotonic() > deadline:
+            return response  # the caller's asserts show what is missing
+        time.sleep(0.1)
+
+
 def test_json_logs_one_object_a_line_with_the_access_fields_and_no_personal_data(
     tmp_path: Path,
 ) -> None:
@@ -64,7 +82,7 @@ def test_json_logs_one_object_a_line_with_the_access_fields_and_no_personal_data
     try:
         served.wait_until_up()
         key = bearer(secret)
-        with httpx.Client(base_url=served.url, timeout=10) as client:
+        with served.client(timeout=10) as client:
             created = client.post(
                 f"/graphql?api_key={quote(secret)}&email={quote(EMAIL)}", headers=key,
                 json={"query": CREATE, "operationName": "Create", "variables": {"input": {
@@ -82,14 +100,13 @@ def test_json_logs_one_object_a_line_with_the_access_fields_and_no_personal_data
             assert missing.status_code == 404
             unauthenticated = client.get("/api/v1/consumers", headers=bearer(secret[:-1] + "x"))
             assert unauthenticated.status_code == 401
-            # a request counts once its work is over: the mutation's lastUsedAt write after
-            # its answer may still be running
-            for _ in range(50):
-                metrics = client.get("/metrics")
-                if _count(metrics.text, "consumers_http_requests_total", face="graphql",
-                          operation_type="mutation", status="200"):
-                    break
-                time.sleep(0.1)
+            metrics = _scraped_once_counted(lambda: client.get("/metrics"), [
+                ("consumers_http_requests_total",
+                 {"face": "graphql", "operation_type": "mutation", "status": "200"}, 1),
+                ("consumers_http_requests_total",
+                 {"face": "rest", "operation_type": "none", "status": "401"}, 1),
+                ("consumers_http_requests_in_flight", {"face": "other"}, 1),
+            ])
     finally:
         assert served.stop() == 0, served.output
 
@@ -108,7 +125,7 @@ def test_json_logs_one_object_a_line_with_the_access_fields_and_no_personal_data
         ("POST", "/graphql", 200),
         ("GET", "/api/v1/consumers", 200),
         ("GET", "/api/v1/consumers/{consumer_id}", 200),
-        ("GET", "/nowhere/{redacted}/{redacted}/sk_live_" + secret[8:12] + "…[redacted]", 404),
+        ("GET", "/{unmatched}", 404),
         ("GET", "/api/v1/consumers", 401),
         ("GET", "/metrics", 200),
     ]
@@ -144,13 +161,14 @@ def test_metrics_on_their_own_port_and_not_on_the_app(tmp_path: Path) -> None:
                                headers=bearer(secret))
         assert response.status_code == 200, response.text
         assert served.get("/metrics").status_code == 404
-        # (the query counts once its work is over, the key's lastUsedAt write included)
-        for _ in range(50):
-            metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
-            if _count(metrics.text, "consumers_http_request_sql_statements_count",
-                      face="graphql"):
-                break
-            time.sleep(0.1)
+        metrics = _scraped_once_counted(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10), [
+                ("consumers_http_requests_total",
+                 {"face": "graphql", "operation_type": "query", "status": "200"}, 1),
+                ("consumers_http_requests_total",
+                 {"face": "other", "operation_type": "none", "status": "404"}, 1),
+                ("consumers_http_request_sql_statements_count", {"face": "graphql"}, 1),
+            ])
     finally:
         assert served.stop() == 0, served.output
     assert metrics.status_code == 200
@@ -230,3 +248,56 @@ def test_setup_parent_refuses_to_run_after_prometheus_client_was_imported() -> N
                                  if k != "PROMETHEUS_MULTIPROC_DIR"})
     assert result.returncode == 1
     assert "MetricsSetupError: prometheus_client was imported before" in result.stderr
+
+
+def test_a_metrics_port_equal_to_the_apps_is_a_configuration_error(tmp_path: Path) -> None:
+    url, _secret = _prepared(tmp_path)
+    port = free_port()
+    script = Path(sys.executable).with_name("consumers-graphql")
+    result = subprocess.run(
+        [str(script), "serve", "--port", str(port)], cwd=tmp_path, capture_output=True,
+        text=True, timeout=60, check=False,
+        env={**os.environ, "CONSUMERS_DATABASE_URL": url, "CONSUMERS_KEY_PEPPER": "serve-pepper",
+             "CONSUMERS_METRICS_PORT": str(port)})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "CONSUMERS_METRICS_PORT" in result.stderr and "CONSUMERS_PORT" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_metrics_directory_is_an_orphan_when_its_lock_is_free_whatever_its_pid(
+    tmp_path: Path,
+) -> None:
+    """In a container `serve` is PID 1 on every start: the pid in a directory's name cannot
+    tell a live `serve`'s from a killed one's; its lock can."""
+    import fcntl
+
+    url, _secret = _prepared(tmp_path)
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    # given a killed serve's directory whose pid runs again (this process's), and a live
+    # serve's directory (its lock held, here by this process)
+    orphan = temporary / f"consumers-metrics-{os.getpid()}-killed"
+    live = temporary / "consumers-metrics-1-running"
+    for directory in (orphan, live):
+        directory.mkdir()
+        (directory / "serve.lock").touch()
+        (directory / "counter_1.db").write_bytes(b"")
+    with open(live / "serve.lock", "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        served = Served(url, tmp_path, env={"TMPDIR": str(temporary)})
+        try:
+            served.wait_until_up()
+            # then serve removed the orphan, kept the live one, and holds its own lock
+            assert not orphan.exists()
+            assert live.exists()
+            [own] = [path for path in temporary.glob(f"consumers-metrics-{served.process.pid}-*")]
+            with open(own / "serve.lock", "rb") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    taken = True
+                except BlockingIOError:
+                    taken = False
+            assert not taken
+        finally:
+            assert served.stop() == 0, served.output
+    assert not own.exists()

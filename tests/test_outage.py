@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.outage import Outage, is_unavailable
 from tests.conftest import GraphQL, bearer, on_path
+from tests.log_audit import AUDIT
 from tests.processes import PostgresCluster, Served
 
 # the tests with a database of their own run once, in the SQLite run
@@ -164,7 +165,8 @@ async def test_a_sqlite_file_locked_past_the_busy_timeout_is_503_then_recovers(
         path = locked.database_url.removeprefix("sqlite+aiosqlite:///")
         holder = sqlite3.connect(path, isolation_level=None)
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                     event_hooks=AUDIT.event_hooks()) as client:
             try:
                 # given another process in the middle of a long write
                 holder.execute("BEGIN IMMEDIATE")
@@ -238,7 +240,8 @@ async def test_a_mutation_that_committed_is_never_503_when_its_payload_meets_an_
     async with LifespanManager(app):
         key = bearer((await app.state.keys.create("outage")).secret.get_secret_value())
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                     event_hooks=AUDIT.event_hooks()) as client:
             created = await client.post("/graphql", headers=key, json={
                 "query": _create(*PEOPLE[0])})
             consumer_id = created.json()["data"]["consumerCreate"]["consumer"]["id"]

@@ -26,6 +26,7 @@ from consumers_graphql.settings import Pooler, Settings
 from consumers_graphql.store.db import pooler_connect_args
 from consumers_graphql.web.app import create_app
 from tests.conftest import ADMIN_DATABASE_URL, TEST_DATABASE_URL, GraphQL, bearer, on_path
+from tests.log_audit import AUDIT
 from tests.processes import PgBouncer
 
 pytestmark = pytest.mark.skipif(
@@ -100,7 +101,8 @@ async def bounced_app(
     on_path(app, execution_path)
     async with LifespanManager(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
+                                     event_hooks=AUDIT.event_hooks()) as c:
             yield c
 
 

@@ -20,6 +20,7 @@ from consumers_graphql.store.keys import READ_WRITE
 from consumers_graphql.store.migrate import upgrade
 from consumers_graphql.web.app import create_app
 from tests.conftest import GraphQL, StatementCounter, bearer, on_path
+from tests.log_audit import AUDIT
 
 INTROSPECTION = "{ __schema { queryType { name } types { name } } }"
 TYPE_INTROSPECTION = '{ __type(name: "Consumer") { fields { name } } }'
@@ -35,7 +36,8 @@ async def production(
     async with LifespanManager(production_app):
         created = await production_app.state.keys.create("production", scopes=READ_WRITE)
         transport = httpx.ASGITransport(app=production_app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
+                                     event_hooks=AUDIT.event_hooks()) as client:
             yield GraphQL(client, created.secret.get_secret_value())
 
 
@@ -120,7 +122,8 @@ async def broken_production(
     async with LifespanManager(app):
         created = await app.state.keys.create("broken", scopes=READ_WRITE)
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
+                                     event_hooks=AUDIT.event_hooks()) as client:
             yield client, created.secret.get_secret_value()
 
 

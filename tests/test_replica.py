@@ -26,6 +26,7 @@ from consumers_graphql.store.keys import AUTH_EXECUTION_OPTION
 from consumers_graphql.store.migrate import upgrade
 from consumers_graphql.web.app import create_app
 from tests.conftest import TEST_DATABASE_URL, GraphQL, bearer, new_database, on_path
+from tests.log_audit import AUDIT
 
 CONSUMERS = "/api/v1/consumers"
 COUNT = "{ consumers(first: 5) { totalCount nodes { email } } }"
@@ -97,7 +98,8 @@ async def replica_app(settings: Settings, execution_path: str) -> AsyncIterator[
 @pytest.fixture
 async def replica_client(replica_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=replica_app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
+                                 event_hooks=AUDIT.event_hooks()) as client:
         yield client
 
 

@@ -171,6 +171,46 @@ def test_a_client_answered_before_its_body_is_in_is_closed(served: Served) -> No
 
 
 def test_a_client_at_an_ordinary_pace_is_served(served: Served) -> None:
-    with httpx.Client(base_url=served.url, timeout=MARGIN_S) as client:
+    with served.client(timeout=MARGIN_S) as client:
         for _ in range(3):  # one kept-alive connection
             assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def _timeouts_counted(served: Served) -> tuple[float, float, int]:
+    """consumers_refusals_total{code="REQUEST_TIMEOUT"}, the 408s among the requests, and the
+    408 access lines so far."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(served.url + "/metrics", timeout=MARGIN_S).text
+    samples = [sample for family in text_string_to_metric_families(text)
+               for sample in family.samples]
+    refusals = sum(s.value for s in samples if s.name == "consumers_refusals_total"
+                   and s.labels == {"code": "REQUEST_TIMEOUT"})
+    answered = sum(s.value for s in samples if s.name == "consumers_http_requests_total"
+                   and s.labels.get("status") == "408")
+    return refusals, answered, sum('" 408 ' in line for line in served.lines)
+
+
+def test_the_408s_of_slow_clients_are_counted_and_logged(served: Served) -> None:
+    before = _timeouts_counted(served)
+    # given a client that stalls in its request head, and one that stalls in its body
+    with _connect(served) as head, _connect(served) as body:
+        head.sendall(b"GET /api/v1/consumers/jo.slow@example.com HTTP/1.1\r\n")
+        body.sendall(b"POST /graphql HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: 100\r\n\r\n{\"query\":")
+        assert _until_closed(head)[0].startswith(b"HTTP/1.1 408 ")
+        assert _until_closed(body)[0].startswith(b"HTTP/1.1 408 ")
+
+    # then both are refusals under REQUEST_TIMEOUT, 408s, with an access line each
+    def counted() -> bool:
+        now = _timeouts_counted(served)
+        return all(after - earlier >= 2 for after, earlier in zip(now, before, strict=True))
+
+    _wait_for(counted)
+    after = _timeouts_counted(served)
+    assert [a - b for a, b in zip(after, before, strict=True)] == [2, 2, 2]
+    lines = [line for line in served.lines if '" 408 ' in line][-2:]
+    assert any('"POST /graphql HTTP/1.1" 408 ' in line for line in lines), lines
+    assert any('"- - HTTP/1.1" 408 ' in line and "refused=REQUEST_TIMEOUT" in line
+               for line in lines), lines
+    assert "jo.slow" not in served.output

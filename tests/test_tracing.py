@@ -41,6 +41,7 @@ from consumers_graphql.web.logs import ACCESS_FIELDS
 from consumers_graphql.web.tracing import INSTALL, wanted
 from tests.conftest import EXECUTION_PATHS, bearer, on_path, project_root
 from tests.factories import BASE_TIME, consumer_row, insert_consumers, insert_rows, order_row
+from tests.log_audit import AUDIT
 from tests.processes import Served, free_port
 
 # Personal data the tests send; none of it may reach a span.
@@ -82,7 +83,8 @@ async def traced_app(settings: Settings, exporter: InMemorySpanExporter
 async def traced(traced_app: FastAPI, exporter: InMemorySpanExporter
                  ) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=traced_app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
+                                 event_hooks=AUDIT.event_hooks()) as client:
         exporter.clear()
         yield client
 
@@ -629,7 +631,8 @@ async def test_headers_stay_out_even_when_the_variables_ask_for_them(
     app = create_app(settings, tracer_provider=provider)
     on_path(app, execution_path)
     async with LifespanManager(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+            transport=httpx.ASGITransport(app=app), base_url="http://testserver",
+            event_hooks=AUDIT.event_hooks()) as client:
         response = await client.post(
             "/graphql", json={"query": "{ consumers { totalCount } }"},
             headers={**bearer(api_key), "Cookie": f"session={EMAIL}", "X-Email": EMAIL})

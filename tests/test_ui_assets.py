@@ -25,6 +25,7 @@ from consumers_graphql.web import ui_assets
 from consumers_graphql.web.app import create_app
 from consumers_graphql.web.graphiql import WALKTHROUGH
 from tests.conftest import project_root
+from tests.log_audit import AUDIT
 from tests.processes import Served
 
 SCRIPT = Path(sys.executable).with_name("consumers-graphql")
@@ -54,7 +55,8 @@ async def local_app(settings: Settings, tmp_path: Path) -> AsyncIterator[httpx.A
     app.state.fake_assets = files
     async with LifespanManager(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
+                                     event_hooks=AUDIT.event_hooks()) as client:
             client.app = app  # type: ignore[attr-defined]
             yield client
 
@@ -111,7 +113,8 @@ async def test_cdn_set_explicitly_wins_over_fetched_assets(
     app = create_app(settings.model_copy(update={"ui_assets": UiAssets.CDN,
                                                  "ui_assets_dir": tmp_path}))
     async with LifespanManager(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+            transport=httpx.ASGITransport(app=app), base_url="http://testserver",
+            event_hooks=AUDIT.event_hooks()) as client:
         page = await client.get("/graphql", headers={"Accept": "text/html"})
     assert "https://unpkg.com/graphiql@4.1.2/graphiql.min.js" in page.text
 
@@ -142,7 +145,8 @@ async def test_no_page_and_no_assets_in_production(settings: Settings, tmp_path:
     app = create_app(settings.model_copy(update={
         "env": Environment.PRODUCTION, "ui_assets": UiAssets.LOCAL, "ui_assets_dir": tmp_path}))
     async with LifespanManager(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+            transport=httpx.ASGITransport(app=app), base_url="http://testserver",
+            event_hooks=AUDIT.event_hooks()) as client:
         for path in ("/docs", "/docs/assets/swagger-ui-bundle.js",
                      f"{ui_assets.GRAPHIQL_ASSETS_PATH}/graphiql@4.1.2/graphiql.min.js"):
             assert (await client.get(path)).status_code == 404, path

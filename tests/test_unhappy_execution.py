@@ -42,6 +42,7 @@ from tests.factories import (
     insert_rows,
     order_row,
 )
+from tests.log_audit import AUDIT
 
 # A hang fails the test instead of the run: every request here answers in well under this.
 ANSWER_WITHIN_S = 20
@@ -244,7 +245,8 @@ async def test_c_reads_closed_while_a_batch_waits_for_its_connection_leak_none(
     fresh = create_app(settings)
     on_path(fresh, execution_path)
     async with LifespanManager(fresh), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=fresh), base_url="http://testserver") as c:
+            transport=httpx.ASGITransport(app=fresh), base_url="http://testserver",
+            event_hooks=AUDIT.event_hooks()) as c:
         fresh_gql = GraphQL(c, read_only_key)
         with warnings.catch_warnings():
             warnings.simplefilter("error", SAWarning)  # "non-checked-in connection", at GC
@@ -422,7 +424,8 @@ async def hurried(
     on_path(hurried_app, execution_path)
     async with LifespanManager(hurried_app):
         transport = httpx.ASGITransport(app=hurried_app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver",
+                                     event_hooks=AUDIT.event_hooks()) as c:
             c.app = hurried_app  # type: ignore[attr-defined]
             yield c
 
@@ -501,6 +504,26 @@ async def test_a_rest_request_past_its_deadline_is_504_in_the_reference_shape(
     assert created.status_code == 201
     listed = await hurried.get("/api/v1/consumers", headers=bearer(api_key))
     assert [c["email"] for c in listed.json()["data"]] == ["next@example.com"]
+
+
+@pytest.mark.cancels_statements
+async def test_a_request_past_its_deadline_is_logged_with_its_route_not_its_path(
+    hurried: httpx.AsyncClient, settings: Settings, api_key: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    created = await hurried.post("/api/v1/consumers", headers=bearer(api_key),
+                                 json={"email": "logged.late@example.com"})
+    consumer_id = created.json()["id"]
+    async with consumers_locked(settings):
+        async with asyncio.timeout(ANSWER_WITHIN_S):
+            response = await hurried.put(f"/api/v1/consumers/{consumer_id}",
+                                         headers=bearer(api_key), json={"fullName": "Late"})
+        assert response.status_code == 504
+
+    [warning] = [record.getMessage() for record in caplog.records
+                 if "over its deadline" in record.getMessage()]
+    assert "PUT /api/v1/consumers/{consumer_id} " in warning, warning
+    assert consumer_id not in warning
 
 
 async def test_a_health_check_past_its_deadline_is_504_in_its_own_shape() -> None:
@@ -585,7 +608,8 @@ async def test_serve_stops_within_its_grace_period_with_a_request_hanging(
         stderr=subprocess.STDOUT)
     hanging: asyncio.Future[httpx.Response] | None = None
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60,
+                                     event_hooks=AUDIT.event_hooks()) as client:
             for _ in range(300):  # up within 30 s
                 try:
                     if (await client.get("/healthz")).status_code == 200:

@@ -16,23 +16,21 @@ request that ended without an answer is logged with status 499 (the client went 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from typing import Any, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from consumers_graphql.store.keys import redact
 from consumers_graphql.web import observe
 from consumers_graphql.web.logs import ACCESS_FIELDS
 
 logger = logging.getLogger("consumers_graphql.access")
 
 CLIENT_CLOSED = 499
-# Path segments that look like personal data (an email, a phone number) in a path no route
-# matched: masked, as no route template stands in for them.
-_PERSONAL = re.compile(r"(?<=/)(?:[^/]*@[^/]*|\+?[\d ().-]{7,}(?=/|$))")
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+REQUEST_TIMEOUT_STATUS = 408
+# What stands for the part of a path no route matched: its segments are whatever the client
+# sent (a name, an email, a key), so none of them is logged.
+UNMATCHED = "{unmatched}"
 
 
 class Recorder(Protocol):
@@ -42,11 +40,42 @@ class Recorder(Protocol):
 
 
 def logged_path(scope: Scope) -> str:
+    """The path as logs and spans may show it: the route's template where one matched;
+    else its leading segments that are literal segments of the app's routes (/api/v1/...),
+    then {unmatched}."""
     template = getattr(scope.get("route"), "path_format", None)
     if isinstance(template, str):
         return template
-    path = _PERSONAL.sub("{redacted}", str(scope.get("path", "")))
-    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", redact(path))
+    if scope.get("path") == "-":  # no request head (a 408 from the connection)
+        return "-"
+    known = _literal_prefixes(getattr(scope.get("app"), "routes", None) or ())
+    segments = str(scope.get("path", "")).split("/")[1:]
+    kept: list[str] = []
+    for segment in segments:
+        if (*kept, segment) not in known:
+            return "/" + "".join(f"{part}/" for part in kept) + UNMATCHED
+        kept.append(segment)
+    return "/" + "/".join(kept)
+
+
+def _literal_prefixes(routes: Any) -> set[tuple[str, ...]]:
+    """Every run of leading literal segments of the routes' templates ("/api/v1/consumers/
+    {consumer_id}" gives (api,), (api, v1), (api, v1, consumers)), included routers' too."""
+    prefixes: set[tuple[str, ...]] = set()
+    for route in routes:
+        template = getattr(route, "path_format", None)
+        if not isinstance(template, str):
+            # an included router (FastAPI keeps it whole, its routes with their full paths)
+            inner = getattr(route, "original_router", route)
+            prefixes |= _literal_prefixes(getattr(inner, "routes", None) or ())
+            continue
+        literal: list[str] = []
+        for segment in template.split("/")[1:]:
+            if "{" in segment or not segment:
+                break
+            literal.append(segment)
+            prefixes.add(tuple(literal))
+    return prefixes
 
 
 class AccessLog:
@@ -56,6 +85,10 @@ class AccessLog:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            state = scope.get("state")
+            if scope["type"] == "lifespan" and isinstance(state, dict):
+                # uvicorn hands this state to every connection (web/connections.py)
+                state[observe.TIMEOUT_HOOK] = self.head_timed_out
             await self.app(scope, receive, send)
             return
         facts = observe.RequestFacts(face=observe.face_of(scope["path"]))
@@ -80,11 +113,27 @@ class AccessLog:
         finally:
             observe.current.reset(token)
             final = status if status is not None else 500 if failed else CLIENT_CLOSED
+            if scope.get(observe.TIMED_OUT):  # the connection answered 408 (a stalled body)
+                final = REQUEST_TIMEOUT_STATUS
+                facts.refusals.append(observe.REQUEST_TIMEOUT)
             seconds = (ended or time.perf_counter()) - facts.started
             if self.recorder is not None:
                 self.recorder.finished(facts, final, seconds)
             if logger.isEnabledFor(logging.INFO):
                 _log(scope, facts, final, seconds)
+
+
+    def head_timed_out(self, seconds: float) -> None:
+        """A connection answered 408 to a request head that did not arrive in time: no
+        request reached the app, but it is counted and logged (method and path unknown)."""
+        facts = observe.RequestFacts(face=observe.OTHER, started=time.perf_counter() - seconds)
+        facts.refusals.append(observe.REQUEST_TIMEOUT)
+        if self.recorder is not None:
+            self.recorder.started(facts)
+            self.recorder.finished(facts, REQUEST_TIMEOUT_STATUS, seconds)
+        if logger.isEnabledFor(logging.INFO):
+            _log({"type": "http", "method": "-", "path": "-"}, facts, REQUEST_TIMEOUT_STATUS,
+                 seconds)
 
 
 def _log(scope: Scope, facts: observe.RequestFacts, status: int, seconds: float) -> None:

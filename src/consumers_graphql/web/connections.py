@@ -31,6 +31,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from consumers_graphql.settings import Settings
+from consumers_graphql.web import observe
 
 logger = logging.getLogger("consumers_graphql.http")
 
@@ -196,6 +197,13 @@ class LimitedH11Protocol(H11Protocol):
         self._waiting = waiting
         self._clock = self.loop.call_later(seconds, self._expired)
 
+    def _report_head_timeout(self) -> None:
+        """No request reached the app: the access log's hook, left in the lifespan state,
+        logs and counts the 408."""
+        report = self.app_state.get(observe.TIMEOUT_HOOK)
+        if callable(report):
+            report(self.limits.header_s)
+
     def _stop_clock(self) -> None:
         if self._clock is not None:
             self._clock.cancel()
@@ -217,8 +225,12 @@ class LimitedH11Protocol(H11Protocol):
         ):
             if cycle is not None and waiting is _Wait.BODY:
                 # The application's receive() now sees a disconnect; what it sends is dropped.
+                # Its access line and metrics say 408 (web/access_log.py).
+                cycle.scope[observe.TIMED_OUT] = True  # type: ignore[literal-required]  # a key of ours
                 cycle.disconnected = True
                 cycle.message_event.set()
+            else:
+                self._report_head_timeout()
             self._close_lingering(_TIMED_OUT)
             return
         self.transport.close()

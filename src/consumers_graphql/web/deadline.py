@@ -18,6 +18,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from consumers_graphql.web import observe, request_id
+from consumers_graphql.web.access_log import logged_path
 from consumers_graphql.web.dependencies import JSON, MEDIA_TYPE_STATE
 
 TIMEOUT = "TIMEOUT"
@@ -53,7 +54,7 @@ class RequestDeadline:
             current = request_id.current.get()
             observe.refused(TIMEOUT)
             logger.warning("request over its deadline of %s s: %s %s (request_id=%s)",
-                           self.seconds, scope["method"], scope["path"], current)
+                           self.seconds, scope["method"], logged_path(scope), current)
             if not started:
                 await send_timeout(send, scope, self.seconds, current)
 

@@ -14,6 +14,8 @@ limits (constants of the code base); never a path, an id or an operation name.""
 from __future__ import annotations
 
 import atexit
+import errno
+import fcntl
 import glob
 import os
 import shutil
@@ -59,14 +61,19 @@ def setup_parent(settings: Settings) -> None:
     """In the `serve` process, before any worker starts (and before anything imports
     prometheus-client): a private, empty directory for every process's numbers, removed at
     exit; and, with `metrics_port`, /metrics served from this process on its own port,
-    summed over the workers. Raises OSError when that port cannot be bound."""
+    summed over the workers. Raises OSError when that port cannot be bound (the app's own
+    port included: uvicorn would fail to bind it later)."""
     if not settings.metrics_enabled:
         return
     if "prometheus_client" in sys.modules and not _values_in_files():
         raise MetricsSetupError("prometheus_client was imported before metrics.setup_parent: "
                                 "its numbers would stay in one process")
+    if settings.metrics_port is not None and _same_socket(settings):
+        raise OSError(errno.EADDRINUSE, "the app's own port (CONSUMERS_PORT or serve --port); "
+                      "give CONSUMERS_METRICS_PORT another")
     _remove_orphans()
     directory = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
+    _hold_lock(directory)
     atexit.register(cleanup)
     os.environ[MULTIPROCESS_DIRECTORY] = directory
     if settings.metrics_port is not None:
@@ -74,6 +81,18 @@ def setup_parent(settings: Settings) -> None:
 
         start_http_server(settings.metrics_port, addr=settings.metrics_host or settings.host,
                           registry=_summed(directory))
+
+
+_ANY_ADDRESS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+def _same_socket(settings: Settings) -> bool:
+    """Would /metrics take the app's own address (the same port, 0 aside, on the same or a
+    wildcard interface)?"""
+    if settings.metrics_port != settings.port or settings.port == 0:
+        return False
+    metrics_host = settings.metrics_host or settings.host
+    return metrics_host == settings.host or bool({metrics_host, settings.host} & _ANY_ADDRESS)
 
 
 def cleanup() -> None:
@@ -84,12 +103,46 @@ def cleanup() -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+# A lock file in each directory, held (flock) by its `serve` process for as long as it runs:
+# the kernel lets it go however the process ends. The process id alone cannot tell: in a
+# container `serve` is PID 1 on every start.
+_LOCK = "serve.lock"
+_held: list[int] = []  # the descriptor of this process's lock, open until it exits
+
+
+def _hold_lock(directory: str) -> None:
+    """Locks a file in `directory` under a temporary name first, then renames it: a
+    directory whose lock file exists is always locked while its process runs."""
+    pending = os.path.join(directory, f".{_LOCK}")
+    descriptor = os.open(pending, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(pending, os.path.join(directory, _LOCK))
+    _held.append(descriptor)
+
+
 def _remove_orphans() -> None:
-    """The directories of `serve` processes that died without cleaning up (killed)."""
+    """The directories of `serve` processes that died without cleaning up (killed): whose
+    lock can be taken (or, in a directory without one, whose process is gone)."""
     for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{_PREFIX}*-*")):
-        pid = os.path.basename(path)[len(_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if _orphaned(path):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _orphaned(path: str) -> bool:
+    try:
+        descriptor = os.open(os.path.join(path, _LOCK), os.O_RDWR)
+    except FileNotFoundError:  # being made just now, or by an older version: by its pid
+        pid = os.path.basename(path)[len(_PREFIX):].split("-", 1)[0]
+        return pid.isdigit() and not _alive(int(pid))
+    except OSError:  # another user's, or not a directory
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held: its process runs
+        return False
+    finally:
+        os.close(descriptor)  # (drops the lock just taken, if any)
+    return True
 
 
 def _alive(pid: int) -> bool:
@@ -153,7 +206,7 @@ class Metrics:
         self.refusals = Counter(
             "consumers_refusals", "Requests refused by a limit, by its code (GraphQL's "
             "extensions.code: MAX_DEPTH_EXCEEDED, MAX_COST_EXCEEDED, ...; PAYLOAD_TOO_LARGE, "
-            "TIMEOUT).", ["code"], registry=registry)
+            "TIMEOUT, REQUEST_TIMEOUT).", ["code"], registry=registry)
         self.pool_checked_out = Gauge(
             "consumers_db_pool_checked_out", "Database connections in use, by engine.",
             ["pool"], multiprocess_mode="livesum", registry=registry)
@@ -178,7 +231,7 @@ class Metrics:
             self.refusals.labels(code).inc()
 
     def watch_pools(self, database: Database) -> None:
-        engines: list[tuple[str, Engine]] = [("read", database.primary_engine.sync_engine),
+        engines: list[tuple[str, Engine]] = [("primary", database.primary_engine.sync_engine),
                                              ("write", database.write_engine.sync_engine)]
         if database.replica_engine is not None:
             engines.append(("replica", database.replica_engine.sync_engine))

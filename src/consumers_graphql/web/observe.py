@@ -25,6 +25,12 @@ _NAME = re.compile(r"[_A-Za-z][_0-9A-Za-z]{0,99}")
 _STARTED = "consumers_statement_started"
 # A body over its limit (413), refused by either face under the same code.
 PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+# A client too slow with its request head or body, answered 408 by the connection itself
+# (web/connections.py): in a request's scope under TIMED_OUT when the app had the request,
+# else reported through the hook the access log leaves in the server's lifespan state.
+REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
+TIMED_OUT = "consumers.request_timed_out"
+TIMEOUT_HOOK = "consumers.report_request_timeout"
 
 
 @dataclass
