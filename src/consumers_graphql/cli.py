@@ -29,6 +29,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     settings = settings.model_copy(update=overrides)
     import uvicorn
 
+    from consumers_graphql.store.db import replica_problem
     from consumers_graphql.web import tracing, ui_assets
     from consumers_graphql.web.app import create_app, tune_gc
     from consumers_graphql.web.connections import ConnectionLimits
@@ -60,6 +61,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 1
+    if replica := asyncio.run(replica_problem(settings)):  # a configuration error
+        print(replica, file=sys.stderr)
+        return 2
     asyncio.run(_create_first_key(settings))
     # Uvicorn drains requests on SIGTERM and SIGINT, then raises the signal again for the
     # previous handler: make that a clean exit, since a requested graceful stop is a success.
