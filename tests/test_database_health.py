@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -294,3 +295,31 @@ def test_serve_refuses_a_replica_it_cannot_use_as_a_configuration_error(
     assert err.strip() == f"{prefix}{problem}." or (BEHIND_POOLER and err.startswith(prefix)
                                                      and "\n" not in err.strip()), err
     assert MISSING not in err and "nosuchrole" not in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(bool(TEST_DATABASE_URL), reason="a SQLite file's lock")
+async def test_readiness_probes_do_not_end_an_outage_of_a_locked_sqlite_file(
+    settings: Settings, caplog: pytest.LogCaptureFixture, execution_path: str
+) -> None:
+    """The probe opens a connection at each call, which a locked file allows: that says
+    nothing of writes, so the outage goes on (one warning, not one per probe)."""
+    caplog.set_level(logging.INFO, logger="consumers_graphql")
+    locked = settings.model_copy(update={"sqlite_busy_timeout_ms": 50})
+    app = create_app(locked)
+    on_path(app, execution_path)
+    async with _served(app) as client:
+        key = bearer((await app.state.keys.create("locked")).secret.get_secret_value())
+        holder = sqlite3.connect(make_url(locked.database_url).database or "",
+                                 isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")  # another process in the middle of a write
+            for _ in range(3):
+                response = await client.post(REST, headers=key, json={})
+                assert response.status_code == 503, response.text
+                assert (await client.get("/readyz")).status_code == 200  # reads go on
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+    log = _database_log(caplog)
+    assert sum(m.startswith("database unavailable") for m in log) == 1, log
+    assert not any(m.startswith("database available again") for m in log), log

@@ -448,6 +448,8 @@ class Database:
         for outage, engines in self._outage_engines():
             reached = _ended_by(outage.recovered)
             for engine in engines:
+                if settings.is_sqlite and engine is self.primary_probe.sync_engine:
+                    continue  # opens a file at every probe, locked or not: that proves nothing
                 event.listen(engine, "connect", reached)
                 event.listen(engine, "checkout",
                              _ended_by(outage.checked_out) if settings.is_sqlite else reached)
