@@ -57,6 +57,11 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     problem = asyncio.run(_prepare_database(settings))
     if problem:
         raise ConfigurationError(problem)
+    from consumers_graphql.store.db import replica_problem
+
+    replica = asyncio.run(replica_problem(settings))
+    if replica:
+        raise ConfigurationError(replica)
     notice = ui_assets.notice(settings)
     if notice:
         print(notice, file=sys.stderr, flush=True)

@@ -124,7 +124,7 @@ class Schema(strawberry.Schema):
             if _is_unexpected(error) and outage.is_unavailable(error.original_error):
                 context = execution_context.context if execution_context else None
                 if isinstance(context, Context):  # one warning per outage, not a traceback
-                    context.database.outage.failed(error.original_error)  # type: ignore[arg-type]  # not None: unavailable
+                    context.database.failed(error.original_error)  # type: ignore[arg-type]  # not None: unavailable
                     continue
             if _is_unexpected(error):
                 logger.error(

@@ -21,12 +21,14 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Engine,
+    NullPool,
     Numeric,
     QueuePool,
     String,
     create_engine,
     event,
     make_url,
+    text,
 )
 from sqlalchemy.engine import Result
 from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
@@ -43,7 +45,7 @@ from sqlalchemy.types import TypeDecorator
 
 from consumers_graphql.settings import Pooler, Settings
 from consumers_graphql.store import sqlite_driver
-from consumers_graphql.store.outage import Outage
+from consumers_graphql.store.outage import Outage, error_class, from_replica, mark_replica
 
 logger = logging.getLogger("consumers_graphql.db")
 
@@ -122,8 +124,13 @@ def _json_text(value: Any) -> str:
         return json.dumps(value)
 
 
-def make_engine(settings: Settings, *, writer: bool, url: str | None = None) -> AsyncEngine:
+def make_engine(settings: Settings, *, writer: bool, url: str | None = None,
+                probe: bool = False) -> AsyncEngine:
     """An engine for the configured database (or `url`: the replica's).
+
+    `probe`: an engine without a pool (each use opens a connection of its own, and closes
+    it), for the readiness probe: requests holding every pooled connection must not make a
+    busy process look like a database that is down (web/health.py).
 
     Reader engines run every statement in autocommit, so each sees the latest committed data
     and holds no snapshot or lock between statements. Writer engines open real transactions;
@@ -138,6 +145,7 @@ def make_engine(settings: Settings, *, writer: bool, url: str | None = None) -> 
             hide_parameters=True,
             json_serializer=_json_text,
             connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000},
+            **({"poolclass": NullPool} if probe else {}),
             # one thread hop per statement on aiosqlite (see sqlite_driver)
             **({"module": sqlite_driver.DBAPI()}
                if make_url(url).drivername == "sqlite+aiosqlite" else {}),
@@ -150,9 +158,9 @@ def make_engine(settings: Settings, *, writer: bool, url: str | None = None) -> 
         # No personal data in logs: errors and echoed statements never show their values.
         hide_parameters=True,
         json_serializer=_json_text,
-        pool_size=settings.pool_size,
-        max_overflow=settings.pool_size,
-        pool_pre_ping=True,
+        **({"poolclass": NullPool} if probe else {
+            "pool_size": settings.pool_size, "max_overflow": settings.pool_size,
+            "pool_pre_ping": True}),
         connect_args=pooler_connect_args(settings),
         **({} if writer else {"isolation_level": "AUTOCOMMIT"}),
     )
@@ -419,22 +427,55 @@ class Database:
         # timeout.
         self._writer_turn = asyncio.Lock() if settings.is_sqlite else None
         self.checkpoints = WalCheckpoints.for_settings(settings)
+        # One outage per database, each ended by its own engines' events only (a key check
+        # on the primary says nothing of the replica): the primary's (`outage`), and the
+        # replica's. Errors reach them through `failed`.
         self.outage = Outage(settings.retry_after_s)
-        # The database is back once a connection opens, or a write commits (a SQLite file
-        # locked past the busy timeout opens fine), or a pooled connection is checked out:
-        # PostgreSQL's pings it first; on SQLite that only ends a wait for the pool. Events,
-        # so no request pays a check.
-        for engine in self.engines:
-            event.listen(engine, "connect", self._reached)
-            event.listen(engine, "checkout",
-                         self._checked_out if settings.is_sqlite else self._reached)
-        event.listen(self.write_engine.sync_engine, "commit", self._reached)
+        self.replica_outage = None if self.replica_engine is None else Outage(
+            settings.retry_after_s, "read replica",
+            "queries and REST GETs get 503 (writes go on, on the primary)")
+        # The readiness probe's engines, without a pool (see make_engine).
+        self.primary_probe = (self.primary_engine if _in_memory(settings.database_url)
+                              else make_engine(settings, writer=False, probe=True))
+        self.replica_probe = (
+            None if settings.database_replica_url is None
+            else make_engine(settings, writer=False, url=settings.database_replica_url,
+                             probe=True))
+        # A database is back once a connection to it opens, or a write commits (a SQLite
+        # file locked past the busy timeout opens fine), or a pooled connection is checked
+        # out: PostgreSQL's pings it first; on SQLite that only ends a wait for the pool.
+        # Events, so no request pays a check.
+        for outage, engines in self._outage_engines():
+            reached = _ended_by(outage.recovered)
+            for engine in engines:
+                if settings.is_sqlite and engine is self.primary_probe.sync_engine:
+                    continue  # opens a file at every probe, locked or not: that proves nothing
+                event.listen(engine, "connect", reached)
+                event.listen(engine, "checkout",
+                             _ended_by(outage.checked_out) if settings.is_sqlite else reached)
+        event.listen(self.write_engine.sync_engine, "commit", _ended_by(self.outage.recovered))
 
-    def _reached(self, *_args: Any) -> None:
-        self.outage.recovered()
+    def _outage_engines(self) -> list[tuple[Outage, list[Engine]]]:
+        primary = [self.primary_engine.sync_engine, self.write_engine.sync_engine]
+        if self.primary_probe is not self.primary_engine:
+            primary.append(self.primary_probe.sync_engine)
+        if self.inline is not None:
+            primary.append(self.inline.engine)
+        pairs = [(self.outage, primary)]
+        if self.replica_outage is not None:
+            assert self.replica_engine is not None and self.replica_probe is not None
+            pairs.append((self.replica_outage, [self.replica_engine.sync_engine,
+                                                self.replica_probe.sync_engine]))
+        return pairs
 
-    def _checked_out(self, *_args: Any) -> None:
-        self.outage.checked_out()
+    def failed(self, error: BaseException) -> None:
+        """An error that says a database is out of reach (outage.is_unavailable): the
+        replica's outage when a replica's statement or connection raised it (Reader marks
+        those), the primary's otherwise."""
+        if self.replica_outage is not None and from_replica(error):
+            self.replica_outage.failed(error)
+        else:
+            self.outage.failed(error)
 
     @property
     def dialect(self) -> str:
@@ -443,10 +484,7 @@ class Database:
     @property
     def engines(self) -> list[Engine]:
         """Every engine that sends statements (for listeners that count or log them)."""
-        engines = [self.primary_engine.sync_engine, self.write_engine.sync_engine]
-        if self.replica_engine is not None:
-            engines.append(self.replica_engine.sync_engine)
-        return engines if self.inline is None else [*engines, self.inline.engine]
+        return [engine for _outage, engines in self._outage_engines() for engine in engines]
 
     def reader(self) -> Reader:
         return Reader(self.read_engine, self.inline, primary=self.primary_engine)
@@ -459,6 +497,10 @@ class Database:
             await self.primary_engine.dispose()
             if self.replica_engine is not None:
                 await self.replica_engine.dispose()
+            if self.primary_probe is not self.primary_engine:
+                await self.primary_probe.dispose()
+            if self.replica_probe is not None:
+                await self.replica_probe.dispose()
             await self.write_engine.dispose()
             if self.inline is not None:
                 self.inline.dispose()
@@ -473,6 +515,47 @@ class Database:
             yield session
         if self.checkpoints is not None:
             self.checkpoints.request()
+
+
+def _ended_by(end: Callable[[], None]) -> Callable[..., None]:
+    def listener(*_args: Any) -> None:
+        end()
+
+    return listener
+
+
+def _in_memory(url: str) -> bool:
+    """A SQLite database in memory: each connection would open another, empty, one."""
+    parsed = make_url(url)
+    return parsed.get_backend_name() == "sqlite" and (
+        parsed.database in (None, "", ":memory:") or "mode=memory" in str(parsed))
+
+
+# How long `serve` waits for the replica at start (replica_problem).
+REPLICA_START_TIMEOUT_S = 30.0
+
+
+async def replica_problem(settings: Settings) -> str | None:
+    """At start: None when there is no replica or it answers; else the problem, one line
+    naming CONSUMERS_DATABASE_REPLICA_URL and the error's class (a bad password, a missing
+    database or role, a host that does not resolve or answer), never its message or the
+    URL. `serve` exits with it as a configuration error."""
+    if settings.database_replica_url is None:
+        return None
+    engine = make_engine(settings, writer=False, url=settings.database_replica_url, probe=True)
+    try:
+        async with asyncio.timeout(REPLICA_START_TIMEOUT_S):
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+    except TimeoutError:
+        return (f"The read replica (CONSUMERS_DATABASE_REPLICA_URL) did not answer within "
+                f"{REPLICA_START_TIMEOUT_S:g} s.")
+    except (DBAPIError, OSError) as error:
+        return (f"Cannot connect to the read replica (CONSUMERS_DATABASE_REPLICA_URL): "
+                f"{error_class(error)}.")
+    finally:
+        await engine.dispose()
+    return None
 
 
 class ReaderClosed(RuntimeError):
@@ -525,6 +608,17 @@ class Reader:
     async def execute(
         self, statement: Executable, params: dict[str, Any] | None = None, *,
         inline: bool = True,
+    ) -> Result[Any]:
+        on_replica = not self.on_primary
+        try:
+            return await self._execute(statement, params, inline=inline)
+        except Exception as error:
+            if on_replica:  # for Database.failed: the replica's outage, not the primary's
+                mark_replica(error)
+            raise
+
+    async def _execute(
+        self, statement: Executable, params: dict[str, Any] | None, *, inline: bool,
     ) -> Result[Any]:
         async with self._lock:
             if self._closed:

@@ -73,6 +73,30 @@ def is_unavailable(error: BaseException | None) -> bool:
     return _unavailable_cause(error) is not None
 
 
+def error_class(error: BaseException) -> str:
+    """The error by the driver's class and SQLSTATE, never its message (which can quote a
+    user, a database or a host name): `InvalidCatalogNameError (SQLSTATE 3D000)`."""
+    innermost = list(_causes(error))[-1]
+    sqlstate = next((s for s in (getattr(c, "sqlstate", None) for c in _causes(error))
+                     if isinstance(s, str)), None)
+    name = type(innermost).__name__
+    return f"{name} (SQLSTATE {sqlstate})" if sqlstate else name
+
+
+# Set on an error raised by a statement (or a connection) sent to the read replica, so the
+# replica's outage, not the primary's, hears of it (see `from_replica`).
+_REPLICA = "_consumers_graphql_replica"
+
+
+def mark_replica(error: BaseException) -> None:
+    setattr(error, _REPLICA, True)
+
+
+def from_replica(error: BaseException) -> bool:
+    """Whether the error (or one it was raised from) came from the read replica."""
+    return any(getattr(cause, _REPLICA, False) for cause in _causes(error))
+
+
 def _describe(error: BaseException) -> str:
     """The deepest cause that says the database is out of reach, by class and first line: a
     driver's words about the connection, never a statement or its parameters."""
@@ -85,10 +109,16 @@ def _describe(error: BaseException) -> str:
 
 
 class Outage:
-    """Whether the database is out of reach, as the last requests found it."""
+    """Whether a database (the primary, or the read replica) is out of reach, as the last
+    requests found it. Each has its own: the primary's is ended by the primary's engines
+    only, the replica's by the replica's, so a key check on the primary does not end the
+    replica's outage."""
 
-    def __init__(self, retry_after_s: int) -> None:
+    def __init__(self, retry_after_s: int, name: str = "database",
+                 consequence: str = "requests get 503") -> None:
         self.retry_after_s = retry_after_s
+        self.name = name
+        self.consequence = consequence
         self._since: float | None = None
         self._pool_wait = False  # the outage was a wait for the pool, which any checkout ends
         self._lock = threading.Lock()  # SQLite's connect events come from its own threads
@@ -103,8 +133,8 @@ class Outage:
                 return
             self._since = time.monotonic()
             self._pool_wait = isinstance(_unavailable_cause(error), PoolTimeout)
-        logger.warning("database unavailable (%s): requests get 503 until it is back",
-                       _describe(error))
+        logger.warning("%s unavailable (%s): %s until it is back", self.name,
+                       _describe(error), self.consequence)
 
     def recovered(self) -> None:
         if self._since is None:  # the common case, without the lock
@@ -112,7 +142,8 @@ class Outage:
         with self._lock:
             since, self._since = self._since, None
         if since is not None:
-            logger.info("database available again, after %.1f s", time.monotonic() - since)
+            logger.info("%s available again, after %.1f s", self.name,
+                        time.monotonic() - since)
 
     def checked_out(self) -> None:
         """A connection came out of the pool without a check of the server: that ends an

@@ -68,7 +68,7 @@ class RequestIdMiddleware:
             if outage.is_unavailable(error):
                 database = getattr(scope["app"].state, "database", None)
                 if database is not None:  # the app's lifespan ran
-                    database.outage.failed(error)
+                    database.failed(error)
                 status, headers, body = _unavailable(scope, request_id)
             else:
                 # Starlette's own 500 is sent outside this middleware, without the id.
