@@ -276,3 +276,13 @@ def test_every_setting_is_in_the_readme_configuration_table() -> None:
                 family = name.rsplit("_", 1)[0]
     missing = sorted(settings_variables() - listed)
     assert not missing, f"settings without a row in the README's Configuration: {missing}"
+
+
+def test_every_image_is_pinned_to_a_version() -> None:
+    """`latest` (or no tag) is a different image a year from now."""
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    images = [service["image"] for service in compose["services"].values() if "image" in service]
+    from_lines = re.findall(r"^FROM\s+(\S+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    for image in [*images, *from_lines]:
+        tag = image.rpartition(":")[2] if ":" in image.split("/")[-1] else ""
+        assert tag and tag != "latest" and re.match(r"\d", tag), f"{image}: pin a version tag"
