@@ -4,6 +4,7 @@ first `serve` on an empty database printing one key (and a second start none).""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -254,10 +255,14 @@ def test_a_first_production_start_prints_no_secret(tmp_path: Path) -> None:
     try:
         served.wait_until_up()
         # then it says how to make a key, and prints none (its output is a log collector's)
-        assert "No API key exists yet" in served.output, served.output
+        assert "No API key can be used yet" in served.output, served.output
         assert SECRET.search(served.output) is None, served.output
         assert httpx.post(f"{served.url}/graphql", json={"query": QUERY},
                           timeout=5).status_code == 401
     finally:
         assert served.stop() == 0, served.output
     assert SECRET.search(served.output) is None, served.output
+    # and production logs JSON from the first line: the schema's and the key's notes included
+    lines = [json.loads(line) for line in served.output.splitlines() if line.strip()]
+    assert any("Created the database schema" in line["message"] for line in lines)
+    assert any("No API key can be used yet" in line["message"] for line in lines)

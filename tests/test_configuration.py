@@ -50,6 +50,9 @@ def assert_refused(done: subprocess.CompletedProcess[str], *names: str) -> str:
      "CONSUMERS_DATABASE_URL"),
     ({"CONSUMERS_DATABASE_URL": f"{PASSWORD}"}, "CONSUMERS_DATABASE_URL"),
     ({"CONSUMERS_DATABASE_URL": f"app:{PASSWORD}@db://x"}, "CONSUMERS_DATABASE_URL"),
+    ({"CONSUMERS_DATABASE_URL": f"postgres://app:{PASSWORD}@db:port/consumers"},
+     "CONSUMERS_DATABASE_URL"),
+    ({"CONSUMERS_LOG_LEVEL": "verbose"}, "CONSUMERS_LOG_LEVEL='verbose'"),
 ])
 @pytest.mark.parametrize("command", [("serve",), ("keys", "list"), ("migrate",),
                                      ("seed", "--consumers", "1")])
@@ -97,6 +100,9 @@ def test_an_unknown_variable_is_a_warning_with_the_closest_name(tmp_path: Path) 
     ("postgresql+asyncpg://app@db/consumers", "postgresql+asyncpg://app@db/consumers"),
     ("sqlite:///./consumers.db", "sqlite+aiosqlite:///./consumers.db"),
     ("sqlite+aiosqlite:////var/x.db", "sqlite+aiosqlite:////var/x.db"),
+    # libpq's sslmode, as hosts hand URLs out, is asyncpg's ssl (the same modes)
+    ("postgres://app@db/consumers?sslmode=require&application_name=x",
+     "postgresql+asyncpg://app@db/consumers?application_name=x&ssl=require"),
 ])
 def test_a_url_without_the_async_driver_gets_it(written: str, normalised: str) -> None:
     assert Settings(database_url=written).database_url == normalised
@@ -170,3 +176,27 @@ def test_a_schema_behind_the_code_is_exit_2_and_says_to_migrate(tmp_path: Path) 
     for command in (("serve",), ("keys", "list")):
         message = assert_refused(run(*command, env=env, cwd=tmp_path), "revision 0002")
         assert "run `consumers-graphql migrate` first" in message
+
+
+def test_log_levels_are_taken_in_any_case() -> None:
+    assert Settings(log_level="WARNING").log_level == "warning"  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not TEST_DATABASE_URL, reason="needs the PostgreSQL server of the run")
+def test_a_url_parameter_the_driver_does_not_take_is_a_configuration_error(
+    tmp_path: Path,
+) -> None:
+    assert TEST_DATABASE_URL
+    url = make_url(TEST_DATABASE_URL).update_query_dict({"connect_timeout": "5"})
+    done = run("keys", "list", cwd=tmp_path, env={
+        "CONSUMERS_DATABASE_URL": url.render_as_string(hide_password=False)})
+    assert "'connect_timeout'" in assert_refused(done, "CONSUMERS_DATABASE_URL")
+
+
+@pytest.mark.skipif(not TEST_DATABASE_URL, reason="needs the PostgreSQL server of the run")
+def test_sslmode_in_the_url_works(tmp_path: Path) -> None:
+    assert TEST_DATABASE_URL
+    url = make_url(TEST_DATABASE_URL).update_query_dict({"sslmode": "disable"})
+    done = run("keys", "list", cwd=tmp_path, env={
+        "CONSUMERS_DATABASE_URL": url.render_as_string(hide_password=False)})
+    assert done.returncode == 0, done.stderr

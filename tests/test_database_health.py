@@ -323,3 +323,28 @@ async def test_readiness_probes_do_not_end_an_outage_of_a_locked_sqlite_file(
     log = _database_log(caplog)
     assert sum(m.startswith("database unavailable") for m in log) == 1, log
     assert not any(m.startswith("database available again") for m in log), log
+
+
+@needs_postgresql
+async def test_a_start_refused_for_its_replica_leaves_a_new_database_untouched(
+    tmp_path: Path,
+) -> None:
+    async with new_database("consumers_untouched") as primary:
+        env = {**os.environ, "CONSUMERS_DATABASE_URL": primary,
+               "CONSUMERS_DATABASE_REPLICA_URL": _on_server(database=MISSING),
+               "CONSUMERS_KEY_PEPPER": "serve-pepper"}
+        done = await asyncio.to_thread(
+            subprocess.run, [str(Path(sys.executable).with_name("consumers-graphql")), "serve",
+                             "--port", str(free_port())],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 2, done.stdout + done.stderr
+        # the replica is checked before anything is made: no schema, no key
+        engine = create_async_engine(make_url(primary))
+        try:
+            async with engine.connect() as conn:
+                tables = (await conn.execute(text(
+                    "SELECT count(*) FROM information_schema.tables "
+                    "WHERE table_schema = 'public'"))).scalar_one()
+        finally:
+            await engine.dispose()
+        assert tables == 0

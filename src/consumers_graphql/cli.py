@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import functools
 import logging
+import logging.config
 import math
 import os
 import resource
@@ -46,6 +47,7 @@ WORKER_HEALTHCHECK_S = 30
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from consumers_graphql.web import tracing, ui_assets
     from consumers_graphql.web.connections import ConnectionLimits
+    from consumers_graphql.web.logs import log_config
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
                                     ("workers", args.workers)) if v is not None}
@@ -54,25 +56,29 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if assets_problem:
         raise ConfigurationError(assets_problem)
     tracing.check(settings)
-    problem = asyncio.run(_prepare_database(settings))
-    if problem:
-        raise ConfigurationError(problem)
     from consumers_graphql.store.db import replica_problem
 
+    # the replica first: a start that is refused changes nothing (no schema made)
     replica = asyncio.run(replica_problem(settings))
     if replica:
         raise ConfigurationError(replica)
+    # From here on, what `serve` has to say goes through its logging (JSON lines when
+    # CONSUMERS_LOG_FORMAT=json), as the server's own lines will.
+    logging.config.dictConfig(log_config(settings.log_level, settings.effective_log_format))
+    log = logging.getLogger("consumers_graphql")
+    problem = asyncio.run(_prepare_database(settings, note=log.info))
+    if problem:
+        raise ConfigurationError(problem)
     notice = ui_assets.notice(settings)
     if notice:
-        print(notice, file=sys.stderr, flush=True)
+        log.warning(notice)
     asyncio.run(_create_first_key(settings))
     limits = ConnectionLimits.for_settings(settings)
     if limits.max_connections < settings.max_connections:
         per_process = " per worker" if settings.workers > 1 else ""
-        print(f"At most {limits.max_connections} client connections{per_process}, not "
-              f"{settings.max_connections}: the process may open only "
-              f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]} files (ulimit -n).",
-              file=sys.stderr, flush=True)
+        log.warning(f"At most {limits.max_connections} client connections{per_process}, not "
+                    f"{settings.max_connections}: the process may open only "
+                    f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]} files (ulimit -n).")
     # Before the app: it chooses how prometheus-client keeps its numbers, before anything
     # imports it (and serves them on CONSUMERS_METRICS_PORT, summed over the workers).
     from consumers_graphql.web import metrics
@@ -209,10 +215,11 @@ async def _create_first_key(settings: Settings) -> None:
     try:
         keys = _key_store(database)
         if settings.is_production:
-            if not await keys.list_keys():
-                print("No API key exists yet, so every request is refused: create one with "
-                      "`consumers-graphql keys create --name NAME` (in production `serve` "
-                      "prints no secret).", file=sys.stderr, flush=True)
+            if not any(key.revoked_at is None for key in await keys.list_keys()):
+                logging.getLogger("consumers_graphql").warning(
+                    "No API key can be used yet, so every request is refused: create one with "
+                    "`consumers-graphql keys create --name NAME` (in production `serve` prints "
+                    "no secret).")
             return
         created = await keys.create_first()
     finally:
@@ -244,7 +251,13 @@ def _exit_cleanly(signum: int, _frame: object) -> None:
     raise SystemExit(code)
 
 
-async def _prepare_database(settings: Settings) -> str | None:
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+async def _prepare_database(
+    settings: Settings, note: Callable[[str], None] = _to_stderr
+) -> str | None:
     """Migrate an empty database; refuse to serve one that is behind the code."""
     from consumers_graphql.store.db import make_engine
     from consumers_graphql.store.migrate import (
@@ -261,17 +274,15 @@ async def _prepare_database(settings: Settings) -> str | None:
             await upgrade(engine)
             # on stderr: stdout is for what a command is asked for (`keys create
             # --secret-only` prints the secret alone, for a script to capture)
-            print(f"Created the database schema (revision {head_revision()}).",
-                  file=sys.stderr, flush=True)
+            note(f"Created the database schema (revision {head_revision()}).")
         elif is_behind(current):
             return (
                 f"The database is at schema revision {current}, this version needs "
                 f"{head_revision()}: run `consumers-graphql migrate` first."
             )
         elif current != head_revision():
-            print(f"The database is at schema revision {current}, newer than this version's "
-                  f"{head_revision()}: serving it (migrations are backward-compatible).",
-                  file=sys.stderr, flush=True)
+            note(f"The database is at schema revision {current}, newer than this version's "
+                 f"{head_revision()}: serving it (migrations are backward-compatible).")
         return None
     finally:
         await engine.dispose()

@@ -19,6 +19,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import make_url
+from sqlalchemy.exc import ArgumentError
 
 ENV_PREFIX = "CONSUMERS_"
 
@@ -31,6 +33,21 @@ class Environment(StrEnum):
 class UiAssets(StrEnum):
     CDN = "cdn"
     LOCAL = "local"
+
+
+class LogLevel(StrEnum):
+    """uvicorn's levels (`trace` is its own, below debug)."""
+
+    CRITICAL = "critical"
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+    DEBUG = "debug"
+    TRACE = "trace"
+
+    @classmethod
+    def _missing_(cls, value: object) -> LogLevel | None:  # WARNING, Info: as logging takes them
+        return cls.__members__.get(str(value).upper())
 
 
 class LogFormat(StrEnum):
@@ -52,7 +69,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     env: Environment = Environment.DEVELOPMENT
-    log_level: str = "info"
+    log_level: LogLevel = LogLevel.INFO
     sql_echo: bool = False
     # Connection pool per process (PostgreSQL); SQLite uses its own small pool.
     pool_size: int = Field(default=10, ge=1)
@@ -172,7 +189,19 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"the scheme{named} is not supported: use postgresql+asyncpg:// "
                 "(or postgres://, postgresql://) or sqlite+aiosqlite:/// (or sqlite:///)")
-        return f"{driver}://{rest}"
+        normalised = f"{driver}://{rest}"
+        try:
+            parsed = make_url(normalised)
+        except (ArgumentError, ValueError):
+            # SQLAlchemy's message quotes the URL: a password must not reach the terminal
+            raise ValueError("not a valid database URL (scheme://user:password@host:port/"
+                             "database, the port a number)") from None
+        if driver == "postgresql+asyncpg" and "sslmode" in parsed.query:
+            # libpq's name, as hosts hand URLs out; asyncpg takes the same modes as `ssl`
+            query = {**parsed.query, "ssl": parsed.query["sslmode"]}
+            del query["sslmode"]
+            normalised = parsed.set(query=query).render_as_string(hide_password=False)
+        return normalised
 
     @property
     def is_production(self) -> bool:

@@ -10,6 +10,7 @@ an internal error."""
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import sqlite3
 import threading
@@ -208,6 +209,11 @@ def _unusable(url: str, what: str, todo: str) -> str:
 
 def _reason(error: BaseException) -> tuple[str, str] | None:
     for cause in _causes(error):
+        # a query parameter of the URL the driver has no argument for (`?application_name=`)
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
+        if isinstance(cause, TypeError) and unexpected:
+            return (f"the driver takes no parameter {unexpected.group(1)!r} (from the URL's "
+                    "query string)", "remove it from the URL (`sslmode=` is understood)")
         if isinstance(cause, ConnectionRefusedError):
             return "connection refused", "check that PostgreSQL is running on that host and port"
         if isinstance(cause, socket.gaierror):
