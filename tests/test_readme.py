@@ -6,6 +6,7 @@ may carry: tests/readme_examples.py."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import uuid
 import warnings
@@ -150,6 +151,9 @@ def test_the_readme_examples_run(
         # The reader's shell: the server's settings, and the key its first start printed.
         session = Session(served.url, workdir, {
             **clean_environment(), "CONSUMERS_DATABASE_URL": fresh_database_url,
+            # how that database is reached (CI's run through pgbouncer), as the server has it
+            **{name: os.environ[name] for name in ("CONSUMERS_DATABASE_POOLER",)
+               if name in os.environ},
             "CONSUMERS_KEY_PEPPER": PEPPER, "CONSUMERS_KEY": served.secret(),
         })
         session.run_all(blocks)
