@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -432,3 +433,41 @@ def test_workers_bind_over_time_waits_on_their_port(tmp_path: Path, reuse_port: 
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=30)[0]
     assert process.returncode == 0, output
+
+
+# In a worker started once the marker file exists: exit as soon as its live gauges exist.
+FAILING_REPLACEMENTS = '''import os, sys, threading, time
+from pathlib import Path
+MARKER = Path(__file__).with_name("replacements-fail")
+if "--multiprocessing-fork" in sys.argv and MARKER.exists():
+    def _exit_once_counted() -> None:
+        directory = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        while not list(directory.glob(f"gauge_live*_{os.getpid()}.db")):
+            time.sleep(0.05)
+        os._exit(1)
+    threading.Thread(target=_exit_once_counted, daemon=True).start()
+'''
+
+
+def test_a_replacement_that_fails_during_sighup_leaves_no_live_gauges(tmp_path: Path) -> None:
+    (tmp_path / "sitecustomize.py").write_text(FAILING_REPLACEMENTS)
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    served = Served(f"sqlite+aiosqlite:///{tmp_path / 'failing.db'}", tmp_path,
+                    env={"CONSUMERS_WORKERS": "2", "PYTHONPATH": path})
+    try:
+        served.wait_until_up()
+        _until(lambda: served.output.count("Application startup complete") == 2,
+               "both workers started", served)
+        (directory,) = Path(tempfile.gettempdir()).glob(
+            f"consumers-metrics-{served.process.pid}-*")
+        workers = _workers(served)
+        # when SIGHUP starts a replacement that dies once its gauges exist
+        (tmp_path / "replacements-fail").touch()
+        served.process.send_signal(signal.SIGHUP)
+        _until(lambda: "aborting the restart" in served.output, "the restart given up", served)
+        # then the old workers serve on, and only their live gauges are left
+        assert _workers(served) == workers, served.output
+        live = {int(f.stem.rsplit("_", 1)[1]) for f in directory.glob("gauge_live*_*.db")}
+        assert live == workers, (live, workers, served.output)
+    finally:
+        assert served.stop() == 0, served.output

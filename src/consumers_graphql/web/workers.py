@@ -74,7 +74,11 @@ class Workers(Multiprocess):
             if not new.wait_until_ready(self.startup_s, self.should_exit):
                 new.kill()
                 new.join()
-                self._reaped(new)
+                # its metrics closed; not a start-up failure of the parent's: the old
+                # workers go on serving
+                if new.pid is not None and new.pid not in self._exited:
+                    self._exited.add(new.pid)
+                    metrics.child_exited(new.pid)
                 if not self.should_exit.is_set():
                     logger.error("New child process [%s] was not ready in time; keeping worker "
                                  "[%s] and aborting the restart.", new.pid, old.pid)
