@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -264,16 +265,209 @@ def test_one_worker_is_the_serving_process_itself(tmp_path: Path) -> None:
     assert "Started parent process" not in served.output, served.output
 
 
-def test_a_port_in_use_is_a_configuration_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["2", "1"])
+def test_a_port_in_use_is_a_configuration_error(tmp_path: Path, workers: str) -> None:
     script = Path(sys.executable).with_name("consumers-graphql")
     environment = {**os.environ, "CONSUMERS_DATABASE_URL": f"sqlite:///{tmp_path / 'taken.db'}"}
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run([str(script), "serve", "--workers", "2", "--port", str(port)],
+        done = subprocess.run([str(script), "serve", "--workers", workers, "--port", str(port)],
                               env=environment, capture_output=True, text=True, timeout=60,
                               check=False)
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"Cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr
     assert "CONSUMERS_PORT" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "taken.db").exists()  # refused before making the schema
+
+
+def test_an_unresolvable_host_is_a_configuration_error(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("consumers-graphql")
+    environment = {**os.environ, "CONSUMERS_DATABASE_URL": f"sqlite:///{tmp_path / 'host.db'}"}
+    done = subprocess.run([str(script), "serve", "--host", "no-such-host.invalid"],
+                          env=environment, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Cannot listen on no-such-host.invalid:8000" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "host.db").exists()
+
+
+# Workers that take a while to start: the parent holds the port, and no worker listens yet.
+SLOW_WORKERS = ("import sys, time\n"
+                "if '--multiprocessing-fork' in sys.argv:  # a spawned worker, not the parent\n"
+                "    time.sleep(8)\n")
+
+
+@pytest.mark.parametrize("workers", ["2", "1"])
+def test_a_second_serve_on_the_port_of_one_still_starting_exits_2(
+        tmp_path: Path, workers: str) -> None:
+    # given `serve --workers 2` that has reserved its port, its workers not yet listening
+    (tmp_path / "sitecustomize.py").write_text(SLOW_WORKERS)
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    first = Served(f"sqlite+aiosqlite:///{tmp_path / 'first.db'}", tmp_path,
+                   env={"CONSUMERS_WORKERS": "2", "PYTHONPATH": path})
+    try:
+        _until(lambda: "Uvicorn running" in first.output, "the first holds its port", first)
+        # when another serve (another database) is started on that port
+        script = Path(sys.executable).with_name("consumers-graphql")
+        environment = {**os.environ, "CONSUMERS_DATABASE_URL":
+                       f"sqlite:///{tmp_path / 'second.db'}"}
+        try:
+            done = subprocess.run(
+                [str(script), "serve", "--workers", workers, "--port", str(first.port)],
+                env=environment, capture_output=True, text=True, timeout=30, check=False)
+        except subprocess.TimeoutExpired as serving:
+            raise AssertionError(
+                f"the second serve runs beside the first: {serving.stderr!r}") from None
+    finally:
+        first.stop()
+    # then it exits 2 naming the port, before making its schema
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"Cannot listen on 127.0.0.1:{first.port}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "second.db").exists()
+
+
+def _listening(port: int) -> int:
+    """Listening sockets on the port (/proc/net/tcp, state 0A)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize(("sockets", "listening"), [("own", 2), ("shared", 1), (None, 2)])
+def test_worker_sockets_own_or_shared(tmp_path: Path, sockets: str | None,
+                                      listening: int) -> None:
+    env = {"CONSUMERS_WORKERS": "2"}
+    if sockets is not None:
+        env["CONSUMERS_WORKER_SOCKETS"] = sockets
+    served = Served(f"sqlite+aiosqlite:///{tmp_path / 'sockets.db'}", tmp_path, env=env)
+    try:
+        served.wait_until_up()
+        _until(lambda: served.output.count("Application startup complete") == 2,
+               "both workers started", served)
+        # then: a socket per worker (`own`, the default), or the parent's one
+        assert _listening(served.port) == listening, served.output
+        secret = served.secret()
+        if sockets == "shared":  # whichever worker accepts answers
+            assert _answering(served, secret, set()) <= _workers(served)
+        else:
+            assert _answering(served, secret, _workers(served)) == _workers(served)
+    finally:
+        assert served.stop() == 0, served.output
+    assert "Traceback" not in served.output, served.output
+
+
+def test_a_stopped_worker_delays_sigterm_by_the_health_ping_only(tmp_path: Path) -> None:
+    # given two workers, one of them stopped (it answers nothing, its health ping included)
+    served = Served(f"sqlite+aiosqlite:///{tmp_path / 'stopped.db'}", tmp_path,
+                    env={"CONSUMERS_WORKERS": "2"})
+    stopped, frozen = False, 0
+    try:
+        served.wait_until_up()
+        _until(lambda: served.output.count("Application startup complete") == 2,
+               "both workers started", served)
+        frozen = min(_workers(served))
+        os.kill(frozen, signal.SIGSTOP)
+        time.sleep(2)  # the parent's health check is waiting for it
+        # when the parent is sent SIGTERM
+        sent = time.monotonic()
+        served.process.send_signal(signal.SIGTERM)
+        try:
+            code = served.process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running 40 s after SIGTERM:\n{served.output}") from None
+        took = time.monotonic() - sent
+        stopped = True
+    finally:
+        if not stopped:
+            served.stop()
+        if frozen and not _gone(frozen):
+            os.kill(frozen, signal.SIGKILL)
+    # then it stops within a compose stop_grace_period (20 s): the 5 s ping, the grace
+    # period (10 s), margin; it was 30 s for the ping alone
+    assert took < 20, f"{took:.1f} s\n{served.output}"
+    assert code == 0, served.output
+    served.stop()
+    assert _gone(frozen), served.output
+
+
+@pytest.mark.parametrize("reuse_port", [True, False], ids=["own-sockets", "one-socket"])
+def test_workers_bind_over_time_waits_on_their_port(tmp_path: Path, reuse_port: bool) -> None:
+    # given a port with a connection in TIME_WAIT on the server's side, of an earlier serve:
+    # with workers of their own sockets, or of one socket (--workers 1, or shared)
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server's end closes first: it waits in TIME_WAIT
+        time.sleep(0.1)
+        client.close()
+    # when `serve --workers 2` is started on it
+    script = Path(sys.executable).with_name("consumers-graphql")
+    environment = {**os.environ, "CONSUMERS_DATABASE_URL": f"sqlite:///{tmp_path / 'tw.db'}"}
+    process = subprocess.Popen([str(script), "serve", "--workers", "2", "--port", str(port)],
+                               env=environment, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/livez", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        # then it serves
+        assert process.poll() is None, process.communicate()[0]
+        assert httpx.get(f"http://127.0.0.1:{port}/livez", timeout=5).status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0]
+    assert process.returncode == 0, output
+
+
+# In a worker started once the marker file exists: exit as soon as its live gauges exist.
+FAILING_REPLACEMENTS = '''import os, sys, threading, time
+from pathlib import Path
+MARKER = Path(__file__).with_name("replacements-fail")
+if "--multiprocessing-fork" in sys.argv and MARKER.exists():
+    def _exit_once_counted() -> None:
+        directory = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        while not list(directory.glob(f"gauge_live*_{os.getpid()}.db")):
+            time.sleep(0.05)
+        os._exit(1)
+    threading.Thread(target=_exit_once_counted, daemon=True).start()
+'''
+
+
+def test_a_replacement_that_fails_during_sighup_leaves_no_live_gauges(tmp_path: Path) -> None:
+    (tmp_path / "sitecustomize.py").write_text(FAILING_REPLACEMENTS)
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    served = Served(f"sqlite+aiosqlite:///{tmp_path / 'failing.db'}", tmp_path,
+                    env={"CONSUMERS_WORKERS": "2", "PYTHONPATH": path})
+    try:
+        served.wait_until_up()
+        _until(lambda: served.output.count("Application startup complete") == 2,
+               "both workers started", served)
+        (directory,) = Path(tempfile.gettempdir()).glob(
+            f"consumers-metrics-{served.process.pid}-*")
+        workers = _workers(served)
+        # when SIGHUP starts a replacement that dies once its gauges exist
+        (tmp_path / "replacements-fail").touch()
+        served.process.send_signal(signal.SIGHUP)
+        _until(lambda: "aborting the restart" in served.output, "the restart given up", served)
+        # then the old workers serve on, and only their live gauges are left
+        assert _workers(served) == workers, served.output
+        live = {int(f.stem.rsplit("_", 1)[1]) for f in directory.glob("gauge_live*_*.db")}
+        assert live == workers, (live, workers, served.output)
+    finally:
+        assert served.stop() == 0, served.output

@@ -37,11 +37,12 @@ if TYPE_CHECKING:
 # A configuration that cannot work: a bad or missing setting, an unreachable database, a
 # schema behind the code (argparse uses it for bad arguments too).
 EXIT_CONFIGURATION = 2
-# How long `serve --workers N` waits for a worker to answer its health check, and for a new
-# one to be serving (a SIGHUP restart waits for that before stopping the old one): uvicorn's
-# 5 s is less than a worker takes to start on a busy 2-core machine (importing and building
-# the app), and a restart gave up.
-WORKER_HEALTHCHECK_S = 30
+# How long `serve --workers N` waits for a new worker to be serving (a SIGHUP restart waits
+# for that before stopping the old one): uvicorn's 5 s is less than a worker takes to start
+# on a busy 2-core machine (importing and building the app), and a restart gave up. A
+# running worker's health ping keeps uvicorn's 5 s: the parent handles no signal (SIGTERM
+# included) while it waits for one.
+WORKER_STARTUP_S = 30
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -52,6 +53,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
                                     ("workers", args.workers)) if v is not None}
     settings = settings.model_copy(update=overrides)
+    from consumers_graphql.web.workers import check_address
+
+    check_address(settings.host, settings.port)  # before the schema and the first key
     assets_problem = ui_assets.check(settings)
     if assets_problem:
         raise ConfigurationError(assets_problem)
@@ -128,7 +132,8 @@ def _server_options(settings: Settings, limits: ConnectionLimits) -> dict[str, A
 
 def _serve_workers(settings: Settings, limits: ConnectionLimits) -> int:
     """`serve --workers N`: this process holds the address and uvicorn's process manager
-    spawns N workers, each listening on a socket of its own there (`OwnSocket`) and building
+    spawns N workers, each listening on a socket of its own there (`OwnSocket`; or on the
+    parent's, CONSUMERS_WORKER_SOCKETS=shared) and building
     its own app (`_worker_app`) with these settings, pickled to it, command-line overrides
     included. It replaces a worker that dies, restarts them
     all on SIGHUP (each replacement ready before the one it replaces stops), adds one on
@@ -136,26 +141,27 @@ def _serve_workers(settings: Settings, limits: ConnectionLimits) -> int:
     its requests within the grace period."""
     import uvicorn
 
-    from consumers_graphql.web.workers import OwnSocket, Workers, reserve_port
+    from consumers_graphql.settings import WorkerSockets
+    from consumers_graphql.web.workers import OwnSocket, Workers, reserve_port, shared_socket
 
     config = uvicorn.Config(
         functools.partial(_worker_app, settings), factory=True, workers=settings.workers,
         http=limits.protocol_factory(),  # type: ignore[arg-type]  # uvicorn calls it, a class or not
-        timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
         **_server_options(settings, limits),
     )
-    try:
+    own = settings.worker_sockets == WorkerSockets.OWN
+    if own:
         reserved = reserve_port(settings.host, settings.port)
-    except OSError as error:
-        raise ConfigurationError(
-            f"Cannot listen on {settings.host}:{settings.port} ({error.strerror}): set "
-            "CONSUMERS_HOST / CONSUMERS_PORT (or --host / --port) to a free address.") from error
+    else:
+        reserved = shared_socket(settings.host, settings.port, limits.backlog)
     host, port = reserved.getsockname()[:2]
     logging.getLogger("uvicorn.error").info(
         "Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
         f"[{host}]" if ":" in host else host, port)
-    # each worker binds a socket of its own to the address (see OwnSocket)
-    supervisor = Workers(config, sockets=[OwnSocket(host, port)])  # type: ignore[list-item]  # a socket once in the worker
+    # own: each worker binds a socket of its own to the address (see OwnSocket)
+    sockets = [OwnSocket(host, port)] if own else [reserved]
+    supervisor = Workers(config, sockets=sockets,  # type: ignore[arg-type]  # OwnSocket: a socket once in the worker
+                         startup_s=WORKER_STARTUP_S)
     try:
         supervisor.run()
     finally:

@@ -50,6 +50,11 @@ class LogLevel(StrEnum):
         return cls.__members__.get(str(value).upper())
 
 
+class WorkerSockets(StrEnum):
+    OWN = "own"
+    SHARED = "shared"
+
+
 class LogFormat(StrEnum):
     TEXT = "text"
     JSON = "json"
@@ -171,6 +176,11 @@ class Settings(BaseSettings):
 
     # -- Workers (`serve --workers N`): processes serving one port, each with its own pools.
     workers: int = Field(default=1, ge=1)
+    # `own`: each worker listens on a socket of its own (SO_REUSEPORT), the kernel spreads
+    # connections by address (keep-alive clients use every worker), but a hung worker keeps
+    # its share; `shared`: one socket, a worker takes connections only when it can. README
+    # "Workers".
+    worker_sockets: WorkerSockets = WorkerSockets.OWN
 
     @field_validator("database_url", "database_replica_url")
     @classmethod
