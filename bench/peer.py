@@ -147,23 +147,7 @@ def normalise(value: Any, key: str = "") -> Any:
 
 
 def difference(a: Any, b: Any, path: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            if key not in a or key not in b:
-                return f"{path}.{key}: only in {'ours' if key in a else 'the peer'}"
-            found = difference(a[key], b[key], f"{path}.{key}")
-            if found:
-                return found
-        return None
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return f"{path}: {len(a)} vs {len(b)} items"
-        for n, (x, y) in enumerate(zip(a, b, strict=True)):
-            found = difference(x, y, f"{path}[{n}]")
-            if found:
-                return found
-        return None
-    return None if a == b else f"{path}: ours {a!r} vs the peer's {b!r}"
+    return run.difference(a, b, path, names=("ours", "the peer"))
 
 
 def pick(body: dict[str, Any], where: str) -> Any:

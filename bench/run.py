@@ -426,12 +426,14 @@ def _r1_spec(capture: dict[str, Any], secret: str, pepper: str | None,
     return baselines.build_r1_spec(capture, secret, pepper, url)
 
 
-def _diff(a: Any, b: Any, path: str = "") -> str | None:
+def difference(a: Any, b: Any, path: str = "",
+               names: tuple[str, str] = ("one", "the other")) -> str | None:
+    """Where two JSON answers first differ (None if nowhere), `names` saying whose is whose."""
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
             if key not in a or key not in b:
-                return f"{path}.{key}: only in one"
-            found = _diff(a[key], b[key], f"{path}.{key}")
+                return f"{path}.{key}: only in {names[0] if key in a else names[1]}"
+            found = difference(a[key], b[key], f"{path}.{key}", names)
             if found:
                 return found
         return None
@@ -439,11 +441,11 @@ def _diff(a: Any, b: Any, path: str = "") -> str | None:
         if len(a) != len(b):
             return f"{path}: {len(a)} vs {len(b)} items"
         for n, (x, y) in enumerate(zip(a, b, strict=True)):
-            found = _diff(x, y, f"{path}[{n}]")
+            found = difference(x, y, f"{path}[{n}]", names)
             if found:
                 return found
         return None
-    return None if a == b else f"{path}: {a!r} vs {b!r}"
+    return None if a == b else f"{path}: {names[0]}'s {a!r} vs {names[1]}'s {b!r}"
 
 
 def in_process(database: str, variants: list[Variant], prep: dict[str, Any],
@@ -478,7 +480,7 @@ def in_process(database: str, variants: list[Variant], prep: dict[str, Any],
         same = {}
         for v in variants:
             if v.kind == "r1":
-                same[v.name] = _diff(captures[v.name]["response"], w1["response"])
+                same[v.name] = difference(captures[v.name]["response"], w1["response"])
                 if same[v.name]:
                     log(f"{database}: WARNING {v.name}'s response differs from W1's: "
                         f"{same[v.name]}")
@@ -527,8 +529,8 @@ def in_process(database: str, variants: list[Variant], prep: dict[str, Any],
                 "auth_statements": captures[v.name].get("auth_statements"),
                 "pid": workers[v.name].pid,
             }
-        for name, difference in same.items():
-            results[name]["same_json_as_w1"] = difference is None
+        for name, differs in same.items():
+            results[name]["same_json_as_w1"] = differs is None
         if args.profile_all:
             for v in order:
                 if v.kind == "graphql":
