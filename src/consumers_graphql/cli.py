@@ -46,23 +46,21 @@ WORKER_STARTUP_S = 30
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers_graphql.store.db import replica_problem
     from consumers_graphql.web import tracing, ui_assets
     from consumers_graphql.web.connections import ConnectionLimits
     from consumers_graphql.web.logs import log_config
+    from consumers_graphql.web.workers import check_address
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
                                     ("workers", args.workers)) if v is not None}
     settings = settings.model_copy(update=overrides)
-    from consumers_graphql.web.workers import check_address
-
+    # What can be refused is checked before anything is made (a schema, a first key).
     check_address(settings.host, settings.port)  # before the schema and the first key
     assets_problem = ui_assets.check(settings)
     if assets_problem:
         raise ConfigurationError(assets_problem)
     tracing.check(settings)
-    from consumers_graphql.store.db import replica_problem
-
-    # the replica first: a start that is refused changes nothing (no schema made)
     replica = asyncio.run(replica_problem(settings))
     if replica:
         raise ConfigurationError(replica)
