@@ -210,25 +210,12 @@ async def prepare(ds: run.Dataset) -> dict[str, Any]:
 
     from consumers_graphql.settings import Settings
     from consumers_graphql.store import models
-    from consumers_graphql.store.db import Database, make_engine
-    from consumers_graphql.store.keys import KeyStore
-    from consumers_graphql.store.migrate import upgrade
+    from consumers_graphql.store.db import make_engine
     from consumers_graphql.store.pagination import encode_cursor
     from consumers_graphql.store.queries.consumers import consumer_sort
 
     settings = Settings(database_url=ds.url)
-    engine = make_engine(settings, writer=True)
-    try:
-        await upgrade(engine)
-    finally:
-        await engine.dispose()
-    database = Database(settings)
-    try:
-        keys = KeyStore(database.read_engine, database.write_engine, settings.key_pepper)
-        created = await keys.create(f"bench peer {datetime.now(UTC):%Y-%m-%d %H:%M:%S}")
-        secret = created.secret.get_secret_value()
-    finally:
-        await database.dispose()
+    secret = await run.migrated_with_a_key(settings, "bench peer")
     c = models.Consumer.__table__.c
     engine = make_engine(settings, writer=False)
     try:

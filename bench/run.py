@@ -42,11 +42,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+
+if TYPE_CHECKING:
+    from consumers_graphql.settings import Settings
 
 import baselines  # noqa: E402
 import workloads  # noqa: E402
@@ -264,15 +267,33 @@ def build_datasets(datasets: list[Dataset], rebuild: bool) -> dict[str, Any]:
     return {"built": [d.name for d in todo], "seconds": round(time.perf_counter() - started, 1)}
 
 
+async def migrated_with_a_key(settings: Settings, name: str) -> str:
+    """Migrations up to date and a fresh API key (named `name` and the time): its secret."""
+    from consumers_graphql.store.db import Database, make_engine
+    from consumers_graphql.store.keys import KeyStore
+    from consumers_graphql.store.migrate import upgrade
+
+    engine = make_engine(settings, writer=True)
+    try:
+        await upgrade(engine)
+    finally:
+        await engine.dispose()
+    database = Database(settings)
+    try:
+        keys = KeyStore(database.primary_engine, database.write_engine, settings.key_pepper)
+        created = await keys.create(f"{name} {datetime.now(UTC):%Y-%m-%d %H:%M:%S}")
+        return created.secret.get_secret_value()
+    finally:
+        await database.dispose()
+
+
 async def prepare(main: Dataset, search: Dataset, smoke: bool) -> dict[str, Any]:
     """Migrations up to date, a fresh API key in each database, the cursors and ids."""
     from sqlalchemy import func, select
 
     from consumers_graphql.settings import Settings
     from consumers_graphql.store import models
-    from consumers_graphql.store.db import Database, make_engine
-    from consumers_graphql.store.keys import KeyStore
-    from consumers_graphql.store.migrate import upgrade
+    from consumers_graphql.store.db import make_engine
     from consumers_graphql.store.pagination import encode_cursor
     from consumers_graphql.store.queries.consumers import ConsumerSortField, consumer_sort
 
@@ -281,18 +302,7 @@ async def prepare(main: Dataset, search: Dataset, smoke: bool) -> dict[str, Any]
     for ds in (main, search):
         settings = Settings(database_url=ds.url)
         pepper = settings.key_pepper.get_secret_value() if settings.key_pepper else None
-        engine = make_engine(settings, writer=True)
-        try:
-            await upgrade(engine)
-        finally:
-            await engine.dispose()
-        database = Database(settings)
-        try:
-            keys = KeyStore(database.primary_engine, database.write_engine, settings.key_pepper)
-            created = await keys.create(f"bench {datetime.now(UTC):%Y-%m-%d %H:%M:%S}")
-            secrets[ds.name] = created.secret.get_secret_value()
-        finally:
-            await database.dispose()
+        secrets[ds.name] = await migrated_with_a_key(settings, "bench")
 
     table = models.Consumer.__table__
     c = table.c
