@@ -440,6 +440,11 @@ FAILING_REPLACEMENTS = '''import os, sys, threading, time
 from pathlib import Path
 MARKER = Path(__file__).with_name("replacements-fail")
 if "--multiprocessing-fork" in sys.argv and MARKER.exists():
+    # a replacement that never answers uvicorn's readiness ping (as a hung start would),
+    # so the restart gives it up whatever the timing; it dies once its gauges exist
+    from uvicorn.supervisors import multiprocess
+    multiprocess.Process.always_pong = lambda self: None
+
     def _exit_once_counted() -> None:
         directory = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
         while not list(directory.glob(f"gauge_live*_{os.getpid()}.db")):
@@ -464,7 +469,8 @@ def test_a_replacement_that_fails_during_sighup_leaves_no_live_gauges(tmp_path: 
         # when SIGHUP starts a replacement that dies once its gauges exist
         (tmp_path / "replacements-fail").touch()
         served.process.send_signal(signal.SIGHUP)
-        _until(lambda: "aborting the restart" in served.output, "the restart given up", served)
+        _until(lambda: "aborting the restart" in served.output, "the restart given up", served,
+               seconds=90)
         # then the old workers serve on, and only their live gauges are left
         assert _workers(served) == workers, served.output
         live = {int(f.stem.rsplit("_", 1)[1]) for f in directory.glob("gauge_live*_*.db")}
