@@ -30,6 +30,7 @@ from tests.log_audit import (
     pytest_sessionfinish,
     pytest_terminal_summary,
 )
+from tests.processes import PostgresCluster
 
 # The log of the whole run is checked for personal data and secrets (see log_audit.py).
 __all__ = ["pytest_configure", "pytest_sessionfinish", "pytest_terminal_summary"]
@@ -39,6 +40,18 @@ TEST_DATABASE_URL = os.environ.get("CONSUMERS_TEST_DATABASE_URL")
 # through pgbouncer): the server itself. Defaults to the app's URL.
 ADMIN_DATABASE_URL = os.environ.get("CONSUMERS_TEST_DATABASE_ADMIN_URL") or TEST_DATABASE_URL
 TABLES = ("consumer_audiences", "orders", "api_keys", "audiences", "consumers")
+
+
+@pytest.fixture
+def cluster() -> Iterator[PostgresCluster]:
+    """A private PostgreSQL cluster (tests/processes.py), for tests that stop and restart a
+    database: never the shared one on 5432."""
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
 
 
 @pytest.fixture(scope="session")

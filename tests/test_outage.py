@@ -13,7 +13,6 @@ import os
 import re
 import socket
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -44,16 +43,6 @@ PEOPLE = [("ada.outage@example.com", "Ada Outagelace"), ("grace.outage@example.c
 def _create(email: str, name: str) -> str:
     return (f'mutation {{ consumerCreate(input: {{email: "{email}", fullName: "{name}"}}) '
             f"{{ consumer {{ id }} userErrors {{ message }} }} }}")
-
-
-@pytest.fixture
-def cluster() -> Iterator[PostgresCluster]:
-    cluster = PostgresCluster()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.remove()
 
 
 def _assert_unavailable(response: httpx.Response, retry_after: str) -> None:
