@@ -19,23 +19,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from typing import Any, cast
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import orjson
-from cross_web import HTTPException
 from fastapi import BackgroundTasks
 from graphql import FieldNode, GraphQLError, OperationType, get_operation_ast, parse
 from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.asgi import GraphQL as StrawberryGraphQL
-from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
-from strawberry.schema.exceptions import InvalidOperationTypeError
+from strawberry.exceptions import MissingQueryError
+from strawberry.http import GraphQLHTTPResponse
+from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
 from strawberry.types import ExecutionResult
-from strawberry.types.unset import UNSET
+from strawberry.types.graphql import OperationType as StrawberryOperationType
 
 from consumers_graphql.api.context import Context
 from consumers_graphql.api.limits import LIMIT_CODES
@@ -43,14 +43,17 @@ from consumers_graphql.api.permissions import FORBIDDEN
 from consumers_graphql.store.outage import SERVICE_UNAVAILABLE
 from consumers_graphql.web import observe
 from consumers_graphql.web.dependencies import JSON, MEDIA_TYPE_STATE
+from consumers_graphql.web.http_auth import (
+    AUTHENTICATION_REQUIRED,
+    UNAUTHENTICATED,
+    AuthenticationRequired,
+)
 from consumers_graphql.web.security_headers import page_policy
 
 GRAPHQL_RESPONSE_JSON = "application/graphql-response+json"
-REQUEST_ERROR_STATE = "graphql_request_error"
 _UTF8 = frozenset({"utf-8", "utf8"})
 _JSON_WHITESPACE = b" \t\n\r"
 BAD_REQUEST = "BAD_REQUEST"
-MAY_HAVE_WRITTEN_STATE = "graphql_may_have_written"
 PAYLOAD_TOO_LARGE = observe.PAYLOAD_TOO_LARGE
 
 
@@ -208,17 +211,23 @@ async def _refuse(
 
 
 class _Refused(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str]) -> None:
+    def __init__(self, status: int, code: str, message: str,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
 ContextFactory = Callable[[Request, BackgroundTasks], AbstractAsyncContextManager[Context]]
-_REQUEST_SCOPE = "consumers.graphql"
+_MALFORMED_VARIABLES = "The GraphQL operation's `variables` must be an object or null, if provided."
 
 
 class GraphQLApp(StrawberryGraphQL[Context, None]):
-    """Strawberry's ASGI view, answering in the negotiated media type with the spec's codes.
+    """GraphQL over HTTP for GET and POST: the request's context (its principal: 401 first,
+    as Strawberry's view does), the operation's JSON, `schema.execute`, and the answer in the
+    negotiated media type with the spec's codes. Strawberry's ASGI view is kept for anything
+    else (WebSockets); its HTTP view is not used: its per-request machinery (adapters, a
+    sub-response, content-type parsing with `email.message`) cost about a fifth of a
+    `{ __typename }` request (bench/).
 
     Mounted as a plain Starlette route rather than through FastAPI's router: FastAPI's
     dependency resolution cost about 0.3 ms a request here, a tenth of a page of W1 (bench/).
@@ -230,32 +239,142 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         """``ide_page``: the GraphiQL page's HTML (web/graphiql.py), None for no page."""
         super().__init__(schema, graphql_ide="graphiql" if ide_page is not None else None)
         self._context = context
-        self._retry_after_s = retry_after_s
-        self._ide_page = ide_page or ""
-        self._page_policy = page_policy(self._ide_page) if ide_page is not None else ""
-
-    async def render_graphql_ide(self, request: Any) -> HTMLResponse:
-        return HTMLResponse(self._ide_page,
-                            headers={"Content-Security-Policy": self._page_policy})
+        self._retry_after = str(retry_after_s).encode()
+        self._ide_page = ide_page
+        self._page_policy = page_policy(ide_page) if ide_page is not None else ""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return
+        method = scope["method"]
+        params = QueryParams(scope["query_string"]) if method == "GET" else None
+        if params is not None and self._ide_page is not None and _asks_for_page(scope, params):
+            # The page carries no data: no key needed, no connection opened.
+            page = HTMLResponse(self._ide_page,
+                                headers={"Content-Security-Policy": self._page_policy})
+            await page(scope, receive, send)
+            return
+        request = Request(scope, receive)
         tasks = BackgroundTasks()
-        async with AsyncExitStack() as resources:
-            scope[_REQUEST_SCOPE] = (resources, tasks)
-            response = await self.run(Request(scope, receive))
-            await response(scope, receive, send)
+        try:
+            async with self._context(request, tasks) as context:
+                try:
+                    status, body, extra = await self._answer(request, params, context)
+                except _Refused as refused:
+                    status, body = refused.status, error_body(refused.message, refused.code)
+                    extra = [(name.lower().encode(), value.encode())
+                             for name, value in (refused.headers or {}).items()]
+                    media_type = JSON
+                else:
+                    media_type = scope.get("state", {}).get(MEDIA_TYPE_STATE, JSON)
+                    media_type = f"{media_type}; charset=utf-8"
+                await send({"type": "http.response.start", "status": status, "headers": [
+                    (b"content-length", str(len(body)).encode()),
+                    (b"content-type", media_type.encode()),
+                    *extra,
+                ]})
+                await send({"type": "http.response.body", "body": body})
+        except AuthenticationRequired:
+            await send({"type": "http.response.start", "status": 401,
+                        "headers": _UNAUTHENTICATED_HEADERS})
+            await send({"type": "http.response.body", "body": _UNAUTHENTICATED_BODY})
+            return
         await tasks()
 
-    async def get_context(self, request: Any, response: Any) -> Context:
-        resources, tasks = cast("tuple[AsyncExitStack, BackgroundTasks]",
-                                request.scope[_REQUEST_SCOPE])
-        return await resources.enter_async_context(self._context(request, tasks))
+    async def _answer(
+        self, request: Request, params: QueryParams | None, context: Context
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        method = request.method
+        if params is not None:
+            if "query" not in params and _accepts_page(request.scope):
+                raise _Refused(404, "NOT_FOUND", "Not Found")  # no GraphiQL (production)
+            data: Any = dict(params)
+            for name in ("variables", "extensions"):
+                if data.get(name):
+                    data[name] = self.decode_json(data[name])
+        elif method == "POST":
+            data = self.decode_json(await request.body())
+        else:  # ProtocolGuard answers 405 first
+            raise _Refused(405, BAD_REQUEST, "GraphQL only supports GET and POST requests.")
+        if not isinstance(data, dict):
+            raise _Refused(400, BAD_REQUEST, "The request body must be a JSON object.")
+        query, variables = data.get("query"), data.get("variables")
+        extensions, operation_name = data.get("extensions"), data.get("operationName")
+        if not isinstance(query, str | None):
+            raise _Refused(400, BAD_REQUEST, "The GraphQL operation's `query` must be a string "
+                           "or null, if provided.")
+        if not isinstance(variables, dict | None):
+            raise _Refused(400, BAD_REQUEST, _MALFORMED_VARIABLES)
+        if not isinstance(extensions, dict | None):
+            raise _Refused(400, BAD_REQUEST, "The GraphQL operation's `extensions` must be an "
+                           "object or null, if provided.")
+        if not isinstance(operation_name, str | None):
+            raise _Refused(400, BAD_REQUEST, "The GraphQL operation's `operationName` must be a "
+                           "string or null, if provided.")
+        try:
+            result = await self.schema.execute(
+                query, variable_values=variables, context_value=context,
+                operation_name=operation_name,
+                allowed_operation_types=_ALLOWED[method],
+                operation_extensions=extensions,
+            )
+        except CannotGetOperationTypeError as error:
+            raise _Refused(400, BAD_REQUEST, error.as_http_error_reason()) from error
+        except InvalidOperationTypeError as error:
+            if method == "GET":
+                raise _Refused(405, "METHOD_NOT_ALLOWED",
+                               "Mutations are only accepted over POST.", {"Allow": "POST"}
+                               ) from error
+            raise _Refused(400, BAD_REQUEST, error.as_http_error_reason(method)) from error
+        except MissingQueryError as error:
+            raise _Refused(400, BAD_REQUEST, "No GraphQL query found in the request") from error
+        return self._response(request, result, query, operation_name)
+
+    def _response(
+        self, request: Request, result: ExecutionResult, query: str | None,
+        operation_name: str | None,
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        errors = result.errors or []
+        # An error before execution (no path anywhere) means the spec's "no data entry".
+        request_error = bool(errors) and result.data is None and all(
+            error.path is None for error in errors
+        )
+        state = request.scope.setdefault("state", {})
+        unavailable = False
+        if any(_is_unavailable(error) for error in errors):
+            # 503 (retry) only when nothing was written: nothing ran, a query came back
+            # without data, or a mutation's first field failed; past that a write may have
+            # committed. Only then is it worth parsing again.
+            may_have_written = False
+            if any(error.path is not None and _is_unavailable(error) for error in errors):
+                first = _first_mutation_field(query, operation_name)
+                failed_first = result.data is None and all(
+                    error.path is not None and list(error.path) == [first] for error in errors)
+                may_have_written = first is not None and not failed_first
+            unavailable = request_error or (result.data is None and not may_have_written)
+        _observe(result, request_error)
+        response: GraphQLHTTPResponse = {} if request_error else {"data": result.data}
+        if errors:
+            response["errors"] = [error.formatted for error in errors]
+        if result.extensions:
+            response["extensions"] = result.extensions
+        body = self.encode_json(response)
+        if unavailable:  # the database out of reach: under both media types
+            return 503, body, [(b"retry-after", self._retry_after)]
+        if request_error and state.get(MEDIA_TYPE_STATE, JSON) == GRAPHQL_RESPONSE_JSON:
+            # A refused scope is a permission problem (403), any other request error a bad
+            # request (400); both only under application/graphql-response+json.
+            forbidden = all((error.extensions or {}).get("code") == FORBIDDEN
+                            for error in errors)
+            return (403 if forbidden else 400), body, []
+        return 200, body, []
 
     def decode_json(self, data: str | bytes) -> object:
-        # Strawberry answers 400 only for a JSONDecodeError; these others would be a 500.
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass  # json's own answer, and its reason: it also takes NaN and long integers
         try:
             return json.loads(data)
         except json.JSONDecodeError as error:
@@ -266,15 +385,7 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
             reason = "it is nested too deeply"
         except ValueError:  # an integer past Python's limit of 4,300 digits
             reason = "a number has too many digits"
-        raise HTTPException(400, f"Malformed JSON: {reason}.")
-
-    async def parse_http_body(self, request: Any) -> Any:
-        data = await super().parse_http_body(request)
-        if isinstance(data, GraphQLRequestData) and not isinstance(data.operation_name,
-                                                                   str | None):
-            raise HTTPException(400, "The GraphQL operation's `operationName` must be a string "
-                                "or null, if provided.")
-        return data
+        raise _Refused(400, BAD_REQUEST, f"Malformed JSON: {reason}.")
 
     def encode_json(self, data: object) -> bytes:
         try:
@@ -282,91 +393,28 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         except TypeError:  # an integer beyond 64 bits in someone's metadata
             return json.dumps(data, separators=(",", ":")).encode()
 
-    async def run(
-        self, request: Any, context: Any = UNSET, root_value: Any = UNSET
-    ) -> Any:
-        if self.is_websocket_request(request):
-            return await super().run(request, context, root_value)
-        try:
-            response = await super().run(request, context, root_value)
-        except _Refused as refused:
-            return Response(error_body(refused.message, refused.code), status_code=refused.status,
-                            media_type=JSON, headers=refused.headers)
-        except HTTPException as error:
-            code = "NOT_FOUND" if error.status_code == 404 else BAD_REQUEST
-            return Response(error_body(error.reason, code), status_code=error.status_code,
-                            media_type=JSON)
-        if isinstance(response, HTMLResponse | StreamingResponse):
-            return response
-        state = request.scope.get("state", {})
-        media_type = state.get(MEDIA_TYPE_STATE, JSON)
-        response.headers["content-type"] = f"{media_type}; charset=utf-8"
-        request_error_status = state.get(REQUEST_ERROR_STATE)
-        if request_error_status == 503:  # the database out of reach: under both media types
-            response.status_code = 503
-            response.headers["Retry-After"] = str(self._retry_after_s)
-            return response
-        if (media_type == GRAPHQL_RESPONSE_JSON and request_error_status
-                and response.status_code == 200):
-            response.status_code = request_error_status
-        return response
 
-    async def execute_single(
-        self,
-        request: Request,
-        request_adapter: Any,
-        sub_response: Response,
-        context: Context,
-        root_value: None,
-        request_data: GraphQLRequestData,
-    ) -> ExecutionResult:
-        try:
-            result = await super().execute_single(
-                request, request_adapter, sub_response, context, root_value, request_data
-            )
-        except HTTPException as error:
-            if isinstance(error.__cause__, InvalidOperationTypeError) and request.method == "GET":
-                raise _Refused(405, "METHOD_NOT_ALLOWED",
-                               "Mutations are only accepted over POST.", {"Allow": "POST"}
-                               ) from error
-            raise
-        errors = result.errors or ()
-        if any(error.path is not None and _is_unavailable(error) for error in errors):
-            # Only then is it worth parsing again: a mutation that ran may have committed.
-            first = _first_mutation_field(request_data.query, request_data.operation_name)
-            failed_first = result.data is None and all(
-                error.path is not None and list(error.path) == [first] for error in errors)
-            request.scope.setdefault("state", {})[MAY_HAVE_WRITTEN_STATE] = (
-                first is not None and not failed_first)
-        return result
+_ALLOWED = {method: frozenset(StrawberryOperationType.from_http(method))
+            for method in ("GET", "POST")}
+_UNAUTHENTICATED_BODY = json.dumps(
+    {"errors": [{"message": AUTHENTICATION_REQUIRED, "extensions": {"code": UNAUTHENTICATED}}]},
+    separators=(",", ":")).encode()
+_UNAUTHENTICATED_HEADERS = [
+    (b"content-length", str(len(_UNAUTHENTICATED_BODY)).encode()),
+    (b"content-type", JSON.encode()),
+    (b"www-authenticate", b"Bearer"),
+]
 
-    async def process_result(
-        self, request: Request, result: ExecutionResult
-    ) -> GraphQLHTTPResponse:
-        errors = result.errors or []
-        # An error before execution (no path anywhere) means the spec's "no data entry".
-        request_error = bool(errors) and result.data is None and all(
-            error.path is None for error in errors
-        )
-        # A refused scope is a permission problem (403), any other request error a bad
-        # request (400); both only under application/graphql-response+json.
-        forbidden = all((error.extensions or {}).get("code") == FORBIDDEN for error in errors)
-        state = request.scope.setdefault("state", {})
-        # 503 (retry) only when nothing was written: nothing ran, a query came back without
-        # data, or a mutation's first field failed; past that a write may have committed.
-        unavailable = any(_is_unavailable(error) for error in errors) and (
-            request_error
-            or (result.data is None and not state.get(MAY_HAVE_WRITTEN_STATE, False)))
-        state[REQUEST_ERROR_STATE] = (
-            503 if unavailable else (403 if forbidden else 400) if request_error else None
-        )
-        _observe(result, request_error)
-        response: GraphQLHTTPResponse = {} if request_error else {"data": result.data}
-        if errors:
-            response["errors"] = [error.formatted for error in errors]
-        if result.extensions:
-            response["extensions"] = result.extensions
-        return response
+
+def _accepts_page(scope: Scope) -> bool:
+    accept = Headers(scope=scope).get("accept", "")
+    return "text/html" in accept or "*/*" in accept
+
+
+def _asks_for_page(scope: Scope, params: QueryParams) -> bool:
+    """Strawberry's own test for serving the IDE page: a GET without a query from a browser
+    (or `*/*`); the page carries no data."""
+    return "query" not in params and _accepts_page(scope)
 
 
 def _observe(result: ExecutionResult, request_error: bool) -> None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import BackgroundTasks, FastAPI, Request
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from consumers_graphql import __version__
 from consumers_graphql.api.context import Context
@@ -21,7 +22,7 @@ from consumers_graphql.rest import errors as rest_errors
 from consumers_graphql.rest import routes as rest_routes
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.db import Database
-from consumers_graphql.store.keys import ANONYMOUS, KeyStore, Principal
+from consumers_graphql.store.keys import KeyStore
 from consumers_graphql.store.repository import Repository
 from consumers_graphql.web import api_docs, health, observe
 from consumers_graphql.web import tracing as web_tracing
@@ -40,15 +41,26 @@ if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
 
 
-def _asks_for_graphiql(request: Request) -> bool:
-    # Strawberry's own test for serving the IDE page; the page carries no data, and should
-    # this drift, permissions.ScopeCheck still refuses to run anything for ANONYMOUS.
-    accept = request.headers.get("accept", "")
-    return (
-        request.method == "GET"
-        and "query" not in request.query_params
-        and ("text/html" in accept or "*/*" in accept)
-    )
+GRAPHQL_PATH = "/graphql"
+
+
+class App(FastAPI):
+    """FastAPI, with /graphql answered before FastAPI's own stack (its error and exception
+    middleware, the exit stack, the router): our middleware wraps the GraphQL app directly,
+    as it wraps the router for every other path. With tracing on, /graphql goes the long
+    way, through FastAPI's telemetry (the request span) and the tracing middleware."""
+
+    graphql_stack: ASGIApp | None = None
+    graphql_route: Route | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stack = self.graphql_stack
+        if stack is not None and scope["type"] == "http" and scope["path"] == GRAPHQL_PATH:
+            scope["app"] = self
+            scope["route"] = self.graphql_route  # as the router sets it: the logged path
+            await stack(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 @asynccontextmanager
@@ -60,10 +72,8 @@ async def _graphql_context(
     database: Database = request.app.state.database
     reader = database.reader()
     try:
-        if request.app.state.graphiql and _asks_for_graphiql(request):
-            principal: Principal = ANONYMOUS
-        else:
-            principal = await require_api_key(request, background_tasks, reader)
+        # (The GraphiQL page, which needs no key, is answered before: api/http.py.)
+        principal = await require_api_key(request, background_tasks, reader)
         repository = Repository(reader)
         yield Context(
             settings=request.app.state.settings,
@@ -94,7 +104,7 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
-def worker_app(settings: Settings) -> FastAPI:
+def worker_app(settings: Settings) -> App:
     """The app of one `serve --workers N` worker (uvicorn calls this factory in each worker
     process), set up as a single `serve` sets up its own."""
     app = create_app(settings)
@@ -104,7 +114,7 @@ def worker_app(settings: Settings) -> FastAPI:
 
 def create_app(
     settings: Settings | None = None, *, tracer_provider: TracerProvider | None = None
-) -> FastAPI:
+) -> App:
     """The app. Tracing is on when OTEL_EXPORTER_OTLP_ENDPOINT is set (web/tracing.py), or
     with a `tracer_provider` given (tests; its owner exports)."""
     settings = settings or Settings()
@@ -133,7 +143,7 @@ def create_app(
                 if tracing is not None:
                     await tracing.shutdown()
 
-    app = FastAPI(
+    app = App(
         title="Consumers API",
         version=__version__,
         lifespan=lifespan,
@@ -146,7 +156,6 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.readiness = health.Readiness(settings)
-    app.state.graphiql = not settings.is_production
     app.add_exception_handler(AuthenticationRequired, authentication_required_response)
     schema = build_schema(production=settings.is_production, limits=Limits.from_settings(settings),
                           operation_spans=tracing.operation_span if tracing else None)
@@ -161,7 +170,8 @@ def create_app(
         api_docs.install_docs(app)
     # A Starlette route: /openapi.json documents the REST API only (GraphQL has its own
     # schema at /graphql), and FastAPI's dependency resolution is not needed here.
-    app.router.routes.append(Route("/graphql", graphql, methods=["GET", "POST"]))
+    graphql_route = Route(GRAPHQL_PATH, graphql, methods=["GET", "POST"])
+    app.router.routes.append(graphql_route)
     if tracing is not None:
         app.add_middleware(tracing.middleware)  # probes: no spans; others: the logged path
     # The guard answers before authentication; the deadline covers reading the body too; the
@@ -172,6 +182,14 @@ def create_app(
     app.add_middleware(SecurityHeaders)  # on every answer, the request id's 500s too
     # Outermost: its line and numbers have the final status, whoever answered.
     app.add_middleware(AccessLog, recorder=metrics)
+    if tracing is None:
+        # The same middleware as below, in the same order, around the GraphQL app alone.
+        stack: ASGIApp = ProtocolGuard(graphql, path=GRAPHQL_PATH,
+                                       max_body_bytes=settings.max_body_bytes)
+        stack = RequestDeadline(stack, seconds=settings.request_timeout_s)
+        stack = SecurityHeaders(RequestIdMiddleware(stack))
+        app.graphql_stack = AccessLog(stack, recorder=metrics)
+        app.graphql_route = graphql_route
     rest_errors.install(app)
     app.include_router(rest_routes.router)
 
