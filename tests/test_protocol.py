@@ -289,3 +289,58 @@ async def test_an_incoming_request_id_is_kept_only_when_it_is_a_short_safe_token
     response = await client.get("/healthz", headers={"X-Request-ID": incoming})
 
     assert (response.headers["x-request-id"] == incoming) is kept
+
+
+async def test_strawberry_runs_the_extension_hooks_through_our_runner() -> None:
+    """The contract api/schema.py's `_Runner` relies on (Strawberry's internals, pinned in
+    pyproject.toml): Schema.execute takes its runner from `create_extensions_runner` and
+    enters its operation(), parsing(), validation() and executing() phases, nested so."""
+    import strawberry
+    from strawberry.extensions import SchemaExtension
+
+    from consumers_graphql.api import schema as api_schema
+
+    calls: list[str] = []
+    runners: list[object] = []
+
+    class Recorder(SchemaExtension):
+        def on_operation(self) -> Any:
+            calls.append("operation")
+            yield
+            calls.append("/operation")
+
+        def on_parse(self) -> Any:
+            calls.append("parse")
+            yield
+            calls.append("/parse")
+
+        def on_validate(self) -> Any:
+            calls.append("validate")
+            yield
+            calls.append("/validate")
+
+        def on_execute(self) -> Any:
+            calls.append("execute")
+            yield
+            calls.append("/execute")
+
+    class Schema(api_schema.Schema):
+        def create_extensions_runner(self, *args: Any, **kwargs: Any) -> Any:
+            runner = super().create_extensions_runner(*args, **kwargs)
+            runners.append(runner)
+            return runner
+
+    @strawberry.type
+    class Query:
+        @strawberry.field
+        def ok(self) -> bool:
+            return True
+
+    schema = Schema(query=Query, extensions=[Recorder])
+    schema.compiled = False
+    result = await schema.execute("{ ok }")
+
+    assert result.errors is None and result.data == {"ok": True}
+    assert [type(runner) for runner in runners] == [api_schema._Runner]
+    assert calls == ["operation", "parse", "/parse", "validate", "/validate", "execute",
+                     "/execute", "/operation"]

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
+from types import TracebackType
 from typing import Any
 
 import strawberry
 from graphql import GraphQLError, get_operation_ast
 from strawberry.extensions import SchemaExtension
+from strawberry.extensions.runner import SchemaExtensionsRunner
 from strawberry.schema.config import StrawberryConfig
 from strawberry.types import ExecutionContext, ExecutionResult
 from strawberry.types.graphql import OperationType
@@ -115,7 +119,114 @@ class OperationFacts(SchemaExtension):
                               operation.name.value if operation.name else None)
 
 
+_PHASES = ("on_operation", "on_parse", "on_validate", "on_execute")
+_HookFactory = Callable[[SchemaExtension], AbstractContextManager[None]]
+
+
+def _hook_factories(cls: type) -> dict[str, _HookFactory] | None:
+    """An extension class's hooks as context manager factories, made once per class; None
+    when one is not a plain generator (Strawberry's own runner then runs every hook)."""
+    factories: dict[str, _HookFactory] = {}
+    for phase in _PHASES:
+        hook = getattr(cls, phase)
+        if hook is getattr(SchemaExtension, phase):
+            continue
+        if not inspect.isgeneratorfunction(hook):
+            return None
+        factories[phase] = contextmanager(hook)
+    return factories
+
+
+class _Phase:
+    """One phase's hooks entered in order and left in reverse, exceptions passed to each in
+    turn (an ExitStack's semantics), without making context managers per request."""
+
+    __slots__ = ("entered", "extensions", "phase")
+
+    def __init__(self, extensions: list[tuple[SchemaExtension, dict[str, _HookFactory]]],
+                 phase: str) -> None:
+        self.extensions, self.phase = extensions, phase
+        self.entered: list[AbstractContextManager[None]] = []
+
+    async def __aenter__(self) -> None:
+        phase = self.phase
+        for extension, factories in self.extensions:
+            factory = factories.get(phase)
+            if factory is not None:
+                manager = factory(extension)
+                try:
+                    manager.__enter__()
+                except BaseException as error:  # those entered are left first
+                    await self.__aexit__(type(error), error, error.__traceback__)
+                    raise
+                self.entered.append(manager)
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> bool:
+        pending = exc
+        while self.entered:
+            manager = self.entered.pop()
+            try:
+                if manager.__exit__(type(pending) if pending else None, pending,
+                                    pending.__traceback__ if pending else None):
+                    pending = None
+            except BaseException as raised:  # a hook's own, or re-raised
+                if raised is not pending:
+                    raised.__context__ = pending
+                pending = raised
+        if pending is exc:
+            return False  # the original exception (or none) goes on
+        if pending is None:
+            return True  # a hook suppressed it
+        raise pending
+
+
+class _Runner(SchemaExtensionsRunner):
+    """Strawberry's runner of extension hooks, for extensions whose hooks are all plain
+    generators (ours): Strawberry's wraps every hook of every extension in a new
+    context manager on each request (contextlib.contextmanager, functools.update_wrapper)
+    and runs them in ExitStacks, a tenth of a `{ __typename }` request (bench/). Relies on
+    Strawberry's Schema.execute using the runner's operation(), parsing(), validation() and
+    executing() as async context managers (tests/test_protocol.py pins it)."""
+
+    def __init__(self, execution_context: ExecutionContext,
+                 extensions: list[tuple[SchemaExtension, dict[str, _HookFactory]]]) -> None:
+        super().__init__(execution_context, [extension for extension, _ in extensions])
+        self._hooked = extensions
+
+    def operation(self) -> Any:
+        return _Phase(self._hooked, "on_operation")
+
+    def parsing(self) -> Any:
+        return _Phase(self._hooked, "on_parse")
+
+    def validation(self) -> Any:
+        return _Phase(self._hooked, "on_validate")
+
+    def executing(self) -> Any:
+        return _Phase(self._hooked, "on_execute")
+
+
 class Schema(strawberry.Schema):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lean_hooks: dict[type, dict[str, _HookFactory] | None] = {}
+
+    def create_extensions_runner(
+        self, execution_context: ExecutionContext, extensions: list[SchemaExtension]
+    ) -> SchemaExtensionsRunner:
+        hooked = []
+        known = self._lean_hooks
+        for extension in extensions:
+            cls = type(extension)
+            if cls not in known:
+                known[cls] = _hook_factories(cls)
+            factories = known[cls]
+            if factories is None:
+                return super().create_extensions_runner(execution_context, extensions)
+            hooked.append((extension, factories))
+        return _Runner(execution_context, hooked)
+
     def process_errors(
         self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
     ) -> None:
