@@ -218,17 +218,29 @@ class Metrics:
             "many again may overflow).", ["pool"], multiprocess_mode="livesum",
             registry=registry)
 
+        # Each metric's child per label values, as `labels()` finds it (the same object), found
+        # without its checks and locks on every request.
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def started(self, facts: RequestFacts) -> None:
-        self.in_flight.labels(facts.face).inc()
+        self._child(self.in_flight, facts.face).inc()
 
     def finished(self, facts: RequestFacts, status: int, seconds: float) -> None:
-        self.in_flight.labels(facts.face).dec()
-        self.requests.labels(facts.face, facts.operation_type, str(status)).inc()
-        self.latency.labels(facts.face, facts.operation_type).observe(seconds)
-        self.statements.labels(facts.face).observe(facts.statements)
-        self.database.labels(facts.face).observe(facts.database_s)
+        face = facts.face
+        self._child(self.in_flight, face).dec()
+        self._child(self.requests, face, facts.operation_type, str(status)).inc()
+        self._child(self.latency, face, facts.operation_type).observe(seconds)
+        self._child(self.statements, face).observe(facts.statements)
+        self._child(self.database, face).observe(facts.database_s)
         for code in facts.refusals:
-            self.refusals.labels(code).inc()
+            self._child(self.refusals, code).inc()
 
     def watch_pools(self, database: Database) -> None:
         engines: list[tuple[str, Engine]] = [("primary", database.primary_engine.sync_engine),

@@ -9,7 +9,6 @@ import logging
 import re
 from contextvars import ContextVar
 
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ulid import ULID
 
@@ -36,6 +35,18 @@ def accept_or_generate(incoming: str | None) -> str:
     return new_request_id()
 
 
+_HEADER_NAME = HEADER.lower().encode()
+
+
+def set_header(start: Message, name: bytes, value: bytes) -> None:
+    """`name` (lower case) set to `value` in an `http.response.start`, replacing any."""
+    raw = list(start.get("headers", ()))
+    if any(key.lower() == name for key, _ in raw):
+        raw = [(key, old) for key, old in raw if key.lower() != name]
+    raw.append((name, value))
+    start["headers"] = raw
+
+
 class RequestIdMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -56,7 +67,7 @@ class RequestIdMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                MutableHeaders(scope=message)[HEADER] = request_id
+                set_header(message, _HEADER_NAME, request_id.encode())
             await send(message)
 
         try:

@@ -8,7 +8,6 @@ import base64
 import hashlib
 import re
 
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 HEADERS = {
@@ -17,6 +16,7 @@ HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+_RAW_HEADERS = [(name.lower().encode(), value.encode()) for name, value in HEADERS.items()]
 _INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
 _SCRIPT_SRC = re.compile(r'<script[^>]*\ssrc="([^"]+)"')
 _STYLESHEET = re.compile(r'<link[^>]*\srel="stylesheet"[^>]*\shref="([^"]+)"'
@@ -47,6 +47,13 @@ def page_policy(html: str) -> str:
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
+def add_security_headers(start: Message) -> None:
+    """HEADERS, but those the response set itself, added to an `http.response.start`."""
+    raw = start["headers"] = list(start.get("headers", ()))
+    present = {name.lower() for name, _ in raw}
+    raw.extend(header for header in _RAW_HEADERS if header[0] not in present)
+
+
 class SecurityHeaders:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -58,9 +65,7 @@ class SecurityHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in HEADERS.items():
-                    headers.setdefault(name, value)
+                add_security_headers(message)
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
