@@ -112,16 +112,21 @@ class AccessLog:
             failed = False
         finally:
             observe.current.reset(token)
-            final = status if status is not None else 500 if failed else CLIENT_CLOSED
-            if scope.get(observe.TIMED_OUT):  # the connection answered 408 (a stalled body)
-                final = REQUEST_TIMEOUT_STATUS
-                facts.refusals.append(observe.REQUEST_TIMEOUT)
-            seconds = (ended or time.perf_counter()) - facts.started
-            if self.recorder is not None:
-                self.recorder.finished(facts, final, seconds)
-            if logger.isEnabledFor(logging.INFO):
-                _log(scope, facts, final, seconds)
+            self.finished(scope, facts, status, ended, failed=failed)
 
+    def finished(self, scope: Scope, facts: observe.RequestFacts, status: int | None,
+                 ended: float | None, *, failed: bool) -> None:
+        """The request's line and numbers: `status` as sent (None: none was), `ended` when
+        the answer's last byte was, `failed` when an error escaped."""
+        final = status if status is not None else 500 if failed else CLIENT_CLOSED
+        if scope.get(observe.TIMED_OUT):  # the connection answered 408 (a stalled body)
+            final = REQUEST_TIMEOUT_STATUS
+            facts.refusals.append(observe.REQUEST_TIMEOUT)
+        seconds = (ended or time.perf_counter()) - facts.started
+        if self.recorder is not None:
+            self.recorder.finished(facts, final, seconds)
+        if logger.isEnabledFor(logging.INFO):
+            _log(scope, facts, final, seconds)
 
     def head_timed_out(self, seconds: float) -> None:
         """A connection answered 408 to a request head that did not arrive in time: no

@@ -28,6 +28,7 @@ from consumers_graphql.web import api_docs, health, observe
 from consumers_graphql.web import tracing as web_tracing
 from consumers_graphql.web.access_log import AccessLog
 from consumers_graphql.web.deadline import RequestDeadline
+from consumers_graphql.web.edge import Edge
 from consumers_graphql.web.http_auth import (
     AuthenticationRequired,
     authentication_required_response,
@@ -184,11 +185,9 @@ def create_app(
     app.add_middleware(AccessLog, recorder=metrics)
     if tracing is None:
         # The same middleware as below, in the same order, around the GraphQL app alone.
-        stack: ASGIApp = ProtocolGuard(graphql, path=GRAPHQL_PATH,
-                                       max_body_bytes=settings.max_body_bytes)
-        stack = RequestDeadline(stack, seconds=settings.request_timeout_s)
-        stack = SecurityHeaders(RequestIdMiddleware(stack))
-        app.graphql_stack = AccessLog(stack, recorder=metrics)
+        app.graphql_stack = Edge(
+            ProtocolGuard(graphql, path=GRAPHQL_PATH, max_body_bytes=settings.max_body_bytes),
+            access_log=AccessLog(graphql, recorder=metrics), seconds=settings.request_timeout_s)
         app.graphql_route = graphql_route
     rest_errors.install(app)
     app.include_router(rest_routes.router)

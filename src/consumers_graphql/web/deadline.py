@@ -51,12 +51,18 @@ class RequestDeadline:
         except TimeoutError:
             if not deadline.expired():
                 raise  # the app's own, not the deadline's
-            current = request_id.current.get()
-            observe.refused(TIMEOUT)
-            logger.warning("request over its deadline of %s s: %s %s (request_id=%s)",
-                           self.seconds, scope["method"], logged_path(scope), current)
-            if not started:
-                await send_timeout(send, scope, self.seconds, current)
+            await timed_out(send, scope, self.seconds, started=started)
+
+
+async def timed_out(send: Send, scope: Scope, seconds: float, *, started: bool) -> None:
+    """The request's work was stopped at its deadline: counted, logged, and answered 504
+    unless its answer had started."""
+    current = request_id.current.get()
+    observe.refused(TIMEOUT)
+    logger.warning("request over its deadline of %s s: %s %s (request_id=%s)",
+                   seconds, scope["method"], logged_path(scope), current)
+    if not started:
+        await send_timeout(send, scope, seconds, current)
 
 
 async def send_timeout(send: Send, scope: Scope, seconds: float, current: str | None) -> None:

@@ -76,24 +76,31 @@ class RequestIdMiddleware:
             if started:
                 logger.exception("unhandled error (request_id=%s)", request_id)
                 raise
-            if outage.is_unavailable(error):
-                database = getattr(scope["app"].state, "database", None)
-                if database is not None:  # the app's lifespan ran
-                    database.failed(error)
-                status, headers, body = _unavailable(scope, request_id)
-            else:
-                # Starlette's own 500 is sent outside this middleware, without the id.
-                logger.exception("unhandled error (request_id=%s)", request_id)
-                status, headers, body = 500, [], _internal(scope, request_id)
-                headers.append((b"content-type", b"application/json"))
-            await send({"type": "http.response.start", "status": status, "headers": [
-                *headers,
-                (b"content-length", str(len(body)).encode()),
-                (HEADER.lower().encode(), request_id.encode()),
-            ]})
-            await send({"type": "http.response.body", "body": body})
+            await answer_unhandled(scope, error, request_id, send, with_id=True)
         finally:
             current.reset(token)
+
+
+async def answer_unhandled(scope: Scope, error: Exception, request_id: str, send: Send, *,
+                           with_id: bool) -> None:
+    """The answer to an error that escaped the app before its answer started: 503 when the
+    database is out of reach, else 500 (logged), both with the request id (in the body; in
+    the header too `with_id`, where `send` does not add it)."""
+    if outage.is_unavailable(error):
+        database = getattr(scope["app"].state, "database", None)
+        if database is not None:  # the app's lifespan ran
+            database.failed(error)
+        status, headers, body = _unavailable(scope, request_id)
+    else:
+        # Starlette's own 500 is sent outside this middleware, without the id.
+        logger.exception("unhandled error (request_id=%s)", request_id, exc_info=error)
+        status, headers, body = 500, [], _internal(scope, request_id)
+        headers.append((b"content-type", b"application/json"))
+    headers.append((b"content-length", str(len(body)).encode()))
+    if with_id:
+        headers.append((_HEADER_NAME, request_id.encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _is_rest(scope: Scope) -> bool:
