@@ -296,6 +296,7 @@ async def test_strawberry_runs_the_extension_hooks_through_our_runner() -> None:
     pyproject.toml): Schema.execute takes its runner from `create_extensions_runner` and
     enters its operation(), parsing(), validation() and executing() phases, nested so."""
     import strawberry
+    from strawberry.exceptions import MissingQueryError
     from strawberry.extensions import SchemaExtension
 
     from consumers_graphql.api import schema as api_schema
@@ -306,7 +307,11 @@ async def test_strawberry_runs_the_extension_hooks_through_our_runner() -> None:
     class Recorder(SchemaExtension):
         def on_operation(self) -> Any:
             calls.append("operation")
-            yield
+            try:
+                yield
+            except MissingQueryError:
+                calls.append("/operation: no query")
+                raise
             calls.append("/operation")
 
         def on_parse(self) -> Any:
@@ -344,3 +349,7 @@ async def test_strawberry_runs_the_extension_hooks_through_our_runner() -> None:
     assert [type(runner) for runner in runners] == [api_schema._Runner]
     assert calls == ["operation", "parse", "/parse", "validate", "/validate", "execute",
                      "/execute", "/operation"]
+    calls.clear()  # an exception goes through the hooks as through context managers
+    with pytest.raises(MissingQueryError):
+        await schema.execute(None)
+    assert calls == ["operation", "/operation: no query"]

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Generator, Iterable, Iterator
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -120,59 +119,80 @@ class OperationFacts(SchemaExtension):
 
 
 _PHASES = ("on_operation", "on_parse", "on_validate", "on_execute")
-_HookFactory = Callable[[SchemaExtension], AbstractContextManager[None]]
+_Hook = Callable[[SchemaExtension], Generator[None, None, None]]
 
 
-def _hook_factories(cls: type) -> dict[str, _HookFactory] | None:
-    """An extension class's hooks as context manager factories, made once per class; None
-    when one is not a plain generator (Strawberry's own runner then runs every hook)."""
-    factories: dict[str, _HookFactory] = {}
+def _hooks(cls: type) -> dict[str, _Hook] | None:
+    """An extension class's hooks by phase, found once per class; None when one is not a
+    plain generator function (Strawberry's own runner then runs every hook)."""
+    hooks: dict[str, _Hook] = {}
     for phase in _PHASES:
         hook = getattr(cls, phase)
         if hook is getattr(SchemaExtension, phase):
             continue
         if not inspect.isgeneratorfunction(hook):
             return None
-        factories[phase] = contextmanager(hook)
-    return factories
+        hooks[phase] = hook
+    return hooks
+
+
+def _leave(hook: Generator[None, None, None], error: BaseException | None) -> bool:
+    """The rest of a hook after its `yield`, as contextlib.contextmanager runs it: True when
+    the hook suppressed `error`."""
+    if error is None:
+        try:
+            next(hook)
+        except StopIteration:
+            return False
+        raise RuntimeError("an extension hook did not stop after its yield")
+    try:
+        hook.throw(error)
+    except StopIteration as stop:
+        return stop is not error
+    except BaseException as raised:
+        if raised is error:
+            return False
+        raise
+    raise RuntimeError("an extension hook did not stop after throw()")
 
 
 class _Phase:
-    """One phase's hooks entered in order and left in reverse, exceptions passed to each in
-    turn (an ExitStack's semantics), without making context managers per request."""
+    """One phase's hooks run to their `yield` in order, then on in reverse, an exception
+    passed to each in turn (contextlib's semantics, an ExitStack's), without a context
+    manager per hook and request."""
 
     __slots__ = ("entered", "extensions", "phase")
 
-    def __init__(self, extensions: list[tuple[SchemaExtension, dict[str, _HookFactory]]],
+    def __init__(self, extensions: list[tuple[SchemaExtension, dict[str, _Hook]]],
                  phase: str) -> None:
         self.extensions, self.phase = extensions, phase
-        self.entered: list[AbstractContextManager[None]] = []
+        self.entered: list[Generator[None, None, None]] = []
 
     async def __aenter__(self) -> None:
         phase = self.phase
-        for extension, factories in self.extensions:
-            factory = factories.get(phase)
-            if factory is not None:
-                manager = factory(extension)
+        for extension, hooks in self.extensions:
+            hook = hooks.get(phase)
+            if hook is not None:
+                running = hook(extension)
                 try:
-                    manager.__enter__()
+                    try:
+                        next(running)
+                    except StopIteration:
+                        raise RuntimeError("an extension hook did not yield") from None
                 except BaseException as error:  # those entered are left first
                     await self.__aexit__(type(error), error, error.__traceback__)
                     raise
-                self.entered.append(manager)
+                self.entered.append(running)
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> bool:
         pending = exc
         while self.entered:
-            manager = self.entered.pop()
             try:
-                if manager.__exit__(type(pending) if pending else None, pending,
-                                    pending.__traceback__ if pending else None):
+                if _leave(self.entered.pop(), pending):
                     pending = None
-            except BaseException as raised:  # a hook's own, or re-raised
-                if raised is not pending:
-                    raised.__context__ = pending
+            except BaseException as raised:  # a hook's own
+                raised.__context__ = pending
                 pending = raised
         if pending is exc:
             return False  # the original exception (or none) goes on
@@ -190,7 +210,7 @@ class _Runner(SchemaExtensionsRunner):
     executing() as async context managers (tests/test_protocol.py pins it)."""
 
     def __init__(self, execution_context: ExecutionContext,
-                 extensions: list[tuple[SchemaExtension, dict[str, _HookFactory]]]) -> None:
+                 extensions: list[tuple[SchemaExtension, dict[str, _Hook]]]) -> None:
         super().__init__(execution_context, [extension for extension, _ in extensions])
         self._hooked = extensions
 
@@ -210,7 +230,7 @@ class _Runner(SchemaExtensionsRunner):
 class Schema(strawberry.Schema):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._lean_hooks: dict[type, dict[str, _HookFactory] | None] = {}
+        self._lean_hooks: dict[type, dict[str, _Hook] | None] = {}
 
     def create_extensions_runner(
         self, execution_context: ExecutionContext, extensions: list[SchemaExtension]
@@ -220,7 +240,7 @@ class Schema(strawberry.Schema):
         for extension in extensions:
             cls = type(extension)
             if cls not in known:
-                known[cls] = _hook_factories(cls)
+                known[cls] = _hooks(cls)
             factories = known[cls]
             if factories is None:
                 return super().create_extensions_runner(execution_context, extensions)
