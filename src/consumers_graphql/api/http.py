@@ -55,6 +55,8 @@ _UTF8 = frozenset({"utf-8", "utf8"})
 _JSON_WHITESPACE = b" \t\n\r"
 BAD_REQUEST = "BAD_REQUEST"
 PAYLOAD_TOO_LARGE = observe.PAYLOAD_TOO_LARGE
+# Where ProtocolGuard leaves a POST's body, read whole.
+BODY = "consumers.graphql_body"
 
 
 def negotiate(accept: str | None) -> str | None:
@@ -107,7 +109,7 @@ class ProtocolGuard:
         if scope["type"] != "http" or scope["path"].rstrip("/") != self.path:
             await self.app(scope, receive, send)
             return
-        headers = Headers(scope=scope)
+        headers = _headers(scope)
         method = scope["method"]
         if method not in ("GET", "POST"):
             await _refuse(send, 405, "METHOD_NOT_ALLOWED",
@@ -148,13 +150,14 @@ class ProtocolGuard:
                               "The request body must be a JSON object: "
                               '{"query": ..., "variables": {...}, "operationName": ...}.')
                 return
+            scope[BODY] = body  # for GraphQLApp, which reads it no more
             receive = _replay(body, receive)
         elif not _is_utf8(scope["query_string"]):
             await _refuse(send, 400, BAD_REQUEST, "The query string is not valid UTF-8.")
             return
         await self.app(scope, receive, send)
 
-    async def _read_body(self, headers: Headers, receive: Receive) -> bytes | None:
+    async def _read_body(self, headers: dict[str, str], receive: Receive) -> bytes | None:
         """The whole body, or None as soon as it is known to be over the limit; _Disconnected
         when the client (or the server's body timeout) ended the request first."""
         declared = headers.get("content-length")
@@ -173,6 +176,19 @@ class ProtocolGuard:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
+
+
+_GUARDED = ("accept", "content-type", "content-length")
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    """The request headers the guard reads, each its first value, in one pass."""
+    found: dict[str, str] = {}
+    for raw_name, raw_value in scope["headers"]:
+        name = raw_name.decode("latin-1").lower()
+        if name in _GUARDED and name not in found:
+            found[name] = raw_value.decode("latin-1")
+    return found
 
 
 class _Disconnected(Exception):
@@ -294,7 +310,8 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
                 if data.get(name):
                     data[name] = self.decode_json(data[name])
         elif method == "POST":
-            data = self.decode_json(await request.body())
+            body = request.scope.get(BODY)
+            data = self.decode_json(body if body is not None else await request.body())
         else:  # ProtocolGuard answers 405 first
             raise _Refused(405, BAD_REQUEST, "GraphQL only supports GET and POST requests.")
         if not isinstance(data, dict):
