@@ -205,7 +205,8 @@ class _Runner(SchemaExtensionsRunner):
     """Strawberry's runner of extension hooks, for extensions whose hooks are all plain
     generators (ours): Strawberry's wraps every hook of every extension in a new
     context manager on each request (contextlib.contextmanager, functools.update_wrapper)
-    and runs them in ExitStacks, a tenth of a `{ __typename }` request (bench/). Relies on
+    and runs them in ExitStacks: about 0.07 ms of CPU, a quarter of a `{ __typename }`
+    request in process. Relies on
     Strawberry's Schema.execute using the runner's operation(), parsing(), validation() and
     executing() as async context managers (tests/test_protocol.py pins it)."""
 
