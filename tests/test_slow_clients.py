@@ -346,3 +346,24 @@ def test_serve_runs_on_uvloop_unless_h11_is_asked_for(
         pytest.skip("no /proc to read the server's loaded libraries from")
     uvloop = "/uvloop/loop." in maps.read_text()
     assert uvloop is (request.node.callspec.params["served"] == "httptools")
+
+
+@pytest.mark.parametrize("reads", [1, 2])
+def test_a_request_head_over_16_kib_gets_400_at_once(served: Served, reads: int) -> None:
+    # given a client whose request head goes on past 16 KiB (its memory is the server's)
+    with _connect(served) as sock:
+        sent = time.monotonic()
+        if reads == 2:  # the server reads the head's beginning first
+            sock.sendall(HEAD + b"X-Big: ")
+            time.sleep(0.1)
+        sock.sendall((b"" if reads == 2 else HEAD + b"X-Big: ") + b"a" * 20_000)
+        received, closed = _until_closed(sock)
+    # then it is refused as soon as it is over, not at the head's deadline
+    assert received.startswith(b"HTTP/1.1 400 "), received
+    assert closed - sent < TIMEOUT_S
+
+
+def test_a_request_head_under_16_kib_is_served(served: Served) -> None:
+    with _connect(served) as sock:
+        sock.sendall(HEAD + b"X-Big: " + b"a" * 12_000 + b"\r\n\r\n")
+        assert _responses(sock, 1) == [(200, b'{"status":"ok"}')]

@@ -53,6 +53,8 @@ _RESERVED_DESCRIPTORS = 64
 # the cap leaves that many descriptors free: else a burst meets EMFILE (and asyncio logs a
 # traceback for every connection of it).
 _BACKLOG = 2048
+# The most a request head may have, as uvicorn's h11 protocol allows (h11's default).
+_MAX_HEAD_BYTES = 16 * 1024
 # How long a closing connection still reads (and drops) what its client sends.
 _LINGER_S = 1.0
 # Refused connections lingering at once, at most (fewer when descriptors are scarce); the
@@ -299,10 +301,30 @@ class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._parsing = _Wait.IDLE  # where the parser is in the client's latest request
+        self._begun = self._completed = 0  # requests begun, requests read (to the end)
+        self._head_bytes = 0  # of the head being read
+
+    def data_received(self, data: bytes) -> None:
+        """Also refuses a head over h11's limit (llhttp has none: the head would grow until
+        its deadline), as uvicorn's h11 protocol does: 400, closed. Counted from the read
+        the head began in when that read began it, else from the next one."""
+        before, begun, completed = self._parsing, self._begun, self._completed
+        super().data_received(data)
+        if self._parsing is not _Wait.HEAD or self._lingering or self.transport.is_closing():
+            return
+        if self._begun == begun:  # the same head as before this read
+            self._head_bytes += len(data)
+        elif before is _Wait.IDLE and self._completed == completed:  # all of it this head's
+            self._head_bytes = len(data)
+        if self._head_bytes > _MAX_HEAD_BYTES:
+            message = "Invalid HTTP request received."
+            self.logger.warning(message)
+            self.send_400_response(message)
 
     # The parser's callbacks (it calls them by name)
     def on_message_begin(self) -> None:  # its first byte
-        self._parsing = _Wait.HEAD
+        self._parsing, self._head_bytes = _Wait.HEAD, 0
+        self._begun += 1
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
@@ -311,6 +333,7 @@ class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._parsing = _Wait.IDLE
+        self._completed += 1
         super().on_message_complete()
 
     def _busy(self) -> bool:
