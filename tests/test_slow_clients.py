@@ -1,15 +1,18 @@
 """Slow and idle clients against `consumers-graphql serve`, over real sockets: each phase of
 a connection has its deadline, the connection cap refuses at once what is over it, and a
-stop (SIGINT as SIGTERM) ends within the grace period.
+stop (SIGINT as SIGTERM) ends within the grace period. Each test runs on both of the
+server's HTTP/1.1 protocols (CONSUMERS_HTTP_PROTOCOL: httptools, the default, and h11).
 
 Timings are bounded both ways without racing the server: a deadline cannot fire early, and
 the upper bounds are the deadline plus a wide margin."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,10 +25,12 @@ MARGIN_S = 10.0
 HEAD = b"GET /healthz HTTP/1.1\r\nHost: test\r\n"
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[Served]:
     directory = tmp_path_factory.mktemp("slow")
     served = Served(f"sqlite+aiosqlite:///{directory / 'slow.db'}", directory, env={
+        "CONSUMERS_HTTP_PROTOCOL": request.param,
         "CONSUMERS_KEEP_ALIVE_TIMEOUT_S": str(TIMEOUT_S),
         "CONSUMERS_HEADER_TIMEOUT_S": str(TIMEOUT_S),
         "CONSUMERS_BODY_TIMEOUT_S": str(TIMEOUT_S),
@@ -214,3 +219,151 @@ def test_the_408s_of_slow_clients_are_counted_and_logged(served: Served) -> None
     assert any('"- - HTTP/1.1" 408 ' in line and "refused=REQUEST_TIMEOUT" in line
                for line in lines), lines
     assert "jo.slow" not in served.output
+
+
+def _responses(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    """The next `count` responses (status, body; each with a Content-Length) on `sock`."""
+    sock.settimeout(MARGIN_S)
+    buffer, found = b"", []
+    while len(found) < count:
+        head_end = buffer.find(b"\r\n\r\n")
+        if head_end >= 0:
+            head = buffer[:head_end].decode("latin-1").split("\r\n")
+            fields = dict(line.lower().split(": ", 1) for line in head[1:])
+            end = head_end + 4 + int(fields.get("content-length", "0"))
+            if len(buffer) >= end:
+                found.append((int(head[0].split()[1]), buffer[head_end + 4:end]))
+                buffer = buffer[end:]
+                continue
+        chunk = sock.recv(65536)
+        assert chunk, (found, buffer)
+        buffer += chunk
+    sock.settimeout(0.2)
+    assert buffer == b"", buffer
+    return found
+
+
+def _graphql_head(served: Served, *fields: bytes) -> bytes:
+    return b"\r\n".join([b"POST /graphql HTTP/1.1", b"Host: test",
+                         b"Content-Type: application/json",
+                         b"Authorization: Bearer " + served.secret().encode(), *fields,
+                         b"\r\n"])
+
+
+TYPENAME = b'{"query":"{ __typename }"}'
+
+
+def _typename(body: bytes) -> bool:
+    return bool(json.loads(body)["data"] == {"__typename": "Query"})
+
+
+def test_pipelined_requests_are_answered_in_order_then_the_connection_idles_out(
+    served: Served,
+) -> None:
+    # given three requests sent at once, the second with a body
+    with _connect(served) as sock:
+        sock.sendall(HEAD + b"\r\n"
+                     + _graphql_head(served, b"Content-Length: %d" % len(TYPENAME)) + TYPENAME
+                     + b"GET /livez HTTP/1.1\r\nHost: test\r\n\r\n")
+        answers = _responses(sock, 3)
+        idle = time.monotonic()
+        received, closed = _until_closed(sock)
+    # then each is answered, in order, on the one connection, which is closed once idle
+    assert [status for status, _ in answers] == [200, 200, 200], answers
+    assert answers[0][1] == b'{"status":"ok"}'
+    assert _typename(answers[1][1])
+    assert received == b""
+    assert closed - idle >= TIMEOUT_S - 0.2  # its clock ran from the last answer
+
+
+def test_a_pipelined_request_that_never_completes_its_head_gets_408_after_the_answers(
+    served: Served,
+) -> None:
+    with _connect(served) as sock:
+        sent = time.monotonic()
+        sock.sendall(HEAD + b"\r\n" + HEAD + b"\r\n" + HEAD)  # the third head never ends
+        received, closed = _until_closed(sock)
+    assert received.count(b"HTTP/1.1 200 ") == 2, received
+    assert received.endswith(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n"
+                             b"connection: close\r\n\r\n"), received
+    assert closed - sent >= TIMEOUT_S
+
+
+@pytest.mark.parametrize("stall", [False, True], ids=["whole", "stalled"])
+def test_a_chunked_body_is_read_and_a_stalled_one_gets_408(served: Served,
+                                                           stall: bool) -> None:
+    chunks = [TYPENAME[:5], TYPENAME[5:]]
+    with _connect(served) as sock:
+        sent = time.monotonic()
+        sock.sendall(_graphql_head(served, b"Transfer-Encoding: chunked")
+                     + b"%x\r\n%s\r\n" % (len(chunks[0]), chunks[0]))
+        if stall:  # the rest of the body never comes
+            received, closed = _until_closed(sock)
+            assert received.startswith(b"HTTP/1.1 408 "), received
+            assert closed - sent >= TIMEOUT_S
+            return
+        time.sleep(TIMEOUT_S / 2)  # less than the body timeout between two reads
+        sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(chunks[1]), chunks[1]))
+        [(status, body)] = _responses(sock, 1)
+        assert status == 200 and _typename(body), body
+        # and the connection is kept for the next request
+        sock.sendall(HEAD + b"\r\n")
+        assert _responses(sock, 1) == [(200, b'{"status":"ok"}')]
+
+
+def test_expect_100_continue_is_answered_when_the_body_is_read(served: Served) -> None:
+    with _connect(served) as sock:
+        sock.sendall(_graphql_head(served, b"Content-Length: %d" % len(TYPENAME),
+                                   b"Expect: 100-continue"))
+        sock.settimeout(MARGIN_S)
+        interim = sock.recv(4096)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", interim
+        sock.sendall(TYPENAME)
+        [(status, body)] = _responses(sock, 1)
+        assert status == 200 and _typename(body), body
+
+
+def test_a_client_expecting_100_continue_answered_without_its_body_is_closed(
+    served: Served,
+) -> None:
+    # given a request with Expect: 100-continue that is refused before its body is read
+    with _connect(served) as sock:
+        sock.sendall(b"POST /api/v1/consumers HTTP/1.1\r\nHost: test\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: 1000000\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        received, _ = _until_closed(sock)
+    # then the client is told no without a 100 Continue, and the connection closed
+    assert received.startswith(b"HTTP/1.1 401 "), received
+
+
+def test_serve_runs_on_uvloop_unless_h11_is_asked_for(
+    served: Served, request: pytest.FixtureRequest,
+) -> None:
+    """httptools' protocol on uvloop by default; h11's on asyncio's own loop when asked for
+    (the tests above are what says which protocol answered: they pass on both)."""
+    maps = Path(f"/proc/{served.process.pid}/maps")
+    if not maps.exists():
+        pytest.skip("no /proc to read the server's loaded libraries from")
+    uvloop = "/uvloop/loop." in maps.read_text()
+    assert uvloop is (request.node.callspec.params["served"] == "httptools")
+
+
+@pytest.mark.parametrize("reads", [1, 2])
+def test_a_request_head_over_16_kib_gets_400_at_once(served: Served, reads: int) -> None:
+    # given a client whose request head goes on past 16 KiB (its memory is the server's)
+    with _connect(served) as sock:
+        sent = time.monotonic()
+        if reads == 2:  # the server reads the head's beginning first
+            sock.sendall(HEAD + b"X-Big: ")
+            time.sleep(0.1)
+        sock.sendall((b"" if reads == 2 else HEAD + b"X-Big: ") + b"a" * 20_000)
+        received, closed = _until_closed(sock)
+    # then it is refused as soon as it is over, not at the head's deadline
+    assert received.startswith(b"HTTP/1.1 400 "), received
+    assert closed - sent < TIMEOUT_S
+
+
+def test_a_request_head_under_16_kib_is_served(served: Served) -> None:
+    with _connect(served) as sock:
+        sock.sendall(HEAD + b"X-Big: " + b"a" * 12_000 + b"\r\n\r\n")
+        assert _responses(sock, 1) == [(200, b'{"status":"ok"}')]

@@ -110,9 +110,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def _server_options(settings: Settings, limits: ConnectionLimits) -> dict[str, Any]:
     """uvicorn's options for one serving process, a single `serve` or each worker."""
+    from consumers_graphql.settings import HttpProtocol
     from consumers_graphql.web.logs import log_config
 
     return {
+        # httptools' protocol on uvloop (uvicorn's "auto": asyncio's own loop where uvloop
+        # is not installed); h11's, the pure-Python fallback, on asyncio's loop
+        "loop": "asyncio" if limits.http is HttpProtocol.H11 else "auto",
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,

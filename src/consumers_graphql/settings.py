@@ -55,6 +55,11 @@ class WorkerSockets(StrEnum):
     SHARED = "shared"
 
 
+class HttpProtocol(StrEnum):
+    HTTPTOOLS = "httptools"
+    H11 = "h11"
+
+
 class LogFormat(StrEnum):
     TEXT = "text"
     JSON = "json"
@@ -92,6 +97,10 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(default=10.0, gt=0)
     body_timeout_s: float = Field(default=30.0, gt=0)
     max_connections: int = Field(default=1_000, ge=1)
+    # `serve`'s HTTP/1.1: uvicorn's httptools protocol on the uvloop event loop, or `h11`,
+    # uvicorn's pure-Python protocol on asyncio's own loop (the fallback, ~0.3 ms more CPU a
+    # request). README "Slow and idle clients".
+    http_protocol: HttpProtocol = HttpProtocol.HTTPTOOLS
     # Server-side secret mixed into every API key hash (HMAC-SHA256): a stolen database alone
     # cannot be used to check guesses. Changing it invalidates every existing key.
     key_pepper: SecretStr | None = None

@@ -1,5 +1,6 @@
-"""Slow and idle clients, for `serve`: uvicorn's HTTP/1.1 protocol (h11) with deadlines for
-every phase of a connection and a cap on how many are open.
+"""Slow and idle clients, for `serve`: uvicorn's HTTP/1.1 protocol (httptools, or h11 with
+CONSUMERS_HTTP_PROTOCOL=h11) with deadlines for every phase of a connection and a cap on how
+many are open.
 
 uvicorn closes a kept-alive connection after `timeout_keep_alive`, but a connection that
 never completes its request head, or sends its body a byte a minute, is kept forever: a few
@@ -10,7 +11,8 @@ Here a connection must, from the moment it opens or its last response ends,
 - keep its body coming: no more than the body timeout between two reads of it (408,
   closed; never counted while the application has not asked for the body);
 a connection answered before its request's body is all in (a 401, a 504) is closed: h11
-cannot reuse it, and uvicorn would drop what more comes while waiting for it forever;
+cannot reuse it, httptools would read and drop the rest of the body, however slowly it
+comes;
 and a connection over the cap is answered 503 with Retry-After and closed at once.
 Every close after an answer is a lingering one (RFC 9112 §9.6): the answer is sent, the
 sending side shut, and what the client still sends discarded for a moment, so that a reset
@@ -25,15 +27,20 @@ import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from consumers_graphql.settings import Settings
+from consumers_graphql.settings import HttpProtocol, Settings
 from consumers_graphql.web import observe
 
 logger = logging.getLogger("consumers_graphql.http")
+
+if TYPE_CHECKING:
+    from uvicorn.protocols.http.flow_control import FlowControl
+    from uvicorn.server import Protocols
 
 _TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _FULL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n"
@@ -46,6 +53,8 @@ _RESERVED_DESCRIPTORS = 64
 # the cap leaves that many descriptors free: else a burst meets EMFILE (and asyncio logs a
 # traceback for every connection of it).
 _BACKLOG = 2048
+# The most a request head may have, as uvicorn's h11 protocol allows (h11's default).
+_MAX_HEAD_BYTES = 16 * 1024
 # How long a closing connection still reads (and drops) what its client sends.
 _LINGER_S = 1.0
 # Refused connections lingering at once, at most (fewer when descriptors are scarce); the
@@ -65,6 +74,7 @@ class ConnectionLimits:
     header_s: float
     body_s: float
     max_connections: int
+    http: HttpProtocol = HttpProtocol.HTTPTOOLS
     backlog: int = _BACKLOG
     lingering_refusals: int = _LINGERING_REFUSALS
 
@@ -80,7 +90,8 @@ class ConnectionLimits:
             lingering = min(lingering, backlog)
             cap = min(cap, max(1, spare - backlog - lingering))
         return cls(idle_s=settings.keep_alive_timeout_s, header_s=settings.header_timeout_s,
-                   body_s=settings.body_timeout_s, max_connections=cap, backlog=backlog,
+                   body_s=settings.body_timeout_s, max_connections=cap,
+                   http=settings.http_protocol, backlog=backlog,
                    lingering_refusals=lingering)
 
     def protocol(self) -> type[asyncio.Protocol]:
@@ -96,15 +107,40 @@ class ConnectionLimits:
 
 
 @functools.cache
-def _protocol_class(limits: ConnectionLimits) -> type[LimitedH11Protocol]:
-    return type("LimitedH11Protocol", (LimitedH11Protocol,), {"limits": limits})
+def _protocol_class(limits: ConnectionLimits) -> type[asyncio.Protocol]:
+    base: type[_Limited] = (LimitedH11Protocol if limits.http is HttpProtocol.H11
+                            else LimitedHttpToolsProtocol)
+    return type(base.__name__, (base,), {"limits": limits})
 
 
 def _new_protocol(limits: ConnectionLimits, *args: Any, **kwargs: Any) -> asyncio.Protocol:
     return _protocol_class(limits)(*args, **kwargs)
 
 
-class LimitedH11Protocol(H11Protocol):
+if TYPE_CHECKING:
+    class _Uvicorn(asyncio.Protocol):
+        """What `_Limited` uses of uvicorn's HTTP/1.1 protocols (h11's and httptools'); the
+        contract is tested by tests/test_slow_clients.py, on both."""
+
+        loop: asyncio.AbstractEventLoop
+        transport: asyncio.Transport
+        flow: FlowControl
+        connections: set[Protocols]
+        app_state: dict[str, Any]
+        timeout_keep_alive: int  # a float works
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
+        def on_response_complete(self) -> None: ...
+        def _unset_keepalive_if_required(self) -> None: ...
+else:
+    _Uvicorn = object
+
+
+class _Limited(_Uvicorn):
+    """The deadlines, the cap and the lingering closes, on either of uvicorn's protocols:
+    each says what the connection waits for from its client (`_client_wait`), and which
+    request the application is on (`_current`)."""
+
     limits: ConnectionLimits
     _full = False  # the cap was reached (logged once until connections are accepted again)
     _refusals = 0  # refused connections still lingering
@@ -116,6 +152,16 @@ class LimitedH11Protocol(H11Protocol):
         self._waiting: _Wait | None = None
         self._lingering = False
         self._refused = False
+
+    def _client_wait(self) -> _Wait | None:
+        """What the connection waits for from its client: None while the application has
+        the request (or the next one, pipelined, waits for it)."""
+        raise NotImplementedError
+
+    def _current(self) -> Any:
+        """The request/response cycle whose body is read now, if any (uvicorn's
+        RequestResponseCycle, of either protocol)."""
+        raise NotImplementedError
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's own
         if len(self.connections) >= self.limits.max_connections:
@@ -152,9 +198,12 @@ class LimitedH11Protocol(H11Protocol):
         self._watch(received=True)
 
     def on_response_complete(self) -> None:
+        answered_early = self._client_wait() is _Wait.BODY
         super().on_response_complete()
-        if not self.transport.is_closing() and self.conn.their_state is h11.SEND_BODY:
-            self._unset_keepalive_if_required()
+        # uvicorn's keep-alive timer closes without a word, even on a connection whose next
+        # request has begun (pipelined): the clocks here say when, and answer 408 for a head.
+        self._unset_keepalive_if_required()
+        if answered_early and not self.transport.is_closing():
             self._close_lingering()  # answered before the body was in: nothing more to serve
             return
         self._watch()
@@ -178,13 +227,7 @@ class LimitedH11Protocol(H11Protocol):
         if self.transport.is_closing() or self.transport.get_protocol() is not self:
             self._stop_clock()  # closed, or upgraded to another protocol (a WebSocket)
             return
-        state = self.conn.their_state
-        if state is h11.IDLE:
-            waiting = _Wait.HEAD if self.conn.trailing_data[0] else _Wait.IDLE
-        elif state is h11.SEND_BODY:
-            waiting = _Wait.BODY
-        else:
-            waiting = None  # the request is in; the application has the connection
+        waiting = self._client_wait()
         if waiting is self._waiting and not (waiting is _Wait.BODY and received):
             return  # the head's deadline runs from its first byte; the body's from each read
         self._stop_clock()
@@ -214,19 +257,17 @@ class LimitedH11Protocol(H11Protocol):
         self._clock, self._waiting = None, None
         if self.transport.is_closing():
             return
-        cycle = self.cycle
-        if waiting is _Wait.BODY and cycle is not None and not cycle.response_complete and (
+        cycle = self._current() if waiting is _Wait.BODY else None
+        if cycle is not None and not cycle.response_complete and (
             self.flow.read_paused or cycle.waiting_for_100_continue
         ):
-            self._start_clock(waiting)  # the application has not asked for more yet
+            self._start_clock(waiting)  # type: ignore[arg-type]  # BODY; the application has not asked for more yet
             return
-        if waiting is _Wait.HEAD or (
-            waiting is _Wait.BODY and cycle is not None and not cycle.response_started
-        ):
-            if cycle is not None and waiting is _Wait.BODY:
+        if waiting is _Wait.HEAD or (cycle is not None and not cycle.response_started):
+            if cycle is not None:
                 # The application's receive() now sees a disconnect; what it sends is dropped.
                 # Its access line and metrics say 408 (web/access_log.py).
-                cycle.scope[observe.TIMED_OUT] = True  # type: ignore[literal-required]  # a key of ours
+                cycle.scope[observe.TIMED_OUT] = True
                 cycle.disconnected = True
                 cycle.message_event.set()
             else:
@@ -234,3 +275,78 @@ class LimitedH11Protocol(H11Protocol):
             self._close_lingering(_TIMED_OUT)
             return
         self.transport.close()
+
+
+class LimitedH11Protocol(_Limited, H11Protocol):
+    """uvicorn's h11 protocol (pure Python) with the limits: h11 says what it waits for."""
+
+    def _client_wait(self) -> _Wait | None:
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            return _Wait.HEAD if self.conn.trailing_data[0] else _Wait.IDLE
+        if state is h11.SEND_BODY:
+            return _Wait.BODY
+        return None  # the request is in; the application has the connection
+
+    def _current(self) -> Any:
+        return self.cycle
+
+
+class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
+    """uvicorn's httptools protocol (llhttp, in C) with the limits. Its parser reads ahead:
+    the next request of a pipelining client is parsed (its head, some of its body) while
+    the application works on the one before, and waits in `pipeline` (reading paused) for
+    it. Deadlines for that next request start once the application is done, as with h11."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._parsing = _Wait.IDLE  # where the parser is in the client's latest request
+        self._begun = self._completed = 0  # requests begun, requests read (to the end)
+        self._head_bytes = 0  # of the head being read
+
+    def data_received(self, data: bytes) -> None:
+        """Also refuses a head over h11's limit (llhttp has none: the head would grow until
+        its deadline), as uvicorn's h11 protocol does: 400, closed. Counted from the read
+        the head began in when that read began it, else from the next one."""
+        before, begun, completed = self._parsing, self._begun, self._completed
+        super().data_received(data)
+        if self._parsing is not _Wait.HEAD or self._lingering or self.transport.is_closing():
+            return
+        if self._begun == begun:  # the same head as before this read
+            self._head_bytes += len(data)
+        elif before is _Wait.IDLE and self._completed == completed:  # all of it this head's
+            self._head_bytes = len(data)
+        if self._head_bytes > _MAX_HEAD_BYTES:
+            message = "Invalid HTTP request received."
+            self.logger.warning(message)
+            self.send_400_response(message)
+
+    # The parser's callbacks (it calls them by name)
+    def on_message_begin(self) -> None:  # its first byte
+        self._parsing, self._head_bytes = _Wait.HEAD, 0
+        self._begun += 1
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._parsing = _Wait.BODY
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._parsing = _Wait.IDLE
+        self._completed += 1
+        super().on_message_complete()
+
+    def _busy(self) -> bool:
+        """The application has a request of this connection (and maybe more queued)."""
+        return bool(self.pipeline) or (self.cycle is not None
+                                       and not self.cycle.response_complete)
+
+    def _client_wait(self) -> _Wait | None:
+        if self._parsing is _Wait.BODY:
+            # the latest request's body: read for the application, unless that request is
+            # queued behind another (`cycle` is the latest; reading is paused then)
+            return None if self.pipeline else _Wait.BODY
+        return None if self._busy() else self._parsing
+
+    def _current(self) -> Any:
+        return None if self.pipeline else self.cycle
