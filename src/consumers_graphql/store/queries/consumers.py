@@ -294,8 +294,8 @@ def _windowed(conditions: Callable[[], list[Any]]) -> Limiter:
     def limited(tagged: Select[Any], ordering: list[Any], limit: Any) -> Select[Any]:
         search = and_(*conditions())
         keys = [o.element for o in ordering]  # (sort column, id): all the steps carry
-        window = (
-            tagged.with_only_columns(*keys, search.label("_hit")).order_by(*ordering)
+        window = (  # tested with the exact LIKE alone: no index to serve here
+            tagged.with_only_columns(*keys, _SEARCH_LIKE.label("_hit")).order_by(*ordering)
             .limit(literal_column(str(SEARCH_WINDOW))).cte().prefix_with("MATERIALIZED")
         )
         # The window is read only as far as the page's matches: a CTE is read on demand,
