@@ -275,10 +275,10 @@ def _search_count(kind: str) -> Select[Any]:
 # guesses a handful: `garcia`, 22,000 of a million, was read whole through the trigram index
 # and sorted (82 ms) where walking the sort index finds its page after ~1,000 rows. So a
 # search page takes its rows in two steps whose plans no estimate can turn around:
-# - the window: the first SEARCH_WINDOW rows in the page's order (cursor bounds and the
-#   other filters applied), read by the sort index (an ORDER BY ... LIMIT of a literal),
-#   the LIKE tested on each; a term matching one row in SEARCH_WINDOW / page size finds its
-#   page there;
+# - the window: the first rows in the page's order (cursor bounds and the other filters
+#   applied), read by the sort index (an ORDER BY ... LIMIT of a literal), the LIKE tested on
+#   each; 100 rows per row of the page (search_window), so that a term matching one row in
+#   a hundred finds its page there, and at least SEARCH_WINDOW;
 # - only when it did not (a rarer term, or the window reached the end), every match through
 #   the trigram index (a MATERIALIZED CTE: a set, no order to walk), minus the window's
 #   rows, sorted: a few thousand rows at most, since the term is rare.
@@ -287,16 +287,24 @@ def _search_count(kind: str) -> Select[Any]:
 SEARCH_WINDOW = 2000
 
 
-def _windowed(conditions: Callable[[], list[Any]]) -> Limiter:
+def search_window(size: int) -> int:
+    """The window of a page of `size` rows: 100 rows per row, in steps of 1,000 (each size
+    class is a statement of its own), at least SEARCH_WINDOW."""
+    return max(SEARCH_WINDOW, -(-size // 10) * 1000)
+
+
+@lru_cache(maxsize=32)
+def _windowed(name: str, window_rows: int) -> Limiter:
     """The pagination.Limiter of a PostgreSQL search page (see SEARCH_WINDOW): `tagged` has
-    the page's other filters and cursor bounds, `conditions` is the search."""
+    the page's other filters and cursor bounds, _FILTERS[name] is the search."""
+    conditions = _FILTERS[name]
 
     def limited(tagged: Select[Any], ordering: list[Any], limit: Any) -> Select[Any]:
         search = and_(*conditions())
         keys = [o.element for o in ordering]  # (sort column, id): all the steps carry
         window = (  # tested with the exact LIKE alone: no index to serve here
             tagged.with_only_columns(*keys, _SEARCH_LIKE.label("_hit")).order_by(*ordering)
-            .limit(literal_column(str(SEARCH_WINDOW))).cte().prefix_with("MATERIALIZED")
+            .limit(literal_column(str(window_rows))).cte().prefix_with("MATERIALIZED")
         )
         # The window is read only as far as the page's matches: a CTE is read on demand,
         # in the order its rows were made (the index's).
@@ -308,7 +316,7 @@ def _windowed(conditions: Callable[[], list[Any]]) -> Limiter:
             # the window is whole (not the last rows there are).
             select(func.count()).select_from(found).scalar_subquery() < limit,
             select(func.count()).select_from(window).scalar_subquery()
-            >= literal_column(str(SEARCH_WINDOW)),
+            >= literal_column(str(window_rows)),
             matches.c.id.not_in(select(window.c.id)),
         )
         both = union_all(hits, beyond).subquery()
@@ -325,9 +333,7 @@ def _windowed(conditions: Callable[[], list[Any]]) -> Limiter:
     return limited
 
 
-_WINDOWED: dict[str, Limiter] = {
-    name: _windowed(_FILTERS[name]) for name in ("search", "search_trgm")
-}
+_WINDOWED = ("search", "search_trgm")
 
 
 def _page_base(names: tuple[str, ...]) -> Select[Any]:
@@ -431,9 +437,10 @@ class ConsumerReads(Reads):
         search = next((n for n in names if n in _WINDOWED), None)
         if search is not None and self._reader.dialect == "postgresql":
             others = tuple(n for n in names if n != search)
+            window = search_window(request.size)
             statement, page_params = page_statement(
-                ("consumers", names, "windowed"), lambda: _page_base(others), sort, request,
-                limiter=_WINDOWED[search],
+                ("consumers", names, window), lambda: _page_base(others), sort, request,
+                limiter=_windowed(search, window),
             )
         else:
             statement, page_params = page_statement(
