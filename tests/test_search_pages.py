@@ -1,7 +1,8 @@
 """Search pages are exact whichever way their rows are found: on PostgreSQL a page is looked
-for in a window of the first SEARCH_WINDOW rows in its order, then among all the matches
-beyond it (store/queries/consumers.py). Pages are checked against a brute-force filter of
-the rows, across the window's end, in both directions, on plain and nullable sorts."""
+for in a window of the first rows in its order (search_window: SEARCH_WINDOW for a page of
+20 or fewer), then among all the matches beyond it (store/queries/consumers.py). Pages are
+checked against a brute-force filter of the rows, across the window's end, in both
+directions, on plain and nullable sorts."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from consumers_graphql.store.queries.consumers import SEARCH_WINDOW
+from consumers_graphql.store.queries.consumers import SEARCH_WINDOW, search_window
 from tests.conftest import GraphQL
 from tests.factories import BASE_TIME, consumer_row, insert_consumers
 
@@ -25,8 +26,8 @@ query($search: String, $sortBy: ConsumerSortField!, $sortDir: SortDirection!, $f
 }
 """
 
-# The first page of a sort is looked for among its first SEARCH_WINDOW rows; EXTRA more lie
-# beyond them, at either end of the order.
+# The first page of 20 or fewer rows is looked for among the first SEARCH_WINDOW rows of its
+# order; EXTRA more lie beyond them, at either end (a page of 100 has them all in its window).
 EXTRA = 400
 TOTAL = SEARCH_WINDOW + EXTRA
 
@@ -115,6 +116,7 @@ async def test_a_page_runs_past_the_window_exactly(gql: GraphQL, write_engine: A
     rows = given_rows()
     await insert_consumers(write_engine, rows)
     want = expected(rows, "needle", "CREATED_AT", True)
+    assert search_window(20) == SEARCH_WINDOW < TOTAL
     in_window = [r["id"] for r in rows[-SEARCH_WINDOW:] if "needle" in r["search_text"]]
     assert 0 < len(in_window) < 20 < len(want) + 5  # the first page needs rows beyond it
     page = (await gql.data(PAGE, {"search": "needle", "sortBy": "CREATED_AT",
