@@ -271,13 +271,14 @@ def fresh_url(search: Dataset) -> str:
     return f"{search.url}_fresh"
 
 
-async def make_fresh_copy(search: Dataset) -> str:
+async def make_fresh_copy(search: Dataset) -> str | None:
     """PostgreSQL: a copy of the search database as a bulk load leaves it before autovacuum
     analyses it (issue 14): no column statistics for consumers and consumer_search, their
     row counts unknown (reltuples -1: the planner estimates from the pages), autovacuum off
     on both so that it stays so for the run. Made again each run (a file copy, seconds), its
-    API key the search database's. Returns its URL."""
-    from sqlalchemy import text
+    API key the search database's. Returns its URL; None (and says why) when the server
+    does not let this user make it (it takes a superuser, as `postgres` is here)."""
+    from sqlalchemy import exc, text
     from sqlalchemy.ext.asyncio import create_async_engine
 
     url = fresh_url(search)
@@ -302,6 +303,9 @@ async def make_fresh_copy(search: Dataset) -> str:
                                         f"'{table}'::regclass"))
                 await conn.execute(text("UPDATE pg_class SET reltuples = -1 WHERE oid = "
                                         f"'{table}'::regclass"))
+    except exc.DBAPIError as error:
+        log(f"fresh search database skipped: {str(error.orig).splitlines()[0]}")
+        return None
     finally:
         await engine.dispose()
     return url
