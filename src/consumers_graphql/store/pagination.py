@@ -283,7 +283,6 @@ def order_and_limit(tagged: Select[Any], ordering: list[Any], limit: Any) -> Sel
     return tagged.order_by(*ordering).limit(limit)
 
 
-
 def page_statement(
     base_key: Hashable,
     base: Callable[[], Select[Any]],
