@@ -267,6 +267,50 @@ def build_datasets(datasets: list[Dataset], rebuild: bool) -> dict[str, Any]:
     return {"built": [d.name for d in todo], "seconds": round(time.perf_counter() - started, 1)}
 
 
+def fresh_url(search: Dataset) -> str:
+    return f"{search.url}_fresh"
+
+
+async def make_fresh_copy(search: Dataset) -> str | None:
+    """PostgreSQL: a copy of the search database as a bulk load leaves it before autovacuum
+    analyses it (issue 14): no column statistics for consumers and consumer_search, their
+    row counts unknown (reltuples -1: the planner estimates from the pages), autovacuum off
+    on both so that it stays so for the run. Made again each run (a file copy, seconds), its
+    API key the search database's. Returns its URL; None (and says why) when the server
+    does not let this user make it (it takes a superuser, as `postgres` is here)."""
+    from sqlalchemy import exc, text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = fresh_url(search)
+    name, template = url.rsplit("/", 1)[1], search.url.rsplit("/", 1)[1]
+    assert name.startswith("consumers_bench"), name
+    admin = create_async_engine(_pg_admin_url(url), isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            version = (await conn.execute(text("SHOW server_version_num"))).scalar_one()
+            strategy = " STRATEGY FILE_COPY" if int(version) >= 150000 else ""
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            await conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"{strategy}'))
+    finally:
+        await admin.dispose()
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            for table in ("consumers", "consumer_search"):
+                await conn.execute(text(f"ALTER TABLE {table} SET (autovacuum_enabled = off, "
+                                        "toast.autovacuum_enabled = off)"))
+                await conn.execute(text("DELETE FROM pg_statistic WHERE starelid = "
+                                        f"'{table}'::regclass"))
+                await conn.execute(text("UPDATE pg_class SET reltuples = -1 WHERE oid = "
+                                        f"'{table}'::regclass"))
+    except exc.DBAPIError as error:
+        log(f"fresh search database skipped: {str(error.orig).splitlines()[0]}")
+        return None
+    finally:
+        await engine.dispose()
+    return url
+
+
 async def migrated_with_a_key(settings: Settings, name: str) -> str:
     """Migrations up to date and a fresh API key (named `name` and the time): its secret."""
     from consumers_graphql.store.db import Database, make_engine
@@ -329,8 +373,12 @@ async def prepare(main: Dataset, search: Dataset, smoke: bool) -> dict[str, Any]
     finally:
         await engine.dispose()
     sample = random.Random(7).sample(ids, min(20, len(ids)))
+    fresh = None
+    if search.database == "postgresql":
+        fresh = await make_fresh_copy(search)
+        secrets[f"{search.name}_fresh"] = secrets[search.name]
     return {"secrets": secrets, "pepper": pepper, "cursors": cursors, "deep_row": deep,
-            "ids": sample, "consumers": total}
+            "ids": sample, "consumers": total, "fresh_url": fresh}
 
 
 def make_variants(database: str, main: Dataset, search: Dataset, prep: dict[str, Any],
@@ -356,12 +404,17 @@ def make_variants(database: str, main: Dataset, search: Dataset, prep: dict[str,
                 {**loa_desc, "after": cur["LAST_ORDER_AT:DESC"]}),
     ]
     terms = SEARCH_TERMS[:1] if smoke else SEARCH_TERMS
-    for what, term in terms:
-        items.append(Variant(f"W3 {what}", "graphql", database, s, workloads.SEARCH,
-                             {"search": term}, extra={"dataset": "search"}))
-        items.append(Variant(f"W3 {what} totalCount", "graphql", database, s,
-                             workloads.SEARCH_COUNT, {"search": term},
-                             extra={"dataset": "search"}))
+    # PostgreSQL: each search also on a copy no ANALYZE has seen (make_fresh_copy)
+    searched = [("", s, "search")] + (
+        [(" fresh", prep["fresh_url"], "search_fresh")] if prep.get("fresh_url") else [])
+    for suffix, url, dataset in searched:
+        for what, term in terms:
+            items.append(Variant(f"W3 {what}{suffix}", "graphql", database, url,
+                                 workloads.SEARCH, {"search": term},
+                                 extra={"dataset": dataset}))
+            items.append(Variant(f"W3 {what}{suffix} totalCount", "graphql", database, url,
+                                 workloads.SEARCH_COUNT, {"search": term},
+                                 extra={"dataset": dataset}))
     items += [
         Variant("W4 consumer", "graphql", database, m, workloads.CONSUMER,
                 {"id": prep["ids"][0]}),
@@ -458,12 +511,19 @@ def difference(a: Any, b: Any, path: str = "",
     return None if a == b else f"{path}: {names[0]}'s {a!r} vs {names[1]}'s {b!r}"
 
 
+def _secrets_by_url(prep: dict[str, Any], main: Dataset, search: Dataset) -> dict[str, str]:
+    found = {main.url: prep["secrets"][main.name], search.url: prep["secrets"][search.name]}
+    if prep.get("fresh_url"):
+        found[prep["fresh_url"]] = prep["secrets"][search.name]
+    return found
+
+
 def in_process(database: str, variants: list[Variant], prep: dict[str, Any],
                main: Dataset, search: Dataset, args: argparse.Namespace) -> dict[str, Any]:
     """Every variant in its own process, measured in interleaved rounds."""
     log_dir = DATA_DIR / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    secret_of = {main.url: prep["secrets"][main.name], search.url: prep["secrets"][search.name]}
+    secret_of = _secrets_by_url(prep, main, search)
     graphql = [v for v in variants if v.kind == "graphql"]
     workers: dict[str, Worker] = {}
     results: dict[str, Any] = {}
@@ -524,7 +584,8 @@ def in_process(database: str, variants: list[Variant], prep: dict[str, Any],
             statements = captures[v.name]["statements"]
             results[v.name] = {
                 "variant": v.name, "kind": v.kind, "database": database,
-                "dataset": search.name if v.url == search.url else main.name,
+                "dataset": {search.url: search.name, prep.get("fresh_url"): f"{search.name}_fresh"
+                            }.get(v.url, main.name),
                 "variables": {k: val for k, val in v.variables.items() if k != "input"},
                 "samples": len(times),
                 "median_ms": statistics.median(times) * 1000,
@@ -929,7 +990,7 @@ def profile(args: argparse.Namespace, plan: dict[str, tuple[Dataset, Dataset]]) 
                     if v.name == name and v.kind == "graphql"), None)
     if variant is None:
         raise SystemExit(f"no GraphQL variant {name!r}")
-    secret = prep["secrets"][search.name if variant.url == search.url else main.name]
+    secret = _secrets_by_url(prep, main, search)[variant.url]
     log_dir = DATA_DIR / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     worker = Worker(variant, secret, log_dir)

@@ -273,6 +273,15 @@ class _Shape:
 _statements: dict[_Shape, Select[Any]] = {}
 _STATEMENT_CACHE_MAX = 4096
 
+# How one ordered part of a page statement takes its first rows: given the rows' select
+# (filters and cursor bounds applied), its order and its limit, the limited select.
+Limiter = Callable[[Select[Any], list[Any], Any], Select[Any]]
+
+
+def order_and_limit(tagged: Select[Any], ordering: list[Any], limit: Any) -> Select[Any]:
+    """The default Limiter: ORDER BY ... LIMIT, the plan left to the database."""
+    return tagged.order_by(*ordering).limit(limit)
+
 
 def page_statement(
     base_key: Hashable,
@@ -282,6 +291,7 @@ def page_statement(
     *,
     partition_by: Any = None,
     per_parent: tuple[Callable[[Any], Any], int] | None = None,
+    limiter: Limiter = order_and_limit,
 ) -> tuple[Select[Any], dict[str, Any]]:
     """The statement returning the page (size + 1 rows, to see whether more follow) and the
     probes for the flags that the extra row cannot tell, with its parameters. `base_key`
@@ -292,7 +302,8 @@ def page_statement(
     parents, bound as `parent_0`, `parent_1`, …) it does the same with one ordered, limited
     select per parent, which reports the parent as `_parent`: each stops after its page,
     where a window function would number every child of every parent first (an audience
-    may have a million members)."""
+    may have a million members). `limiter` (fixed for a `base_key`) takes each ordered
+    part's rows (see Limiter; a consumer search's, store/queries/consumers.py)."""
     shape = _Shape(
         base=base_key,
         scope=sort.scope,
@@ -304,7 +315,8 @@ def page_statement(
     if statement is None:
         if len(_statements) >= _STATEMENT_CACHE_MAX:
             _statements.clear()
-        statement = _statements[shape] = _build(base(), sort, shape, partition_by, per_parent)
+        statement = _statements[shape] = _build(base(), sort, shape, partition_by, per_parent,
+                                                limiter)
     params: dict[str, Any] = {"page_limit": request.size + 1}
     for name, cursor in (("after", request.after), ("before", request.before)):
         if cursor is not None:
@@ -320,6 +332,7 @@ def _build(
     shape: _Shape,
     partition_by: Any,
     per_parent: tuple[Callable[[Any], Any], int] | None = None,
+    limiter: Limiter = order_and_limit,
 ) -> Select[Any]:
     parts: list[Select[Any]] = []
     if per_parent is not None:
@@ -336,7 +349,7 @@ def _build(
             union.c._kind, seg_order, *_ordering(sort, union.c, forward=shape.forward)
         )
     for segment in _segments(sort):
-        parts += _segment_selects(base, sort, shape, segment, partition_by)
+        parts += _segment_selects(base, sort, shape, segment, partition_by, limiter)
     if len(parts) == 1 and partition_by is None:
         return parts[0]  # already ordered and limited: the common case, a plain index range
     wrapped = [select(part.subquery()) if partition_by is None else part for part in parts]
@@ -348,7 +361,8 @@ def _build(
 
 
 def _segment_selects(
-    base: Select[Any], sort: SortKey, shape: _Shape, segment: int, partition_by: Any
+    base: Select[Any], sort: SortKey, shape: _Shape, segment: int, partition_by: Any,
+    limiter: Limiter = order_and_limit,
 ) -> list[Select[Any]]:
     in_segment: list[ColumnElement[bool]] = []
     if sort.nullable:
@@ -372,19 +386,20 @@ def _segment_selects(
     page_limit = bindparam("page_limit", type_=Integer)
     if where is not None:
         selects.append(
-            _limited(base, sort, where, _PAGE, segment, page_limit, shape.forward, partition_by)
+            _limited(base, sort, where, _PAGE, segment, page_limit, shape.forward, partition_by,
+                     limiter)
         )
     # hasPreviousPage: does any row lie at or before `after`? hasNextPage: at or after `before`?
     if after is not None:
         where = restricted(_bound(sort, segment, after, "after", after=False, inclusive=True))
         if where is not None:
             selects.append(_limited(base, sort, where, _BEFORE_PROBE, segment, 1, False,
-                                    partition_by))
+                                    partition_by, limiter))
     if before is not None:
         where = restricted(_bound(sort, segment, before, "before", after=True, inclusive=True))
         if where is not None:
             selects.append(_limited(base, sort, where, _AFTER_PROBE, segment, 1, True,
-                                    partition_by))
+                                    partition_by, limiter))
     return selects
 
 
@@ -397,6 +412,7 @@ def _limited(
     limit: Any,
     forward: bool,
     partition_by: Any,
+    limiter: Limiter = order_and_limit,
 ) -> Select[Any]:
     tagged = base.add_columns(
         literal_column(str(kind)).label("_kind"), literal_column(str(segment)).label("_seg")
@@ -404,7 +420,7 @@ def _limited(
     table_columns = {sort.column.name: sort.column, sort.id_column.name: sort.id_column}
     ordering = _ordering(sort, table_columns, forward=forward)
     if partition_by is None:
-        return tagged.order_by(*ordering).limit(limit)
+        return limiter(tagged, ordering, limit)
     numbered = tagged.add_columns(
         func.row_number().over(partition_by=partition_by, order_by=ordering).label("_rn")
     ).subquery()

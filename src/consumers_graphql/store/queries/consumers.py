@@ -19,6 +19,7 @@ from sqlalchemy import (
     ColumnElement,
     Select,
     Text,
+    and_,
     bindparam,
     column,
     func,
@@ -29,11 +30,13 @@ from sqlalchemy import (
     union_all,
 )
 from sqlalchemy.engine import Row
+from sqlalchemy.sql.util import ClauseAdapter
 
 from consumers_graphql.errors import BadUserInput
 from consumers_graphql.ids import IdKind, is_id_of
 from consumers_graphql.store.normalize import fold, forbidden_character
 from consumers_graphql.store.pagination import (
+    Limiter,
     Page,
     PageRequest,
     SortKey,
@@ -267,6 +270,72 @@ def _search_count(kind: str) -> Select[Any]:
     return select(func.count()).select_from(_search_hits(kind).subquery())
 
 
+# PostgreSQL's planner picks a search page's plan from its estimate of how many rows the LIKE
+# matches, and without fresh statistics (a bulk load autovacuum has not analysed yet) it
+# guesses a handful: `garcia`, 22,000 of a million, was read whole through the trigram index
+# and sorted (82 ms) where walking the sort index finds its page after ~1,000 rows. So a
+# search page takes its rows in two steps whose plans no estimate can turn around:
+# - the window: the first rows in the page's order (cursor bounds and the other filters
+#   applied), read by the sort index (an ORDER BY ... LIMIT of a literal), the LIKE tested on
+#   each; 100 rows per row of the page (search_window), so that a term matching one row in
+#   a hundred finds its page there, and at least SEARCH_WINDOW;
+# - only when it did not (a rarer term, or the window reached the end), every match through
+#   the trigram index (a MATERIALIZED CTE: a set, no order to walk), minus the window's
+#   rows, sorted: a few thousand rows at most, since the term is rare.
+# Both are one statement; the second step is a one-time filter on the window's counts, so
+# it is not run at all when the window filled the page.
+SEARCH_WINDOW = 2000
+
+
+def search_window(size: int) -> int:
+    """The window of a page of `size` rows: 100 rows per row, in steps of 1,000 (each size
+    class is a statement of its own), at least SEARCH_WINDOW."""
+    return max(SEARCH_WINDOW, -(-size // 10) * 1000)
+
+
+@lru_cache(maxsize=32)
+def _windowed(name: str, window_rows: int) -> Limiter:
+    """The pagination.Limiter of a PostgreSQL search page (see SEARCH_WINDOW): `tagged` has
+    the page's other filters and cursor bounds, _FILTERS[name] is the search."""
+    conditions = _FILTERS[name]
+
+    def limited(tagged: Select[Any], ordering: list[Any], limit: Any) -> Select[Any]:
+        search = and_(*conditions())
+        keys = [o.element for o in ordering]  # (sort column, id): all the steps carry
+        window = (  # tested with the exact LIKE alone: no index to serve here
+            tagged.with_only_columns(*keys, _SEARCH_LIKE.label("_hit")).order_by(*ordering)
+            .limit(literal_column(str(window_rows))).cte().prefix_with("MATERIALIZED")
+        )
+        # The window is read only as far as the page's matches: a CTE is read on demand,
+        # in the order its rows were made (the index's).
+        hits = select(*window.c[:-1]).where(window.c._hit).limit(limit)
+        found = select(window.c.id).where(window.c._hit).limit(limit).subquery()
+        matches = tagged.with_only_columns(*keys).where(search).cte().prefix_with("MATERIALIZED")
+        beyond = select(*matches.c).where(
+            # A one-time filter, evaluated in order: the window fell short of a page, and
+            # the window is whole (not the last rows there are).
+            select(func.count()).select_from(found).scalar_subquery() < limit,
+            select(func.count()).select_from(window).scalar_subquery()
+            >= literal_column(str(window_rows)),
+            matches.c.id.not_in(select(window.c.id)),
+        )
+        both = union_all(hits, beyond).subquery()
+        adapter = ClauseAdapter(both)
+        page = select(both).order_by(*[adapter.traverse(o) for o in ordering]).limit(limit)
+        page_keys = page.subquery()
+        # the page's rows, by primary key
+        return (
+            select(*tagged.selected_columns)
+            .select_from(page_keys.join(consumers, consumers.c.id == page_keys.c.id))
+            .order_by(*ordering)
+        )
+
+    return limited
+
+
+_WINDOWED = ("search", "search_trgm")
+
+
 def _page_base(names: tuple[str, ...]) -> Select[Any]:
     base = select(*CONSUMER_COLUMNS)
     for kind in _SEARCH_KINDS:
@@ -365,9 +434,18 @@ class ConsumerReads(Reads):
         self, f: ConsumerFilter, sort: SortKey, request: PageRequest
     ) -> Page[Row[Any]]:
         names, params = await self._consumer_filter(f, page=True)
-        statement, page_params = page_statement(
-            ("consumers", names), lambda: _page_base(names), sort, request
-        )
+        search = next((n for n in names if n in _WINDOWED), None)
+        if search is not None and self._reader.dialect == "postgresql":
+            others = tuple(n for n in names if n != search)
+            window = search_window(request.size)
+            statement, page_params = page_statement(
+                ("consumers", names, window), lambda: _page_base(others), sort, request,
+                limiter=_windowed(search, window),
+            )
+        else:
+            statement, page_params = page_statement(
+                ("consumers", names), lambda: _page_base(names), sort, request
+            )
         # A filtered page may walk many rows before it has its page: not on the loop.
         rows = await self._rows(statement, {**params, **page_params}, inline=not names)
         return assemble_page(rows, sort, request, identity)
