@@ -353,3 +353,45 @@ async def test_strawberry_runs_the_extension_hooks_through_our_runner() -> None:
     with pytest.raises(MissingQueryError):
         await schema.execute(None)
     assert calls == ["operation", "/operation: no query"]
+
+
+async def test_the_extension_phases_also_run_under_execute_sync_and_a_hook_cannot_swallow() -> None:
+    """Strawberry's execute_sync enters the runner's phases with `with`; and, as in
+    Strawberry's own runner, an exception goes on through a hook that catches it."""
+    import contextlib
+    from collections.abc import Iterator
+
+    import strawberry
+    from strawberry.exceptions import MissingQueryError
+    from strawberry.extensions import SchemaExtension
+
+    from consumers_graphql.api import schema as api_schema
+
+    class Swallower(SchemaExtension):
+        def on_operation(self) -> Iterator[None]:
+            with contextlib.suppress(Exception):  # the point of the test
+                yield
+
+    @strawberry.type
+    class Query:
+        @strawberry.field
+        def ok(self) -> bool:
+            return True
+
+    schema = api_schema.Schema(query=Query, extensions=[Swallower])
+    schema.compiled = False
+    result = schema.execute_sync("{ ok }")
+    assert result.errors is None and result.data == {"ok": True}
+    with pytest.raises(MissingQueryError):
+        await schema.execute(None)
+
+
+async def test_a_schema_run_with_strawberrys_default_context_runs_nothing() -> None:
+    """A transport that hands Strawberry's own context (a dict, no key checked) is refused
+    by the scope check rather than trusted as an in-process caller."""
+    from consumers_graphql.api.schema import build_schema
+
+    schema = build_schema(production=False)
+    result = await schema.execute("{ __typename }", context_value={"request": None})
+    assert result.data is None
+    assert [error.extensions for error in result.errors or []] == [{"code": "UNAUTHENTICATED"}]

@@ -260,6 +260,12 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         self._page_policy = page_policy(ide_page) if ide_page is not None else ""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            # No WebSocket transport yet, so no key check for one: refused before Strawberry's
+            # view, whose default context would carry no principal (and ScopeCheck refuses
+            # such a context too).
+            await send({"type": "websocket.close", "code": 4403})
+            return
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return

@@ -26,7 +26,11 @@ class ScopeCheck(SchemaExtension):
         principal: Principal | None = getattr(context, "principal", None)
         # operation_type follows operationName through a multi-operation document.
         scope = required_scope(self.execution_context.operation_type)
-        if principal is None:
+        if isinstance(context, dict):
+            # Strawberry's default context ({"request", "response"}): a transport that did
+            # not check a key (ours always gives a Context). Fail closed.
+            self._refuse(AUTHENTICATION_REQUIRED, UNAUTHENTICATED)
+        elif principal is None:
             pass  # an in-process caller (schema.execute), not an HTTP request
         elif principal.is_anonymous:
             # The HTTP layer answers 401 first; this guards the GraphiQL page's exemption.

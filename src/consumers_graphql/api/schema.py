@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Generator, Iterable, Iterator
 from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import strawberry
 from graphql import GraphQLError, get_operation_ast
@@ -30,6 +30,8 @@ from consumers_graphql.errors import DomainError
 from consumers_graphql.store import outage
 from consumers_graphql.web import observe, request_id
 from consumers_graphql.web.tracing import StartOperationSpan
+
+_T = TypeVar("_T")
 
 logger = logging.getLogger("consumers_graphql.graphql")
 
@@ -194,11 +196,31 @@ class _Phase:
             except BaseException as raised:  # a hook's own
                 raised.__context__ = pending
                 pending = raised
-        if pending is exc:
-            return False  # the original exception (or none) goes on
-        if pending is None:
-            return True  # a hook suppressed it
+        if pending is exc or pending is None:
+            # The original exception (or none) goes on: as in Strawberry's own runner, a
+            # hook cannot swallow it.
+            return False
         raise pending
+
+    # Strawberry's execute_sync enters the phases with `with`; the hooks are the same
+    # plain generators.
+    def __enter__(self) -> None:
+        _run_sync(self.__aenter__())
+
+    def __exit__(self, exc_type: type[BaseException] | None,
+                 exc: BaseException | None, tb: TracebackType | None) -> bool:
+        return _run_sync(self.__aexit__(exc_type, exc, tb))
+
+
+def _run_sync(coroutine: Coroutine[Any, Any, _T]) -> _T:
+    """A coroutine that never awaits anything (the phases': their hooks are generators),
+    run to its end without an event loop."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return cast("_T", done.value)
+    coroutine.close()
+    raise RuntimeError("a phase of extension hooks awaited something")
 
 
 class _Runner(SchemaExtensionsRunner):
