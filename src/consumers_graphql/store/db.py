@@ -462,7 +462,8 @@ class Database:
     `read_engine` serves the reads that are not part of a write: the replica's engine when
     one is configured, else `primary_engine`. `primary_engine` reads in autocommit on the
     primary: a request that wrote reads its payload there (Reader.use_primary), and API keys
-    are verified there (immediate revocation). Writes go to `write_engine`, on the primary.
+    are verified there (a revoked key is refused within key_cache_seconds, whatever a
+    replica's lag). Writes go to `write_engine`, on the primary.
     """
 
     def __init__(self, settings: Settings) -> None:
