@@ -202,7 +202,8 @@ def ping_idle_connections(engine: AsyncEngine, outage: Outage | None = None) -> 
         record.info[_RETURNED_AT] = monotonic()
 
     def checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-        is_closed = getattr(dbapi_connection.driver_connection, "is_closed", None)
+        driver = getattr(dbapi_connection, "driver_connection", None)
+        is_closed = getattr(driver, "is_closed", None)  # asyncpg's; other drivers: ping only
         if is_closed is not None and is_closed():
             raise InvalidatePoolError("the connection was closed while in the pool")
         down = outage is not None and outage.down
