@@ -190,9 +190,9 @@ class KeyStore:
 
     The cache (`cache_seconds` > 0): a key the database accepted is accepted again without a
     statement for `cache_seconds` from the moment that look-up began, then looked up again.
-    A key revoked elsewhere (`keys revoke`, another worker or host) is therefore refused
-    within `cache_seconds` by every process; one revoked through this store is forgotten at
-    once. Only accepted keys are remembered: an unknown key is looked up every time, so a
+    A key revoked by another process (`keys revoke`) is therefore refused within
+    `cache_seconds` by every process, every worker and host; one revoked through this store
+    is forgotten by it at once. Only accepted keys are remembered: an unknown key is looked up every time, so a
     key just created works at once. Entries are keyed by the secret's HMAC digest, never by
     the secret: the process then holds what the database holds, and keeps no secret past
     the request that sent it (for a heap dump or a debugger to find); the digest costs
