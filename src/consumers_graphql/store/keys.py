@@ -193,11 +193,11 @@ class KeyStore:
     A key revoked by another process (`keys revoke`) is therefore refused within
     `cache_seconds` by every process, every worker and host; one revoked through this store
     is forgotten by it at once. Only accepted keys are remembered: an unknown key is looked
-    up every time, so a key just created works at once. Entries are keyed by the secret's HMAC digest, never by
-    the secret: the process then holds what the database holds, and keeps no secret past
-    the request that sent it (for a heap dump or a debugger to find); the digest costs
-    about 2 µs a request (a cached verify, 2 to 3 µs in all).
-    At most `cache_size` entries, the least recently used dropped first.
+    up every time, so a key just created works at once. Entries are keyed by the secret's
+    HMAC digest, never by the secret: the process then holds what the database holds, and
+    keeps no secret past the request that sent it (for a heap dump or a debugger to find);
+    the digest costs about 2 µs a request (a cached verify, 2 to 3 µs in all). At most
+    `cache_size` entries, the least recently used dropped first.
     """
 
     def __init__(
