@@ -136,7 +136,8 @@ def test_json_logs_one_object_a_line_with_the_access_fields_and_no_personal_data
     assert mutation["key_id"].startswith("key_") and access[4]["key_id"] is None
     assert (mutation["operation_type"], mutation["operation_name"]) == ("mutation", "Create")
     assert mutation["statements"] >= 2 and mutation["duration_ms"] > 0
-    assert access[1]["face"] == "rest" and access[1]["statements"] >= 2
+    # (the list's own: the key, verified by the mutation a moment ago, is not looked up again)
+    assert access[1]["face"] == "rest" and access[1]["statements"] >= 1
     # and nothing personal or secret, in any encoding
     output = unquote(unquote(unquote(served.output)))
     for leak in (EMAIL, EMAIL.split("@")[0], PHONE, PHONE[2:], NAME, NAME.split()[1],

@@ -362,13 +362,15 @@ async def test_d_a_float_page_size_that_fits_runs_at_its_price(
 # --- e. a fallback repeats no statement and answers as graphql-core does ----------------------
 
 # (operation, statements: the page, then its count where selected; the consumer's look-up,
-# which graphql-core alone makes too, though it cancels the field waiting for it)
+# which graphql-core alone makes too, though it cancels the field waiting for it; whether
+# graphql-core alone may drop that cancelled look-up)
 FALLBACKS = [
-    ("{ consumers(first: 2) { totalCount nodes { orders(first: 500) { nodes { id } } } } }", 1),
+    ("{ consumers(first: 2) { totalCount nodes { orders(first: 500) { nodes { id } } } } }", 1,
+     False),
     ("{ consumers(first: 3) { totalCount nodes { id audiences { totalCount } "
-     "orders(first: 101) { totalCount } } } }", 2),
+     "orders(first: 101) { totalCount } } } }", 2, False),
     ('{ consumer(id: "{consumer}") { orders(first: 0, last: 0) { totalCount } } '
-     'searchConsumers(q: "") { totalCount } }', 1),
+     'searchConsumers(q: "") { totalCount } }', 1, True),
 ]
 
 
@@ -379,11 +381,11 @@ def comparable(body: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.compares_paths
-@pytest.mark.parametrize(("query", "statements"), FALLBACKS,
+@pytest.mark.parametrize(("query", "statements", "droppable"), FALLBACKS,
                          ids=["page", "page and count", "a failed root, a loaded relation"])
 async def test_e_a_fallback_reads_nothing_twice_and_answers_as_graphql_core(
     app: FastAPI, client: httpx.AsyncClient, read_only_key: str, write_engine: Any, sql: Any,
-    query: str, statements: int,
+    query: str, statements: int, droppable: bool,
 ) -> None:
     read_only_gql = GraphQL(client, read_only_key)  # not the fixture: this test picks the paths
     query = query.replace("{consumer}", (await given_consumers_with_orders(write_engine))[0])
@@ -400,7 +402,11 @@ async def test_e_a_fallback_reads_nothing_twice_and_answers_as_graphql_core(
 
     (compiled_count, compiled_body), (core_count, core_body) = answers
     # the compiled run's page and count are what graphql-core gets when it takes over
-    assert compiled_count == core_count == statements
+    assert compiled_count == statements
+    # (graphql-core alone sends the look-up of the field it cancels only when the request's
+    # connection is open by then: on PostgreSQL its first read opens it, a key verified
+    # recently needing none, and a read finding the request over by then is dropped)
+    assert core_count == statements or (droppable and core_count == statements - 1)
     assert compiled_body == core_body
     assert codes(compiled_body) == ["BAD_USER_INPUT"]
 

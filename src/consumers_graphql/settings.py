@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     # Server-side secret mixed into every API key hash (HMAC-SHA256): a stolen database alone
     # cannot be used to check guesses. Changing it invalidates every existing key.
     key_pepper: SecretStr | None = None
+    # A key verified against the database is trusted for this long by each process without
+    # asking again (store/keys.py), so a revoked key stops working within it everywhere;
+    # 0 checks the database on every request.
+    key_cache_seconds: float = Field(default=5.0, ge=0)
     # Request limits on /graphql, checked before anything runs (see the README).
     max_depth: int = Field(default=12, ge=1)
     max_aliases: int = Field(default=30, ge=0)

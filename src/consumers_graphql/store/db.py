@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
-from time import thread_time
+from time import monotonic, thread_time
 from typing import Any, cast
 
 import orjson
@@ -32,7 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Result
 from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, InvalidatePoolError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -125,12 +125,15 @@ def _json_text(value: Any) -> str:
 
 
 def make_engine(settings: Settings, *, writer: bool, url: str | None = None,
-                probe: bool = False) -> AsyncEngine:
+                probe: bool = False, outage: Outage | None = None) -> AsyncEngine:
     """An engine for the configured database (or `url`: the replica's).
 
     `probe`: an engine without a pool (each use opens a connection of its own, and closes
     it), for the readiness probe: requests holding every pooled connection must not make a
     busy process look like a database that is down (web/health.py).
+
+    A pooled PostgreSQL engine checks the connections it hands out as ping_idle_connections
+    says; `outage`, the database's (Database), is ended by a check that works.
 
     Reader engines run every statement in autocommit, so each sees the latest committed data
     and holds no snapshot or lock between statements. Writer engines open real transactions;
@@ -152,18 +155,73 @@ def make_engine(settings: Settings, *, writer: bool, url: str | None = None,
         )
         _configure_sqlite(engine, settings, begin="BEGIN IMMEDIATE" if writer else None)
         return engine
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         echo=settings.sql_echo,
         # No personal data in logs: errors and echoed statements never show their values.
         hide_parameters=True,
         json_serializer=_json_text,
         **({"poolclass": NullPool} if probe else {
-            "pool_size": settings.pool_size, "max_overflow": settings.pool_size,
-            "pool_pre_ping": True}),
+            "pool_size": settings.pool_size, "max_overflow": settings.pool_size}),
         connect_args=pooler_connect_args(settings),
         **({} if writer else {"isolation_level": "AUTOCOMMIT"}),
     )
+    if not probe:  # (a probe's connections are new at every use)
+        ping_idle_connections(engine, outage)
+    return engine
+
+
+# A pooled connection given back less than this long ago is handed out again without a ping
+# (HikariCP's `aliveBypassWindowMs` is the same idea, at the same 500 ms).
+POOL_PING_IDLE_S = 0.5
+# In a pooled connection's `info` (emptied by SQLAlchemy when it reconnects): when it was last
+# given back to the pool, in time.monotonic() seconds.
+_RETURNED_AT = "consumers_graphql_returned_at"
+
+
+def ping_idle_connections(engine: AsyncEngine, outage: Outage | None = None) -> None:
+    """SQLAlchemy's `pool_pre_ping`, paid only where it can find something: a round trip
+    before a pooled connection is handed out if it has been idle for POOL_PING_IDLE_S or
+    more, and for every checkout while `outage` is on (a ping that works ends it: a
+    connection that merely left the pool proves nothing about the server). A connection the
+    driver already knows to be closed (asyncpg's `is_closed()`: the server's goodbye seen by
+    the event loop, as at a restart) is never handed out, at no cost. A connection that died
+    in between is found by its request's statement, and that disconnect error makes
+    SQLAlchemy replace every connection of the pool made before it (`invalidate_pool`), as
+    the failed ping did. Either check failing raises InvalidatePoolError from the pool's
+    `checkout` event: SQLAlchemy's documented pessimistic recipe, and what `pool_pre_ping`
+    does itself (SQLAlchemy 2.0 and 2.1: the pool then reconnects once).
+
+    Under load every connection is back in the pool within milliseconds: no ping at all,
+    where `pool_pre_ping` cost a round trip per request (three for a writer's: BEGIN, the
+    ping, ROLLBACK)."""
+    sync_engine = engine.sync_engine
+    dialect = sync_engine.dialect
+
+    def returned(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_RETURNED_AT] = monotonic()
+
+    def checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        driver = getattr(dbapi_connection, "driver_connection", None)
+        is_closed = getattr(driver, "is_closed", None)  # asyncpg's; other drivers: ping only
+        if is_closed is not None and is_closed():
+            raise InvalidatePoolError("the connection was closed while in the pool")
+        down = outage is not None and outage.down
+        returned_at = record.info.get(_RETURNED_AT)
+        if not down and (returned_at is None  # new: the connect just reached the server
+                         or monotonic() - returned_at < POOL_PING_IDLE_S):
+            return
+        try:
+            dialect.do_ping(dbapi_connection)
+        except dialect.loaded_dbapi.Error as error:
+            if dialect.is_disconnect(error, dbapi_connection, None):
+                raise InvalidatePoolError("the connection did not answer a ping") from error
+            raise
+        if outage is not None:
+            outage.recovered()
+
+    event.listen(sync_engine, "checkin", returned)
+    event.listen(sync_engine, "checkout", checked_out)
 
 
 def pooler_connect_args(settings: Settings) -> dict[str, Any]:
@@ -405,18 +463,27 @@ class Database:
     `read_engine` serves the reads that are not part of a write: the replica's engine when
     one is configured, else `primary_engine`. `primary_engine` reads in autocommit on the
     primary: a request that wrote reads its payload there (Reader.use_primary), and API keys
-    are verified there (immediate revocation). Writes go to `write_engine`, on the primary.
+    are verified there (a revoked key is refused within key_cache_seconds, whatever a
+    replica's lag). Writes go to `write_engine`, on the primary.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.primary_engine = make_engine(settings, writer=False)
+        # One outage per database, each ended by its own engines' events only (a key check
+        # on the primary says nothing of the replica): the primary's (`outage`), and the
+        # replica's. Errors reach them through `failed`.
+        self.outage = Outage(settings.retry_after_s)
+        self.replica_outage = None if settings.database_replica_url is None else Outage(
+            settings.retry_after_s, "read replica",
+            "queries and REST GETs get 503 (writes go on, on the primary)")
+        self.primary_engine = make_engine(settings, writer=False, outage=self.outage)
         self.replica_engine = (
             None if settings.database_replica_url is None
-            else make_engine(settings, writer=False, url=settings.database_replica_url)
+            else make_engine(settings, writer=False, url=settings.database_replica_url,
+                             outage=self.replica_outage)
         )
         self.read_engine = self.replica_engine or self.primary_engine
-        self.write_engine = make_engine(settings, writer=True)
+        self.write_engine = make_engine(settings, writer=True, outage=self.outage)
         self.inline = InlineReads.for_settings(settings)
         self.write_sessions = async_sessionmaker(self.write_engine, expire_on_commit=False)
         # SQLite has one writer at a time. The services' transactions (every GraphQL and
@@ -427,13 +494,6 @@ class Database:
         # timeout.
         self._writer_turn = asyncio.Lock() if settings.is_sqlite else None
         self.checkpoints = WalCheckpoints.for_settings(settings)
-        # One outage per database, each ended by its own engines' events only (a key check
-        # on the primary says nothing of the replica): the primary's (`outage`), and the
-        # replica's. Errors reach them through `failed`.
-        self.outage = Outage(settings.retry_after_s)
-        self.replica_outage = None if self.replica_engine is None else Outage(
-            settings.retry_after_s, "read replica",
-            "queries and REST GETs get 503 (writes go on, on the primary)")
         # The readiness probe's engines, without a pool (see make_engine).
         self.primary_probe = (self.primary_engine if _in_memory(settings.database_url)
                               else make_engine(settings, writer=False, probe=True))
@@ -443,16 +503,17 @@ class Database:
                              probe=True))
         # A database is back once a connection to it opens, or a write commits (a SQLite
         # file locked past the busy timeout opens fine), or a pooled connection is checked
-        # out: PostgreSQL's pings it first; on SQLite that only ends a wait for the pool.
-        # Events, so no request pays a check.
+        # out: PostgreSQL's pings it first while the outage lasts (ping_idle_connections,
+        # set up by make_engine); on SQLite that only ends a wait for the pool. Events, so
+        # no request pays a check.
         for outage, engines in self._outage_engines():
             reached = _ended_by(outage.recovered)
             for engine in engines:
                 if settings.is_sqlite and engine is self.primary_probe.sync_engine:
                     continue  # opens a file at every probe, locked or not: that proves nothing
                 event.listen(engine, "connect", reached)
-                event.listen(engine, "checkout",
-                             _ended_by(outage.checked_out) if settings.is_sqlite else reached)
+                if settings.is_sqlite:
+                    event.listen(engine, "checkout", _ended_by(outage.checked_out))
         event.listen(self.write_engine.sync_engine, "commit", _ended_by(self.outage.recovered))
 
     def _outage_engines(self) -> list[tuple[Outage, list[Engine]]]:

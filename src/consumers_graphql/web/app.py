@@ -132,9 +132,9 @@ def create_app(
             metrics.watch_pools(database)
         if tracing is not None:  # here: in the process (worker) that serves
             tracing.instrument(database)
-        # Keys are verified on the primary (store/keys.py: revocation takes effect at once).
+        # Keys are verified on the primary, and trusted for key_cache_seconds (store/keys.py).
         app.state.keys = KeyStore(database.primary_engine, database.write_engine,
-                                  settings.key_pepper)
+                                  settings.key_pepper, cache_seconds=settings.key_cache_seconds)
         try:
             yield
         finally:
