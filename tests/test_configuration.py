@@ -56,6 +56,9 @@ def assert_refused(done: subprocess.CompletedProcess[str], *names: str) -> str:
     ({"CONSUMERS_DATABASE_URL": f"postgres://app:{PASSWORD}@db:port/consumers"},
      "CONSUMERS_DATABASE_URL"),
     ({"CONSUMERS_LOG_LEVEL": "verbose"}, "CONSUMERS_LOG_LEVEL='verbose'"),
+    # the documented bound on a revoked key's life must stay a bound
+    ({"CONSUMERS_KEY_CACHE_SECONDS": "inf"}, "CONSUMERS_KEY_CACHE_SECONDS='inf'"),
+    ({"CONSUMERS_KEY_CACHE_SECONDS": "3600"}, "CONSUMERS_KEY_CACHE_SECONDS='3600'"),
 ])
 @pytest.mark.parametrize("command", [("serve",), ("keys", "list"), ("migrate",),
                                      ("seed", "--consumers", "1")])

@@ -164,3 +164,58 @@ async def test_a_key_created_by_another_process_works_at_once(
                                           "--secret-only")).strip()
         AUDIT.use(secret)
         assert await GraphQL(client, secret).data(TYPENAME) == {"__typename": "Query"}
+
+
+async def test_a_key_in_use_is_refused_once_its_look_up_is_older_than_the_cache_time(
+    app: FastAPI, sql: StatementCounter
+) -> None:
+    """The bound holds for a key in constant use: a hit does not make its entry younger."""
+    # given a store on a clock of ours that trusts a verified key for 5 s, and a key it
+    # has just accepted
+    database = app.state.database
+    assert app.state.settings.key_pepper is not None
+    now = [1_000.0]
+    keys = KeyStore(database.primary_engine, database.write_engine,
+                    app.state.settings.key_pepper, cache_seconds=5,
+                    monotonic=lambda: now[0])
+    created = await keys.create("in constant use")
+    secret = created.secret.get_secret_value()
+    assert await keys.verify(secret) is not None
+    # when another store (another process) revokes it, while this one keeps using it
+    await KeyStore(database.primary_engine, database.write_engine,
+                   app.state.settings.key_pepper).revoke(created.info.id)
+    answers = []
+    for _ in range(20):
+        now[0] += 0.5
+        answers.append(await keys.verify(secret) is not None)
+    # then it answered from memory until 5 s after its look-up, and never after
+    assert answers == [True] * 9 + [False] * 11
+
+
+async def test_a_look_up_that_a_revocation_overtakes_is_answered_but_not_remembered(
+    app: FastAPI, sql: StatementCounter
+) -> None:
+    # given a store that caches keys, and a revocation through it that lands while a
+    # look-up of the key is on the wire (after its statement ran, before it returns)
+    database = app.state.database
+    assert app.state.settings.key_pepper is not None
+    keys = KeyStore(database.primary_engine, database.write_engine,
+                    app.state.settings.key_pepper, cache_seconds=60)
+    created = await keys.create("overtaken")
+    secret = created.secret.get_secret_value()
+
+    def revoked_meanwhile(*_args: Any) -> None:
+        keys.forget(created.info.id)
+
+    engine = database.primary_engine.sync_engine
+    event.listen(engine, "after_cursor_execute", revoked_meanwhile, once=True)
+    try:
+        # when the look-up finishes, then it answers as the row it read said
+        assert await keys.verify(secret) is not None
+    finally:
+        if event.contains(engine, "after_cursor_execute", revoked_meanwhile):
+            event.remove(engine, "after_cursor_execute", revoked_meanwhile)
+    # and the next use is looked up again, not answered from memory
+    with sql.counting():
+        await keys.verify(secret)
+    assert len(sql.auth_statements) == 1, sql.auth_statements

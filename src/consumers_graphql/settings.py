@@ -107,7 +107,9 @@ class Settings(BaseSettings):
     # A key verified against the database is trusted for this long by each process without
     # asking again (store/keys.py), so a revoked key stops working within it everywhere;
     # 0 checks the database on every request.
-    key_cache_seconds: float = Field(default=5.0, ge=0)
+    # At most 5 minutes: the cache time is the documented bound on how long a revoked key
+    # still works, so a typo (or `inf`) must not remove it.
+    key_cache_seconds: float = Field(default=5.0, ge=0, le=300, allow_inf_nan=False)
     # Request limits on /graphql, checked before anything runs (see the README).
     max_depth: int = Field(default=12, ge=1)
     max_aliases: int = Field(default=30, ge=0)

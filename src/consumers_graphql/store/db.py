@@ -194,7 +194,8 @@ def ping_idle_connections(engine: AsyncEngine, outage: Outage | None = None) -> 
 
     Under load every connection is back in the pool within milliseconds: no ping at all,
     where `pool_pre_ping` cost a round trip per request (three for a writer's: BEGIN, the
-    ping, ROLLBACK)."""
+    ping, ROLLBACK). Unlike `pool_pre_ping`'s, a failed ping here is not passed to
+    `handle_error` listeners (the tracing one): it is not a statement of the request."""
     sync_engine = engine.sync_engine
     dialect = sync_engine.dialect
 
