@@ -438,14 +438,17 @@ def assemble_page(
     if rows and positions is None:
         positions = _positions(rows, sort)
     fields, kind_at, value_at, id_at = positions or ((), None, 0, 0)
-    for row in rows:
-        kind = _PAGE if kind_at is None else row[kind_at]
-        if kind == _PAGE:
-            page_rows.append(row)
-        elif kind == _BEFORE_PROBE:
-            before_probe = True
-        else:
-            after_probe = True
+    if kind_at is None or (request.after is None and request.before is None):
+        page_rows = list(rows)  # probes are sent only with a cursor
+    else:
+        for row in rows:
+            kind = row[kind_at]
+            if kind == _PAGE:
+                page_rows.append(row)
+            elif kind == _BEFORE_PROBE:
+                before_probe = True
+            else:
+                after_probe = True
     more = len(page_rows) > request.size
     page_rows = page_rows[: request.size]
     if request.forward:
