@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -158,6 +159,23 @@ def _json_text(value: Any) -> str:
         return json.dumps(value)
 
 
+# A run of digits orjson may read otherwise than the standard library: an integer past 64
+# bits (orjson makes it a float).
+_LONG_DIGITS = re.compile(r"\d{19}")
+
+
+def _json_value(text: str) -> Any:
+    """JSON columns read by orjson, four to ten times faster than the standard library (a
+    page reads a metadata object per consumer), and by the standard library where the two
+    could differ: a long integer (above), or what orjson refuses (a lone surrogate escape)."""
+    if _LONG_DIGITS.search(text) is None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text)
+
+
 def make_engine(settings: Settings, *, writer: bool, url: str | None = None,
                 probe: bool = False) -> AsyncEngine:
     """An engine for the configured database (or `url`: the replica's).
@@ -178,6 +196,7 @@ def make_engine(settings: Settings, *, writer: bool, url: str | None = None,
             echo=settings.sql_echo,
             hide_parameters=True,
             json_serializer=_json_text,
+            json_deserializer=_json_value,
             connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000},
             **({"poolclass": NullPool} if probe else {}),
             # one thread hop per statement on aiosqlite (see sqlite_driver)
@@ -192,6 +211,7 @@ def make_engine(settings: Settings, *, writer: bool, url: str | None = None,
         # No personal data in logs: errors and echoed statements never show their values.
         hide_parameters=True,
         json_serializer=_json_text,
+        json_deserializer=_json_value,
         **({"poolclass": NullPool} if probe else {
             "pool_size": settings.pool_size, "max_overflow": settings.pool_size,
             "pool_pre_ping": True}),
