@@ -73,6 +73,8 @@ from graphql.execution.values import VariableValues, get_argument_values, get_va
 from graphql.pyutils import Path
 from graphql.type.definition import GraphQLResolveInfoHelpers
 from strawberry.types.arguments import convert_arguments
+from strawberry.types.field import StrawberryField
+from strawberry.types.fields.resolver import StrawberryResolver
 
 from consumers_graphql.api.arguments import ArgumentsConverter, plan_arguments
 from consumers_graphql.api.loaders import Loaders
@@ -415,12 +417,19 @@ def _direct_call(
     info_name = resolver.info_parameter.name if resolver.info_parameter else None
     with_self = resolver.self_parameter is not None
     info_class = config.info_class
+    function = resolver.wrapped_func
+    if (type(strawberry_field).get_result is not StrawberryField.get_result
+            or type(resolver).__call__ is not StrawberryResolver.__call__
+            or not callable(function)):
+        function = None
 
     def call(source: Any, info: GraphQLResolveInfo[Any], args: dict[str, Any]) -> Any:
         strawberry_info = info_class(_raw_info=info, _field=strawberry_field)
         kwargs = arguments(args)
         if info_name is not None:
             kwargs[info_name] = strawberry_info
+        if function is not None:  # what get_result and the resolver's __call__ come to
+            return function(source, **kwargs) if with_self else function(**kwargs)
         return strawberry_field.get_result(
             source, strawberry_info, [source] if with_self else [], kwargs
         )
