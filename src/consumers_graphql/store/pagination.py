@@ -134,6 +134,31 @@ def page_request(
     default_size: int = DEFAULT_PAGE_SIZE,
 ) -> PageRequest:
     """Check the Relay arguments; every misuse is a BadUserInput naming the argument."""
+    # The same arguments come again for every node of a page (its nested connections):
+    # checked once and kept, a bounded number of them and of cursors no longer than the
+    # server writes (what a cursor decodes to depends only on the sort's scope, kind and
+    # nullability).
+    if len(after or "") + len(before or "") > _KEPT_CURSORS_MAX:
+        return _page_request(sort, first, after, last, before, default_size)
+    key = (sort.scope, sort.kind, sort.nullable, first, after, last, before, default_size)
+    request = _requests.get(key)
+    if request is None:
+        request = _page_request(sort, first, after, last, before, default_size)
+        if len(_requests) >= _REQUESTS_MAX:
+            _requests.clear()
+        _requests[key] = request
+    return request
+
+
+_requests: dict[tuple[Any, ...], PageRequest] = {}
+_REQUESTS_MAX = 1024
+_KEPT_CURSORS_MAX = 1024
+
+
+def _page_request(
+    sort: SortKey, first: int | None, after: str | None, last: int | None,
+    before: str | None, default_size: int,
+) -> PageRequest:
     if first is not None and last is not None:
         raise BadUserInput(
             "Passing both `first` and `last` is not supported: choose one.", field=["last"]
