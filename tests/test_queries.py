@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from consumers_graphql.store import models
 from tests.conftest import GraphQL
@@ -90,6 +91,20 @@ async def test_consumer_fields_and_timestamps(gql: GraphQL, write_engine: Any) -
         "lastOrderAt": "2024-11-01T10:00:00Z",
         "createdAt": "2024-11-01T10:00:00.120000Z", "updatedAt": "2024-11-01T10:00:00.120000Z",
     }
+
+
+async def test_postgresql_driver_decodes_timestamps_in_utc_whatever_the_session_zone(
+    dialect: str, write_engine: Any
+) -> None:
+    """store/db.py's UTCDateTime leaves asyncpg's timestamptz values as they come: aware, UTC."""
+    if dialect != "postgresql":
+        pytest.skip("asyncpg's contract")
+    async with write_engine.begin() as conn:
+        await conn.execute(text("SET LOCAL TIME ZONE 'America/New_York'"))
+        value = (await conn.execute(
+            text("SELECT '2024-11-01 12:00:00.5+02'::timestamptz"))).scalar_one()
+    assert value == datetime(2024, 11, 1, 10, 0, 0, 500000, tzinfo=UTC)
+    assert value.tzinfo is UTC
 
 
 async def test_created_after_a_read_back_timestamp_excludes_its_consumer(

@@ -75,6 +75,22 @@ async def test_page_with_relations_costs_three_statements(
     assert sql.count == 3, sql.statements
 
 
+async def test_relation_statements_are_the_same_sql_for_any_number_of_parents(
+    gql: GraphQL, sql: StatementCounter, write_engine: Any, dialect: str
+) -> None:
+    if dialect != "postgresql":
+        pytest.skip("SQLite lists the parents in an IN (...)")
+    await given_consumers_with_relations(write_engine)
+    texts = []
+    for size in (1, 7, 100):
+        with sql.counting():
+            await gql.data(PAGE_WITH_RELATIONS, {"first": size})
+        texts.append(sql.statements[1:])  # the relations' (the root page has its LIMIT bound)
+    # one array parameter, = ANY($1): rendered and prepared once whatever the page size
+    assert texts[0] == texts[1] == texts[2]
+    assert all("ANY" in statement for statement in texts[0]), texts[0]
+
+
 @pytest.mark.parametrize("size", [1, 20, 100])
 async def test_counts_and_nested_pages_cost_a_constant_number(
     gql: GraphQL, sql: StatementCounter, write_engine: Any, size: int

@@ -90,7 +90,26 @@ def _take_exception(future: asyncio.Future[Any]) -> None:
 PageLoader = DataLoader[str, Page[Row[Any]]]
 
 
+# The loaders by key, and the repository's batch read each one calls.
+_BY_KEY = {
+    "consumer_by_id": "consumers_by_ids",
+    "audience_by_id": "audiences_by_ids",
+    "order_by_id": "orders_by_ids",
+    "audience_count_by_consumer_id": "audience_counts_by_consumer_ids",
+    "order_count_by_consumer_id": "order_counts_by_consumer_ids",
+    "consumer_count_by_audience_id": "consumer_counts_by_audience_ids",
+}
+
+
 class Loaders:
+    # Made on first use (see __getattr__): most requests use one or none of them.
+    consumer_by_id: DataLoader[str, Row[Any] | None]
+    audience_by_id: DataLoader[str, Row[Any] | None]
+    order_by_id: DataLoader[str, Row[Any] | None]
+    audience_count_by_consumer_id: DataLoader[str, int]
+    order_count_by_consumer_id: DataLoader[str, int]
+    consumer_count_by_audience_id: DataLoader[str, int]
+
     def __init__(
         self, repository: Repository,
         recorded: dict[Hashable, dict[Any, asyncio.Future[Any]]] | None = None,
@@ -100,19 +119,17 @@ class Loaders:
         self._recorded = recorded or {}
         self._recorded_once = recorded_once or {}
         self._loaders: dict[Hashable, DataLoader[Any, Any]] = {}
-        self.consumer_by_id = self._loader("consumer_by_id", repository.consumers_by_ids)
-        self.audience_by_id = self._loader("audience_by_id", repository.audiences_by_ids)
-        self.order_by_id = self._loader("order_by_id", repository.orders_by_ids)
-        self.audience_count_by_consumer_id = self._loader(
-            "audience_count_by_consumer_id", repository.audience_counts_by_consumer_ids
-        )
-        self.order_count_by_consumer_id = self._loader(
-            "order_count_by_consumer_id", repository.order_counts_by_consumer_ids
-        )
-        self.consumer_count_by_audience_id = self._loader(
-            "consumer_count_by_audience_id", repository.consumer_counts_by_audience_ids
-        )
+        for name in _BY_KEY:  # those of a previous run (clear, replay) are forgotten
+            self.__dict__.pop(name, None)
         self._once: dict[Hashable, asyncio.Future[Any]] = {}
+
+    def __getattr__(self, name: str) -> DataLoader[Any, Any]:
+        read = _BY_KEY.get(name)
+        if read is None:
+            raise AttributeError(name)
+        loader = self._loader(name, getattr(self._repository, read))
+        setattr(self, name, loader)
+        return loader
 
     def _loader(
         self, name: Hashable, load_fn: Callable[[list[Any]], Awaitable[Sequence[Any]]]

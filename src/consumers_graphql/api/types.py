@@ -115,7 +115,12 @@ class Edge(Generic[NodeT]):
 @strawberry.type(description="A page of a keyset-paginated list.")
 class Connection(Generic[NodeT]):
     nodes: list[NodeT] = strawberry.field(description="The edges' nodes, for brevity.")
-    page_info: PageInfo
+
+    @strawberry.field
+    def page_info(self) -> PageInfo:
+        # Made when asked for: most clients read only `nodes` of a nested connection.
+        return PageInfo(page=self.page)
+
     count: strawberry.Private[Callable[[], Awaitable[int]]]
     page: strawberry.Private[Page[Row[Any]]]
 
@@ -139,7 +144,6 @@ def connection(
     return Connection(
         nodes=convert(page.items, page.fields),
         page=page,
-        page_info=PageInfo(page=page),
         count=count,
     )
 

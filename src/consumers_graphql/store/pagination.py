@@ -134,6 +134,31 @@ def page_request(
     default_size: int = DEFAULT_PAGE_SIZE,
 ) -> PageRequest:
     """Check the Relay arguments; every misuse is a BadUserInput naming the argument."""
+    # The same arguments come again for every node of a page (its nested connections):
+    # checked once and kept, a bounded number of them and of cursors no longer than the
+    # server writes (what a cursor decodes to depends only on the sort's scope, kind and
+    # nullability).
+    if len(after or "") + len(before or "") > _KEPT_CURSORS_MAX:
+        return _page_request(sort, first, after, last, before, default_size)
+    key = (sort.scope, sort.kind, sort.nullable, first, after, last, before, default_size)
+    request = _requests.get(key)
+    if request is None:
+        request = _page_request(sort, first, after, last, before, default_size)
+        if len(_requests) >= _REQUESTS_MAX:
+            _requests.clear()
+        _requests[key] = request
+    return request
+
+
+_requests: dict[tuple[Any, ...], PageRequest] = {}
+_REQUESTS_MAX = 1024
+_KEPT_CURSORS_MAX = 1024
+
+
+def _page_request(
+    sort: SortKey, first: int | None, after: str | None, last: int | None,
+    before: str | None, default_size: int,
+) -> PageRequest:
     if first is not None and last is not None:
         raise BadUserInput(
             "Passing both `first` and `last` is not supported: choose one.", field=["last"]
@@ -454,14 +479,17 @@ def assemble_page(
     if rows and positions is None:
         positions = _positions(rows, sort)
     fields, kind_at, value_at, id_at = positions or ((), None, 0, 0)
-    for row in rows:
-        kind = _PAGE if kind_at is None else row[kind_at]
-        if kind == _PAGE:
-            page_rows.append(row)
-        elif kind == _BEFORE_PROBE:
-            before_probe = True
-        else:
-            after_probe = True
+    if kind_at is None or (request.after is None and request.before is None):
+        page_rows = list(rows)  # probes are sent only with a cursor
+    else:
+        for row in rows:
+            kind = row[kind_at]
+            if kind == _PAGE:
+                page_rows.append(row)
+            elif kind == _BEFORE_PROBE:
+                before_probe = True
+            else:
+                after_probe = True
     more = len(page_rows) > request.size
     page_rows = page_rows[: request.size]
     if request.forward:

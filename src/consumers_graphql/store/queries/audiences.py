@@ -18,11 +18,11 @@ from consumers_graphql.store.pagination import (
 )
 from consumers_graphql.store.queries.common import (
     AUDIENCE_COLUMNS,
-    PARENT_IDS,
     Reads,
     audiences,
     identity,
     memberships,
+    one_of,
 )
 
 AUDIENCE_SORT = SortKey(
@@ -30,12 +30,12 @@ AUDIENCE_SORT = SortKey(
 )
 
 
-def _consumer_audiences_base() -> Select[Any]:
+def _consumer_audiences_base(dialect: str) -> Select[Any]:
     parent = memberships.c.consumer_id
     return (
         select(*AUDIENCE_COLUMNS, parent.label("_parent"))
         .join(memberships, memberships.c.audience_id == audiences.c.id)
-        .where(parent.in_(PARENT_IDS))
+        .where(one_of(parent, "parent_ids", dialect))
     )
 
 

@@ -8,7 +8,8 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any, cast
 
-from sqlalchemy import BindParameter, Select, bindparam, func, select
+from sqlalchemy import ColumnElement, Select, any_, bindparam, func, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Row
 
 from consumers_graphql.store import models
@@ -31,10 +32,19 @@ AUDIENCE_COLUMNS = list(audiences.c)
 ORDER_COLUMNS = list(orders.c)
 
 
-@lru_cache(maxsize=8)
-def by_ids_statement(table_name: str) -> Select[Any]:
+def one_of(column: ColumnElement[Any], name: str, dialect: str) -> ColumnElement[bool]:
+    """`column` is one of the list bound as `name`. On PostgreSQL `= ANY(:name)`, one array
+    parameter: the SQL is the same for any number of keys, so it is neither rendered again
+    per call (an expanding IN is, id by id) nor prepared again per count by asyncpg."""
+    if dialect == "postgresql":
+        return column == any_(bindparam(name, type_=ARRAY(column.type)))
+    return column.in_(bindparam(name, expanding=True))
+
+
+@lru_cache(maxsize=16)
+def by_ids_statement(table_name: str, dialect: str) -> Select[Any]:
     columns = _COLUMNS[table_name]
-    return select(*columns).where(columns[0].table.c.id.in_(bindparam("ids", expanding=True)))
+    return select(*columns).where(one_of(columns[0].table.c.id, "ids", dialect))
 
 
 _PARENTS = {
@@ -44,19 +54,18 @@ _PARENTS = {
 }
 
 
-@lru_cache(maxsize=8)
-def counts_statement(parent_name: str) -> Select[Any]:
+@lru_cache(maxsize=16)
+def counts_statement(parent_name: str, dialect: str) -> Select[Any]:
     parent = _PARENTS[parent_name]
     return (
         select(parent, func.count())
-        .where(parent.in_(bindparam("parent_ids", expanding=True)))
+        .where(one_of(parent, "parent_ids", dialect))
         .group_by(parent)
     )
 
 
 _COLUMNS = {"consumers": CONSUMER_COLUMNS, "audiences": AUDIENCE_COLUMNS,
             "orders": ORDER_COLUMNS}
-PARENT_IDS: BindParameter[Any] = bindparam("parent_ids", expanding=True)
 
 
 def identity(row: Row[Any]) -> Row[Any]:
@@ -68,6 +77,10 @@ class Reads:
 
     def __init__(self, reader: Reader) -> None:
         self._reader = reader
+
+    @property
+    def dialect(self) -> str:
+        return self._reader.dialect
 
     def use_primary(self) -> None:
         """The request writes: read what it wrote from the primary (see Reader.use_primary)."""
@@ -82,23 +95,29 @@ class Reads:
     async def _pages(
         self,
         relation: str,
-        base: Callable[[], Select[Any]],
+        base: Callable[[str], Select[Any]],
         sort: SortKey,
         parent: Any,
         parent_ids: Sequence[str],
         request: PageRequest,
     ) -> list[Page[Row[Any]]]:
-        statement, params = page_statement(relation, base, sort, request, partition_by=parent)
+        """Pages of a relation for every parent at once; `base(dialect)` selects the
+        children of the parents bound as `parent_ids` (see one_of), with the parent as
+        `_parent`."""
+        dialect = self.dialect
+        statement, params = page_statement((relation, dialect), lambda: base(dialect), sort,
+                                           request, partition_by=parent)
         rows = await self._rows(statement, {**params, "parent_ids": list(set(parent_ids))})
         return assemble_pages(rows, parent_ids, "_parent", sort, request, identity)
 
     async def _by_ids(self, table_name: str, ids: Sequence[str]) -> list[Row[Any] | None]:
-        rows = await self._rows(by_ids_statement(table_name), {"ids": list(set(ids))})
+        rows = await self._rows(by_ids_statement(table_name, self.dialect),
+                                {"ids": list(set(ids))})
         by_id = {row.id: row for row in rows}
         return [by_id.get(key) for key in ids]
 
     async def _counts(self, parent: Any, keys: Sequence[str]) -> list[int]:
-        statement = counts_statement(f"{parent.table.name}.{parent.name}")
+        statement = counts_statement(f"{parent.table.name}.{parent.name}", self.dialect)
         rows = await self._rows(statement, {"parent_ids": list(set(keys))})
         counts = {key: count for key, count in cast("Sequence[Row[str, int]]", rows)}
         return [counts.get(key, 0) for key in keys]

@@ -9,16 +9,17 @@ from sqlalchemy import Select, select
 from sqlalchemy.engine import Row
 
 from consumers_graphql.store.pagination import Page, PageRequest, SortKey, ValueKind
-from consumers_graphql.store.queries.common import ORDER_COLUMNS, PARENT_IDS, Reads, orders
+from consumers_graphql.store.queries.common import ORDER_COLUMNS, Reads, one_of, orders
 
 ORDER_SORT = SortKey(
     "orders", "placedAt", orders.c.placed_at, orders.c.id, ValueKind.DATETIME, True, False
 )
 
 
-def _consumer_orders_base() -> Select[Any]:
+def _consumer_orders_base(dialect: str) -> Select[Any]:
     parent = orders.c.consumer_id
-    return select(*ORDER_COLUMNS, parent.label("_parent")).where(parent.in_(PARENT_IDS))
+    return select(*ORDER_COLUMNS, parent.label("_parent")).where(
+        one_of(parent, "parent_ids", dialect))
 
 
 class OrderReads(Reads):
