@@ -367,3 +367,53 @@ def test_a_request_head_under_16_kib_is_served(served: Served) -> None:
     with _connect(served) as sock:
         sock.sendall(HEAD + b"X-Big: " + b"a" * 12_000 + b"\r\n\r\n")
         assert _responses(sock, 1) == [(200, b'{"status":"ok"}')]
+
+
+def test_trailer_fields_over_16_kib_get_400_at_once(served: Served) -> None:
+    # given a chunked body whose last chunk is followed by trailer fields past 16 KiB (kept
+    # by the server, as a head's are, they would be its memory)
+    with _connect(served) as sock:
+        sock.sendall(_graphql_head(served, b"Transfer-Encoding: chunked")
+                     + b"%x\r\n%s\r\n0\r\n" % (len(TYPENAME), TYPENAME))
+        try:
+            for _ in range(100):  # 1 MB, faster than any deadline
+                sock.sendall((b"X-Trailer: " + b"a" * 1_000 + b"\r\n") * 10)
+            sock.sendall(b"\r\n")
+        except OSError:  # closed by the server
+            pass
+        received, _ = _until_closed(sock)
+    # then it is refused as a head over the limit is, and the request is not answered
+    assert received.startswith(b"HTTP/1.1 400 "), received[:200]
+    assert b"HTTP/1.1 200 " not in received
+
+
+@pytest.mark.parametrize("broken", [b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+                                    b"POST /graphql HTTP/1.1\r\nHost: test\r\n"
+                                    b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"],
+                         ids=["head", "body"])
+def test_a_broken_pipelined_request_is_answered_400_after_the_requests_before_it(
+    served: Served, broken: bytes,
+) -> None:
+    # given a request, and a broken one after it in the same write (read together)
+    with _connect(served) as sock:
+        sock.sendall(_graphql_head(served, b"Content-Length: %d" % len(TYPENAME)) + TYPENAME
+                     + broken)
+        answers = _responses(sock, 2)
+        received, _ = _until_closed(sock)
+    # then the first is answered, then the broken one is refused and the connection closed
+    assert [status for status, _ in answers] == [200, 400], answers
+    assert _typename(answers[0][1])
+    assert received == b""
+
+
+def test_a_pipelined_head_over_16_kib_gets_400_at_once(served: Served) -> None:
+    # given a head past the limit that begins in the read that ends the request before it
+    with _connect(served) as sock:
+        sent = time.monotonic()
+        sock.sendall(HEAD + b"\r\n" + HEAD + b"X-Big: " + b"a" * 70_000)
+        answers = _responses(sock, 2)
+        received, closed = _until_closed(sock)
+    # then the first is answered, and the second refused as soon as it is over the limit
+    assert [status for status, _ in answers] == [200, 400], answers
+    assert received == b""
+    assert closed - sent < TIMEOUT_S + 0.5

@@ -40,7 +40,7 @@ logger = logging.getLogger("consumers_graphql.http")
 
 if TYPE_CHECKING:
     from uvicorn.protocols.http.flow_control import FlowControl
-    from uvicorn.server import Protocols
+    from uvicorn.server import Protocols, ServerState
 
 _TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _FULL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n"
@@ -126,6 +126,7 @@ if TYPE_CHECKING:
         transport: asyncio.Transport
         flow: FlowControl
         connections: set[Protocols]
+        server_state: ServerState
         app_state: dict[str, Any]
         timeout_keep_alive: int  # a float works
 
@@ -208,6 +209,23 @@ class _Limited(_Uvicorn):
             return
         self._watch()
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request its parser refuses (and to a head over the limit
+        here), as a lingering close: uvicorn's own closes at once, and the client's reset
+        (it is still sending) could destroy the 400. A request the application has (its
+        body is what was refused) sees a disconnect; what it sends is dropped."""
+        cycle = self._current()
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.message_event.set()
+        content = [b"HTTP/1.1 400 Bad Request\r\n"]
+        for name, value in self.server_state.default_headers:
+            content += [name, b": ", value, b"\r\n"]
+        body = msg.encode("ascii")
+        content.append(b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+                       b"connection: close\r\n\r\n%s" % (len(body), body))
+        self._close_lingering(b"".join(content))
+
     def _close_lingering(self, answer: bytes = b"") -> None:
         """Sends `answer`, shuts the sending side, then drops what comes for a moment and
         closes."""
@@ -224,6 +242,8 @@ class _Limited(_Uvicorn):
 
     def _watch(self, *, received: bool = False) -> None:
         """Starts the clock for what the connection now waits for from its client."""
+        if self._lingering:
+            return  # its clock closes it
         if self.transport.is_closing() or self.transport.get_protocol() is not self:
             self._stop_clock()  # closed, or upgraded to another protocol (a WebSocket)
             return
@@ -303,23 +323,86 @@ class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
         self._parsing = _Wait.IDLE  # where the parser is in the client's latest request
         self._begun = self._completed = 0  # requests begun, requests read (to the end)
         self._head_bytes = 0  # of the head being read
+        # A chunked body's chunk header was read and no data since: the next bytes are the
+        # chunk's data, or, after the last (empty) chunk, the trailer fields
+        self._chunk_open = False
+        self._chunks_read = 0  # on_body calls, to tell data from trailers
+        self._trailer_bytes = 0
+        # A 400 owed to the client once the application has answered what came before it
+        # (a pipelined request the parser failed on): reading stops, what comes is dropped
+        self._owed_400: str | None = None
 
     def data_received(self, data: bytes) -> None:
-        """Also refuses a head over h11's limit (llhttp has none: the head would grow until
-        its deadline), as uvicorn's h11 protocol does: 400, closed. Counted from the read
-        the head began in when that read began it, else from the next one."""
-        before, begun, completed = self._parsing, self._begun, self._completed
-        super().data_received(data)
-        if self._parsing is not _Wait.HEAD or self._lingering or self.transport.is_closing():
+        """Also refuses a head, or a chunked body's trailer fields, over h11's limit (llhttp
+        has none: the head would grow until its deadline, the trailers forever, their fields
+        kept by uvicorn), as uvicorn's h11 protocol does: 400, closed. The parser is fed at
+        most the limit at a time, each slice's bytes counted for the head (or the trailers)
+        in it: from the slice it began in when that slice began it, else from the next."""
+        if self._owed_400 is not None:
+            return  # a 400 waits for the answers before it: nothing more is read
+        if len(data) <= _MAX_HEAD_BYTES:
+            self._feed(data)
             return
-        if self._begun == begun:  # the same head as before this read
-            self._head_bytes += len(data)
-        elif before is _Wait.IDLE and self._completed == completed:  # all of it this head's
-            self._head_bytes = len(data)
-        if self._head_bytes > _MAX_HEAD_BYTES:
-            message = "Invalid HTTP request received."
-            self.logger.warning(message)
-            self.send_400_response(message)
+        for start in range(0, len(data), _MAX_HEAD_BYTES):
+            self._feed(data[start:start + _MAX_HEAD_BYTES])
+            if (self._lingering or self._owed_400 is not None or self.transport.is_closing()
+                    or self.transport.get_protocol() is not self):
+                return  # refused, closing, or upgraded (uvicorn drops the rest as well)
+
+    def _feed(self, data: bytes) -> None:
+        before, begun, completed = self._parsing, self._begun, self._completed
+        chunk_open, chunks_read = self._chunk_open, self._chunks_read
+        super().data_received(data)
+        if self._lingering or self._owed_400 is not None or self.transport.is_closing():
+            return
+        if self._parsing is _Wait.HEAD:
+            if self._begun == begun:  # the same head as before this read
+                self._head_bytes += len(data)
+            elif before is _Wait.IDLE and self._completed == completed:  # all this head's
+                self._head_bytes = len(data)
+            if self._head_bytes <= _MAX_HEAD_BYTES:
+                return
+        elif self._chunk_open:
+            if chunk_open and self._chunks_read == chunks_read and self._begun == begun:
+                self._trailer_bytes += len(data)  # no chunk data: all of it trailers
+            else:
+                self._trailer_bytes = 0  # from the next read
+            if self._trailer_bytes <= _MAX_HEAD_BYTES:
+                return
+        else:
+            return
+        message = "Invalid HTTP request received."
+        self.logger.warning(message)
+        self.send_400_response(message)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to what its parser (or the limits here) refuse. The parser reads
+        ahead: a request it fails on may follow others the application has yet to answer;
+        the 400 then waits for their answers (as h11's does), and the failed request, if
+        queued, is not run. A request the application has is told of the disconnect."""
+        if self._parsing is _Wait.BODY and self.pipeline:
+            self.pipeline.popleft()  # the latest request, queued: its body is broken
+            self._owe_400(msg)
+            return
+        if self._parsing is not _Wait.BODY and self._busy():
+            self._owe_400(msg)
+            return
+        super().send_400_response(msg)
+
+    def _owe_400(self, msg: str) -> None:
+        self._owed_400 = msg
+        self.flow.pause_reading()
+        self._stop_clock()
+
+    def on_response_complete(self) -> None:
+        next_queued = bool(self.pipeline)
+        super().on_response_complete()
+        if self._owed_400 is None or self.transport.is_closing():
+            return
+        if next_queued:
+            self.flow.pause_reading()  # uvicorn resumed it for the next request
+            return
+        super().send_400_response(self._owed_400)
 
     # The parser's callbacks (it calls them by name)
     def on_message_begin(self) -> None:  # its first byte
@@ -327,12 +410,25 @@ class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
         self._begun += 1
         super().on_message_begin()
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._parsing is _Wait.BODY:
+            return  # a trailer field (after the last chunk): not one of the request's headers
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
         self._parsing = _Wait.BODY
         super().on_headers_complete()
 
+    def on_chunk_header(self) -> None:
+        self._chunk_open = True
+
+    def on_body(self, body: bytes) -> None:
+        self._chunk_open = False
+        self._chunks_read += 1
+        super().on_body(body)
+
     def on_message_complete(self) -> None:
-        self._parsing = _Wait.IDLE
+        self._parsing, self._chunk_open = _Wait.IDLE, False
         self._completed += 1
         super().on_message_complete()
 
@@ -342,6 +438,8 @@ class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
                                        and not self.cycle.response_complete)
 
     def _client_wait(self) -> _Wait | None:
+        if self._owed_400 is not None:
+            return None  # nothing more is read
         if self._parsing is _Wait.BODY:
             # the latest request's body: read for the application, unless that request is
             # queued behind another (`cycle` is the latest; reading is paused then)
