@@ -175,6 +175,26 @@ def test_a_client_answered_before_its_body_is_in_is_closed(served: Served) -> No
     assert received.startswith(b"HTTP/1.1 401 "), received
 
 
+@pytest.mark.parametrize("closing", [b"POST /api/v1/consumers HTTP/1.1\r\nConnection: close",
+                                     b"POST /api/v1/consumers HTTP/1.0"],
+                         ids=["connection-close", "http-1.0"])
+def test_a_closing_request_answered_before_its_body_is_in_has_its_answer(
+    served: Served, closing: bytes,
+) -> None:
+    # given a request that asks to close the connection after its answer, and is answered
+    # 401 before its body is read, its client still sending a body the server will not read
+    with _connect(served) as sock:
+        sock.settimeout(MARGIN_S)
+        # when it sends all of it (a close at once would reset the connection as it does)
+        sock.sendall(closing + b"\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 16000000\r\n\r\n" + b" " * 16_000_000)
+        received = b""
+        while chunk := sock.recv(4096):  # a reset (not an end) raises ConnectionResetError
+            received += chunk
+    # then it can, and the answer reaches it: the close lingers (RFC 9112 §9.6)
+    assert received.startswith(b"HTTP/1.1 401 "), received
+
+
 def test_a_client_at_an_ordinary_pace_is_served(served: Served) -> None:
     with served.client(timeout=MARGIN_S) as client:
         for _ in range(3):  # one kept-alive connection
@@ -361,6 +381,23 @@ def test_a_request_head_over_16_kib_gets_400_at_once(served: Served, reads: int)
     # then it is refused as soon as it is over, not at the head's deadline
     assert received.startswith(b"HTTP/1.1 400 "), received
     assert closed - sent < TIMEOUT_S
+
+
+@pytest.mark.parametrize("refused", [HEAD + b"X-Big: " + b"a" * 16_000_000,
+                                     b"GET / HTTP/1.1\r\nBad Header\r\n\r\n" + b" " * 16_000_000],
+                         ids=["over-16-kib", "malformed"])
+def test_a_client_refused_400_while_it_still_sends_has_its_answer(
+    served: Served, refused: bytes,
+) -> None:
+    with _connect(served) as sock:
+        sock.settimeout(MARGIN_S)
+        # when it sends all it has (a close at once would reset the connection as it does)
+        sock.sendall(refused)
+        received = b""
+        while chunk := sock.recv(4096):  # a reset (not an end) raises ConnectionResetError
+            received += chunk
+    # then it can, and the 400 reaches it: the close lingers (RFC 9112 §9.6)
+    assert received.startswith(b"HTTP/1.1 400 "), received
 
 
 def test_a_request_head_under_16_kib_is_served(served: Served) -> None:

@@ -137,6 +137,30 @@ else:
     _Uvicorn = object
 
 
+class _ClosingTransport:
+    """The connection's transport as a request/response cycle that closes it after its
+    answer sees it (a `Connection: close` or HTTP/1.0 request; uvicorn closes in the
+    cycle's send, before the protocol hears the answer is done): the close lingers when the
+    request's body is not all in."""
+
+    __slots__ = ("_protocol", "_transport")
+
+    def __init__(self, protocol: _Limited, transport: asyncio.Transport) -> None:
+        self._protocol, self._transport = protocol, transport
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        protocol = self._protocol
+        if (not protocol._lingering and not self._transport.is_closing()
+                and protocol.transport is self._transport
+                and protocol._client_wait() is _Wait.BODY):
+            protocol._close_lingering()  # answered before the body was in
+        else:
+            self._transport.close()
+
+
 class _Limited(_Uvicorn):
     """The deadlines, the cap and the lingering closes, on either of uvicorn's protocols:
     each says what the connection waits for from its client (`_client_wait`), and which
@@ -204,6 +228,8 @@ class _Limited(_Uvicorn):
         # uvicorn's keep-alive timer closes without a word, even on a connection whose next
         # request has begun (pipelined): the clocks here say when, and answer 408 for a head.
         self._unset_keepalive_if_required()
+        if self._lingering:
+            return  # closed after the answer (_ClosingTransport)
         if answered_early and not self.transport.is_closing():
             self._close_lingering()  # answered before the body was in: nothing more to serve
             return
@@ -310,6 +336,12 @@ class LimitedH11Protocol(_Limited, H11Protocol):
 
     def _current(self) -> Any:
         return self.cycle
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle:  # a new request (its application is yet to run)
+            self.cycle.transport = _ClosingTransport(self, self.transport)  # type: ignore[assignment]  # a transport to uvicorn
 
 
 class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
@@ -418,6 +450,13 @@ class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._parsing = _Wait.BODY
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope and not cycle.keep_alive:
+            cycle.transport = _ClosingTransport(self, self.transport)  # type: ignore[assignment]  # a transport to uvicorn
+
+    def _close_lingering(self, answer: bytes = b"") -> None:
+        self.pipeline.clear()  # nothing more is served: requests queued are not run
+        super()._close_lingering(answer)
 
     def on_chunk_header(self) -> None:
         self._chunk_open = True
