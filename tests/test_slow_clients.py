@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,9 +30,20 @@ HEAD = b"GET /healthz HTTP/1.1\r\nHost: test\r\n"
 @pytest.fixture(scope="module", params=["httptools", "h11"])
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[Served]:
-    directory = tmp_path_factory.mktemp("slow")
+    yield from _serve(request.param, tmp_path_factory.mktemp("slow"))
+
+
+@pytest.fixture(params=["httptools", "h11"])
+def fresh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Served, Path]]:
+    """A server of its own, and its SQLite file: that no request before left the database
+    in use (a test locks it)."""
+    for served in _serve(request.param, tmp_path):
+        yield served, tmp_path / "slow.db"
+
+
+def _serve(http: str, directory: Path) -> Iterator[Served]:
     served = Served(f"sqlite+aiosqlite:///{directory / 'slow.db'}", directory, env={
-        "CONSUMERS_HTTP_PROTOCOL": request.param,
+        "CONSUMERS_HTTP_PROTOCOL": http,
         "CONSUMERS_KEEP_ALIVE_TIMEOUT_S": str(TIMEOUT_S),
         "CONSUMERS_HEADER_TIMEOUT_S": str(TIMEOUT_S),
         "CONSUMERS_BODY_TIMEOUT_S": str(TIMEOUT_S),
@@ -341,6 +354,50 @@ def test_expect_100_continue_is_answered_when_the_body_is_read(served: Served) -
         sock.sendall(TYPENAME)
         [(status, body)] = _responses(sock, 1)
         assert status == 200 and _typename(body), body
+
+
+def test_a_client_expecting_100_continue_has_a_whole_body_timeout_after_the_100(
+    fresh: tuple[Served, Path],
+) -> None:
+    served, database_file = fresh
+    # given a request with Expect: 100-continue whose body the application asks for late
+    # (REST checks the key first, and waits on the database, locked meanwhile): after the
+    # body timeout has run out once while nothing was asked, shortly before its next end
+    locked, release = threading.Event(), threading.Event()
+
+    def lock() -> None:
+        database = sqlite3.connect(database_file, isolation_level=None)
+        try:
+            database.execute("PRAGMA locking_mode=EXCLUSIVE")
+            database.execute("BEGIN EXCLUSIVE")
+            locked.set()
+            release.wait(MARGIN_S)
+            database.execute("COMMIT")
+        finally:
+            database.close()
+
+    locker = threading.Thread(target=lock)
+    locker.start()
+    try:
+        assert locked.wait(MARGIN_S)
+        with _connect(served) as sock:
+            sock.sendall(b"POST /api/v1/consumers HTTP/1.1\r\nHost: test\r\nContent-Type: "
+                         b"application/json\r\nAuthorization: Bearer %s\r\nContent-Length: 2"
+                         b"\r\nExpect: 100-continue\r\n\r\n" % served.secret().encode())
+            time.sleep(TIMEOUT_S * 1.8)
+            release.set()
+            sock.settimeout(MARGIN_S)
+            interim = sock.recv(4096)
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", interim
+            # when the client sends its body within the body timeout of the 100
+            time.sleep(TIMEOUT_S / 2)
+            sock.sendall(b"{}")
+            # then it is read and answered
+            [(status, body)] = _responses(sock, 1)
+    finally:
+        release.set()
+        locker.join()
+    assert status == 201, body
 
 
 def test_a_client_expecting_100_continue_answered_without_its_body_is_closed(

@@ -175,6 +175,8 @@ class _Limited(_Uvicorn):
         self.timeout_keep_alive = self.limits.idle_s  # type: ignore[assignment]  # uvicorn says int; a float works
         self._clock: asyncio.TimerHandle | None = None
         self._waiting: _Wait | None = None
+        # The clock's last expiry was put off: the application had not asked for the body
+        self._deferred = False
         self._lingering = False
         self._refused = False
 
@@ -296,7 +298,7 @@ class _Limited(_Uvicorn):
     def _stop_clock(self) -> None:
         if self._clock is not None:
             self._clock.cancel()
-        self._clock, self._waiting = None, None
+        self._clock, self._waiting, self._deferred = None, None, False
 
     def _expired(self) -> None:
         waiting = self._waiting
@@ -304,11 +306,17 @@ class _Limited(_Uvicorn):
         if self.transport.is_closing():
             return
         cycle = self._current() if waiting is _Wait.BODY else None
-        if cycle is not None and not cycle.response_complete and (
-            self.flow.read_paused or cycle.waiting_for_100_continue
-        ):
-            self._start_clock(waiting)  # type: ignore[arg-type]  # BODY; the application has not asked for more yet
-            return
+        if cycle is not None and not cycle.response_complete:
+            if self.flow.read_paused or cycle.waiting_for_100_continue:
+                self._start_clock(_Wait.BODY)  # the application has not asked for more yet
+                self._deferred = True
+                return
+            if self._deferred:
+                # it has since (a 100 Continue may just have gone out): the client has a
+                # whole body timeout from now, not what was left of the last one
+                self._start_clock(_Wait.BODY)
+                self._deferred = False
+                return
         if waiting is _Wait.HEAD or (cycle is not None and not cycle.response_started):
             if cycle is not None:
                 # The application's receive() now sees a disconnect; what it sends is dropped.
