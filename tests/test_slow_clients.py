@@ -254,6 +254,40 @@ def test_the_408s_of_slow_clients_are_counted_and_logged(served: Served) -> None
     assert "jo.slow" not in served.output
 
 
+def _bad_requests_counted(served: Served) -> tuple[float, int]:
+    """The 400s among the requests, and the 400 access lines so far."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(served.url + "/metrics", timeout=MARGIN_S).text
+    answered = sum(sample.value for family in text_string_to_metric_families(text)
+                   for sample in family.samples
+                   if sample.name == "consumers_http_requests_total"
+                   and sample.labels.get("status") == "400")
+    return answered, sum('" 400 ' in line for line in served.lines)
+
+
+def test_the_400s_of_the_connection_are_counted_and_logged(served: Served) -> None:
+    before = _bad_requests_counted(served)
+    # given a malformed request head, and a request whose chunked body is malformed
+    with _connect(served) as head, _connect(served) as body:
+        head.sendall(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+        body.sendall(_graphql_head(served, b"Transfer-Encoding: chunked") + b"zz\r\n")
+        assert _until_closed(head)[0].startswith(b"HTTP/1.1 400 ")
+        assert _until_closed(body)[0].startswith(b"HTTP/1.1 400 ")
+
+    # then both are 400s, with an access line each
+    def counted() -> bool:
+        now = _bad_requests_counted(served)
+        return all(after - earlier >= 2 for after, earlier in zip(now, before, strict=True))
+
+    _wait_for(counted)
+    after = _bad_requests_counted(served)
+    assert [a - b for a, b in zip(after, before, strict=True)] == [2, 2]
+    lines = [line for line in served.lines if '" 400 ' in line][-2:]
+    assert any('"POST /graphql HTTP/1.1" 400 ' in line for line in lines), lines
+    assert any('"- - HTTP/1.1" 400 ' in line for line in lines), lines
+
+
 def _responses(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
     """The next `count` responses (status, body; each with a Content-Length) on `sock`."""
     sock.settimeout(MARGIN_S)

@@ -242,10 +242,19 @@ class _Limited(_Uvicorn):
         here), as a lingering close: uvicorn's own closes at once, and the client's reset
         (it is still sending) could destroy the 400. A request the application has (its
         body is what was refused) sees a disconnect; what it sends is dropped."""
-        cycle = self._current()
+        self._answer_400(msg, self._current())
+
+    def _answer_400(self, msg: str, cycle: Any) -> None:
+        """The 400, `cycle` the request the application has, if any: its access line and
+        metrics say 400 (web/access_log.py); else the access log's hook logs and counts it."""
         if cycle is not None and not cycle.response_complete:
+            cycle.scope[observe.MALFORMED] = True
             cycle.disconnected = True
             cycle.message_event.set()
+        else:
+            report = self.app_state.get(observe.MALFORMED_HOOK)
+            if callable(report):
+                report()
         content = [b"HTTP/1.1 400 Bad Request\r\n"]
         for name, value in self.server_state.default_headers:
             content += [name, b": ", value, b"\r\n"]
@@ -442,7 +451,7 @@ class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
         if next_queued:
             self.flow.pause_reading()  # uvicorn resumed it for the next request
             return
-        super().send_400_response(self._owed_400)
+        self._answer_400(self._owed_400, None)  # the application never had the request
 
     # The parser's callbacks (it calls them by name)
     def on_message_begin(self) -> None:  # its first byte
