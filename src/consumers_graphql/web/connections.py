@@ -459,11 +459,6 @@ class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
         self._begun += 1
         super().on_message_begin()
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._parsing is _Wait.BODY:
-            return  # a trailer field (after the last chunk): not one of the request's headers
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
         self._parsing = _Wait.BODY
         super().on_headers_complete()
@@ -477,6 +472,11 @@ class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
 
     def on_chunk_header(self) -> None:
         self._chunk_open = True
+        # Trailer fields, after the last chunk, are not the request's headers: uvicorn's
+        # on_header would add them to the scope's (here to a list of their own, under the
+        # limit), as uvicorn's h11 protocol does not
+        if self.headers is self.scope["headers"]:
+            self.headers = []
 
     def on_body(self, body: bytes) -> None:
         self._chunk_open = False
