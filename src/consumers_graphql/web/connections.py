@@ -14,6 +14,9 @@ a connection answered before its request's body is all in (a 401, a 504) is clos
 cannot reuse it, httptools would read and drop the rest of the body, however slowly it
 comes;
 and a connection over the cap is answered 503 with Retry-After and closed at once.
+A request head, or a chunked body's trailer fields, over 16 KiB, and a malformed request,
+are answered 400 and the connection closed; a pipelined one, after the answers to the
+requests before it.
 Every close after an answer is a lingering one (RFC 9112 §9.6): the answer is sent, the
 sending side shut, and what the client still sends discarded for a moment, so that a reset
 does not destroy the answer before the client has read it."""
