@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,9 +30,20 @@ HEAD = b"GET /healthz HTTP/1.1\r\nHost: test\r\n"
 @pytest.fixture(scope="module", params=["httptools", "h11"])
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[Served]:
-    directory = tmp_path_factory.mktemp("slow")
+    yield from _serve(request.param, tmp_path_factory.mktemp("slow"))
+
+
+@pytest.fixture(params=["httptools", "h11"])
+def fresh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Served, Path]]:
+    """A server of its own, and its SQLite file: that no request before left the database
+    in use (a test locks it)."""
+    for served in _serve(request.param, tmp_path):
+        yield served, tmp_path / "slow.db"
+
+
+def _serve(http: str, directory: Path) -> Iterator[Served]:
     served = Served(f"sqlite+aiosqlite:///{directory / 'slow.db'}", directory, env={
-        "CONSUMERS_HTTP_PROTOCOL": request.param,
+        "CONSUMERS_HTTP_PROTOCOL": http,
         "CONSUMERS_KEEP_ALIVE_TIMEOUT_S": str(TIMEOUT_S),
         "CONSUMERS_HEADER_TIMEOUT_S": str(TIMEOUT_S),
         "CONSUMERS_BODY_TIMEOUT_S": str(TIMEOUT_S),
@@ -175,6 +188,26 @@ def test_a_client_answered_before_its_body_is_in_is_closed(served: Served) -> No
     assert received.startswith(b"HTTP/1.1 401 "), received
 
 
+@pytest.mark.parametrize("closing", [b"POST /api/v1/consumers HTTP/1.1\r\nConnection: close",
+                                     b"POST /api/v1/consumers HTTP/1.0"],
+                         ids=["connection-close", "http-1.0"])
+def test_a_closing_request_answered_before_its_body_is_in_has_its_answer(
+    served: Served, closing: bytes,
+) -> None:
+    # given a request that asks to close the connection after its answer, and is answered
+    # 401 before its body is read, its client still sending a body the server will not read
+    with _connect(served) as sock:
+        sock.settimeout(MARGIN_S)
+        # when it sends all of it (a close at once would reset the connection as it does)
+        sock.sendall(closing + b"\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 16000000\r\n\r\n" + b" " * 16_000_000)
+        received = b""
+        while chunk := sock.recv(4096):  # a reset (not an end) raises ConnectionResetError
+            received += chunk
+    # then it can, and the answer reaches it: the close lingers (RFC 9112 §9.6)
+    assert received.startswith(b"HTTP/1.1 401 "), received
+
+
 def test_a_client_at_an_ordinary_pace_is_served(served: Served) -> None:
     with served.client(timeout=MARGIN_S) as client:
         for _ in range(3):  # one kept-alive connection
@@ -219,6 +252,40 @@ def test_the_408s_of_slow_clients_are_counted_and_logged(served: Served) -> None
     assert any('"- - HTTP/1.1" 408 ' in line and "refused=REQUEST_TIMEOUT" in line
                for line in lines), lines
     assert "jo.slow" not in served.output
+
+
+def _bad_requests_counted(served: Served) -> tuple[float, int]:
+    """The 400s among the requests, and the 400 access lines so far."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(served.url + "/metrics", timeout=MARGIN_S).text
+    answered = sum(sample.value for family in text_string_to_metric_families(text)
+                   for sample in family.samples
+                   if sample.name == "consumers_http_requests_total"
+                   and sample.labels.get("status") == "400")
+    return answered, sum('" 400 ' in line for line in served.lines)
+
+
+def test_the_400s_of_the_connection_are_counted_and_logged(served: Served) -> None:
+    before = _bad_requests_counted(served)
+    # given a malformed request head, and a request whose chunked body is malformed
+    with _connect(served) as head, _connect(served) as body:
+        head.sendall(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+        body.sendall(_graphql_head(served, b"Transfer-Encoding: chunked") + b"zz\r\n")
+        assert _until_closed(head)[0].startswith(b"HTTP/1.1 400 ")
+        assert _until_closed(body)[0].startswith(b"HTTP/1.1 400 ")
+
+    # then both are 400s, with an access line each
+    def counted() -> bool:
+        now = _bad_requests_counted(served)
+        return all(after - earlier >= 2 for after, earlier in zip(now, before, strict=True))
+
+    _wait_for(counted)
+    after = _bad_requests_counted(served)
+    assert [a - b for a, b in zip(after, before, strict=True)] == [2, 2]
+    lines = [line for line in served.lines if '" 400 ' in line][-2:]
+    assert any('"POST /graphql HTTP/1.1" 400 ' in line for line in lines), lines
+    assert any('"- - HTTP/1.1" 400 ' in line for line in lines), lines
 
 
 def _responses(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
@@ -323,6 +390,50 @@ def test_expect_100_continue_is_answered_when_the_body_is_read(served: Served) -
         assert status == 200 and _typename(body), body
 
 
+def test_a_client_expecting_100_continue_has_a_whole_body_timeout_after_the_100(
+    fresh: tuple[Served, Path],
+) -> None:
+    served, database_file = fresh
+    # given a request with Expect: 100-continue whose body the application asks for late
+    # (REST checks the key first, and waits on the database, locked meanwhile): after the
+    # body timeout has run out once while nothing was asked, shortly before its next end
+    locked, release = threading.Event(), threading.Event()
+
+    def lock() -> None:
+        database = sqlite3.connect(database_file, isolation_level=None)
+        try:
+            database.execute("PRAGMA locking_mode=EXCLUSIVE")
+            database.execute("BEGIN EXCLUSIVE")
+            locked.set()
+            release.wait(MARGIN_S)
+            database.execute("COMMIT")
+        finally:
+            database.close()
+
+    locker = threading.Thread(target=lock)
+    locker.start()
+    try:
+        assert locked.wait(MARGIN_S)
+        with _connect(served) as sock:
+            sock.sendall(b"POST /api/v1/consumers HTTP/1.1\r\nHost: test\r\nContent-Type: "
+                         b"application/json\r\nAuthorization: Bearer %s\r\nContent-Length: 2"
+                         b"\r\nExpect: 100-continue\r\n\r\n" % served.secret().encode())
+            time.sleep(TIMEOUT_S * 1.8)
+            release.set()
+            sock.settimeout(MARGIN_S)
+            interim = sock.recv(4096)
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", interim
+            # when the client sends its body within the body timeout of the 100
+            time.sleep(TIMEOUT_S / 2)
+            sock.sendall(b"{}")
+            # then it is read and answered
+            [(status, body)] = _responses(sock, 1)
+    finally:
+        release.set()
+        locker.join()
+    assert status == 201, body
+
+
 def test_a_client_expecting_100_continue_answered_without_its_body_is_closed(
     served: Served,
 ) -> None:
@@ -363,7 +474,74 @@ def test_a_request_head_over_16_kib_gets_400_at_once(served: Served, reads: int)
     assert closed - sent < TIMEOUT_S
 
 
+@pytest.mark.parametrize("refused", [HEAD + b"X-Big: " + b"a" * 16_000_000,
+                                     b"GET / HTTP/1.1\r\nBad Header\r\n\r\n" + b" " * 16_000_000],
+                         ids=["over-16-kib", "malformed"])
+def test_a_client_refused_400_while_it_still_sends_has_its_answer(
+    served: Served, refused: bytes,
+) -> None:
+    with _connect(served) as sock:
+        sock.settimeout(MARGIN_S)
+        # when it sends all it has (a close at once would reset the connection as it does)
+        sock.sendall(refused)
+        received = b""
+        while chunk := sock.recv(4096):  # a reset (not an end) raises ConnectionResetError
+            received += chunk
+    # then it can, and the 400 reaches it: the close lingers (RFC 9112 §9.6)
+    assert received.startswith(b"HTTP/1.1 400 "), received
+
+
 def test_a_request_head_under_16_kib_is_served(served: Served) -> None:
     with _connect(served) as sock:
         sock.sendall(HEAD + b"X-Big: " + b"a" * 12_000 + b"\r\n\r\n")
         assert _responses(sock, 1) == [(200, b'{"status":"ok"}')]
+
+
+def test_trailer_fields_over_16_kib_get_400_at_once(served: Served) -> None:
+    # given a chunked body whose last chunk is followed by trailer fields past 16 KiB (kept
+    # by the server, as a head's are, they would be its memory)
+    with _connect(served) as sock:
+        sock.sendall(_graphql_head(served, b"Transfer-Encoding: chunked")
+                     + b"%x\r\n%s\r\n0\r\n" % (len(TYPENAME), TYPENAME))
+        try:
+            for _ in range(100):  # 1 MB, faster than any deadline
+                sock.sendall((b"X-Trailer: " + b"a" * 1_000 + b"\r\n") * 10)
+            sock.sendall(b"\r\n")
+        except OSError:  # closed by the server
+            pass
+        received, _ = _until_closed(sock)
+    # then it is refused as a head over the limit is, and the request is not answered
+    assert received.startswith(b"HTTP/1.1 400 "), received[:200]
+    assert b"HTTP/1.1 200 " not in received
+
+
+@pytest.mark.parametrize("broken", [b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+                                    b"POST /graphql HTTP/1.1\r\nHost: test\r\n"
+                                    b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"],
+                         ids=["head", "body"])
+def test_a_broken_pipelined_request_is_answered_400_after_the_requests_before_it(
+    served: Served, broken: bytes,
+) -> None:
+    # given a request, and a broken one after it in the same write (read together)
+    with _connect(served) as sock:
+        sock.sendall(_graphql_head(served, b"Content-Length: %d" % len(TYPENAME)) + TYPENAME
+                     + broken)
+        answers = _responses(sock, 2)
+        received, _ = _until_closed(sock)
+    # then the first is answered, then the broken one is refused and the connection closed
+    assert [status for status, _ in answers] == [200, 400], answers
+    assert _typename(answers[0][1])
+    assert received == b""
+
+
+def test_a_pipelined_head_over_16_kib_gets_400_at_once(served: Served) -> None:
+    # given a head past the limit that begins in the read that ends the request before it
+    with _connect(served) as sock:
+        sent = time.monotonic()
+        sock.sendall(HEAD + b"\r\n" + HEAD + b"X-Big: " + b"a" * 70_000)
+        answers = _responses(sock, 2)
+        received, closed = _until_closed(sock)
+    # then the first is answered, and the second refused as soon as it is over the limit
+    assert [status for status, _ in answers] == [200, 400], answers
+    assert received == b""
+    assert closed - sent < TIMEOUT_S + 0.5

@@ -28,6 +28,7 @@ logger = logging.getLogger("consumers_graphql.access")
 
 CLIENT_CLOSED = 499
 REQUEST_TIMEOUT_STATUS = 408
+BAD_REQUEST_STATUS = 400
 # What stands for the part of a path no route matched: its segments are whatever the client
 # sent (a name, an email, a key), so none of them is logged.
 UNMATCHED = "{unmatched}"
@@ -89,6 +90,7 @@ class AccessLog:
             if scope["type"] == "lifespan" and isinstance(state, dict):
                 # uvicorn hands this state to every connection (web/connections.py)
                 state[observe.TIMEOUT_HOOK] = self.head_timed_out
+                state[observe.MALFORMED_HOOK] = self.malformed
             await self.app(scope, receive, send)
             return
         facts = observe.RequestFacts(face=observe.face_of(scope["path"]))
@@ -122,6 +124,8 @@ class AccessLog:
         if scope.get(observe.TIMED_OUT):  # the connection answered 408 (a stalled body)
             final = REQUEST_TIMEOUT_STATUS
             facts.refusals.append(observe.REQUEST_TIMEOUT)
+        elif scope.get(observe.MALFORMED):  # the connection answered 400 (a broken body)
+            final = BAD_REQUEST_STATUS
         seconds = (ended or time.perf_counter()) - facts.started
         if self.recorder is not None:
             self.recorder.finished(facts, final, seconds)
@@ -139,6 +143,18 @@ class AccessLog:
         if logger.isEnabledFor(logging.INFO):
             _log({"type": "http", "method": "-", "path": "-"}, facts, REQUEST_TIMEOUT_STATUS,
                  seconds)
+
+
+    def malformed(self) -> None:
+        """A connection answered 400 to a request it could not read (malformed, or its head
+        over the limit): no request reached the app, but it is counted and logged (method
+        and path unknown)."""
+        facts = observe.RequestFacts(face=observe.OTHER)
+        if self.recorder is not None:
+            self.recorder.started(facts)
+            self.recorder.finished(facts, BAD_REQUEST_STATUS, 0.0)
+        if logger.isEnabledFor(logging.INFO):
+            _log({"type": "http", "method": "-", "path": "-"}, facts, BAD_REQUEST_STATUS, 0.0)
 
 
 def _log(scope: Scope, facts: observe.RequestFacts, status: int, seconds: float) -> None:

@@ -14,6 +14,9 @@ a connection answered before its request's body is all in (a 401, a 504) is clos
 cannot reuse it, httptools would read and drop the rest of the body, however slowly it
 comes;
 and a connection over the cap is answered 503 with Retry-After and closed at once.
+A request head, or a chunked body's trailer fields, over 16 KiB, and a malformed request,
+are answered 400 and the connection closed; a pipelined one, after the answers to the
+requests before it.
 Every close after an answer is a lingering one (RFC 9112 §9.6): the answer is sent, the
 sending side shut, and what the client still sends discarded for a moment, so that a reset
 does not destroy the answer before the client has read it."""
@@ -40,7 +43,7 @@ logger = logging.getLogger("consumers_graphql.http")
 
 if TYPE_CHECKING:
     from uvicorn.protocols.http.flow_control import FlowControl
-    from uvicorn.server import Protocols
+    from uvicorn.server import Protocols, ServerState
 
 _TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _FULL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n"
@@ -126,6 +129,7 @@ if TYPE_CHECKING:
         transport: asyncio.Transport
         flow: FlowControl
         connections: set[Protocols]
+        server_state: ServerState
         app_state: dict[str, Any]
         timeout_keep_alive: int  # a float works
 
@@ -134,6 +138,30 @@ if TYPE_CHECKING:
         def _unset_keepalive_if_required(self) -> None: ...
 else:
     _Uvicorn = object
+
+
+class _ClosingTransport:
+    """The connection's transport as a request/response cycle that closes it after its
+    answer sees it (a `Connection: close` or HTTP/1.0 request; uvicorn closes in the
+    cycle's send, before the protocol hears the answer is done): the close lingers when the
+    request's body is not all in."""
+
+    __slots__ = ("_protocol", "_transport")
+
+    def __init__(self, protocol: _Limited, transport: asyncio.Transport) -> None:
+        self._protocol, self._transport = protocol, transport
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        protocol = self._protocol
+        if (not protocol._lingering and not self._transport.is_closing()
+                and protocol.transport is self._transport
+                and protocol._client_wait() is _Wait.BODY):
+            protocol._close_lingering()  # answered before the body was in
+        else:
+            self._transport.close()
 
 
 class _Limited(_Uvicorn):
@@ -150,6 +178,8 @@ class _Limited(_Uvicorn):
         self.timeout_keep_alive = self.limits.idle_s  # type: ignore[assignment]  # uvicorn says int; a float works
         self._clock: asyncio.TimerHandle | None = None
         self._waiting: _Wait | None = None
+        # The clock's last expiry was put off: the application had not asked for the body
+        self._deferred = False
         self._lingering = False
         self._refused = False
 
@@ -203,10 +233,38 @@ class _Limited(_Uvicorn):
         # uvicorn's keep-alive timer closes without a word, even on a connection whose next
         # request has begun (pipelined): the clocks here say when, and answer 408 for a head.
         self._unset_keepalive_if_required()
+        if self._lingering:
+            return  # closed after the answer (_ClosingTransport)
         if answered_early and not self.transport.is_closing():
             self._close_lingering()  # answered before the body was in: nothing more to serve
             return
         self._watch()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request its parser refuses (and to a head over the limit
+        here), as a lingering close: uvicorn's own closes at once, and the client's reset
+        (it is still sending) could destroy the 400. A request the application has (its
+        body is what was refused) sees a disconnect; what it sends is dropped."""
+        self._answer_400(msg, self._current())
+
+    def _answer_400(self, msg: str, cycle: Any) -> None:
+        """The 400, `cycle` the request the application has, if any: its access line and
+        metrics say 400 (web/access_log.py); else the access log's hook logs and counts it."""
+        if cycle is not None and not cycle.response_complete:
+            cycle.scope[observe.MALFORMED] = True
+            cycle.disconnected = True
+            cycle.message_event.set()
+        else:
+            report = self.app_state.get(observe.MALFORMED_HOOK)
+            if callable(report):
+                report()
+        content = [b"HTTP/1.1 400 Bad Request\r\n"]
+        for name, value in self.server_state.default_headers:
+            content += [name, b": ", value, b"\r\n"]
+        body = msg.encode("ascii")
+        content.append(b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+                       b"connection: close\r\n\r\n%s" % (len(body), body))
+        self._close_lingering(b"".join(content))
 
     def _close_lingering(self, answer: bytes = b"") -> None:
         """Sends `answer`, shuts the sending side, then drops what comes for a moment and
@@ -224,6 +282,8 @@ class _Limited(_Uvicorn):
 
     def _watch(self, *, received: bool = False) -> None:
         """Starts the clock for what the connection now waits for from its client."""
+        if self._lingering:
+            return  # its clock closes it
         if self.transport.is_closing() or self.transport.get_protocol() is not self:
             self._stop_clock()  # closed, or upgraded to another protocol (a WebSocket)
             return
@@ -250,7 +310,7 @@ class _Limited(_Uvicorn):
     def _stop_clock(self) -> None:
         if self._clock is not None:
             self._clock.cancel()
-        self._clock, self._waiting = None, None
+        self._clock, self._waiting, self._deferred = None, None, False
 
     def _expired(self) -> None:
         waiting = self._waiting
@@ -258,11 +318,17 @@ class _Limited(_Uvicorn):
         if self.transport.is_closing():
             return
         cycle = self._current() if waiting is _Wait.BODY else None
-        if cycle is not None and not cycle.response_complete and (
-            self.flow.read_paused or cycle.waiting_for_100_continue
-        ):
-            self._start_clock(waiting)  # type: ignore[arg-type]  # BODY; the application has not asked for more yet
-            return
+        if cycle is not None and not cycle.response_complete:
+            if self.flow.read_paused or cycle.waiting_for_100_continue:
+                self._start_clock(_Wait.BODY)  # the application has not asked for more yet
+                self._deferred = True
+                return
+            if self._deferred:
+                # it has since (a 100 Continue may just have gone out): the client has a
+                # whole body timeout from now, not what was left of the last one
+                self._start_clock(_Wait.BODY)
+                self._deferred = False
+                return
         if waiting is _Wait.HEAD or (cycle is not None and not cycle.response_started):
             if cycle is not None:
                 # The application's receive() now sees a disconnect; what it sends is dropped.
@@ -291,6 +357,12 @@ class LimitedH11Protocol(_Limited, H11Protocol):
     def _current(self) -> Any:
         return self.cycle
 
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle:  # a new request (its application is yet to run)
+            self.cycle.transport = _ClosingTransport(self, self.transport)  # type: ignore[assignment]  # a transport to uvicorn
+
 
 class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
     """uvicorn's httptools protocol (llhttp, in C) with the limits. Its parser reads ahead:
@@ -303,23 +375,86 @@ class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
         self._parsing = _Wait.IDLE  # where the parser is in the client's latest request
         self._begun = self._completed = 0  # requests begun, requests read (to the end)
         self._head_bytes = 0  # of the head being read
+        # A chunked body's chunk header was read and no data since: the next bytes are the
+        # chunk's data, or, after the last (empty) chunk, the trailer fields
+        self._chunk_open = False
+        self._chunks_read = 0  # on_body calls, to tell data from trailers
+        self._trailer_bytes = 0
+        # A 400 owed to the client once the application has answered what came before it
+        # (a pipelined request the parser failed on): reading stops, what comes is dropped
+        self._owed_400: str | None = None
 
     def data_received(self, data: bytes) -> None:
-        """Also refuses a head over h11's limit (llhttp has none: the head would grow until
-        its deadline), as uvicorn's h11 protocol does: 400, closed. Counted from the read
-        the head began in when that read began it, else from the next one."""
-        before, begun, completed = self._parsing, self._begun, self._completed
-        super().data_received(data)
-        if self._parsing is not _Wait.HEAD or self._lingering or self.transport.is_closing():
+        """Also refuses a head, or a chunked body's trailer fields, over h11's limit (llhttp
+        has none: the head would grow until its deadline, the trailers forever, their fields
+        kept by uvicorn), as uvicorn's h11 protocol does: 400, closed. The parser is fed at
+        most the limit at a time, each slice's bytes counted for the head (or the trailers)
+        in it: from the slice it began in when that slice began it, else from the next."""
+        if self._owed_400 is not None:
+            return  # a 400 waits for the answers before it: nothing more is read
+        if len(data) <= _MAX_HEAD_BYTES:
+            self._feed(data)
             return
-        if self._begun == begun:  # the same head as before this read
-            self._head_bytes += len(data)
-        elif before is _Wait.IDLE and self._completed == completed:  # all of it this head's
-            self._head_bytes = len(data)
-        if self._head_bytes > _MAX_HEAD_BYTES:
-            message = "Invalid HTTP request received."
-            self.logger.warning(message)
-            self.send_400_response(message)
+        for start in range(0, len(data), _MAX_HEAD_BYTES):
+            self._feed(data[start:start + _MAX_HEAD_BYTES])
+            if (self._lingering or self._owed_400 is not None or self.transport.is_closing()
+                    or self.transport.get_protocol() is not self):
+                return  # refused, closing, or upgraded (uvicorn drops the rest as well)
+
+    def _feed(self, data: bytes) -> None:
+        before, begun, completed = self._parsing, self._begun, self._completed
+        chunk_open, chunks_read = self._chunk_open, self._chunks_read
+        super().data_received(data)
+        if self._lingering or self._owed_400 is not None or self.transport.is_closing():
+            return
+        if self._parsing is _Wait.HEAD:
+            if self._begun == begun:  # the same head as before this read
+                self._head_bytes += len(data)
+            elif before is _Wait.IDLE and self._completed == completed:  # all this head's
+                self._head_bytes = len(data)
+            if self._head_bytes <= _MAX_HEAD_BYTES:
+                return
+        elif self._chunk_open:
+            if chunk_open and self._chunks_read == chunks_read and self._begun == begun:
+                self._trailer_bytes += len(data)  # no chunk data: all of it trailers
+            else:
+                self._trailer_bytes = 0  # from the next read
+            if self._trailer_bytes <= _MAX_HEAD_BYTES:
+                return
+        else:
+            return
+        message = "Invalid HTTP request received."
+        self.logger.warning(message)
+        self.send_400_response(message)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to what its parser (or the limits here) refuse. The parser reads
+        ahead: a request it fails on may follow others the application has yet to answer;
+        the 400 then waits for their answers (as h11's does), and the failed request, if
+        queued, is not run. A request the application has is told of the disconnect."""
+        if self._parsing is _Wait.BODY and self.pipeline:
+            self.pipeline.popleft()  # the latest request, queued: its body is broken
+            self._owe_400(msg)
+            return
+        if self._parsing is not _Wait.BODY and self._busy():
+            self._owe_400(msg)
+            return
+        super().send_400_response(msg)
+
+    def _owe_400(self, msg: str) -> None:
+        self._owed_400 = msg
+        self.flow.pause_reading()
+        self._stop_clock()
+
+    def on_response_complete(self) -> None:
+        next_queued = bool(self.pipeline)
+        super().on_response_complete()
+        if self._owed_400 is None or self.transport.is_closing():
+            return
+        if next_queued:
+            self.flow.pause_reading()  # uvicorn resumed it for the next request
+            return
+        self._answer_400(self._owed_400, None)  # the application never had the request
 
     # The parser's callbacks (it calls them by name)
     def on_message_begin(self) -> None:  # its first byte
@@ -330,9 +465,29 @@ class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._parsing = _Wait.BODY
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope and not cycle.keep_alive:
+            cycle.transport = _ClosingTransport(self, self.transport)  # type: ignore[assignment]  # a transport to uvicorn
+
+    def _close_lingering(self, answer: bytes = b"") -> None:
+        self.pipeline.clear()  # nothing more is served: requests queued are not run
+        super()._close_lingering(answer)
+
+    def on_chunk_header(self) -> None:
+        self._chunk_open = True
+        # Trailer fields, after the last chunk, are not the request's headers: uvicorn's
+        # on_header would add them to the scope's (here to a list of their own, under the
+        # limit), as uvicorn's h11 protocol does not
+        if self.headers is self.scope["headers"]:
+            self.headers = []
+
+    def on_body(self, body: bytes) -> None:
+        self._chunk_open = False
+        self._chunks_read += 1
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
-        self._parsing = _Wait.IDLE
+        self._parsing, self._chunk_open = _Wait.IDLE, False
         self._completed += 1
         super().on_message_complete()
 
@@ -342,6 +497,8 @@ class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
                                        and not self.cycle.response_complete)
 
     def _client_wait(self) -> _Wait | None:
+        if self._owed_400 is not None:
+            return None  # nothing more is read
         if self._parsing is _Wait.BODY:
             # the latest request's body: read for the application, unless that request is
             # queued behind another (`cycle` is the latest; reading is paused then)

@@ -31,6 +31,11 @@ PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
 REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
 TIMED_OUT = "consumers.request_timed_out"
 TIMEOUT_HOOK = "consumers.report_request_timeout"
+# A request the connection answered 400 itself (malformed, or its head or trailer fields
+# over the limit; web/connections.py): in its scope under MALFORMED when the app had it,
+# else reported through the hook the access log leaves in the server's lifespan state.
+MALFORMED = "consumers.request_malformed"
+MALFORMED_HOOK = "consumers.report_malformed_request"
 
 
 @dataclass
