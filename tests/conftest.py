@@ -85,6 +85,18 @@ async def new_database(prefix: str) -> AsyncIterator[str]:
         await admin.dispose()
 
 
+@asynccontextmanager
+async def new_migrated_database(prefix: str) -> AsyncIterator[str]:
+    """new_database, with the schema at its latest revision."""
+    async with new_database(prefix) as url:
+        engine = make_engine(Settings(database_url=url), writer=True)
+        try:
+            await upgrade(engine)
+        finally:
+            await engine.dispose()
+        yield url
+
+
 @pytest.fixture(scope="session")
 async def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     # A pepper, so every test also proves that keys are hashed with it consistently. A wide

@@ -15,10 +15,8 @@ from sqlalchemy import text
 
 from consumers_graphql.settings import Settings
 from consumers_graphql.store import db
-from consumers_graphql.store.db import make_engine
-from consumers_graphql.store.migrate import upgrade
 from consumers_graphql.web.app import create_app
-from tests.conftest import TEST_DATABASE_URL, GraphQL, new_database, on_path
+from tests.conftest import TEST_DATABASE_URL, GraphQL, new_migrated_database, on_path
 from tests.log_audit import AUDIT, asgi_client
 
 pytestmark = pytest.mark.skipif(not TEST_DATABASE_URL,
@@ -30,12 +28,7 @@ QUERY = "{ consumers(first: 1) { totalCount } }"
 @pytest.fixture
 async def own_app(settings: Settings, execution_path: str) -> AsyncIterator[FastAPI]:
     """An app on a database of its own, whose connections a test may cut."""
-    async with new_database("consumers_ping") as url:
-        engine = make_engine(Settings(database_url=url), writer=True)
-        try:
-            await upgrade(engine)
-        finally:
-            await engine.dispose()
+    async with new_migrated_database("consumers_ping") as url:
         app = create_app(settings.model_copy(update={"database_url": url}))
         on_path(app, execution_path)
         async with LifespanManager(app):

@@ -21,11 +21,9 @@ from pydantic import ValidationError
 from sqlalchemy import event
 
 from consumers_graphql.settings import Settings
-from consumers_graphql.store.db import make_engine
 from consumers_graphql.store.keys import AUTH_EXECUTION_OPTION
-from consumers_graphql.store.migrate import upgrade
 from consumers_graphql.web.app import create_app
-from tests.conftest import TEST_DATABASE_URL, GraphQL, bearer, new_database, on_path
+from tests.conftest import TEST_DATABASE_URL, GraphQL, bearer, new_migrated_database, on_path
 from tests.log_audit import AUDIT
 
 CONSUMERS = "/api/v1/consumers"
@@ -83,12 +81,7 @@ class Routing:
 
 @pytest.fixture
 async def replica_app(settings: Settings, execution_path: str) -> AsyncIterator[FastAPI]:
-    async with new_database("consumers_replica") as replica_url:
-        engine = make_engine(Settings(database_url=replica_url), writer=True)
-        try:
-            await upgrade(engine)
-        finally:
-            await engine.dispose()
+    async with new_migrated_database("consumers_replica") as replica_url:
         app = create_app(settings.model_copy(update={"database_replica_url": replica_url}))
         on_path(app, execution_path)
         async with LifespanManager(app):
