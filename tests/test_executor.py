@@ -245,3 +245,31 @@ async def test_compiled_mutations_equal_graphql_core(
     assert compiled_rows == await _stored(write_engine)  # each write done once
     assert ran == ({"compiled": 1, "fallbacks": 0} if compiled_alone else
                    {"compiled": 0, "fallbacks": 1}), case
+
+
+def test_each_selection_is_compiled_once_however_deep_the_lists(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A list's items are planned once, whether they end up answered in one loop or field by
+    field: planning them twice doubled the work at every list level (2^levels), which a
+    client could ask for with a new document on every request."""
+    from graphql import parse
+
+    calls: list[tuple[str, int]] = []
+    fields = executor._Compiler.fields
+
+    def counted(self: Any, object_type: Any, sub_sets: Any) -> Any:
+        calls.append((object_type.name, id(sub_sets[0])))
+        return fields(self, object_type, sub_sets)
+
+    monkeypatch.setattr(executor._Compiler, "fields", counted)
+    # given five levels of lists, each with a nested connection (so not answered in one loop)
+    members = "nodes { id }"
+    for _ in range(4):
+        members = f"nodes {{ id audiences {{ nodes {{ id consumers {{ {members} }} }} }} }}"
+    document = parse(f"{{ consumers(first: 1) {{ {members} }} }}")
+    schema = COMPILED._schema
+    # when the document is planned
+    assert executor._plan_for(schema, document, None) is not None
+    # then every object selection was planned exactly once
+    assert len(calls) == len(set(calls)), calls

@@ -107,6 +107,25 @@ async def test_postgresql_driver_decodes_timestamps_in_utc_whatever_the_session_
     assert value.tzinfo is UTC
 
 
+async def test_postgresql_infinite_timestamps_are_read_aware_too(
+    dialect: str, write_engine: Any
+) -> None:
+    """asyncpg gives timestamptz's ±infinity as naive datetime.max/min; UTCDateTime makes
+    them aware like every other value (a key's lastUsedAt set so by hand must not break
+    the key)."""
+    if dialect != "postgresql":
+        pytest.skip("asyncpg's contract")
+    from sqlalchemy import literal_column, select
+
+    from consumers_graphql.store.db import UTCDateTime
+
+    async with write_engine.connect() as conn:
+        high, low = (await conn.execute(select(
+            literal_column("'infinity'::timestamptz", UTCDateTime()),
+            literal_column("'-infinity'::timestamptz", UTCDateTime())))).one()
+    assert (high, low) == (datetime.max.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC))
+
+
 async def test_created_after_a_read_back_timestamp_excludes_its_consumer(
     gql: GraphQL, write_engine: Any
 ) -> None:

@@ -257,10 +257,14 @@ class _Compiler:
         return get_argument_values(definition, node, _NO_VARIABLES)
 
     def completer(
-        self, return_type: GraphQLOutputType, sub_sets: list[SelectionSetNode]
+        self, return_type: GraphQLOutputType, sub_sets: list[SelectionSetNode],
+        plans: list[_FieldPlan] | None = None,
     ) -> Completer:
+        """`plans`: the object type's field plans, when the caller has made them already
+        (each selection is compiled once: a list's items are planned before choosing how to
+        complete them)."""
         if isinstance(return_type, GraphQLNonNull):
-            inner = self.completer(return_type.of_type, sub_sets)
+            inner = self.completer(return_type.of_type, sub_sets, plans)
 
             def non_null(value: Any, run: _Run, path: Path) -> Any:
                 if value is None:
@@ -269,10 +273,16 @@ class _Compiler:
 
             return non_null
         if isinstance(return_type, GraphQLList):
-            records = self._records(return_type.of_type, sub_sets)
-            if records is not None:
-                return records
-            item = self.completer(return_type.of_type, sub_sets)
+            item_type = return_type.of_type
+            object_type = (item_type.of_type if isinstance(item_type, GraphQLNonNull)
+                           else item_type)
+            item_plans = None
+            if isinstance(object_type, GraphQLObjectType):
+                item_plans = self.fields(object_type, sub_sets)
+                if all(plan.leaf is not None for plan in item_plans):
+                    return _records(item_plans,
+                                    required_items=isinstance(item_type, GraphQLNonNull))
+            item = self.completer(item_type, sub_sets, item_plans)
 
             def list_of(value: Any, run: _Run, path: Path) -> Any:
                 if value is None:
@@ -288,7 +298,7 @@ class _Compiler:
 
             return leaf
         if isinstance(return_type, GraphQLObjectType):
-            steps = _steps(self.fields(return_type, sub_sets))
+            steps = _steps(plans if plans is not None else self.fields(return_type, sub_sets))
 
             def object_value(value: Any, run: _Run, path: Path) -> Any:
                 if value is None:
@@ -313,44 +323,36 @@ class _Compiler:
             return abstract_value
         raise _Unsupported("output type")
 
-    def _records(
-        self, item_type: GraphQLOutputType, sub_sets: list[SelectionSetNode]
-    ) -> Completer | None:
-        """A list of objects whose selected fields are all attribute reads of scalars (a
-        page's nodes, most often): each item answered in one loop, with no Path (nothing
-        below it resolves) and no completer call per item or per field."""
-        required_items = isinstance(item_type, GraphQLNonNull)
-        object_type = item_type.of_type if isinstance(item_type, GraphQLNonNull) else item_type
-        if not isinstance(object_type, GraphQLObjectType):
-            return None
-        plans = self.fields(object_type, sub_sets)
-        if not all(plan.leaf is not None for plan in plans):
-            return None
-        leaves = [(plan.key, plan.read, plan.leaf, plan.required) for plan in plans]
 
-        def records(value: Any, _run: _Run, _path: Path) -> Any:
-            if value is None:
-                return None
-            out: list[dict[str, Any] | None] = []
-            for item in value:
-                if item is None:
-                    if required_items:
-                        raise _Fallback("null in a non-null position")
-                    out.append(None)
-                    continue
-                record: dict[str, Any] = {}
-                for key, read, leaf, required in leaves:
-                    field_value = read(item)  # type: ignore[misc]  # a leaf is planned only with a read
-                    if field_value is not None:
-                        record[key] = leaf(field_value)  # type: ignore[misc]  # checked above
-                    elif required:
-                        raise _Fallback("null in a non-null position")
-                    else:
-                        record[key] = None
-                out.append(record)
-            return out
+def _records(plans: list[_FieldPlan], *, required_items: bool) -> Completer:
+    """A list of objects whose selected fields are all attribute reads of scalars (a page's
+    nodes, most often): each item answered in one loop, with no Path (nothing below it
+    resolves) and no completer call per item or per field."""
+    leaves = [(plan.key, plan.read, plan.leaf, plan.required) for plan in plans]
 
-        return records
+    def records(value: Any, _run: _Run, _path: Path) -> Any:
+        if value is None:
+            return None
+        out: list[dict[str, Any] | None] = []
+        for item in value:
+            if item is None:
+                if required_items:
+                    raise _Fallback("null in a non-null position")
+                out.append(None)
+                continue
+            record: dict[str, Any] = {}
+            for key, read, leaf, required in leaves:
+                field_value = read(item)  # type: ignore[misc]  # a leaf is planned only with a read
+                if field_value is not None:
+                    record[key] = leaf(field_value)  # type: ignore[misc]  # checked above
+                elif required:
+                    raise _Fallback("null in a non-null position")
+                else:
+                    record[key] = None
+            out.append(record)
+        return out
+
+    return records
 
 
 def _reader(definition: GraphQLField, basic: bool) -> Callable[[Any], Any] | None:

@@ -81,11 +81,12 @@ class UTCDateTime(TypeDecorator[datetime]):
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
         """process_result_value without its layers of calls (a page reads some 300 of
-        these): nothing on asyncpg, which decodes ``timestamptz`` into UTC datetimes itself
-        whatever the session's time zone (tests/test_queries.py holds it to that); the
-        naive UTC text of SQLite given its zone as it is parsed."""
+        these): on asyncpg, which decodes ``timestamptz`` into UTC datetimes itself
+        whatever the session's time zone (tests/test_queries.py holds it to that), only
+        its ``±infinity``, which it gives as naive datetime.max/min, made aware; the naive
+        UTC text of SQLite given its zone as it is parsed."""
         if dialect.name == "postgresql" and dialect.driver == "asyncpg":
-            return None
+            return _aware
         impl = self.impl_instance.result_processor(dialect, coltype)
         if dialect.name != "sqlite" or impl is None:
             return super().result_processor(dialect, coltype)
@@ -97,6 +98,10 @@ class UTCDateTime(TypeDecorator[datetime]):
             return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
         return process
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    return value if value is None or value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 class Money(TypeDecorator[Decimal]):

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Select, any_, bindparam, func, select
+from sqlalchemy import ColumnElement, Select, String, any_, bindparam, func, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Row
 
@@ -37,7 +37,9 @@ def one_of(column: ColumnElement[Any], name: str, dialect: str) -> ColumnElement
     parameter: the SQL is the same for any number of keys, so it is neither rendered again
     per call (an expanding IN is, id by id) nor prepared again per count by asyncpg."""
     if dialect == "postgresql":
-        return column == any_(bindparam(name, type_=ARRAY(column.type)))
+        # An array of unbounded text, not of the column's VARCHAR(32): a cast to the
+        # column's length would cut a longer key down (and then match) instead of missing.
+        return column == any_(bindparam(name, type_=ARRAY(String())))
     return column.in_(bindparam(name, expanding=True))
 
 
