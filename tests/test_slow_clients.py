@@ -390,6 +390,23 @@ def test_expect_100_continue_is_answered_when_the_body_is_read(served: Served) -
         assert status == 200 and _typename(body), body
 
 
+def test_a_malformed_body_sent_without_waiting_for_the_100_is_refused_without_an_error(
+    served: Served,
+) -> None:
+    refused_before = sum('" 400 ' in line for line in served.lines)
+    # given a client that asks for 100 Continue but sends a broken chunked body at once
+    with _connect(served) as sock:
+        sock.sendall(_graphql_head(served, b"Expect: 100-continue",
+                                   b"Transfer-Encoding: chunked") + b"zz\r\n")
+        # then it gets its 400 and the close, and no 100 Continue after them
+        answer, _ = _until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        assert b"100 Continue" not in answer, answer
+    # and the application, whose read of the body meets a closing connection, logs no error
+    _wait_for(lambda: sum('" 400 ' in line for line in served.lines) > refused_before)
+    assert "Traceback" not in served.output and "unhandled error" not in served.output
+
+
 def test_a_client_expecting_100_continue_has_a_whole_body_timeout_after_the_100(
     fresh: tuple[Served, Path],
 ) -> None:
@@ -513,6 +530,21 @@ def test_trailer_fields_over_16_kib_get_400_at_once(served: Served) -> None:
     # then it is refused as a head over the limit is, and the request is not answered
     assert received.startswith(b"HTTP/1.1 400 "), received[:200]
     assert b"HTTP/1.1 200 " not in received
+
+
+def test_a_chunk_extension_over_16_kib_gets_400_at_once(served: Served) -> None:
+    # given a chunk-size line whose extension goes on past 16 KiB (no chunk data ever comes:
+    # the body timeout, restarted by every read, would never end it)
+    with _connect(served) as sock:
+        sock.sendall(_graphql_head(served, b"Transfer-Encoding: chunked") + b"1a;x=")
+        try:
+            for _ in range(100):  # 1 MB, faster than any deadline
+                sock.sendall(b"a" * 10_000)
+        except OSError:  # closed by the server
+            pass
+        received, _ = _until_closed(sock)
+    # then it is refused as a head over the limit is
+    assert received.startswith(b"HTTP/1.1 400 "), received[:200]
 
 
 @pytest.mark.parametrize("broken", [b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",

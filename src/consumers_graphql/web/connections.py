@@ -65,6 +65,15 @@ _LINGER_S = 1.0
 _LINGERING_REFUSALS = 64
 
 
+def _disconnect(cycle: Any) -> None:
+    """The application's receive() of this request now sees a disconnect, and sends no
+    `100 Continue` (the connection is closing: a write after its write_eof raises); what
+    the application sends is dropped."""
+    cycle.waiting_for_100_continue = False
+    cycle.disconnected = True
+    cycle.message_event.set()
+
+
 class _Wait(Enum):
     IDLE = "idle"
     HEAD = "head"
@@ -252,8 +261,12 @@ class _Limited(_Uvicorn):
         metrics say 400 (web/access_log.py); else the access log's hook logs and counts it."""
         if cycle is not None and not cycle.response_complete:
             cycle.scope[observe.MALFORMED] = True
-            cycle.disconnected = True
-            cycle.message_event.set()
+            _disconnect(cycle)
+            if cycle.response_started:
+                # a 400 now would land inside the answer already begun: only the close
+                self._stop_clock()
+                self.transport.close()
+                return
         else:
             report = self.app_state.get(observe.MALFORMED_HOOK)
             if callable(report):
@@ -334,8 +347,7 @@ class _Limited(_Uvicorn):
                 # The application's receive() now sees a disconnect; what it sends is dropped.
                 # Its access line and metrics say 408 (web/access_log.py).
                 cycle.scope[observe.TIMED_OUT] = True
-                cycle.disconnected = True
-                cycle.message_event.set()
+                _disconnect(cycle)
             else:
                 self._report_head_timeout()
             self._close_lingering(_TIMED_OUT)
@@ -375,11 +387,11 @@ class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
         self._parsing = _Wait.IDLE  # where the parser is in the client's latest request
         self._begun = self._completed = 0  # requests begun, requests read (to the end)
         self._head_bytes = 0  # of the head being read
-        # A chunked body's chunk header was read and no data since: the next bytes are the
-        # chunk's data, or, after the last (empty) chunk, the trailer fields
-        self._chunk_open = False
         self._chunks_read = 0  # on_body calls, to tell data from trailers
+        # A chunked body's bytes that carried no data (chunk-size lines and their
+        # extensions, trailer fields), since the last that did: limited like a head
         self._trailer_bytes = 0
+        self._chunked = False  # the body being read is chunked
         # A 400 owed to the client once the application has answered what came before it
         # (a pipelined request the parser failed on): reading stops, what comes is dropped
         self._owed_400: str | None = None
@@ -403,7 +415,7 @@ class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
 
     def _feed(self, data: bytes) -> None:
         before, begun, completed = self._parsing, self._begun, self._completed
-        chunk_open, chunks_read = self._chunk_open, self._chunks_read
+        chunks_read = self._chunks_read
         super().data_received(data)
         if self._lingering or self._owed_400 is not None or self.transport.is_closing():
             return
@@ -414,9 +426,10 @@ class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
                 self._head_bytes = len(data)
             if self._head_bytes <= _MAX_HEAD_BYTES:
                 return
-        elif self._chunk_open:
-            if chunk_open and self._chunks_read == chunks_read and self._begun == begun:
-                self._trailer_bytes += len(data)  # no chunk data: all of it trailers
+        elif self._parsing is _Wait.BODY and self._chunked:
+            if self._chunks_read == chunks_read and self._begun == begun:
+                # no chunk data in it: chunk-size lines, their extensions, trailer fields
+                self._trailer_bytes += len(data)
             else:
                 self._trailer_bytes = 0  # from the next read
             if self._trailer_bytes <= _MAX_HEAD_BYTES:
@@ -463,7 +476,9 @@ class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
-        self._parsing = _Wait.BODY
+        self._parsing, self._trailer_bytes = _Wait.BODY, 0
+        self._chunked = any(name == b"transfer-encoding" and b"chunked" in value.lower()
+                            for name, value in self.headers)
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope and not cycle.keep_alive:
@@ -474,7 +489,6 @@ class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
         super()._close_lingering(answer)
 
     def on_chunk_header(self) -> None:
-        self._chunk_open = True
         # Trailer fields, after the last chunk, are not the request's headers: uvicorn's
         # on_header would add them to the scope's (here to a list of their own, under the
         # limit), as uvicorn's h11 protocol does not
@@ -482,12 +496,11 @@ class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
             self.headers = []
 
     def on_body(self, body: bytes) -> None:
-        self._chunk_open = False
         self._chunks_read += 1
         super().on_body(body)
 
     def on_message_complete(self) -> None:
-        self._parsing, self._chunk_open = _Wait.IDLE, False
+        self._parsing = _Wait.IDLE
         self._completed += 1
         super().on_message_complete()
 
