@@ -13,7 +13,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -229,6 +229,15 @@ def _timeouts_counted(served: Served) -> tuple[float, float, int]:
     return refusals, answered, sum('" 408 ' in line for line in served.lines)
 
 
+def _increments(measure: Callable[[], Sequence[float]], before: Sequence[float],
+                at_least: int) -> list[float]:
+    """How much each of `measure`'s numbers grew since `before`, once each grew by at least
+    `at_least` (the server counts and logs after it answers)."""
+    _wait_for(lambda: all(now - then >= at_least
+                          for now, then in zip(measure(), before, strict=True)))
+    return [now - then for now, then in zip(measure(), before, strict=True)]
+
+
 def test_the_408s_of_slow_clients_are_counted_and_logged(served: Served) -> None:
     before = _timeouts_counted(served)
     # given a client that stalls in its request head, and one that stalls in its body
@@ -240,13 +249,7 @@ def test_the_408s_of_slow_clients_are_counted_and_logged(served: Served) -> None
         assert _until_closed(body)[0].startswith(b"HTTP/1.1 408 ")
 
     # then both are refusals under REQUEST_TIMEOUT, 408s, with an access line each
-    def counted() -> bool:
-        now = _timeouts_counted(served)
-        return all(after - earlier >= 2 for after, earlier in zip(now, before, strict=True))
-
-    _wait_for(counted)
-    after = _timeouts_counted(served)
-    assert [a - b for a, b in zip(after, before, strict=True)] == [2, 2, 2]
+    assert _increments(lambda: _timeouts_counted(served), before, 2) == [2, 2, 2]
     lines = [line for line in served.lines if '" 408 ' in line][-2:]
     assert any('"POST /graphql HTTP/1.1" 408 ' in line for line in lines), lines
     assert any('"- - HTTP/1.1" 408 ' in line and "refused=REQUEST_TIMEOUT" in line
@@ -276,13 +279,7 @@ def test_the_400s_of_the_connection_are_counted_and_logged(served: Served) -> No
         assert _until_closed(body)[0].startswith(b"HTTP/1.1 400 ")
 
     # then both are 400s, with an access line each
-    def counted() -> bool:
-        now = _bad_requests_counted(served)
-        return all(after - earlier >= 2 for after, earlier in zip(now, before, strict=True))
-
-    _wait_for(counted)
-    after = _bad_requests_counted(served)
-    assert [a - b for a, b in zip(after, before, strict=True)] == [2, 2]
+    assert _increments(lambda: _bad_requests_counted(served), before, 2) == [2, 2]
     lines = [line for line in served.lines if '" 400 ' in line][-2:]
     assert any('"POST /graphql HTTP/1.1" 400 ' in line for line in lines), lines
     assert any('"- - HTTP/1.1" 400 ' in line for line in lines), lines
