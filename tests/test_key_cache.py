@@ -68,14 +68,19 @@ async def test_a_key_seen_recently_costs_no_statement_and_no_connection(
     assert sql.auth_statements == [] and sql.count >= 1
 
 
+def _store(app: FastAPI, **options: Any) -> KeyStore:
+    """Another KeyStore on the app's database (another process's, as far as caches go)."""
+    database = app.state.database
+    assert app.state.settings.key_pepper is not None
+    return KeyStore(database.primary_engine, database.write_engine,
+                    app.state.settings.key_pepper, **options)
+
+
 async def test_the_cache_forgets_the_least_recently_used_key(
     app: FastAPI, sql: StatementCounter
 ) -> None:
     # given a store that remembers two keys, and three keys it accepted in turn
-    database = app.state.database
-    assert app.state.settings.key_pepper is not None
-    keys = KeyStore(database.primary_engine, database.write_engine,
-                    app.state.settings.key_pepper, cache_seconds=60, cache_size=2)
+    keys = _store(app, cache_seconds=60, cache_size=2)
     first, second, third = [(await keys.create(name)).secret.get_secret_value()
                             for name in ("first", "second", "third")]
     for secret in (first, second, first, third):  # `second` is now the least recently used
@@ -172,18 +177,13 @@ async def test_a_key_in_use_is_refused_once_its_look_up_is_older_than_the_cache_
     """The bound holds for a key in constant use: a hit does not make its entry younger."""
     # given a store on a clock of ours that trusts a verified key for 5 s, and a key it
     # has just accepted
-    database = app.state.database
-    assert app.state.settings.key_pepper is not None
     now = [1_000.0]
-    keys = KeyStore(database.primary_engine, database.write_engine,
-                    app.state.settings.key_pepper, cache_seconds=5,
-                    monotonic=lambda: now[0])
+    keys = _store(app, cache_seconds=5, monotonic=lambda: now[0])
     created = await keys.create("in constant use")
     secret = created.secret.get_secret_value()
     assert await keys.verify(secret) is not None
     # when another store (another process) revokes it, while this one keeps using it
-    await KeyStore(database.primary_engine, database.write_engine,
-                   app.state.settings.key_pepper).revoke(created.info.id)
+    await _store(app).revoke(created.info.id)
     answers = []
     for _ in range(20):
         now[0] += 0.5
@@ -197,17 +197,14 @@ async def test_a_look_up_that_a_revocation_overtakes_is_answered_but_not_remembe
 ) -> None:
     # given a store that caches keys, and a revocation through it that lands while a
     # look-up of the key is on the wire (after its statement ran, before it returns)
-    database = app.state.database
-    assert app.state.settings.key_pepper is not None
-    keys = KeyStore(database.primary_engine, database.write_engine,
-                    app.state.settings.key_pepper, cache_seconds=60)
+    keys = _store(app, cache_seconds=60)
     created = await keys.create("overtaken")
     secret = created.secret.get_secret_value()
 
     def revoked_meanwhile(*_args: Any) -> None:
         keys.forget(created.info.id)
 
-    engine = database.primary_engine.sync_engine
+    engine = app.state.database.primary_engine.sync_engine
     event.listen(engine, "after_cursor_execute", revoked_meanwhile, once=True)
     try:
         # when the look-up finishes, then it answers as the row it read said
