@@ -15,7 +15,7 @@ from sqlalchemy import make_url
 
 import consumers_graphql
 from consumers_graphql.settings import Settings
-from tests.conftest import TEST_DATABASE_URL
+from tests.conftest import TEST_DATABASE_URL, new_database
 from tests.processes import free_port
 
 SCRIPT = Path(sys.executable).with_name("consumers-graphql")
@@ -203,9 +203,12 @@ def test_a_url_parameter_the_driver_does_not_take_is_a_configuration_error(
 
 
 @pytest.mark.skipif(not TEST_DATABASE_URL, reason="needs the PostgreSQL server of the run")
-def test_sslmode_in_the_url_works(tmp_path: Path) -> None:
-    assert TEST_DATABASE_URL
-    url = make_url(TEST_DATABASE_URL).update_query_dict({"sslmode": "disable"})
-    done = run("keys", "list", cwd=tmp_path, env={
-        "CONSUMERS_DATABASE_URL": url.render_as_string(hide_password=False)})
+async def test_sslmode_in_the_url_works(tmp_path: Path) -> None:
+    # a database of its own: `keys list` migrates the one it is given, and the server's
+    # shared database may hold anything
+    async with new_database("consumers_sslmode") as fresh:
+        url = make_url(fresh).update_query_dict({"sslmode": "disable"})
+        done = run("keys", "list", cwd=tmp_path, env={
+            "CONSUMERS_DATABASE_URL": url.render_as_string(hide_password=False)})
     assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("No API keys.")
