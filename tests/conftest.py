@@ -39,7 +39,7 @@ TEST_DATABASE_URL = os.environ.get("CONSUMERS_TEST_DATABASE_URL")
 # Where the tests create and drop their databases when the app's URL is a pooler (CI's run
 # through pgbouncer): the server itself. Defaults to the app's URL.
 ADMIN_DATABASE_URL = os.environ.get("CONSUMERS_TEST_DATABASE_ADMIN_URL") or TEST_DATABASE_URL
-TABLES = ("consumer_audiences", "orders", "api_keys", "audiences", "consumers")
+TABLES = ("idempotency_keys", "consumer_audiences", "orders", "api_keys", "audiences", "consumers")
 
 
 @pytest.fixture

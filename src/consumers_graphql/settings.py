@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     # At most 5 minutes: the cache time is the documented bound on how long a revoked key
     # still works, so a typo (or `inf`) must not remove it.
     key_cache_seconds: float = Field(default=5.0, ge=0, le=300, allow_inf_nan=False)
+    # How long an Idempotency-Key's first answer is kept for replays (web/idempotency.py):
+    # past it the key counts as new. At most 30 days: the table grows with every keyed
+    # write kept, and expired rows are pruned only by later keyed writes.
+    idempotency_key_hours: float = Field(default=24.0, gt=0, le=720, allow_inf_nan=False)
     # Request limits on /graphql, checked before anything runs (see the README).
     max_depth: int = Field(default=12, ge=1)
     max_aliases: int = Field(default=30, ge=0)

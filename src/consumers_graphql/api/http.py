@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from functools import partial
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -41,7 +42,7 @@ from consumers_graphql.api.context import Context
 from consumers_graphql.api.limits import LIMIT_CODES
 from consumers_graphql.api.permissions import FORBIDDEN
 from consumers_graphql.store.outage import SERVICE_UNAVAILABLE
-from consumers_graphql.web import observe
+from consumers_graphql.web import idempotency, observe
 from consumers_graphql.web.dependencies import JSON, MEDIA_TYPE_STATE
 from consumers_graphql.web.http_auth import (
     AUTHENTICATION_REQUIRED,
@@ -291,9 +292,10 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
                 else:
                     media_type = scope.get("state", {}).get(MEDIA_TYPE_STATE, JSON)
                     media_type = f"{media_type}; charset=utf-8"
+                own_type = any(name == b"content-type" for name, _ in extra)  # a replay's
                 await send({"type": "http.response.start", "status": status, "headers": [
                     (b"content-length", str(len(body)).encode()),
-                    (b"content-type", media_type.encode()),
+                    *(() if own_type else ((b"content-type", media_type.encode()),)),
                     *extra,
                 ]})
                 await send({"type": "http.response.body", "body": body})
@@ -335,6 +337,26 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         if not isinstance(operation_name, str | None):
             raise _Refused(400, BAD_REQUEST, "The GraphQL operation's `operationName` must be a "
                            "string or null, if provided.")
+        run = partial(self._execute, request, context, query, variables, extensions,
+                      operation_name)
+        if (method != "POST" or idempotency.HEADER not in request.headers
+                or _first_mutation_field(query, operation_name) is None):
+            return await run()  # (a key on a query is ignored)
+        key = _idempotency_key(request)
+        # A mutation with an Idempotency-Key: one transaction with its key (web/idempotency.py).
+        assert context.principal is not None, "an HTTP request is authenticated"
+        media_type = request.scope.get("state", {}).get(MEDIA_TYPE_STATE, JSON)
+        return await idempotency.graphql_mutation(
+            request, context.principal, context.repository.reader, key,
+            {"query": query, "operationName": operation_name, "variables": variables},
+            f"{media_type}; charset=utf-8", self._retry_after, run)
+
+    async def _execute(
+        self, request: Request, context: Context, query: str | None,
+        variables: dict[str, Any] | None, extensions: dict[str, Any] | None,
+        operation_name: str | None,
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        method = request.method
         try:
             result = await self.schema.execute(
                 query, variable_values=variables, context_value=context,
@@ -455,6 +477,15 @@ def _observe(result: ExecutionResult, request_error: bool) -> None:
 
 def _is_unavailable(error: GraphQLError) -> bool:
     return (error.extensions or {}).get("code") == SERVICE_UNAVAILABLE
+
+
+def _idempotency_key(request: Request) -> str:
+    try:
+        key = idempotency.key_of(request.headers)
+    except idempotency.MalformedKey as malformed:
+        raise _Refused(400, idempotency.BAD_KEY, malformed.message) from None
+    assert key is not None, "the header is there"
+    return key
 
 
 def _first_mutation_field(query: str | None, operation_name: str | None) -> str | None:

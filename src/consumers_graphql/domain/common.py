@@ -7,13 +7,14 @@ with the path of its field), batch writes return them per item. Paths name the u
 parameters as the API spells them (``("input", "3", "email")``, ``("id",)``); a face may
 re-root them.
 
-Every use-case runs in one transaction that it owns. Uniqueness is enforced by unique
-indexes and checked first so that the usual conflict is a clean error; when a concurrent
-writer wins the race between that check and the write (possible on PostgreSQL, where writers
-do not queue), the index refuses the write, the transaction is rolled back and run again,
-and the check then reports the conflict like any other. On SQLite every write transaction
-starts with BEGIN IMMEDIATE, so writers queue on the busy timeout and the checks cannot be
-overtaken.
+Every use-case runs in one transaction that it owns (or, in a request sent with an
+Idempotency-Key, in a SAVEPOINT of the request's one transaction: store/idempotency.py).
+Uniqueness is enforced by unique indexes and checked first so that the usual conflict is a
+clean error; when a concurrent writer wins the race between that check and the write
+(possible on PostgreSQL, where writers do not queue), the index refuses the write, the
+transaction is rolled back and run again, and the check then reports the conflict like any
+other. On SQLite every write transaction starts with BEGIN IMMEDIATE, so writers queue on
+the busy timeout and the checks cannot be overtaken.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from consumers_graphql.domain.validation import BATCH_MAX, Path
 from consumers_graphql.errors import DomainError, DomainErrors, ErrorCode
 from consumers_graphql.store import models
 from consumers_graphql.store.db import Database
+from consumers_graphql.store.idempotency import joined_session
 
 T = TypeVar("T")
 
@@ -150,9 +152,16 @@ class Service:
         self._database = database
 
     async def _transaction(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """`work` in a transaction of its own; or, inside a request sent with an
+        Idempotency-Key (store/idempotency.py), in a SAVEPOINT of the request's transaction,
+        which commits with the key's record. Either way a lost race runs it again."""
+        joined = joined_session(self._database)
         attempt = 1
         while True:
             try:
+                if joined is not None:
+                    async with joined.begin_nested():
+                        return await work(joined)
                 async with self._database.write_session() as session, session.begin():
                     return await work(session)
             except DBAPIError as error:

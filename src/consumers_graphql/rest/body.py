@@ -10,6 +10,7 @@ import json
 import re
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import aclosing
+from functools import partial
 from typing import Any
 
 from fastapi import BackgroundTasks, HTTPException, Request, Response
@@ -20,6 +21,7 @@ from consumers_graphql.errors import DomainError
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.db import Database
 from consumers_graphql.store.keys import Scope
+from consumers_graphql.web import idempotency
 from consumers_graphql.web.dependencies import READER_STATE
 from consumers_graphql.web.http_auth import PRINCIPAL_STATE, Forbidden, require_api_key
 
@@ -222,7 +224,9 @@ class RestRoute(APIRoute):
                 if not principal.allows(scope):
                     raise Forbidden(scope)
                 state[PRINCIPAL_STATE] = principal
-                response = await handler(limited_request)
+                # A write with an Idempotency-Key runs as one transaction with its key.
+                response = await idempotency.rest_write(
+                    limited_request, principal, reader, partial(handler, limited_request))
             finally:
                 await reader.close()
             if tasks.tasks:

@@ -710,6 +710,9 @@ class Reader:
         self._inline = inline
         self._lock = asyncio.Lock()
         self._closed = False
+        # A keyed write's transaction (web/idempotency.py), while it lasts: its reads must
+        # see its uncommitted writes, so they run on its connection.
+        self._unit: AsyncConnection | None = None
 
     @property
     def dialect(self) -> str:
@@ -725,6 +728,24 @@ class Reader:
         go to the primary, which has the write, not to a replica that may lag behind it.
         The replica's connection, if one is open, is given back before the next statement."""
         self._engine = self._primary
+
+    async def join(self, unit: AsyncConnection) -> None:
+        """Until `leave`: every statement runs on `unit`, the connection of the request's
+        open write transaction (web/idempotency.py), so that a payload shows what the
+        request wrote before it commits. Never inline (the loop's own connection cannot see
+        the uncommitted rows), never closed here: the transaction's owner ends it. The
+        request's own connection, if one is open, goes back to the pool."""
+        async with self._lock:
+            if self._conn is not None:
+                await self._give_back(self._conn)
+            self._unit = unit
+            self._engine = self._primary
+
+    async def leave(self) -> None:
+        """The transaction `join` gave is over: statements go back to a connection of the
+        reader's own."""
+        async with self._lock:
+            self._unit = None
 
     async def execute(
         self, statement: Executable, params: dict[str, Any] | None = None, *,
@@ -744,6 +765,8 @@ class Reader:
         async with self._lock:
             if self._closed:
                 raise ReaderClosed("the request's reads are over")
+            if self._unit is not None:
+                return await self._unit.execute(statement, params)
             if inline and self._inline is not None:
                 result = self._inline.execute(statement, params)
                 if result is not None:

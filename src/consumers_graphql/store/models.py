@@ -8,9 +8,11 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -149,3 +151,30 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (Index("uq_api_keys_secret_hash", "secret_hash", unique=True),)
+
+
+class IdempotencyKey(Base):
+    """The first answer to a write sent with an ``Idempotency-Key`` (web/idempotency.py),
+    recorded in the write's own transaction: a crash leaves both or neither. Scoped to the
+    API key; kept for ``idempotency_key_hours``, deleted a few at a time by later keyed
+    writes."""
+
+    __tablename__ = "idempotency_keys"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    api_key_id: Mapped[str] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(SortableText(255))
+    # SHA-256 (hex) of the request: method, path and query, canonical JSON body.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int] = mapped_column(Integer)
+    # The answer's own headers (content-type, location), as a JSON list of pairs.
+    headers: Mapped[list[list[str]]] = mapped_column(JSON)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        Index("uq_idempotency_keys_api_key_id_key", "api_key_id", "key", unique=True),
+        Index("ix_idempotency_keys_created_at", "created_at"),
+    )

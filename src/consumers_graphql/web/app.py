@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from fastapi import BackgroundTasks, FastAPI, Request
@@ -22,6 +23,7 @@ from consumers_graphql.rest import errors as rest_errors
 from consumers_graphql.rest import routes as rest_routes
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.db import Database
+from consumers_graphql.store.idempotency import IdempotencyStore
 from consumers_graphql.store.keys import KeyStore
 from consumers_graphql.store.repository import Repository
 from consumers_graphql.web import api_docs, health, observe
@@ -133,6 +135,8 @@ def create_app(
         if tracing is not None:  # here: in the process (worker) that serves
             tracing.instrument(database)
         # Keys are verified on the primary, and trusted for key_cache_seconds (store/keys.py).
+        app.state.idempotency = IdempotencyStore(
+            database, timedelta(hours=settings.idempotency_key_hours))
         app.state.keys = KeyStore(database.primary_engine, database.write_engine,
                                   settings.key_pepper, cache_seconds=settings.key_cache_seconds)
         try:

@@ -84,6 +84,11 @@ class Reads:
     def dialect(self) -> str:
         return self._reader.dialect
 
+    @property
+    def reader(self) -> Reader:
+        """The request's connection (a keyed write joins it to its transaction)."""
+        return self._reader
+
     def use_primary(self) -> None:
         """The request writes: read what it wrote from the primary (see Reader.use_primary)."""
         self._reader.use_primary()

@@ -1,0 +1,211 @@
+"""Idempotency keys in the database: one request's write and its key in one transaction.
+
+A request sent with an ``Idempotency-Key`` (web/idempotency.py has the HTTP side) runs as
+one *unit*: a transaction on the write engine, opened before the request's work and
+committed after it, with the key's row (the first answer's status, headers and body)
+inserted last. Every use-case the request runs (``Service._transaction``, domain/common.py)
+joins the unit instead of opening a transaction of its own, each in a SAVEPOINT so that its
+run-again-after-a-lost-race logic still works; the request's reads (a mutation's payload,
+REST's response shaping) run on the unit's connection (``Reader.join``), so they see its
+uncommitted writes. The commit makes the writes and the key durable together: a crash
+(``kill -9``) before it leaves neither, after it both.
+
+Claiming a key, in the unit's transaction:
+- in this process, a set of the keys being run answers IN_USE at once;
+- on PostgreSQL, ``pg_try_advisory_xact_lock`` on a 64-bit hash of (API key id, key):
+  another process or host running the same key holds it, and the request is IN_USE. A
+  transaction-scoped lock, so it works behind pgbouncer in transaction mode, and is let go
+  by the commit or rollback, a crash included;
+- on SQLite, write transactions are serialised (BEGIN IMMEDIATE and the process's writer
+  turn): another process's request waits for the first to commit, then finds its row;
+- then the stored row, if any and not expired: the same request is replayed, another one is
+  REUSED; otherwise the request runs. The unique index on (api_key_id, key) is the backstop:
+  should two inserts still race, the loser rolls back and answers from the winner's row.
+
+Expired rows are treated as absent, and deleted a few at a time (PRUNE_BATCH) by each keyed
+request, in a short transaction of its own before its unit: no cron, and a bounded cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import BigInteger, Table, bindparam, delete, insert, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from consumers_graphql.store import models
+from consumers_graphql.store.db import Database, Reader
+
+idempotency_keys = cast(Table, models.IdempotencyKey.__table__)
+
+# Expired rows each keyed request deletes, at most.
+PRUNE_BATCH = 100
+IN_USE = "IDEMPOTENCY_KEY_IN_USE"
+REUSED = "IDEMPOTENCY_KEY_REUSED"
+
+# The open unit of the request being run in this task (and the tasks it starts), if any.
+_unit: ContextVar[Unit | None] = ContextVar("consumers_idempotency_unit", default=None)
+_TRY_LOCK = text("SELECT pg_try_advisory_xact_lock(:lock_id)").bindparams(
+    bindparam("lock_id", type_=BigInteger))
+
+
+@dataclass
+class Unit:
+    database: Database
+    session: AsyncSession
+
+
+def joined_session(database: Database) -> AsyncSession | None:
+    """The session of the keyed request's open transaction on `database`, if the caller
+    runs inside one: the use-case joins it (in a SAVEPOINT) instead of opening its own."""
+    unit = _unit.get()
+    return unit.session if unit is not None and unit.database is database else None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A response as it is recorded and replayed: status, the headers of its own
+    (content-type, location), body."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    replayed: bool = False
+
+
+class Refusal(Exception):
+    """The key cannot be used now (409 IN_USE) or for this request (422 REUSED)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+# What the request's work gives back: its answer, and whether it may be recorded (an answer
+# refused before the use-case ran, such as a malformed body, is not: nothing was done).
+Work = Callable[[], Awaitable[tuple[Answer, bool]]]
+
+
+def _lock_id(api_key_id: str, key: str) -> int:
+    digest = hashlib.sha256(f"{api_key_id}\n{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def now_utc() -> datetime:
+    return models.utcnow()
+
+
+@dataclass
+class IdempotencyStore:
+    """The process's keyed requests: the database's table, and the keys running here."""
+
+    database: Database
+    keep: timedelta
+    _running: set[tuple[str, str]] = field(default_factory=set)
+
+    async def run(self, api_key_id: str, key: str, fingerprint: str, reader: Reader,
+                  work: Work) -> Answer:
+        """The stored answer for (api_key_id, key) when `fingerprint` matches it (Refusal
+        REUSED when not), Refusal IN_USE when the key runs elsewhere; else `work`'s answer,
+        recorded with its writes when it may be and is under 500 (anything else, an
+        exception included, rolls its writes back)."""
+        slot = (api_key_id, key)
+        if slot in self._running:
+            raise Refusal(409, IN_USE, _IN_USE_MESSAGE)
+        self._running.add(slot)
+        try:
+            await self.prune()
+            try:
+                return await self._run(api_key_id, key, fingerprint, reader, work)
+            except IntegrityError:
+                # Another insert of this key won the race (the index's backstop): its answer.
+                async with self.database.write_session() as session, session.begin():
+                    found = await self._stored(session, api_key_id, key)
+                if found is None:
+                    raise
+                return _replay(found, fingerprint)
+        finally:
+            self._running.discard(slot)
+
+    async def _run(self, api_key_id: str, key: str, fingerprint: str, reader: Reader,
+                   work: Work) -> Answer:
+        async with self.database.write_session() as session:
+            transaction = await session.begin()
+            try:
+                if self.database.dialect == "postgresql":
+                    locked = (await session.execute(
+                        _TRY_LOCK, {"lock_id": _lock_id(api_key_id, key)})).scalar_one()
+                    if not locked:
+                        raise Refusal(409, IN_USE, _IN_USE_MESSAGE)
+                found = await self._stored(session, api_key_id, key)
+                if found is not None:
+                    if found.created_at > now_utc() - self.keep:
+                        return _replay(found, fingerprint)
+                    await session.execute(  # expired: as if absent
+                        delete(idempotency_keys).where(idempotency_keys.c.id == found.id))
+                answer, recordable = await self._work(session, reader, work)
+                if answer.status >= 500 or not recordable:
+                    return answer  # rolled back below
+                await session.execute(insert(idempotency_keys).values(
+                    api_key_id=api_key_id, key=key, fingerprint=fingerprint,
+                    status=answer.status, headers=[list(pair) for pair in answer.headers],
+                    body=answer.body, created_at=now_utc()))
+                await transaction.commit()
+                return answer
+            finally:
+                if transaction.is_active:
+                    await transaction.rollback()
+
+    async def _work(self, session: AsyncSession, reader: Reader,
+                    work: Work) -> tuple[Answer, bool]:
+        async with self._joined(session, reader):
+            return await work()
+
+    @asynccontextmanager
+    async def _joined(self, session: AsyncSession, reader: Reader) -> AsyncIterator[None]:
+        await reader.join(await session.connection())
+        token = _unit.set(Unit(self.database, session))
+        try:
+            yield
+        finally:
+            _unit.reset(token)
+            await reader.leave()
+
+    async def _stored(self, session: AsyncSession, api_key_id: str, key: str) -> Any:
+        table = idempotency_keys
+        return (await session.execute(
+            select(table.c.id, table.c.fingerprint, table.c.status, table.c.headers,
+                   table.c.body, table.c.created_at)
+            .where(table.c.api_key_id == api_key_id, table.c.key == key))).first()
+
+    async def prune(self) -> int:
+        """Deletes at most PRUNE_BATCH expired rows, oldest first, in a transaction of its
+        own (on PostgreSQL skipping rows another prune has locked); the number deleted."""
+        table = idempotency_keys
+        oldest = (select(table.c.id).where(table.c.created_at <= now_utc() - self.keep)
+                  .order_by(table.c.created_at).limit(PRUNE_BATCH))
+        if self.database.dialect == "postgresql":
+            oldest = oldest.with_for_update(skip_locked=True)
+        async with self.database.write_session() as session, session.begin():
+            result = await session.execute(
+                delete(table).where(table.c.id.in_(oldest.scalar_subquery())))
+        return int(getattr(result, "rowcount", 0) or 0)
+
+
+_IN_USE_MESSAGE = ("A request with this Idempotency-Key is still running: retry after a "
+                   "moment (with backoff) to get its answer.")
+
+
+def _replay(found: Any, fingerprint: str) -> Answer:
+    if found.fingerprint != fingerprint:
+        raise Refusal(422, REUSED, "This Idempotency-Key was already used for another "
+                      "request (method, path or body differ): use a new key for a new request.")
+    headers = [(str(name), str(value)) for name, value in found.headers]
+    return Answer(found.status, headers, bytes(found.body), replayed=True)
