@@ -18,6 +18,7 @@ from fastapi.routing import APIRoute
 
 from consumers_graphql.domain.validation import BATCH_MAX, METADATA_MAX_BYTES, check_metadata_size
 from consumers_graphql.errors import DomainError
+from consumers_graphql.rest.models import ErrorOut
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.db import Database
 from consumers_graphql.store.keys import Scope
@@ -201,6 +202,18 @@ def body_limit(settings: Settings, path: str) -> int:
 
 
 class RestRoute(APIRoute):
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        """A write (any method but GET) is documented with the Idempotency-Key header it
+        takes and the statuses only that header brings (web/idempotency.py)."""
+        if set(kwargs.get("methods") or ()) - {"GET", "HEAD"}:
+            kwargs["responses"] = {**(kwargs.get("responses") or {}), **{
+                status: {"model": ErrorOut, "description": text}
+                for status, text in idempotency.OPENAPI_RESPONSES.items()}}
+            extra = dict(kwargs.get("openapi_extra") or {})
+            extra["parameters"] = [*extra.get("parameters", ()), idempotency.OPENAPI_PARAMETER]
+            kwargs["openapi_extra"] = extra
+        super().__init__(path, endpoint, **kwargs)
+
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         path = self.path

@@ -43,6 +43,22 @@ _READS = frozenset({"GET", "HEAD", "OPTIONS"})
 _UNRECORDED_GRAPHQL = frozenset({"SERVICE_UNAVAILABLE", "INTERNAL_SERVER_ERROR"})
 
 
+# How REST writes document the header (rest/body.py's RestRoute).
+OPENAPI_PARAMETER: dict[str, Any] = {
+    "name": HEADER, "in": "header", "required": False,
+    "description": "Makes the write safe to retry: the first answer (under 500) is kept 24 h "
+    "(setting) for this API key and replayed, with `Idempotent-Replayed: true`, to the same "
+    "request (method, path and query, JSON body); nothing is written again.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": KEY_MAX,
+               "pattern": "^[\\x21-\\x7e]+$"},
+}
+OPENAPI_RESPONSES: dict[int | str, str] = {
+    409: "Idempotency-Key in use: the first request with this key is still running; retry "
+         "with backoff.",
+    422: "Idempotency-Key reused: the key was used for another request.",
+}
+
+
 class MalformedKey(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)

@@ -1,0 +1,472 @@
+"""Idempotency-Key on REST writes and GraphQL mutations: replays byte for byte, refusals of a
+reused or running key, keys of two API keys apart, malformed keys, 5xx not recorded, expiry
+and pruning, concurrent duplicates, and a `kill -9` of the server during a keyed batch."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from sqlalchemy import func, select, text, update
+
+from consumers_graphql.settings import Settings
+from consumers_graphql.store import models
+from consumers_graphql.store.idempotency import PRUNE_BATCH, now_utc
+from consumers_graphql.store.keys import READ_WRITE
+from consumers_graphql.web.app import create_app
+from tests.conftest import (
+    TEST_DATABASE_URL,
+    _new_key,
+    bearer,
+    new_migrated_database,
+    on_path,
+)
+from tests.log_audit import asgi_client
+from tests.processes import Served
+
+URL = "/api/v1/consumers"
+BATCH = f"{URL}/batch"
+KEY = "Idempotency-Key"
+REPLAYED = "idempotent-replayed"
+keys_table = models.IdempotencyKey.__table__
+CREATE = """mutation Create($input: ConsumerCreateInput!) {
+  consumerCreate(input: $input) { consumer { id email } userErrors { code } } }"""
+# Two fields, and a payload whose relations must show the first field's write.
+TWO_FIELDS = """mutation Two($input: ConsumerCreateInput!, $id: ID!) {
+  a: consumerCreate(input: $input) { consumer { id email } userErrors { code } }
+  b: orderRecord(input: {consumerId: $id, amount: 10, currency: "EUR",
+                         placedAt: "2024-01-01T00:00:00Z"}) {
+    order { amount consumer { totalOrders totalOrderValue } } userErrors { code } } }"""
+
+
+def person(n: int) -> dict[str, Any]:
+    return {"email": f"idem{n}@example.com", "fullName": f"Idem {n}"}
+
+
+async def count(engine: Any, model: Any = models.Consumer) -> int:
+    async with engine.connect() as conn:
+        return int((await conn.execute(select(func.count()).select_from(model))).scalar_one())
+
+
+def keyed(headers: dict[str, str], key: str) -> dict[str, str]:
+    return {**headers, KEY: key}
+
+
+def assert_same(first: httpx.Response, second: httpx.Response) -> None:
+    """The replay is the first answer, byte for byte, marked as a replay."""
+    assert REPLAYED not in first.headers
+    assert second.headers.get(REPLAYED) == "true", second.headers
+    assert second.status_code == first.status_code
+    assert second.content == first.content
+    for name in ("content-type", "location"):
+        assert second.headers.get(name) == first.headers.get(name), name
+
+
+async def post_graphql(client: httpx.AsyncClient, headers: dict[str, str], query: str,
+                       variables: dict[str, Any]) -> httpx.Response:
+    return await client.post("/graphql", json={"query": query, "variables": variables},
+                             headers=headers)
+
+
+# -- replays -----------------------------------------------------------------------------
+
+
+async def test_rest_create_is_replayed_and_written_once(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any
+) -> None:
+    headers = keyed(auth_headers, "create-1")
+    first = await client.post(URL, json=person(1), headers=headers)
+    assert first.status_code == 201, first.text
+    # the same request, its JSON spelt otherwise (key order, whitespace)
+    again = await client.post(
+        URL, content=b'{ "fullName": "Idem 1",\n "email": "idem1@example.com" }',
+        headers={**headers, "Content-Type": "application/json"})
+    assert_same(first, again)
+    assert again.headers["location"] == f"{URL}/{first.json()['id']}"
+    assert await count(write_engine) == 1
+    assert await count(write_engine, models.IdempotencyKey) == 1
+
+
+async def test_rest_batch_create_update_and_delete_are_replayed(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any
+) -> None:
+    batch = [person(n) for n in range(3)]
+    first = await client.post(BATCH, json=batch, headers=keyed(auth_headers, "batch"))
+    assert first.status_code == 201, first.text
+    assert_same(first, await client.post(BATCH, json=batch, headers=keyed(auth_headers,
+                                                                            "batch")))
+    assert await count(write_engine) == 3
+    ids = [row["id"] for row in first.json()]
+
+    # an update, replayed after a later change: the first answer, not the current row
+    change = {"fullName": "Renamed"}
+    updated = await client.put(f"{URL}/{ids[0]}", json=change,
+                               headers=keyed(auth_headers, "update"))
+    assert updated.status_code == 200 and updated.json()["fullName"] == "Renamed"
+    later = await client.put(f"{URL}/{ids[0]}", json={"fullName": "Later"}, headers=auth_headers)
+    assert later.status_code == 200
+    assert_same(updated, await client.put(f"{URL}/{ids[0]}", json=change,
+                                          headers=keyed(auth_headers, "update")))
+    row = await client.get(f"{URL}/{ids[0]}", headers=auth_headers)
+    assert row.json()["fullName"] == "Later"
+
+    # a delete, replayed: the deleted consumer again, not 404
+    deleted = await client.delete(f"{URL}/{ids[1]}", headers=keyed(auth_headers, "delete"))
+    assert deleted.status_code == 200, deleted.text
+    assert_same(deleted, await client.delete(f"{URL}/{ids[1]}",
+                                             headers=keyed(auth_headers, "delete")))
+    assert await count(write_engine) == 2
+    # a batch update, replayed
+    items = [{"id": ids[0], "phone": "+14155550100"}, {"id": ids[2], "fullName": "Third"}]
+    batch_updated = await client.put(BATCH, json=items, headers=keyed(auth_headers, "bu"))
+    assert batch_updated.status_code == 200, batch_updated.text
+    assert_same(batch_updated, await client.put(BATCH, json=items,
+                                                headers=keyed(auth_headers, "bu")))
+
+
+async def test_a_refusal_of_the_use_case_is_recorded_and_replayed(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any
+) -> None:
+    created = await client.post(URL, json=person(1), headers=auth_headers)
+    assert created.status_code == 201
+    # a taken email: the use-case ran and refused, its answer is the key's
+    first = await client.post(URL, json=person(1), headers=keyed(auth_headers, "taken"))
+    assert first.status_code == 400, first.text
+    await client.delete(f"{URL}/{created.json()['id']}", headers=auth_headers)
+    assert_same(first, await client.post(URL, json=person(1),
+                                         headers=keyed(auth_headers, "taken")))
+    assert await count(write_engine) == 0
+
+
+async def test_a_body_refused_before_the_use_case_is_not_recorded(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any
+) -> None:
+    malformed = await client.post(URL, content=b'{"email": ', headers={
+        **keyed(auth_headers, "fixed"), "Content-Type": "application/json"})
+    assert malformed.status_code == 400
+    # the request fixed, with the same key: run, not refused as another request's key
+    fixed = await client.post(URL, json=person(1), headers=keyed(auth_headers, "fixed"))
+    assert fixed.status_code == 201, fixed.text
+    assert await count(write_engine) == 1
+
+
+async def test_graphql_mutations_are_replayed_one_transaction_for_every_field(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any,
+    execution_path: str,
+) -> None:
+    headers = keyed(auth_headers, "gql-1")
+    variables = {"input": person(1)}
+    first = await post_graphql(client, headers, CREATE, variables)
+    assert first.status_code == 200, first.text
+    consumer_id = first.json()["data"]["consumerCreate"]["consumer"]["id"]
+    assert_same(first, await post_graphql(client, headers, CREATE, variables))
+    assert await count(write_engine) == 1
+
+    # a document of two fields: the second's payload reads the first's uncommitted write
+    headers = keyed(auth_headers, "gql-2")
+    variables = {"input": person(2), "id": consumer_id}
+    both = await post_graphql(client, headers, TWO_FIELDS, variables)
+    assert both.status_code == 200, both.text
+    data = both.json()["data"]
+    assert data["a"]["consumer"]["email"] == "idem2@example.com"
+    assert data["b"]["order"]["consumer"] == {"totalOrders": 1, "totalOrderValue": 10}
+    assert_same(both, await post_graphql(client, headers, TWO_FIELDS, variables))
+    assert await count(write_engine) == 2
+    assert await count(write_engine, models.Order) == 1
+
+    # a query with a key: the key is ignored
+    query = await post_graphql(client, keyed(auth_headers, "gql-1"),
+                               "{ consumers { totalCount } }", {})
+    assert query.status_code == 200 and REPLAYED not in query.headers
+    assert query.json()["data"] == {"consumers": {"totalCount": 2}}
+
+
+# -- refusals ----------------------------------------------------------------------------
+
+
+async def test_a_key_reused_for_another_request_is_422(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any,
+    execution_path: str,
+) -> None:
+    headers = keyed(auth_headers, "reused")
+    assert (await client.post(URL, json=person(1), headers=headers)).status_code == 201
+    for response in (await client.post(URL, json=person(2), headers=headers),
+                     await client.post(BATCH, json=[person(1)], headers=headers),
+                     await client.post(f"{URL}?x=1", json=person(1), headers=headers)):
+        assert response.status_code == 422, response.text
+        assert response.json()["error"] == "Idempotency-Key reused"
+        [detail] = response.json()["details"]
+        assert detail["field"] == KEY and "another request" in detail["message"]
+    response = await post_graphql(client, headers, CREATE, {"input": person(1)})
+    assert response.status_code == 422, response.text
+    [error] = response.json()["errors"]
+    assert error["extensions"]["code"] == "IDEMPOTENCY_KEY_REUSED"
+    # GraphQL's own: another document or other variables with one key
+    headers = keyed(auth_headers, "reused-gql")
+    assert (await post_graphql(client, headers, CREATE, {"input": person(3)})).status_code == 200
+    response = await post_graphql(client, headers, CREATE, {"input": person(4)})
+    assert response.json()["errors"][0]["extensions"]["code"] == "IDEMPOTENCY_KEY_REUSED"
+    assert await count(write_engine) == 2
+
+
+async def test_keys_of_two_api_keys_are_independent(
+    app: FastAPI, client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any
+) -> None:
+    other = bearer(await _new_key(app, "other", READ_WRITE))
+    first = await client.post(URL, json=person(1), headers=keyed(auth_headers, "shared"))
+    second = await client.post(URL, json=person(2), headers=keyed(other, "shared"))
+    assert first.status_code == second.status_code == 201, second.text
+    assert REPLAYED not in second.headers
+    assert await count(write_engine) == 2
+
+
+@pytest.mark.parametrize("value", [b"", b" ", b"x" * 256, "cl\u00e9".encode(), b"a\x01b",
+                                   b"two words", b"tab\there"])
+async def test_a_malformed_key_is_400_and_nothing_is_written(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any, value: bytes,
+    execution_path: str,
+) -> None:
+    headers: dict[str, Any] = {**auth_headers, KEY: value}
+    response = await client.post(URL, json=person(1), headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "Invalid Idempotency-Key"
+    assert response.json()["details"][0]["field"] == KEY
+    response = await client.post("/graphql", json={"query": CREATE,
+                                                    "variables": {"input": person(1)}},
+                                 headers=headers)
+    assert response.status_code == 400, response.text
+    assert "Idempotency-Key" in response.json()["errors"][0]["message"]
+    assert await count(write_engine) == 0
+    assert await count(write_engine, models.IdempotencyKey) == 0
+
+
+async def test_the_longest_key_and_the_drafts_quoted_form_are_taken(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any
+) -> None:
+    longest = "~" * 255
+    first = await client.post(URL, json=person(1), headers=keyed(auth_headers, longest))
+    assert first.status_code == 201, first.text
+    assert_same(first, await client.post(URL, json=person(1),
+                                         headers=keyed(auth_headers, f'"{longest}"')))
+
+
+# -- concurrency -------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def second_app(settings: Settings) -> AsyncIterator[FastAPI]:
+    """Another process's app on the same database: its own in-flight set, so the database
+    alone keeps the two apart."""
+    app = create_app(settings)
+    async with LifespanManager(app):
+        yield app
+
+
+async def test_concurrent_duplicates_write_once(
+    client: httpx.AsyncClient, second_app: FastAPI, auth_headers: dict[str, str],
+    write_engine: Any, dialect: str,
+) -> None:
+    # a batch big enough for the first to still run when the others come
+    batch = [person(n) for n in range(500 if dialect == "postgresql" else 200)]
+    headers = keyed(auth_headers, "racing")
+    async with asgi_client(second_app) as other:
+        responses = await asyncio.gather(*(
+            (client if n % 2 else other).post(BATCH, json=batch, headers=headers)
+            for n in range(10)))
+    statuses = sorted(response.status_code for response in responses)
+    written = [r for r in responses if r.status_code == 201 and REPLAYED not in r.headers]
+    assert len(written) == 1, statuses
+    for response in responses:
+        if response.status_code == 201 and response is not written[0]:
+            assert_same(written[0], response)
+        elif response.status_code != 201:
+            assert response.status_code == 409, response.text
+            assert response.json()["error"] == "Idempotency-Key in use"
+    assert await count(write_engine) == len(batch)
+
+
+async def test_a_key_in_use_is_409_in_graphql(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any,
+    execution_path: str,
+) -> None:
+    batch = "mutation($input: [ConsumerCreateInput!]!) { consumerBatchCreate(input: $input) " \
+            "{ userErrors { code } } }"
+    headers = keyed(auth_headers, "gql-racing")
+    variables = {"input": [person(n) for n in range(300)]}
+    responses = await asyncio.gather(*(post_graphql(client, headers, batch, variables)
+                                       for _ in range(4)))
+    statuses = sorted(response.status_code for response in responses)
+    assert statuses.count(200) >= 1 and set(statuses) <= {200, 409}, statuses
+    for response in responses:
+        if response.status_code == 409:
+            [error] = response.json()["errors"]
+            assert error["extensions"]["code"] == "IDEMPOTENCY_KEY_IN_USE"
+    assert sum(REPLAYED not in r.headers and r.status_code == 200 for r in responses) == 1
+    assert await count(write_engine) == 300
+
+
+# -- 5xx, expiry, pruning ----------------------------------------------------------------
+
+
+async def test_a_5xx_is_not_recorded_and_its_writes_are_rolled_back(
+    settings: Settings, write_engine: Any, dialect: str, execution_path: str
+) -> None:
+    """A request stopped by its deadline (504) while another connection holds a lock its
+    write needs: nothing written, no key; once the lock is gone the same key writes once."""
+    app = create_app(settings.model_copy(update={"request_timeout_s": 1.0}))
+    on_path(app, execution_path)
+    async with LifespanManager(app), asgi_client(app) as client:
+        headers = keyed(bearer(await _new_key(app, "deadline", READ_WRITE)), "stuck")
+        async with write_engine.connect() as holder:
+            if dialect == "postgresql":
+                await holder.execute(text("BEGIN"))
+                await holder.execute(text("LOCK TABLE consumers IN ACCESS EXCLUSIVE MODE"))
+            else:
+                await holder.execute(text("DELETE FROM consumers WHERE 0"))  # the write lock
+            for request in (client.post(URL, json=person(1), headers=headers),
+                            post_graphql(client, headers, CREATE, {"input": person(1)})):
+                response = await request
+                assert response.status_code == 504, response.text
+            await holder.rollback()
+        assert await count(write_engine) == 0
+        assert await count(write_engine, models.IdempotencyKey) == 0
+        first = await client.post(URL, json=person(1), headers=headers)
+        assert first.status_code == 201, first.text
+        assert_same(first, await client.post(URL, json=person(1), headers=headers))
+    assert await count(write_engine) == 1
+
+
+async def test_an_expired_key_is_new_and_expired_rows_are_pruned_a_few_at_a_time(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any, app: FastAPI
+) -> None:
+    first = await client.post(URL, json=person(1), headers=keyed(auth_headers, "old"))
+    assert first.status_code == 201
+    # a day and a bit later (its timestamp moved back), with 150 other expired keys
+    long_ago = now_utc() - timedelta(hours=24, minutes=1)
+    key_id = (await _key_ids(write_engine))[0]
+    async with write_engine.begin() as conn:
+        await conn.execute(update(keys_table).values(created_at=long_ago))
+        await conn.execute(keys_table.insert(), [
+            {"api_key_id": key_id, "key": f"expired-{n}", "fingerprint": "0" * 64,
+             "status": 201, "headers": [], "body": b"{}",
+             "created_at": long_ago - timedelta(minutes=n)} for n in range(150)])
+    # then the same key with another body is a new request, not a reuse
+    again = await client.post(URL, json=person(2), headers=keyed(auth_headers, "old"))
+    assert again.status_code == 201, again.text
+    assert REPLAYED not in again.headers
+    assert await count(write_engine) == 2
+    # and that keyed write pruned at most PRUNE_BATCH expired rows, the oldest
+    async with write_engine.connect() as conn:
+        left = (await conn.execute(select(keys_table.c.key).where(
+            keys_table.c.created_at < now_utc() - timedelta(hours=24))
+            .order_by(keys_table.c.created_at))).scalars().all()
+    assert set(left) == {f"expired-{n}" for n in range(150 - PRUNE_BATCH)}, left
+    # a replay of the new answer
+    assert_same(again, await client.post(URL, json=person(2), headers=keyed(auth_headers,
+                                                                             "old")))
+
+
+async def _key_ids(engine: Any) -> list[str]:
+    async with engine.connect() as conn:
+        return list((await conn.execute(select(models.ApiKey.id))).scalars().all())
+
+
+# -- kill -9 -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def served_url(tmp_path: Path) -> AsyncIterator[str]:
+    """A database of the server's own, of the kind the suite runs on."""
+    if TEST_DATABASE_URL:
+        async with new_migrated_database("idem_kill") as url:
+            yield url
+    else:
+        yield f"sqlite+aiosqlite:///{tmp_path / 'kill.db'}"
+
+
+def test_kill_9_during_a_keyed_batch_then_a_resend_writes_one_batch(
+    served_url: str, tmp_path: Path
+) -> None:
+    batch = [{"email": f"killed{n}@example.com", "fullName": f"Killed {n}",
+              "metadata": {"n": n, "pad": "x" * 200}} for n in range(500)]
+    served = Served(served_url, tmp_path)
+    try:
+        served.wait_until_up()
+        secret = served.secret()
+        headers = keyed(bearer(secret), "kill-me")
+        sent = threading.Event()
+
+        def send() -> None:
+            sent.set()
+            try:
+                with served.client(timeout=30) as client:
+                    client.post(BATCH, json=batch, headers=headers)
+            except httpx.HTTPError:
+                pass  # the server is killed under it
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        sent.wait()
+        time.sleep(0.15)  # the batch under way
+        os.kill(served.process.pid, signal.SIGKILL)
+        sender.join(timeout=30)
+    finally:
+        served.stop()
+    restarted = Served(served_url, tmp_path)
+    try:
+        restarted.wait_until_up()
+        with restarted.client(timeout=60) as client:
+            first = client.post(BATCH, json=batch, headers=headers)
+            assert first.status_code == 201, first.text
+            again = client.post(BATCH, json=batch, headers=headers)
+            assert again.status_code == 201 and again.content == first.content
+            assert again.headers.get(REPLAYED) == "true"
+            listed = client.get(URL, params={"first": 1}, headers=bearer(secret))
+            assert listed.status_code == 200
+        assert _count_rows(served_url) == 500
+    finally:
+        restarted.stop()
+
+
+def _count_rows(url: str) -> int:
+    async def counted() -> int:
+        from consumers_graphql.store.db import make_engine
+
+        engine = make_engine(Settings(database_url=url), writer=False)  # type: ignore[arg-type]
+        try:
+            return await count(engine)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(counted())
+
+
+# -- OpenAPI -----------------------------------------------------------------------------
+
+
+async def test_openapi_lists_the_header_and_its_statuses_on_writes(
+    client: httpx.AsyncClient
+) -> None:
+    document = (await client.get("/openapi.json")).json()
+    writes = 0
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            names = [p["name"] for p in operation.get("parameters", ())]
+            if method == "get":
+                assert KEY not in names, path
+                continue
+            writes += 1
+            assert KEY in names, (method, path)
+            assert {"409", "422"} <= set(operation["responses"]), (method, path)
+    assert writes >= 5
