@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import threading
-import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +20,7 @@ from sqlalchemy import func, select, text, update
 
 from consumers_graphql.settings import Settings
 from consumers_graphql.store import models
+from consumers_graphql.store.db import make_engine
 from consumers_graphql.store.idempotency import PRUNE_BATCH, now_utc
 from consumers_graphql.store.keys import READ_WRITE
 from consumers_graphql.web.app import create_app
@@ -395,61 +394,103 @@ async def served_url(tmp_path: Path) -> AsyncIterator[str]:
         yield f"sqlite+aiosqlite:///{tmp_path / 'kill.db'}"
 
 
-def test_kill_9_during_a_keyed_batch_then_a_resend_writes_one_batch(
+async def test_kill_9_during_a_keyed_batch_then_a_resend_writes_one_batch(
     served_url: str, tmp_path: Path
 ) -> None:
-    batch = [{"email": f"killed{n}@example.com", "fullName": f"Killed {n}",
-              "metadata": {"n": n, "pad": "x" * 200}} for n in range(500)]
+    """`serve` killed (SIGKILL) while keyed 500-row batches are under way: first while the
+    batch waits inside its transaction for a lock the test holds (deterministic), then at a
+    few moments of its run. After each crash the batch and its key are both there or
+    neither; after a restart, each batch resent with its key is written exactly once."""
+    engine = make_engine(Settings(database_url=served_url), writer=True)  # type: ignore[arg-type]
     served = Served(served_url, tmp_path)
     try:
         served.wait_until_up()
         secret = served.secret()
-        headers = keyed(bearer(secret), "kill-me")
-        sent = threading.Event()
-
-        def send() -> None:
-            sent.set()
-            try:
-                with served.client(timeout=30) as client:
-                    client.post(BATCH, json=batch, headers=headers)
-            except httpx.HTTPError:
-                pass  # the server is killed under it
-
-        sender = threading.Thread(target=send)
-        sender.start()
-        sent.wait()
-        time.sleep(0.15)  # the batch under way
-        os.kill(served.process.pid, signal.SIGKILL)
-        sender.join(timeout=30)
     finally:
         served.stop()
-    restarted = Served(served_url, tmp_path)
+    batches = {f"kill-{n}": _batch(n) for n in range(1 + len(DELAYS))}
     try:
-        restarted.wait_until_up()
-        with restarted.client(timeout=60) as client:
-            first = client.post(BATCH, json=batch, headers=headers)
-            assert first.status_code == 201, first.text
-            again = client.post(BATCH, json=batch, headers=headers)
-            assert again.status_code == 201 and again.content == first.content
-            assert again.headers.get(REPLAYED) == "true"
-            listed = client.get(URL, params={"first": 1}, headers=bearer(secret))
-            assert listed.status_code == 200
-        assert _count_rows(served_url) == 500
-    finally:
-        restarted.stop()
-
-
-def _count_rows(url: str) -> int:
-    async def counted() -> int:
-        from consumers_graphql.store.db import make_engine
-
-        engine = make_engine(Settings(database_url=url), writer=False)  # type: ignore[arg-type]
+        for number, (key, batch) in enumerate(batches.items()):
+            served = Served(served_url, tmp_path)
+            try:
+                served.wait_until_up()
+                if number == 0:
+                    async with engine.connect() as holder:
+                        await _hold_the_write_lock(holder)
+                        answered = await _killed_while_sending(served, secret, key, batch, 0.5)
+                        await holder.rollback()
+                else:
+                    answered = await _killed_while_sending(served, secret, key, batch,
+                                                           DELAYS[number - 1])
+            finally:
+                served.stop()
+            rows, recorded = await _written(engine, key, batch)
+            assert (rows, recorded) in ((0, 0), (500, 1)), (rows, recorded)
+            if number == 0:
+                assert not answered and rows == 0
+        restarted = Served(served_url, tmp_path)
         try:
-            return await count(engine)
+            restarted.wait_until_up()
+            with restarted.client(timeout=60) as client:
+                for key, batch in batches.items():
+                    headers = keyed(bearer(secret), key)
+                    first = client.post(BATCH, json=batch, headers=headers)
+                    assert first.status_code == 201, first.text
+                    again = client.post(BATCH, json=batch, headers=headers)
+                    assert again.status_code == 201 and again.content == first.content
+                    assert again.headers.get(REPLAYED) == "true"
         finally:
-            await engine.dispose()
+            restarted.stop()
+        for key, batch in batches.items():
+            assert await _written(engine, key, batch) == (500, 1)
+        assert await count(engine) == 500 * len(batches)
+    finally:
+        await engine.dispose()
 
-    return asyncio.run(counted())
+
+# After the request is sent: before, during and after its batch's ~100 ms.
+DELAYS = (0.04, 0.07, 0.1, 0.15)
+
+
+def _batch(n: int) -> list[dict[str, Any]]:
+    return [{"email": f"killed{n}.{i}@example.com", "fullName": f"Killed {i}",
+             "metadata": {"n": i, "pad": "x" * 200}} for i in range(500)]
+
+
+async def _hold_the_write_lock(holder: Any) -> None:
+    if holder.dialect.name == "postgresql":
+        await holder.execute(text("LOCK TABLE consumers IN ACCESS EXCLUSIVE MODE"))
+    else:
+        await holder.execute(text("DELETE FROM consumers WHERE 0"))  # BEGIN IMMEDIATE first
+
+
+async def _killed_while_sending(served: Served, secret: str, key: str,
+                                batch: list[dict[str, Any]], delay: float) -> bool:
+    """Sends the keyed batch and kills the server `delay` seconds later; whether an answer
+    came first."""
+    def send() -> bool:
+        try:
+            with served.client(timeout=30) as client:
+                client.post(BATCH, json=batch, headers=keyed(bearer(secret), key))
+        except httpx.HTTPError:
+            return False  # killed under it
+        return True
+
+    sending = asyncio.create_task(asyncio.to_thread(send))
+    await asyncio.sleep(delay)
+    os.kill(served.process.pid, signal.SIGKILL)
+    return await sending
+
+
+async def _written(engine: Any, key: str, batch: list[dict[str, Any]]) -> tuple[int, int]:
+    """The batch's rows, and its key's."""
+    emails = [item["email"] for item in batch]
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(func.count()).select_from(models.Consumer)
+                                   .where(models.Consumer.email.in_(emails)))).scalar_one()
+        keys = (await conn.execute(select(func.count()).select_from(keys_table).where(
+            keys_table.c.key == key))).scalar_one()
+    return int(rows), int(keys)
 
 
 # -- OpenAPI -----------------------------------------------------------------------------
