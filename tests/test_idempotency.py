@@ -346,6 +346,37 @@ async def test_a_5xx_is_not_recorded_and_its_writes_are_rolled_back(
     assert await count(write_engine) == 1
 
 
+async def test_a_keyed_mutation_is_one_transaction_rolled_back_whole_on_a_5xx(
+    settings: Settings, write_engine: Any, dialect: str, execution_path: str
+) -> None:
+    """Two mutation fields with a key: the first writes, the second waits for a lock on
+    orders until the deadline (504). The first field's consumer is rolled back with it (it
+    would stay, committed, were each field its own transaction), and no key is recorded."""
+    if dialect != "postgresql":
+        pytest.skip("SQLite has one writer: the test could not let the first field write "
+                    "and hold back the second")
+    app = create_app(settings.model_copy(update={"request_timeout_s": 1.0}))
+    on_path(app, execution_path)
+    async with LifespanManager(app), asgi_client(app) as client:
+        secret = bearer(await _new_key(app, "deadline", READ_WRITE))
+        created = await client.post(URL, json=person(0), headers=secret)
+        variables = {"input": person(1), "id": created.json()["id"]}
+        async with write_engine.connect() as holder:
+            await holder.execute(text("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE"))
+            response = await post_graphql(client, keyed(secret, "two"), TWO_FIELDS, variables)
+            assert response.status_code == 504, response.text
+            await holder.rollback()
+        assert await count(write_engine) == 1
+        assert await count(write_engine, models.IdempotencyKey) == 0
+        # resent once the lock is gone: both fields, once
+        first = await post_graphql(client, keyed(secret, "two"), TWO_FIELDS, variables)
+        assert first.status_code == 200 and "errors" not in first.json(), first.text
+        assert_same(first, await post_graphql(client, keyed(secret, "two"), TWO_FIELDS,
+                                              variables))
+    assert await count(write_engine) == 2
+    assert await count(write_engine, models.Order) == 1
+
+
 async def test_an_expired_key_is_new_and_expired_rows_are_pruned_a_few_at_a_time(
     client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any, app: FastAPI
 ) -> None:
