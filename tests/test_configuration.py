@@ -59,6 +59,10 @@ def assert_refused(done: subprocess.CompletedProcess[str], *names: str) -> str:
     # the documented bound on a revoked key's life must stay a bound
     ({"CONSUMERS_KEY_CACHE_SECONDS": "inf"}, "CONSUMERS_KEY_CACHE_SECONDS='inf'"),
     ({"CONSUMERS_KEY_CACHE_SECONDS": "3600"}, "CONSUMERS_KEY_CACHE_SECONDS='3600'"),
+    # idempotency keys are kept for a while, and not for ever
+    ({"CONSUMERS_IDEMPOTENCY_KEY_HOURS": "0"}, "CONSUMERS_IDEMPOTENCY_KEY_HOURS='0'"),
+    ({"CONSUMERS_IDEMPOTENCY_KEY_HOURS": "nan"}, "CONSUMERS_IDEMPOTENCY_KEY_HOURS='nan'"),
+    ({"CONSUMERS_IDEMPOTENCY_KEY_HOURS": "1000"}, "CONSUMERS_IDEMPOTENCY_KEY_HOURS='1000'"),
 ])
 @pytest.mark.parametrize("command", [("serve",), ("keys", "list"), ("migrate",),
                                      ("seed", "--consumers", "1")])
