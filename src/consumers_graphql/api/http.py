@@ -12,7 +12,8 @@ under ``application/graphql-response+json`` a request error (parse, validation, 
 variables) is 400; under ``application/json`` every GraphQL response is 200. A mutation
 over GET is 405 with ``Allow: POST``. The database out of reach is 503 with Retry-After under
 both, unless a mutation may have written (past its first field's failure: no retry invited).
-A body the client stopped sending is never executed, and nothing is answered.
+A body the client stopped sending is never executed, and nothing is answered. A mutation sent
+with an ``Idempotency-Key`` runs as one transaction with its key (web/idempotency.py).
 """
 
 from __future__ import annotations
