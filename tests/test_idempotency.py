@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from sqlalchemy import func, select, text, update
 
 from consumers_graphql.settings import Settings
-from consumers_graphql.store import models
+from consumers_graphql.store import idempotency, models
 from consumers_graphql.store.db import make_engine
 from consumers_graphql.store.idempotency import PRUNE_BATCH, now_utc
 from consumers_graphql.store.keys import READ_WRITE
@@ -378,8 +378,10 @@ async def test_a_keyed_mutation_is_one_transaction_rolled_back_whole_on_a_5xx(
 
 
 async def test_an_expired_key_is_new_and_expired_rows_are_pruned_a_few_at_a_time(
-    client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any, app: FastAPI
+    client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(idempotency, "PRUNE_INTERVAL_S", 0.0)  # every keyed write prunes
     first = await client.post(URL, json=person(1), headers=keyed(auth_headers, "old"))
     assert first.status_code == 201
     # a day and a bit later (its timestamp moved back), with 150 other expired keys
