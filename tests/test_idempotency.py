@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -343,6 +344,35 @@ async def test_a_5xx_is_not_recorded_and_its_writes_are_rolled_back(
         first = await client.post(URL, json=person(1), headers=headers)
         assert first.status_code == 201, first.text
         assert_same(first, await client.post(URL, json=person(1), headers=headers))
+    assert await count(write_engine) == 1
+
+
+async def test_a_503_of_an_outage_is_not_recorded_and_a_resend_writes_once(
+    settings: Settings, write_engine: Any, dialect: str, execution_path: str
+) -> None:
+    """SQLite's outage: another process holds the write lock past the busy timeout."""
+    if dialect != "sqlite":
+        pytest.skip("tests/test_outage.py stops PostgreSQL; here SQLite's lock is the outage")
+    app = create_app(settings.model_copy(update={"sqlite_busy_timeout_ms": 50}))
+    on_path(app, execution_path)
+    path = settings.database_url.removeprefix("sqlite+aiosqlite:///")
+    async with LifespanManager(app), asgi_client(app) as client:
+        headers = keyed(bearer(await _new_key(app, "outage", READ_WRITE)), "outage")
+        holder = sqlite3.connect(path, isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            for request in (client.post(URL, json=person(1), headers=headers),
+                            post_graphql(client, headers, CREATE, {"input": person(1)})):
+                response = await request
+                assert response.status_code == 503, response.text
+                assert "retry-after" in response.headers
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert await count(write_engine, models.IdempotencyKey) == 0
+        first = await post_graphql(client, headers, CREATE, {"input": person(1)})
+        assert first.status_code == 200 and "errors" not in first.json(), first.text
+        assert_same(first, await post_graphql(client, headers, CREATE, {"input": person(1)}))
     assert await count(write_engine) == 1
 
 
