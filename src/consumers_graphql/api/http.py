@@ -349,7 +349,7 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         media_type = request.scope.get("state", {}).get(MEDIA_TYPE_STATE, JSON)
         return await idempotency.graphql_mutation(
             request, context.principal, context.repository.reader, key,
-            {"query": query, "operationName": operation_name, "variables": variables},
+            {"query": query, "operationName": operation_name, "variables": variables or {}},
             f"{media_type}; charset=utf-8", self._retry_after, run)
 
     async def _execute(
