@@ -296,6 +296,32 @@ async def test_concurrent_duplicates_write_once(
     assert await count(write_engine) == len(batch)
 
 
+async def test_a_key_running_on_another_host_is_409_on_postgresql(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any, dialect: str,
+    execution_path: str,
+) -> None:
+    """Another host running the key holds its advisory lock (held here, by the test): this
+    process, which does not run it, answers 409 at once, and writes nothing."""
+    if dialect != "postgresql":
+        pytest.skip("SQLite's other processes queue for the write lock: then a replay")
+    [key_id] = await _key_ids(write_engine)
+    async with write_engine.connect() as other_host:
+        await other_host.execute(text("SELECT pg_advisory_xact_lock(:id)"),
+                                 {"id": idempotency._lock_id(key_id, "elsewhere")})
+        headers = keyed(auth_headers, "elsewhere")
+        response = await client.post(URL, json=person(1), headers=headers)
+        assert response.status_code == 409, response.text
+        assert response.json()["error"] == "Idempotency-Key in use"
+        response = await post_graphql(client, headers, CREATE, {"input": person(1)})
+        assert response.status_code == 409, response.text
+        assert response.json()["errors"][0]["extensions"]["code"] == "IDEMPOTENCY_KEY_IN_USE"
+        await other_host.rollback()
+    assert await count(write_engine) == 0
+    # the other host gone (its lock with its transaction), the key runs here
+    response = await client.post(URL, json=person(1), headers=headers)
+    assert response.status_code == 201, response.text
+
+
 async def test_a_key_in_use_is_409_in_graphql(
     client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any,
     execution_path: str,
