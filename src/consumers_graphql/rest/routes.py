@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 from sqlalchemy.engine import Row
@@ -30,6 +30,7 @@ from consumers_graphql.errors import BadUserInput, DomainError, DomainErrors, Er
 from consumers_graphql.ids import IdKind, kind_of
 from consumers_graphql.rest.body import RestRoute, restore_refused_metadata
 from consumers_graphql.rest.models import (
+    UNTRIMMED,
     BatchCreateConsumersRequest,
     BatchUpdateConsumersRequest,
     BatchUpsertConsumersRequest,
@@ -43,6 +44,7 @@ from consumers_graphql.rest.models import (
 )
 from consumers_graphql.rest.shapes import audience_json, consumer_json, order_json
 from consumers_graphql.store.db import Reader
+from consumers_graphql.store.models import EXTERNAL_ID_MAX
 from consumers_graphql.store.pagination import MAX_PAGE_SIZE, Page, page_request
 from consumers_graphql.store.queries.audiences import AUDIENCE_SORT
 from consumers_graphql.store.queries.consumers import (
@@ -366,7 +368,12 @@ async def batch_upsert_consumers(
     response_description="Updated (or already as asked): the consumer.",
 )
 async def upsert_consumer(
-    services: Writes, external_id: str, body: UpsertConsumerRequest
+    services: Writes,
+    external_id: Annotated[str, Path(
+        description="Your own id for the consumer, percent-encoded (it may hold `/`).",
+        json_schema_extra={"minLength": 1, "maxLength": EXTERNAL_ID_MAX, "pattern": UNTRIMMED},
+    )],
+    body: UpsertConsumerRequest,
 ) -> Response:
     if "externalId" in body.model_fields_set and body.externalId != external_id:
         raise DomainError("externalId in the body must be the path's: an upsert does not "
