@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from functools import lru_cache
@@ -74,7 +74,8 @@ class ConsumerUpsert:
 
 
 # (public name, column, rule): the order in which problems are reported.
-_CONSUMER_RULES: tuple[tuple[str, str, Callable[[Any, Path], Any]], ...] = (
+_Rules = tuple[tuple[str, str, Callable[[Any, Path], Any]], ...]
+_CONSUMER_RULES: _Rules = (
     ("email", "email", validation.email),
     ("phone", "phone", validation.phone),
     ("fullName", "full_name", validation.full_name),
@@ -82,6 +83,8 @@ _CONSUMER_RULES: tuple[tuple[str, str, Callable[[Any, Path], Any]], ...] = (
     ("externalId", "external_id", validation.external_id),
 )
 _CONSUMER_WRITABLE = tuple(column for _, column, _ in _CONSUMER_RULES)
+# An upsert's fields: its externalId is the key, never a change.
+_UPSERT_RULES = tuple(rule for rule in _CONSUMER_RULES if rule[1] != "external_id")
 
 
 def _email_taken(path: Path) -> DomainError:
@@ -90,12 +93,12 @@ def _email_taken(path: Path) -> DomainError:
 
 
 def _consumer_values(
-    fields: ConsumerFields, path: Path
+    fields: ConsumerFields, path: Path, rules: _Rules = _CONSUMER_RULES
 ) -> tuple[dict[str, Any], list[DomainError]]:
     """The validated, normalised values of the fields sent (None for an explicit null)."""
     values: dict[str, Any] = {}
     errors: list[DomainError] = []
-    for public, column, rule in _CONSUMER_RULES:
+    for public, column, rule in rules:
         raw = getattr(fields, column)
         if raw is OMITTED:
             continue
@@ -305,9 +308,7 @@ class ConsumerService(Service):
             except DomainError as error:
                 keys.append(None)
                 item_errors.append(error)
-            item_changes, field_errors = _consumer_values(
-                replace(item.fields, external_id=OMITTED), path
-            )
+            item_changes, field_errors = _consumer_values(item.fields, path, _UPSERT_RULES)
             changes.append(item_changes)
             invalid.append(item_errors + field_errors)
         # A repeat is reported whatever else is wrong with either item.
@@ -502,11 +503,13 @@ def _apply_consumer_changes(
     new = {column: current[column] for column in _CONSUMER_WRITABLE}
     for column, value in changes.items():
         if column == "metadata" and value is not None:
+            grows = bool(new["metadata"])  # merged into nothing, it can only shrink
             value = validation.merge_metadata(new["metadata"], value)
-            try:
-                validation.check_metadata_size(value, metadata_path)
-            except DomainError as error:
-                return error
+            if grows:
+                try:
+                    validation.check_metadata_size(value, metadata_path)
+                except DomainError as error:
+                    return error
         new[column] = value
     return new
 
