@@ -450,6 +450,23 @@ async def test_racing_rest_upserts_answer_one_201_and_200s(
     assert row["metadata"] == {f"k{n}": n for n in range(20)}
 
 
+async def test_racing_upserts_of_one_email_make_one_consumer(
+    gql: GraphQL, write_engine: Any
+) -> None:
+    # Ten new externalIds, one email: the unique index settles the race, the losers' rerun
+    # reports the conflict as the plain case does.
+    calls = [upsert(gql, {"externalId": f"race-{n}", "email": "Same@Example.com"
+                          if n % 2 else "same@example.com"}) for n in range(10)]
+
+    results = await asyncio.gather(*calls)
+
+    winners = [r for r in results if r["consumer"] is not None]
+    assert len(winners) == 1 and winners[0]["created"] is True
+    assert all(codes(r["userErrors"]) == [(["input", "email"], "EMAIL_TAKEN")]
+               for r in results if r["consumer"] is None)
+    assert await consumer_count(write_engine) == 1
+
+
 async def test_racing_batches_over_the_same_external_ids(
     gql: GraphQL, write_engine: Any
 ) -> None:
