@@ -75,6 +75,8 @@ TARGETS_TEXT = {
     "w3_count": "W3 search p50 < 50 ms (with totalCount)",
     "w5_inserts": "W5 <= 2 INSERT statements",
     "w5_time": "W5 < 40 ms per 500 rows (SQLite)",
+    "w6_ratio": "W6 batchUpsert / W5 batchCreate <= 2x",
+    "w6_inserts": "W6 = 1 INSERT statement",
     "rss": "server RSS < 200 MB after the run",
 }
 
@@ -420,6 +422,8 @@ def make_variants(database: str, main: Dataset, search: Dataset, prep: dict[str,
                 {"id": prep["ids"][0]}),
         Variant("W4 nodes", "graphql", database, m, workloads.NODES, {"ids": prep["ids"]}),
         Variant("W5 batchCreate", "graphql", database, m, workloads.BATCH_CREATE, write=True),
+        Variant("W6 batchUpsert", "graphql", database, m, workloads.BATCH_UPSERT, write=True,
+                extra={"upsert": True}),
     ]
     if smoke:
         skip = {"W2 lastOrderAt asc", "W2 lastOrderAt desc", "W2 lastOrderAt desc deep"}
@@ -742,6 +746,23 @@ async def remove_w5_rows(url: str) -> None:
             await conn.execute(text(
                 "DELETE FROM consumers WHERE email_key LIKE :d OR external_id LIKE :p"
             ), {"d": f"%@{workloads.W5_DOMAIN}", "p": f"{workloads.W5_EXTERNAL_PREFIX}%"})
+            await conn.execute(text(  # W6's created ones; those it updates stay for the next
+                "DELETE FROM consumers WHERE external_id LIKE :p"
+            ), {"p": f"{workloads.W6_NEW_PREFIX}%"})
+    finally:
+        await engine.dispose()
+
+
+async def remove_w6_base(url: str) -> None:
+    """W6's consumers to update, once its in-process and HTTP runs are over."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("DELETE FROM consumers WHERE external_id LIKE :p"),
+                               {"p": f"{workloads.W6_BASE_PREFIX}%"})
     finally:
         await engine.dispose()
 
@@ -754,7 +775,7 @@ def over_http(database: str, variants: list[Variant], prep: dict[str, Any], main
     secret_of = {main.url: prep["secrets"][main.name], search.url: prep["secrets"][search.name]}
     names = [v.name for v in variants]
     if args.smoke:
-        keep = {"hello", "R1", "W1", "W5 batchCreate"}  # two servers, not three
+        keep = {"hello", "R1", "W1", "W5 batchCreate", "W6 batchUpsert"}  # two servers, not three
         names = [n for n in names if n in keep]
     try:
         base = start_baseline_server(database, by_name["R1"].extra["r1"],
@@ -775,8 +796,10 @@ def over_http(database: str, variants: list[Variant], prep: dict[str, Any], main
             servers.append(server)
             for v in todo:
                 if v.write:
+                    make = workloads.upsert_input if v.extra.get("upsert") else \
+                        workloads.batch_input
                     bodies = [json.dumps({"query": v.query, "variables": {
-                        "input": workloads.batch_input(f"http{os.getpid()}-{n}")}}).encode()
+                        "input": make(f"http{os.getpid()}-{n}")}}).encode()
                         for n in range(args.http_write_bodies)]
                 else:
                     bodies = [json.dumps({"query": v.query, "variables": v.variables}).encode()]
@@ -847,6 +870,13 @@ def targets(all_inproc: dict[str, dict[str, Any]], servers: list[dict[str, Any]]
         if w5 is not None:
             add("w5_inserts", database, "W5 INSERT statements", w5["inserts_per_request"], 2,
                 "statements", w5["inserts_per_request"] <= 2)
+        w6 = rows.get("W6 batchUpsert")
+        if w6 is not None:
+            add("w6_inserts", database, "W6 INSERT statements", w6["inserts_per_request"], 1,
+                "statements", w6["inserts_per_request"] == 1)
+        if w5 is not None and w6 is not None:
+            ratio = w6["median_ms"] / w5["median_ms"]
+            add("w6_ratio", database, "W6 / W5", ratio, 2, "x", ratio <= 2)
             if database == "sqlite":
                 add("w5_time", database, "W5 per 500 rows", w5["median_ms"], 40, "ms",
                     w5["median_ms"] < 40)
@@ -951,6 +981,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--http-write-bodies", type=int, default=None,
                         help="W5 batches over HTTP, each sent once (default 24; at most 10x "
                         "--http-seconds)")
+    parser.add_argument("--workloads", default=None, metavar="NAME,...",
+                        help="measure only the variants whose names start with these, e.g. "
+                        "'W5,W6' (W1, R1 and hello always run: every ratio needs them)")
     parser.add_argument("--profile", metavar="DB:VARIANT",
                         help="only cProfile one variant in process, e.g. 'sqlite:W1' "
                         "(prints the top functions; writes bench/results/<variant>.prof)")
@@ -980,6 +1013,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup = min(args.warmup, 2)
     args.output = args.output or RESULTS_DIR / ("smoke.json" if smoke else "latest.json")
     return args
+
+
+def selected(variants: list[Variant], names: str | None) -> list[Variant]:
+    """The variants `--workloads` names (by prefix), with the ones every ratio needs."""
+    if names is None:
+        return variants
+    prefixes = tuple(name.strip() for name in names.split(",") if name.strip())
+    return [v for v in variants
+            if v.name in ("W1", "R1", "hello") or v.name.startswith(prefixes)]
 
 
 def profile(args: argparse.Namespace, plan: dict[str, tuple[Dataset, Dataset]]) -> int:
@@ -1041,7 +1083,8 @@ def main(argv: list[str] | None = None) -> int:
         main_ds, search_ds = plan[database]
         started = time.perf_counter()
         prep = asyncio.run(prepare(main_ds, search_ds, args.smoke))
-        variants = make_variants(database, main_ds, search_ds, prep, args.smoke)
+        variants = selected(make_variants(database, main_ds, search_ds, prep, args.smoke),
+                            args.workloads)
         all_inproc[database] = in_process(database, variants, prep, main_ds, search_ds, args)
         phases[f"{database} in-process"] = time.perf_counter() - started
         started = time.perf_counter()
@@ -1051,6 +1094,7 @@ def main(argv: list[str] | None = None) -> int:
             server_rows += [{"label": s.label, "database": database, "rss_mb": s.rss_mb,
                              "served": s.served} for s in servers]
         phases[f"{database} HTTP"] = time.perf_counter() - started
+        asyncio.run(remove_w6_base(main_ds.url))
         tables.append(table(database, all_inproc[database], all_http.get(database, {})))
         print(tables[-1], flush=True)
     checked = [] if args.smoke else targets(all_inproc, server_rows)

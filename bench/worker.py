@@ -109,28 +109,47 @@ class Target:
             self.database = self.app.state.database
             self.statements.attach(self.database.engines)
 
+    @property
+    def upserts(self) -> bool:
+        return bool(self.spec["extra"].get("upsert"))
+
     def body(self) -> bytes:
         variables = self.spec["variables"]
         if self.spec["write"]:
             tag = f"{os.getpid()}-{time.monotonic_ns()}-{next(self._tags)}"
-            variables = {**variables, "input": workloads.batch_input(tag)}
+            items = workloads.upsert_input(tag) if self.upserts else workloads.batch_input(tag)
+            variables = {**variables, "input": items}
         return orjson.dumps({"query": self.spec["query"], "variables": variables})
 
     def collect(self, response: dict[str, Any]) -> None:
-        if self.spec["write"]:
+        if not self.spec["write"]:
+            return
+        if self.upserts:
+            payload = response["data"]["consumerBatchUpsert"]
+            created = [r["consumer"]["id"] for r in payload["results"] if r["created"]]
+            expected = workloads.BATCH_SIZE - workloads.W6_EXISTING
+        else:
             payload = response["data"]["consumerBatchCreate"]
-            self.created += [r["consumer"]["id"] for r in payload["results"] if r["consumer"]]
-            if payload["userErrors"] or payload["count"] != workloads.BATCH_SIZE:
-                raise RuntimeError(f"W5 wrote {payload['count']} rows: "
-                                   f"{payload['userErrors'][:3]}")
+            created = [r["consumer"]["id"] for r in payload["results"] if r["consumer"]]
+            expected = workloads.BATCH_SIZE
+        self.created += created
+        if (payload["userErrors"] or payload["count"] != workloads.BATCH_SIZE
+                or len(created) != expected):
+            raise RuntimeError(f"{self.spec['name']} wrote {payload['count']} rows, created "
+                               f"{len(created)}: {payload['userErrors'][:3]}")
 
     async def tidy(self) -> None:
-        """Takes out what W5 wrote, outside the timed requests."""
+        """Takes out what W5 or W6 created, outside the timed requests; W6's consumers to
+        update are made when the worker starts."""
         if not self.spec["write"] or self.database is None:
             return
         from sqlalchemy import text
 
         ids, self.created = self.created, []
+        if self.upserts and not ids:
+            await remove_w6_rows(self.database.write_engine)
+            await insert_w6_base(self.database.write_engine)
+            return
         async with self.database.write_engine.begin() as conn:
             if ids:
                 for start in range(0, len(ids), 500):
@@ -146,6 +165,44 @@ class Target:
                     "OR external_id LIKE :prefix"
                 ), {"domain": f"%@{workloads.W5_DOMAIN}",
                     "prefix": f"{workloads.W5_EXTERNAL_PREFIX}%"})
+
+
+async def remove_w6_rows(engine: Any) -> None:
+    from sqlalchemy import text
+
+    async with engine.begin() as conn:
+        await conn.execute(text("DELETE FROM consumers WHERE external_id LIKE :base "
+                                "OR external_id LIKE :new"),
+                           {"base": f"{workloads.W6_BASE_PREFIX}%",
+                            "new": f"{workloads.W6_NEW_PREFIX}%"})
+
+
+async def insert_w6_base(engine: Any) -> None:
+    """The consumers W6 updates, created a year before the data's oldest (so that W1's pages
+    and W2's cursors never meet them)."""
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from sqlalchemy import insert
+
+    from consumers_graphql.ids import IdKind, new_id
+    from consumers_graphql.store import models
+    from consumers_graphql.store.normalize import derived_fields
+
+    long_ago = datetime(2000, 1, 1, tzinfo=UTC)
+    rows = []
+    for i in range(workloads.W6_EXISTING):
+        email, name = f"w6.base.{2 * i}@{workloads.W6_DOMAIN}", f"Bench Base {i}"
+        rows.append({
+            "id": new_id(IdKind.CONSUMER, long_ago), "email": email, "phone": None,
+            "full_name": name, "metadata": {"n": i},
+            "external_id": f"{workloads.W6_BASE_PREFIX}{i}",
+            "total_orders": 0, "total_order_value": Decimal(0), "last_order_at": None,
+            "created_at": long_ago, "updated_at": long_ago,
+            **derived_fields(email, None, name),
+        })
+    async with engine.begin() as conn:
+        await conn.execute(insert(models.Consumer.__table__), rows)
 
 
 async def serve(conn: Connection, spec: dict[str, Any], secret: str) -> None:

@@ -44,6 +44,14 @@ BATCH_CREATE = """mutation BatchCreate($input: [ConsumerCreateInput!]!) {
   }
 }"""
 
+BATCH_UPSERT = """mutation BatchUpsert($input: [ConsumerUpsertInput!]!) {
+  consumerBatchUpsert(input: $input) {
+    count
+    results { consumer { id } created userErrors { code } }
+    userErrors { field code }
+  }
+}"""
+
 BATCH_SIZE = 500
 # Marks what W5 writes, so a worker can take it out again (and clean up after a crash).
 W5_DOMAIN = "bench-w5.example.com"  # .test is refused by email validation
@@ -69,6 +77,39 @@ def batch_input(tag: str, size: int = BATCH_SIZE) -> list[dict[str, Any]]:
     return items
 
 
+# W6: consumers the upserts update (made before the run, with old timestamps so that they
+# sort after every consumer of W1's page), and the new ones they create; each by its own
+# externalId prefix, apart from W5's.
+W6_DOMAIN = "bench-w6.example.com"
+W6_BASE_PREFIX = "bw6-base-"
+W6_NEW_PREFIX = "bw6-n-"
+W6_EXISTING = BATCH_SIZE // 2
+W6_NULLABLE = ("email", "phone", "fullName", "metadata", None)
+
+
+def upsert_input(tag: str, size: int = BATCH_SIZE) -> list[dict[str, Any]]:
+    """A sync job's batch: every other item (W6_EXISTING in all) updates a consumer made
+    before the run, the others create new ones unique per `tag`; each item sends every
+    field (name and metadata new each time), and item i leaves field i % 5 of email, phone,
+    fullName, metadata null when there is one (16 % of the fields, as W5's mix)."""
+    items = []
+    for i in range(size):
+        existing = i % 2 == 0 and i // 2 < W6_EXISTING
+        item: dict[str, Any] = {
+            "externalId": f"{W6_BASE_PREFIX}{i // 2}" if existing
+            else f"{W6_NEW_PREFIX}{tag}-{i}",
+            "email": f"w6.{'base' if existing else tag}.{i}@{W6_DOMAIN}",
+            "phone": f"+1415{2_000_000 + i}",
+            "fullName": f"Bench Upsert {tag} {i}",
+            "metadata": {"tier": "gold", "n": i, "tag": tag},
+        }
+        nulled = W6_NULLABLE[i % len(W6_NULLABLE)]
+        if nulled is not None:
+            item[nulled] = None
+        items.append(item)
+    return items
+
+
 @dataclass
 class Variant:
     """One measured thing: a GraphQL operation (or a baseline) against one database."""
@@ -79,7 +120,7 @@ class Variant:
     url: str  # SQLAlchemy URL of the dataset
     query: str = ""
     variables: dict[str, Any] = field(default_factory=dict)
-    write: bool = False  # W5: rows are created, and removed between rounds
+    write: bool = False  # W5, W6: rows are created, and removed between rounds
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -10,15 +10,18 @@ from typing import Any
 
 import pytest
 
-# Exactly the operations the benchmark sends (W1 to W5).
+# Exactly the operations the benchmark sends (W1 to W6).
 from bench.workloads import (
     BATCH_CREATE,
+    BATCH_UPSERT,
     CONSUMER,
     NODES,
     PAGE,
     PAGE_COUNT,
     SEARCH,
     SEARCH_COUNT,
+    W6_EXISTING,
+    upsert_input,
 )
 from consumers_graphql.store import models
 from consumers_graphql.store.pagination import encode_cursor
@@ -211,6 +214,30 @@ async def test_w5_batch_create_of_500_with_mixed_nulls(
     assert (payload["count"], payload["userErrors"]) == (BATCH, [])
     inserts = [s for s in sql.statements if s.lstrip().upper().startswith("INSERT")]
     # The uniqueness check and one multi-row INSERT (SQLite also sends its BEGIN IMMEDIATE).
+    assert len(inserts) == 1
+    assert count == (3 if dialect == "sqlite" else 2)
+
+
+async def test_w6_batch_upsert_of_500_half_new_half_existing(
+    gql: GraphQL, sql: StatementCounter, dialect: str
+) -> None:
+    # given the consumers the bench's W6 updates (there made before the run)
+    items = upsert_input("t")
+    existing = [item for item in items if item["externalId"].startswith("bw6-base-")]
+    assert len(existing) == W6_EXISTING
+    made = (await gql.data(BATCH_UPSERT, {"input": [{"externalId": item["externalId"]}
+                                                     for item in existing]}))
+    assert made["consumerBatchUpsert"]["count"] == W6_EXISTING
+
+    # when
+    count, data = await count_statements(sql, gql, BATCH_UPSERT, {"input": items})
+
+    # then
+    payload = data["consumerBatchUpsert"]
+    assert (payload["count"], payload["userErrors"]) == (BATCH, [])
+    assert [r["created"] for r in payload["results"]] == [False, True] * (BATCH // 2)
+    inserts = [s for s in sql.statements if s.lstrip().upper().startswith("INSERT")]
+    # The SELECT of the externalIds and emails, and one INSERT … ON CONFLICT DO UPDATE.
     assert len(inserts) == 1
     assert count == (3 if dialect == "sqlite" else 2)
 

@@ -15,7 +15,7 @@ from consumers_graphql.api.types import Audience, Consumer, Order
 from consumers_graphql.domain import common, validation
 from consumers_graphql.domain.audiences import AudienceFields
 from consumers_graphql.domain.common import OMITTED, BatchResult
-from consumers_graphql.domain.consumers import ConsumerChange, ConsumerFields
+from consumers_graphql.domain.consumers import ConsumerChange, ConsumerFields, ConsumerUpsert
 from consumers_graphql.domain.orders import OrderFields
 from consumers_graphql.errors import DomainError, ErrorCode
 from consumers_graphql.store.models import (
@@ -85,6 +85,15 @@ def _consumer_fields(
         full_name=given(input.full_name),
         metadata=given(input.metadata),
         external_id=given(input.external_id),
+    )
+
+
+def _upsert_fields(input: ConsumerUpsertInput) -> ConsumerFields:
+    return ConsumerFields(
+        email=given(input.email),
+        phone=given(input.phone),
+        full_name=given(input.full_name),
+        metadata=given(input.metadata),
     )
 
 
@@ -168,6 +177,34 @@ class ConsumerBatchUpdateInput:
 
     def to_change(self) -> ConsumerChange:
         return ConsumerChange(id=self.id, fields=_consumer_fields(self))
+
+
+@strawberry.input(description=(
+    "A consumer to create or change, found by its `externalId`. When a consumer has this "
+    "externalId, the fields given change it as `ConsumerUpdateInput` does (left out: kept; "
+    "null: cleared; `metadata` merged). Otherwise a consumer is created with them, as "
+    "`ConsumerCreateInput` does (a metadata key set to null is left out)."
+))
+class ConsumerUpsertInput:
+    external_id: str = strawberry.field(description=(
+        f"The key: your own id for the consumer, at most {EXTERNAL_ID_MAX} characters, kept "
+        f"exactly as given. Never changed by an upsert. {_NO_CONTROL}"
+    ))
+    email: str | None = strawberry.field(
+        default=strawberry.UNSET, description=_EMAIL_DOC + _UPDATE_NOTE
+    )
+    phone: str | None = strawberry.field(
+        default=strawberry.UNSET, description=_PHONE_DOC + _UPDATE_NOTE
+    )
+    full_name: str | None = strawberry.field(
+        default=strawberry.UNSET, description=_FULL_NAME_DOC + _UPDATE_NOTE
+    )
+    metadata: JSON | None = strawberry.field(
+        default=strawberry.UNSET, description=_METADATA_UPDATE_DOC
+    )
+
+    def to_upsert(self) -> ConsumerUpsert:
+        return ConsumerUpsert(external_id=self.external_id, fields=_upsert_fields(self))
 
 
 @strawberry.input(description="A new audience.")
@@ -278,6 +315,57 @@ class ConsumerBatchPayload:
                 for item in result.results
             ],
             user_errors=user_errors(result.errors),
+        )
+
+
+_CREATED_DOC = ("True when the consumer was created, false when one had the externalId "
+                "already (it was updated, or left as it was) or when refused.")
+
+
+@strawberry.type(description="The result of `consumerUpsert`: the consumer, whether it was "
+                 "created, or why not.")
+class ConsumerUpsertPayload:
+    consumer: Consumer | None = strawberry.field(description=(
+        "The consumer as written; null when `userErrors` is not empty."
+    ))
+    created: bool = strawberry.field(description=_CREATED_DOC)
+    user_errors: list[UserError]
+
+
+@strawberry.type(description="The outcome of one upsert item, at the same index as the item.")
+class ConsumerBatchUpsertResult:
+    consumer: Consumer | None = strawberry.field(description="The consumer as written; null "
+                                                 "when this item (or, under "
+                                                 "REJECT_EVERYTHING, any item) was refused.")
+    created: bool = strawberry.field(description=_CREATED_DOC)
+    user_errors: list[UserError] = strawberry.field(description="This item's problems.")
+
+
+@strawberry.type(description="The result of `consumerBatchUpsert`: one result per input "
+                 "item, in input order.")
+class ConsumerBatchUpsertPayload:
+    count: int = strawberry.field(description=(
+        "How many items were written, created or updated (an item that changed nothing "
+        "counts: it was accepted). 0 when the batch was refused as a whole."
+    ))
+    results: list[ConsumerBatchUpsertResult] = strawberry.field(description=(
+        "One per input item, in input order (also when the whole batch is refused)."
+    ))
+    user_errors: list[UserError] = strawberry.field(description=(
+        "Every item's problems with their paths, plus the batch's own (`BATCH_TOO_LARGE`)."
+    ))
+
+    @classmethod
+    def from_result(cls, result: BatchResult) -> ConsumerBatchUpsertPayload:
+        written = ConsumerBatchPayload.from_result(result)
+        return cls(
+            count=written.count,
+            results=[
+                ConsumerBatchUpsertResult(consumer=item.consumer, created=outcome.created,
+                                          user_errors=item.user_errors)
+                for item, outcome in zip(written.results, result.results, strict=True)
+            ],
+            user_errors=written.user_errors,
         )
 
 

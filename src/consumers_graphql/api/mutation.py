@@ -18,9 +18,12 @@ from consumers_graphql.api.inputs import (
     AudienceUpdateInput,
     ConsumerBatchPayload,
     ConsumerBatchUpdateInput,
+    ConsumerBatchUpsertPayload,
     ConsumerCreateInput,
     ConsumerPayload,
     ConsumerUpdateInput,
+    ConsumerUpsertInput,
+    ConsumerUpsertPayload,
     ErrorPolicy,
     OrderPayload,
     OrderRecordInput,
@@ -140,6 +143,38 @@ class Mutation:
             [item.to_change() for item in input], _policy(error_policy)
         )
         return ConsumerBatchPayload.from_result(result)
+
+    @decorators.mutation(description=(
+        "Create or change the consumer with this `externalId`: with one, its fields change as "
+        "`consumerUpdate` changes them (`updatedAt` only when a value does); without, it is "
+        "created. `created` says which. Racing upserts of one externalId end in one "
+        "consumer, never in an error."
+    ))
+    async def consumer_upsert(
+        self, info: Info, input: ConsumerUpsertInput
+    ) -> ConsumerUpsertPayload:
+        item = input.to_upsert()
+        write = _service(info, ConsumerService).upsert_consumer(item.external_id, item.fields)
+        try:
+            row, created = await write
+        except DomainErrors as refused:
+            return ConsumerUpsertPayload(consumer=None, created=False,
+                                         user_errors=user_errors(refused.errors))
+        return ConsumerUpsertPayload(consumer=Consumer.from_row(row), created=created,
+                                     user_errors=[])
+
+    @decorators.mutation(description="Create or change many consumers by externalId, each as "
+                         "`consumerUpsert` does; an externalId at most once. " + _BATCH_DOC)
+    async def consumer_batch_upsert(
+        self,
+        info: Info,
+        input: list[ConsumerUpsertInput],
+        error_policy: BatchPolicy = common.ErrorPolicy.REJECT_EVERYTHING,
+    ) -> ConsumerBatchUpsertPayload:
+        result = await _service(info, ConsumerService).upsert_consumers(
+            [item.to_upsert() for item in input], _policy(error_policy)
+        )
+        return ConsumerBatchUpsertPayload.from_result(result)
 
     @decorators.mutation(description="Create an audience.")
     async def audience_create(self, info: Info, input: AudienceCreateInput) -> AudiencePayload:

@@ -78,6 +78,7 @@ class ItemResult:
 
     row: Row[Any] | None = None
     errors: list[DomainError] = field(default_factory=list)
+    created: bool = False  # an upsert's: the row was inserted, not updated
 
 
 @dataclass
@@ -135,6 +136,12 @@ def mark_duplicates(
             first_seen[key] = index
 
 
+class LostRace(Exception):
+    """A write found the database other than its transaction's reads had it (a row inserted
+    concurrently, between a SELECT and the write): the transaction is rolled back and run
+    again, and the rerun reads the winner's row."""
+
+
 def is_race(error: DBAPIError) -> bool:
     if isinstance(error, IntegrityError):
         return True
@@ -166,6 +173,10 @@ class Service:
                     return await work(session)
             except DBAPIError as error:
                 if attempt >= TRANSACTION_ATTEMPTS or not is_race(error):
+                    raise
+                attempt += 1
+            except LostRace:
+                if attempt >= TRANSACTION_ATTEMPTS:
                     raise
                 attempt += 1
 

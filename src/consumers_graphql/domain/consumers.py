@@ -1,9 +1,9 @@
-"""Consumer use-cases: create, update (single and batch) and delete."""
+"""Consumer use-cases: create, update, upsert by externalId (single and batch) and delete."""
 
 from __future__ import annotations
 
 from collections import namedtuple
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -11,7 +11,8 @@ from functools import lru_cache
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, or_, select, update
+from sqlalchemy import Select, bindparam, delete, insert, or_, select, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 from ulid import ULID
@@ -22,6 +23,7 @@ from consumers_graphql.domain.common import (
     BatchResult,
     ErrorPolicy,
     ItemResult,
+    LostRace,
     Service,
     consumers,
     external_id_taken,
@@ -39,7 +41,7 @@ from consumers_graphql.errors import DomainError, DomainErrors, ErrorCode
 from consumers_graphql.ids import IdKind, is_id_of, sequential_ids
 from consumers_graphql.store.db import MONEY_SCALE
 from consumers_graphql.store.normalize import derived_fields, fold
-from consumers_graphql.store.queries.common import CONSUMER_COLUMNS
+from consumers_graphql.store.queries.common import CONSUMER_COLUMNS, one_of
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,18 @@ class ConsumerChange:
     fields: ConsumerFields
 
 
+@dataclass(frozen=True)
+class ConsumerUpsert:
+    """One item of an upsert: the externalId that finds (or will name) the consumer, and
+    the fields to write; ``fields.external_id`` is not read (the key is not changed)."""
+
+    external_id: Any
+    fields: ConsumerFields
+
+
 # (public name, column, rule): the order in which problems are reported.
-_CONSUMER_RULES: tuple[tuple[str, str, Callable[[Any, Path], Any]], ...] = (
+_Rules = tuple[tuple[str, str, Callable[[Any, Path], Any]], ...]
+_CONSUMER_RULES: _Rules = (
     ("email", "email", validation.email),
     ("phone", "phone", validation.phone),
     ("fullName", "full_name", validation.full_name),
@@ -71,6 +83,8 @@ _CONSUMER_RULES: tuple[tuple[str, str, Callable[[Any, Path], Any]], ...] = (
     ("externalId", "external_id", validation.external_id),
 )
 _CONSUMER_WRITABLE = tuple(column for _, column, _ in _CONSUMER_RULES)
+# An upsert's fields: its externalId is the key, never a change.
+_UPSERT_RULES = tuple(rule for rule in _CONSUMER_RULES if rule[1] != "external_id")
 
 
 def _email_taken(path: Path) -> DomainError:
@@ -79,12 +93,12 @@ def _email_taken(path: Path) -> DomainError:
 
 
 def _consumer_values(
-    fields: ConsumerFields, path: Path
+    fields: ConsumerFields, path: Path, rules: _Rules = _CONSUMER_RULES
 ) -> tuple[dict[str, Any], list[DomainError]]:
     """The validated, normalised values of the fields sent (None for an explicit null)."""
     values: dict[str, Any] = {}
     errors: list[DomainError] = []
-    for public, column, rule in _CONSUMER_RULES:
+    for public, column, rule in rules:
         raw = getattr(fields, column)
         if raw is OMITTED:
             continue
@@ -228,7 +242,9 @@ class ConsumerService(Service):
                 if row is None:
                     errors[i].append(not_found(id_path(i), "consumer"))
                     continue
-                new = _apply_consumer_changes(row, changes[i], (*item_path(i), "metadata"))
+                new = _apply_consumer_changes(
+                    row._mapping, changes[i], (*item_path(i), "metadata")
+                )
                 if isinstance(new, DomainError):
                     errors[i].append(new)
                 elif any(new[column] != _current_value(row, column)
@@ -247,6 +263,99 @@ class ConsumerService(Service):
                 if not result.errors and not rejected:
                     id = items[i].id
                     result.row = updated[id] if id in updated else current[id]
+            return BatchResult(results, [e for item_errors in errors for e in item_errors])
+
+        return await self._transaction(work)
+
+    async def upsert_consumer(
+        self, external_id: Any, fields: ConsumerFields
+    ) -> tuple[Row[Any], bool]:
+        """The consumer written, and whether it was created (else updated, or left as it was
+        when nothing changed)."""
+        outcome = await self._upsert_consumers(
+            [ConsumerUpsert(external_id, fields)], ErrorPolicy.REJECT_EVERYTHING,
+            lambda _: ("input",),
+        )
+        return single(outcome), outcome.results[0].created
+
+    async def upsert_consumers(
+        self,
+        items: Sequence[ConsumerUpsert],
+        policy: ErrorPolicy = ErrorPolicy.REJECT_EVERYTHING,
+    ) -> BatchResult:
+        if len(items) > BATCH_MAX:
+            return refused(len(items), too_large(("input",), len(items)))
+        return await self._upsert_consumers(items, policy, lambda i: ("input", str(i)))
+
+    async def _upsert_consumers(
+        self,
+        items: Sequence[ConsumerUpsert],
+        policy: ErrorPolicy,
+        item_path: Callable[[int], Path],
+    ) -> BatchResult:
+        """Update semantics for an externalId a consumer has, create semantics otherwise:
+        one SELECT (the consumers with these externalIds, locked, and the owners of the
+        emails sent), every row decided here, then one INSERT … ON CONFLICT (external_id)
+        DO UPDATE for all the rows that change."""
+        keys: list[str | None] = []  # None: not a valid externalId
+        changes: list[dict[str, Any]] = []
+        invalid: list[list[DomainError]] = []
+        for index, item in enumerate(items):
+            path = item_path(index)
+            item_errors: list[DomainError] = []
+            try:
+                keys.append(validation.external_id(item.external_id, (*path, "externalId")))
+            except DomainError as error:
+                keys.append(None)
+                item_errors.append(error)
+            item_changes, field_errors = _consumer_values(item.fields, path, _UPSERT_RULES)
+            changes.append(item_changes)
+            invalid.append(item_errors + field_errors)
+        # A repeat is reported whatever else is wrong with either item.
+        mark_duplicates(
+            ((i, key, (*item_path(i), "externalId")) for i, key in enumerate(keys)),
+            "externalId", invalid,
+        )
+        mark_duplicates(
+            ((i, fold(c.get("email")), (*item_path(i), "email"))
+             for i, c in enumerate(changes)),
+            "email", invalid,
+        )
+
+        async def work(session: AsyncSession) -> BatchResult:
+            errors = [list(item_errors) for item_errors in invalid]
+            candidates = [i for i, item_errors in enumerate(errors) if not item_errors]
+            current, email_owner = await _consumers_for_upsert(
+                session,
+                [keys[i] for i in candidates],
+                {fold(changes[i].get("email")) for i in candidates} - {None},
+            )
+            proposed: dict[int, dict[str, Any]] = {}
+            for i in candidates:
+                row = current.get(keys[i])
+                before = row._mapping if row is not None else _new_consumer(keys[i])
+                new = _apply_consumer_changes(before, changes[i], (*item_path(i), "metadata"))
+                if isinstance(new, DomainError):
+                    errors[i].append(new)
+                    continue
+                if row is None or any(new[c] != before[c] for c in _CONSUMER_WRITABLE):
+                    proposed[i] = new
+                email_key = fold(new["email"])
+                owner = email_owner.get(email_key) if email_key is not None else None
+                if owner is not None and (row is None or owner != row.id):
+                    errors[i].append(_email_taken((*item_path(i), "email")))
+            rejected = policy is ErrorPolicy.REJECT_EVERYTHING and any(errors)
+            writes = [] if rejected else [i for i in proposed if not errors[i]]
+            written = await _upsert_consumer_rows(
+                session, [(proposed[i], current.get(keys[i])) for i in writes]
+            )
+            results = [ItemResult(errors=item_errors) for item_errors in errors]
+            for i, row in zip(writes, written, strict=True):
+                results[i].row = row
+                results[i].created = keys[i] not in current
+            for i, result in enumerate(results):
+                if result.row is None and not result.errors and not rejected:
+                    result.row = current[keys[i]]  # unchanged: as it is
             return BatchResult(results, [e for item_errors in errors for e in item_errors])
 
         return await self._transaction(work)
@@ -337,9 +446,13 @@ async def _insert_consumers(
 # SQLite newer than that limit).
 @lru_cache(maxsize=4)
 def _sqlite_insert(count: int) -> str:
+    return f"{_sqlite_values(count)} RETURNING id"
+
+
+def _sqlite_values(count: int) -> str:
     row = "(" + ", ".join("?" * len(_COLUMN_NAMES)) + ")"
     return (f"INSERT INTO consumers ({', '.join(_COLUMN_NAMES)}) VALUES "
-            + ", ".join([row] * count) + " RETURNING id")
+            + ", ".join([row] * count))
 
 
 @lru_cache(maxsize=2)
@@ -384,17 +497,19 @@ async def _consumers_for_update(
 
 
 def _apply_consumer_changes(
-    row: Row[Any], changes: dict[str, Any], metadata_path: Path
+    current: Mapping[Any, Any], changes: dict[str, Any], metadata_path: Path
 ) -> dict[str, Any] | DomainError:
     """The consumer's writable columns after the changes (metadata merged shallowly)."""
-    new = {column: _current_value(row, column) for column in _CONSUMER_WRITABLE}
+    new = {column: current[column] for column in _CONSUMER_WRITABLE}
     for column, value in changes.items():
         if column == "metadata" and value is not None:
+            grows = bool(new["metadata"])  # merged into nothing, it can only shrink
             value = validation.merge_metadata(new["metadata"], value)
-            try:
-                validation.check_metadata_size(value, metadata_path)
-            except DomainError as error:
-                return error
+            if grows:
+                try:
+                    validation.check_metadata_size(value, metadata_path)
+                except DomainError as error:
+                    return error
         new[column] = value
     return new
 
@@ -465,3 +580,115 @@ async def _write_consumer_changes(
         select(*CONSUMER_COLUMNS).where(consumers.c.id.in_(list(changes)))
     )).all()
     return {row.id: row for row in rows}
+
+
+def _new_consumer(external_id: str | None) -> dict[str, Any]:
+    """What an upsert's changes apply to when no consumer has the externalId: every field
+    null, so that a create reads like an update of nothing (a metadata key set to null is
+    left out, as an update would remove it)."""
+    return {**dict.fromkeys(_CONSUMER_WRITABLE), "external_id": external_id}
+
+
+@lru_cache(maxsize=2)
+def _upsert_select(dialect: str) -> Select[Any]:
+    # Locked in id order, as every writer locks consumers, so that two batches do not
+    # deadlock; the email owners are locked too, which only makes the check firmer.
+    return (
+        select(*CONSUMER_COLUMNS)
+        .where(or_(one_of(consumers.c.external_id, "external_ids", dialect),
+                   one_of(consumers.c.email_key, "email_keys", dialect)))
+        .order_by(consumers.c.id).with_for_update()
+    )
+
+
+async def _consumers_for_upsert(
+    session: AsyncSession, external_ids: Sequence[str | None], email_keys: set[str | None]
+) -> tuple[dict[str | None, Row[Any]], dict[str, str]]:
+    """The consumers with these externalIds, by externalId, and the ids of the consumers
+    that have these email keys, by key: one statement."""
+    if not external_ids:
+        return {}, {}
+    connection = await session.connection()
+    rows = (await session.execute(
+        _upsert_select(connection.dialect.name),
+        {"external_ids": list(external_ids), "email_keys": list(email_keys)},
+    )).all()
+    wanted = set(external_ids)
+    return ({row.external_id: row for row in rows if row.external_id in wanted},
+            {row.email_key: row.id for row in rows if row.email_key is not None})
+
+
+# What ON CONFLICT DO UPDATE changes in an existing consumer: never its id, createdAt or
+# order totals, which the VALUES row carries only because an INSERT needs a whole row.
+_UPSERT_SET = ("email", "phone", "full_name", "metadata", "email_key", "full_name_key",
+               "search_text", "updated_at")
+
+
+async def _upsert_consumer_rows(
+    session: AsyncSession, writes: Sequence[tuple[dict[str, Any], Row[Any] | None]]
+) -> list[Any]:
+    """One INSERT … ON CONFLICT (external_id) DO UPDATE for every row: new consumers
+    (``None``: no current row) are inserted, existing ones updated. Returns the rows as
+    written, in the order given, from the values sent (RETURNING brings back only each
+    row's id, which says whether it was inserted or updated).
+
+    A row believed new whose externalId a concurrent transaction inserted after the SELECT
+    (PostgreSQL, where writers do not queue) is updated by the DO UPDATE with create
+    semantics: that is detected (the id returned is not the one generated) and the
+    transaction is run again (LostRace), when the SELECT finds the row."""
+    if not writes:
+        return []
+    now = datetime.now(UTC)
+    ids = sequential_ids(IdKind.CONSUMER, ULID.from_datetime(now), len(writes))
+    params: list[dict[str, Any]] = []
+    expected: dict[str, str] = {}  # external id -> the id RETURNING must give
+    for new_id, (new, row) in zip(ids, writes, strict=True):
+        derived = derived_fields(new["email"], new["phone"], new["full_name"])
+        kept: dict[str, Any]
+        if row is None:
+            kept = {"id": new_id, "total_orders": 0, "total_order_value": _NO_MONEY,
+                    "last_order_at": None, "created_at": now, "updated_at": now}
+        else:
+            kept = {"id": row.id, "total_orders": row.total_orders,
+                    "total_order_value": row.total_order_value,
+                    "last_order_at": row.last_order_at, "created_at": row.created_at,
+                    "updated_at": later(now, row.updated_at)}
+        expected[new["external_id"]] = kept["id"]
+        # The VALUES row of an existing consumer gets a fresh id: ON CONFLICT decides on
+        # the externalId alone, and a new id can never meet the primary key.
+        params.append({**new, **kept, **derived, "id": new_id})
+    connection = await session.connection()
+    result: Any
+    if connection.dialect.name == "sqlite":
+        result = await connection.exec_driver_sql(
+            _sqlite_upsert(len(params)), _sqlite_parameters(connection.dialect, params, {})
+        )
+    else:  # SQLAlchemy's insertmanyvalues: one statement too
+        result = await session.execute(_postgresql_upsert(), params)
+    returned = {row[1]: row[0] for row in result.all()}
+    if len(returned) != len(params):
+        raise RuntimeError("the upsert did not write one row per item")
+    for row_params in params:
+        external_id = row_params["external_id"]
+        if returned[external_id] != expected[external_id]:
+            if expected[external_id] == row_params["id"]:
+                raise LostRace  # inserted concurrently: update semantics on the rerun
+            raise RuntimeError("a locked consumer changed under the upsert")
+        row_params["id"] = expected[external_id]
+    return [_Inserted(**{name: row[name] for name in _INSERTED_FIELDS}) for row in params]
+
+
+@lru_cache(maxsize=1)
+def _postgresql_upsert() -> Any:
+    statement = postgresql.insert(consumers)
+    return statement.on_conflict_do_update(
+        index_elements=[consumers.c.external_id],
+        set_={name: statement.excluded[name] for name in _UPSERT_SET},
+    ).returning(consumers.c.id, consumers.c.external_id)
+
+
+@lru_cache(maxsize=4)
+def _sqlite_upsert(count: int) -> str:
+    updates = ", ".join(f"{name} = excluded.{name}" for name in _UPSERT_SET)
+    return (f"{_sqlite_values(count)} ON CONFLICT (external_id) DO UPDATE SET {updates} "
+            "RETURNING id, external_id")

@@ -26,7 +26,8 @@ from consumers_graphql.web import idempotency
 from consumers_graphql.web.dependencies import READER_STATE
 from consumers_graphql.web.http_auth import PRINCIPAL_STATE, Forbidden, require_api_key
 
-BATCH_SUFFIX = "/batch"
+# The batch endpoints' paths end so: /api/v1/consumers/batch, /api/v1/consumers/batch/upsert.
+BATCH_SUFFIXES = ("/batch", "/batch/upsert")
 # Objects and arrays a valid batch can hold: each item, and in its metadata (16 KiB compact)
 # at most one per two bytes. Each costs ~64 bytes parsed, so a body of `[{}, …]` inside one
 # item's metadata is refused before it becomes millions of dicts.
@@ -194,9 +195,13 @@ class _LimitedRequest(Request):
         return self._json
 
 
+def is_batch(path: str) -> bool:
+    return path.endswith(BATCH_SUFFIXES)
+
+
 def body_limit(settings: Settings, path: str) -> int:
     """The batch endpoints take up to 500 items of 16 KiB metadata each, hence their own limit."""
-    if path.endswith(BATCH_SUFFIX):
+    if is_batch(path):
         return settings.max_batch_body_bytes
     return settings.max_body_bytes
 
@@ -222,7 +227,7 @@ class RestRoute(APIRoute):
         async def limited(request: Request) -> Response:
             limited_request = _LimitedRequest(request.scope, request.receive)
             limited_request.limit = body_limit(request.app.state.settings, path)
-            if path.endswith(BATCH_SUFFIX):
+            if is_batch(path):
                 limited_request.max_items = BATCH_MAX
                 limited_request.item_limit = request.app.state.settings.max_body_bytes
             # FastAPI reads the body before it resolves dependencies: authenticate first here,

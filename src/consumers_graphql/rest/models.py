@@ -164,6 +164,25 @@ class BatchUpdateConsumerItem(UpdateConsumerRequest):
     id: Annotated[Any, WithJsonSchema({"type": "string", "description": "The consumer ID"})]
 
 
+class UpsertConsumerRequest(UpdateConsumerRequest):
+    """The body of PUT /api/v1/consumers/external/{externalId}: as UpdateConsumerRequest.
+    The externalId is the path's; the body may repeat it (a record sent whole), not change
+    it."""
+
+    externalId: Annotated[Any, WithJsonSchema({
+        "type": "string", "description": "Optional: the path's externalId, if repeated."})] = None
+
+
+class BatchUpsertConsumerItem(UpdateConsumerRequest):
+    """An item of PUT /api/v1/consumers/batch/upsert: the externalId that finds the consumer
+    (or names the new one), and its fields as in UpdateConsumerRequest."""
+
+    externalId: Annotated[Any, WithJsonSchema({
+        "type": "string", "minLength": 1, "maxLength": EXTERNAL_ID_MAX, "pattern": UNTRIMMED,
+        "description": "The key: your own id for the consumer, kept exactly as given. A "
+        "consumer with it is updated, else one is created."})]
+
+
 def _at_most_batch_max(value: Any) -> Any:
     # Before the items are looked at: a batch too large is refused as a whole.
     if isinstance(value, list) and len(value) > BATCH_MAX:
@@ -187,5 +206,13 @@ class BatchUpdateConsumersRequest(RootModel[list[BatchUpdateConsumerItem]]):
     """type BatchUpdateConsumersRequest = BatchUpdateConsumerItem[] (at most 500)."""
 
     root: Annotated[list[BatchUpdateConsumerItem], Field(max_length=BATCH_MAX)]
+
+    _check_size = model_validator(mode="before")(_at_most_batch_max)
+
+
+class BatchUpsertConsumersRequest(RootModel[list[BatchUpsertConsumerItem]]):
+    """BatchUpsertConsumerItem[] (at most 500, each externalId once)."""
+
+    root: Annotated[list[BatchUpsertConsumerItem], Field(max_length=BATCH_MAX)]
 
     _check_size = model_validator(mode="before")(_at_most_batch_max)

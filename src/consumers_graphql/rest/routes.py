@@ -13,29 +13,38 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 from sqlalchemy.engine import Row
 from starlette.convertors import StringConvertor, register_url_convertor
 
 from consumers_graphql.domain.common import BatchResult
-from consumers_graphql.domain.consumers import ConsumerChange, ConsumerFields, ConsumerService
+from consumers_graphql.domain.consumers import (
+    ConsumerChange,
+    ConsumerFields,
+    ConsumerService,
+    ConsumerUpsert,
+)
 from consumers_graphql.errors import BadUserInput, DomainError, DomainErrors, ErrorCode
 from consumers_graphql.ids import IdKind, kind_of
 from consumers_graphql.rest.body import RestRoute, restore_refused_metadata
 from consumers_graphql.rest.models import (
+    UNTRIMMED,
     BatchCreateConsumersRequest,
     BatchUpdateConsumersRequest,
+    BatchUpsertConsumersRequest,
     ConsumerOut,
     ConsumersListOut,
     ConsumerWithRelationsOut,
     CreateConsumerRequest,
     ErrorOut,
     UpdateConsumerRequest,
+    UpsertConsumerRequest,
 )
 from consumers_graphql.rest.shapes import audience_json, consumer_json, order_json
 from consumers_graphql.store.db import Reader
+from consumers_graphql.store.models import EXTERNAL_ID_MAX
 from consumers_graphql.store.pagination import MAX_PAGE_SIZE, Page, page_request
 from consumers_graphql.store.queries.audiences import AUDIENCE_SORT
 from consumers_graphql.store.queries.consumers import (
@@ -323,6 +332,57 @@ async def batch_update_consumers(
         [ConsumerChange(item.id, _fields(item)) for item in body.root]
     )
     return JSONBody(_written(result, body.root))
+
+
+@router.put(
+    "/batch/upsert", response_model=list[ConsumerOut],
+    responses={**CONFLICTS, **TOO_LARGE}, summary="Create or update consumers by externalId",
+    description="Each item as `PUT /api/v1/consumers/external/{externalId}` does, its "
+    "`externalId` in the item (each externalId at most once: `Same externalId as item …`). "
+    "At most 500 items (`Max batch size is 500` otherwise). Atomic: one refused item and "
+    "nothing is written; every refused item is reported. Sent as one statement.",
+    response_description="The consumers as written (created or updated), in input order.",
+)
+async def batch_upsert_consumers(
+    services: Writes, body: BatchUpsertConsumersRequest
+) -> Response:
+    result = await services.upsert_consumers(
+        [ConsumerUpsert(item.externalId, _fields(item)) for item in body.root]
+    )
+    return JSONBody(_written(result, body.root))
+
+
+@router.put(
+    "/external/{external_id:path}", response_model=ConsumerOut,
+    responses={**CONFLICTS, **TOO_LARGE, 201: {
+        "model": ConsumerOut, "description": "Created: no consumer had this externalId (its "
+        "URL in `Location`).",
+        "headers": {"Location": {"description": "/api/v1/consumers/{id} of the created "
+                                 "consumer", "schema": {"type": "string"}}}}},
+    summary="Create or update a consumer by externalId",
+    description="The consumer with this externalId is updated as `PUT "
+    "/api/v1/consumers/{id}` updates (keys left out stay, null clears, `metadata` merged "
+    "shallowly): 200. Without one, a consumer is created with the body's fields and this "
+    "externalId: 201. The body may repeat the externalId, not change it. Racing requests "
+    "for one externalId create one consumer; the others update it.",
+    response_description="Updated (or already as asked): the consumer.",
+)
+async def upsert_consumer(
+    services: Writes,
+    external_id: Annotated[str, Path(
+        description="Your own id for the consumer, percent-encoded (it may hold `/`).",
+        json_schema_extra={"minLength": 1, "maxLength": EXTERNAL_ID_MAX, "pattern": UNTRIMMED},
+    )],
+    body: UpsertConsumerRequest,
+) -> Response:
+    if "externalId" in body.model_fields_set and body.externalId != external_id:
+        raise DomainError("externalId in the body must be the path's: an upsert does not "
+                          "change it.", field=["externalId"], code=ErrorCode.VALIDATION_FAILED)
+    row, created = await services.upsert_consumer(external_id, _fields(body))
+    if created:
+        return JSONBody(consumer_json(row), status_code=201,
+                        headers={"Location": f"{PREFIX}/{row.id}"})
+    return JSONBody(consumer_json(row))
 
 
 @router.get(
