@@ -114,7 +114,7 @@ async def test_list_shows_every_key_but_never_a_secret(
     assert code == 0
     lines = out.strip().splitlines()
     assert lines[0].split() == ["ID", "NAME", "PREFIX", "SCOPES", "CREATED", "LAST", "USED",
-                                "REVOKED"]
+                                "REVOKED", "RATE", "LIMIT"]
     keys = {key.name: key for key in await app.state.keys.list_keys()}
     used_line = next(line for line in lines if keys["used"].id in line)
     idle_line = next(line for line in lines if keys["idle"].id in line)

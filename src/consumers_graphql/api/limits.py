@@ -58,9 +58,11 @@ from strawberry.extensions import SchemaExtension
 from strawberry.schema.validation_rules.maybe_null import MaybeNullValidationRule
 from strawberry.schema.validation_rules.one_of import OneOfInputValidationRule
 
+from consumers_graphql.api.context import Context
 from consumers_graphql.domain.validation import BATCH_MAX
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from consumers_graphql.web.rate_limit import THROTTLED
 
 MAX_DEPTH_EXCEEDED = "MAX_DEPTH_EXCEEDED"
 MAX_ALIASES_EXCEEDED = "MAX_ALIASES_EXCEEDED"
@@ -79,7 +81,7 @@ INTROSPECTION_DISABLED = "INTROSPECTION_DISABLED"
 # The refusals the metrics count by code (consumers_refusals_total).
 LIMIT_CODES = frozenset({
     MAX_DEPTH_EXCEEDED, MAX_ALIASES_EXCEEDED, MAX_TOKENS_EXCEEDED, MAX_DIRECTIVES_EXCEEDED,
-    MAX_DUPLICATE_FIELDS_EXCEEDED, MAX_COST_EXCEEDED, BATCH_TOO_LARGE,
+    MAX_DUPLICATE_FIELDS_EXCEEDED, MAX_COST_EXCEEDED, BATCH_TOO_LARGE, THROTTLED,
 })
 
 # graphql-core's wording for its own token limit (the only way to tell it from a syntax error).
@@ -518,6 +520,8 @@ class OperationLimits(SchemaExtension):
                 MAX_COST_EXCEEDED, cost=self.cost, limit=self.limits.cost,
             )]
         context.pre_execution_errors = refusals
+        if not refusals and isinstance(context.context, Context):
+            context.context.cost = self.cost  # what the rate limit takes, before execution
         yield
 
     def _measure(self, prepared: Prepared, shape: OperationShape) -> list[GraphQLError]:
@@ -550,7 +554,11 @@ class OperationLimits(SchemaExtension):
     def get_results(self) -> dict[str, Any]:
         if self.cost is None:
             return {}
-        return {"cost": {"requested": self.cost, "limit": self.limits.cost}}
+        cost: dict[str, Any] = {"requested": self.cost, "limit": self.limits.cost}
+        request = self.execution_context.context
+        if isinstance(request, Context) and request.throttle is not None:
+            cost["throttleStatus"] = request.throttle.status()
+        return {"cost": cost}
 
 
 def _operation_count(document: DocumentNode) -> int:

@@ -12,16 +12,28 @@ from collections.abc import Callable, Coroutine, Sequence
 from contextlib import aclosing
 from typing import Any
 
+import orjson
 from fastapi import BackgroundTasks, HTTPException, Request, Response
 from fastapi.routing import APIRoute
 
 from consumers_graphql.domain.validation import BATCH_MAX, METADATA_MAX_BYTES, check_metadata_size
 from consumers_graphql.errors import DomainError
 from consumers_graphql.settings import Settings
+from consumers_graphql.store import outage
 from consumers_graphql.store.db import Database
-from consumers_graphql.store.keys import Scope
+from consumers_graphql.store.keys import Principal, Scope
+from consumers_graphql.web import observe
 from consumers_graphql.web.dependencies import READER_STATE
 from consumers_graphql.web.http_auth import PRINCIPAL_STATE, Forbidden, require_api_key
+from consumers_graphql.web.rate_limit import (
+    RATE_LIMIT_EXCEEDED,
+    RATE_LIMIT_STATE,
+    THROTTLED,
+    RateLimiter,
+    RateLimitUnavailable,
+    cost_over_capacity_message,
+    rest_cost,
+)
 
 BATCH_SUFFIX = "/batch"
 # Objects and arrays a valid batch can hold: each item, and in its metadata (16 KiB compact)
@@ -198,6 +210,36 @@ def body_limit(settings: Settings, path: str) -> int:
     return settings.max_body_bytes
 
 
+def _refusal(status: int, error: str, details: list[dict[str, str]],
+             headers: dict[str, str]) -> Response:
+    return Response(orjson.dumps({"error": error, "details": details}), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+async def _rate_limited(
+    limiter: RateLimiter, principal: Principal, cost: int, request: Request, path: str
+) -> Response | None:
+    """The key's bucket takes the call's cost, or the refusal to send: 429 (Retry-After:
+    when the bucket will hold it), 400 when it never can, 503 when Redis is out of reach and
+    the limiter fails closed. Nothing has run yet either way."""
+    try:
+        throttle = await limiter.take(principal, cost)
+    except RateLimitUnavailable:
+        retry_after = str(request.app.state.settings.retry_after_s)
+        return _refusal(503, outage.REST_MESSAGE, [], {"Retry-After": retry_after})
+    request.scope.setdefault("state", {})[RATE_LIMIT_STATE] = throttle
+    if throttle is None or throttle.allowed:
+        return None
+    observe.refused(THROTTLED)
+    if not throttle.can_ever_pass:
+        field = "body" if "/batch" in path else "first"
+        return _refusal(400, "Validation failed", [
+            {"field": field, "message": cost_over_capacity_message(throttle)}],
+            throttle.headers())
+    return _refusal(429, RATE_LIMIT_EXCEEDED, [],
+                    {"Retry-After": str(throttle.retry_after), **throttle.headers()})
+
+
 class RestRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -222,9 +264,24 @@ class RestRoute(APIRoute):
                 if not principal.allows(scope):
                     raise Forbidden(scope)
                 state[PRINCIPAL_STATE] = principal
+                limiter: RateLimiter = request.app.state.rate_limiter
+                # Before anything runs: a batch's cost is its items (its body parsed here,
+                # once: FastAPI's handler reads the same).
+                items = None
+                if scope is Scope.WRITE and "/batch" in path:
+                    parsed = await limited_request.json()
+                    items = len(parsed) if isinstance(parsed, list) else None
+                cost = rest_cost(is_list=self.methods == {"GET"} and "{" not in path,
+                                 query=request.query_params, items=items)
+                refusal = await _rate_limited(limiter, principal, cost, request, path)
+                if refusal is not None:
+                    return refusal
                 response = await handler(limited_request)
             finally:
                 await reader.close()
+            throttle = state.get(RATE_LIMIT_STATE)
+            if throttle is not None:
+                response.headers.update(throttle.headers())
             if tasks.tasks:
                 if response.background is not None:
                     tasks.add_task(response.background)
