@@ -121,7 +121,7 @@ async def test_list_shows_every_key_but_never_a_secret(
     assert keys["used"].prefix in used_line and "read write" in used_line
     assert keys["used"].last_used_at is not None
     assert keys["used"].last_used_at.strftime("%Y-%m-%d %H:%M:%SZ") in used_line
-    assert re.search(r"\bread\b\s+\S+ \S+\s+never\s+-$", idle_line), idle_line
+    assert re.search(r"\bread\b\s+\S+ \S+\s+never\s+-\s+default$", idle_line), idle_line
     assert SECRET.search(out) is None  # prefixes are 4 characters, never a secret
     for created in (first, second):
         match = SECRET.search(created)

@@ -347,14 +347,19 @@ def _rate_limited(execute: Callable[..., Any]) -> Callable[..., Any]:
     bucket can never hold the cost, SERVICE_UNAVAILABLE (503) when Redis is out of reach
     and the limiter fails closed."""
 
-    async def run(*args: Any, **kwargs: Any) -> Any:
+    def run(*args: Any, **kwargs: Any) -> Any:
         context = kwargs.get("context_value")
         if (isinstance(context, Context) and context.rate_limiter is not None
                 and context.principal is not None and context.cost is not None):
-            refusal = await _admit(context, context.rate_limiter, context.principal,
-                                   context.cost)
-            if refusal is not None:
-                return GraphQLExecutionResult(data=None, errors=[refusal])
+            return admitted(context, context.rate_limiter, context.principal, context.cost,
+                            args, kwargs)
+        return execute(*args, **kwargs)  # as it is: execute_sync needs no coroutine
+
+    async def admitted(context: Context, limiter: RateLimiter, principal: Principal,
+                       cost: int, args: Any, kwargs: Any) -> Any:
+        refusal = await _admit(context, limiter, principal, cost)
+        if refusal is not None:
+            return GraphQLExecutionResult(data=None, errors=[refusal])
         result = execute(*args, **kwargs)
         return await result if inspect.isawaitable(result) else result
 
