@@ -240,7 +240,29 @@ async def _rate_limited(
                     {"Retry-After": str(throttle.retry_after), **throttle.headers()})
 
 
+_STRING = {"schema": {"type": "string"}}
+# Documented on every answer of every REST operation (OpenAPI).
+RATE_LIMIT_HEADERS = {
+    "RateLimit-Policy": {**_STRING, "description": "The API key's rate limit (IETF draft "
+                         "draft-ietf-httpapi-ratelimit-headers): `\"default\";q=20000;w=10`, "
+                         "q cost points that restore in w seconds."},
+    "RateLimit": {**_STRING, "description": "What is left of it: `\"default\";r=19980;t=1`, "
+                  "r points now, full again in t seconds."},
+}
+
+
 class RestRoute(APIRoute):
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        responses = {code: dict(response)
+                     for code, response in (kwargs.get("responses") or {}).items()}
+        success = kwargs.get("status_code") or 200
+        responses.setdefault(success, {})
+        for code, response in responses.items():
+            if code not in (401, 403):  # refused before the key's bucket is known
+                response["headers"] = {**RATE_LIMIT_HEADERS, **response.get("headers", {})}
+        kwargs["responses"] = responses
+        super().__init__(path, endpoint, **kwargs)
+
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         path = self.path
