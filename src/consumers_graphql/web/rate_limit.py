@@ -177,8 +177,8 @@ class RedisBuckets:
 
     def __init__(self, url: str) -> None:
         from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
-        from redis.retry import Retry
 
         self.client: Redis = Redis.from_url(
             url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
@@ -244,7 +244,7 @@ class RateLimiter:
                 return self._failed(error)
             if self._down_since is not None:
                 self._down_since = None
-                logger.warning("rate limiting: Redis answers again; buckets are shared again")
+                logger.info("rate limiting: Redis answers again; buckets are shared again")
         return Throttle(allowed, cost, policy.capacity, points, policy.restore_rate)
 
     def _failed(self, error: Exception) -> Throttle | None:
