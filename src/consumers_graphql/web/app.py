@@ -142,8 +142,10 @@ def create_app(
             yield
         finally:
             try:
-                await app.state.rate_limiter.close()
-                await database.dispose()
+                try:
+                    await app.state.rate_limiter.close()
+                finally:
+                    await database.dispose()
             finally:
                 if tracing is not None:
                     await tracing.shutdown()
