@@ -202,6 +202,34 @@ async def test_rest_defaults_to_a_page_of_20_and_a_single_consumer_costs_1(
     assert missing.headers["ratelimit"].startswith('"default";r=79;')
 
 
+@pytest.mark.parametrize("first", ["+100", "100.0", "1_00", " 100"])
+async def test_a_page_size_is_priced_as_the_route_reads_it(
+    app: FastAPI, client: httpx.AsyncClient, first: str
+) -> None:
+    # given 100 consumers and a page size spelt in a way the route takes as 100
+    secret = await new_key(app, 1_000, 1.0)
+    batch = [{"email": f"p{i}@example.com"} for i in range(100)]
+    assert (await client.post(f"{REST_LIST}/batch", json=batch, headers=bearer(secret))
+            ).status_code == 201
+    # when
+    listed = await client.get(REST_LIST, params={"first": first}, headers=bearer(secret))
+    # then the 100 consumers it returns cost 100 points, not the default page's 20
+    assert listed.status_code == 200, listed.text
+    assert len(listed.json()["data"]) == 100
+    assert listed.headers["ratelimit"].startswith('"default";r=800;')
+
+
+async def test_a_page_size_that_is_not_a_number_is_a_validation_error_not_a_crash(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    secret = await new_key(app, 100, 1.0)
+    # "²" is a digit to str.isdigit, but not a number to int() or to the route
+    response = await client.get(REST_LIST, params={"first": "²"}, headers=bearer(secret))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "Validation failed"
+    assert response.headers["ratelimit"].startswith('"default";r=80;')  # the default page
+
+
 async def test_rest_batches_cost_their_items_and_a_refused_one_writes_nothing(
     app: FastAPI, client: httpx.AsyncClient
 ) -> None:

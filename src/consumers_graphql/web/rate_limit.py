@@ -29,6 +29,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pydantic import TypeAdapter, ValidationError
+
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.keys import Principal
 from consumers_graphql.store.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
@@ -55,6 +57,8 @@ REDIS_PAUSE_S = 1.0
 # Buckets one process remembers at most (in-process mode), the least recently used
 # forgotten first: a forgotten bucket is a full one, so far more than the keys in use.
 LOCAL_BUCKETS = 100_000
+# A REST page size, parsed as FastAPI parses the route's `first`/`last` (an int, lax mode).
+_PAGE_SIZE: TypeAdapter[int] = TypeAdapter(int)
 
 # KEYS[1] the bucket; ARGV capacity, restore rate (points/s), cost (0: only look).
 # Returns {taken (0/1), points left (a string: Lua numbers become integers on the way)}.
@@ -268,15 +272,23 @@ class RateLimiter:
 
 def rest_cost(*, is_list: bool, query: Mapping[str, str], items: int | None) -> int:
     """A REST call's cost: a list's page size (`first` or `last`, DEFAULT_PAGE_SIZE when
-    neither is a number, at most MAX_PAGE_SIZE), a batch's items; 1 for anything else."""
+    neither is a number, at most MAX_PAGE_SIZE), a batch's items; 1 for anything else.
+
+    The page size is read as the route reads it (pydantic's int, lax: `+100`, `100.0` and
+    `1_00` are 100 to it), or a page of 100 would be priced as the default 20."""
     if items is not None:
         return max(1, items)
     if not is_list:
         return 1
     for name in ("first", "last"):
-        value = query.get(name, "").strip()
-        if value.isdigit():
-            return max(1, min(int(value), MAX_PAGE_SIZE))
+        value = query.get(name)
+        if value is None:
+            continue
+        try:
+            size = _PAGE_SIZE.validate_python(value)
+        except ValidationError:
+            continue  # the route refuses it (400)
+        return max(1, min(size, MAX_PAGE_SIZE))
     return DEFAULT_PAGE_SIZE
 
 
