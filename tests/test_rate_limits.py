@@ -138,6 +138,42 @@ async def test_an_operation_costing_more_than_the_bucket_holds_is_refused_for_go
                                    "restoreRate": 1.0}
 
 
+BATCH_CREATE = """mutation Import($input: [ConsumerCreateInput!]!) {
+  consumerBatchCreate(input: $input) { results { consumer { id } } } }"""
+
+
+@pytest.mark.usefixtures("execution_path")
+async def test_a_mutation_costs_its_writes_as_rest_batches_do(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    # given a bucket of 100 points
+    secret = await new_key(app, 100, 0.01)
+    items = [{"email": f"m{i}@example.com"} for i in range(30)]
+    literal = ", ".join(f'{{email: "l{i}@example.com"}}' for i in range(20))
+    headers = bearer(secret)
+    # when a batch of 30 (a variable), one of 20 (a literal) and two single writes run
+    variables = await client.post("/graphql", headers=headers, json={
+        "query": BATCH_CREATE, "variables": {"input": items}})
+    inline = await post(client, secret, "mutation { consumerBatchCreate(input: [" + literal
+                        + "]) { results { consumer { id } } } }")
+    singles = await post(client, secret, 'mutation { a: consumerCreate(input: {email: '
+                         '"s1@example.com"}) { consumer { id } } b: consumerCreate(input: '
+                         '{email: "s2@example.com"}) { consumer { id } } }')
+    # then each takes a point per item written, as the same batch over REST does
+    assert [status_of(r)["currentlyAvailable"] for r in (variables, inline, singles)] == [
+        70, 50, 48]
+    # and a batch of 60 no longer fits: refused, nothing written
+    more = [{"email": f"n{i}@example.com"} for i in range(60)]
+    refused = await client.post("/graphql", headers=headers, json={
+        "query": BATCH_CREATE, "variables": {"input": more}})
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["errors"][0]["extensions"]["cost"] == 60
+    reader = (await app.state.keys.create("reader")).secret.get_secret_value()
+    AUDIT.use(reader)
+    listed = await client.get(f"{REST_LIST}?first=100", headers=bearer(reader))
+    assert len(listed.json()["data"]) == 52
+
+
 @pytest.mark.usefixtures("execution_path")
 async def test_a_refused_operation_runs_no_sql_and_executes_nothing(
     app: FastAPI, client: httpx.AsyncClient, sql: StatementCounter
