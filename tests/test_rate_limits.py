@@ -495,3 +495,23 @@ async def test_redis_coming_back_is_used_again_without_a_restart(
     messages = [r.getMessage() for r in caplog.records
                 if r.name == "consumers_graphql.rate_limit"]
     assert len(messages) == 2 and "answers again" in messages[1], messages
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+
+async def test_the_benchmark_server_never_throttles_its_one_key(
+    app: FastAPI, settings: Settings, execution_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench/worker.py sends hundreds of W1 pages (520 points each) a second with one key."""
+    from bench import worker, workloads
+
+    assert settings.key_pepper is not None
+    monkeypatch.setenv("CONSUMERS_KEY_PEPPER", settings.key_pepper.get_secret_value())
+    secret = (await app.state.keys.create("bench")).secret.get_secret_value()
+    AUDIT.use(secret)
+    async with served(worker.server_settings(settings.database_url), execution_path) as (
+            _, client):
+        statuses = [(await post(client, secret, workloads.PAGE)).status_code
+                    for _ in range(60)]
+    assert statuses == [200] * 60
