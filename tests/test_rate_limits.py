@@ -303,6 +303,22 @@ async def test_refusals_are_counted_in_the_metrics(
     assert delta(before, after, "consumers_refusals_total", code="THROTTLED") == 2
 
 
+@pytest.mark.usefixtures("execution_path")
+async def test_a_request_the_bucket_can_never_hold_is_counted_as_over_the_cost_not_throttled(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    secret = await new_key(app, 10, 1.0)
+    before = await metrics(client)
+    graphql = await post(client, secret)  # 20 points
+    rest = await client.get(REST_LIST, headers=bearer(secret))  # a page of 20
+    after = await metrics(client)
+    assert graphql.json()["errors"][0]["extensions"]["code"] == "MAX_COST_EXCEEDED"
+    assert rest.status_code == 400
+    # the same refusal on both faces, under the same code; no throttle happened
+    assert delta(before, after, "consumers_refusals_total", code="MAX_COST_EXCEEDED") == 2
+    assert delta(before, after, "consumers_refusals_total", code="THROTTLED") == 0
+
+
 def test_the_openapi_document_lists_429_and_the_ratelimit_headers(app: FastAPI) -> None:
     document = app.openapi()
     for path, methods in document["paths"].items():

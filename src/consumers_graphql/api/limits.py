@@ -63,6 +63,7 @@ from consumers_graphql.api.context import Context
 from consumers_graphql.domain.validation import BATCH_MAX
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from consumers_graphql.web.rate_limit import MAX_COST_EXCEEDED as MAX_COST_EXCEEDED
 from consumers_graphql.web.rate_limit import THROTTLED
 
 MAX_DEPTH_EXCEEDED = "MAX_DEPTH_EXCEEDED"
@@ -70,7 +71,6 @@ MAX_ALIASES_EXCEEDED = "MAX_ALIASES_EXCEEDED"
 MAX_TOKENS_EXCEEDED = "MAX_TOKENS_EXCEEDED"
 MAX_DIRECTIVES_EXCEEDED = "MAX_DIRECTIVES_EXCEEDED"
 MAX_DUPLICATE_FIELDS_EXCEEDED = "MAX_DUPLICATE_FIELDS_EXCEEDED"
-MAX_COST_EXCEEDED = "MAX_COST_EXCEEDED"
 BATCH_TOO_LARGE = "BATCH_TOO_LARGE"
 BAD_REQUEST = "BAD_REQUEST"
 # Whether the request named its operation: Strawberry fills in the first operation's name.

@@ -26,6 +26,7 @@ from consumers_graphql.web import observe
 from consumers_graphql.web.dependencies import READER_STATE
 from consumers_graphql.web.http_auth import PRINCIPAL_STATE, Forbidden, require_api_key
 from consumers_graphql.web.rate_limit import (
+    MAX_COST_EXCEEDED,
     RATE_LIMIT_EXCEEDED,
     RATE_LIMIT_STATE,
     THROTTLED,
@@ -230,12 +231,14 @@ async def _rate_limited(
     request.scope.setdefault("state", {})[RATE_LIMIT_STATE] = throttle
     if throttle is None or throttle.allowed:
         return None
-    observe.refused(THROTTLED)
     if not throttle.can_ever_pass:
+        # Counted as GraphQL counts the same refusal: no throttle, a cost over a limit.
+        observe.refused(MAX_COST_EXCEEDED)
         field = "body" if "/batch" in path else "first"
         return _refusal(400, "Validation failed", [
             {"field": field, "message": cost_over_capacity_message(throttle)}],
             throttle.headers())
+    observe.refused(THROTTLED)
     return _refusal(429, RATE_LIMIT_EXCEEDED, [],
                     {"Retry-After": str(throttle.retry_after), **throttle.headers()})
 

@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("consumers_graphql.rate_limit")
 
 THROTTLED = "THROTTLED"
+# A request that costs more than its bucket can ever hold (and, in api/limits.py, an operation
+# over CONSUMERS_MAX_COST): one code on both faces, in the answers and in the metrics.
+MAX_COST_EXCEEDED = "MAX_COST_EXCEEDED"
 RATE_LIMIT_EXCEEDED = "Rate limit exceeded"
 # Where a REST call keeps its bucket (a Throttle), for the RateLimit headers of its answer.
 RATE_LIMIT_STATE = "rate_limit"
