@@ -359,6 +359,29 @@ async def test_keys_create_gives_a_key_its_own_bucket(
     assert SECRET.search(err) is None
 
 
+@pytest.mark.usefixtures("execution_path")
+async def test_a_key_given_only_a_restore_rate_keeps_the_servers_capacity(
+    app: FastAPI, client: httpx.AsyncClient, settings: Settings,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # given the CLI run where CONSUMERS_RATE_LIMIT_* are not set (the server's are: conftest)
+    monkeypatch.setenv("CONSUMERS_DATABASE_URL", settings.database_url)
+    assert settings.key_pepper is not None
+    monkeypatch.setenv("CONSUMERS_KEY_PEPPER", settings.key_pepper.get_secret_value())
+    code, out, err = await run_cli(capsys, "keys", "create", "--name", "slow",
+                                   "--rate-limit-restore-rate", "5", "--secret-only")
+    assert code == 0, err
+    secret = out.strip()
+    AUDIT.use(secret)
+    # then the key's bucket is the server's size (not the CLI's default of 20,000)
+    response = await post(client, secret)
+    assert status_of(response) == {"maximumAvailable": settings.rate_limit_capacity,
+                                   "currentlyAvailable": settings.rate_limit_capacity - 20,
+                                   "restoreRate": 5.0}
+    code, out, _ = await run_cli(capsys, "keys", "list")
+    assert code == 0 and "default points, 5/s" in out
+
+
 @pytest.mark.parametrize("url", ["http://127.0.0.1:6379", f"redis://:{PASSWORD}@host:port/0",
                                  f"redis://:{PASSWORD}@host/zero", "redis://"])
 def test_a_bad_redis_url_is_a_configuration_error(url: str, tmp_path: Path) -> None:

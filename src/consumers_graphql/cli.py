@@ -405,13 +405,9 @@ def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
         try:
             rate_limit = None
             if args.rate_limit_capacity is not None or args.rate_limit_restore_rate is not None:
-                # One given: the other is the server's setting now, kept with the key.
-                rate_limit = RateLimit(
-                    settings.rate_limit_capacity if args.rate_limit_capacity is None
-                    else args.rate_limit_capacity,
-                    settings.rate_limit_restore_rate if args.rate_limit_restore_rate is None
-                    else args.rate_limit_restore_rate,
-                )
+                # One given: the other stays the server's setting, read by the server (this
+                # process's environment need not be the server's).
+                rate_limit = RateLimit(args.rate_limit_capacity, args.rate_limit_restore_rate)
             created = await keys.create(
                 args.name, scopes=READ_ONLY if args.read_only else READ_WRITE, test=args.test,
                 rate_limit=rate_limit,

@@ -126,25 +126,31 @@ def redact(text_: str) -> str:
 @dataclass(frozen=True)
 class RateLimit:
     """A key's own leaky bucket: `capacity` cost points (0: unlimited), `restore_rate` of
-    them back per second."""
+    them back per second. Either may be None: the server's setting, read by the server (not
+    the one of the process that made the key, whose environment may differ)."""
 
-    capacity: int
-    restore_rate: float
+    capacity: int | None
+    restore_rate: float | None
 
     def __post_init__(self) -> None:
-        if not 0 <= self.capacity <= RATE_LIMIT_CAPACITY_MAX:
+        if self.capacity is None and self.restore_rate is None:
+            raise ValueError("A key's own rate limit sets a capacity, a restore rate or both.")
+        if self.capacity is not None and not 0 <= self.capacity <= RATE_LIMIT_CAPACITY_MAX:
             raise ValueError(f"A rate limit capacity is 0 (unlimited) to "
                              f"{RATE_LIMIT_CAPACITY_MAX:,} points.")
-        if not 0 < self.restore_rate <= RATE_LIMIT_CAPACITY_MAX:
+        if self.restore_rate is not None and not (
+                0 < self.restore_rate <= RATE_LIMIT_CAPACITY_MAX):
             raise ValueError(f"A restore rate is more than 0 and at most "
                              f"{RATE_LIMIT_CAPACITY_MAX:,} points a second.")
 
     def __str__(self) -> str:
-        return f"{self.capacity} points, {self.restore_rate:g}/s"
+        capacity = "default" if self.capacity is None else str(self.capacity)
+        rate = "default" if self.restore_rate is None else f"{self.restore_rate:g}"
+        return f"{capacity} points, {rate}/s"
 
 
 def _rate_limit(capacity: int | None, restore_rate: float | None) -> RateLimit | None:
-    if capacity is None or restore_rate is None:
+    if capacity is None and restore_rate is None:
         return None
     return RateLimit(capacity, restore_rate)
 

@@ -221,7 +221,11 @@ class RateLimiter:
 
     def policy(self, principal: Principal) -> Policy:
         own = principal.rate_limit
-        return self.default if own is None else Policy(own.capacity, own.restore_rate)
+        if own is None:
+            return self.default
+        return Policy(self.default.capacity if own.capacity is None else own.capacity,
+                      self.default.restore_rate if own.restore_rate is None
+                      else own.restore_rate)
 
     async def take(self, principal: Principal, cost: int) -> Throttle | None:
         """The bucket after taking `cost` (at least 1) from it, refused or not; None when
