@@ -39,6 +39,17 @@ TEST_DATABASE_URL = os.environ.get("CONSUMERS_TEST_DATABASE_URL")
 # Where the tests create and drop their databases when the app's URL is a pooler (CI's run
 # through pgbouncer): the server itself. Defaults to the app's URL.
 ADMIN_DATABASE_URL = os.environ.get("CONSUMERS_TEST_DATABASE_ADMIN_URL") or TEST_DATABASE_URL
+# The session app's rate limit: a bucket (and a restore rate) no other test file can empty.
+TEST_BUCKET = 1_000_000
+
+
+def throttle_status(taken: int = 0) -> dict[str, Any]:
+    """`extensions.cost.throttleStatus` on the session app, for a fresh key's first request
+    that took `taken` points (0: a refused one, which takes nothing)."""
+    return {"maximumAvailable": TEST_BUCKET, "currentlyAvailable": TEST_BUCKET - taken,
+            "restoreRate": float(TEST_BUCKET)}
+
+
 TABLES = ("idempotency_keys", "consumer_audiences", "orders", "api_keys", "audiences", "consumers")
 
 
@@ -105,9 +116,12 @@ async def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) 
     # driver's thread; test_sqlite_driver covers that hand-over.
     # GraphiQL's files from an empty folder: the page takes them from the CDN, whatever this
     # machine's user has fetched (tests/test_ui_assets.py covers the local mode).
+    # Rate limits on (every answer shows its throttle status), but a bucket no test empties
+    # by accident (tests/test_rate_limits.py gives its keys small ones of their own).
     settings = Settings(database_url=database_url, key_pepper="test-pepper",  # type: ignore[arg-type]
                         sqlite_inline_read_ms=1_000, ui_assets=None,
-                        ui_assets_dir=tmp_path_factory.mktemp("no-ui-assets"))
+                        ui_assets_dir=tmp_path_factory.mktemp("no-ui-assets"),
+                        rate_limit_capacity=TEST_BUCKET, rate_limit_restore_rate=TEST_BUCKET)
     engine = make_engine(settings, writer=True)
     try:
         await upgrade(engine)

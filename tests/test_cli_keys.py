@@ -114,14 +114,14 @@ async def test_list_shows_every_key_but_never_a_secret(
     assert code == 0
     lines = out.strip().splitlines()
     assert lines[0].split() == ["ID", "NAME", "PREFIX", "SCOPES", "CREATED", "LAST", "USED",
-                                "REVOKED"]
+                                "REVOKED", "RATE", "LIMIT"]
     keys = {key.name: key for key in await app.state.keys.list_keys()}
     used_line = next(line for line in lines if keys["used"].id in line)
     idle_line = next(line for line in lines if keys["idle"].id in line)
     assert keys["used"].prefix in used_line and "read write" in used_line
     assert keys["used"].last_used_at is not None
     assert keys["used"].last_used_at.strftime("%Y-%m-%d %H:%M:%SZ") in used_line
-    assert re.search(r"\bread\b\s+\S+ \S+\s+never\s+-$", idle_line), idle_line
+    assert re.search(r"\bread\b\s+\S+ \S+\s+never\s+-\s+default$", idle_line), idle_line
     assert SECRET.search(out) is None  # prefixes are 4 characters, never a secret
     for created in (first, second):
         match = SECRET.search(created)

@@ -13,7 +13,7 @@ import strawberry.schema.schema as strawberry_schema
 from consumers_graphql.api import limits
 from consumers_graphql.api.limits import Limits
 from consumers_graphql.api.schema import build_schema
-from tests.conftest import GraphQL, StatementCounter
+from tests.conftest import GraphQL, StatementCounter, throttle_status
 
 CONNECTION_OF_100 = "consumers(first: 100) { nodes { audiences(first: 100) { nodes { " \
     "consumers(first: 100) { nodes { id } } } } } }"
@@ -95,7 +95,9 @@ async def test_a_depth_20_query_is_refused(gql: GraphQL, sql: StatementCounter) 
     assert body["errors"][0]["message"] == "The operation is 20 levels deep; the limit is 12."
     # a refused operation still tells its price: 6 nested orders connections of 20 each
     assert body["extensions"]["cost"] == {
-        "requested": sum(20**n for n in range(1, 7)), "limit": 50_000}
+        "requested": sum(20**n for n in range(1, 7)), "limit": 50_000,
+        # the key's rate limit bucket, untouched: a refused operation takes nothing
+        "throttleStatus": throttle_status()}
 
 
 async def test_a_depth_12_query_runs(gql: GraphQL) -> None:
@@ -129,7 +131,8 @@ async def test_a_cost_over_the_cap_is_refused_and_priced(
     body = await refused(gql, sql, "{ " + CONNECTION_OF_100 + " }", "MAX_COST_EXCEEDED")
 
     requested = 100 + 100 * 100 + 100 * 100 * 100
-    assert body["extensions"]["cost"] == {"requested": requested, "limit": 50_000}
+    assert body["extensions"]["cost"] == {"requested": requested, "limit": 50_000,
+                                          "throttleStatus": throttle_status()}
     assert body["errors"][0]["extensions"]["cost"] == requested
 
 
@@ -150,7 +153,8 @@ async def test_extensions_cost_is_right_for_nested_connections_and_fragments(
     smaller = await gql(PRICED, {"pageSize": 4})
 
     assert "errors" not in default
-    assert default["extensions"]["cost"] == {"requested": 1118, "limit": 50_000}
+    assert default["extensions"]["cost"] == {"requested": 1118, "limit": 50_000,
+                                             "throttleStatus": throttle_status(1118)}
     # 4 + 4x5 + 4x5x20 + 4x3 + 20 + 2 + 2x3
     assert smaller["extensions"]["cost"]["requested"] == 464
 
@@ -159,7 +163,9 @@ async def test_the_cost_is_reported_with_errors_from_execution(gql: GraphQL) -> 
     body = await gql("{ consumers(last: 1000) { totalCount } }")
 
     assert body["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
-    assert body["extensions"]["cost"] == {"requested": 100, "limit": 50_000}  # clamped
+    assert body["extensions"]["cost"] == {  # clamped
+        "requested": 100, "limit": 50_000,
+        "throttleStatus": throttle_status(100)}
 
 
 async def test_an_exponential_fragment_document_is_measured_quickly(

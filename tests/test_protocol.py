@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from consumers_graphql.api.http import negotiate
-from tests.conftest import StatementCounter
+from tests.conftest import StatementCounter, throttle_status
 
 GRAPHQL_RESPONSE = "application/graphql-response+json"
 TYPENAME = {"query": "{ __typename }"}
@@ -57,7 +57,10 @@ async def test_the_response_media_type_follows_accept(
     assert response.status_code == 200
     assert response.headers["content-type"] == f"{media_type}; charset=utf-8"
     assert response.json() == {
-        "data": {"__typename": "Query"}, "extensions": {"cost": {"requested": 0, "limit": 50_000}}
+        "data": {"__typename": "Query"}, "extensions": {"cost": {
+            "requested": 0, "limit": 50_000,
+            # at least 1 point taken from the key's rate limit bucket
+            "throttleStatus": throttle_status(1)}}
     }
 
 

@@ -106,7 +106,7 @@ def test_every_operation_documents_its_body_responses_and_security(
                 "$ref": f"#/components/schemas/{response[1:-1]}"}}
         else:
             assert schema == {"$ref": f"#/components/schemas/{response}"}
-        errors = {"400", "401", "403", "4XX"}
+        errors = {"400", "401", "403", "429", "4XX"}
         if path == one or (method, path) == ("put", batch):
             errors.add("404")
         if request is not None:
@@ -121,7 +121,7 @@ def test_every_operation_documents_its_body_responses_and_security(
             assert "422" not in operation["responses"]
     assert "HTTPValidationError" not in document["components"]["schemas"]
     created = document["paths"]["/api/v1/consumers"]["post"]["responses"]["201"]
-    assert set(created["headers"]) == {"Location"}
+    assert set(created["headers"]) == {"Location", "RateLimit-Policy", "RateLimit"}
 
 
 def test_batch_bodies_state_the_500_item_maximum(document: dict[str, Any]) -> None:

@@ -33,7 +33,7 @@ from consumers_graphql.settings import Settings
 from consumers_graphql.store import models
 from consumers_graphql.store.db import make_engine
 from consumers_graphql.web.app import create_app
-from tests.conftest import GraphQL, bearer, on_path
+from tests.conftest import GraphQL, bearer, on_path, throttle_status
 from tests.factories import (
     BASE_TIME,
     audience_row,
@@ -342,7 +342,8 @@ async def test_d_a_float_for_an_int_is_priced_as_the_int_that_runs(
                        "Ask for smaller pages (`first`/`last`) or fewer nested connections.",
             "extensions": {"code": "MAX_COST_EXCEEDED", "cost": 1_010_100, "limit": 50_000},
         }],
-        "extensions": {"cost": {"requested": 1_010_100, "limit": 50_000}},
+        "extensions": {"cost": {"requested": 1_010_100, "limit": 50_000,
+                                "throttleStatus": throttle_status()}},
     }
     assert sql.statements == []
 

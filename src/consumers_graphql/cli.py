@@ -399,12 +399,18 @@ def _run_with_keys(settings: Settings, job: Callable[[KeyStore], Awaitable[int]]
 
 
 def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
-    from consumers_graphql.store.keys import READ_ONLY, READ_WRITE
+    from consumers_graphql.store.keys import READ_ONLY, READ_WRITE, RateLimit
 
     async def job(keys: KeyStore) -> int:
         try:
+            rate_limit = None
+            if args.rate_limit_capacity is not None or args.rate_limit_restore_rate is not None:
+                # One given: the other stays the server's setting, read by the server (this
+                # process's environment need not be the server's).
+                rate_limit = RateLimit(args.rate_limit_capacity, args.rate_limit_restore_rate)
             created = await keys.create(
-                args.name, scopes=READ_ONLY if args.read_only else READ_WRITE, test=args.test
+                args.name, scopes=READ_ONLY if args.read_only else READ_WRITE, test=args.test,
+                rate_limit=rate_limit,
             )
         except ValueError as error:
             print(error, file=sys.stderr)
@@ -431,10 +437,12 @@ def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
         if not found:
             print("No API keys. Create one: consumers-graphql keys create --name NAME")
             return 0
-        header = ("ID", "NAME", "PREFIX", "SCOPES", "CREATED", "LAST USED", "REVOKED")
+        header = ("ID", "NAME", "PREFIX", "SCOPES", "CREATED", "LAST USED", "REVOKED",
+                  "RATE LIMIT")
         rows = [header] + [
             (k.id, k.name, k.prefix + "…", _scopes(k), _when(k.created_at, ""),
-             _when(k.last_used_at, "never"), _when(k.revoked_at, "-"))
+             _when(k.last_used_at, "never"), _when(k.revoked_at, "-"),
+             str(k.rate_limit) if k.rate_limit is not None else "default")
             for k in found
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -476,6 +484,13 @@ def _port(value: str) -> int:
     number = int(value)
     if not 0 <= number <= 65535:
         raise argparse.ArgumentTypeError("must be from 0 to 65535")
+    return number
+
+
+def _rate(value: str) -> float:
+    number = float(value)
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError("must be more than 0")
     return number
 
 
@@ -526,6 +541,12 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     create.add_argument("--secret-only", action="store_true",
                         help="print the secret alone, for scripts: "
                         "KEY=$(consumers-graphql keys create --name N --secret-only)")
+    create.add_argument("--rate-limit-capacity", type=_positive, metavar="POINTS",
+                        help="this key's bucket of cost points, 0 for unlimited "
+                        f"({_default(settings, 'rate_limit_capacity')})")
+    create.add_argument("--rate-limit-restore-rate", type=_rate, metavar="POINTS_PER_S",
+                        help="points this key gets back per second "
+                        f"({_default(settings, 'rate_limit_restore_rate')})")
     create.set_defaults(handler=_keys_create)
     listing = key_commands.add_parser("list", help="every key, without secrets")
     listing.set_defaults(handler=_keys_list)

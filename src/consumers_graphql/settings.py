@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -166,6 +167,34 @@ class Settings(BaseSettings):
     # /readyz waits at most this long for the database before answering 503.
     health_timeout_s: float = Field(default=5.0, gt=0)
 
+    # --- Rate limits (web/rate_limit.py; README "Rate limits") ---
+    # Each API key's leaky bucket of cost points: it holds rate_limit_capacity points and
+    # gets rate_limit_restore_rate back every second; a GraphQL operation takes its cost, a
+    # REST call its page or batch size. 0 turns rate limiting off (keys given a capacity of
+    # their own by `keys create --rate-limit-capacity` keep theirs).
+    rate_limit_capacity: int = Field(default=20_000, ge=0, le=1_000_000_000)
+    rate_limit_restore_rate: float = Field(default=2_000.0, gt=0, le=1_000_000_000,
+                                           allow_inf_nan=False)
+    # Shares the buckets between every worker and host (Redis, redis:// rediss:// unix://);
+    # unset, each process keeps its own.
+    redis_url: str | None = None
+    # Redis out of reach: requests go through unlimited (and one warning is logged per
+    # outage), or with this set they are refused 503 with Retry-After.
+    rate_limit_fail_closed: bool = False
+
+    @field_validator("redis_url")
+    @classmethod
+    def redis_url_parses(cls, url: str | None) -> str | None:
+        """A Redis URL the client can use; never repeated in the message (it may carry a
+        password)."""
+        if url is None:
+            return None
+        problem = _redis_url_problem(url)
+        if problem is not None:
+            raise ValueError(f"{problem} (redis://[:password@]host[:port][/db], rediss://… "
+                             "for TLS, or unix:///path/to/socket)")
+        return url
+
     @property
     def effective_log_format(self) -> LogFormat:
         if self.log_format is not None:
@@ -239,6 +268,25 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+def _redis_url_problem(url: str) -> str | None:
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("redis", "rediss", "unix"):
+        return "not a Redis URL: the scheme must be redis://, rediss:// or unix://"
+    try:
+        port = parsed.port
+    except ValueError:
+        return "not a valid Redis URL: the port is not a number"
+    if parsed.scheme == "unix":
+        return None if parsed.path else "not a valid Redis URL: unix:// needs a socket path"
+    if not parsed.hostname:
+        return "not a valid Redis URL: no host"
+    db = parsed.path.strip("/")
+    if db and not db.isdigit():
+        return "not a valid Redis URL: the database (the path) must be a number"
+    del port
+    return None
 
 
 # Schemes accepted for CONSUMERS_DATABASE_URL, and the async driver each runs on.

@@ -11,6 +11,7 @@ from consumers_graphql.settings import Settings
 from consumers_graphql.store.db import Database
 from consumers_graphql.store.keys import Principal
 from consumers_graphql.store.repository import Repository
+from consumers_graphql.web.rate_limit import RateLimiter, Throttle
 
 
 @dataclass
@@ -22,6 +23,13 @@ class Context:
     # The API key of the HTTP request (auth.ANONYMOUS for the GraphiQL page); None for an
     # in-process caller of schema.execute, which is trusted.
     principal: Principal | None = None
+    # The API key's rate limit (web/rate_limit.py); None: not limited (in-process callers).
+    rate_limiter: RateLimiter | None = None
+    # The operation's cost once priced and no limit refused it (api/limits.py), and its
+    # key's bucket once the cost was taken from it (`admitted`: the bucket was asked).
+    cost: int | None = None
+    admitted: bool = False
+    throttle: Throttle | None = None
 
 
 Info = strawberry.Info[Context, None]

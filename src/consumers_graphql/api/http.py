@@ -50,6 +50,7 @@ from consumers_graphql.web.http_auth import (
     UNAUTHENTICATED,
     AuthenticationRequired,
 )
+from consumers_graphql.web.rate_limit import THROTTLED, RateLimitUnavailable, Throttle
 from consumers_graphql.web.security_headers import page_policy
 
 GRAPHQL_RESPONSE_JSON = "application/graphql-response+json"
@@ -375,11 +376,13 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
             raise _Refused(400, BAD_REQUEST, error.as_http_error_reason(method)) from error
         except MissingQueryError as error:
             raise _Refused(400, BAD_REQUEST, "No GraphQL query found in the request") from error
-        return self._response(request, result, query, operation_name)
+        if not context.admitted:
+            await _throttle_status(context, result)
+        return self._response(request, result, query, operation_name, context.throttle)
 
     def _response(
         self, request: Request, result: ExecutionResult, query: str | None,
-        operation_name: str | None,
+        operation_name: str | None, throttle: Throttle | None = None,
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         errors = result.errors or []
         # An error before execution (no path anywhere) means the spec's "no data entry".
@@ -406,8 +409,12 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         if result.extensions:
             response["extensions"] = result.extensions
         body = self.encode_json(response)
-        if unavailable:  # the database out of reach: under both media types
+        if unavailable:  # the database (or the rate limit's Redis) out of reach: under both
             return 503, body, [(b"retry-after", self._retry_after)]
+        if request_error and throttle is not None and not throttle.allowed and any(
+                (error.extensions or {}).get("code") == THROTTLED for error in errors):
+            # Under both media types, as a 503: a client backs off on the status alone.
+            return 429, body, [(b"retry-after", str(throttle.retry_after).encode())]
         if request_error and state.get(MEDIA_TYPE_STATE, JSON) == GRAPHQL_RESPONSE_JSON:
             # A refused scope is a permission problem (403), any other request error a bad
             # request (400); both only under application/graphql-response+json.
@@ -474,6 +481,22 @@ def _observe(result: ExecutionResult, request_error: bool) -> None:
             code = (error.extensions or {}).get("code")
             if code in LIMIT_CODES:
                 observe.refused(code)
+
+
+async def _throttle_status(context: Context, result: ExecutionResult) -> None:
+    """`extensions.cost.throttleStatus` for an answer whose operation never reached the rate
+    limit (refused by a limit, invalid, unparsable): the bucket as it is, nothing taken."""
+    limiter = context.rate_limiter
+    if limiter is None or context.principal is None:
+        return
+    try:
+        context.throttle = await limiter.peek(context.principal)
+    except RateLimitUnavailable:
+        return  # the refusal stands as it is; no status to report
+    if context.throttle is not None:
+        extensions = result.extensions if result.extensions is not None else {}
+        extensions.setdefault("cost", {})["throttleStatus"] = context.throttle.status()
+        result.extensions = extensions
 
 
 def _is_unavailable(error: GraphQLError) -> bool:

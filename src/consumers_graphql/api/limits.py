@@ -43,6 +43,7 @@ from graphql import (
     NonNullTypeNode,
     NullValueNode,
     OperationDefinitionNode,
+    OperationType,
     SelectionSetNode,
     ValueNode,
     VariableDefinitionNode,
@@ -58,16 +59,18 @@ from strawberry.extensions import SchemaExtension
 from strawberry.schema.validation_rules.maybe_null import MaybeNullValidationRule
 from strawberry.schema.validation_rules.one_of import OneOfInputValidationRule
 
+from consumers_graphql.api.context import Context
 from consumers_graphql.domain.validation import BATCH_MAX
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from consumers_graphql.web.rate_limit import MAX_COST_EXCEEDED as MAX_COST_EXCEEDED
+from consumers_graphql.web.rate_limit import THROTTLED
 
 MAX_DEPTH_EXCEEDED = "MAX_DEPTH_EXCEEDED"
 MAX_ALIASES_EXCEEDED = "MAX_ALIASES_EXCEEDED"
 MAX_TOKENS_EXCEEDED = "MAX_TOKENS_EXCEEDED"
 MAX_DIRECTIVES_EXCEEDED = "MAX_DIRECTIVES_EXCEEDED"
 MAX_DUPLICATE_FIELDS_EXCEEDED = "MAX_DUPLICATE_FIELDS_EXCEEDED"
-MAX_COST_EXCEEDED = "MAX_COST_EXCEEDED"
 BATCH_TOO_LARGE = "BATCH_TOO_LARGE"
 BAD_REQUEST = "BAD_REQUEST"
 # Whether the request named its operation: Strawberry fills in the first operation's name.
@@ -79,7 +82,7 @@ INTROSPECTION_DISABLED = "INTROSPECTION_DISABLED"
 # The refusals the metrics count by code (consumers_refusals_total).
 LIMIT_CODES = frozenset({
     MAX_DEPTH_EXCEEDED, MAX_ALIASES_EXCEEDED, MAX_TOKENS_EXCEEDED, MAX_DIRECTIVES_EXCEEDED,
-    MAX_DUPLICATE_FIELDS_EXCEEDED, MAX_COST_EXCEEDED, BATCH_TOO_LARGE,
+    MAX_DUPLICATE_FIELDS_EXCEEDED, MAX_COST_EXCEEDED, BATCH_TOO_LARGE, THROTTLED,
 })
 
 # graphql-core's wording for its own token limit (the only way to tell it from a syntax error).
@@ -518,6 +521,10 @@ class OperationLimits(SchemaExtension):
                 MAX_COST_EXCEEDED, cost=self.cost, limit=self.limits.cost,
             )]
         context.pre_execution_errors = refusals
+        if not refusals and isinstance(context.context, Context):
+            # What the rate limit takes, before execution: the nodes, and the writes.
+            context.context.cost = self.cost + _writes(
+                prepared.document, _operation(prepared.document, operation), variables)
         yield
 
     def _measure(self, prepared: Prepared, shape: OperationShape) -> list[GraphQLError]:
@@ -550,7 +557,47 @@ class OperationLimits(SchemaExtension):
     def get_results(self) -> dict[str, Any]:
         if self.cost is None:
             return {}
-        return {"cost": {"requested": self.cost, "limit": self.limits.cost}}
+        cost: dict[str, Any] = {"requested": self.cost, "limit": self.limits.cost}
+        request = self.execution_context.context
+        if isinstance(request, Context) and request.throttle is not None:
+            cost["throttleStatus"] = request.throttle.status()
+        return {"cost": cost}
+
+
+def _writes(document: DocumentNode, operation: OperationDefinitionNode,
+            variables: Mapping[str, Any]) -> int:
+    """The writes a mutation asks for, for the rate limit (web/rate_limit.py): each root
+    field one, a batch its items (its longest list argument, literal or variable), as a
+    REST call is priced; 0 for a query. Node cost alone would price a 500-item
+    `consumerBatchCreate` at nothing."""
+    if operation.operation is not OperationType.MUTATION:
+        return 0
+    fragments = {d.name.value: d for d in document.definitions
+                 if isinstance(d, FragmentDefinitionNode)}
+    total = 0
+    pending: list[SelectionSetNode] = [operation.selection_set]
+    seen: set[str] = set()
+    while pending:
+        for selection in pending.pop().selections:
+            if isinstance(selection, InlineFragmentNode):
+                pending.append(selection.selection_set)
+            elif isinstance(selection, FragmentSpreadNode):
+                name = selection.name.value
+                if name in fragments and name not in seen:  # validation refuses cycles
+                    seen.add(name)
+                    pending.append(fragments[name].selection_set)
+            elif isinstance(selection, FieldNode):
+                items = 1
+                for argument in selection.arguments or ():
+                    value = argument.value
+                    if isinstance(value, VariableNode):
+                        given = variables.get(value.name.value)
+                        if isinstance(given, list):
+                            items = max(items, len(given))
+                    elif isinstance(value, ListValueNode):
+                        items = max(items, len(value.values))
+                total += items
+    return total
 
 
 def _operation_count(document: DocumentNode) -> int:

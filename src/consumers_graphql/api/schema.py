@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Callable, Coroutine, Generator, Iterable, Iterator
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
 import strawberry
+from graphql import ExecutionResult as GraphQLExecutionResult
 from graphql import GraphQLError, get_operation_ast
 from strawberry.extensions import SchemaExtension
 from strawberry.extensions.runner import SchemaExtensionsRunner
@@ -19,7 +21,12 @@ from strawberry.types.graphql import OperationType
 
 from consumers_graphql.api.context import Context
 from consumers_graphql.api.executor import execute_compiled, plan_mutations
-from consumers_graphql.api.limits import OPERATION_NAMED, Limits, OperationLimits
+from consumers_graphql.api.limits import (
+    MAX_COST_EXCEEDED,
+    OPERATION_NAMED,
+    Limits,
+    OperationLimits,
+)
 from consumers_graphql.api.mutation import Mutation
 from consumers_graphql.api.permissions import ScopeCheck
 from consumers_graphql.api.query import Query
@@ -28,7 +35,15 @@ from consumers_graphql.api.tracing import OperationTracing
 from consumers_graphql.api.types import Audience, Consumer, Order
 from consumers_graphql.errors import DomainError
 from consumers_graphql.store import outage
+from consumers_graphql.store.keys import Principal
 from consumers_graphql.web import observe, request_id
+from consumers_graphql.web.rate_limit import (
+    THROTTLED,
+    RateLimiter,
+    RateLimitUnavailable,
+    Throttle,
+    cost_over_capacity_message,
+)
 from consumers_graphql.web.tracing import StartOperationSpan
 
 _T = TypeVar("_T")
@@ -317,10 +332,63 @@ class Schema(strawberry.Schema):
 
     def _get_execute_function(self) -> Callable[..., Any]:
         # Queries run through compiled plans (api/executor.py); everything else, and any
-        # operation that errs, through graphql-core itself.
+        # operation that errs, through graphql-core itself. Either only once the rate limit
+        # has taken the operation's cost.
         if not self.compiled or self.config.enable_experimental_incremental_execution:
-            return super()._get_execute_function()
-        return execute_compiled
+            return _rate_limited(super()._get_execute_function())
+        return _rate_limited_compiled
+
+
+def _rate_limited(execute: Callable[..., Any]) -> Callable[..., Any]:
+    """`execute`, run once the request's API key's bucket has given the operation's cost
+    (priced by api/limits.py, which also refused what is over the limits): the one place
+    between pricing and execution, the same for both execution paths. A refusal runs
+    nothing and is a request error (no data): THROTTLED (429), MAX_COST_EXCEEDED when the
+    bucket can never hold the cost, SERVICE_UNAVAILABLE (503) when Redis is out of reach
+    and the limiter fails closed."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        context = kwargs.get("context_value")
+        if (isinstance(context, Context) and context.rate_limiter is not None
+                and context.principal is not None and context.cost is not None):
+            return admitted(context, context.rate_limiter, context.principal, context.cost,
+                            args, kwargs)
+        return execute(*args, **kwargs)  # as it is: execute_sync needs no coroutine
+
+    async def admitted(context: Context, limiter: RateLimiter, principal: Principal,
+                       cost: int, args: Any, kwargs: Any) -> Any:
+        refusal = await _admit(context, limiter, principal, cost)
+        if refusal is not None:
+            return GraphQLExecutionResult(data=None, errors=[refusal])
+        result = execute(*args, **kwargs)
+        return await result if inspect.isawaitable(result) else result
+
+    return run
+
+
+async def _admit(
+    context: Context, limiter: RateLimiter, principal: Principal, cost: int
+) -> GraphQLError | None:
+    context.admitted = True
+    try:
+        throttle: Throttle | None = await limiter.take(principal, cost)
+    except RateLimitUnavailable:
+        return GraphQLError(outage.GRAPHQL_MESSAGE,
+                            extensions={"code": outage.SERVICE_UNAVAILABLE})
+    context.throttle = throttle
+    if throttle is None or throttle.allowed:
+        return None
+    if not throttle.can_ever_pass:
+        context.throttle, context.admitted = None, False  # nothing taken: api/http.py looks
+        return GraphQLError(cost_over_capacity_message(throttle), extensions={
+            "code": MAX_COST_EXCEEDED, "cost": throttle.cost, "limit": throttle.capacity})
+    return GraphQLError(
+        f"Throttled: this operation costs {cost:,} points and this API key's bucket holds "
+        f"{math.floor(throttle.available):,}; retry in {throttle.retry_after} s.",
+        extensions={"code": THROTTLED, "cost": cost, "throttleStatus": throttle.status()})
+
+
+_rate_limited_compiled = _rate_limited(execute_compiled)
 
 
 def build_schema(

@@ -13,6 +13,7 @@ from contextlib import aclosing
 from functools import partial
 from typing import Any
 
+import orjson
 from fastapi import BackgroundTasks, HTTPException, Request, Response
 from fastapi.routing import APIRoute
 
@@ -20,11 +21,22 @@ from consumers_graphql.domain.validation import BATCH_MAX, METADATA_MAX_BYTES, c
 from consumers_graphql.errors import DomainError
 from consumers_graphql.rest.models import ErrorOut
 from consumers_graphql.settings import Settings
+from consumers_graphql.store import outage
 from consumers_graphql.store.db import Database
-from consumers_graphql.store.keys import Scope
-from consumers_graphql.web import idempotency
+from consumers_graphql.store.keys import Principal, Scope
+from consumers_graphql.web import idempotency, observe
 from consumers_graphql.web.dependencies import READER_STATE
 from consumers_graphql.web.http_auth import PRINCIPAL_STATE, Forbidden, require_api_key
+from consumers_graphql.web.rate_limit import (
+    MAX_COST_EXCEEDED,
+    RATE_LIMIT_EXCEEDED,
+    RATE_LIMIT_STATE,
+    THROTTLED,
+    RateLimiter,
+    RateLimitUnavailable,
+    cost_over_capacity_message,
+    rest_cost,
+)
 
 # The batch endpoints' paths end so: /api/v1/consumers/batch, /api/v1/consumers/batch/upsert.
 BATCH_SUFFIXES = ("/batch", "/batch/upsert")
@@ -206,6 +218,49 @@ def body_limit(settings: Settings, path: str) -> int:
     return settings.max_body_bytes
 
 
+def _refusal(status: int, error: str, details: list[dict[str, str]],
+             headers: dict[str, str]) -> Response:
+    return Response(orjson.dumps({"error": error, "details": details}), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+async def _rate_limited(
+    limiter: RateLimiter, principal: Principal, cost: int, request: Request, path: str
+) -> Response | None:
+    """The key's bucket takes the call's cost, or the refusal to send: 429 (Retry-After:
+    when the bucket will hold it), 400 when it never can, 503 when Redis is out of reach and
+    the limiter fails closed. Nothing has run yet either way."""
+    try:
+        throttle = await limiter.take(principal, cost)
+    except RateLimitUnavailable:
+        retry_after = str(request.app.state.settings.retry_after_s)
+        return _refusal(503, outage.REST_MESSAGE, [], {"Retry-After": retry_after})
+    request.scope.setdefault("state", {})[RATE_LIMIT_STATE] = throttle
+    if throttle is None or throttle.allowed:
+        return None
+    if not throttle.can_ever_pass:
+        # Counted as GraphQL counts the same refusal: no throttle, a cost over a limit.
+        observe.refused(MAX_COST_EXCEEDED)
+        field = "body" if "/batch" in path else "first"
+        return _refusal(400, "Validation failed", [
+            {"field": field, "message": cost_over_capacity_message(throttle)}],
+            throttle.headers())
+    observe.refused(THROTTLED)
+    return _refusal(429, RATE_LIMIT_EXCEEDED, [],
+                    {"Retry-After": str(throttle.retry_after), **throttle.headers()})
+
+
+_STRING = {"schema": {"type": "string"}}
+# Documented on every answer of every REST operation (OpenAPI).
+RATE_LIMIT_HEADERS = {
+    "RateLimit-Policy": {**_STRING, "description": "The API key's rate limit (IETF draft "
+                         "draft-ietf-httpapi-ratelimit-headers): `\"default\";q=20000;w=10`, "
+                         "q cost points that restore in w seconds."},
+    "RateLimit": {**_STRING, "description": "What is left of it: `\"default\";r=19980;t=1`, "
+                  "r points now, full again in t seconds."},
+}
+
+
 class RestRoute(APIRoute):
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         """A write (any method but GET) is documented with the Idempotency-Key header it
@@ -217,6 +272,14 @@ class RestRoute(APIRoute):
             extra = dict(kwargs.get("openapi_extra") or {})
             extra["parameters"] = [*extra.get("parameters", ()), idempotency.OPENAPI_PARAMETER]
             kwargs["openapi_extra"] = extra
+        responses = {code: dict(response)
+                     for code, response in (kwargs.get("responses") or {}).items()}
+        success = kwargs.get("status_code") or 200
+        responses.setdefault(success, {})
+        for code, response in responses.items():
+            if code not in (401, 403):  # refused before the key's bucket is known
+                response["headers"] = {**RATE_LIMIT_HEADERS, **response.get("headers", {})}
+        kwargs["responses"] = responses
         super().__init__(path, endpoint, **kwargs)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -242,11 +305,26 @@ class RestRoute(APIRoute):
                 if not principal.allows(scope):
                     raise Forbidden(scope)
                 state[PRINCIPAL_STATE] = principal
+                limiter: RateLimiter = request.app.state.rate_limiter
+                # Before anything runs: a batch's cost is its items (its body parsed here,
+                # once: FastAPI's handler reads the same).
+                items = None
+                if scope is Scope.WRITE and "/batch" in path:
+                    parsed = await limited_request.json()
+                    items = len(parsed) if isinstance(parsed, list) else None
+                cost = rest_cost(is_list=self.methods == {"GET"} and "{" not in path,
+                                 query=request.query_params, items=items)
+                refusal = await _rate_limited(limiter, principal, cost, request, path)
+                if refusal is not None:
+                    return refusal
                 # A write with an Idempotency-Key runs as one transaction with its key.
                 response = await idempotency.rest_write(
                     limited_request, principal, reader, partial(handler, limited_request))
             finally:
                 await reader.close()
+            throttle = state.get(RATE_LIMIT_STATE)
+            if throttle is not None:
+                response.headers.update(throttle.headers())
             if tasks.tasks:
                 if response.background is not None:
                     tasks.add_task(response.background)

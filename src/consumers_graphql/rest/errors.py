@@ -4,7 +4,7 @@ unknown path, 405, 413)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -24,6 +24,7 @@ from consumers_graphql.web.http_auth import (
     Forbidden,
     authentication_required_response,
 )
+from consumers_graphql.web.rate_limit import RATE_LIMIT_STATE
 
 REST_PREFIX = "/api/"
 VALIDATION_FAILED = "Validation failed"
@@ -161,9 +162,25 @@ def install(app: FastAPI) -> None:
             {"field": _BODY, "message": str(error.detail)}]
         return error_response(error.status_code, text, details, headers=headers)
 
-    app.add_exception_handler(DomainError, on_domain_error)
-    app.add_exception_handler(DomainErrors, on_domain_errors)
-    app.add_exception_handler(RequestValidationError, on_invalid_request)
+    app.add_exception_handler(DomainError, _with_rate_limit(on_domain_error))
+    app.add_exception_handler(DomainErrors, _with_rate_limit(on_domain_errors))
+    app.add_exception_handler(RequestValidationError, _with_rate_limit(on_invalid_request))
     app.add_exception_handler(AuthenticationRequired, on_unauthenticated)
     app.add_exception_handler(Forbidden, on_forbidden)
-    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(StarletteHTTPException, _with_rate_limit(on_http_error))
+
+
+_Handler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+def _with_rate_limit(handler: _Handler) -> _Handler:
+    """A refused call still took its cost: its answer carries the RateLimit headers too."""
+
+    async def handle(request: Request, error: Exception) -> Response:
+        response = await handler(request, error)
+        throttle = request.scope.get("state", {}).get(RATE_LIMIT_STATE)
+        if throttle is not None:
+            response.headers.update(throttle.headers())
+        return response
+
+    return handle

@@ -101,6 +101,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: _error("Authentication required: no `Authorization: Bearer <secret key>`, or an "
                 "unknown or revoked key."),
     403: _error("Forbidden: the key lacks the scope (`read` for GET, `write` otherwise)."),
+    429: {**_error("Rate limit exceeded: this call's cost (its page size, or its batch's "
+                   "items) is more than the API key's bucket holds now; retry after "
+                   "`Retry-After` seconds (`details` is empty)."),
+          "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1},
+                                      "description": "Seconds until the bucket holds the "
+                                      "call's cost."}}},
     "4XX": _error("Any other client error, in the same shape."),
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: _error("Consumer not found")}

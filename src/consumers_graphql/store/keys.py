@@ -53,6 +53,8 @@ AUTH_EXECUTION_OPTION = "consumers_auth"
 # forgotten first: far more than the keys a deployment uses, few enough to stay small
 # (a digest and a Principal each, about half a kilobyte).
 KEY_CACHE_SIZE = 1_024
+# A key's own rate limit: up to this capacity and restore rate (the settings' bound too).
+RATE_LIMIT_CAPACITY_MAX = 1_000_000_000
 
 
 class Scope(StrEnum):
@@ -122,6 +124,38 @@ def redact(text_: str) -> str:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    """A key's own leaky bucket: `capacity` cost points (0: unlimited), `restore_rate` of
+    them back per second. Either may be None: the server's setting, read by the server (not
+    the one of the process that made the key, whose environment may differ)."""
+
+    capacity: int | None
+    restore_rate: float | None
+
+    def __post_init__(self) -> None:
+        if self.capacity is None and self.restore_rate is None:
+            raise ValueError("A key's own rate limit sets a capacity, a restore rate or both.")
+        if self.capacity is not None and not 0 <= self.capacity <= RATE_LIMIT_CAPACITY_MAX:
+            raise ValueError(f"A rate limit capacity is 0 (unlimited) to "
+                             f"{RATE_LIMIT_CAPACITY_MAX:,} points.")
+        if self.restore_rate is not None and not (
+                0 < self.restore_rate <= RATE_LIMIT_CAPACITY_MAX):
+            raise ValueError(f"A restore rate is more than 0 and at most "
+                             f"{RATE_LIMIT_CAPACITY_MAX:,} points a second.")
+
+    def __str__(self) -> str:
+        capacity = "default" if self.capacity is None else str(self.capacity)
+        rate = "default" if self.restore_rate is None else f"{self.restore_rate:g}"
+        return f"{capacity} points, {rate}/s"
+
+
+def _rate_limit(capacity: int | None, restore_rate: float | None) -> RateLimit | None:
+    if capacity is None and restore_rate is None:
+        return None
+    return RateLimit(capacity, restore_rate)
+
+
+@dataclass(frozen=True)
 class Principal:
     """Who is calling: the key that authenticated the request (never its secret)."""
 
@@ -129,6 +163,8 @@ class Principal:
     name: str
     scopes: frozenset[Scope]
     last_used_at: datetime | None = None
+    # The key's own rate limit (None: the server's), cached with the key.
+    rate_limit: RateLimit | None = None
 
     def allows(self, scope: Scope) -> bool:
         return scope in self.scopes
@@ -151,6 +187,7 @@ class KeyInfo:
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None
+    rate_limit: RateLimit | None = None
 
 
 @dataclass(frozen=True)
@@ -171,13 +208,15 @@ def _info(row: Any) -> KeyInfo:
     return KeyInfo(
         id=row.id, name=row.name, prefix=row.prefix, scopes=parse_scopes(row.scopes),
         created_at=row.created_at, last_used_at=row.last_used_at, revoked_at=row.revoked_at,
+        rate_limit=_rate_limit(row.rate_limit_capacity, row.rate_limit_restore_rate),
     )
 
 
 # Built once, options included: a statement object made per request costs SQLAlchemy a
 # cache-key computation and a re-mapping of its cached result columns every time.
 _VERIFY = select(
-    ApiKey.id, ApiKey.name, ApiKey.scopes, ApiKey.secret_hash, ApiKey.last_used_at
+    ApiKey.id, ApiKey.name, ApiKey.scopes, ApiKey.secret_hash, ApiKey.last_used_at,
+    ApiKey.rate_limit_capacity, ApiKey.rate_limit_restore_rate,
 ).where(
     ApiKey.secret_hash == bindparam("digest"), ApiKey.revoked_at.is_(None)
 ).execution_options(**{AUTH_EXECUTION_OPTION: True})
@@ -230,7 +269,8 @@ class KeyStore:
         return f"KeyStore({self._read.url.render_as_string(hide_password=True)!r})"
 
     def _new_key(
-        self, name: str, scopes: frozenset[Scope], test: bool
+        self, name: str, scopes: frozenset[Scope], test: bool,
+        rate_limit: RateLimit | None = None,
     ) -> tuple[dict[str, object], CreatedKey]:
         name = name.strip()
         if not name or len(name) > NAME_MAX:
@@ -241,18 +281,22 @@ class KeyStore:
         info = KeyInfo(
             id=new_id(IdKind.API_KEY), name=name, prefix=secret[:VISIBLE_PREFIX_LENGTH],
             scopes=scopes, created_at=utcnow(), last_used_at=None, revoked_at=None,
+            rate_limit=rate_limit,
         )
         row = {
             "id": info.id, "name": info.name, "prefix": info.prefix,
             "secret_hash": hash_secret(secret, self._pepper), "scopes": format_scopes(scopes),
             "created_at": info.created_at, "last_used_at": None, "revoked_at": None,
+            "rate_limit_capacity": rate_limit.capacity if rate_limit else None,
+            "rate_limit_restore_rate": rate_limit.restore_rate if rate_limit else None,
         }
         return row, CreatedKey(info=info, secret=SecretStr(secret))
 
     async def create(
-        self, name: str, *, scopes: frozenset[Scope] = READ_WRITE, test: bool = False
+        self, name: str, *, scopes: frozenset[Scope] = READ_WRITE, test: bool = False,
+        rate_limit: RateLimit | None = None,
     ) -> CreatedKey:
-        row, created = self._new_key(name, scopes, test)
+        row, created = self._new_key(name, scopes, test, rate_limit)
         async with self._write.begin() as conn:
             await conn.execute(insert(ApiKey).values(**row))
         return created
@@ -332,6 +376,7 @@ class KeyStore:
         principal = Principal(
             key_id=row.id, name=row.name, scopes=parse_scopes(row.scopes),
             last_used_at=row.last_used_at,
+            rate_limit=_rate_limit(row.rate_limit_capacity, row.rate_limit_restore_rate),
         )
         if self._cache_seconds > 0 and revocations == self._revocations:
             self._cache[digest] = (principal, started)

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -149,6 +150,9 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The key's own rate limit (web/rate_limit.py); null: the server's settings.
+    rate_limit_capacity: Mapped[int | None] = mapped_column(Integer)
+    rate_limit_restore_rate: Mapped[float | None] = mapped_column(Float)
 
     __table_args__ = (Index("uq_api_keys_secret_hash", "secret_hash", unique=True),)
 

@@ -37,6 +37,7 @@ from consumers_graphql.web.http_auth import (
     require_api_key,
 )
 from consumers_graphql.web.metrics import Metrics
+from consumers_graphql.web.rate_limit import RateLimiter
 from consumers_graphql.web.request_id import RequestIdMiddleware
 from consumers_graphql.web.security_headers import SecurityHeaders
 
@@ -84,6 +85,7 @@ async def _graphql_context(
             repository=repository,
             loaders=Loaders(repository),
             principal=principal,
+            rate_limiter=request.app.state.rate_limiter,
         )
     finally:
         await reader.close()
@@ -139,11 +141,15 @@ def create_app(
             database, timedelta(hours=settings.idempotency_key_hours))
         app.state.keys = KeyStore(database.primary_engine, database.write_engine,
                                   settings.key_pepper, cache_seconds=settings.key_cache_seconds)
+        app.state.rate_limiter = RateLimiter(settings)
         try:
             yield
         finally:
             try:
-                await database.dispose()
+                try:
+                    await app.state.rate_limiter.close()
+                finally:
+                    await database.dispose()
             finally:
                 if tracing is not None:
                     await tracing.shutdown()
