@@ -109,6 +109,17 @@ async def test_the_bucket_restores_over_time_and_a_refusal_takes_nothing(
 
 
 @pytest.mark.usefixtures("execution_path")
+async def test_a_query_over_get_takes_from_the_same_bucket(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    secret = await new_key(app, 30, 1.0)
+    assert (await post(client, secret)).status_code == 200  # 20 over POST
+    refused = await client.get("/graphql", params={"query": COST_20}, headers=bearer(secret))
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["errors"][0]["extensions"]["code"] == "THROTTLED"
+
+
+@pytest.mark.usefixtures("execution_path")
 async def test_two_api_keys_have_buckets_of_their_own(
     app: FastAPI, client: httpx.AsyncClient
 ) -> None:
