@@ -393,6 +393,18 @@ async def test_a_key_given_only_a_restore_rate_keeps_the_servers_capacity(
     assert code == 0 and "default points, 5/s" in out
 
 
+@pytest.mark.parametrize("rate", ["1e-320", "0.0001"])
+def test_a_restore_rate_too_small_to_compute_with_is_a_configuration_error(
+    rate: str, tmp_path: Path
+) -> None:
+    # 20,000 / 1e-320 is infinite: every RateLimit header, every Retry-After, would be a 500
+    assert_refused(run("keys", "list", env={"CONSUMERS_RATE_LIMIT_RESTORE_RATE": rate},
+                       cwd=tmp_path), "CONSUMERS_RATE_LIMIT_RESTORE_RATE")
+    done = run("keys", "create", "--name", "n", "--rate-limit-restore-rate", rate,
+               env={}, cwd=tmp_path)
+    assert done.returncode == 2 and "--rate-limit-restore-rate" in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("url", ["http://127.0.0.1:6379", f"redis://:{PASSWORD}@host:port/0",
                                  f"redis://:{PASSWORD}@host/zero", "redis://"])
 def test_a_bad_redis_url_is_a_configuration_error(url: str, tmp_path: Path) -> None:
