@@ -484,6 +484,38 @@ async def test_redis_down_fails_open_with_one_warning_and_no_secret(
     assert PASSWORD not in caplog.text and "127.0.0.1:1" not in caplog.text
 
 
+async def test_a_redis_that_never_answers_holds_a_request_a_quarter_second_at_most(
+    app: FastAPI, settings: Settings, execution_path: str
+) -> None:
+    # given a "Redis" that takes connections and commands and never answers
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    secret = await new_key(app, 20, 1.0)
+    try:
+        async with served(settings, execution_path,
+                          redis_url=f"redis://127.0.0.1:{port}/9") as (_, client):
+            started = asyncio.get_running_loop().time()
+            first = await asyncio.wait_for(post(client, secret), 5)  # fails, never hangs
+            waited = asyncio.get_running_loop().time() - started
+            started = asyncio.get_running_loop().time()
+            second = await asyncio.wait_for(post(client, secret), 5)  # within the pause
+            again = asyncio.get_running_loop().time() - started
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    # then the request went through (fail open) after the command's timeout, not a hang
+    assert first.status_code == second.status_code == 200
+    assert 0.2 <= waited < 1.0, waited
+    assert again < 0.2, again
+
+
 async def test_redis_down_fails_closed_503_when_asked_to(
     app: FastAPI, settings: Settings, execution_path: str
 ) -> None:
