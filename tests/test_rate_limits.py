@@ -109,6 +109,17 @@ async def test_the_bucket_restores_over_time_and_a_refusal_takes_nothing(
 
 
 @pytest.mark.usefixtures("execution_path")
+async def test_a_query_over_get_takes_from_the_same_bucket(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    secret = await new_key(app, 30, 1.0)
+    assert (await post(client, secret)).status_code == 200  # 20 over POST
+    refused = await client.get("/graphql", params={"query": COST_20}, headers=bearer(secret))
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["errors"][0]["extensions"]["code"] == "THROTTLED"
+
+
+@pytest.mark.usefixtures("execution_path")
 async def test_two_api_keys_have_buckets_of_their_own(
     app: FastAPI, client: httpx.AsyncClient
 ) -> None:
@@ -243,7 +254,7 @@ async def test_a_page_size_is_priced_as_the_route_reads_it(
     app: FastAPI, client: httpx.AsyncClient, first: str
 ) -> None:
     # given 100 consumers and a page size spelt in a way the route takes as 100
-    secret = await new_key(app, 1_000, 1.0)
+    secret = await new_key(app, 1_000, 0.01)  # nothing back within the test
     batch = [{"email": f"p{i}@example.com"} for i in range(100)]
     assert (await client.post(f"{REST_LIST}/batch", json=batch, headers=bearer(secret))
             ).status_code == 201
@@ -382,6 +393,18 @@ async def test_a_key_given_only_a_restore_rate_keeps_the_servers_capacity(
     assert code == 0 and "default points, 5/s" in out
 
 
+@pytest.mark.parametrize("rate", ["1e-320", "0.0001"])
+def test_a_restore_rate_too_small_to_compute_with_is_a_configuration_error(
+    rate: str, tmp_path: Path
+) -> None:
+    # 20,000 / 1e-320 is infinite: every RateLimit header, every Retry-After, would be a 500
+    assert_refused(run("keys", "list", env={"CONSUMERS_RATE_LIMIT_RESTORE_RATE": rate},
+                       cwd=tmp_path), "CONSUMERS_RATE_LIMIT_RESTORE_RATE")
+    done = run("keys", "create", "--name", "n", "--rate-limit-restore-rate", rate,
+               env={}, cwd=tmp_path)
+    assert done.returncode == 2 and "--rate-limit-restore-rate" in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("url", ["http://127.0.0.1:6379", f"redis://:{PASSWORD}@host:port/0",
                                  f"redis://:{PASSWORD}@host/zero", "redis://"])
 def test_a_bad_redis_url_is_a_configuration_error(url: str, tmp_path: Path) -> None:
@@ -459,6 +482,38 @@ async def test_redis_down_fails_open_with_one_warning_and_no_secret(
                 if r.name == "consumers_graphql.rate_limit"]
     assert len(warnings) == 1 and "out of reach" in warnings[0], warnings
     assert PASSWORD not in caplog.text and "127.0.0.1:1" not in caplog.text
+
+
+async def test_a_redis_that_never_answers_holds_a_request_a_quarter_second_at_most(
+    app: FastAPI, settings: Settings, execution_path: str
+) -> None:
+    # given a "Redis" that takes connections and commands and never answers
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    secret = await new_key(app, 20, 1.0)
+    try:
+        async with served(settings, execution_path,
+                          redis_url=f"redis://127.0.0.1:{port}/9") as (_, client):
+            started = asyncio.get_running_loop().time()
+            first = await asyncio.wait_for(post(client, secret), 5)  # fails, never hangs
+            waited = asyncio.get_running_loop().time() - started
+            started = asyncio.get_running_loop().time()
+            second = await asyncio.wait_for(post(client, secret), 5)  # within the pause
+            again = asyncio.get_running_loop().time() - started
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    # then the request went through (fail open) after the command's timeout, not a hang
+    assert first.status_code == second.status_code == 200
+    assert 0.2 <= waited < 1.0, waited
+    assert again < 0.2, again
 
 
 async def test_redis_down_fails_closed_503_when_asked_to(

@@ -488,9 +488,12 @@ def _port(value: str) -> int:
 
 
 def _rate(value: str) -> float:
+    from consumers_graphql.store.keys import RATE_LIMIT_CAPACITY_MAX, RATE_LIMIT_RESTORE_MIN
+
     number = float(value)
-    if not 0 < number < float("inf"):
-        raise argparse.ArgumentTypeError("must be more than 0")
+    if not RATE_LIMIT_RESTORE_MIN <= number <= RATE_LIMIT_CAPACITY_MAX:
+        raise argparse.ArgumentTypeError(
+            f"must be {RATE_LIMIT_RESTORE_MIN:g} to {RATE_LIMIT_CAPACITY_MAX:,}")
     return number
 
 

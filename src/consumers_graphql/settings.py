@@ -173,7 +173,8 @@ class Settings(BaseSettings):
     # REST call its page or batch size. 0 turns rate limiting off (keys given a capacity of
     # their own by `keys create --rate-limit-capacity` keep theirs).
     rate_limit_capacity: int = Field(default=20_000, ge=0, le=1_000_000_000)
-    rate_limit_restore_rate: float = Field(default=2_000.0, gt=0, le=1_000_000_000,
+    # (At least 0.001 a second: store/keys.py RATE_LIMIT_RESTORE_MIN.)
+    rate_limit_restore_rate: float = Field(default=2_000.0, ge=0.001, le=1_000_000_000,
                                            allow_inf_nan=False)
     # Shares the buckets between every worker and host (Redis, redis:// rediss:// unix://);
     # unset, each process keeps its own.

@@ -55,6 +55,10 @@ AUTH_EXECUTION_OPTION = "consumers_auth"
 KEY_CACHE_SIZE = 1_024
 # A key's own rate limit: up to this capacity and restore rate (the settings' bound too).
 RATE_LIMIT_CAPACITY_MAX = 1_000_000_000
+# ... and at least this restore rate (points a second): a bucket of the largest capacity then
+# refills in 1e12 s, a number Retry-After and the RateLimit headers can still say (at 1e-320
+# the division is infinite).
+RATE_LIMIT_RESTORE_MIN = 0.001
 
 
 class Scope(StrEnum):
@@ -139,8 +143,8 @@ class RateLimit:
             raise ValueError(f"A rate limit capacity is 0 (unlimited) to "
                              f"{RATE_LIMIT_CAPACITY_MAX:,} points.")
         if self.restore_rate is not None and not (
-                0 < self.restore_rate <= RATE_LIMIT_CAPACITY_MAX):
-            raise ValueError(f"A restore rate is more than 0 and at most "
+                RATE_LIMIT_RESTORE_MIN <= self.restore_rate <= RATE_LIMIT_CAPACITY_MAX):
+            raise ValueError(f"A restore rate is {RATE_LIMIT_RESTORE_MIN:g} to "
                              f"{RATE_LIMIT_CAPACITY_MAX:,} points a second.")
 
     def __str__(self) -> str:
