@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from asgi_lifespan import LifespanManager
@@ -36,6 +37,17 @@ from consumers_graphql.web.app import create_app, tune_gc  # noqa: E402
 from consumers_graphql.web.rate_limit import RateLimiter  # noqa: E402
 
 QUERY = {"query": "{ __typename }"}
+
+
+def _without_password(url: str) -> str:
+    """The URL to print: its password (if any) left out."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return parts._replace(netloc=f"{user}{host}{port}").geturl()
 
 
 async def bucket_alone(settings: Settings, n: int) -> float:
@@ -106,7 +118,8 @@ async def main() -> None:
         try:
             await redis.ping()
         except Exception as error:  # no Redis: the shared part is skipped
-            print(f"shared: skipped, no Redis at {args.redis_url} ({type(error).__name__})")
+            print(f"shared: skipped, no Redis at {_without_password(args.redis_url)} "
+                  f"({type(error).__name__})")
             return
         await redis.flushdb()
         try:
