@@ -130,6 +130,28 @@ async def test_an_upsert_that_changes_nothing_keeps_updated_at(
     assert await stored(write_engine) == before
 
 
+async def test_metadata_true_is_not_one(
+    gql: GraphQL, client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any
+) -> None:
+    # Python's == says True == 1 == 1.0 and False == 0: as JSON they differ, and a write
+    # that sends them changes the consumer (upsert, and update, which shares the check).
+    row = await existing(write_engine, 1, "crm-1", metadata={"vip": 1, "n": 0, "r": [1]})
+    await existing(write_engine, 2, "crm-2", metadata={"ratio": 1})
+
+    payload = await upsert(gql, {"externalId": "crm-1",
+                                 "metadata": {"vip": True, "n": False, "r": [1.0]}})
+    updated = await client.put(f"{URL}/{(await stored(write_engine))[1]['id']}",
+                               headers=auth_headers, json={"metadata": {"ratio": 1.0}})
+
+    assert payload["userErrors"] == []
+    assert json.dumps(payload["consumer"]["metadata"]) == '{"vip": true, "n": false, "r": [1.0]}'
+    assert payload["consumer"]["updatedAt"] > "2024-11-01T10:01:00Z"
+    assert updated.status_code == 200 and '"ratio":1.0' in updated.text
+    first, second = await stored(write_engine)
+    assert first["id"] == row["id"] and first["metadata"]["vip"] is True
+    assert isinstance(second["metadata"]["ratio"], float)
+
+
 async def test_an_upsert_never_touches_totals_id_or_created_at(
     gql: GraphQL, write_engine: Any
 ) -> None:

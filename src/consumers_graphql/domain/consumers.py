@@ -247,8 +247,7 @@ class ConsumerService(Service):
                 )
                 if isinstance(new, DomainError):
                     errors[i].append(new)
-                elif any(new[column] != _current_value(row, column)
-                         for column in _CONSUMER_WRITABLE):
+                elif _changes_anything(new, row._mapping):
                     proposed[i] = new
             await _check_consumer_uniqueness(
                 session, items, current, proposed, errors, item_path
@@ -338,7 +337,7 @@ class ConsumerService(Service):
                 if isinstance(new, DomainError):
                     errors[i].append(new)
                     continue
-                if row is None or any(new[c] != before[c] for c in _CONSUMER_WRITABLE):
+                if row is None or _changes_anything(new, before):
                     proposed[i] = new
                 email_key = fold(new["email"])
                 owner = email_owner.get(email_key) if email_key is not None else None
@@ -379,8 +378,26 @@ class ConsumerService(Service):
         return await self._transaction(work)
 
 
-def _current_value(row: Row[Any], column: str) -> Any:
-    return row._mapping[column]
+def _changes_anything(new: Mapping[str, Any], current: Mapping[Any, Any]) -> bool:
+    """Whether writing ``new`` changes the consumer: a write that changes nothing is not
+    made (``updatedAt`` stays). Metadata is compared as JSON values, where `true` is not
+    `1` and `1` is not `1.0`, though Python's ``==`` says they are equal."""
+    return any(
+        not _same_json(new[column], current[column]) if column == "metadata"
+        else new[column] != current[column]
+        for column in _CONSUMER_WRITABLE
+    )
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_json(value, b[key])
+                                            for key, value in a.items())
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
 
 
 async def _taken_consumer_keys(
