@@ -11,7 +11,7 @@ from functools import lru_cache
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Select, bindparam, delete, insert, or_, select, update
+from sqlalchemy import Select, String, bindparam, delete, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -293,6 +293,7 @@ class ConsumerService(Service):
         item_path: Callable[[int], Path],
     ) -> BatchResult:
         """Update semantics for an externalId a consumer has, create semantics otherwise:
+        on PostgreSQL the externalIds' advisory locks (upserts of one externalId queue),
         one SELECT (the consumers with these externalIds, locked, and the owners of the
         emails sent), every row decided here, then one INSERT … ON CONFLICT (external_id)
         DO UPDATE for all the rows that change."""
@@ -606,6 +607,22 @@ def _new_consumer(external_id: str | None) -> dict[str, Any]:
     return {**dict.fromkeys(_CONSUMER_WRITABLE), "external_id": external_id}
 
 
+# PostgreSQL: upserts of the same externalIds queue, each on transaction-scoped advisory
+# locks of its externalIds taken before its SELECT, in one order (their hashes', within
+# this namespace of the two-key form). Without them, transactions that all found an
+# externalId new raced to insert it: the losers' INSERTs waited for the winner, updated its
+# rows (locking them in the batch's order, where other transactions lock by id) and were
+# run again (LostRace), and batches deadlocked (a second each: deadlock_timeout; a 500
+# after five). With them, the SELECT of a transaction that waited sees the winner's rows.
+# Released at commit or rollback, so they are safe behind a pooler in transaction mode.
+_UPSERT_LOCK_SPACE = 0x636F6E73  # "cons"
+_UPSERT_LOCKS = text(
+    f"SELECT pg_advisory_xact_lock({_UPSERT_LOCK_SPACE}, key) FROM (SELECT DISTINCT "
+    "hashtext(external_id) AS key FROM unnest(CAST(:external_ids AS text[])) AS external_id"
+    ") AS keys ORDER BY key"
+).bindparams(bindparam("external_ids", type_=postgresql.ARRAY(String())))
+
+
 @lru_cache(maxsize=2)
 def _upsert_select(dialect: str) -> Select[Any]:
     # Locked in id order, as every writer locks consumers, so that two batches do not
@@ -626,6 +643,8 @@ async def _consumers_for_upsert(
     if not external_ids:
         return {}, {}
     connection = await session.connection()
+    if connection.dialect.name == "postgresql":
+        await session.execute(_UPSERT_LOCKS, {"external_ids": list(external_ids)})
     rows = (await session.execute(
         _upsert_select(connection.dialect.name),
         {"external_ids": list(external_ids), "email_keys": list(email_keys)},
@@ -650,9 +669,10 @@ async def _upsert_consumer_rows(
     row's id, which says whether it was inserted or updated).
 
     A row believed new whose externalId a concurrent transaction inserted after the SELECT
-    (PostgreSQL, where writers do not queue) is updated by the DO UPDATE with create
-    semantics: that is detected (the id returned is not the one generated) and the
-    transaction is run again (LostRace), when the SELECT finds the row."""
+    (PostgreSQL, where writers do not queue; upserts do, on their advisory locks, but a
+    create or an update may give a consumer the externalId) is updated by the DO UPDATE
+    with create semantics: that is detected (the id returned is not the one generated) and
+    the transaction is run again (LostRace), when the SELECT finds the row."""
     if not writes:
         return []
     now = datetime.now(UTC)
