@@ -130,6 +130,28 @@ async def test_an_upsert_that_changes_nothing_keeps_updated_at(
     assert await stored(write_engine) == before
 
 
+async def test_metadata_true_is_not_one(
+    gql: GraphQL, client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any
+) -> None:
+    # Python's == says True == 1 == 1.0 and False == 0: as JSON they differ, and a write
+    # that sends them changes the consumer (upsert, and update, which shares the check).
+    row = await existing(write_engine, 1, "crm-1", metadata={"vip": 1, "n": 0, "r": [1]})
+    await existing(write_engine, 2, "crm-2", metadata={"ratio": 1})
+
+    payload = await upsert(gql, {"externalId": "crm-1",
+                                 "metadata": {"vip": True, "n": False, "r": [1.0]}})
+    updated = await client.put(f"{URL}/{(await stored(write_engine))[1]['id']}",
+                               headers=auth_headers, json={"metadata": {"ratio": 1.0}})
+
+    assert payload["userErrors"] == []
+    assert json.dumps(payload["consumer"]["metadata"]) == '{"vip": true, "n": false, "r": [1.0]}'
+    assert payload["consumer"]["updatedAt"] > "2024-11-01T10:01:00Z"
+    assert updated.status_code == 200 and '"ratio":1.0' in updated.text
+    first, second = await stored(write_engine)
+    assert first["id"] == row["id"] and first["metadata"]["vip"] is True
+    assert isinstance(second["metadata"]["ratio"], float)
+
+
 async def test_an_upsert_never_touches_totals_id_or_created_at(
     gql: GraphQL, write_engine: Any
 ) -> None:
@@ -393,8 +415,11 @@ async def test_batch_upsert_costs_a_constant_number_of_statements(
 
     assert payload["count"] == size
     assert [r["created"] for r in payload["results"]] == [False] * half + [True] * half
-    # BEGIN IMMEDIATE (SQLite only), the SELECT of the externalIds and emails, the upsert.
-    assert len(sql.statements) == (3 if dialect == "sqlite" else 2), sql.statements
+    # BEGIN IMMEDIATE (SQLite) or the externalIds' advisory locks (PostgreSQL), the SELECT
+    # of the externalIds and emails, the upsert.
+    assert len(sql.statements) == 3, sql.statements
+    assert sql.statements[0].startswith("BEGIN IMMEDIATE" if dialect == "sqlite"
+                                        else "SELECT pg_advisory_xact_lock(")
     (write,) = [s for s in sql.statements if s.lstrip().upper().startswith("INSERT")]
     assert "ON CONFLICT (external_id) DO UPDATE" in write
     rows = await stored(write_engine)
@@ -468,16 +493,22 @@ async def test_racing_upserts_of_one_email_make_one_consumer(
 
 
 async def test_racing_batches_over_the_same_external_ids(
-    gql: GraphQL, write_engine: Any
+    gql: GraphQL, write_engine: Any, sql: StatementCounter
 ) -> None:
-    # Ten batches over the same 50 externalIds, in different orders: no error, no deadlock
-    # left unresolved, 50 consumers, each created once.
+    # Ten batches over the same 50 externalIds, in different orders: no error, 50
+    # consumers, each created once. They queue (on PostgreSQL, on advisory locks of their
+    # externalIds) rather than race: none is run again, none deadlocks (a deadlock cost a
+    # second, PostgreSQL's deadlock_timeout, and five of them a 500), so each sends its
+    # three statements once (its locks or BEGIN IMMEDIATE, the SELECT, the INSERT).
     keys = [f"shared-{n}" for n in range(50)]
     calls = [batch_upsert(gql, [{"externalId": k, "metadata": {f"b{b}": 1}}
                                 for k in (keys if b % 2 else keys[::-1])])
              for b in range(10)]
 
-    payloads = await asyncio.gather(*calls)
+    with sql.counting():
+        payloads = await asyncio.gather(*calls)
+
+    assert len(sql.statements) == 3 * len(calls), sql.statements
 
     assert all(p["userErrors"] == [] and p["count"] == 50 for p in payloads)
     created = sum(r["created"] for p in payloads for r in p["results"])

@@ -11,7 +11,7 @@ from functools import lru_cache
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Select, bindparam, delete, insert, or_, select, update
+from sqlalchemy import Select, String, bindparam, delete, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -247,8 +247,7 @@ class ConsumerService(Service):
                 )
                 if isinstance(new, DomainError):
                     errors[i].append(new)
-                elif any(new[column] != _current_value(row, column)
-                         for column in _CONSUMER_WRITABLE):
+                elif _changes_anything(new, row._mapping):
                     proposed[i] = new
             await _check_consumer_uniqueness(
                 session, items, current, proposed, errors, item_path
@@ -294,6 +293,7 @@ class ConsumerService(Service):
         item_path: Callable[[int], Path],
     ) -> BatchResult:
         """Update semantics for an externalId a consumer has, create semantics otherwise:
+        on PostgreSQL the externalIds' advisory locks (upserts of one externalId queue),
         one SELECT (the consumers with these externalIds, locked, and the owners of the
         emails sent), every row decided here, then one INSERT … ON CONFLICT (external_id)
         DO UPDATE for all the rows that change."""
@@ -338,7 +338,7 @@ class ConsumerService(Service):
                 if isinstance(new, DomainError):
                     errors[i].append(new)
                     continue
-                if row is None or any(new[c] != before[c] for c in _CONSUMER_WRITABLE):
+                if row is None or _changes_anything(new, before):
                     proposed[i] = new
                 email_key = fold(new["email"])
                 owner = email_owner.get(email_key) if email_key is not None else None
@@ -379,8 +379,26 @@ class ConsumerService(Service):
         return await self._transaction(work)
 
 
-def _current_value(row: Row[Any], column: str) -> Any:
-    return row._mapping[column]
+def _changes_anything(new: Mapping[str, Any], current: Mapping[Any, Any]) -> bool:
+    """Whether writing ``new`` changes the consumer: a write that changes nothing is not
+    made (``updatedAt`` stays). Metadata is compared as JSON values, where `true` is not
+    `1` and `1` is not `1.0`, though Python's ``==`` says they are equal."""
+    return any(
+        not _same_json(new[column], current[column]) if column == "metadata"
+        else new[column] != current[column]
+        for column in _CONSUMER_WRITABLE
+    )
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_json(value, b[key])
+                                            for key, value in a.items())
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
 
 
 async def _taken_consumer_keys(
@@ -589,6 +607,22 @@ def _new_consumer(external_id: str | None) -> dict[str, Any]:
     return {**dict.fromkeys(_CONSUMER_WRITABLE), "external_id": external_id}
 
 
+# PostgreSQL: upserts of the same externalIds queue, each on transaction-scoped advisory
+# locks of its externalIds taken before its SELECT, in one order (their hashes', within
+# this namespace of the two-key form). Without them, transactions that all found an
+# externalId new raced to insert it: the losers' INSERTs waited for the winner, updated its
+# rows (locking them in the batch's order, where other transactions lock by id) and were
+# run again (LostRace), and batches deadlocked (a second each: deadlock_timeout; a 500
+# after five). With them, the SELECT of a transaction that waited sees the winner's rows.
+# Released at commit or rollback, so they are safe behind a pooler in transaction mode.
+_UPSERT_LOCK_SPACE = 0x636F6E73  # "cons"
+_UPSERT_LOCKS = text(
+    f"SELECT pg_advisory_xact_lock({_UPSERT_LOCK_SPACE}, key) FROM (SELECT DISTINCT "
+    "hashtext(external_id) AS key FROM unnest(CAST(:external_ids AS text[])) AS external_id"
+    ") AS keys ORDER BY key"
+).bindparams(bindparam("external_ids", type_=postgresql.ARRAY(String())))
+
+
 @lru_cache(maxsize=2)
 def _upsert_select(dialect: str) -> Select[Any]:
     # Locked in id order, as every writer locks consumers, so that two batches do not
@@ -609,6 +643,8 @@ async def _consumers_for_upsert(
     if not external_ids:
         return {}, {}
     connection = await session.connection()
+    if connection.dialect.name == "postgresql":
+        await session.execute(_UPSERT_LOCKS, {"external_ids": list(external_ids)})
     rows = (await session.execute(
         _upsert_select(connection.dialect.name),
         {"external_ids": list(external_ids), "email_keys": list(email_keys)},
@@ -633,9 +669,10 @@ async def _upsert_consumer_rows(
     row's id, which says whether it was inserted or updated).
 
     A row believed new whose externalId a concurrent transaction inserted after the SELECT
-    (PostgreSQL, where writers do not queue) is updated by the DO UPDATE with create
-    semantics: that is detected (the id returned is not the one generated) and the
-    transaction is run again (LostRace), when the SELECT finds the row."""
+    (PostgreSQL, where writers do not queue; upserts do, on their advisory locks, but a
+    create or an update may give a consumer the externalId) is updated by the DO UPDATE
+    with create semantics: that is detected (the id returned is not the one generated) and
+    the transaction is run again (LostRace), when the SELECT finds the row."""
     if not writes:
         return []
     now = datetime.now(UTC)

@@ -300,8 +300,9 @@ def pooler_connect_args(settings: Settings) -> dict[str, Any]:
     (tests/test_pgbouncer.py shows it failing, like the caches).
 
     Nothing else here is session-scoped: no `server_settings` or `SET` on connect, no
-    advisory lock, LISTEN or temporary table; the one lock (`LOCK TABLE`, the first key) is
-    inside its transaction.
+    session-level advisory lock, LISTEN or temporary table; the explicit locks (`LOCK
+    TABLE`, the first key; an upsert's `pg_advisory_xact_lock`s) are inside their
+    transactions.
     """
     if settings.database_pooler is Pooler.TRANSACTION:
         return {"statement_cache_size": 0, "prepared_statement_cache_size": 0}
