@@ -42,6 +42,13 @@ CASES: list[tuple[str, dict[str, Any]]] = [
      "input: $i, errorPolicy: $p) { count } }",
      {"i": [{"id": "cons_1", "email": "b@example.com"}, {"id": "cons_2", "phone": None}],
       "p": "REJECT_EVERYTHING"}),
+    ("mutation($i: ConsumerUpsertInput!) { consumerUpsert(input: $i) { created } }",
+     {"i": {"externalId": "crm-1", "email": None, "metadata": {"a": None}}}),
+    ('mutation { consumerUpsert(input: {externalId: "crm-2", fullName: "Ada"}) { created } }',
+     {}),
+    ("mutation($i: [ConsumerUpsertInput!]!, $p: ErrorPolicy) { consumerBatchUpsert("
+     "input: $i, errorPolicy: $p) { count } }",
+     {"i": [CONSUMER, {"externalId": "crm-3", "phone": None}], "p": "REJECT_FAILED_ROWS"}),
     ("mutation($i: AudienceCreateInput!) { audienceCreate(input: $i) { __typename } }",
      {"i": {"name": "VIP", "description": "line one\nline two"}}),
     ("mutation($i: AudienceUpdateInput!) { audienceUpdate(id: \"aud_1\", input: $i) "

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from sqlalchemy import func, select
 
 from consumers_graphql.store import models
-from tests.conftest import bearer
+from tests.conftest import StatementCounter, bearer
 from tests.test_rate_limits import new_key
 
 KEY = "Idempotency-Key"
@@ -98,3 +98,21 @@ async def test_a_batch_upsert_costs_its_items(app: FastAPI, client: httpx.AsyncC
     assert second.status_code == 429, second.text
     assert second.json() == {"error": "Rate limit exceeded", "details": []}
     assert await consumers(app) == 15
+
+
+@pytest.mark.usefixtures("execution_path")
+async def test_a_keyed_mutation_the_rate_limit_refuses_runs_no_sql(
+    app: FastAPI, client: httpx.AsyncClient, sql: StatementCounter
+) -> None:
+    # given an emptied bucket, and the key verified once (so it comes from the cache)
+    secret = await new_key(app, 20, 0.001)
+    drained = await client.post("/graphql", json={"query": COST_20}, headers=bearer(secret))
+    assert drained.status_code == 200, drained.text
+    body = {"query": CREATE, "variables": {"input": {"email": "no.sql@example.com"}}}
+    # when a keyed mutation is refused
+    with sql.counting():
+        refused = await client.post("/graphql", json=body,
+                                    headers=bearer(secret) | {KEY: "no-sql-1"})
+    # then no statement was sent: no key claimed, looked up or pruned
+    assert refused.status_code == 429, refused.text
+    assert sql.statements == [] and sql.auth_statements == []
