@@ -384,9 +384,15 @@ def _checked_out(app: FastAPI) -> dict[str, int]:
 
 
 def _comparable(answer: Answer) -> str:
-    """The answer as JSON, errors in a canonical order (the spec gives them none) and
-    without the request id an internal error carries."""
+    """The answer as JSON, errors in a canonical order (the spec gives them none), without
+    the request id an internal error carries, and without what the key's bucket holds (it
+    restores between the two requests)."""
     body = dict(answer.body)
+    throttle = body.get("extensions", {}).get("cost", {}).get("throttleStatus")
+    if throttle is not None:
+        body["extensions"] = {**body["extensions"], "cost": {
+            **body["extensions"]["cost"],
+            "throttleStatus": {k: v for k, v in throttle.items() if k != "currentlyAvailable"}}}
     errors = [{**error, "extensions": {k: v for k, v in error.get("extensions", {}).items()
                                        if k != "requestId"}}
               for error in body.pop("errors", None) or ()]
