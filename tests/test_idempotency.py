@@ -212,6 +212,23 @@ async def test_a_keyed_document_over_the_token_limit_is_refused_without_being_pa
     assert spent < 0.4, f"{spent:.2f} s of CPU"
 
 
+async def test_a_graphql_replay_is_in_the_media_type_its_request_negotiated(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], execution_path: str
+) -> None:
+    """A retry may come from another client of the BFF's: the first asked for
+    application/graphql-response+json, the retry for application/json only."""
+    body = {"query": CREATE, "variables": {"input": person(1)}}
+    first = await client.post("/graphql", json=body, headers={
+        **keyed(auth_headers, "media"), "Accept": "application/graphql-response+json"})
+    assert first.headers["content-type"] == "application/graphql-response+json; charset=utf-8"
+    again = await client.post("/graphql", json=body, headers={
+        **keyed(auth_headers, "media"), "Accept": "application/json"})
+    assert again.headers.get(REPLAYED) == "true"
+    assert again.status_code == first.status_code == 200
+    assert again.content == first.content
+    assert again.headers["content-type"] == "application/json; charset=utf-8"
+
+
 # -- refusals ----------------------------------------------------------------------------
 
 
