@@ -229,6 +229,20 @@ async def test_a_graphql_replay_is_in_the_media_type_its_request_negotiated(
     assert again.headers["content-type"] == "application/json; charset=utf-8"
 
 
+async def test_the_query_string_in_another_order_or_encoding_is_the_same_request(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any
+) -> None:
+    headers = keyed(auth_headers, "query-order")
+    first = await client.post(f"{URL}?b=2&a=1&a=0", json=person(1), headers=headers)
+    assert first.status_code == 201, first.text
+    assert_same(first, await client.post(f"{URL}?a=1&b=%32&a=0", json=person(1),
+                                         headers=headers))
+    # the values of one name in another order are another request
+    refused = await client.post(f"{URL}?a=0&a=1&b=2", json=person(1), headers=headers)
+    assert refused.status_code == 422, refused.text
+    assert await count(write_engine) == 1
+
+
 # -- refusals ----------------------------------------------------------------------------
 
 

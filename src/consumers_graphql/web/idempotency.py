@@ -21,6 +21,7 @@ import hashlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 from starlette.datastructures import Headers
@@ -111,9 +112,15 @@ def _store(request: Request) -> IdempotencyStore:
 
 
 def _target(request: Request) -> str:
+    """The path and the query, canonical: its parameters decoded and ordered by name (the
+    values of one name kept in their order), so that `?b=2&a=1` and `?a=1&b=%32` are one
+    request, as they are to the routes."""
     query = bytes(request.scope.get("query_string", b"")).decode("latin-1")
     path: str = request.scope["path"]
-    return path + (f"?{query}" if query else "")
+    if not query:
+        return path
+    pairs = sorted(parse_qsl(query, keep_blank_values=True), key=lambda pair: pair[0])
+    return f"{path}?{urlencode(pairs)}"
 
 
 # ---------------------------------------------------------------------------------- REST
