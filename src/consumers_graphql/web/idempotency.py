@@ -53,6 +53,11 @@ OPENAPI_PARAMETER: dict[str, Any] = {
     "schema": {"type": "string", "minLength": 1, "maxLength": KEY_MAX,
                "pattern": "^[\\x21-\\x7e]+$"},
 }
+OPENAPI_REPLAYED: dict[str, Any] = {
+    "description": "`true` when this answer is the replay of the first answer to this "
+                   "Idempotency-Key (nothing was written again); absent otherwise.",
+    "schema": {"type": "string", "enum": ["true"]},
+}
 OPENAPI_RESPONSES: dict[int | str, str] = {
     409: "Idempotency-Key in use: the first request with this key is still running; retry "
          "with backoff.",
