@@ -243,6 +243,21 @@ async def test_the_query_string_in_another_order_or_encoding_is_the_same_request
     assert await count(write_engine) == 1
 
 
+@pytest.mark.parametrize("accept", ["application/json", "application/graphql-response+json"])
+async def test_graphql_refusals_of_a_key_are_in_the_negotiated_media_type(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], execution_path: str, accept: str
+) -> None:
+    """Under application/graphql-response+json a 4xx in application/json is not a GraphQL
+    response to its client (GraphQL over HTTP): the refusal's code could not be relied on."""
+    headers = {**keyed(auth_headers, "negotiated"), "Accept": accept}
+    first = await post_graphql(client, headers, CREATE, {"input": person(1)})
+    assert first.status_code == 200, first.text
+    reused = await post_graphql(client, headers, CREATE, {"input": person(2)})
+    assert reused.status_code == 422, reused.text
+    assert reused.headers["content-type"] == f"{accept}; charset=utf-8"
+    assert reused.json()["errors"][0]["extensions"]["code"] == "IDEMPOTENCY_KEY_REUSED"
+
+
 # -- refusals ----------------------------------------------------------------------------
 
 

@@ -232,7 +232,10 @@ async def graphql_mutation(
     except Refusal as refusal:
         body = orjson.dumps({"errors": [{"message": refusal.message,
                                          "extensions": {"code": refusal.code}}]})
-        return refusal.status, body, [(b"content-type", b"application/json")]
+        # In the negotiated media type: under application/graphql-response+json a non-2xx
+        # answer in application/json is one a client must not read as a GraphQL response
+        # (GraphQL over HTTP), and the code is what a BFF retries on.
+        return refusal.status, body, [(b"content-type", content_type.encode())]
     headers = [(name.encode(), value.encode()) for name, value in answer.headers]
     if answer.replayed:
         # In the media type this request negotiated: a recorded answer is a 200 with data,
