@@ -162,6 +162,39 @@ async def test_a_body_refused_before_the_use_case_is_not_recorded(
     assert await count(write_engine) == 1
 
 
+async def test_a_refusal_of_the_input_alone_is_not_recorded_and_the_fixed_request_runs(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any,
+    execution_path: str,
+) -> None:
+    """As Stripe: a request that fails validation wrote nothing and would fail again, so
+    its answer is not kept, and the fixed request is sent with the same key (an answer
+    that depends on the database, such as a taken email, is kept: see above)."""
+    headers = keyed(auth_headers, "invalid-rest")
+    for body in ({"email": "not-an-email"}, {"email": 5}):
+        refused = await client.post(URL, json=body, headers=headers)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"] == "Validation failed"
+    fixed = await client.post(URL, json=person(1), headers=headers)
+    assert fixed.status_code == 201, fixed.text
+    assert_same(fixed, await client.post(URL, json=person(1), headers=headers))
+
+    headers = keyed(auth_headers, "invalid-batch")
+    refused = await client.post(BATCH, json=[{"email": "x"}, {"email": "y"}], headers=headers)
+    assert refused.status_code == 400, refused.text
+    fixed = await client.post(BATCH, json=[person(2)], headers=headers)
+    assert fixed.status_code == 201, fixed.text
+
+    headers = keyed(auth_headers, "invalid-gql")
+    refused = await post_graphql(client, headers, CREATE, {"input": {"email": "nope"}})
+    assert refused.json()["data"]["consumerCreate"]["userErrors"] == [
+        {"code": "VALIDATION_FAILED"}], refused.text
+    fixed = await post_graphql(client, headers, CREATE, {"input": person(3)})
+    assert fixed.json()["data"]["consumerCreate"]["consumer"] is not None, fixed.text
+    assert_same(fixed, await post_graphql(client, headers, CREATE, {"input": person(3)}))
+    assert await count(write_engine) == 3
+    assert await count(write_engine, models.IdempotencyKey) == 3
+
+
 async def test_graphql_mutations_are_replayed_one_transaction_for_every_field(
     client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any,
     execution_path: str,

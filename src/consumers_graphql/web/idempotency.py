@@ -9,9 +9,10 @@ as one unit with its key (store/idempotency.py): the first answer under 500 is r
 the write's own transaction and replayed byte for byte, with ``Idempotent-Replayed: true``,
 to the same request; another request with the key is 422 IDEMPOTENCY_KEY_REUSED, the same
 key while its first request runs 409 IDEMPOTENCY_KEY_IN_USE. 5xx answers are not recorded,
-and their writes are rolled back. A request refused before its use-case ran (a malformed
-body, a GraphQL document that does not validate) is not recorded either: the fixed request
-can be sent with the same key. A key on a read (REST GET, a GraphQL query) is ignored, as
+and their writes are rolled back. A request refused for its input alone (a malformed
+body, a GraphQL document that does not validate, a use-case's refusal of an invalid value:
+store/idempotency.py's Unit.decided) wrote nothing and is not recorded either: the fixed
+request can be sent with the same key. A key on a read (REST GET, a GraphQL query) is ignored, as
 Stripe ignores it on GET.
 """
 
