@@ -27,6 +27,7 @@ from consumers_graphql.store.idempotency import PRUNE_BATCH, now_utc
 from consumers_graphql.store.keys import READ_WRITE
 from consumers_graphql.web.app import create_app
 from tests.conftest import (
+    StatementCounter,
     TEST_DATABASE_URL,
     _new_key,
     bearer,
@@ -562,6 +563,23 @@ async def test_an_expired_key_is_new_and_expired_rows_are_pruned_a_few_at_a_time
     # a replay of the new answer
     assert_same(again, await client.post(URL, json=person(2), headers=keyed(auth_headers,
                                                                              "old")))
+
+
+async def test_concurrent_keyed_writes_prune_once_a_second_in_a_process(
+    app: FastAPI, client: httpx.AsyncClient, auth_headers: dict[str, str],
+    sql: StatementCounter, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Keyed writes arriving together when a prune is due: one of them prunes."""
+    monkeypatch.setattr(idempotency, "PRUNE_INTERVAL_S", 60.0)
+    monkeypatch.setattr(app.state.idempotency, "_next_prune", 0.0)  # a prune is due
+    with sql.counting():
+        responses = await asyncio.gather(*(
+            client.post(URL, json=person(n), headers=keyed(auth_headers, f"prune-{n}"))
+            for n in range(8)))
+    assert [response.status_code for response in responses] == [201] * 8
+    prunes = [statement for statement in sql.statements
+              if statement.lstrip().upper().startswith("DELETE FROM IDEMPOTENCY_KEYS")]
+    assert len(prunes) == 1, prunes
 
 
 async def _key_ids(engine: Any) -> list[str]:

@@ -141,10 +141,13 @@ class IdempotencyStore:
             raise Refusal(409, IN_USE, _IN_USE_MESSAGE)
         self._running.add(slot)
         try:
-            if time.monotonic() >= self._next_prune:
-                pruned = await self.prune()
-                self._next_prune = 0.0 if pruned == PRUNE_BATCH else (
-                    time.monotonic() + PRUNE_INTERVAL_S)
+            now = time.monotonic()
+            if now >= self._next_prune:
+                # Claimed before the prune's first await: concurrent keyed requests do not
+                # all prune (nor, should it fail, retry it at every request).
+                self._next_prune = now + PRUNE_INTERVAL_S
+                if await self.prune() == PRUNE_BATCH:
+                    self._next_prune = 0.0
             try:
                 return await self._run(api_key_id, key, fingerprint, reader, work)
             except IntegrityError:
