@@ -27,8 +27,8 @@ from consumers_graphql.store.idempotency import PRUNE_BATCH, now_utc
 from consumers_graphql.store.keys import READ_WRITE
 from consumers_graphql.web.app import create_app
 from tests.conftest import (
-    StatementCounter,
     TEST_DATABASE_URL,
+    StatementCounter,
     _new_key,
     bearer,
     new_migrated_database,
