@@ -25,6 +25,8 @@ from consumers_graphql.store import idempotency, models
 from consumers_graphql.store.db import make_engine
 from consumers_graphql.store.idempotency import PRUNE_BATCH, now_utc
 from consumers_graphql.store.keys import READ_WRITE
+from consumers_graphql.store.migrate import upgrade
+from consumers_graphql.store.outage import is_unavailable
 from consumers_graphql.web.app import create_app
 from tests.conftest import (
     TEST_DATABASE_URL,
@@ -35,7 +37,7 @@ from tests.conftest import (
     on_path,
 )
 from tests.log_audit import asgi_client
-from tests.processes import Served
+from tests.processes import PostgresCluster, Served
 
 URL = "/api/v1/consumers"
 BATCH = f"{URL}/batch"
@@ -500,6 +502,64 @@ async def test_a_503_of_an_outage_is_not_recorded_and_a_resend_writes_once(
         assert first.status_code == 200 and "errors" not in first.json(), first.text
         assert_same(first, await post_graphql(client, headers, CREATE, {"input": person(1)}))
     assert await count(write_engine) == 1
+
+
+@pytest.mark.skipif(bool(TEST_DATABASE_URL),
+                    reason="brings its own PostgreSQL: runs once, in the SQLite run")
+async def test_postgresql_stopped_under_a_keyed_write_is_503_and_a_resend_writes_once(
+    cluster: PostgresCluster, execution_path: str
+) -> None:
+    """The server stops (as a crash looks to clients) while a keyed write waits inside its
+    transaction: 503 with Retry-After in each face's shape, nothing recorded; once it is
+    back, the resend with the key writes once."""
+    settings = Settings(database_url=cluster.url)  # type: ignore[arg-type]
+    engine = make_engine(settings, writer=True)
+    try:
+        await upgrade(engine)
+    finally:
+        await engine.dispose()
+    app = create_app(settings)
+    on_path(app, execution_path)
+    async with LifespanManager(app), asgi_client(app) as client:
+        secret = bearer(await _new_key(app, "outage", READ_WRITE))
+        writes = {
+            "rest": lambda: client.post(URL, json=person(1), headers=keyed(secret, "rest")),
+            "gql": lambda: post_graphql(client, keyed(secret, "gql"), CREATE,
+                                        {"input": person(2)}),
+        }
+        for send in writes.values():
+            holder = make_engine(settings, writer=True)
+            try:
+                async with holder.connect() as conn:
+                    await _hold_the_write_lock(conn)
+                    sending = asyncio.create_task(send())
+                    await asyncio.sleep(0.5)  # waiting for the lock, in its transaction
+                    await asyncio.to_thread(cluster.stop)
+                    response = await sending
+                    assert response.status_code == 503, response.text
+                    assert "retry-after" in response.headers
+            except Exception as error:
+                if not is_unavailable(error):  # the holder's connection went with it
+                    raise
+            finally:
+                await holder.dispose()
+            await asyncio.to_thread(cluster.start)
+        for _ in range(50):  # the outage ends at the next connection that opens
+            first = await writes["rest"]()
+            if first.status_code != 503:
+                break
+            await asyncio.sleep(0.2)
+        assert first.status_code == 201, first.text
+        assert_same(first, await writes["rest"]())
+        first = await writes["gql"]()
+        assert first.status_code == 200 and "errors" not in first.json(), first.text
+        assert_same(first, await writes["gql"]())
+    engine = make_engine(settings, writer=True)
+    try:
+        assert await count(engine) == 2
+        assert await count(engine, models.IdempotencyKey) == 2
+    finally:
+        await engine.dispose()
 
 
 async def test_a_keyed_mutation_is_one_transaction_rolled_back_whole_on_a_5xx(
