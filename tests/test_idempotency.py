@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -24,16 +25,19 @@ from consumers_graphql.store import idempotency, models
 from consumers_graphql.store.db import make_engine
 from consumers_graphql.store.idempotency import PRUNE_BATCH, now_utc
 from consumers_graphql.store.keys import READ_WRITE
+from consumers_graphql.store.migrate import upgrade
+from consumers_graphql.store.outage import is_unavailable
 from consumers_graphql.web.app import create_app
 from tests.conftest import (
     TEST_DATABASE_URL,
+    StatementCounter,
     _new_key,
     bearer,
     new_migrated_database,
     on_path,
 )
 from tests.log_audit import asgi_client
-from tests.processes import Served
+from tests.processes import PostgresCluster, Served
 
 URL = "/api/v1/consumers"
 BATCH = f"{URL}/batch"
@@ -161,6 +165,39 @@ async def test_a_body_refused_before_the_use_case_is_not_recorded(
     assert await count(write_engine) == 1
 
 
+async def test_a_refusal_of_the_input_alone_is_not_recorded_and_the_fixed_request_runs(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any,
+    execution_path: str,
+) -> None:
+    """As Stripe: a request that fails validation wrote nothing and would fail again, so
+    its answer is not kept, and the fixed request is sent with the same key (an answer
+    that depends on the database, such as a taken email, is kept: see above)."""
+    headers = keyed(auth_headers, "invalid-rest")
+    for body in ({"email": "not-an-email"}, {"email": 5}):
+        refused = await client.post(URL, json=body, headers=headers)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"] == "Validation failed"
+    fixed = await client.post(URL, json=person(1), headers=headers)
+    assert fixed.status_code == 201, fixed.text
+    assert_same(fixed, await client.post(URL, json=person(1), headers=headers))
+
+    headers = keyed(auth_headers, "invalid-batch")
+    refused = await client.post(BATCH, json=[{"email": "x"}, {"email": "y"}], headers=headers)
+    assert refused.status_code == 400, refused.text
+    fixed = await client.post(BATCH, json=[person(2)], headers=headers)
+    assert fixed.status_code == 201, fixed.text
+
+    headers = keyed(auth_headers, "invalid-gql")
+    refused = await post_graphql(client, headers, CREATE, {"input": {"email": "nope"}})
+    assert refused.json()["data"]["consumerCreate"]["userErrors"] == [
+        {"code": "VALIDATION_FAILED"}], refused.text
+    fixed = await post_graphql(client, headers, CREATE, {"input": person(3)})
+    assert fixed.json()["data"]["consumerCreate"]["consumer"] is not None, fixed.text
+    assert_same(fixed, await post_graphql(client, headers, CREATE, {"input": person(3)}))
+    assert await count(write_engine) == 3
+    assert await count(write_engine, models.IdempotencyKey) == 3
+
+
 async def test_graphql_mutations_are_replayed_one_transaction_for_every_field(
     client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any,
     execution_path: str,
@@ -190,6 +227,71 @@ async def test_graphql_mutations_are_replayed_one_transaction_for_every_field(
                                "{ consumers { totalCount } }", {})
     assert query.status_code == 200 and REPLAYED not in query.headers
     assert query.json()["data"] == {"consumers": {"totalCount": 2}}
+
+
+async def test_a_keyed_document_over_the_token_limit_is_refused_without_being_parsed_whole(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], execution_path: str
+) -> None:
+    """The key's check of "is this a mutation" parses under the execution's token limit:
+    a body of ~1 MB of fields costs what it costs without a key (a few ms: lexing stops at
+    the limit), not a whole parse on the event loop (1.3 s of CPU, every other request
+    stalled)."""
+    fields = " ".join(f"f{n}: __typename" for n in range(52_000))
+    document = f"mutation {{ {fields} }}"
+    assert len(document) < 1_000_000  # under the body limit: the parse is what is measured
+    started = time.process_time()
+    response = await client.post("/graphql", json={"query": document},
+                                 headers=keyed(auth_headers, "many-tokens"))
+    spent = time.process_time() - started
+    assert response.status_code == 200, response.text
+    assert "more than 5000 tokens" in response.json()["errors"][0]["message"]
+    assert spent < 0.4, f"{spent:.2f} s of CPU"
+
+
+async def test_a_graphql_replay_is_in_the_media_type_its_request_negotiated(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], execution_path: str
+) -> None:
+    """A retry may come from another client of the BFF's: the first asked for
+    application/graphql-response+json, the retry for application/json only."""
+    body = {"query": CREATE, "variables": {"input": person(1)}}
+    first = await client.post("/graphql", json=body, headers={
+        **keyed(auth_headers, "media"), "Accept": "application/graphql-response+json"})
+    assert first.headers["content-type"] == "application/graphql-response+json; charset=utf-8"
+    again = await client.post("/graphql", json=body, headers={
+        **keyed(auth_headers, "media"), "Accept": "application/json"})
+    assert again.headers.get(REPLAYED) == "true"
+    assert again.status_code == first.status_code == 200
+    assert again.content == first.content
+    assert again.headers["content-type"] == "application/json; charset=utf-8"
+
+
+async def test_the_query_string_in_another_order_or_encoding_is_the_same_request(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], write_engine: Any
+) -> None:
+    headers = keyed(auth_headers, "query-order")
+    first = await client.post(f"{URL}?b=2&a=1&a=0", json=person(1), headers=headers)
+    assert first.status_code == 201, first.text
+    assert_same(first, await client.post(f"{URL}?a=1&b=%32&a=0", json=person(1),
+                                         headers=headers))
+    # the values of one name in another order are another request
+    refused = await client.post(f"{URL}?a=0&a=1&b=2", json=person(1), headers=headers)
+    assert refused.status_code == 422, refused.text
+    assert await count(write_engine) == 1
+
+
+@pytest.mark.parametrize("accept", ["application/json", "application/graphql-response+json"])
+async def test_graphql_refusals_of_a_key_are_in_the_negotiated_media_type(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], execution_path: str, accept: str
+) -> None:
+    """Under application/graphql-response+json a 4xx in application/json is not a GraphQL
+    response to its client (GraphQL over HTTP): the refusal's code could not be relied on."""
+    headers = {**keyed(auth_headers, "negotiated"), "Accept": accept}
+    first = await post_graphql(client, headers, CREATE, {"input": person(1)})
+    assert first.status_code == 200, first.text
+    reused = await post_graphql(client, headers, CREATE, {"input": person(2)})
+    assert reused.status_code == 422, reused.text
+    assert reused.headers["content-type"] == f"{accept}; charset=utf-8"
+    assert reused.json()["errors"][0]["extensions"]["code"] == "IDEMPOTENCY_KEY_REUSED"
 
 
 # -- refusals ----------------------------------------------------------------------------
@@ -402,6 +504,64 @@ async def test_a_503_of_an_outage_is_not_recorded_and_a_resend_writes_once(
     assert await count(write_engine) == 1
 
 
+@pytest.mark.skipif(bool(TEST_DATABASE_URL),
+                    reason="brings its own PostgreSQL: runs once, in the SQLite run")
+async def test_postgresql_stopped_under_a_keyed_write_is_503_and_a_resend_writes_once(
+    cluster: PostgresCluster, execution_path: str
+) -> None:
+    """The server stops (as a crash looks to clients) while a keyed write waits inside its
+    transaction: 503 with Retry-After in each face's shape, nothing recorded; once it is
+    back, the resend with the key writes once."""
+    settings = Settings(database_url=cluster.url)  # type: ignore[arg-type]
+    engine = make_engine(settings, writer=True)
+    try:
+        await upgrade(engine)
+    finally:
+        await engine.dispose()
+    app = create_app(settings)
+    on_path(app, execution_path)
+    async with LifespanManager(app), asgi_client(app) as client:
+        secret = bearer(await _new_key(app, "outage", READ_WRITE))
+        writes = {
+            "rest": lambda: client.post(URL, json=person(1), headers=keyed(secret, "rest")),
+            "gql": lambda: post_graphql(client, keyed(secret, "gql"), CREATE,
+                                        {"input": person(2)}),
+        }
+        for send in writes.values():
+            holder = make_engine(settings, writer=True)
+            try:
+                async with holder.connect() as conn:
+                    await _hold_the_write_lock(conn)
+                    sending = asyncio.create_task(send())
+                    await asyncio.sleep(0.5)  # waiting for the lock, in its transaction
+                    await asyncio.to_thread(cluster.stop)
+                    response = await sending
+                    assert response.status_code == 503, response.text
+                    assert "retry-after" in response.headers
+            except Exception as error:
+                if not is_unavailable(error):  # the holder's connection went with it
+                    raise
+            finally:
+                await holder.dispose()
+            await asyncio.to_thread(cluster.start)
+        for _ in range(50):  # the outage ends at the next connection that opens
+            first = await writes["rest"]()
+            if first.status_code != 503:
+                break
+            await asyncio.sleep(0.2)
+        assert first.status_code == 201, first.text
+        assert_same(first, await writes["rest"]())
+        first = await writes["gql"]()
+        assert first.status_code == 200 and "errors" not in first.json(), first.text
+        assert_same(first, await writes["gql"]())
+    engine = make_engine(settings, writer=True)
+    try:
+        assert await count(engine) == 2
+        assert await count(engine, models.IdempotencyKey) == 2
+    finally:
+        await engine.dispose()
+
+
 async def test_a_keyed_mutation_is_one_transaction_rolled_back_whole_on_a_5xx(
     settings: Settings, write_engine: Any, dialect: str, execution_path: str
 ) -> None:
@@ -463,6 +623,23 @@ async def test_an_expired_key_is_new_and_expired_rows_are_pruned_a_few_at_a_time
     # a replay of the new answer
     assert_same(again, await client.post(URL, json=person(2), headers=keyed(auth_headers,
                                                                              "old")))
+
+
+async def test_concurrent_keyed_writes_prune_once_a_second_in_a_process(
+    app: FastAPI, client: httpx.AsyncClient, auth_headers: dict[str, str],
+    sql: StatementCounter, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Keyed writes arriving together when a prune is due: one of them prunes."""
+    monkeypatch.setattr(idempotency, "PRUNE_INTERVAL_S", 60.0)
+    monkeypatch.setattr(app.state.idempotency, "_next_prune", 0.0)  # a prune is due
+    with sql.counting():
+        responses = await asyncio.gather(*(
+            client.post(URL, json=person(n), headers=keyed(auth_headers, f"prune-{n}"))
+            for n in range(8)))
+    assert [response.status_code for response in responses] == [201] * 8
+    prunes = [statement for statement in sql.statements
+              if statement.lstrip().upper().startswith("DELETE FROM IDEMPOTENCY_KEYS")]
+    assert len(prunes) == 1, prunes
 
 
 async def _key_ids(engine: Any) -> list[str]:
@@ -599,4 +776,6 @@ async def test_openapi_lists_the_header_and_its_statuses_on_writes(
             writes += 1
             assert KEY in names, (method, path)
             assert {"409", "422"} <= set(operation["responses"]), (method, path)
+            [success] = [status for status in operation["responses"] if status < "300"]
+            assert "Idempotent-Replayed" in operation["responses"][success]["headers"], path
     assert writes >= 5

@@ -121,7 +121,8 @@ def test_every_operation_documents_its_body_responses_and_security(
             assert "422" not in operation["responses"]
     assert "HTTPValidationError" not in document["components"]["schemas"]
     created = document["paths"]["/api/v1/consumers"]["post"]["responses"]["201"]
-    assert set(created["headers"]) == {"Location", "RateLimit-Policy", "RateLimit"}
+    assert set(created["headers"]) == {"Location", "Idempotent-Replayed", "RateLimit-Policy",
+                                       "RateLimit"}
 
 
 def test_batch_bodies_state_the_500_item_maximum(document: dict[str, Any]) -> None:

@@ -341,9 +341,12 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
                            "string or null, if provided.")
         run = partial(self._execute, request, context, query, variables, extensions,
                       operation_name)
+        # The document parsed here under the same token limit as its execution: a keyed
+        # request must not make the server lex a whole body the limit would refuse at once.
         if (method != "POST" or idempotency.HEADER not in request.headers
-                or _first_mutation_field(query, operation_name) is None):
-            return await run()  # (a key on a query is ignored)
+                or _first_mutation_field(query, operation_name,
+                                         request.app.state.settings.max_tokens) is None):
+            return await run()  # (a key on a query is ignored; a refused document too)
         key = _idempotency_key(request)
         # A mutation with an Idempotency-Key: one transaction with its key (web/idempotency.py).
         assert context.principal is not None, "an HTTP request is authenticated"
@@ -512,11 +515,12 @@ def _idempotency_key(request: Request) -> str:
     return key
 
 
-def _first_mutation_field(query: str | None, operation_name: str | None) -> str | None:
+def _first_mutation_field(query: str | None, operation_name: str | None,
+                          max_tokens: int | None = None) -> str | None:
     """The response key of a mutation's first root field ("" when it is a fragment's), None
-    for any other operation."""
+    for any other operation, and for a document over `max_tokens`."""
     try:
-        operation = get_operation_ast(parse(query or ""), operation_name)
+        operation = get_operation_ast(parse(query or "", max_tokens=max_tokens), operation_name)
     except GraphQLError:
         return None
     if operation is None or operation.operation is not OperationType.MUTATION:

@@ -19,7 +19,7 @@ the busy timeout and the checks cannot be overtaken.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
@@ -34,7 +34,7 @@ from consumers_graphql.domain.validation import BATCH_MAX, Path
 from consumers_graphql.errors import DomainError, DomainErrors, ErrorCode
 from consumers_graphql.store import models
 from consumers_graphql.store.db import Database
-from consumers_graphql.store.idempotency import joined_session
+from consumers_graphql.store.idempotency import decided, joined_session
 
 T = TypeVar("T")
 
@@ -167,8 +167,18 @@ class Service:
         while True:
             try:
                 if joined is not None:
-                    async with joined.begin_nested():
-                        return await work(joined)
+                    try:
+                        async with joined.begin_nested():
+                            result = await work(joined)
+                    except DomainErrors as refused:
+                        decided(self._database, _for_state(refused.errors))
+                        raise
+                    except DomainError as refused:
+                        decided(self._database, _for_state([refused]))
+                        raise
+                    decided(self._database, not isinstance(result, BatchResult)
+                            or result.count > 0 or _for_state(result.errors))
+                    return result
                 async with self._database.write_session() as session, session.begin():
                     return await work(session)
             except DBAPIError as error:
@@ -179,6 +189,16 @@ class Service:
                 if attempt >= TRANSACTION_ATTEMPTS:
                     raise
                 attempt += 1
+
+
+# Refusals that depend on what the database holds, not on the input alone: a keyed request
+# refused with one of them is recorded (store/idempotency.py's Unit.decided).
+_STATE_CODES = frozenset({ErrorCode.EMAIL_TAKEN, ErrorCode.EXTERNAL_ID_TAKEN,
+                          ErrorCode.NAME_TAKEN, ErrorCode.NOT_FOUND})
+
+
+def _for_state(errors: Sequence[DomainError]) -> bool:
+    return any(error.code in _STATE_CODES for error in errors)
 
 
 def single(outcome: BatchResult) -> Row[Any]:

@@ -264,11 +264,17 @@ RATE_LIMIT_HEADERS = {
 class RestRoute(APIRoute):
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         """A write (any method but GET) is documented with the Idempotency-Key header it
-        takes and the statuses only that header brings (web/idempotency.py)."""
+        takes, the statuses only that header brings, and the header marking a replay of its
+        answer (web/idempotency.py)."""
         if set(kwargs.get("methods") or ()) - {"GET", "HEAD"}:
-            kwargs["responses"] = {**(kwargs.get("responses") or {}), **{
+            responses = {**(kwargs.get("responses") or {}), **{
                 status: {"model": ErrorOut, "description": text}
                 for status, text in idempotency.OPENAPI_RESPONSES.items()}}
+            success = kwargs.get("status_code") or 200
+            answer = dict(responses.get(success, {}))
+            answer["headers"] = {**answer.get("headers", {}),
+                                 idempotency.REPLAYED: idempotency.OPENAPI_REPLAYED}
+            kwargs["responses"] = {**responses, success: answer}
             extra = dict(kwargs.get("openapi_extra") or {})
             extra["parameters"] = [*extra.get("parameters", ()), idempotency.OPENAPI_PARAMETER]
             kwargs["openapi_extra"] = extra

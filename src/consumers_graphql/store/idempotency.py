@@ -65,6 +65,12 @@ _TRY_LOCK = text("SELECT pg_try_advisory_xact_lock(:lock_id)").bindparams(
 class Unit:
     database: Database
     session: AsyncSession
+    # Whether a use-case ran in the unit to an outcome worth keeping: it wrote, or it
+    # refused for what the database holds (a taken email, an unknown id). A unit without
+    # one (refusals of the input itself only: an invalid email, a batch too large) wrote
+    # nothing and would answer the same again: as Stripe does, its answer is not recorded,
+    # so that the fixed request can be sent with the same key.
+    decided: bool = False
 
 
 def joined_session(database: Database) -> AsyncSession | None:
@@ -72,6 +78,14 @@ def joined_session(database: Database) -> AsyncSession | None:
     runs inside one: the use-case joins it (in a SAVEPOINT) instead of opening its own."""
     unit = _unit.get()
     return unit.session if unit is not None and unit.database is database else None
+
+
+def decided(database: Database, outcome: bool) -> None:
+    """A use-case joined to the keyed request's unit on `database` is over: `outcome` says
+    whether it wrote or refused for the database's state (see Unit.decided)."""
+    unit = _unit.get()
+    if unit is not None and unit.database is database and outcome:
+        unit.decided = True
 
 
 @dataclass(frozen=True)
@@ -127,10 +141,13 @@ class IdempotencyStore:
             raise Refusal(409, IN_USE, _IN_USE_MESSAGE)
         self._running.add(slot)
         try:
-            if time.monotonic() >= self._next_prune:
-                pruned = await self.prune()
-                self._next_prune = 0.0 if pruned == PRUNE_BATCH else (
-                    time.monotonic() + PRUNE_INTERVAL_S)
+            now = time.monotonic()
+            if now >= self._next_prune:
+                # Claimed before the prune's first await: concurrent keyed requests do not
+                # all prune (nor, should it fail, retry it at every request).
+                self._next_prune = now + PRUNE_INTERVAL_S
+                if await self.prune() == PRUNE_BATCH:
+                    self._next_prune = 0.0
             try:
                 return await self._run(api_key_id, key, fingerprint, reader, work)
             except IntegrityError:
@@ -159,9 +176,10 @@ class IdempotencyStore:
                         return _replay(found, fingerprint)
                     await session.execute(  # expired: as if absent
                         delete(idempotency_keys).where(idempotency_keys.c.id == found.id))
-                answer, recordable = await self._work(session, reader, work)
-                if answer.status >= 500 or not recordable:
-                    return answer  # rolled back below
+                unit = Unit(self.database, session)
+                answer, recordable = await self._work(unit, reader, work)
+                if answer.status >= 500 or not recordable or not unit.decided:
+                    return answer  # rolled back below (nothing written in the last case)
                 await session.execute(insert(idempotency_keys).values(
                     api_key_id=api_key_id, key=key, fingerprint=fingerprint,
                     status=answer.status, headers=[list(pair) for pair in answer.headers],
@@ -172,15 +190,14 @@ class IdempotencyStore:
                 if transaction.is_active:
                     await transaction.rollback()
 
-    async def _work(self, session: AsyncSession, reader: Reader,
-                    work: Work) -> tuple[Answer, bool]:
-        async with self._joined(session, reader):
+    async def _work(self, unit: Unit, reader: Reader, work: Work) -> tuple[Answer, bool]:
+        async with self._joined(unit, reader):
             return await work()
 
     @asynccontextmanager
-    async def _joined(self, session: AsyncSession, reader: Reader) -> AsyncIterator[None]:
-        await reader.join(await session.connection())
-        token = _unit.set(Unit(self.database, session))
+    async def _joined(self, unit: Unit, reader: Reader) -> AsyncIterator[None]:
+        await reader.join(await unit.session.connection())
+        token = _unit.set(unit)
         try:
             yield
         finally:

@@ -9,9 +9,10 @@ as one unit with its key (store/idempotency.py): the first answer under 500 is r
 the write's own transaction and replayed byte for byte, with ``Idempotent-Replayed: true``,
 to the same request; another request with the key is 422 IDEMPOTENCY_KEY_REUSED, the same
 key while its first request runs 409 IDEMPOTENCY_KEY_IN_USE. 5xx answers are not recorded,
-and their writes are rolled back. A request refused before its use-case ran (a malformed
-body, a GraphQL document that does not validate) is not recorded either: the fixed request
-can be sent with the same key. A key on a read (REST GET, a GraphQL query) is ignored, as
+and their writes are rolled back. A request refused for its input alone (a malformed
+body, a GraphQL document that does not validate, a use-case's refusal of an invalid value:
+store/idempotency.py's Unit.decided) wrote nothing and is not recorded either: the fixed
+request can be sent with the same key. A key on a read (REST GET, a GraphQL query) is ignored, as
 Stripe ignores it on GET.
 """
 
@@ -21,6 +22,7 @@ import hashlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 from starlette.datastructures import Headers
@@ -51,6 +53,11 @@ OPENAPI_PARAMETER: dict[str, Any] = {
     "request (method, path and query, JSON body); nothing is written again.",
     "schema": {"type": "string", "minLength": 1, "maxLength": KEY_MAX,
                "pattern": "^[\\x21-\\x7e]+$"},
+}
+OPENAPI_REPLAYED: dict[str, Any] = {
+    "description": "`true` when this answer is the replay of the first answer to this "
+                   "Idempotency-Key (nothing was written again); absent otherwise.",
+    "schema": {"type": "string", "enum": ["true"]},
 }
 OPENAPI_RESPONSES: dict[int | str, str] = {
     409: "Idempotency-Key in use: the first request with this key is still running; retry "
@@ -111,9 +118,15 @@ def _store(request: Request) -> IdempotencyStore:
 
 
 def _target(request: Request) -> str:
+    """The path and the query, canonical: its parameters decoded and ordered by name (the
+    values of one name kept in their order), so that `?b=2&a=1` and `?a=1&b=%32` are one
+    request, as they are to the routes."""
     query = bytes(request.scope.get("query_string", b"")).decode("latin-1")
     path: str = request.scope["path"]
-    return path + (f"?{query}" if query else "")
+    if not query:
+        return path
+    pairs = sorted(parse_qsl(query, keep_blank_values=True), key=lambda pair: pair[0])
+    return f"{path}?{urlencode(pairs)}"
 
 
 # ---------------------------------------------------------------------------------- REST
@@ -220,10 +233,16 @@ async def graphql_mutation(
     except Refusal as refusal:
         body = orjson.dumps({"errors": [{"message": refusal.message,
                                          "extensions": {"code": refusal.code}}]})
-        return refusal.status, body, [(b"content-type", b"application/json")]
+        # In the negotiated media type: under application/graphql-response+json a non-2xx
+        # answer in application/json is one a client must not read as a GraphQL response
+        # (GraphQL over HTTP), and the code is what a BFF retries on.
+        return refusal.status, body, [(b"content-type", content_type.encode())]
     headers = [(name.encode(), value.encode()) for name, value in answer.headers]
     if answer.replayed:
-        headers.append((REPLAYED.lower().encode(), b"true"))
+        # In the media type this request negotiated: a recorded answer is a 200 with data,
+        # whose body is the same under both (the first request may have asked for the other).
+        headers = [(b"content-type", content_type.encode()),
+                   (REPLAYED.lower().encode(), b"true")]
     else:
         headers.extend(header for header in extra if header[0] != b"content-type")
     return answer.status, answer.body, headers
