@@ -689,7 +689,7 @@ async def test_rest_upserts_are_in_the_openapi_document(client: httpx.AsyncClien
     assert set(one) == {"put"} and set(batch) == {"put"}
     assert {"200", "201", "400", "401", "403", "413"} <= set(one["put"]["responses"])
     assert set(one["put"]["responses"]["201"]["headers"]) == {
-        "Location", "RateLimit-Policy", "RateLimit"}
+        "Location", "Idempotent-Replayed", "RateLimit-Policy", "RateLimit"}
     assert {"200", "400", "401", "403", "413"} <= set(batch["put"]["responses"])
     assert batch["put"]["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/BatchUpsertConsumersRequest"}

@@ -270,11 +270,15 @@ class RestRoute(APIRoute):
             responses = {**(kwargs.get("responses") or {}), **{
                 status: {"model": ErrorOut, "description": text}
                 for status, text in idempotency.OPENAPI_RESPONSES.items()}}
-            success = kwargs.get("status_code") or 200
-            answer = dict(responses.get(success, {}))
-            answer["headers"] = {**answer.get("headers", {}),
-                                 idempotency.REPLAYED: idempotency.OPENAPI_REPLAYED}
-            kwargs["responses"] = {**responses, success: answer}
+            # every success a replay may repeat (an upsert's 201 and 200)
+            successes = {kwargs.get("status_code") or 200} | {
+                code for code in responses if str(code).startswith("2")}
+            for code in successes:
+                answer = dict(responses.get(code, {}))
+                answer["headers"] = {**answer.get("headers", {}),
+                                     idempotency.REPLAYED: idempotency.OPENAPI_REPLAYED}
+                responses[code] = answer
+            kwargs["responses"] = responses
             extra = dict(kwargs.get("openapi_extra") or {})
             extra["parameters"] = [*extra.get("parameters", ()), idempotency.OPENAPI_PARAMETER]
             kwargs["openapi_extra"] = extra
