@@ -116,3 +116,23 @@ async def test_a_keyed_mutation_the_rate_limit_refuses_runs_no_sql(
     # then no statement was sent: no key claimed, looked up or pruned
     assert refused.status_code == 429, refused.text
     assert sql.statements == [] and sql.auth_statements == []
+
+
+@pytest.mark.usefixtures("execution_path")
+async def test_a_keyed_mutation_takes_its_cost_once(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    secret = await new_key(app, 100, 0.001)
+
+    async def left(email: str, headers: dict[str, str]) -> int:
+        body = {"query": CREATE, "variables": {"input": {"email": email}}}
+        response = await client.post("/graphql", json=body, headers=bearer(secret) | headers)
+        assert response.status_code == 200, response.text
+        available: int = response.json()["extensions"]["cost"]["throttleStatus"][
+            "currentlyAvailable"]
+        return available
+
+    unkeyed = await left("unkeyed@example.com", {})
+    keyed = await left("keyed@example.com", {KEY: "once-1"})
+    # the keyed one is priced and charged before its transaction, then runs: charged once
+    assert 100 - unkeyed == unkeyed - keyed > 0

@@ -30,6 +30,11 @@ class Context:
     cost: int | None = None
     admitted: bool = False
     throttle: Throttle | None = None
+    # A keyed mutation is priced and charged before its transaction opens (api/http.py), so
+    # that a refusal sends no SQL: `charge_only` runs that first pass (execution stops once
+    # the cost is taken), `charged` says it was taken (the second pass executes at once).
+    charge_only: bool = False
+    charged: bool = False
 
 
 Info = strawberry.Info[Context, None]

@@ -19,7 +19,7 @@ with an ``Idempotency-Key`` runs as one transaction with its key (web/idempotenc
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from functools import partial
 from typing import Any
@@ -53,6 +53,8 @@ from consumers_graphql.web.http_auth import (
 from consumers_graphql.web.rate_limit import THROTTLED, RateLimitUnavailable, Throttle
 from consumers_graphql.web.security_headers import page_policy
 
+# An answer: status, body, extra headers.
+_Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]
 GRAPHQL_RESPONSE_JSON = "application/graphql-response+json"
 _UTF8 = frozenset({"utf-8", "utf8"})
 _JSON_WHITESPACE = b" \t\n\r"
@@ -350,6 +352,10 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         key = _idempotency_key(request)
         # A mutation with an Idempotency-Key: one transaction with its key (web/idempotency.py).
         assert context.principal is not None, "an HTTP request is authenticated"
+        if context.rate_limiter is not None:
+            refused = await _charged_first(run, context)
+            if refused is not None:
+                return refused
         media_type = request.scope.get("state", {}).get(MEDIA_TYPE_STATE, JSON)
         return await idempotency.graphql_mutation(
             request, context.principal, context.repository.reader, key,
@@ -500,6 +506,22 @@ async def _throttle_status(context: Context, result: ExecutionResult) -> None:
         extensions = result.extensions if result.extensions is not None else {}
         extensions.setdefault("cost", {})["throttleStatus"] = context.throttle.status()
         result.extensions = extensions
+
+
+async def _charged_first(
+    run: Callable[[], Awaitable[_Answer]], context: Context
+) -> _Answer | None:
+    """A keyed mutation priced, and its cost taken from the key's bucket, before its
+    transaction opens and its key is claimed: a throttled one (or one refused by a limit,
+    invalid, or meeting a Redis out of reach when the limiter fails closed) sends no SQL and
+    is not recorded. The answer of that refusal; None once the cost is taken (the second
+    pass then executes without taking it again)."""
+    context.charge_only = True
+    try:
+        answer = await run()
+    finally:
+        context.charge_only = False
+    return None if context.charged else answer
 
 
 def _is_unavailable(error: GraphQLError) -> bool:

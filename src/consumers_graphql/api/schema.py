@@ -349,6 +349,8 @@ def _rate_limited(execute: Callable[..., Any]) -> Callable[..., Any]:
 
     def run(*args: Any, **kwargs: Any) -> Any:
         context = kwargs.get("context_value")
+        if isinstance(context, Context) and context.charged:
+            return execute(*args, **kwargs)  # its cost taken by a first pass (charge_only)
         if (isinstance(context, Context) and context.rate_limiter is not None
                 and context.principal is not None and context.cost is not None):
             return admitted(context, context.rate_limiter, context.principal, context.cost,
@@ -360,6 +362,9 @@ def _rate_limited(execute: Callable[..., Any]) -> Callable[..., Any]:
         refusal = await _admit(context, limiter, principal, cost)
         if refusal is not None:
             return GraphQLExecutionResult(data=None, errors=[refusal])
+        if context.charge_only:
+            context.charged = True
+            return GraphQLExecutionResult(data=None, errors=None)  # executes nothing
         result = execute(*args, **kwargs)
         return await result if inspect.isawaitable(result) else result
 
