@@ -101,9 +101,10 @@ def _any_case(word: str) -> str:
     return "".join(f"[{ch}{ch.upper()}]" for ch in word)
 
 
-# email-validator refuses the special-use domains (RFC 6761 and its kin) and their subdomains.
+# email-validator refuses the special-use domains (RFC 6761 and its kin) and their subdomains,
+# and a domain of one label (`a@localhost`: "it should have a period").
 SPECIAL_USE = "|".join(_any_case(name) for name in SPECIAL_USE_DOMAIN_NAMES)
-EMAIL = f"^(?!.*[@.](?:{SPECIAL_USE})\\.?\\s*$){TRIMMED[1:]}"
+EMAIL = f"^(?!.*[@.](?:{SPECIAL_USE})\\.?\\s*$)(?=.*@[^@]*\\.[^@]*$){TRIMMED[1:]}"
 # `+`, a country code (never 0) and 7 to 15 digits in all, with the separators people write;
 # whether it is a number in use (phonenumbers' metadata) is checked too.
 PHONE = "^\\s*\\+[1-9](?:[ ()./-]*[0-9]){6,14}[ ()./-]*\\s*$"
