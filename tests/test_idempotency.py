@@ -5,6 +5,7 @@ and pruning, concurrent duplicates, and a `kill -9` of the server during a keyed
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import sqlite3
@@ -233,19 +234,28 @@ async def test_a_keyed_document_over_the_token_limit_is_refused_without_being_pa
     client: httpx.AsyncClient, auth_headers: dict[str, str], execution_path: str
 ) -> None:
     """The key's check of "is this a mutation" parses under the execution's token limit:
-    a body of ~1 MB of fields costs what it costs without a key (a few ms: lexing stops at
-    the limit), not a whole parse on the event loop (1.3 s of CPU, every other request
-    stalled)."""
+    a body of ~1 MB of fields costs what it costs without a key (lexing stops at the limit),
+    not a whole parse on the event loop (1.3 s of CPU more, every other request stalled).
+    Measured against the same request without a key, the best of three each, so that a
+    slow or busy machine moves both alike."""
     fields = " ".join(f"f{n}: __typename" for n in range(52_000))
     document = f"mutation {{ {fields} }}"
     assert len(document) < 1_000_000  # under the body limit: the parse is what is measured
-    started = time.process_time()
-    response = await client.post("/graphql", json={"query": document},
-                                 headers=keyed(auth_headers, "many-tokens"))
-    spent = time.process_time() - started
-    assert response.status_code == 200, response.text
-    assert "more than 5000 tokens" in response.json()["errors"][0]["message"]
-    assert spent < 0.4, f"{spent:.2f} s of CPU"
+
+    async def cpu(headers: dict[str, str]) -> float:
+        best = math.inf
+        for _ in range(3):
+            started = time.process_time()
+            response = await client.post("/graphql", json={"query": document}, headers=headers)
+            best = min(best, time.process_time() - started)
+            assert response.status_code == 200, response.text
+            assert "more than 5000 tokens" in response.json()["errors"][0]["message"]
+        return best
+
+    without = await cpu(auth_headers)
+    with_key = await cpu(keyed(auth_headers, "many-tokens"))
+    assert with_key < 2 * without + 0.1, (
+        f"{with_key:.2f} s of CPU with the key, {without:.2f} without")
 
 
 async def test_a_graphql_replay_is_in_the_media_type_its_request_negotiated(
