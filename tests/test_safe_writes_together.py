@@ -136,3 +136,27 @@ async def test_a_keyed_mutation_takes_its_cost_once(
     keyed = await left("keyed@example.com", {KEY: "once-1"})
     # the keyed one is priced and charged before its transaction, then runs: charged once
     assert 100 - unkeyed == unkeyed - keyed > 0
+
+
+UPSERT_TWO = """mutation Two($a: String!, $b: String!) {
+  a: consumerUpsert(input: {externalId: $a, fullName: "A"}) { created userErrors { code } }
+  b: consumerUpsert(input: {externalId: $b, fullName: "B"}) { created userErrors { code } } }"""
+
+
+@pytest.mark.usefixtures("execution_path")
+async def test_keyed_documents_upserting_in_opposite_orders_all_succeed(
+    app: FastAPI, client: httpx.AsyncClient, auth_headers: dict[str, str]
+) -> None:
+    """With a key, a document is one transaction: its fields' locks (an upsert's, on
+    PostgreSQL) are held until it commits, so two documents taking them in opposite orders
+    can deadlock. The loser's whole unit runs again: every document succeeds, none 500."""
+    async def send(n: int) -> httpx.Response:
+        order = {"a": "crm-x", "b": "crm-y"} if n % 2 else {"a": "crm-y", "b": "crm-x"}
+        return await client.post("/graphql", json={"query": UPSERT_TWO, "variables": order},
+                                 headers=auth_headers | {KEY: f"opposite-{n}"})
+
+    answers = await asyncio.gather(*(send(n) for n in range(6)))
+    assert [answer.status_code for answer in answers] == [200] * 6, [
+        answer.text for answer in answers if answer.status_code != 200]
+    assert all("errors" not in answer.json() for answer in answers)
+    assert await consumers(app) == 2

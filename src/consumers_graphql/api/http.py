@@ -357,10 +357,17 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
             if refused is not None:
                 return refused
         media_type = request.scope.get("state", {}).get(MEDIA_TYPE_STATE, JSON)
+
+        async def attempt() -> _Answer:
+            # Each run reads anew: a run again of the whole unit (after a deadlock) must not
+            # see what the rolled-back run loaded.
+            context.loaders.clear()
+            return await run()
+
         return await idempotency.graphql_mutation(
             request, context.principal, context.repository.reader, key,
             {"query": query, "operationName": operation_name, "variables": variables or {}},
-            f"{media_type}; charset=utf-8", self._retry_after, run)
+            f"{media_type}; charset=utf-8", self._retry_after, attempt)
 
     async def _execute(
         self, request: Request, context: Context, query: str | None,

@@ -34,7 +34,7 @@ from consumers_graphql.domain.validation import BATCH_MAX, Path
 from consumers_graphql.errors import DomainError, DomainErrors, ErrorCode
 from consumers_graphql.store import models
 from consumers_graphql.store.db import Database
-from consumers_graphql.store.idempotency import decided, joined_session
+from consumers_graphql.store.idempotency import conflicted, decided, joined_session
 
 T = TypeVar("T")
 
@@ -142,10 +142,19 @@ class LostRace(Exception):
     again, and the rerun reads the winner's row."""
 
 
+# A deadlock or a serialization failure inside a keyed request's unit (store/idempotency.py).
+_UNIT_CONFLICTS = frozenset({"40001", "40P01"})
+
+
+def _sqlstate(error: DBAPIError) -> str | None:
+    code = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
+    return code if isinstance(code, str) else None
+
+
 def is_race(error: DBAPIError) -> bool:
     if isinstance(error, IntegrityError):
         return True
-    sqlstate = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
+    sqlstate = _sqlstate(error)
     if sqlstate in _RETRYABLE_SQLSTATES:
         return True
     # SQLite past its busy timeout: wait once more rather than fail.
@@ -182,6 +191,11 @@ class Service:
                 async with self._database.write_session() as session, session.begin():
                     return await work(session)
             except DBAPIError as error:
+                if joined is not None and _sqlstate(error) in _UNIT_CONFLICTS:
+                    # The locks in the cycle are the keyed request's transaction's, not this
+                    # SAVEPOINT's: only running the whole request again can help.
+                    conflicted(self._database)
+                    raise
                 if attempt >= TRANSACTION_ATTEMPTS or not is_race(error):
                     raise
                 attempt += 1

@@ -29,7 +29,9 @@ in a short transaction of its own before the unit: no cron, and a bounded cost.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -71,6 +73,11 @@ class Unit:
     # nothing and would answer the same again: as Stripe does, its answer is not recorded,
     # so that the fixed request can be sent with the same key.
     decided: bool = False
+    # Whether a use-case in the unit met a deadlock or a serialization failure: its locks
+    # (an upsert's advisory locks, rows) belong to the unit's transaction, not to the
+    # use-case's SAVEPOINT, so running the use-case again cannot help; the whole unit is
+    # rolled back and the request runs again (IdempotencyStore.run).
+    conflicted: bool = False
 
 
 def joined_session(database: Database) -> AsyncSession | None:
@@ -78,6 +85,16 @@ def joined_session(database: Database) -> AsyncSession | None:
     runs inside one: the use-case joins it (in a SAVEPOINT) instead of opening its own."""
     unit = _unit.get()
     return unit.session if unit is not None and unit.database is database else None
+
+
+def conflicted(database: Database) -> bool:
+    """Marks the keyed request's unit on `database`, if the caller runs inside one, as
+    having met a deadlock (see Unit.conflicted); whether it did."""
+    unit = _unit.get()
+    if unit is None or unit.database is not database:
+        return False
+    unit.conflicted = True
+    return True
 
 
 def decided(database: Database, outcome: bool) -> None:
@@ -121,6 +138,15 @@ def now_utc() -> datetime:
     return models.utcnow()
 
 
+# Runs of a keyed request whose unit met a deadlock (Unit.conflicted), the last one answered
+# as it ends.
+UNIT_ATTEMPTS = 5
+
+
+class _Conflicted(Exception):
+    """The unit met a deadlock: roll it back and run the request again."""
+
+
 @dataclass
 class IdempotencyStore:
     """The process's keyed requests: the database's table, and the keys running here."""
@@ -149,7 +175,15 @@ class IdempotencyStore:
                 if await self.prune() == PRUNE_BATCH:
                     self._next_prune = 0.0
             try:
-                return await self._run(api_key_id, key, fingerprint, reader, work)
+                for attempt in range(1, UNIT_ATTEMPTS + 1):
+                    try:
+                        return await self._run(api_key_id, key, fingerprint, reader, work,
+                                               last=attempt == UNIT_ATTEMPTS)
+                    except _Conflicted:
+                        # Rolled back whole: the request runs again, after a pause of its
+                        # own, so that the units of a cycle do not all meet again at once.
+                        await asyncio.sleep(random.uniform(0.005, 0.05) * 2 ** attempt)
+                raise AssertionError("the last attempt returns")
             except IntegrityError:
                 # Another insert of this key won the race (the index's backstop): its answer.
                 async with self.database.write_session() as session, session.begin():
@@ -161,7 +195,7 @@ class IdempotencyStore:
             self._running.discard(slot)
 
     async def _run(self, api_key_id: str, key: str, fingerprint: str, reader: Reader,
-                   work: Work) -> Answer:
+                   work: Work, *, last: bool) -> Answer:
         async with self.database.write_session() as session:
             transaction = await session.begin()
             try:
@@ -178,6 +212,8 @@ class IdempotencyStore:
                         delete(idempotency_keys).where(idempotency_keys.c.id == found.id))
                 unit = Unit(self.database, session)
                 answer, recordable = await self._work(unit, reader, work)
+                if unit.conflicted and not last:
+                    raise _Conflicted  # rolled back below
                 if answer.status >= 500 or not recordable or not unit.decided:
                     return answer  # rolled back below (nothing written in the last case)
                 await session.execute(insert(idempotency_keys).values(
