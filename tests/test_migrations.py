@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -235,3 +236,28 @@ async def test_serve_refuses_a_database_behind_the_code_and_serves_one_ahead_of_
     code, output = await asyncio.to_thread(_serve_on, old_url, tmp_path)
     assert code is None, output
     assert "f00d0newer, newer than this version's" in output, output
+
+
+async def test_downgrading_the_rate_limit_columns_keeps_the_idempotency_keys(
+    old_url: str,
+) -> None:
+    """0005's downgrade drops two columns of api_keys. Rebuilding the table (SQLite's batch
+    mode) would drop it first, and with it, by its foreign key's ON DELETE CASCADE, every
+    idempotency key: retries of writes already made would then run again."""
+    await migrate_to(database_settings(old_url), "head")
+    engine = make_engine(database_settings(old_url), writer=True)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text(
+                "INSERT INTO api_keys (id, name, prefix, secret_hash, scopes, created_at, "
+                "rate_limit_capacity) VALUES ('key_1', 'k', 'sk_test_', 'h', 'read write', "
+                ":now, 10)"), {"now": datetime.now(UTC)})
+            await conn.execute(text(
+                "INSERT INTO idempotency_keys (api_key_id, key, fingerprint, status, headers, "
+                "body, created_at) VALUES ('key_1', 'retry-1', 'f', 201, '[]', :body, :now)"),
+                {"body": b"{}", "now": datetime.now(UTC)})
+    finally:
+        await engine.dispose()
+    await downgrade_to(old_url, "0004")
+    assert await query(old_url, "SELECT key FROM idempotency_keys") == [("retry-1",)]
+    assert await query(old_url, "SELECT id, name FROM api_keys") == [("key_1", "k")]

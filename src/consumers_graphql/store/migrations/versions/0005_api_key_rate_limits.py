@@ -25,6 +25,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("api_keys") as table:
-        table.drop_column("rate_limit_restore_rate")
-        table.drop_column("rate_limit_capacity")
+    # ALTER TABLE … DROP COLUMN in place on both databases (SQLite 3.35+, which RETURNING
+    # needs already): batch mode would rebuild api_keys on SQLite, dropping the table first,
+    # and with it every idempotency key (their foreign key cascades).
+    op.execute("ALTER TABLE api_keys DROP COLUMN rate_limit_restore_rate")
+    op.execute("ALTER TABLE api_keys DROP COLUMN rate_limit_capacity")
