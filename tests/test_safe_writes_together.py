@@ -160,3 +160,22 @@ async def test_keyed_documents_upserting_in_opposite_orders_all_succeed(
         answer.text for answer in answers if answer.status_code != 200]
     assert all("errors" not in answer.json() for answer in answers)
     assert await consumers(app) == 2
+
+
+@pytest.mark.usefixtures("execution_path")
+async def test_a_keyed_refusal_reports_the_cost_it_was_charged(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    secret = await new_key(app, 100, 0.001)
+    first = {"query": CREATE, "variables": {"input": {"email": "first.idem@example.com"}}}
+    other = {"query": CREATE, "variables": {"input": {"email": "other.idem@example.com"}}}
+    headers = bearer(secret) | {KEY: "reused-1"}
+    ran = await client.post("/graphql", json=first, headers=headers)
+    reused = await client.post("/graphql", json=other, headers=headers)
+    assert reused.status_code == 422, reused.text
+    assert reused.json()["errors"][0]["extensions"]["code"] == "IDEMPOTENCY_KEY_REUSED"
+    cost = reused.json()["extensions"]["cost"]
+    taken = 100 - ran.json()["extensions"]["cost"]["throttleStatus"]["currentlyAvailable"]
+    # charged as the first was (it was priced and taken before its key was looked up)
+    assert cost["requested"] == ran.json()["extensions"]["cost"]["requested"]
+    assert cost["throttleStatus"]["currentlyAvailable"] == 100 - 2 * taken

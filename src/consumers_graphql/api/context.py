@@ -28,6 +28,7 @@ class Context:
     # The operation's cost once priced and no limit refused it (api/limits.py), and its
     # key's bucket once the cost was taken from it (`admitted`: the bucket was asked).
     cost: int | None = None
+    requested: int | None = None  # its `extensions.cost.requested`: the nodes alone
     admitted: bool = False
     throttle: Throttle | None = None
     # A keyed mutation is priced and charged before its transaction opens (api/http.py), so

@@ -367,7 +367,8 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         return await idempotency.graphql_mutation(
             request, context.principal, context.repository.reader, key,
             {"query": query, "operationName": operation_name, "variables": variables or {}},
-            f"{media_type}; charset=utf-8", self._retry_after, attempt)
+            f"{media_type}; charset=utf-8", self._retry_after, attempt,
+            partial(_charged_cost, context))
 
     async def _execute(
         self, request: Request, context: Context, query: str | None,
@@ -513,6 +514,18 @@ async def _throttle_status(context: Context, result: ExecutionResult) -> None:
         extensions = result.extensions if result.extensions is not None else {}
         extensions.setdefault("cost", {})["throttleStatus"] = context.throttle.status()
         result.extensions = extensions
+
+
+def _charged_cost(context: Context) -> dict[str, Any] | None:
+    """`extensions.cost` of an operation priced and charged, for an answer that did not
+    execute it (a keyed mutation refused 409 or 422)."""
+    if context.requested is None:
+        return None
+    cost: dict[str, Any] = {"requested": context.requested,
+                            "limit": context.settings.max_cost}
+    if context.throttle is not None:
+        cost["throttleStatus"] = context.throttle.status()
+    return cost
 
 
 async def _charged_first(

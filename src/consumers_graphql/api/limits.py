@@ -523,6 +523,7 @@ class OperationLimits(SchemaExtension):
         context.pre_execution_errors = refusals
         if not refusals and isinstance(context.context, Context):
             # What the rate limit takes, before execution: the nodes, and the writes.
+            context.context.requested = self.cost
             context.context.cost = self.cost + _writes(
                 prepared.document, _operation(prepared.document, operation), variables)
         yield

@@ -202,12 +202,15 @@ GraphQLAnswer = tuple[int, bytes, list[tuple[bytes, bytes]]]
 async def graphql_mutation(
     request: Request, principal: Principal, reader: Reader, key: str, payload: dict[str, Any],
     content_type: str, retry_after: bytes, execute: Callable[[], Awaitable[GraphQLAnswer]],
+    cost: Callable[[], dict[str, Any] | None] = lambda: None,
 ) -> GraphQLAnswer:
     """A keyed mutation's answer (status, body, extra headers, its content-type among
     them). The whole operation is one transaction with its key: every mutation field
     commits together, or none does. An answer holding an error that is not the client's
     (the database out of reach, an internal error) rolls everything back and is answered
-    without data, 503 (with Retry-After) or 500, and not recorded."""
+    without data, 503 (with Retry-After) or 500, and not recorded. `cost` gives the
+    operation's `extensions.cost` for the answers made here (a 409 or 422 refusal), which
+    the operation was charged for too."""
     signed = fingerprint("POST", _target(request), payload)
     extra: list[tuple[bytes, bytes]] = []
 
@@ -223,16 +226,23 @@ async def graphql_mutation(
             status = 503 if "SERVICE_UNAVAILABLE" in codes else 500
             if status == 503 and (b"retry-after", retry_after) not in extra:
                 extra.append((b"retry-after", retry_after))
+            unrecorded: dict[str, Any] = {"errors": failed}
+            if document.get("extensions"):
+                unrecorded["extensions"] = document["extensions"]
             return Answer(status, [("content-type", content_type)],
-                          orjson.dumps({"errors": failed})), False
+                          orjson.dumps(unrecorded)), False
         # No "data" entry: a request error (parse, validation, variables), nothing ran.
         return Answer(status, [("content-type", content_type)], body), "data" in document
 
     try:
         answer = await _store(request).run(principal.key_id, key, signed, reader, work)
     except Refusal as refusal:
-        body = orjson.dumps({"errors": [{"message": refusal.message,
-                                         "extensions": {"code": refusal.code}}]})
+        refused: dict[str, Any] = {"errors": [{"message": refusal.message,
+                                               "extensions": {"code": refusal.code}}]}
+        charged = cost()
+        if charged is not None:
+            refused["extensions"] = {"cost": charged}
+        body = orjson.dumps(refused)
         # In the negotiated media type: under application/graphql-response+json a non-2xx
         # answer in application/json is one a client must not read as a GraphQL response
         # (GraphQL over HTTP), and the code is what a BFF retries on.
