@@ -791,4 +791,6 @@ async def test_openapi_lists_the_header_and_its_statuses_on_writes(
             for success in successes:  # an upsert's 201 and 200 alike
                 assert "Idempotent-Replayed" in operation["responses"][success]["headers"], (
                     method, path, success)
+            # a refusal for what the database holds is recorded, and replayed, too
+            assert "Idempotent-Replayed" in operation["responses"]["400"]["headers"], path
     assert writes >= 5

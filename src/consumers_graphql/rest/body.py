@@ -270,10 +270,12 @@ class RestRoute(APIRoute):
             responses = {**(kwargs.get("responses") or {}), **{
                 status: {"model": ErrorOut, "description": text}
                 for status, text in idempotency.OPENAPI_RESPONSES.items()}}
-            # every success a replay may repeat (an upsert's 201 and 200)
-            successes = {kwargs.get("status_code") or 200} | {
-                code for code in responses if str(code).startswith("2")}
-            for code in successes:
+            # every answer a replay may repeat: a success (an upsert's 201 and 200), and a
+            # refusal for what the database holds (400 `Email already exists`, 404)
+            replayable = {kwargs.get("status_code") or 200} | {
+                code for code in responses
+                if str(code).startswith("2") or str(code) in ("400", "404")}
+            for code in replayable:
                 answer = dict(responses.get(code, {}))
                 answer["headers"] = {**answer.get("headers", {}),
                                      idempotency.REPLAYED: idempotency.OPENAPI_REPLAYED}
