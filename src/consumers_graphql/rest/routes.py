@@ -108,6 +108,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
                                       "description": "Seconds until the bucket holds the "
                                       "call's cost."}}},
     "4XX": _error("Any other client error, in the same shape."),
+    503: {**_error("Service unavailable: the database is out of reach (or the rate limit's "
+                   "Redis, with CONSUMERS_RATE_LIMIT_FAIL_CLOSED); nothing was done, retry "
+                   "after `Retry-After` seconds."),
+          "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1},
+                                      "description": "Seconds to wait before a retry."}}},
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: _error("Consumer not found")}
 TOO_LARGE: dict[int | str, dict[str, Any]] = {
