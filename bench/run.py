@@ -314,9 +314,12 @@ async def make_fresh_copy(search: Dataset) -> str | None:
 
 
 async def migrated_with_a_key(settings: Settings, name: str) -> str:
-    """Migrations up to date and a fresh API key (named `name` and the time): its secret."""
+    """Migrations up to date and a fresh API key (named `name` and the time): its secret.
+    The key's rate limit is a bucket no run can empty (the limiter stays on, as in
+    production, and its cost is in the numbers): the default bucket (20,000 points, 2,000 a
+    second) would answer W1 (520 points a page, hundreds of pages a second) 429 in a second."""
     from consumers_graphql.store.db import Database, make_engine
-    from consumers_graphql.store.keys import KeyStore
+    from consumers_graphql.store.keys import RATE_LIMIT_CAPACITY_MAX, KeyStore, RateLimit
     from consumers_graphql.store.migrate import upgrade
 
     engine = make_engine(settings, writer=True)
@@ -327,7 +330,9 @@ async def migrated_with_a_key(settings: Settings, name: str) -> str:
     database = Database(settings)
     try:
         keys = KeyStore(database.primary_engine, database.write_engine, settings.key_pepper)
-        created = await keys.create(f"{name} {datetime.now(UTC):%Y-%m-%d %H:%M:%S}")
+        created = await keys.create(
+            f"{name} {datetime.now(UTC):%Y-%m-%d %H:%M:%S}",
+            rate_limit=RateLimit(RATE_LIMIT_CAPACITY_MAX, RATE_LIMIT_CAPACITY_MAX))
         return created.secret.get_secret_value()
     finally:
         await database.dispose()

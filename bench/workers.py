@@ -139,7 +139,10 @@ def prepare(args: argparse.Namespace) -> tuple[str, str, list[str]]:
              "--audiences-per-consumer", "3", "--random-seed", "1", "--quiet", url=url)
         if not args.sqlite:
             asyncio.run(_analyze(url))  # what autovacuum would do soon after a bulk load
-    created = _cli("keys", "create", "--name", f"bench-workers-{int(time.time())}", url=url)
+    # a bucket no run can empty: the default one would answer 429 within a second
+    created = _cli("keys", "create", "--name", f"bench-workers-{int(time.time())}",
+                   "--rate-limit-capacity", "1000000000",
+                   "--rate-limit-restore-rate", "1000000000", url=url)
     found = SECRET.search(created)
     assert found is not None, created
     ids = asyncio.run(_some_ids(url))
