@@ -325,6 +325,14 @@ class StatementCounter:
 
 
 @pytest.fixture
+def cli_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI reads its settings from the environment: point it at the test database."""
+    monkeypatch.setenv("CONSUMERS_DATABASE_URL", settings.database_url)
+    assert settings.key_pepper is not None
+    monkeypatch.setenv("CONSUMERS_KEY_PEPPER", settings.key_pepper.get_secret_value())
+
+
+@pytest.fixture
 def sql(app: FastAPI) -> Iterator[StatementCounter]:
     """Counts the SQL statements the app sends, on both of its engines."""
     counter = StatementCounter()

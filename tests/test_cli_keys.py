@@ -17,7 +17,6 @@ from fastapi import FastAPI
 from sqlalchemy import select
 
 from consumers_graphql.cli import main as cli
-from consumers_graphql.settings import Settings
 from consumers_graphql.store.models import ApiKey
 from tests import processes
 from tests.conftest import bearer
@@ -25,14 +24,6 @@ from tests.conftest import bearer
 SECRET = re.compile(r"sk_(?:live|test)_[A-Za-z0-9]{32,}")
 QUERY = "{ consumers(first: 1) { totalCount } }"
 MUTATION = 'mutation { consumerCreate(input: {email: "cli@example.com"}) { consumer { id } } }'
-
-
-@pytest.fixture
-def cli_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CLI reads its settings from the environment: point it at the test database."""
-    monkeypatch.setenv("CONSUMERS_DATABASE_URL", settings.database_url)
-    assert settings.key_pepper is not None
-    monkeypatch.setenv("CONSUMERS_KEY_PEPPER", settings.key_pepper.get_secret_value())
 
 
 async def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -348,11 +348,8 @@ def test_the_openapi_document_lists_429_and_the_ratelimit_headers(app: FastAPI) 
 @pytest.mark.usefixtures("execution_path")
 async def test_keys_create_gives_a_key_its_own_bucket(
     app: FastAPI, client: httpx.AsyncClient, settings: Settings,
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], cli_env: None,
 ) -> None:
-    monkeypatch.setenv("CONSUMERS_DATABASE_URL", settings.database_url)
-    assert settings.key_pepper is not None
-    monkeypatch.setenv("CONSUMERS_KEY_PEPPER", settings.key_pepper.get_secret_value())
     code, out, err = await run_cli(capsys, "keys", "create", "--name", "bff",
                                    "--rate-limit-capacity", "50",
                                    "--rate-limit-restore-rate", "2.5", "--secret-only")
@@ -374,12 +371,9 @@ async def test_keys_create_gives_a_key_its_own_bucket(
 @pytest.mark.usefixtures("execution_path")
 async def test_a_key_given_only_a_restore_rate_keeps_the_servers_capacity(
     app: FastAPI, client: httpx.AsyncClient, settings: Settings,
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], cli_env: None,
 ) -> None:
     # given the CLI run where CONSUMERS_RATE_LIMIT_* are not set (the server's are: conftest)
-    monkeypatch.setenv("CONSUMERS_DATABASE_URL", settings.database_url)
-    assert settings.key_pepper is not None
-    monkeypatch.setenv("CONSUMERS_KEY_PEPPER", settings.key_pepper.get_secret_value())
     code, out, err = await run_cli(capsys, "keys", "create", "--name", "slow",
                                    "--rate-limit-restore-rate", "5", "--secret-only")
     assert code == 0, err
