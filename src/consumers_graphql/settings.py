@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -19,7 +19,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -183,6 +183,29 @@ class Settings(BaseSettings):
     # outage), or with this set they are refused 503 with Retry-After.
     rate_limit_fail_closed: bool = False
 
+    # --- CORS (web/cors.py; README "CORS") ---
+    # The origins whose pages may call /graphql and /api/v1 from a browser, comma-separated
+    # (`https://app.example.com,http://localhost:5173`), or `*` for any; none by default (no
+    # CORS header at all). NoDecode: a comma-separated list, not pydantic-settings' JSON.
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def cors_origins_are_origins(cls, value: object) -> object:
+        """Each entry as a browser sends its Origin header (scheme and host in lower case,
+        no default port), so that the comparison is an exact match; anything that could
+        never match one (a path, a trailing slash, a wildcard host) is refused by name."""
+        if isinstance(value, str):
+            value = value.split(",") if value.strip() else []
+        if not isinstance(value, list | tuple):
+            return value  # pydantic's own error
+        entries = [str(entry).strip() for entry in value]
+        if entries == ["*"]:
+            return ("*",)
+        if "*" in entries:
+            raise ValueError("`*` allows every origin: write it alone, not in a list")
+        return tuple(dict.fromkeys(_origin(entry) for entry in entries))
+
     @field_validator("redis_url")
     @classmethod
     def redis_url_parses(cls, url: str | None) -> str | None:
@@ -269,6 +292,47 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_ORIGIN_FORM = "scheme://host[:port], e.g. https://app.example.com or http://localhost:5173"
+
+
+def _origin(entry: str) -> str:
+    """`entry` as the Origin header a browser would send for it, or a ValueError saying
+    why no browser ever sends it."""
+    if not entry:
+        raise ValueError(f"an empty entry in the list ({_ORIGIN_FORM}, comma-separated)")
+    if not entry.isascii():
+        raise ValueError(f"{entry!r}: write the host in its ASCII (punycode, xn--) form, as "
+                         "browsers send it")
+    parsed = urlsplit(entry)
+    scheme, rest = parsed.scheme.lower(), entry.partition("://")[2]
+    if scheme not in _DEFAULT_PORTS or not rest:
+        raise ValueError(f"{entry!r} is not an origin: http:// or https:// and a host "
+                         f"({_ORIGIN_FORM})")
+    if parsed.path or parsed.query or parsed.fragment or entry.endswith(("?", "#")):
+        raise ValueError(f"{entry!r} is not an origin: no path, not even a trailing slash "
+                         f"({_ORIGIN_FORM})")
+    host = (parsed.hostname or "").lower()
+    if "@" in parsed.netloc:
+        raise ValueError(f"{entry!r} is not an origin: no user or password ({_ORIGIN_FORM})")
+    if not host:
+        raise ValueError(f"{entry!r} is not an origin: the host is missing ({_ORIGIN_FORM})")
+    if "*" in host:
+        raise ValueError(f"{entry!r}: wildcard hosts are not supported; list each origin, or "
+                         "use `*` alone for every origin")
+    try:
+        port = parsed.port
+    except ValueError:
+        raise ValueError(f"{entry!r} is not an origin: the port must be a number from 1 to "
+                         "65535") from None
+    if port == 0:
+        raise ValueError(f"{entry!r} is not an origin: the port must be from 1 to 65535")
+    shown_host = f"[{host}]" if ":" in host else host  # IPv6
+    if port is None or port == _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{shown_host}"
+    return f"{scheme}://{shown_host}:{port}"
 
 
 def _redis_url_problem(url: str) -> str | None:

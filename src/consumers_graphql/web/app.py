@@ -29,6 +29,7 @@ from consumers_graphql.store.repository import Repository
 from consumers_graphql.web import api_docs, health, observe
 from consumers_graphql.web import tracing as web_tracing
 from consumers_graphql.web.access_log import AccessLog
+from consumers_graphql.web.cors import Cors
 from consumers_graphql.web.deadline import RequestDeadline
 from consumers_graphql.web.edge import Edge
 from consumers_graphql.web.http_auth import (
@@ -190,6 +191,10 @@ def create_app(
     app.add_middleware(ProtocolGuard, path="/graphql", max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestDeadline, seconds=settings.request_timeout_s)
     app.add_middleware(RequestIdMiddleware)
+    if settings.cors_origins:
+        # Outside the request id: its 500s and 503s (and everything within) carry the CORS
+        # headers, and a preflight is answered before any other work.
+        app.add_middleware(Cors, origins=settings.cors_origins)
     app.add_middleware(SecurityHeaders)  # on every answer, the request id's 500s too
     # Outermost: its line and numbers have the final status, whoever answered.
     app.add_middleware(AccessLog, recorder=metrics)
@@ -197,7 +202,8 @@ def create_app(
         # The same middleware as below, in the same order, around the GraphQL app alone.
         app.graphql_stack = Edge(
             ProtocolGuard(graphql, path=GRAPHQL_PATH, max_body_bytes=settings.max_body_bytes),
-            access_log=AccessLog(graphql, recorder=metrics), seconds=settings.request_timeout_s)
+            access_log=AccessLog(graphql, recorder=metrics), seconds=settings.request_timeout_s,
+            cors=Cors(graphql, origins=settings.cors_origins) if settings.cors_origins else None)
         app.graphql_route = graphql_route
     rest_errors.install(app)
     app.include_router(rest_routes.router)
