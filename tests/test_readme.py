@@ -144,7 +144,9 @@ def test_the_readme_examples_run(
     preexec = [sys.executable, "-c", ON_GRAPHQL_CORE] if execution_path == "graphql-core" else []
     workdir = tmp_path / "reader"
     workdir.mkdir()
-    served = Served(fresh_database_url, workdir, env={"CONSUMERS_KEY_PEPPER": PEPPER},
+    # (CORS on for one origin: the README's CORS example asks for its preflight.)
+    served = Served(fresh_database_url, workdir, env={
+        "CONSUMERS_KEY_PEPPER": PEPPER, "CONSUMERS_CORS_ORIGINS": "https://app.example.com"},
                     preexec=preexec)
     try:
         served.wait_until_up()
