@@ -9,7 +9,11 @@ for conftest's, so `gql`, `api_key` and `sql` use it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import re
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -20,8 +24,10 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from consumers_graphql.settings import Settings
 from consumers_graphql.web.app import create_app
+from tests import test_ui_browser
 from tests.conftest import GraphQL, StatementCounter, bearer, on_path
 from tests.log_audit import asgi_client
+from tests.processes import Served
 from tests.test_configuration import assert_refused, run
 from tests.test_rate_limits import new_key
 from tests.test_unhappy_execution import consumers_locked
@@ -395,3 +401,100 @@ def test_a_value_that_is_not_an_origin_is_refused_at_startup(
                              "CONSUMERS_CORS_ORIGINS")
     assert why in message
     assert "Configuration error" in message
+
+
+# --- a real browser --------------------------------------------------------------------------
+
+# A page's fetches, as an app's code makes them; what the page can read of each answer, or
+# the error the browser gives it instead.
+PAGE_FETCHES = """async ([api, key, query]) => {
+  const read = async (path, init) => {
+    try {
+      const res = await fetch(api + path, init);
+      return {status: res.status, body: await res.json(),
+              requestId: res.headers.get("X-Request-ID"), rateLimit: res.headers.get("RateLimit"),
+              authenticate: res.headers.get("WWW-Authenticate")};
+    } catch (error) {
+      return {blocked: String(error)};
+    }
+  };
+  const auth = {Authorization: `Bearer ${key}`};
+  return {
+    graphql: await read("/graphql", {method: "POST", body: JSON.stringify({query}),
+                                     headers: {...auth, "Content-Type": "application/json"}}),
+    rest: await read("/api/v1/consumers?first=3", {headers: {...auth, "X-Request-ID": "page-1"}}),
+    unauthenticated: await read("/api/v1/consumers", {}),
+  };
+}"""
+
+
+chromium = test_ui_browser.chromium  # the fixture: Chromium's path, or a skip
+
+
+class _Page(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"<!doctype html><title>app</title>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # not the server's log
+
+
+@contextmanager
+def page_server() -> Iterator[str]:
+    """An app's page, served from an origin of its own (another port)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_a_browser_page_of_a_listed_origin_reads_the_answers_and_another_cannot(
+    chromium: Path, tmp_path: Path
+) -> None:
+    """Chromium's own CORS: its preflights, what it lets the page read. The server runs its
+    default execution path (a subprocess): the operations run on both paths above."""
+    from playwright.async_api import async_playwright
+
+    with page_server() as app_origin, page_server() as other_origin:
+        served = Served(f"sqlite+aiosqlite:///{tmp_path / 'cors.db'}", tmp_path,
+                        env={"CONSUMERS_CORS_ORIGINS": app_origin})
+        try:
+            served.wait_until_up()
+            secret = served.secret()
+            async with async_playwright() as playwright:
+                launched = await playwright.chromium.launch(
+                    executable_path=str(chromium),
+                    args=["--no-sandbox", "--disable-dev-shm-usage"])
+                try:
+                    page = await launched.new_page()
+                    await page.goto(app_origin)
+                    allowed = await page.evaluate(PAGE_FETCHES, [served.url, secret, COUNT])
+                    await page.goto(other_origin)
+                    refused = await page.evaluate(PAGE_FETCHES, [served.url, secret, COUNT])
+                finally:
+                    await launched.close()
+        finally:
+            assert served.stop() == 0, served.output
+
+    graphql, rest, unauthenticated = (allowed[k] for k in ("graphql", "rest", "unauthenticated"))
+    assert (graphql["status"], graphql["body"]["data"]) == (200, {"consumers": {"totalCount": 0}})
+    assert graphql["requestId"].startswith("req_")
+    assert rest["status"] == 200 and rest["body"]["data"] == []
+    assert rest["requestId"] == "page-1"  # sent by the page (allowed), read back (exposed)
+    assert rest["rateLimit"].startswith('"default";r=')
+    assert unauthenticated["status"] == 401 and unauthenticated["authenticate"] == "Bearer"
+    # the other origin's page gets nothing: the browser refuses every answer
+    assert all("blocked" in refused[k] for k in ("graphql", "rest", "unauthenticated")), refused
+    # and its requests that needed a preflight were never sent: only the preflights were
+    requests = re.findall(r'"(\w+) (/[^ ]*) HTTP/1.1" (\d+)', served.output)
+    assert [r for r in requests if r[0] == "POST"] == [("POST", "/graphql", "200")]
+    assert ("OPTIONS", "/graphql", "400") in requests
