@@ -23,19 +23,20 @@ class ManifestError(ValueError):
     """A manifest that cannot be read or is in neither format; the message says which entry."""
 
 
-def load_manifest(path: Path) -> dict[str, str]:
-    """The manifest's documents, id to text."""
+def load_manifest(path: Path, name: str | None = None) -> dict[str, str]:
+    """The manifest's documents, id to text; `name` is how messages call it (its path)."""
+    name = name or str(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise ManifestError(f"no file at {path}") from None
+        raise ManifestError(f"{name} does not exist") from None
     except OSError as error:
-        raise ManifestError(f"cannot read {path}: {error.strerror or error}") from None
+        raise ManifestError(f"cannot read {name}: {error.strerror or error}") from None
     try:
         manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ManifestError(f"{path} is not JSON ({error})") from None
-    return parse_manifest(manifest, str(path))
+        raise ManifestError(f"{name} is not JSON ({error})") from None
+    return parse_manifest(manifest, name)
 
 
 def parse_manifest(manifest: Any, name: str = "the manifest") -> dict[str, str]:

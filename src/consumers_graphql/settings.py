@@ -209,7 +209,7 @@ class Settings(BaseSettings):
         problem rather than refusing every request."""
         if path is not None:
             try:
-                load_manifest(path)
+                load_manifest(path, "the manifest")  # (its path is shown already)
             except ManifestError as error:
                 raise ValueError(str(error)) from None
         return path
