@@ -407,6 +407,25 @@ async def test_get_by_hash_may_be_kept_privately_when_configured(
         assert bad.headers["cache-control"] == "no-store"
 
 
+async def test_with_apq_off_clients_are_told_to_stop_sending_hashes(
+    settings: Settings, app: FastAPI, api_key: str, execution_path: str
+) -> None:
+    off = create_app(settings.model_copy(update={"persisted_queries_cache_size": 0}))
+    async with LifespanManager(off), asgi_client(off) as client:
+        on_path(off, execution_path)
+        for payload in ({"extensions": apq(QUERY)},
+                        {"query": QUERY, "extensions": apq(QUERY)}):
+            response = await client.post("/graphql", json=payload, headers=bearer(api_key))
+            # then Apollo's answer, on which its clients send the document alone from now on
+            assert response.status_code == 200
+            assert response.json() == {"errors": [{
+                "message": "PersistedQueryNotSupported",
+                "extensions": {"code": "PERSISTED_QUERY_NOT_SUPPORTED"}}]}
+        # and a plain query runs
+        plain = await client.post("/graphql", json={"query": QUERY}, headers=bearer(api_key))
+        assert plain.json()["data"]["consumers"]["totalCount"] == 0
+
+
 # ----------------------------------------------------------------- settings and the CLI
 
 

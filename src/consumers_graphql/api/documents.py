@@ -38,6 +38,7 @@ PERSISTED_QUERY_HASH_MISMATCH = "PERSISTED_QUERY_HASH_MISMATCH"
 PERSISTED_QUERY_NOT_SUPPORTED = "PERSISTED_QUERY_NOT_SUPPORTED"
 # The message Apollo's clients and gateways match on.
 NOT_FOUND_MESSAGE = "PersistedQueryNotFound"
+NOT_SUPPORTED_MESSAGE = "PersistedQueryNotSupported"
 BAD_REQUEST = "BAD_REQUEST"
 # The GraphQL over HTTP draft's persisted documents appendix prefixes ids with their hash.
 _SHA256_PREFIX = "sha256:"
@@ -163,6 +164,10 @@ class Documents:
         pinned = self.trusted.get(sha256)
         if pinned is not None and (query is None or query == pinned.text):
             return Resolved(pinned.text, pinned, persisted=True)
+        if self.apq.max_entries == 0 and not self.trusted_only:
+            # APQ off: Apollo's clients stop sending hashes on this answer (no retry each time).
+            raise DocumentRefusal(200, PERSISTED_QUERY_NOT_SUPPORTED, NOT_SUPPORTED_MESSAGE,
+                                  NOT_FOUND_HEADERS)
         if query is None:
             text = None if self.trusted_only else self.apq.get(sha256.lower())
             if text is None:
