@@ -166,7 +166,9 @@ async def test_a_get_by_hash_without_accept_is_an_operation_not_the_graphiql_pag
 
 @pytest.fixture(scope="module")
 def relay_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """persisted_queries.json as the real relay-compiler writes it for tests/relay."""
+    """persisted_queries.json as the real relay-compiler writes it for tests/relay's
+    documents: compiled in a copy of the project, so that runs side by side (SQLite and
+    PostgreSQL) never share its output."""
     npm, node = shutil.which("npm"), shutil.which("node")
     if npm is None or node is None:
         pytest.skip("the Relay manifest is made by relay-compiler, which needs Node.js and "
@@ -175,17 +177,18 @@ def relay_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not compiler.exists():
         subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=RELAY, check=True,
                        capture_output=True, timeout=600)
-    # From scratch: relay-compiler persists only the documents whose artifacts it writes,
-    # and wants the manifest's file to exist.
-    shutil.rmtree(RELAY / "src" / "__generated__", ignore_errors=True)
-    manifest = RELAY / "persisted_queries.json"
-    manifest.write_text("{}\n")
-    done = subprocess.run([str(compiler)], cwd=RELAY, capture_output=True, text=True,
+    project = tmp_path_factory.mktemp("relay")
+    shutil.copytree(RELAY / "src", project / "src",
+                    ignore=shutil.ignore_patterns("__generated__"))
+    config = json.loads((RELAY / "relay.config.json").read_text())
+    config["schema"] = str(project_root() / "schema.graphql")
+    (project / "relay.config.json").write_text(json.dumps(config))
+    manifest = project / config["persistConfig"]["file"]
+    manifest.write_text("{}\n")  # relay-compiler wants the file before it writes it
+    done = subprocess.run([str(compiler)], cwd=project, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    copy = tmp_path_factory.mktemp("relay") / "persisted_queries.json"
-    shutil.copyfile(manifest, copy)
-    return copy
+    return manifest
 
 
 def relay_document(manifest: Path, name: str) -> tuple[str, str]:
@@ -257,6 +260,11 @@ async def test_trusted_only_with_relay_compilers_manifest(
         page = answer.json()["data"]["consumers"]
         assert page["totalCount"] == 1
         assert page["edges"][0]["node"]["email"] == "relay@example.com"
+    # and the mutation is never run over GET, named by its id either
+    over_get = await trusted.get("/graphql", params=get_params(
+        documentId=create_id, variables={"input": {"email": "get@example.com"}}),
+        headers=auth_headers)
+    assert over_get.status_code == 405
     # and relay-compiler's SHA-256 ids work as APQ hashes too
     assert list_id == sha256(list_text)
     by_hash = await trusted.post("/graphql", json={"extensions": apq(list_text),
@@ -371,10 +379,11 @@ async def test_a_keyed_mutation_by_documentid_replays_as_the_same_request(
     assert await consumers_of(trusted, auth_headers) == 1
 
 
-async def test_get_by_hash_may_be_kept_privately_when_configured(
-    settings: Settings, app: FastAPI, api_key: str, execution_path: str
+async def test_get_by_hash_or_id_may_be_kept_privately_when_configured(
+    settings: Settings, app: FastAPI, api_key: str, execution_path: str, apollo_manifest: Path
 ) -> None:
-    cached = create_app(settings.model_copy(update={"persisted_query_max_age_s": 30}))
+    cached = create_app(settings.model_copy(update={"persisted_query_max_age_s": 30,
+                                                    "trusted_documents": apollo_manifest}))
     async with LifespanManager(cached), asgi_client(cached) as client:
         on_path(cached, execution_path)
         headers = bearer(api_key)
@@ -384,12 +393,17 @@ async def test_get_by_hash_may_be_kept_privately_when_configured(
                                                                     extensions=apq(text)),
                                       headers=headers)
         assert registered.status_code == 200
-        # when the hash alone is sent over GET
-        response = await client.get("/graphql", params=params, headers=headers)
-        # then a client's own cache may keep it, no shared cache
-        assert response.status_code == 200, response.text
-        assert response.headers["cache-control"] == "private, max-age=30"
-        assert response.headers["vary"] == "Accept, Authorization"
+        # when the hash alone, or a trusted document's id, is sent over GET
+        for response in (
+            await client.get("/graphql", params=params, headers=headers),
+            await client.get("/graphql", params={"documentId": sha256(QUERY)},
+                             headers=headers),
+        ):
+            # then a client's own cache may keep it, no shared cache
+            assert response.status_code == 200, response.text
+            assert "data" in response.json()
+            assert response.headers["cache-control"] == "private, max-age=30"
+            assert response.headers["vary"] == "Accept, Authorization"
         # but not an answer with errors, a POST, or a text query
         needs_id = f"query NeedsId{execution_path.replace('-', '_')}($id: ID!) {{ " \
             "consumer(id: $id) { email } }"
