@@ -497,6 +497,9 @@ async def test_documents_check_names_every_bad_document(
         "good": QUERY,
         "unknown-field": "query A { consumers { nope } }",
         "syntax": "query B { consumers(",
+        "too-deep": "query C { consumers { nodes { audiences { nodes { consumers { nodes { "
+                    "audiences { nodes { consumers { nodes { audiences { nodes { name "
+                    "} } } } } } } } } } } } }",
     }))
     # when
     code, out, err = await run_cli(capsys, "documents", "check", str(manifest))
@@ -505,8 +508,10 @@ async def test_documents_check_names_every_bad_document(
     lines = out.splitlines()
     assert any(line.startswith("unknown-field: Cannot query field 'nope'") for line in lines)
     assert any(line.startswith("syntax: Syntax Error") for line in lines), out
+    assert "too-deep: The operation is 13 levels deep; the limit is 12. " \
+        "(MAX_DEPTH_EXCEEDED)" in lines, out
     assert not any(line.startswith("good:") for line in lines)
-    assert "2 of 3 documents do not validate" in err
+    assert "3 of 4 documents do not validate" in err
     # and a manifest in neither format
     manifest.write_text("[1]")
     code, _, err = await run_cli(capsys, "documents", "check", str(manifest))

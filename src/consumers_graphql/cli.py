@@ -354,6 +354,7 @@ def _export_schema(args: argparse.Namespace, settings: Settings) -> int:
 
 def _documents_check(args: argparse.Namespace, settings: Settings) -> int:
     from consumers_graphql.api.documents import check_documents
+    from consumers_graphql.api.limits import Limits
     from consumers_graphql.api.schema import build_schema
     from consumers_graphql.documents import ManifestError, load_manifest
 
@@ -362,7 +363,7 @@ def _documents_check(args: argparse.Namespace, settings: Settings) -> int:
     except ManifestError as error:
         print(f"Cannot check the manifest: {error}.", file=sys.stderr)
         return 1
-    problems = check_documents(build_schema(), documents, settings.max_tokens)
+    problems = check_documents(build_schema(), documents, Limits.from_settings(settings))
     for document_id, message in problems:
         print(f"{document_id}: {message}")
     bad = len({document_id for document_id, _ in problems})
@@ -611,7 +612,8 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
     document_commands = documents.add_subparsers(dest="documents_command", required=True)
     check = document_commands.add_parser(
         "check", help="validate every document of a manifest (Relay's persisted_queries.json "
-        "or Apollo's persisted query manifest) against the schema; exit 1 on any problem")
+        "or Apollo's persisted query manifest) against the schema and the limits "
+        "(CONSUMERS_MAX_*); exit 1 on any problem")
     check.add_argument("manifest", help="the manifest's path")
     check.set_defaults(handler=_documents_check)
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from graphql import GraphQLError, parse, specified_rules, validate
 
-from consumers_graphql.api.limits import PinnedDocument
+from consumers_graphql.api.limits import Limits, PinnedDocument, measure
 from consumers_graphql.documents import load_manifest
 from consumers_graphql.settings import Settings
 
@@ -189,23 +189,29 @@ class Documents:
 
 
 def check_documents(schema: Any, documents: dict[str, str],
-                    max_tokens: int) -> list[tuple[str, str]]:
-    """Every problem of a manifest's documents against `schema` (a Strawberry schema), as
-    (document id, message), in manifest order: what `consumers-graphql documents check`
-    prints, the problems each document would meet on its first use."""
+                    limits: Limits) -> list[tuple[str, str]]:
+    """Every problem of a manifest's documents against `schema` (a Strawberry schema) and
+    the server's `limits`, as (document id, message), in manifest order: what
+    `consumers-graphql documents check` prints, the problems each document would meet on
+    its first use (but the cost, which depends on the variables)."""
     problems: list[tuple[str, str]] = []
     for document_id, text in documents.items():
         try:
-            document = parse(text, max_tokens=max_tokens)
+            document = parse(text, max_tokens=limits.tokens)
         except GraphQLError as error:
             problems.append((document_id, _located(error)))
             continue
-        problems.extend((document_id, _located(invalid))
-                        for invalid in validate(schema._schema, document, specified_rules))
+        invalid = validate(schema._schema, document, specified_rules)
+        if not invalid:
+            invalid = measure(schema._schema, document, limits)
+        problems.extend((document_id, _located(error)) for error in invalid)
     return problems
 
 
 def _located(error: GraphQLError) -> str:
     where = ", ".join(f"line {location.line}, column {location.column}"
                       for location in error.locations or ())
+    code = (error.extensions or {}).get("code")
+    if code:
+        where = f"{code}, {where}" if where else code
     return f"{error.message} ({where})" if where else error.message

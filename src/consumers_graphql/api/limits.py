@@ -586,6 +586,21 @@ class OperationLimits(SchemaExtension):
         return {"cost": cost}
 
 
+def measure(schema: GraphQLSchema, document: DocumentNode, limits: Limits) -> list[GraphQLError]:
+    """What the limits refuse of a valid document's operations before they run, whatever the
+    variables (directives, depth, aliases, duplicate fields; not the cost, which depends on
+    them): for checking documents ahead of use (api/documents.py)."""
+    prepared = Prepared(document, most_directives(document))
+    checker = OperationLimits(limits, production=False)
+    refusals: list[GraphQLError] = []
+    for operation in document.definitions:
+        if isinstance(operation, OperationDefinitionNode):
+            shape = _Analyser(schema, document).operation(operation)
+            refusals.extend(error for error in checker._measure(prepared, shape)
+                            if error.message not in {known.message for known in refusals})
+    return refusals
+
+
 def _writes(document: DocumentNode, operation: OperationDefinitionNode,
             variables: Mapping[str, Any]) -> int:
     """The writes a mutation asks for, for the rate limit (web/rate_limit.py): each root
