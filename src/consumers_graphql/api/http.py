@@ -13,7 +13,9 @@ variables) is 400; under ``application/json`` every GraphQL response is 200. A m
 over GET is 405 with ``Allow: POST``. The database out of reach is 503 with Retry-After under
 both, unless a mutation may have written (past its first field's failure: no retry invited).
 A body the client stopped sending is never executed, and nothing is answered. A mutation sent
-with an ``Idempotency-Key`` runs as one transaction with its key (web/idempotency.py).
+with an ``Idempotency-Key`` runs as one transaction with its key (web/idempotency.py). A
+request may name its document instead of sending it (a trusted document's ``documentId``, an
+APQ hash): api/documents.py resolves it to its text first, and the rest is the same.
 """
 
 from __future__ import annotations
@@ -417,7 +419,7 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         status, body, extra = self._response(request, result, query, operation_name,
                                              context.throttle)
         if cacheable and status == 200 and not result.errors:
-            extra = [*extra, *self._cached_get]  # (a GET runs no mutation: ProtocolGuard)
+            extra = [*extra, *self._cached_get]  # (a mutation over GET was refused: 405)
         return status, body, extra
 
     def _response(
