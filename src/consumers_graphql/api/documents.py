@@ -11,8 +11,10 @@ kept by each process; then the hash alone runs it.
 
 Trusted documents (CONSUMERS_TRUSTED_DOCUMENTS) are pinned: prepared once, on first use,
 never evicted (api/limits.py PinnedDocument). A trusted document's id also works as an APQ
-hash (Apollo Client's `usePersistedQueries` sends the manifest's ids that way). With
-CONSUMERS_TRUSTED_DOCUMENTS_ONLY every other document is refused, PERSISTED_QUERY_REQUIRED.
+hash (Apollo Client's persisted query link sends the manifest's ids that way). An id the
+manifest does not hold is 404 PERSISTED_QUERY_NOT_FOUND: no client retries on it, the app
+and the server's manifest differ. With CONSUMERS_TRUSTED_DOCUMENTS_ONLY every other document
+is refused, 400 PERSISTED_QUERY_REQUIRED.
 
 The resolved text is what the rest of the request sees (the mutation-over-GET check, the
 Idempotency-Key fingerprint): a document sent as text, by id or by hash is one request.
