@@ -1,4 +1,5 @@
-"""The ``consumers-graphql`` command: serve, keys, migrate, seed, assets, export-schema."""
+"""The ``consumers-graphql`` command: serve, keys, migrate, seed, assets, documents,
+export-schema."""
 
 from __future__ import annotations
 
@@ -351,6 +352,29 @@ def _export_schema(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _documents_check(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers_graphql.api.documents import check_documents
+    from consumers_graphql.api.limits import Limits
+    from consumers_graphql.api.schema import build_schema
+    from consumers_graphql.documents import ManifestError, load_manifest
+
+    try:
+        documents = load_manifest(Path(args.manifest))
+    except ManifestError as error:
+        print(f"Cannot check the manifest: {error}.", file=sys.stderr)
+        return 1
+    problems = check_documents(build_schema(), documents, Limits.from_settings(settings))
+    for document_id, message in problems:
+        print(f"{document_id}: {message}")
+    bad = len({document_id for document_id, _ in problems})
+    if bad:
+        print(f"{bad} of {len(documents)} documents do not validate against the schema.",
+              file=sys.stderr)
+        return 1
+    print(f"All {len(documents)} documents validate against the schema.")
+    return 0
+
+
 def _assets_fetch(args: argparse.Namespace, settings: Settings) -> int:
     from consumers_graphql.web import ui_assets
 
@@ -584,6 +608,15 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
                        help="an npm registry mirror (default https://registry.npmjs.org)")
     fetch.set_defaults(handler=_assets_fetch)
 
+    documents = commands.add_parser("documents", help="trusted documents manifests")
+    document_commands = documents.add_subparsers(dest="documents_command", required=True)
+    check = document_commands.add_parser(
+        "check", help="validate every document of a manifest (Relay's persisted_queries.json "
+        "or Apollo's persisted query manifest) against the schema and the limits "
+        "(CONSUMERS_MAX_*); exit 1 on any problem")
+    check.add_argument("manifest", help="the manifest's path")
+    check.set_defaults(handler=_documents_check)
+
     export = commands.add_parser("export-schema", help="print the GraphQL schema (SDL)")
     export.add_argument("--output", "-o", help="write to this file instead of stdout")
     export.set_defaults(handler=_export_schema)
@@ -605,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from consumers_graphql.store.outage import explain_unreachable, missing_sqlite_directory
 
     missing = missing_sqlite_directory(settings.database_url)
-    if missing and args.command != "export-schema":
+    if missing and args.command not in ("export-schema", "documents"):
         print(missing, file=sys.stderr)
         return EXIT_CONFIGURATION
     try:

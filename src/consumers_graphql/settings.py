@@ -23,6 +23,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy import make_url
 from sqlalchemy.exc import ArgumentError
 
+from consumers_graphql.documents import ManifestError, load_manifest
+
 ENV_PREFIX = "CONSUMERS_"
 
 
@@ -205,6 +207,43 @@ class Settings(BaseSettings):
         if "*" in entries:
             raise ValueError("`*` allows every origin: write it alone, not in a list")
         return tuple(dict.fromkeys(_origin(entry) for entry in entries))
+
+    # --- Persisted queries and trusted documents (api/documents.py; README "Persisted
+    # queries and trusted documents") ---
+    # Automatic persisted queries (Apollo's protocol): the documents registered by hash, an
+    # LRU of at most this many per process (each worker and host keeps its own; a client
+    # whose hash is not known sends the document again). 0 turns APQ off.
+    persisted_queries_cache_size: int = Field(default=1_000, ge=0, le=1_000_000)
+    # A trusted documents manifest: Relay's persisted_queries.json or Apollo's persisted
+    # query manifest. Its documents run by `documentId` (or `doc_id`, or an APQ hash).
+    trusted_documents: Path | None = None
+    # Refuse every other document (PERSISTED_QUERY_REQUIRED): text queries, mutations and
+    # APQ registrations alike.
+    trusted_documents_only: bool = False
+    # A GET of a persisted query (by hash or documentId) answered without errors may be
+    # kept this long by the client's own cache (`Cache-Control: private, max-age=N`); 0
+    # keeps `no-store`.
+    persisted_query_max_age_s: int = Field(default=0, ge=0, le=86_400)
+
+    @field_validator("trusted_documents")
+    @classmethod
+    def trusted_documents_readable(cls, path: Path | None) -> Path | None:
+        """The manifest read once at startup, so that a bad one stops `serve` with its
+        problem rather than refusing every request."""
+        if path is not None:
+            try:
+                load_manifest(path, "the manifest")  # (its path is shown already)
+            except ManifestError as error:
+                raise ValueError(str(error)) from None
+        return path
+
+    @model_validator(mode="after")
+    def _trusted_only_with_a_manifest(self) -> Settings:
+        if self.trusted_documents_only and self.trusted_documents is None:
+            raise ValueError("CONSUMERS_TRUSTED_DOCUMENTS_ONLY=true needs a manifest in "
+                             "CONSUMERS_TRUSTED_DOCUMENTS: without one every operation would "
+                             "be refused")
+        return self
 
     @field_validator("redis_url")
     @classmethod

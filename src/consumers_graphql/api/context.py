@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import strawberry
 
@@ -12,6 +13,9 @@ from consumers_graphql.store.db import Database
 from consumers_graphql.store.keys import Principal
 from consumers_graphql.store.repository import Repository
 from consumers_graphql.web.rate_limit import RateLimiter, Throttle
+
+if TYPE_CHECKING:
+    from consumers_graphql.api.limits import PinnedDocument
 
 
 @dataclass
@@ -36,6 +40,8 @@ class Context:
     # the cost is taken), `charged` says it was taken (the second pass executes at once).
     charge_only: bool = False
     charged: bool = False
+    # The trusted document the request named (api/documents.py): parsed and validated once.
+    pinned: PinnedDocument | None = None
 
 
 Info = strawberry.Info[Context, None]

@@ -13,7 +13,9 @@ variables) is 400; under ``application/json`` every GraphQL response is 200. A m
 over GET is 405 with ``Allow: POST``. The database out of reach is 503 with Retry-After under
 both, unless a mutation may have written (past its first field's failure: no retry invited).
 A body the client stopped sending is never executed, and nothing is answered. A mutation sent
-with an ``Idempotency-Key`` runs as one transaction with its key (web/idempotency.py).
+with an ``Idempotency-Key`` runs as one transaction with its key (web/idempotency.py). A
+request may name its document instead of sending it (a trusted document's ``documentId``, an
+APQ hash): api/documents.py resolves it to its text first, and the rest is the same.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from strawberry.types import ExecutionResult
 from strawberry.types.graphql import OperationType as StrawberryOperationType
 
 from consumers_graphql.api.context import Context
+from consumers_graphql.api.documents import DocumentRefusal, Documents
 from consumers_graphql.api.limits import LIMIT_CODES
 from consumers_graphql.api.permissions import FORBIDDEN
 from consumers_graphql.store.outage import SERVICE_UNAVAILABLE
@@ -121,7 +124,7 @@ class ProtocolGuard:
                           "/graphql takes GET (queries) and POST.", {"Allow": "GET, POST"})
             return
         media_type = negotiate(headers.get("accept"))
-        asks_for_page = method == "GET" and "query" not in QueryParams(scope["query_string"])
+        asks_for_page = method == "GET" and not _names_operation(QueryParams(scope["query_string"]))
         if media_type is None and not asks_for_page:  # the GraphiQL page is not JSON
             await _refuse(send, 406, "NOT_ACCEPTABLE",
                           f"Accept {GRAPHQL_RESPONSE_JSON} or {JSON}.",
@@ -255,10 +258,18 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
     `context` opens what a request needs (its read connection, its principal) and closes it
     once the response is sent; background tasks (the key's lastUsedAt) run after that."""
 
-    def __init__(self, schema: Any, *, context: ContextFactory,
-                 ide_page: str | None = None, retry_after_s: int = 5) -> None:
-        """``ide_page``: the GraphiQL page's HTML (web/graphiql.py), None for no page."""
+    def __init__(self, schema: Any, *, context: ContextFactory, documents: Documents,
+                 ide_page: str | None = None, retry_after_s: int = 5,
+                 persisted_max_age_s: int = 0) -> None:
+        """``ide_page``: the GraphiQL page's HTML (web/graphiql.py), None for no page.
+        ``documents``: the persisted ones (api/documents.py); ``persisted_max_age_s``: how
+        long a client may keep the answer to a GET of one (0: not at all)."""
         super().__init__(schema, graphql_ide="graphiql" if ide_page is not None else None)
+        self._documents = documents
+        self._cached_get: list[tuple[bytes, bytes]] = [
+            (b"cache-control", f"private, max-age={persisted_max_age_s}".encode()),
+            (b"vary", b"Accept, Authorization"),
+        ] if persisted_max_age_s > 0 else []
         self._context = context
         self._retry_after = str(retry_after_s).encode()
         self._ide_page = ide_page
@@ -315,7 +326,7 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         method = request.method
         if params is not None:
-            if "query" not in params and _accepts_page(request.scope):
+            if not _names_operation(params) and _accepts_page(request.scope):
                 raise _Refused(404, "NOT_FOUND", "Not Found")  # no GraphiQL (production)
             data: Any = dict(params)
             for name in ("variables", "extensions"):
@@ -341,8 +352,18 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         if not isinstance(operation_name, str | None):
             raise _Refused(400, BAD_REQUEST, "The GraphQL operation's `operationName` must be a "
                            "string or null, if provided.")
+        try:
+            resolved = self._documents.resolve(data, query, extensions)
+        except DocumentRefusal as refusal:
+            if refusal.status == 200:  # APQ's "send the document": under both media types
+                extra = [(name.lower().encode(), value.encode())
+                         for name, value in (refusal.headers or {}).items()]
+                return 200, error_body(refusal.message, refusal.code), extra
+            raise _Refused(refusal.status, refusal.code, refusal.message,
+                           refusal.headers) from None
+        query, context.pinned = resolved.query, resolved.pinned
         run = partial(self._execute, request, context, query, variables, extensions,
-                      operation_name)
+                      operation_name, cacheable=resolved.persisted and method == "GET")
         # The document parsed here under the same token limit as its execution: a keyed
         # request must not make the server lex a whole body the limit would refuse at once.
         if (method != "POST" or idempotency.HEADER not in request.headers
@@ -373,7 +394,7 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
     async def _execute(
         self, request: Request, context: Context, query: str | None,
         variables: dict[str, Any] | None, extensions: dict[str, Any] | None,
-        operation_name: str | None,
+        operation_name: str | None, *, cacheable: bool = False,
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         method = request.method
         try:
@@ -395,7 +416,11 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
             raise _Refused(400, BAD_REQUEST, "No GraphQL query found in the request") from error
         if not context.admitted:
             await _throttle_status(context, result)
-        return self._response(request, result, query, operation_name, context.throttle)
+        status, body, extra = self._response(request, result, query, operation_name,
+                                             context.throttle)
+        if cacheable and status == 200 and not result.errors:
+            extra = [*extra, *self._cached_get]  # (a mutation over GET was refused: 405)
+        return status, body, extra
 
     def _response(
         self, request: Request, result: ExecutionResult, query: str | None,
@@ -484,7 +509,15 @@ def _accepts_page(scope: Scope) -> bool:
 def _asks_for_page(scope: Scope, params: QueryParams) -> bool:
     """Strawberry's own test for serving the IDE page: a GET without a query from a browser
     (or `*/*`); the page carries no data."""
-    return "query" not in params and _accepts_page(scope)
+    return not _names_operation(params) and _accepts_page(scope)
+
+
+_OPERATION_PARAMETERS = ("query", "documentId", "doc_id", "extensions")
+
+
+def _names_operation(params: QueryParams) -> bool:
+    """A GET that names an operation: its text, a trusted document's id or an APQ hash."""
+    return any(name in params for name in _OPERATION_PARAMETERS)
 
 
 def _observe(result: ExecutionResult, request_error: bool) -> None:

@@ -413,6 +413,17 @@ class DocumentCache:
 DOCUMENTS = DocumentCache()
 
 
+@dataclass
+class PinnedDocument:
+    """A document the server keeps for good (a trusted document, api/documents.py): prepared
+    on its first use, then reused by every request that names it, never evicted by the LRU,
+    and found by its id rather than by hashing its text."""
+
+    text: str
+    # (schema, token limit, production) it was prepared under, and what was learnt.
+    prepared: tuple[tuple[Any, ...], Prepared] | None = None
+
+
 class OperationLimits(SchemaExtension):
     """Parses through the cache, measures, validates through the cache, prices. Reports
     ``extensions.cost`` whenever the cost was computed."""
@@ -439,8 +450,16 @@ class OperationLimits(SchemaExtension):
 
     def on_parse(self) -> Iterator[None]:
         context = self.execution_context
+        request = context.context
+        pinned = request.pinned if isinstance(request, Context) else None
+        if pinned is not None and pinned.text is not context.query:
+            pinned = None  # (the text of another document: not this one's)
         if context.graphql_document is None and context.query:
-            self.prepared = self.cache.get(self._key())
+            if pinned is not None:
+                if pinned.prepared is not None and pinned.prepared[0] == self._key()[:3]:
+                    self.prepared = pinned.prepared[1]
+            else:
+                self.prepared = self.cache.get(self._key())
             if self.prepared is not None:
                 context.graphql_document = self.prepared.document
         yield
@@ -456,7 +475,9 @@ class OperationLimits(SchemaExtension):
             self.prepared = Prepared(
                 context.graphql_document, most_directives(context.graphql_document)
             )
-            if context.query:
+            if pinned is not None:
+                pinned.prepared = (self._key()[:3], self.prepared)
+            elif context.query:
                 self.cache.put(self._key(), self.prepared)
 
     def on_validate(self) -> Iterator[None]:
@@ -563,6 +584,21 @@ class OperationLimits(SchemaExtension):
         if isinstance(request, Context) and request.throttle is not None:
             cost["throttleStatus"] = request.throttle.status()
         return {"cost": cost}
+
+
+def measure(schema: GraphQLSchema, document: DocumentNode, limits: Limits) -> list[GraphQLError]:
+    """What the limits refuse of a valid document's operations before they run, whatever the
+    variables (directives, depth, aliases, duplicate fields; not the cost, which depends on
+    them): for checking documents ahead of use (api/documents.py)."""
+    prepared = Prepared(document, most_directives(document))
+    checker = OperationLimits(limits, production=False)
+    refusals: list[GraphQLError] = []
+    for operation in document.definitions:
+        if isinstance(operation, OperationDefinitionNode):
+            shape = _Analyser(schema, document).operation(operation)
+            refusals.extend(error for error in checker._measure(prepared, shape)
+                            if error.message not in {known.message for known in refusals})
+    return refusals
 
 
 def _writes(document: DocumentNode, operation: OperationDefinitionNode,

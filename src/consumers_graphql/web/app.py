@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from consumers_graphql import __version__
 from consumers_graphql.api.context import Context
+from consumers_graphql.api.documents import Documents
 from consumers_graphql.api.http import GraphQLApp, ProtocolGuard
 from consumers_graphql.api.limits import Limits
 from consumers_graphql.api.loaders import Loaders
@@ -172,11 +173,14 @@ def create_app(
     schema = build_schema(production=settings.is_production, limits=Limits.from_settings(settings),
                           operation_spans=tracing.operation_span if tracing else None)
     app.state.schema = schema
+    app.state.documents = Documents(settings)  # persisted queries, trusted documents
     graphql = GraphQLApp(
         schema,
         context=_graphql_context,
+        documents=app.state.documents,
         ide_page=None if settings.is_production else api_docs.graphiql_page(app, settings),
         retry_after_s=settings.retry_after_s,
+        persisted_max_age_s=settings.persisted_query_max_age_s,
     )
     if not settings.is_production:
         api_docs.install_docs(app)
