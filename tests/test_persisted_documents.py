@@ -117,6 +117,22 @@ async def test_a_hash_that_is_not_its_querys_is_refused_and_not_registered(
     assert by_hash.json() == NOT_FOUND
 
 
+@pytest.mark.parametrize("document", ["query Invalid{n} {{ consumers {{ nope }} }}",
+                                      "query Unparsable{n} {{ consumers("])
+async def test_a_document_that_does_not_validate_is_not_registered(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], execution_path: str, document: str
+) -> None:
+    text = document.format(n=execution_path.replace("-", "_"))
+    # when a document that cannot run is sent with its hash
+    refused = await client.post("/graphql", json={"query": text, "extensions": apq(text)},
+                                headers=auth_headers)
+    assert codes(refused.json())[0] in {"GRAPHQL_VALIDATION_FAILED", "GRAPHQL_PARSE_FAILED"}
+    # then it was not registered (as Apollo Server: a bad document would only fill the LRU)
+    by_hash = await client.post("/graphql", json={"extensions": apq(text)},
+                                headers=auth_headers)
+    assert by_hash.json() == NOT_FOUND, by_hash.text
+
+
 @pytest.mark.usefixtures("execution_path")
 async def test_an_unsupported_version_or_a_malformed_extension_is_refused(
     client: httpx.AsyncClient, auth_headers: dict[str, str]

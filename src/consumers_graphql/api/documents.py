@@ -6,8 +6,9 @@ APQ: a hash the process does not know answers `PersistedQueryNotFound`
 (PERSISTED_QUERY_NOT_FOUND) with HTTP 200 and `Cache-Control: private, no-cache,
 must-revalidate`, as Apollo Server does: Apollo's clients then send the hash with the
 document, and a 400 or 500 would make Apollo Client turn persisted queries off for good. A
-hash with its document is checked (SHA-256 of the text, hex) and registered in a bounded LRU
-kept by each process; then the hash alone runs it.
+hash with its document is checked (SHA-256 of the text, hex) and, once it has passed parse,
+validation and the limits, registered in a bounded LRU kept by each process; then the hash
+alone runs it.
 
 Trusted documents (CONSUMERS_TRUSTED_DOCUMENTS) are pinned: prepared once, on first use,
 never evicted (api/limits.py PinnedDocument). A trusted document's id also works as an APQ
@@ -64,6 +65,9 @@ class Resolved:
     query: str | None
     pinned: PinnedDocument | None = None
     persisted: bool = False
+    # The APQ hash to register the text under once it has passed parse, validation and the
+    # limits (Documents.register): as Apollo Server, a document that cannot run is not kept.
+    registers: str | None = None
 
 
 class PersistedQueries:
@@ -186,8 +190,12 @@ class Documents:
                 400, PERSISTED_QUERY_HASH_MISMATCH,
                 "`extensions.persistedQuery.sha256Hash` is not the SHA-256 of `query` (hex of "
                 "the UTF-8 text, exactly as sent): the document was not registered.")
-        self.apq.put(sha256.lower(), query)
-        return Resolved(query)
+        return Resolved(query, registers=sha256.lower())
+
+    def register(self, resolved: Resolved) -> None:
+        """Keeps an APQ registration's document, once it has been found fit to run."""
+        if resolved.registers is not None and resolved.query is not None:
+            self.apq.put(resolved.registers, resolved.query)
 
 
 def check_documents(schema: Any, documents: dict[str, str],
