@@ -117,6 +117,21 @@ async def test_a_hash_that_is_not_its_querys_is_refused_and_not_registered(
     assert by_hash.json() == NOT_FOUND
 
 
+@pytest.mark.usefixtures("execution_path")
+async def test_a_query_that_is_not_unicode_text_has_no_hash_to_match(
+    client: httpx.AsyncClient, auth_headers: dict[str, str]
+) -> None:
+    # JSON may carry a lone surrogate ("\\ud800"), which has no UTF-8 and so no SHA-256
+    hashed = sha256("{ __typename } #")
+    body = ('{"query": "{ __typename } #\\ud800", "extensions": {"persistedQuery": '
+            f'{{"version": 1, "sha256Hash": "{hashed}"}}}}}}')
+    response = await client.post("/graphql", content=body.encode(), headers={
+        **auth_headers, "Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert codes(response.json()) == ["BAD_REQUEST"]
+    assert "not Unicode text" in response.json()["errors"][0]["message"]
+
+
 @pytest.mark.parametrize("document", ["query Invalid{n} {{ consumers {{ nope }} }}",
                                       "query Unparsable{n} {{ consumers("])
 async def test_a_document_that_does_not_validate_is_not_registered(

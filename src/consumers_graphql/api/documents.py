@@ -185,7 +185,12 @@ class Documents:
                 400, PERSISTED_QUERY_REQUIRED,
                 "This server runs trusted documents only: it does not register documents "
                 "(automatic persisted queries); send the id of a document of its manifest.")
-        if hashlib.sha256(query.encode()).hexdigest() != sha256.lower():
+        try:
+            utf8 = query.encode()
+        except UnicodeEncodeError:  # a lone surrogate, which JSON can carry: no UTF-8, no hash
+            raise DocumentRefusal(400, BAD_REQUEST, "`query` is not Unicode text (it holds a "
+                                  "lone surrogate): it has no SHA-256 to match.") from None
+        if hashlib.sha256(utf8).hexdigest() != sha256.lower():
             raise DocumentRefusal(
                 400, PERSISTED_QUERY_HASH_MISMATCH,
                 "`extensions.persistedQuery.sha256Hash` is not the SHA-256 of `query` (hex of "
