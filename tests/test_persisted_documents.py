@@ -354,6 +354,10 @@ async def test_apollo_manifest_ids_run_by_documentid_and_as_apq_hashes(
                                       headers=auth_headers)
         assert response.status_code == 200, response.text
         assert response.json()["data"]["consumers"]["nodes"] == [{"email": "apollo@example.com"}]
+    # and a null `documentId` (a client filling both names) leaves Relay's `doc_id` in charge
+    response = await trusted.post("/graphql", json={"documentId": None, "doc_id": sha256(QUERY)},
+                                  headers=auth_headers)
+    assert response.status_code == 200, response.text
     # a request naming a document and sending one too is ambiguous
     both = await trusted.post("/graphql", json={"documentId": sha256(QUERY), "query": QUERY},
                               headers=auth_headers)

@@ -119,7 +119,9 @@ class Documents:
                 extensions: dict[str, Any] | None) -> Resolved:
         """The document of a request whose JSON is `data`; DocumentRefusal for a request
         that names none this server can run."""
-        document_id = data.get("documentId", data.get("doc_id"))
+        document_id = data.get("documentId")
+        if document_id is None:  # (null as well as absent: a client may fill in both names)
+            document_id = data.get("doc_id")
         if document_id is not None:
             return self._by_id(document_id, query)
         persisted = extensions.get("persistedQuery") if extensions is not None else None
