@@ -157,6 +157,11 @@ async def test_an_unsupported_version_or_a_malformed_extension_is_refused(
     assert response.status_code == 400
     assert codes(response.json()) == ["PERSISTED_QUERY_NOT_SUPPORTED"]
     assert "version 2" in response.json()["errors"][0]["message"]
+    # and a version that is not a number is not echoed whole
+    response = await client.post("/graphql", json={"extensions": {"persistedQuery": {
+        "version": "9" * 100_000, "sha256Hash": sha256(QUERY)}}}, headers=auth_headers)
+    assert codes(response.json()) == ["PERSISTED_QUERY_NOT_SUPPORTED"]
+    assert len(response.content) < 1_000
     response = await client.post("/graphql", json={"extensions": {"persistedQuery": "abc"}},
                                  headers=auth_headers)
     assert response.status_code == 400

@@ -164,8 +164,8 @@ class Documents:
         if version != 1:
             raise DocumentRefusal(
                 400, PERSISTED_QUERY_NOT_SUPPORTED,
-                f"Unsupported persisted query version {version!r}: this server speaks version "
-                "1 of the automatic persisted queries protocol.")
+                f"Unsupported persisted query version {repr(version)[:20]}: this server speaks "
+                "version 1 of the automatic persisted queries protocol.")
         if not isinstance(sha256, str) or not sha256:
             raise DocumentRefusal(400, BAD_REQUEST, "`extensions.persistedQuery.sha256Hash` "
                                   "must be the document's SHA-256, in hexadecimal.")
