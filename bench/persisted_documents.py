@@ -57,6 +57,10 @@ fragment ConsumerList_consumer on Consumer {
 }
 """
 DOCUMENT_ID = hashlib.sha256(DOCUMENT.encode()).hexdigest()
+# The same operation as another text, so that its hash is not the trusted document's id (an
+# id that is also a hash runs the pinned trusted document, not a registered APQ).
+APQ_DOCUMENT = DOCUMENT + "# registered by APQ\n"
+APQ_HASH = hashlib.sha256(APQ_DOCUMENT.encode()).hexdigest()
 VARIABLES = {"first": 10}
 
 
@@ -75,7 +79,7 @@ async def medians(settings: Settings, n: int) -> dict[str, float]:
         tune_gc()
         created = await app.state.keys.create("bench")
         headers = {"Authorization": f"Bearer {created.secret.get_secret_value()}"}
-        apq = {"persistedQuery": {"version": 1, "sha256Hash": DOCUMENT_ID}}
+        apq = {"persistedQuery": {"version": 1, "sha256Hash": APQ_HASH}}
         bodies: dict[str, dict[str, Any]] = {
             "query text, cold (parse + validate)": {"query": DOCUMENT, "variables": VARIABLES},
             "query text, warm (document cache)": {"query": DOCUMENT, "variables": VARIABLES},
@@ -86,8 +90,9 @@ async def medians(settings: Settings, n: int) -> dict[str, float]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
             registered = await client.post("/graphql", headers=headers, json={
-                "query": DOCUMENT, "variables": VARIABLES, "extensions": apq})
+                "query": APQ_DOCUMENT, "variables": VARIABLES, "extensions": apq})
             assert "errors" not in registered.json(), registered.text
+            assert len(app.state.documents.apq) == 1, "the APQ document was not registered"
             results = {}
             for name, body in bodies.items():
                 cold = "cold" in name

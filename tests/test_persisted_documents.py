@@ -118,6 +118,37 @@ async def test_a_hash_that_is_not_its_querys_is_refused_and_not_registered(
 
 
 @pytest.mark.usefixtures("execution_path")
+async def test_a_query_that_is_not_unicode_text_has_no_hash_to_match(
+    client: httpx.AsyncClient, auth_headers: dict[str, str]
+) -> None:
+    # JSON may carry a lone surrogate ("\\ud800"), which has no UTF-8 and so no SHA-256
+    hashed = sha256("{ __typename } #")
+    body = ('{"query": "{ __typename } #\\ud800", "extensions": {"persistedQuery": '
+            f'{{"version": 1, "sha256Hash": "{hashed}"}}}}}}')
+    response = await client.post("/graphql", content=body.encode(), headers={
+        **auth_headers, "Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert codes(response.json()) == ["BAD_REQUEST"]
+    assert "not Unicode text" in response.json()["errors"][0]["message"]
+
+
+@pytest.mark.parametrize("document", ["query Invalid{n} {{ consumers {{ nope }} }}",
+                                      "query Unparsable{n} {{ consumers("])
+async def test_a_document_that_does_not_validate_is_not_registered(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], execution_path: str, document: str
+) -> None:
+    text = document.format(n=execution_path.replace("-", "_"))
+    # when a document that cannot run is sent with its hash
+    refused = await client.post("/graphql", json={"query": text, "extensions": apq(text)},
+                                headers=auth_headers)
+    assert codes(refused.json())[0] in {"GRAPHQL_VALIDATION_FAILED", "GRAPHQL_PARSE_FAILED"}
+    # then it was not registered (as Apollo Server: a bad document would only fill the LRU)
+    by_hash = await client.post("/graphql", json={"extensions": apq(text)},
+                                headers=auth_headers)
+    assert by_hash.json() == NOT_FOUND, by_hash.text
+
+
+@pytest.mark.usefixtures("execution_path")
 async def test_an_unsupported_version_or_a_malformed_extension_is_refused(
     client: httpx.AsyncClient, auth_headers: dict[str, str]
 ) -> None:
@@ -126,6 +157,11 @@ async def test_an_unsupported_version_or_a_malformed_extension_is_refused(
     assert response.status_code == 400
     assert codes(response.json()) == ["PERSISTED_QUERY_NOT_SUPPORTED"]
     assert "version 2" in response.json()["errors"][0]["message"]
+    # and a version that is not a number is not echoed whole
+    response = await client.post("/graphql", json={"extensions": {"persistedQuery": {
+        "version": "9" * 100_000, "sha256Hash": sha256(QUERY)}}}, headers=auth_headers)
+    assert codes(response.json()) == ["PERSISTED_QUERY_NOT_SUPPORTED"]
+    assert len(response.content) < 1_000
     response = await client.post("/graphql", json={"extensions": {"persistedQuery": "abc"}},
                                  headers=auth_headers)
     assert response.status_code == 400
@@ -323,6 +359,10 @@ async def test_apollo_manifest_ids_run_by_documentid_and_as_apq_hashes(
                                       headers=auth_headers)
         assert response.status_code == 200, response.text
         assert response.json()["data"]["consumers"]["nodes"] == [{"email": "apollo@example.com"}]
+    # and a null `documentId` (a client filling both names) leaves Relay's `doc_id` in charge
+    response = await trusted.post("/graphql", json={"documentId": None, "doc_id": sha256(QUERY)},
+                                  headers=auth_headers)
+    assert response.status_code == 200, response.text
     # a request naming a document and sending one too is ambiguous
     both = await trusted.post("/graphql", json={"documentId": sha256(QUERY), "query": QUERY},
                               headers=auth_headers)
@@ -339,14 +379,16 @@ async def test_a_trusted_document_is_parsed_and_validated_once(
 
     pinned = trusted_app.state.documents.trusted[sha256(QUERY)]
     parses, validations = DOCUMENTS.parses, DOCUMENTS.validations
-    # when it runs three times by id
-    for _ in range(3):
+    # when it runs three times by id, the document cache emptied before each but the first
+    for run in range(3):
+        if run:
+            DOCUMENTS.clear()  # (as the LRU evicting it would: the pinned copy is not in it)
         response = await trusted.post("/graphql", json={"documentId": sha256(QUERY)},
                                       headers=auth_headers)
         assert response.json()["data"]["consumers"]["totalCount"] == 0
-    # then it was parsed and validated at most once (not at all if an earlier test did it)
-    assert DOCUMENTS.parses - parses <= 1
-    assert DOCUMENTS.validations - validations <= 1
+    # then it was parsed and validated once, on its first use, for good
+    assert DOCUMENTS.parses - parses == 1
+    assert DOCUMENTS.validations - validations == 1
     assert pinned.prepared is not None
 
 

@@ -6,8 +6,9 @@ APQ: a hash the process does not know answers `PersistedQueryNotFound`
 (PERSISTED_QUERY_NOT_FOUND) with HTTP 200 and `Cache-Control: private, no-cache,
 must-revalidate`, as Apollo Server does: Apollo's clients then send the hash with the
 document, and a 400 or 500 would make Apollo Client turn persisted queries off for good. A
-hash with its document is checked (SHA-256 of the text, hex) and registered in a bounded LRU
-kept by each process; then the hash alone runs it.
+hash with its document is checked (SHA-256 of the text, hex) and, once it has passed parse,
+validation and the limits, registered in a bounded LRU kept by each process; then the hash
+alone runs it.
 
 Trusted documents (CONSUMERS_TRUSTED_DOCUMENTS) are pinned: prepared once, on first use,
 never evicted (api/limits.py PinnedDocument). A trusted document's id also works as an APQ
@@ -64,6 +65,9 @@ class Resolved:
     query: str | None
     pinned: PinnedDocument | None = None
     persisted: bool = False
+    # The APQ hash to register the text under once it has passed parse, validation and the
+    # limits (Documents.register): as Apollo Server, a document that cannot run is not kept.
+    registers: str | None = None
 
 
 class PersistedQueries:
@@ -115,7 +119,9 @@ class Documents:
                 extensions: dict[str, Any] | None) -> Resolved:
         """The document of a request whose JSON is `data`; DocumentRefusal for a request
         that names none this server can run."""
-        document_id = data.get("documentId", data.get("doc_id"))
+        document_id = data.get("documentId")
+        if document_id is None:  # (null as well as absent: a client may fill in both names)
+            document_id = data.get("doc_id")
         if document_id is not None:
             return self._by_id(document_id, query)
         persisted = extensions.get("persistedQuery") if extensions is not None else None
@@ -158,8 +164,8 @@ class Documents:
         if version != 1:
             raise DocumentRefusal(
                 400, PERSISTED_QUERY_NOT_SUPPORTED,
-                f"Unsupported persisted query version {version!r}: this server speaks version "
-                "1 of the automatic persisted queries protocol.")
+                f"Unsupported persisted query version {repr(version)[:20]}: this server speaks "
+                "version 1 of the automatic persisted queries protocol.")
         if not isinstance(sha256, str) or not sha256:
             raise DocumentRefusal(400, BAD_REQUEST, "`extensions.persistedQuery.sha256Hash` "
                                   "must be the document's SHA-256, in hexadecimal.")
@@ -181,13 +187,22 @@ class Documents:
                 400, PERSISTED_QUERY_REQUIRED,
                 "This server runs trusted documents only: it does not register documents "
                 "(automatic persisted queries); send the id of a document of its manifest.")
-        if hashlib.sha256(query.encode()).hexdigest() != sha256.lower():
+        try:
+            utf8 = query.encode()
+        except UnicodeEncodeError:  # a lone surrogate, which JSON can carry: no UTF-8, no hash
+            raise DocumentRefusal(400, BAD_REQUEST, "`query` is not Unicode text (it holds a "
+                                  "lone surrogate): it has no SHA-256 to match.") from None
+        if hashlib.sha256(utf8).hexdigest() != sha256.lower():
             raise DocumentRefusal(
                 400, PERSISTED_QUERY_HASH_MISMATCH,
                 "`extensions.persistedQuery.sha256Hash` is not the SHA-256 of `query` (hex of "
                 "the UTF-8 text, exactly as sent): the document was not registered.")
-        self.apq.put(sha256.lower(), query)
-        return Resolved(query)
+        return Resolved(query, registers=sha256.lower())
+
+    def register(self, resolved: Resolved) -> None:
+        """Keeps an APQ registration's document, once it has been found fit to run."""
+        if resolved.registers is not None and resolved.query is not None:
+            self.apq.put(resolved.registers, resolved.query)
 
 
 def check_documents(schema: Any, documents: dict[str, str],

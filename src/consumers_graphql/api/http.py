@@ -42,7 +42,7 @@ from strawberry.types import ExecutionResult
 from strawberry.types.graphql import OperationType as StrawberryOperationType
 
 from consumers_graphql.api.context import Context
-from consumers_graphql.api.documents import DocumentRefusal, Documents
+from consumers_graphql.api.documents import DocumentRefusal, Documents, Resolved
 from consumers_graphql.api.limits import LIMIT_CODES
 from consumers_graphql.api.permissions import FORBIDDEN
 from consumers_graphql.store.outage import SERVICE_UNAVAILABLE
@@ -363,7 +363,8 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
                            refusal.headers) from None
         query, context.pinned = resolved.query, resolved.pinned
         run = partial(self._execute, request, context, query, variables, extensions,
-                      operation_name, cacheable=resolved.persisted and method == "GET")
+                      operation_name, cacheable=resolved.persisted and method == "GET",
+                      resolved=resolved)
         # The document parsed here under the same token limit as its execution: a keyed
         # request must not make the server lex a whole body the limit would refuse at once.
         if (method != "POST" or idempotency.HEADER not in request.headers
@@ -395,6 +396,7 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         self, request: Request, context: Context, query: str | None,
         variables: dict[str, Any] | None, extensions: dict[str, Any] | None,
         operation_name: str | None, *, cacheable: bool = False,
+        resolved: Resolved | None = None,
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         method = request.method
         try:
@@ -414,6 +416,8 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
             raise _Refused(400, BAD_REQUEST, error.as_http_error_reason(method)) from error
         except MissingQueryError as error:
             raise _Refused(400, BAD_REQUEST, "No GraphQL query found in the request") from error
+        if resolved is not None and context.cost is not None:
+            self._documents.register(resolved)  # (priced: parsed, valid, within the limits)
         if not context.admitted:
             await _throttle_status(context, result)
         status, body, extra = self._response(request, result, query, operation_name,
