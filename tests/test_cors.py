@@ -91,6 +91,11 @@ def assert_no_cors(response: httpx.Response) -> None:
     (REST, "POST", "authorization,content-type,idempotency-key,x-request-id"),
     (f"{REST}/cons_01J0000000000000000000000", "PUT", "authorization, content-type"),
     (f"{REST}/cons_01J0000000000000000000000", "DELETE", "authorization"),
+    # a page's trace context (OpenTelemetry's fetch instrumentation)
+    ("/graphql", "POST", "content-type, traceparent, tracestate, baggage"),
+    # what Apollo's clients send when set up for client awareness, or by default (Kotlin)
+    ("/graphql", "POST", "content-type, apollographql-client-name, apollographql-client-version"),
+    ("/graphql", "GET", "X-APOLLO-OPERATION-ID, X-APOLLO-OPERATION-NAME, apollo-require-preflight"),
 ])
 async def test_a_preflight_from_an_allowed_origin_is_answered_without_a_key_or_any_work(
     client: httpx.AsyncClient, sql: StatementCounter, path: str, method: str, headers: str
@@ -420,8 +425,8 @@ PAGE_FETCHES = """async ([api, key, query]) => {
   };
   const auth = {Authorization: `Bearer ${key}`};
   return {
-    graphql: await read("/graphql", {method: "POST", body: JSON.stringify({query}),
-                                     headers: {...auth, "Content-Type": "application/json"}}),
+    graphql: await read("/graphql", {method: "POST", body: JSON.stringify({query}), headers: {
+      ...auth, "Content-Type": "application/json", "apollographql-client-name": "web"}}),
     rest: await read("/api/v1/consumers?first=3", {headers: {...auth, "X-Request-ID": "page-1"}}),
     unauthenticated: await read("/api/v1/consumers", {}),
   };
