@@ -382,6 +382,11 @@ def test_origins_are_kept_as_browsers_send_them() -> None:
         "http://localhost:5173"))
     assert settings.cors_origins == ("https://app.example.com", "http://localhost:5173",
                                      "http://[::1]:8080")
+    # IPv6 as the URL standard writes it: lower-case hex pieces, the longest zero run as ::
+    assert Settings(cors_origins=(  # type: ignore[arg-type]
+        "http://[0:0::1]:8080,http://[2001:DB8:0:0:1:0:0:1],http://[::FFFF:1.2.3.4]")
+    ).cors_origins == ("http://[::1]:8080", "http://[2001:db8::1:0:0:1]",
+                       "http://[::ffff:102:304]")
     assert Settings(cors_origins="").cors_origins == ()  # type: ignore[arg-type]
     assert Settings(cors_origins="*").cors_origins == ("*",)  # type: ignore[arg-type]
 
@@ -398,6 +403,12 @@ def test_origins_are_kept_as_browsers_send_them() -> None:
     ("https://app.example.com:99999", "the port must be a number from 1 to 65535"),
     ("https://user:pw@app.example.com", "no user or password"),
     ("https://bücher.example", "ASCII (punycode, xn--) form"),
+    # hosts no browser sends: a space-separated list, a backslash, an escape, a bad IPv6
+    ("https://app.example.com https://admin.example.com", "origins are separated by commas"),
+    ("https://app.example.com\\admin", "a host holds only letters, digits"),
+    ("https://%61pp.example.com", "a host holds only letters, digits"),
+    ("http://[::1", "the host is not an IPv6 address"),
+    ("http://[fe80::1%25eth0]:8080", "the host is not an IPv6 address (without a zone)"),
 ])
 def test_a_value_that_is_not_an_origin_is_refused_at_startup(
     value: str, why: str, tmp_path: Path
