@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
@@ -27,7 +26,7 @@ from consumers_graphql.web.app import create_app
 from tests import test_ui_browser
 from tests.conftest import GraphQL, StatementCounter, bearer, on_path
 from tests.log_audit import asgi_client
-from tests.processes import Served
+from tests.processes import Served, http_server
 from tests.test_configuration import assert_refused, run
 from tests.test_rate_limits import new_key
 from tests.test_unhappy_execution import consumers_locked
@@ -460,17 +459,9 @@ class _Page(BaseHTTPRequestHandler):
         pass  # not the server's log
 
 
-@contextmanager
-def page_server() -> Iterator[str]:
+def page_server() -> AbstractContextManager[str]:
     """An app's page, served from an origin of its own (another port)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Page)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    return http_server(_Page)
 
 
 async def test_a_browser_page_of_a_listed_origin_reads_the_answers_and_another_cannot(
