@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
@@ -27,7 +26,7 @@ from consumers_graphql.web.app import create_app
 from tests import test_ui_browser
 from tests.conftest import GraphQL, StatementCounter, bearer, on_path
 from tests.log_audit import asgi_client
-from tests.processes import Served
+from tests.processes import Served, http_server
 from tests.test_configuration import assert_refused, run
 from tests.test_rate_limits import new_key
 from tests.test_unhappy_execution import consumers_locked
@@ -91,6 +90,11 @@ def assert_no_cors(response: httpx.Response) -> None:
     (REST, "POST", "authorization,content-type,idempotency-key,x-request-id"),
     (f"{REST}/cons_01J0000000000000000000000", "PUT", "authorization, content-type"),
     (f"{REST}/cons_01J0000000000000000000000", "DELETE", "authorization"),
+    # a page's trace context (OpenTelemetry's fetch instrumentation)
+    ("/graphql", "POST", "content-type, traceparent, tracestate, baggage"),
+    # what Apollo's clients send when set up for client awareness, or by default (Kotlin)
+    ("/graphql", "POST", "content-type, apollographql-client-name, apollographql-client-version"),
+    ("/graphql", "GET", "X-APOLLO-OPERATION-ID, X-APOLLO-OPERATION-NAME, apollo-require-preflight"),
 ])
 async def test_a_preflight_from_an_allowed_origin_is_answered_without_a_key_or_any_work(
     client: httpx.AsyncClient, sql: StatementCounter, path: str, method: str, headers: str
@@ -377,6 +381,11 @@ def test_origins_are_kept_as_browsers_send_them() -> None:
         "http://localhost:5173"))
     assert settings.cors_origins == ("https://app.example.com", "http://localhost:5173",
                                      "http://[::1]:8080")
+    # IPv6 as the URL standard writes it: lower-case hex pieces, the longest zero run as ::
+    assert Settings(cors_origins=(  # type: ignore[arg-type]
+        "http://[0:0::1]:8080,http://[2001:DB8:0:0:1:0:0:1],http://[::FFFF:1.2.3.4]")
+    ).cors_origins == ("http://[::1]:8080", "http://[2001:db8::1:0:0:1]",
+                       "http://[::ffff:102:304]")
     assert Settings(cors_origins="").cors_origins == ()  # type: ignore[arg-type]
     assert Settings(cors_origins="*").cors_origins == ("*",)  # type: ignore[arg-type]
 
@@ -393,6 +402,12 @@ def test_origins_are_kept_as_browsers_send_them() -> None:
     ("https://app.example.com:99999", "the port must be a number from 1 to 65535"),
     ("https://user:pw@app.example.com", "no user or password"),
     ("https://bücher.example", "ASCII (punycode, xn--) form"),
+    # hosts no browser sends: a space-separated list, a backslash, an escape, a bad IPv6
+    ("https://app.example.com https://admin.example.com", "origins are separated by commas"),
+    ("https://app.example.com\\admin", "a host holds only letters, digits"),
+    ("https://%61pp.example.com", "a host holds only letters, digits"),
+    ("http://[::1", "the host is not an IPv6 address"),
+    ("http://[fe80::1%25eth0]:8080", "the host is not an IPv6 address (without a zone)"),
 ])
 def test_a_value_that_is_not_an_origin_is_refused_at_startup(
     value: str, why: str, tmp_path: Path
@@ -420,8 +435,8 @@ PAGE_FETCHES = """async ([api, key, query]) => {
   };
   const auth = {Authorization: `Bearer ${key}`};
   return {
-    graphql: await read("/graphql", {method: "POST", body: JSON.stringify({query}),
-                                     headers: {...auth, "Content-Type": "application/json"}}),
+    graphql: await read("/graphql", {method: "POST", body: JSON.stringify({query}), headers: {
+      ...auth, "Content-Type": "application/json", "apollographql-client-name": "web"}}),
     rest: await read("/api/v1/consumers?first=3", {headers: {...auth, "X-Request-ID": "page-1"}}),
     unauthenticated: await read("/api/v1/consumers", {}),
   };
@@ -444,17 +459,9 @@ class _Page(BaseHTTPRequestHandler):
         pass  # not the server's log
 
 
-@contextmanager
-def page_server() -> Iterator[str]:
+def page_server() -> AbstractContextManager[str]:
     """An app's page, served from an origin of its own (another port)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Page)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    return http_server(_Page)
 
 
 async def test_a_browser_page_of_a_listed_origin_reads_the_answers_and_another_cannot(

@@ -12,7 +12,6 @@ import re
 import subprocess
 import sys
 import tarfile
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from consumers_graphql.web.app import create_app
 from consumers_graphql.web.graphiql import WALKTHROUGH
 from tests.conftest import project_root
 from tests.log_audit import AUDIT
-from tests.processes import Served
+from tests.processes import Served, http_server
 
 SCRIPT = Path(sys.executable).with_name("consumers-graphql")
 
@@ -199,14 +198,8 @@ class _Registry(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def registry() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Registry)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(_Registry) as url:
+        yield url
 
 
 def _tarball(files: dict[str, bytes]) -> bytes:

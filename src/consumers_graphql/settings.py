@@ -4,6 +4,7 @@ not parse, a variable no setting reads (a typo), a database URL without its driv
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 from collections.abc import Mapping
 from enum import StrEnum
@@ -335,6 +336,10 @@ class Settings(BaseSettings):
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _ORIGIN_FORM = "scheme://host[:port], e.g. https://app.example.com or http://localhost:5173"
+# A host name (or IPv4 address) as a browser serializes it in Origin, lowered: labels of
+# letters, digits, '-' and '_'. Anything else (a backslash, a percent-escape, a `;`) could
+# never be matched.
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?")
 
 
 def _origin(entry: str) -> str:
@@ -345,7 +350,14 @@ def _origin(entry: str) -> str:
     if not entry.isascii():
         raise ValueError(f"{entry!r}: write the host in its ASCII (punycode, xn--) form, as "
                          "browsers send it")
-    parsed = urlsplit(entry)
+    if any(character.isspace() for character in entry):
+        raise ValueError(f"{entry!r} is not an origin: it holds a space (origins are separated "
+                         f"by commas; {_ORIGIN_FORM})")
+    try:
+        parsed = urlsplit(entry)
+    except ValueError:  # an unclosed IPv6 bracket
+        raise ValueError(f"{entry!r} is not an origin: the host is not an IPv6 address in "
+                         f"brackets nor a name ({_ORIGIN_FORM})") from None
     scheme, rest = parsed.scheme.lower(), entry.partition("://")[2]
     if scheme not in _DEFAULT_PORTS or not rest:
         raise ValueError(f"{entry!r} is not an origin: http:// or https:// and a host "
@@ -361,6 +373,11 @@ def _origin(entry: str) -> str:
     if "*" in host:
         raise ValueError(f"{entry!r}: wildcard hosts are not supported; list each origin, or "
                          "use `*` alone for every origin")
+    if ":" in host:
+        host = _ipv6_as_browsers_write_it(entry, host)
+    elif not _HOST_NAME.fullmatch(host):
+        raise ValueError(f"{entry!r} is not an origin: a host holds only letters, digits, "
+                         f"'-', '_' and '.' ({_ORIGIN_FORM})")
     try:
         port = parsed.port
     except ValueError:
@@ -372,6 +389,28 @@ def _origin(entry: str) -> str:
     if port is None or port == _DEFAULT_PORTS[scheme]:
         return f"{scheme}://{shown_host}"
     return f"{scheme}://{shown_host}:{port}"
+
+
+def _ipv6_as_browsers_write_it(entry: str, host: str) -> str:
+    """`host`, an IPv6 address, serialized as the URL standard does (hex pieces, the first
+    longest run of two or more zero pieces as `::`), whatever notation `entry` used."""
+    try:
+        address = ipaddress.IPv6Address(host)
+    except ValueError:
+        address = None
+    if address is None or address.scope_id:
+        raise ValueError(f"{entry!r} is not an origin: the host is not an IPv6 address "
+                         f"(without a zone) nor a name ({_ORIGIN_FORM})")
+    pieces = [int.from_bytes(address.packed[i:i + 2]) for i in range(0, 16, 2)]
+    start, length = 0, 0
+    for i in range(8):
+        run = next((j for j in range(i, 8) if pieces[j]), 8) - i
+        if run > max(length, 1):
+            start, length = i, run
+    hexed = [f"{piece:x}" for piece in pieces]
+    if not length:
+        return ":".join(hexed)
+    return ":".join(hexed[:start]) + "::" + ":".join(hexed[start + length:])
 
 
 def _redis_url_problem(url: str) -> str | None:

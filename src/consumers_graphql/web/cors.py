@@ -24,9 +24,22 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from consumers_graphql.web import idempotency, request_id
 
 METHODS = ("GET", "POST", "PUT", "DELETE", "OPTIONS")
-# What the API reads from a client; Accept, Content-Type and the other CORS-safelisted
-# headers are added by Starlette.
-REQUEST_HEADERS = ("Authorization", "Content-Type", idempotency.HEADER, request_id.HEADER)
+# What the API reads from a client: its own headers, and W3C Trace Context's and baggage
+# (with tracing on, OpenTelemetry's default propagators read them: README "Tracing"; a
+# page's OpenTelemetry fetch instrumentation sends them).
+# Accept, Content-Type and the other CORS-safelisted headers are added by Starlette.
+REQUEST_HEADERS = ("Authorization", "Content-Type", idempotency.HEADER, request_id.HEADER,
+                   "traceparent", "tracestate", "baggage")
+# What common GraphQL clients send when set up so, read or not here: Apollo's client
+# awareness (Apollo Client's `name`/`version`, Apollo Kotlin's interceptor) and its CSRF
+# markers (Apollo Kotlin sends X-APOLLO-OPERATION-* by default; apollo-upload-client set-ups
+# add Apollo-Require-Preflight). A preflight asking for a header not listed fails, and with
+# it every request of the page: a page set up for Apollo Router or Server would see only
+# network errors here. Allowing them lets a page send what it sends to any server; with keys
+# that are never ambient, nothing is gained by refusing them.
+CLIENT_HEADERS = ("apollographql-client-name", "apollographql-client-version",
+                  "apollo-require-preflight", "x-apollo-operation-name",
+                  "x-apollo-operation-id")
 # What a page may read of an answer beyond the CORS-safelisted ones (Content-Type, ...).
 RESPONSE_HEADERS = (request_id.HEADER, "RateLimit", "RateLimit-Policy", "Retry-After",
                     idempotency.REPLAYED, "Location", "WWW-Authenticate")
@@ -52,8 +65,9 @@ class Cors:
         self.any_origin = origins == ("*",)
         self.origins = frozenset(origins)
         self.preflights = CORSMiddleware(
-            app, allow_origins=origins, allow_methods=METHODS, allow_headers=REQUEST_HEADERS,
-            expose_headers=RESPONSE_HEADERS, max_age=MAX_AGE_S)
+            app, allow_origins=origins, allow_methods=METHODS,
+            allow_headers=REQUEST_HEADERS + CLIENT_HEADERS, expose_headers=RESPONSE_HEADERS,
+            max_age=MAX_AGE_S)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
