@@ -5,8 +5,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from tests.factories import (
     insert_rows,
     order_row,
 )
+from tests.processes import ON_GRAPHQL_CORE, Served
 
 FEDERATION_DIR = project_root() / "tests" / "federation"
 FEDERATION_V2 = "https://specs.apollo.dev/federation/v2.11"
@@ -392,3 +395,83 @@ def test_composition_fails_when_a_subgraph_contradicts_ours(tmp_path: Path) -> N
     result = compose({"consumers": ours, "contradicting": contradicting})
 
     assert any("email" in error for error in result["errors"]), result
+
+
+# --- a gateway -----------------------------------------------------------------------------
+
+
+def _gateway_url(gateway: subprocess.Popen[str]) -> str:
+    """The gateway's address, from the line gateway.mjs prints once it listens."""
+    assert gateway.stdout is not None
+    seen = []
+    for line in gateway.stdout:  # ends when the process does
+        if line.startswith("{"):
+            return str(json.loads(line)["gateway"])
+        seen.append(line)
+        assert len(seen) < 50, "".join(seen)
+    raise AssertionError("the gateway did not start:\n" + "".join(seen))
+
+
+def test_a_gateway_answers_one_query_across_both_subgraphs(
+    tmp_path: Path, execution_path: str
+) -> None:
+    """Apollo Gateway on the composed supergraph: our served subgraph beside a loyalty
+    subgraph (tests/federation/gateway.mjs) that extends Consumer with `loyaltyPoints`."""
+    _node_modules()
+    preexec = [sys.executable, "-c", ON_GRAPHQL_CORE] if execution_path == "graphql-core" else []
+    served = Served(f"sqlite+aiosqlite:///{tmp_path / 'subgraph.db'}", tmp_path,
+                    preexec=preexec)
+    gateway: subprocess.Popen[str] | None = None
+    try:
+        served.wait_until_up()
+        secret = served.secret()
+        emails = ["ada@example.com", "grace@example.com", "edsger@example.com"]
+        with served.client(headers={"Authorization": f"Bearer {secret}"}) as client:
+            ids = []
+            for email in emails:
+                created = client.post("/graphql", json={
+                    "query": "mutation($email: String!) { consumerCreate(input: {email: $email})"
+                             " { consumer { id } } }", "variables": {"email": email}}).json()
+                ids.append(created["data"]["consumerCreate"]["consumer"]["id"])
+        ours = tmp_path / "consumers.graphql"
+        assert cli(["export-schema", "--federation", "-o", str(ours)]) == 0
+        supergraph = tmp_path / "supergraph.graphql"
+        supergraph.write_text(compose({"consumers": ours,
+                                       "loyalty": FEDERATION_DIR / "loyalty.graphql"})
+                              ["supergraphSdl"], encoding="utf-8")
+        gateway = subprocess.Popen(
+            ["node", "gateway.mjs"], cwd=FEDERATION_DIR, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env={**os.environ, "SUPERGRAPH": str(supergraph), "CONSUMERS_KEY": secret,
+                 "CONSUMERS_URL": f"{served.url}/graphql", "LEADERS": ",".join(ids[::-1])},
+        )
+        url = _gateway_url(gateway)
+
+        def ask(query: str, variables: dict[str, Any] | None = None) -> Any:
+            response = httpx.post(url, json={"query": query, "variables": variables or {}},
+                                  timeout=30)
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert "errors" not in body, body["errors"]
+            return body["data"]
+
+        # from the loyalty subgraph into ours (the gateway asks `_entities` for the leaders)
+        leaders = ask("{ loyaltyLeaders(first: 2) { id loyaltyPoints email "
+                      "orders { totalCount } } }")
+        assert leaders == {"loyaltyLeaders": [
+            {"id": ids[2], "loyaltyPoints": 100, "email": emails[2], "orders": {"totalCount": 0}},
+            {"id": ids[1], "loyaltyPoints": 90, "email": emails[1], "orders": {"totalCount": 0}},
+        ]}
+        # and from ours into the loyalty subgraph
+        page = ask("{ consumers(first: 3, sortBy: EMAIL, sortDir: ASC) { nodes { email "
+                   "loyaltyPoints } } }")
+        assert page == {"consumers": {"nodes": [
+            {"email": emails[0], "loyaltyPoints": 80},
+            {"email": emails[2], "loyaltyPoints": 100},
+            {"email": emails[1], "loyaltyPoints": 90},
+        ]}}
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait(timeout=10)
+        assert served.stop() == 0, served.output
