@@ -232,7 +232,7 @@ async def test_unknown_malformed_and_other_types_ids_are_null(
      "it has none.", ["representations", "1", "id"]),
     ({"__typename": "Consumer", "id": 42},
      "Representation 1 (Consumer) needs its key, a string `id` (`@key(fields: \"id\")`); "
-     "it has a int.", ["representations", "1", "id"]),
+     "it has a value of type int.", ["representations", "1", "id"]),
     ("cons_01JD0000000000000000000000",
      "Representation 1 is not an object.", ["representations", "1"]),
 ])

@@ -99,7 +99,7 @@ def _shown(value: Any) -> str:
         return "none"
     if isinstance(value, str):
         return f"`{value[:40]}`" + ("…" if len(value) > 40 else "")
-    return f"a {type(value).__name__}"
+    return f"a value of type {type(value).__name__}"
 
 
 def public_sdl(schema: GraphQLSchema) -> str:
