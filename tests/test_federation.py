@@ -18,7 +18,7 @@ import pytest
 from fastapi import FastAPI
 
 from consumers_graphql.api import executor
-from consumers_graphql.api.schema import build_schema
+from consumers_graphql.api.schema import Schema, build_schema
 from consumers_graphql.cli import main as cli
 from consumers_graphql.store import models
 from consumers_graphql.store.keys import Scope
@@ -114,6 +114,21 @@ def test_schema_federation_graphql_matches_the_running_schema(tmp_path: Path) ->
 
 
 # --- _entities -----------------------------------------------------------------------------
+
+
+def test_entities_are_resolved_by_our_resolver() -> None:
+    """Strawberry's federation Schema installs `self.entities_resolver` as the `_entities`
+    resolver (api/schema.py overrides it to load through the loaders): pinned, so that an
+    upgrade that wires `_entities` otherwise fails here, by name, and not as a statement
+    count."""
+    schema = build_schema()
+    query = schema._schema.query_type
+    assert query is not None
+    definition = query.fields["_entities"].extensions["strawberry-definition"]
+    resolver = definition.base_resolver.wrapped_func
+    assert resolver.__func__ is Schema.entities_resolver
+    assert resolver.__self__ is schema
+
 
 
 async def test_entities_of_twenty_consumers_cost_one_statement(
