@@ -29,6 +29,22 @@ _BANNER = re.compile(r"\nCreated the first API key, .*?\nMore keys: [^\n]*\n", r
 POSTGRES_BIN = Path(os.environ.get("CONSUMERS_TEST_POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
 
 
+# `serve` with every operation executed by graphql-core alone, as `on_path` does in process:
+# the console script run after its schema is built with the compiled executor turned off.
+ON_GRAPHQL_CORE = """
+import runpy, sys
+from consumers_graphql.web import app
+build = app.build_schema
+def build_schema(**kwargs):
+    schema = build(**kwargs)
+    schema.compiled = False
+    return schema
+app.build_schema = build_schema
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -31,7 +31,7 @@ from tests.test_bench_workloads import reference_match, walk
 
 def test_schema_graphql_matches_the_running_schema() -> None:
     exported = (project_root() / "schema.graphql").read_text(encoding="utf-8")
-    assert exported == build_schema().as_str() + "\n", (
+    assert exported == build_schema().public_sdl() + "\n", (
         "schema.graphql is stale: run `consumers-graphql export-schema -o schema.graphql`"
     )
 
@@ -39,7 +39,7 @@ def test_schema_graphql_matches_the_running_schema() -> None:
 def test_export_schema_command_writes_the_schema(tmp_path: Path) -> None:
     target = tmp_path / "schema.graphql"
     assert cli(["export-schema", "-o", str(target)]) == 0
-    assert target.read_text(encoding="utf-8") == build_schema().as_str() + "\n"
+    assert target.read_text(encoding="utf-8") == build_schema().public_sdl() + "\n"
 
 
 async def test_migrations_match_the_models(settings: Settings) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.conftest import TEST_DATABASE_URL
-from tests.processes import Served
+from tests.processes import ON_GRAPHQL_CORE, Served
 from tests.readme_examples import (
     README,
     ExampleFailed,
@@ -29,20 +29,6 @@ from tests.readme_examples import (
 )
 
 PEPPER = "readme-pepper"
-# `serve` with every operation executed by graphql-core alone, as `on_path` does in process:
-# the console script run after its schema is built with the compiled executor turned off.
-ON_GRAPHQL_CORE = """
-import runpy, sys
-from consumers_graphql.web import app
-build = app.build_schema
-def build_schema(**kwargs):
-    schema = build(**kwargs)
-    schema.compiled = False
-    return schema
-app.build_schema = build_schema
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 
 @pytest.fixture

@@ -344,7 +344,8 @@ def _seed(args: argparse.Namespace, settings: Settings) -> int:
 def _export_schema(args: argparse.Namespace, settings: Settings) -> int:
     from consumers_graphql.api.schema import build_schema
 
-    sdl = build_schema().as_str() + "\n"
+    schema = build_schema()
+    sdl = (schema.as_str() if args.federation else schema.public_sdl()) + "\n"
     if args.output is None:
         sys.stdout.write(sdl)
     else:
@@ -619,6 +620,10 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
 
     export = commands.add_parser("export-schema", help="print the GraphQL schema (SDL)")
     export.add_argument("--output", "-o", help="write to this file instead of stdout")
+    export.add_argument(
+        "--federation", action="store_true",
+        help="the Apollo Federation v2 subgraph SDL (what `_service { sdl }` answers: @link, "
+        "@key, _entities, _service) instead of the public schema")
     export.set_defaults(handler=_export_schema)
     return parser
 

@@ -11,8 +11,9 @@ every connection field costs its page size times the page sizes of all the conne
 (and id lists) above it; the cost is the sum over every connection field in the operation.
 The page size is ``first`` or ``last`` (variables as graphql-core coerces them for
 execution, so ``100.0`` for an Int is 100; clamped to 0..MAX_PAGE_SIZE),
-DEFAULT_PAGE_SIZE when neither is given; a field taking a list of ``ids`` (``nodes``)
-counts the length of that list. Fragments count once per spread.
+DEFAULT_PAGE_SIZE when neither is given; a field taking a list of ``ids`` (``nodes``) or
+of ``representations`` (federation's ``_entities``) counts the length of that list.
+Fragments count once per spread.
 """
 
 from __future__ import annotations
@@ -292,14 +293,20 @@ def _most_common(keys: Counter[str]) -> tuple[int, str]:
     return max(((n, k) for k, n in keys.items()), default=(0, ""))
 
 
+# The arguments whose list's length is a field's size: `nodes(ids:)`, and federation's
+# `_entities(representations:)`, which is priced as `nodes` (a representation is an id).
+_LIST_ARGUMENTS = ("ids", "representations")
+
+
 def _size_of(
     node: FieldNode, type_: Any, named: GraphQLNamedType | None
 ) -> tuple[str, ValueNode | None, ValueNode | None] | None:
     arguments = {a.name.value: a.value for a in node.arguments or ()}
     if isinstance(named, GraphQLObjectType) and named.name.endswith("Connection"):
         return ("page", arguments.get("first"), arguments.get("last"))
-    if "ids" in arguments and isinstance(_unwrap_non_null(type_), GraphQLList):
-        return ("ids", arguments["ids"], None)
+    for name in _LIST_ARGUMENTS:
+        if name in arguments and isinstance(_unwrap_non_null(type_), GraphQLList):
+            return ("ids", arguments[name], None)
     return None
 
 

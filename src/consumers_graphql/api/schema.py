@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Callable, Coroutine, Generator, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Iterator
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar, cast
@@ -15,12 +15,14 @@ from graphql import ExecutionResult as GraphQLExecutionResult
 from graphql import GraphQLError, get_operation_ast
 from strawberry.extensions import SchemaExtension
 from strawberry.extensions.runner import SchemaExtensionsRunner
+from strawberry.federation.schema import FederationAny
 from strawberry.schema.config import StrawberryConfig
 from strawberry.types import ExecutionContext, ExecutionResult
 from strawberry.types.graphql import OperationType
 
-from consumers_graphql.api.context import Context
+from consumers_graphql.api.context import Context, Info
 from consumers_graphql.api.executor import execute_compiled, plan_mutations
+from consumers_graphql.api.federation import public_sdl, resolve_entities
 from consumers_graphql.api.limits import (
     MAX_COST_EXCEEDED,
     OPERATION_NAMED,
@@ -265,10 +267,26 @@ class _Runner(SchemaExtensionsRunner):
         return _Phase(self._hooked, "on_execute")
 
 
-class Schema(strawberry.Schema):
+class Schema(strawberry.federation.Schema):
+    """An Apollo Federation v2 subgraph (`_service`, `_entities`; see api/federation.py)."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._lean_hooks: dict[type, dict[str, _Hook] | None] = {}
+
+    # Strawberry's resolves each representation with the type's resolve_reference, one at a
+    # time, and fails the whole field on a representation without a known __typename; ours
+    # loads them all through the request's DataLoaders. Strawberry installs this method as
+    # the `_entities` resolver (and sets its return annotation to the `_Entity` union).
+    def entities_resolver(  # type: ignore[override]  # async: one gather for every entry
+        self, info: Info, representations: list[FederationAny]
+    ) -> Awaitable[list[FederationAny]]:
+        return resolve_entities(info, representations)  # type: ignore[return-value]  # entities
+
+    def public_sdl(self) -> str:
+        """The SDL clients see, schema.graphql: without federation's additions (`as_str()`
+        is the subgraph's SDL, what `_service { sdl }` answers)."""
+        return public_sdl(self._schema)
 
     def create_extensions_runner(
         self, execution_context: ExecutionContext, extensions: list[SchemaExtension]

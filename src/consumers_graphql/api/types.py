@@ -148,7 +148,7 @@ def connection(
     )
 
 
-@strawberry.type(description="An end user of the platform.")
+@strawberry.federation.type(keys=["id"], description="An end user of the platform.")
 class Consumer(Node):
     id: strawberry.ID
     email: str | None = strawberry.field(description="Unique case-insensitively.")
@@ -258,7 +258,7 @@ async def consumer_connection(
     )
 
 
-@strawberry.type(description="A named group of consumers.")
+@strawberry.federation.type(keys=["id"], description="A named group of consumers.")
 class Audience(Node):
     id: strawberry.ID
     name: str = strawberry.field(description="Unique.")
@@ -298,7 +298,7 @@ class Audience(Node):
         )
 
 
-@strawberry.type(description="An order a consumer placed.")
+@strawberry.federation.type(keys=["id"], description="An order a consumer placed.")
 class Order(Node):
     id: strawberry.ID
     consumer_id: strawberry.Private[str]
