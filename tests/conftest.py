@@ -50,7 +50,8 @@ def throttle_status(taken: int = 0) -> dict[str, Any]:
             "restoreRate": float(TEST_BUCKET)}
 
 
-TABLES = ("idempotency_keys", "consumer_audiences", "orders", "api_keys", "audiences", "consumers")
+TABLES = ("events", "idempotency_keys", "consumer_audiences", "orders", "api_keys", "audiences",
+          "consumers")
 
 
 @pytest.fixture

@@ -115,6 +115,8 @@ class Settings(BaseSettings):
     # past it the key counts as new. At most 30 days: the table grows with every keyed
     # write kept, and expired rows are pruned only by later keyed writes.
     idempotency_key_hours: float = Field(default=24.0, gt=0, le=720, allow_inf_nan=False)
+    # How long change events are kept (store/events.py): a cursor older than that is refused.
+    event_retention_days: int = Field(default=30, ge=1, le=3650)
     # Request limits on /graphql, checked before anything runs (see the README).
     max_depth: int = Field(default=12, ge=1)
     max_aliases: int = Field(default=30, ge=0)
