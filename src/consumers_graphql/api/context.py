@@ -9,7 +9,8 @@ import strawberry
 from consumers_graphql.api.loaders import Loaders
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.db import Database
-from consumers_graphql.store.keys import Principal
+from consumers_graphql.store.event_hub import EventHub
+from consumers_graphql.store.keys import KeyStore, Principal
 from consumers_graphql.store.repository import Repository
 from consumers_graphql.web.rate_limit import RateLimiter, Throttle
 
@@ -36,6 +37,10 @@ class Context:
     # the cost is taken), `charged` says it was taken (the second pass executes at once).
     charge_only: bool = False
     charged: bool = False
+    # A WebSocket's context (api/websocket.py): the process's fan-out of change events, and
+    # the keys that connection_init checks. None over HTTP.
+    event_hub: EventHub | None = None
+    keys: KeyStore | None = None
 
 
 Info = strawberry.Info[Context, None]

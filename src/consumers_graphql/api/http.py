@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from datetime import timedelta
 from functools import partial
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -32,6 +33,7 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL as StrawberryGraphQL
 from strawberry.exceptions import MissingQueryError
 from strawberry.http import GraphQLHTTPResponse
@@ -42,6 +44,12 @@ from strawberry.types.graphql import OperationType as StrawberryOperationType
 from consumers_graphql.api.context import Context
 from consumers_graphql.api.limits import LIMIT_CODES
 from consumers_graphql.api.permissions import FORBIDDEN
+from consumers_graphql.api.websocket import (
+    GRAPHQL_TRANSPORT_WS,
+    SUBPROTOCOL_CLOSE,
+    SubscriptionsHandler,
+    subprotocol_refusal,
+)
 from consumers_graphql.store.outage import SERVICE_UNAVAILABLE
 from consumers_graphql.web import idempotency, observe
 from consumers_graphql.web.dependencies import JSON, MEDIA_TYPE_STATE
@@ -239,6 +247,7 @@ class _Refused(Exception):
 
 
 ContextFactory = Callable[[Request, BackgroundTasks], AbstractAsyncContextManager[Context]]
+SocketContextFactory = Callable[[WebSocket], Context]
 _MALFORMED_VARIABLES = "The GraphQL operation's `variables` must be an object or null, if provided."
 
 
@@ -255,21 +264,27 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
     `context` opens what a request needs (its read connection, its principal) and closes it
     once the response is sent; background tasks (the key's lastUsedAt) run after that."""
 
+    graphql_transport_ws_handler_class = SubscriptionsHandler
+
     def __init__(self, schema: Any, *, context: ContextFactory,
-                 ide_page: str | None = None, retry_after_s: int = 5) -> None:
-        """``ide_page``: the GraphiQL page's HTML (web/graphiql.py), None for no page."""
-        super().__init__(schema, graphql_ide="graphiql" if ide_page is not None else None)
+                 ide_page: str | None = None, retry_after_s: int = 5,
+                 socket_context: SocketContextFactory | None = None,
+                 init_timeout_s: float = 10.0, subscriptions_per_socket: int = 20) -> None:
+        """``ide_page``: the GraphiQL page's HTML (web/graphiql.py), None for no page.
+        ``socket_context``: a WebSocket's context (None: WebSockets are refused)."""
+        super().__init__(schema, graphql_ide="graphiql" if ide_page is not None else None,
+                         subscription_protocols=(GRAPHQL_TRANSPORT_WS,),
+                         connection_init_wait_timeout=timedelta(seconds=init_timeout_s),
+                         max_subscriptions_per_connection=subscriptions_per_socket)
         self._context = context
+        self._socket_context = socket_context
         self._retry_after = str(retry_after_s).encode()
         self._ide_page = ide_page
         self._page_policy = page_policy(ide_page) if ide_page is not None else ""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
-            # No WebSocket transport yet, so no key check for one: refused before Strawberry's
-            # view, whose default context would carry no principal (and ScopeCheck refuses
-            # such a context too).
-            await send({"type": "websocket.close", "code": 4403})
+            await self._socket(scope, receive, send)
             return
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
@@ -309,6 +324,24 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
             await send({"type": "http.response.body", "body": _UNAUTHENTICATED_BODY})
             return
         await tasks()
+
+    async def _socket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket (api/websocket.py): refused at once without graphql-transport-ws, else
+        Strawberry's view with a context of its own for the connection's life."""
+        socket = WebSocket(scope, receive, send)
+        if self._socket_context is None:
+            await socket.close(code=4403)  # (before the handshake: HTTP 403)
+            return
+        refusal = subprotocol_refusal(list(scope.get("subprotocols") or ()))
+        if refusal is not None:
+            await socket.accept()
+            await socket.close(code=SUBPROTOCOL_CLOSE, reason=refusal)
+            return
+        context = self._socket_context(socket)
+        try:
+            await self.run(socket, context=context)
+        finally:
+            await context.repository.reader.close()
 
     async def _answer(
         self, request: Request, params: QueryParams | None, context: Context

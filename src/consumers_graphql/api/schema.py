@@ -31,6 +31,7 @@ from consumers_graphql.api.mutation import Mutation
 from consumers_graphql.api.permissions import ScopeCheck
 from consumers_graphql.api.query import Query
 from consumers_graphql.api.scalars import DateTime
+from consumers_graphql.api.subscription import Subscription
 from consumers_graphql.api.tracing import OperationTracing
 from consumers_graphql.api.types import Audience, Consumer, Order
 from consumers_graphql.errors import DomainError
@@ -416,6 +417,7 @@ def build_schema(
     schema = Schema(
         query=Query,
         mutation=Mutation,
+        subscription=Subscription,
         types=[Consumer, Audience, Order],
         extensions=extensions,
         config=StrawberryConfig(

@@ -1,0 +1,354 @@
+"""Subscription.events over a real WebSocket (graphql-transport-ws, the `websockets` client):
+the session app served by uvicorn on a loopback port, writes through GraphQL over HTTP; and
+two `serve` processes on one database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+import websockets
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from websockets.asyncio.client import ClientConnection
+
+from consumers_graphql.settings import Settings
+from consumers_graphql.store.keys import Scope
+from consumers_graphql.web.app import create_app
+from tests.conftest import ADMIN_DATABASE_URL, TEST_DATABASE_URL, GraphQL, new_migrated_database
+from tests.log_audit import AUDIT, asgi_client
+from tests.processes import Served, free_port
+
+SUBSCRIBE = """
+subscription Events($types: [EventType!], $subjectId: ID, $after: String) {
+  events(types: $types, subjectId: $subjectId, after: $after) { id type subjectId data }
+}
+"""
+CREATE = """
+mutation Create($email: String!) { consumerCreate(input: {email: $email}) { consumer { id } } }
+"""
+BATCH_CREATE = """
+mutation BatchCreate($input: [ConsumerCreateInput!]!) { consumerBatchCreate(input: $input) { count } }
+"""
+UPDATE = """
+mutation Update($id: ID!, $name: String!) {
+  consumerUpdate(id: $id, input: {fullName: $name}) { consumer { id } }
+}
+"""
+PROTOCOL = "graphql-transport-ws"
+WAIT_S = 10.0
+
+
+@asynccontextmanager
+async def served(app: FastAPI) -> AsyncIterator[str]:
+    """`app` (its lifespan already running) on a loopback port: the WebSocket URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
+                                           ws="websockets-sansio", log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not task.done(), "uvicorn did not start"
+        await asyncio.sleep(0.01)
+    try:
+        yield f"ws://127.0.0.1:{port}/graphql"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture(scope="session")
+async def ws_url(app: FastAPI) -> AsyncIterator[str]:
+    async with served(app) as url:
+        yield url
+
+
+@asynccontextmanager
+async def connected(url: str, secret: str) -> AsyncIterator[ClientConnection]:
+    async with websockets.connect(url, subprotocols=[PROTOCOL]) as socket:  # type: ignore[list-item]
+        await socket.send(json.dumps({"type": "connection_init",
+                                      "payload": {"Authorization": f"Bearer {secret}"}}))
+        assert json.loads(await socket.recv()) == {"type": "connection_ack"}
+        yield socket
+
+
+async def subscribe(socket: ClientConnection, operation_id: str, **variables: Any) -> None:
+    await socket.send(json.dumps({"id": operation_id, "type": "subscribe", "payload": {
+        "query": SUBSCRIBE, "variables": variables}}))
+
+
+async def receive(socket: ClientConnection) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(await asyncio.wait_for(socket.recv(), WAIT_S))
+    return message
+
+
+async def events(socket: ClientConnection, count: int, operation_id: str = "1"
+                 ) -> list[dict[str, Any]]:
+    found = []
+    while len(found) < count:
+        message = await receive(socket)
+        assert message["type"] == "next" and message["id"] == operation_id, message
+        assert "errors" not in message["payload"], message
+        found.append(message["payload"]["data"]["events"])
+    return found
+
+
+async def settled() -> None:
+    """Long enough for a subscription sent just before to be registered with the hub."""
+    await asyncio.sleep(0.2)
+
+
+async def create(gql: GraphQL, *emails: str) -> list[str]:
+    return [(await gql.data(CREATE, {"email": email}))["consumerCreate"]["consumer"]["id"]
+            for email in emails]
+
+
+async def closed_with(socket: ClientConnection) -> tuple[int, str]:
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        while True:
+            await asyncio.wait_for(socket.recv(), WAIT_S)
+    assert closed.value.rcvd is not None
+    return closed.value.rcvd.code, closed.value.rcvd.reason
+
+
+# --- the handshake and the key -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("payload", [{}, {"Authorization": "Bearer sk_live_unknown"},
+                                     {"Authorization": "sk_live_no_scheme"}])
+async def test_a_missing_or_unknown_key_closes_4401(ws_url: str, payload: dict[str, str]
+                                                    ) -> None:
+    async with websockets.connect(ws_url, subprotocols=[PROTOCOL]) as socket:  # type: ignore[list-item]
+        await socket.send(json.dumps({"type": "connection_init", "payload": payload}))
+        code, reason = await closed_with(socket)
+    assert code == 4401 and "Authorization" in reason
+
+
+async def test_a_revoked_key_closes_4401(ws_url: str, app: FastAPI) -> None:
+    created = await app.state.keys.create("revoked", scopes=frozenset({Scope.READ}))
+    secret = created.secret.get_secret_value()
+    AUDIT.use(secret)
+    await app.state.keys.revoke(created.info.id)
+    async with websockets.connect(ws_url, subprotocols=[PROTOCOL]) as socket:  # type: ignore[list-item]
+        await socket.send(json.dumps({"type": "connection_init",
+                                      "payload": {"Authorization": f"Bearer {secret}"}}))
+        assert (await closed_with(socket))[0] == 4401
+
+
+async def test_a_key_without_the_read_scope_closes_4403(ws_url: str, app: FastAPI) -> None:
+    created = await app.state.keys.create("writer", scopes=frozenset({Scope.WRITE}))
+    secret = created.secret.get_secret_value()
+    AUDIT.use(secret)
+    async with websockets.connect(ws_url, subprotocols=[PROTOCOL]) as socket:  # type: ignore[list-item]
+        await socket.send(json.dumps({"type": "connection_init",
+                                      "payload": {"Authorization": f"Bearer {secret}"}}))
+        code, reason = await closed_with(socket)
+    assert code == 4403 and "`read`" in reason
+
+
+async def test_no_subscription_before_the_ack(ws_url: str, execution_path: str) -> None:
+    async with websockets.connect(ws_url, subprotocols=[PROTOCOL]) as socket:  # type: ignore[list-item]
+        await subscribe(socket, "1")
+        assert (await closed_with(socket))[0] == 4401
+
+
+async def test_the_legacy_protocol_is_refused_by_name(ws_url: str) -> None:
+    async with websockets.connect(ws_url, subprotocols=["graphql-ws"]) as socket:  # type: ignore[list-item]
+        code, reason = await closed_with(socket)
+    assert code == 4406 and "graphql-transport-ws" in reason and "legacy" in reason
+
+
+async def test_queries_and_mutations_go_over_http(ws_url: str, api_key: str,
+                                                  execution_path: str) -> None:
+    async with connected(ws_url, api_key) as socket:
+        for operation_id, query in (("q", "{ __typename }"),
+                                    ("m", 'mutation { consumerDelete(id: "cons_x") { deletedId } }')):
+            await socket.send(json.dumps({"id": operation_id, "type": "subscribe",
+                                          "payload": {"query": query}}))
+            message = await receive(socket)
+            assert message["type"] == "error" and message["id"] == operation_id
+            assert message["payload"][0]["extensions"]["code"] == "OPERATION_NOT_SUPPORTED"
+
+
+# --- order, filters, replay --------------------------------------------------------------------
+
+
+async def test_live_events_in_commit_order_filtered(ws_url: str, api_key: str,
+                                                   gql: GraphQL) -> None:
+    async with connected(ws_url, api_key) as socket:
+        await subscribe(socket, "1")
+        await subscribe(socket, "created", types=["CONSUMER_CREATED"])
+        await settled()
+        ids = await create(gql, "a@example.com", "b@example.com", "c@example.com")
+        await gql.data(UPDATE, {"id": ids[1], "name": "B"})
+        await subscribe(socket, "about-b", subjectId=ids[1], after=None)
+        every = []
+        by_operation: dict[str, list[dict[str, Any]]] = {"1": [], "created": [], "about-b": []}
+        await settled()
+        await gql.data(UPDATE, {"id": ids[1], "name": "Bee"})
+        await gql.data(UPDATE, {"id": ids[0], "name": "A"})
+        while len(by_operation["1"]) < 6 or len(by_operation["about-b"]) < 1:
+            message = await receive(socket)
+            assert message["type"] == "next", message
+            by_operation[message["id"]].append(message["payload"]["data"]["events"])
+        every = by_operation["1"]
+    assert [(e["type"], e["subjectId"]) for e in every] == [
+        ("CONSUMER_CREATED", ids[0]), ("CONSUMER_CREATED", ids[1]), ("CONSUMER_CREATED", ids[2]),
+        ("CONSUMER_UPDATED", ids[1]), ("CONSUMER_UPDATED", ids[1]), ("CONSUMER_UPDATED", ids[0])]
+    assert [e["id"] for e in every] == sorted(e["id"] for e in every)
+    assert [e["subjectId"] for e in by_operation["created"]] == ids
+    assert [(e["type"], e["data"]["fullName"]) for e in by_operation["about-b"]] == [
+        ("CONSUMER_UPDATED", "Bee")]
+
+
+async def test_after_replays_then_goes_live(ws_url: str, api_key: str, gql: GraphQL) -> None:
+    async with connected(ws_url, api_key) as socket:
+        await subscribe(socket, "1")
+        await settled()
+        ids = await create(gql, "r1@example.com", "r2@example.com", "r3@example.com")
+        first = (await events(socket, 3))[0]
+    async with connected(ws_url, api_key) as socket:
+        await subscribe(socket, "1", after=first["id"], types=["CONSUMER_CREATED"])
+        replayed = await events(socket, 2)
+        assert [e["subjectId"] for e in replayed] == ids[1:]
+        live = await create(gql, "r4@example.com")
+        assert [e["subjectId"] for e in await events(socket, 1)] == live
+
+
+async def test_a_bad_after_is_bad_user_input(ws_url: str, api_key: str,
+                                             execution_path: str) -> None:
+    async with connected(ws_url, api_key) as socket:
+        await subscribe(socket, "1", after="evt_nonsense")
+        message = await receive(socket)
+    assert message["type"] == "next", message
+    [error] = message["payload"]["errors"]
+    assert error["extensions"]["code"] == "BAD_USER_INPUT" and "`after`" in error["message"]
+
+
+async def test_no_gap_and_no_duplicate_across_a_reconnect_while_writes_go_on(
+        ws_url: str, api_key: str, gql: GraphQL) -> None:
+    emails = [f"w{n}@example.com" for n in range(30)]
+    seen: list[dict[str, Any]] = []
+    async with connected(ws_url, api_key) as socket:
+        await subscribe(socket, "1", types=["CONSUMER_CREATED"])
+        await settled()
+        writer = asyncio.create_task(create(gql, *emails))
+        seen += await events(socket, 5)
+    # gone while the writes continue; back with `after`
+    await asyncio.sleep(0.1)
+    async with connected(ws_url, api_key) as socket:
+        await subscribe(socket, "1", types=["CONSUMER_CREATED"], after=seen[-1]["id"])
+        seen += await events(socket, len(emails) - 5)
+        ids = await writer
+        with pytest.raises(TimeoutError):  # nothing more: no duplicate came after
+            await asyncio.wait_for(socket.recv(), 0.5)
+    assert [e["subjectId"] for e in seen] == ids
+
+
+# --- limits ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def limited(settings: Settings) -> AsyncIterator[tuple[FastAPI, str]]:
+    """An app with a tiny buffer and two subscriptions per key, served."""
+    app = create_app(settings.model_copy(update={"subscription_buffer": 3,
+                                                 "subscriptions_per_key": 2}))
+    async with LifespanManager(app), served(app) as url:
+        yield app, url
+
+
+async def test_a_subscriber_that_falls_behind_is_ended_and_resumes_with_after(
+        limited: tuple[FastAPI, str], api_key: str, execution_path: str) -> None:
+    app, url = limited
+    async with asgi_client(app) as client:
+        gql = GraphQL(client, api_key)
+        async with connected(url, api_key) as socket:
+            await subscribe(socket, "1")
+            await settled()
+            [first] = await create(gql, "first@example.com")
+            [delivered] = await events(socket, 1)
+            # ten events in one commit: more than the buffer of 3 at once
+            await gql.data(BATCH_CREATE, {"input": [{"email": f"b{n}@example.com"}
+                                                    for n in range(10)]})
+            message = await receive(socket)
+            assert message["type"] == "next" and message["payload"]["data"] is None, message
+            [error] = message["payload"]["errors"]
+            assert error["extensions"] == {"code": "SUBSCRIBER_TOO_SLOW",
+                                           "after": delivered["id"]}
+            assert delivered["id"] in error["message"]
+            assert (await receive(socket))["type"] == "complete"
+            # resumed: all ten, replayed (an overflow while replaying reads on)
+            await subscribe(socket, "2", after=delivered["id"])
+            resumed = await events(socket, 10, "2")
+    assert delivered["subjectId"] == first
+    assert len({e["subjectId"] for e in resumed}) == 10
+
+
+async def test_subscriptions_per_key(limited: tuple[FastAPI, str], api_key: str,
+                                     execution_path: str) -> None:
+    _app, url = limited
+    async with connected(url, api_key) as one, connected(url, api_key) as two:
+        await subscribe(one, "1")
+        await subscribe(one, "2")
+        await settled()
+        await subscribe(two, "3")
+        message = await receive(two)
+    assert message["type"] == "next"
+    [error] = message["payload"]["errors"]
+    assert error["extensions"]["code"] == "SUBSCRIPTION_LIMIT_REACHED"
+    assert "CONSUMERS_SUBSCRIPTIONS_PER_KEY" in error["message"]
+
+
+# --- several processes -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("poll", [False, True])
+async def test_a_write_through_one_process_reaches_a_subscriber_on_another(
+        tmp_path: Path, poll: bool) -> None:
+    """Two `serve` processes on one database: PostgreSQL through LISTEN/NOTIFY (or polling,
+    as behind a pooler without a listen URL), SQLite by polling."""
+    env = {"CONSUMERS_EVENTS_POLL_INTERVAL_MS": "100"}
+    if TEST_DATABASE_URL:
+        if poll:
+            env["CONSUMERS_DATABASE_POOLER"] = "transaction"
+        elif os.environ.get("CONSUMERS_DATABASE_POOLER") == "transaction":
+            # CI behind pgbouncer: LISTEN on the server itself
+            env["CONSUMERS_EVENTS_LISTEN_URL"] = ADMIN_DATABASE_URL or ""
+        async with new_migrated_database("consumers_subs") as url:
+            await _across_processes(url, tmp_path, env)
+    else:
+        if not poll:
+            pytest.skip("SQLite: other processes' commits are seen by polling only")
+        await _across_processes(f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}", tmp_path, env)
+
+
+async def _across_processes(url: str, tmp_path: Path, env: dict[str, str]) -> None:
+    writer = Served(url, tmp_path, env)
+    try:
+        writer.wait_until_up()
+        secret = writer.secret()
+        reader = Served(url, tmp_path, env)
+        try:
+            reader.wait_until_up()
+            ws = reader.url.replace("http://", "ws://") + "/graphql"
+            async with connected(ws, secret) as socket:
+                await subscribe(socket, "1")
+                await settled()
+                async with httpx.AsyncClient(base_url=writer.url,
+                                             event_hooks=AUDIT.event_hooks()) as client:
+                    ids = await create(GraphQL(client, secret), "x1@example.com",
+                                       "x2@example.com")
+                got = await events(socket, 2)
+            assert [e["subjectId"] for e in got] == ids
+        finally:
+            reader.stop()
+        assert "GET /graphql HTTP/1.1\" 101" in reader.output, reader.output
+    finally:
+        writer.stop()
