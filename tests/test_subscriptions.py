@@ -36,13 +36,16 @@ CREATE = """
 mutation Create($email: String!) { consumerCreate(input: {email: $email}) { consumer { id } } }
 """
 BATCH_CREATE = """
-mutation BatchCreate($input: [ConsumerCreateInput!]!) { consumerBatchCreate(input: $input) { count } }
+mutation BatchCreate($input: [ConsumerCreateInput!]!) {
+  consumerBatchCreate(input: $input) { count }
+}
 """
 UPDATE = """
 mutation Update($id: ID!, $name: String!) {
   consumerUpdate(id: $id, input: {fullName: $name}) { consumer { id } }
 }
 """
+DELETE = 'mutation { consumerDelete(id: "cons_x") { deletedId } }'
 PROTOCOL = "graphql-transport-ws"
 WAIT_S = 10.0
 
@@ -168,8 +171,7 @@ async def test_the_legacy_protocol_is_refused_by_name(ws_url: str) -> None:
 async def test_queries_and_mutations_go_over_http(ws_url: str, api_key: str,
                                                   execution_path: str) -> None:
     async with connected(ws_url, api_key) as socket:
-        for operation_id, query in (("q", "{ __typename }"),
-                                    ("m", 'mutation { consumerDelete(id: "cons_x") { deletedId } }')):
+        for operation_id, query in (("q", "{ __typename }"), ("m", DELETE)):
             await socket.send(json.dumps({"id": operation_id, "type": "subscribe",
                                           "payload": {"query": query}}))
             message = await receive(socket)
