@@ -32,7 +32,7 @@ from consumers_graphql.api.permissions import ScopeCheck
 from consumers_graphql.api.query import Query
 from consumers_graphql.api.scalars import DateTime
 from consumers_graphql.api.tracing import OperationTracing
-from consumers_graphql.api.types import Audience, Consumer, Order
+from consumers_graphql.api.types import Audience, Consumer, Event, Order
 from consumers_graphql.errors import DomainError
 from consumers_graphql.store import outage
 from consumers_graphql.store.keys import Principal
@@ -416,7 +416,7 @@ def build_schema(
     schema = Schema(
         query=Query,
         mutation=Mutation,
-        types=[Consumer, Audience, Order],
+        types=[Consumer, Audience, Order, Event],
         extensions=extensions,
         config=StrawberryConfig(
             scalar_map={datetime: DateTime},
