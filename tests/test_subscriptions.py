@@ -23,7 +23,13 @@ from websockets.asyncio.client import ClientConnection
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.keys import Scope
 from consumers_graphql.web.app import create_app
-from tests.conftest import ADMIN_DATABASE_URL, TEST_DATABASE_URL, GraphQL, new_migrated_database
+from tests.conftest import (
+    ADMIN_DATABASE_URL,
+    TEST_DATABASE_URL,
+    GraphQL,
+    new_migrated_database,
+    on_path,
+)
 from tests.log_audit import AUDIT, asgi_client
 from tests.processes import Served, free_port
 
@@ -258,10 +264,12 @@ async def test_no_gap_and_no_duplicate_across_a_reconnect_while_writes_go_on(
 
 
 @pytest.fixture
-async def limited(settings: Settings) -> AsyncIterator[tuple[FastAPI, str]]:
+async def limited(settings: Settings, execution_path: str
+                  ) -> AsyncIterator[tuple[FastAPI, str]]:
     """An app with a tiny buffer and two subscriptions per key, served."""
     app = create_app(settings.model_copy(update={"subscription_buffer": 3,
                                                  "subscriptions_per_key": 2}))
+    on_path(app, execution_path)
     async with LifespanManager(app), served(app) as url:
         yield app, url
 

@@ -33,7 +33,7 @@ from consumers_graphql.api.query import Query
 from consumers_graphql.api.scalars import DateTime
 from consumers_graphql.api.subscription import Subscription
 from consumers_graphql.api.tracing import OperationTracing
-from consumers_graphql.api.types import Audience, Consumer, Order
+from consumers_graphql.api.types import Audience, Consumer, Event, Order
 from consumers_graphql.errors import DomainError
 from consumers_graphql.store import outage
 from consumers_graphql.store.keys import Principal
@@ -418,7 +418,7 @@ def build_schema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
-        types=[Consumer, Audience, Order],
+        types=[Consumer, Audience, Order, Event],
         extensions=extensions,
         config=StrawberryConfig(
             scalar_map={datetime: DateTime},

@@ -6,20 +6,18 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncGenerator
-from datetime import datetime
-from enum import Enum
-from typing import Any, cast
+from typing import Any
 
 import strawberry
 from graphql import GraphQLError
-from strawberry.scalars import JSON
 
 from consumers_graphql.api import decorators
 from consumers_graphql.api.context import Info
+from consumers_graphql.api.types import Event
 from consumers_graphql.errors import DomainError
 from consumers_graphql.store import events
 from consumers_graphql.store.event_hub import EventFilter, Overflowed, SubscriptionLimitReached
-from consumers_graphql.store.events import EventRecord
+from consumers_graphql.store.events import EventType as EventKind
 from consumers_graphql.store.outage import GRAPHQL_MESSAGE, SERVICE_UNAVAILABLE, is_unavailable
 from consumers_graphql.web.rate_limit import THROTTLED, RateLimitUnavailable
 
@@ -29,36 +27,6 @@ INTERNAL_SERVER_ERROR = "INTERNAL_SERVER_ERROR"
 INTERNAL_MESSAGE = "Internal server error."
 SUBSCRIPTION_LIMIT_REACHED = "SUBSCRIPTION_LIMIT_REACHED"
 SUBSCRIBER_TOO_SLOW = "SUBSCRIBER_TOO_SLOW"
-
-# Provisional until the outbox's GraphQL `Event` type lands (its names are DESIGN.md's).
-@strawberry.enum(description="What happened to the subject.")
-class EventType(Enum):
-    CONSUMER_CREATED = "CONSUMER_CREATED"
-    CONSUMER_UPDATED = "CONSUMER_UPDATED"
-    CONSUMER_DELETED = "CONSUMER_DELETED"
-    ORDER_RECORDED = "ORDER_RECORDED"
-    ORDER_DELETED = "ORDER_DELETED"
-    AUDIENCE_CREATED = "AUDIENCE_CREATED"
-    AUDIENCE_UPDATED = "AUDIENCE_UPDATED"
-    AUDIENCE_DELETED = "AUDIENCE_DELETED"
-    AUDIENCE_MEMBERS_ADDED = "AUDIENCE_MEMBERS_ADDED"
-    AUDIENCE_MEMBERS_REMOVED = "AUDIENCE_MEMBERS_REMOVED"
-
-
-@strawberry.type(description="A change, recorded by the write that made it.")
-class Event:
-    id: strawberry.ID
-    type: EventType
-    occurred_at: datetime
-    subject_id: strawberry.ID
-    data: JSON = strawberry.field(description="The subject as the REST API shows it.")
-
-    @classmethod
-    def from_record(cls, record: EventRecord) -> Event:
-        return cls(id=strawberry.ID(record.id), type=EventType[record.type],
-                   occurred_at=record.occurred_at, subject_id=strawberry.ID(record.subject_id),
-                   data=cast(JSON, record.data))
-
 
 def _error(message: str, code: str, **extensions: Any) -> GraphQLError:
     return GraphQLError(message, extensions={"code": code, **extensions})
@@ -77,7 +45,7 @@ class Subscription:
         "`after` set to the last event received. Only over the graphql-transport-ws "
         "WebSocket at /graphql."))
     async def events(
-        self, info: Info, types: list[EventType] | None = None,
+        self, info: Info, types: list[EventKind] | None = None,
         subject_id: strawberry.ID | None = None, after: str | None = None,
     ) -> AsyncGenerator[Event, None]:
         context = info.context

@@ -45,6 +45,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any, NewType, cast
 
 from sqlalchemy import (
@@ -60,31 +61,40 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy import cast as sql_cast
+from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import Executable
 from ulid import ULID
 
 from consumers_graphql.errors import BadUserInput
 from consumers_graphql.ids import IdKind, kind_of, sequential_ids
 from consumers_graphql.store import models
-from consumers_graphql.store.db import Database
+from consumers_graphql.store.db import Database, Reader
+from consumers_graphql.store.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page
 
 logger = logging.getLogger("consumers_graphql.events")
 
 events = cast(Table, models.Event.__table__)
 
-EVENT_TYPES: tuple[str, ...] = (
-    "CONSUMER_CREATED",
-    "CONSUMER_UPDATED",
-    "CONSUMER_DELETED",
-    "ORDER_RECORDED",
-    "ORDER_DELETED",
-    "AUDIENCE_CREATED",
-    "AUDIENCE_UPDATED",
-    "AUDIENCE_DELETED",
-    "AUDIENCE_MEMBERS_ADDED",
-    "AUDIENCE_MEMBERS_REMOVED",
-)
+
+
+class EventType(StrEnum):
+    """What changed (DESIGN.md's names). The subject is the consumer, order or audience."""
+
+    CONSUMER_CREATED = "CONSUMER_CREATED"
+    CONSUMER_UPDATED = "CONSUMER_UPDATED"
+    CONSUMER_DELETED = "CONSUMER_DELETED"
+    ORDER_RECORDED = "ORDER_RECORDED"
+    ORDER_DELETED = "ORDER_DELETED"
+    AUDIENCE_CREATED = "AUDIENCE_CREATED"
+    AUDIENCE_UPDATED = "AUDIENCE_UPDATED"
+    AUDIENCE_DELETED = "AUDIENCE_DELETED"
+    AUDIENCE_MEMBERS_ADDED = "AUDIENCE_MEMBERS_ADDED"
+    AUDIENCE_MEMBERS_REMOVED = "AUDIENCE_MEMBERS_REMOVED"
+
+
+EVENT_TYPES: tuple[str, ...] = tuple(kind.value for kind in EventType)
 _EVENT_TYPES = frozenset(EVENT_TYPES)
 
 # Opaque to callers: compare them, keep them, give them back. (An integer underneath: the
@@ -93,12 +103,20 @@ Position = NewType("Position", int)
 
 NOTIFY_CHANNEL = "consumers_events"
 
+# Execution options that mark the statements of the outbox a write sends (EVENTS_: its
+# events, one INSERT, on PostgreSQL after the lock) and the prune's (PRUNE_: at most once a
+# PRUNE_INTERVAL_S): the tests count them apart from the write's own.
+EVENTS_EXECUTION_OPTION = "consumers_events"
+PRUNE_EXECUTION_OPTION = "consumers_events_prune"
+_MARKED = {EVENTS_EXECUTION_OPTION: True}
+
 # The transaction-level advisory lock every PostgreSQL transaction takes right before it
-# inserts its events (see the module's docstring): a fixed 64-bit key, the first 8 bytes of
-# sha256("consumers_graphql.events") (idempotency keys hash theirs the same way).
+# inserts its events (see the module's docstring): a fixed 64-bit key of its own (idempotency
+# keys and upserts lock 64-bit hashes and a two-key space, which it is unlikely to meet).
 EVENTS_LOCK = 0x1E6B_4C0A_93F2_5D71
 _LOCK = text("SELECT pg_advisory_xact_lock(:lock_id)").bindparams(
-    bindparam("lock_id", type_=BigInteger))
+    bindparam("lock_id", type_=BigInteger)).execution_options(
+        **{EVENTS_EXECUTION_OPTION: True})
 
 # Expired events a prune deletes, at most, and how often a process prunes, at most, unless
 # its last prune found a full batch.
@@ -158,9 +176,10 @@ async def record_events(database: Database, session: AsyncSession,
         await session.execute(_LOCK, {"lock_id": EVENTS_LOCK})
         inserted = insert(events).values(rows).returning(events.c.position).cte("inserted")
         await session.execute(select(func.pg_notify(
-            NOTIFY_CHANNEL, sql_cast(func.max(inserted.c.position), Text))))
+            NOTIFY_CHANNEL, sql_cast(func.max(inserted.c.position), Text)))
+            .execution_options(**_MARKED))
     else:
-        await session.execute(insert(events).values(rows))
+        await session.execute(insert(events).values(rows).execution_options(**_MARKED))
     _mark(database, session.sync_session)
 
 
@@ -223,6 +242,32 @@ def _record(row: Any) -> EventRecord:
                        row.occurred_at, row.data)
 
 
+async def _rows(database: Database, reader: Reader | None,
+                *statements: Executable) -> list[Sequence[Row[Any]]]:
+    """The rows of each statement: on the request's `reader` when given (the API's faces:
+    its connection is given back when the request ends, whatever its fields do), else on a
+    connection of the primary's (a notification announced an event: it is there)."""
+    if reader is not None:
+        return [(await reader.execute(statement)).all() for statement in statements]
+    async with database.primary_engine.connect() as conn:
+        return [(await conn.execute(statement)).all() for statement in statements]
+
+
+def _filtered(statement: Any, types: Sequence[str] | None, subject_id: str | None) -> Any:
+    if types is not None:
+        statement = statement.where(events.c.type.in_(list(types)))
+    if subject_id is not None:
+        statement = statement.where(events.c.subject_id == subject_id)
+    return statement
+
+
+def _after(after: Position | None, types: Sequence[str] | None, subject_id: str | None,
+           limit: int) -> Any:
+    statement = _filtered(select(*_COLUMNS).order_by(events.c.position).limit(limit),
+                          types, subject_id)
+    return statement if after is None else statement.where(events.c.position > after)
+
+
 async def read_events(database: Database, *, after: Position | None,
                       types: Sequence[str] | None, subject_id: str | None,
                       limit: int) -> list[EventRecord]:
@@ -230,43 +275,73 @@ async def read_events(database: Database, *, after: Position | None,
     order, of `types` (any when None) and about `subject_id` (any when None). Read on the
     primary, so that an event a notification announced is there. Every committed event is
     safe to hand out (the module's docstring says why)."""
-    statement = select(*_COLUMNS).order_by(events.c.position).limit(limit)
-    if after is not None:
-        statement = statement.where(events.c.position > after)
-    if types is not None:
-        statement = statement.where(events.c.type.in_(list(types)))
-    if subject_id is not None:
-        statement = statement.where(events.c.subject_id == subject_id)
-    async with database.primary_engine.connect() as conn:
-        rows = (await conn.execute(statement)).all()
+    (rows,) = await _rows(database, None, _after(after, types, subject_id, limit))
     return [_record(row) for row in rows]
 
 
-async def events_by_id(database: Database, ids: Sequence[str]) -> dict[str, EventRecord]:
+class EventPage(Page[EventRecord]):
+    """A page of events: its cursors are the events' own."""
+
+    def cursor(self, index: int) -> str:
+        return self.items[index].cursor
+
+
+async def page_of_events(database: Database, reader: Reader, *, first: int | None,
+                         after: str | None, types: Sequence[str] | None,
+                         subject_id: str | None) -> EventPage:
+    """A page of the feed as every list of the API pages: `first` 0..MAX_PAGE_SIZE (default
+    DEFAULT_PAGE_SIZE), after the cursor or event id `after`, with exact hasNextPage and
+    hasPreviousPage; read on the request's `reader`. Bad arguments are BadUserInput
+    naming them."""
+    if first is None:
+        first = DEFAULT_PAGE_SIZE
+    elif not 0 <= first <= MAX_PAGE_SIZE:
+        raise BadUserInput(f"`first` must be between 0 and {MAX_PAGE_SIZE}; {first} was given.",
+                           field=["first"])
+    position = await resolve_after(database, after, reader=reader) if after is not None else None
+    statements = [_after(position, types, subject_id, first + 1)]
+    if position is not None:
+        statements.append(_filtered(
+            select(events.c.position).where(events.c.position <= position).limit(1),
+            types, subject_id))
+    rows, *before = await _rows(database, reader, *statements)
+    return EventPage([_record(row) for row in rows[:first]], has_next_page=len(rows) > first,
+                     has_previous_page=bool(before and before[0]))
+
+
+async def count_events(database: Database, reader: Reader, *, types: Sequence[str] | None,
+                       subject_id: str | None) -> int:
+    """How many events the filters keep, whatever the page (a connection's totalCount)."""
+    ((row,),) = await _rows(database, reader, _filtered(
+        select(func.count()).select_from(events), types, subject_id))
+    return int(row[0] or 0)
+
+
+async def events_by_id(database: Database, ids: Sequence[str], reader: Reader | None = None
+                       ) -> dict[str, EventRecord]:
     """The events of `ids` that are kept (for ``node(id: "evt_…")``)."""
     if not ids:
         return {}
-    async with database.primary_engine.connect() as conn:
-        rows = (await conn.execute(
-            select(*_COLUMNS).where(events.c.id.in_(list(ids))))).all()
+    (rows,) = await _rows(database, reader, select(*_COLUMNS).where(events.c.id.in_(list(ids))))
     return {row.id: _record(row) for row in rows}
 
 
 async def head(database: Database) -> Position | None:
     """The newest position (None: no event yet): "live from now" starts after it."""
-    async with database.primary_engine.connect() as conn:
-        value = (await conn.execute(select(func.max(events.c.position)))).scalar()
-    return None if value is None else Position(int(value))
+    ((row,),) = await _rows(database, None, select(func.max(events.c.position)))
+    return None if row[0] is None else Position(int(row[0]))
 
 
 def retention(database: Database) -> timedelta:
     return timedelta(days=database.settings.event_retention_days)
 
 
-async def resolve_after(database: Database, value: str, argument: str = "after") -> Position:
+async def resolve_after(database: Database, value: str, argument: str = "after", *,
+                        reader: Reader | None = None) -> Position:
     """The position of `value`: an event id (``evt_…``) or a cursor of Query.events. A
     malformed value, an unknown one, or one whose event is older than retention (or gone)
     is BadUserInput (BAD_USER_INPUT) naming `argument`."""
+    position: int | None = None
     if value.startswith(f"{IdKind.EVENT.value}_"):
         if kind_of(value) is not IdKind.EVENT:
             raise BadUserInput(f"`{argument}` is not a valid event id.", field=[argument])
@@ -274,12 +349,18 @@ async def resolve_after(database: Database, value: str, argument: str = "after")
     else:
         position, event_id = _decode_cursor(value, argument)
         where = events.c.position == position
-    async with database.primary_engine.connect() as conn:
-        row = (await conn.execute(
-            select(events.c.position, events.c.id, events.c.occurred_at).where(where))).first()
+    (found,) = await _rows(database, reader, select(
+        events.c.position, events.c.id, events.c.occurred_at).where(where))
     oldest = models.utcnow() - retention(database)
+    row = found[0] if found else None
     if row is None or row.id != event_id:
-        if _made_at(event_id) < oldest:
+        # A cursor's event is gone, not unknown, when its position is older than the oldest
+        # kept (prunes delete a prefix); an id's, when it was made before the retention.
+        pruned = False
+        if position is not None:
+            ((first_kept,),) = await _rows(database, reader, select(func.min(events.c.position)))
+            pruned = first_kept[0] is not None and position < first_kept[0]
+        if pruned or _made_at(event_id) < oldest:
             raise _expired(database, argument)
         raise BadUserInput(f"`{argument}` names no event.", field=[argument])
     if row.occurred_at < oldest:
@@ -349,7 +430,9 @@ async def prune(database: Database, session: AsyncSession) -> int:
     retention (plus PRUNE_GRACE); the number deleted. Costs one indexed read of one row
     when there is nothing to delete."""
     cutoff = models.utcnow() - retention(database) - PRUNE_GRACE
-    by_position = select(events.c.position, events.c.occurred_at).order_by(events.c.position)
+    by_position = (select(events.c.position, events.c.occurred_at)
+                   .order_by(events.c.position)
+                   .execution_options(**{PRUNE_EXECUTION_OPTION: True}))
     first = (await session.execute(by_position.limit(1))).first()
     if first is None or first.occurred_at >= cutoff:
         return 0
@@ -360,5 +443,6 @@ async def prune(database: Database, session: AsyncSession) -> int:
             break
         last = row.position
     assert last is not None, "the first row is past retention"
-    result = await session.execute(delete(events).where(events.c.position <= last))
+    result = await session.execute(delete(events).where(events.c.position <= last)
+                                   .execution_options(**{PRUNE_EXECUTION_OPTION: True}))
     return int(getattr(result, "rowcount", 0) or 0)

@@ -21,6 +21,7 @@ from consumers_graphql.api.limits import Limits
 from consumers_graphql.api.loaders import Loaders
 from consumers_graphql.api.schema import build_schema
 from consumers_graphql.rest import errors as rest_errors
+from consumers_graphql.rest import events as rest_events
 from consumers_graphql.rest import routes as rest_routes
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.db import Database
@@ -232,6 +233,7 @@ def create_app(
         app.graphql_route = graphql_route
     rest_errors.install(app)
     app.include_router(rest_routes.router)
+    app.include_router(rest_events.router)
 
     # Starlette routes: outside the OpenAPI document, and no key needed.
     app.router.routes.append(Route("/livez", health.livez, methods=["GET"]))
