@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,11 +19,15 @@ import uvicorn
 import websockets
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
 from websockets.asyncio.client import ClientConnection
 
 from consumers_graphql.settings import Settings
+from consumers_graphql.store.event_hub import LISTENER_NAME
 from consumers_graphql.store.keys import Scope
 from consumers_graphql.web.app import create_app
+from consumers_graphql.web.logs import ACCESS_FIELDS
 from tests.conftest import (
     ADMIN_DATABASE_URL,
     TEST_DATABASE_URL,
@@ -266,9 +271,10 @@ async def test_no_gap_and_no_duplicate_across_a_reconnect_while_writes_go_on(
 @pytest.fixture
 async def limited(settings: Settings, execution_path: str
                   ) -> AsyncIterator[tuple[FastAPI, str]]:
-    """An app with a tiny buffer and two subscriptions per key, served."""
+    """An app with a tiny buffer, two subscriptions per key and three per process, served."""
     app = create_app(settings.model_copy(update={"subscription_buffer": 3,
-                                                 "subscriptions_per_key": 2}))
+                                                 "subscriptions_per_key": 2,
+                                                 "subscriptions_per_process": 3}))
     on_path(app, execution_path)
     async with LifespanManager(app), served(app) as url:
         yield app, url
@@ -314,6 +320,103 @@ async def test_subscriptions_per_key(limited: tuple[FastAPI, str], api_key: str,
     [error] = message["payload"]["errors"]
     assert error["extensions"]["code"] == "SUBSCRIPTION_LIMIT_REACHED"
     assert "CONSUMERS_SUBSCRIPTIONS_PER_KEY" in error["message"]
+
+
+async def test_subscriptions_per_process(limited: tuple[FastAPI, str], app: FastAPI,
+                                         execution_path: str) -> None:
+    _app, url = limited
+    secrets = [await _read_key(app, f"reader {n}") for n in range(2)]
+    async with connected(url, secrets[0]) as one, connected(url, secrets[1]) as two:
+        await subscribe(one, "1")
+        await subscribe(one, "2")
+        await subscribe(two, "3")
+        await settled()
+        await subscribe(two, "4")
+        message = await receive(two)
+    [error] = message["payload"]["errors"]
+    assert error["extensions"]["code"] == "SUBSCRIPTION_LIMIT_REACHED"
+    assert "CONSUMERS_SUBSCRIPTIONS_PER_PROCESS" in error["message"]
+
+
+async def _read_key(app: FastAPI, name: str) -> str:
+    """A read-only key of the session app's database (the limited app shares it)."""
+    created = await app.state.keys.create(name, scopes=frozenset({Scope.READ}))
+    secret: str = created.secret.get_secret_value()
+    AUDIT.use(secret)
+    return secret
+
+
+# --- metrics and the access line ---------------------------------------------------------------
+
+
+async def test_metrics_and_one_access_line_per_socket(
+        ws_url: str, api_key: str, gql: GraphQL, client: httpx.AsyncClient,
+        caplog: pytest.LogCaptureFixture) -> None:
+    before = await metrics(client)
+    with caplog.at_level(logging.INFO, logger="consumers_graphql.access"):
+        async with connected(ws_url, api_key) as socket:
+            await subscribe(socket, "1")
+            await settled()
+            during = await metrics(client)
+            await create(gql, "m1@example.com", "m2@example.com")
+            await events(socket, 2)
+        await asyncio.sleep(0.2)  # the server's side of the close
+    after = await metrics(client)
+    assert during["consumers_subscriptions_active"] == before.get(
+        "consumers_subscriptions_active", 0) + 1
+    assert after["consumers_subscriptions_active"] == before.get(
+        "consumers_subscriptions_active", 0)
+    assert (after["consumers_subscription_events_delivered_total"]
+            - before.get("consumers_subscription_events_delivered_total", 0)) == 2
+    assert (after["consumers_subscription_delivery_lag_seconds_count"]
+            - before.get("consumers_subscription_delivery_lag_seconds_count", 0)) == 2
+    lines = [record for record in caplog.records if " 101 " in record.getMessage()]
+    assert len(lines) == 1, [record.getMessage() for record in caplog.records]
+    fields = getattr(lines[0], ACCESS_FIELDS)
+    assert fields["method"] == "GET" and fields["path"] == "/graphql"
+    assert fields["operation_type"] == "subscription" and fields["key_id"].startswith("key_")
+    assert fields["close_code"] == 1000
+
+
+async def metrics(client: httpx.AsyncClient) -> dict[str, float]:
+    response = await client.get("/metrics")
+    assert response.status_code == 200, response.text
+    return {sample.name: sample.value
+            for family in text_string_to_metric_families(response.text)
+            for sample in family.samples if not sample.labels or "le" not in sample.labels}
+
+
+# --- the LISTEN connection ---------------------------------------------------------------------
+
+
+async def test_the_listener_reconnects_and_nothing_committed_meanwhile_is_lost(
+        ws_url: str, api_key: str, app: FastAPI, settings: Settings, execution_path: str
+) -> None:
+    if not TEST_DATABASE_URL or app.state.event_hub._listen_url() is None:
+        pytest.skip("PostgreSQL with a LISTEN connection (not SQLite, not behind a pooler)")
+    # Writes through another app (another process, as far as the hub can tell): they reach
+    # the session app's hub only through NOTIFY, never through its in-process commits.
+    other = create_app(settings)
+    on_path(other, execution_path)
+    async with LifespanManager(other), asgi_client(other) as client, \
+            connected(ws_url, api_key) as socket:
+        gql = GraphQL(client, api_key)
+        await subscribe(socket, "1", types=["CONSUMER_CREATED"])
+        await settled()
+        async with app.state.database.write_engine.connect() as conn:
+            killed = (await conn.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = :name"),
+                {"name": LISTENER_NAME})).scalars().all()
+            await conn.commit()
+        assert killed and all(killed)  # this app's listener (and the other's)
+        # committed while no connection listens: found by the read after reconnecting
+        ids = await create(gql, "during@example.com")
+        got = await events(socket, 1)
+        assert [e["subjectId"] for e in got] == ids
+        assert app.state.event_hub.listening
+        ids = await create(gql, "after@example.com")  # and live again
+        assert [e["subjectId"] for e in await events(socket, 1)] == ids
 
 
 # --- several processes -------------------------------------------------------------------------

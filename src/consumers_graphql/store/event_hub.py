@@ -44,6 +44,8 @@ logger = logging.getLogger("consumers_graphql.events")
 
 # Events read per query, by the hub and by a replaying subscriber.
 PAGE = 200
+# The LISTEN connection's application_name (pg_stat_activity shows which backend it is).
+LISTENER_NAME = "consumers-graphql events listener"
 # How long the listener waits before connecting again after losing its connection (doubled
 # on each failure, up to the most).
 _RECONNECT_FIRST_S = 0.2
@@ -298,7 +300,9 @@ class EventHub:
         while True:
             connection: asyncpg.Connection | None = None
             try:
-                connection = await asyncpg.connect(**_connect_args(url), timeout=10)
+                connection = await asyncpg.connect(
+                    **_connect_args(url), timeout=10,
+                    server_settings={"application_name": LISTENER_NAME})
                 lost = asyncio.Event()
                 connection.add_termination_listener(functools.partial(_set, lost))
                 await connection.add_listener(events.NOTIFY_CHANNEL, self._notified)
