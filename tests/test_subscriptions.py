@@ -89,7 +89,7 @@ async def connected(url: str, secret: str) -> AsyncIterator[ClientConnection]:
     async with websockets.connect(url, subprotocols=[PROTOCOL]) as socket:  # type: ignore[list-item]
         await socket.send(json.dumps({"type": "connection_init",
                                       "payload": {"Authorization": f"Bearer {secret}"}}))
-        assert json.loads(await socket.recv()) == {"type": "connection_ack"}
+        assert await receive(socket) == {"type": "connection_ack"}
         yield socket
 
 
@@ -99,7 +99,9 @@ async def subscribe(socket: ClientConnection, operation_id: str, **variables: An
 
 
 async def receive(socket: ClientConnection) -> dict[str, Any]:
-    message: dict[str, Any] = json.loads(await asyncio.wait_for(socket.recv(), WAIT_S))
+    raw = await asyncio.wait_for(socket.recv(), WAIT_S)
+    assert isinstance(raw, str), "a text frame (browsers' clients read no binary ones)"
+    message: dict[str, Any] = json.loads(raw)
     return message
 
 
@@ -177,6 +179,13 @@ async def test_the_legacy_protocol_is_refused_by_name(ws_url: str) -> None:
     async with websockets.connect(ws_url, subprotocols=["graphql-ws"]) as socket:  # type: ignore[list-item]
         code, reason = await closed_with(socket)
     assert code == 4406 and "graphql-transport-ws" in reason and "legacy" in reason
+
+
+async def test_a_message_that_is_not_json_closes_4400(ws_url: str, api_key: str) -> None:
+    async with connected(ws_url, api_key) as socket:
+        await socket.send("{not json")
+        code, reason = await closed_with(socket)
+    assert code == 4400 and "JSON" in reason
 
 
 async def test_queries_and_mutations_go_over_http(ws_url: str, api_key: str,

@@ -48,6 +48,7 @@ from consumers_graphql.api.websocket import (
     GRAPHQL_TRANSPORT_WS,
     SUBPROTOCOL_CLOSE,
     SubscriptionsHandler,
+    TextFrames,
     subprotocol_refusal,
 )
 from consumers_graphql.store.outage import SERVICE_UNAVAILABLE
@@ -265,6 +266,7 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
     once the response is sent; background tasks (the key's lastUsedAt) run after that."""
 
     graphql_transport_ws_handler_class = SubscriptionsHandler
+    websocket_adapter_class = TextFrames
 
     def __init__(self, schema: Any, *, context: ContextFactory,
                  ide_page: str | None = None, retry_after_s: int = 5,

@@ -16,9 +16,18 @@ with this service's authentication and one decision of its own.
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from graphql import GraphQLError, OperationType, get_operation_ast, parse
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+from strawberry.asgi import ASGIWebSocketAdapter
+from strawberry.http.exceptions import (
+    NonJsonMessageReceived,
+    NonTextMessageReceived,
+    WebSocketDisconnected,
+)
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
 )
@@ -58,6 +67,36 @@ def bearer(value: object) -> str | None:
     if scheme.lower() != "bearer" or not token or " " in token:
         return None
     return token
+
+
+class TextFrames(ASGIWebSocketAdapter):
+    """Strawberry's ASGI socket with every message a text frame, as graphql-transport-ws
+    wants (a browser's graphql-ws client cannot read binary ones): the view encodes JSON to
+    bytes (orjson, for HTTP), which Strawberry would send as binary. Received messages are
+    parsed with `json` here: the view's decoder answers HTTP refusals, not
+    NonJsonMessageReceived (which closes with 4400)."""
+
+    async def iter_json(self, *, ignore_parsing_errors: bool = False
+                        ) -> AsyncGenerator[object, None]:
+        try:
+            while self.ws.application_state != WebSocketState.DISCONNECTED:
+                text = await self.ws.receive_text()
+                try:
+                    yield json.loads(text)
+                except ValueError as error:  # JSONDecodeError, and numbers past the limit
+                    if not ignore_parsing_errors:
+                        raise NonJsonMessageReceived from error
+        except KeyError as error:  # a binary frame
+            raise NonTextMessageReceived from error
+        except WebSocketDisconnect:
+            pass
+
+    async def send_json(self, message: Mapping[str, object]) -> None:
+        encoded = self.view.encode_json(message)
+        try:
+            await self.ws.send_text(encoded.decode() if isinstance(encoded, bytes) else encoded)
+        except WebSocketDisconnect as error:
+            raise WebSocketDisconnected from error
 
 
 class SubscriptionsHandler(BaseGraphQLTransportWSHandler[Context, None]):
