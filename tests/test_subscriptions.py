@@ -20,7 +20,7 @@ import websockets
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 from websockets.asyncio.client import ClientConnection
 
 from consumers_graphql.settings import Settings
@@ -438,12 +438,14 @@ async def test_a_write_through_one_process_reaches_a_subscriber_on_another(
     as behind a pooler without a listen URL), SQLite by polling."""
     env = {"CONSUMERS_EVENTS_POLL_INTERVAL_MS": "100"}
     if TEST_DATABASE_URL:
-        if poll:
-            env["CONSUMERS_DATABASE_POOLER"] = "transaction"
-        elif os.environ.get("CONSUMERS_DATABASE_POOLER") == "transaction":
-            # CI behind pgbouncer: LISTEN on the server itself
-            env["CONSUMERS_EVENTS_LISTEN_URL"] = ADMIN_DATABASE_URL or ""
         async with new_migrated_database("consumers_subs") as url:
+            if poll:
+                env["CONSUMERS_DATABASE_POOLER"] = "transaction"
+            elif os.environ.get("CONSUMERS_DATABASE_POOLER") == "transaction":
+                # CI behind pgbouncer: LISTEN on the server itself, in the same database
+                assert ADMIN_DATABASE_URL
+                env["CONSUMERS_EVENTS_LISTEN_URL"] = make_url(ADMIN_DATABASE_URL).set(
+                    database=make_url(url).database).render_as_string(hide_password=False)
             await _across_processes(url, tmp_path, env)
     else:
         if not poll:
