@@ -158,6 +158,19 @@ async def test_a_revoked_key_closes_4401(ws_url: str, app: FastAPI) -> None:
         assert (await closed_with(socket))[0] == 4401
 
 
+async def test_a_key_revoked_while_its_socket_is_open_closes_it_4401(
+        ws_url: str, app: FastAPI, execution_path: str) -> None:
+    created = await app.state.keys.create("revoked later", scopes=frozenset({Scope.READ}))
+    secret = created.secret.get_secret_value()
+    AUDIT.use(secret)
+    async with connected(ws_url, secret) as socket:
+        await subscribe(socket, "1")
+        await settled()
+        await app.state.keys.revoke(created.info.id)
+        code, reason = await closed_with(socket)  # within the key cache's time (5 s)
+    assert code == 4401 and "revoked" in reason
+
+
 async def test_a_key_without_the_read_scope_closes_4403(ws_url: str, app: FastAPI) -> None:
     created = await app.state.keys.create("writer", scopes=frozenset({Scope.WRITE}))
     secret = created.secret.get_secret_value()

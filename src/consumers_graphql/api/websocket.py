@@ -16,6 +16,7 @@ with this service's authentication and one decision of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
@@ -146,6 +147,33 @@ class SubscriptionsHandler(BaseGraphQLTransportWSHandler[Context, None]):
             task.add_done_callback(self._pending.discard)
         await self.send_message({"type": "connection_ack"})
         self.connection_acknowledged = True
+        assert token is not None, "a key was verified"
+        self._key_watch = asyncio.create_task(self._watch_key(token))
+
+    async def _watch_key(self, token: str) -> None:
+        """A revoked key stops working on an open socket as it does over HTTP: within the
+        key cache's time (store/keys.py), the socket is closed with 4401."""
+        keys = self.context.keys
+        assert keys is not None
+        interval = max(1.0, self.context.settings.key_cache_seconds)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                principal = await keys.verify(token)
+            except Exception:  # the database out of reach: the key stands until it answers
+                continue
+            if principal is None:
+                await self.websocket.close(code=UNAUTHORIZED_CLOSE,
+                                           reason="Unauthorized: the API key was revoked.")
+                return
+
+    async def shutdown(self) -> None:
+        watch: asyncio.Task[None] | None = getattr(self, "_key_watch", None)
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+        await super().shutdown()
 
     async def handle_subscribe(self, message: SubscribeMessage) -> None:
         if self.connection_acknowledged:
