@@ -175,8 +175,8 @@ async def test_a_batch_records_one_event_per_written_row_in_one_insert(
     assert [e["data"]["email"] for e in events] == [f"b{n}@example.com" for n in (0, 1, 3, 4)]
     inserts = [s for s in sql.event_statements if "INSERT" in s.upper()]
     assert len(inserts) == 1, sql.event_statements
-    # PostgreSQL: the lock, then the INSERT with its pg_notify; SQLite: the INSERT alone.
-    assert len(sql.event_statements) == (2 if dialect == "postgresql" else 1)
+    # PostgreSQL: the lock, the INSERT, the pg_notify; SQLite: the INSERT alone.
+    assert len(sql.event_statements) == (3 if dialect == "postgresql" else 1)
 
     with sql.counting():
         updated = (await gql.data(BATCH_UPDATE, {"input": [
