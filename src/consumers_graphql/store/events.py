@@ -257,6 +257,10 @@ def _mark(database: Database, session: Session) -> None:
 
 
 def _after_commit(session: Session) -> None:
+    # Also dispatched when a SAVEPOINT is released (a use-case of a keyed request's unit):
+    # only the commit of the whole transaction makes the events visible.
+    if session.in_nested_transaction():
+        return
     database = session.info.get(_RECORDED)
     session.info[_RECORDED] = None
     if database is None:
@@ -269,7 +273,10 @@ def _after_commit(session: Session) -> None:
 
 
 def _after_rollback(session: Session) -> None:
-    session.info[_RECORDED] = None
+    # A SAVEPOINT rolled back leaves what the transaction recorded before it (a spurious
+    # callback, should it have recorded nothing else, only makes a subscriber look).
+    if not session.in_nested_transaction():
+        session.info[_RECORDED] = None
 
 
 # --- reading -----------------------------------------------------------------------------------
