@@ -118,6 +118,12 @@ _LOCK = text("SELECT pg_advisory_xact_lock(:lock_id)").bindparams(
     bindparam("lock_id", type_=BigInteger)).execution_options(
         **{EVENTS_EXECUTION_OPTION: True})
 
+# One prune at a time on PostgreSQL (transaction-scoped: let go at commit or rollback).
+PRUNE_LOCK = EVENTS_LOCK + 1
+_TRY_PRUNE_LOCK = text("SELECT pg_try_advisory_xact_lock(:lock_id)").bindparams(
+    bindparam("lock_id", type_=BigInteger)).execution_options(
+        **{PRUNE_EXECUTION_OPTION: True})
+
 # Expired events a prune deletes, at most, and how often a process prunes, at most, unless
 # its last prune found a full batch.
 PRUNE_BATCH = 500
@@ -491,6 +497,11 @@ async def prune(database: Database, session: AsyncSession) -> int:
             break
         last = row.position
     assert last is not None, "the first row is past retention"
+    if database.dialect == "postgresql" and not (await session.execute(
+            _TRY_PRUNE_LOCK, {"lock_id": PRUNE_LOCK})).scalar_one():
+        # Another transaction prunes: waiting for its rows could close a cycle with the
+        # events lock (a keyed request's second write prunes while holding it).
+        return 0
     result = await session.execute(delete(events).where(events.c.position <= last)
                                    .execution_options(**{PRUNE_EXECUTION_OPTION: True}))
     return int(getattr(result, "rowcount", 0) or 0)
