@@ -175,8 +175,8 @@ async def test_a_batch_records_one_event_per_written_row_in_one_insert(
     assert [e["data"]["email"] for e in events] == [f"b{n}@example.com" for n in (0, 1, 3, 4)]
     inserts = [s for s in sql.event_statements if "INSERT" in s.upper()]
     assert len(inserts) == 1, sql.event_statements
-    # PostgreSQL: the lock, then the INSERT with its pg_notify; SQLite: the INSERT alone.
-    assert len(sql.event_statements) == (2 if dialect == "postgresql" else 1)
+    # PostgreSQL: the lock, the INSERT, the pg_notify; SQLite: the INSERT alone.
+    assert len(sql.event_statements) == (3 if dialect == "postgresql" else 1)
 
     with sql.counting():
         updated = (await gql.data(BATCH_UPDATE, {"input": [
@@ -297,6 +297,47 @@ async def test_keyed_writes_record_once_and_refused_units_record_nothing(
     assert refused.status_code == 400, refused.text
     events = await all_events(gql)
     assert [(e["type"], e["subjectId"]) for e in events[1:]] == [("CONSUMER_CREATED", created)]
+
+
+async def test_commit_callbacks_run_after_each_commit_that_recorded_events(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], app: FastAPI, gql: GraphQL
+) -> None:
+    """subscribe_commits (what subscriptions wake on): once per committed write that
+    recorded events, the keyed ones included, when its events can be read; never for a
+    write that recorded none or was rolled back."""
+    database = app.state.database
+    heads: list[Any] = []
+    unsubscribe = events_store.subscribe_commits(
+        database, lambda: heads.append(asyncio.ensure_future(events_store.head(database))))
+    try:
+        await create(gql, email="cb@example.com")
+        keyed = await client.post("/api/v1/consumers", json={"email": "cb2@example.com"},
+                                  headers={**auth_headers, "Idempotency-Key": "cb-1"})
+        assert keyed.status_code == 201
+        assert len(heads) == 2
+        refused = await client.post("/api/v1/consumers/batch", json=[
+            {"email": "cb3@example.com"}, {"email": "cb@example.com"}],
+            headers={**auth_headers, "Idempotency-Key": "cb-2"})
+        assert refused.status_code == 400
+        await gql.data(UPDATE, {"id": keyed.json()["id"], "input": {"email": "cb2@example.com"}})
+        assert len(heads) == 2
+        # A keyed mutation whose second field is refused (its SAVEPOINT rolled back): one
+        # callback, at the commit of the first field's write.
+        two = """mutation { a: consumerCreate(input: {email: "cb4@example.com"}) { consumer { id } }
+          b: consumerCreate(input: {email: "cb@example.com"}) { userErrors { code } } }"""
+        response = await client.post("/graphql", json={"query": two},
+                                     headers={**auth_headers, "Idempotency-Key": "cb-3"})
+        assert response.json()["data"]["b"]["userErrors"] == [{"code": "EMAIL_TAKEN"}]
+        assert len(heads) == 3
+        # each callback ran once its transaction's events were committed
+        positions = [await head for head in heads]
+        feed_positions = await events_store.read_events(
+            database, after=None, types=None, subject_id=None, limit=10)
+        assert positions == [record.position for record in feed_positions]
+    finally:
+        unsubscribe()
+    await create(gql)
+    assert len(heads) == 3
 
 
 # -- reading: pages, filters, cursors ---------------------------------------------------------
