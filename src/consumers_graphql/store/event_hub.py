@@ -39,6 +39,7 @@ from consumers_graphql.settings import Pooler, Settings
 from consumers_graphql.store import events
 from consumers_graphql.store.db import Database
 from consumers_graphql.store.events import EventRecord, Position
+from consumers_graphql.store.outage import error_class, is_unavailable
 
 logger = logging.getLogger("consumers_graphql.events")
 
@@ -260,8 +261,11 @@ class EventHub:
             except Exception as error:  # the database out of reach: again, a little later
                 failures += 1
                 if failures == 1:
-                    logger.warning("subscriptions: could not read new events (%s); retrying",
-                                   type(error).__name__)
+                    # An outage has its one warning already (store/outage.py); anything else
+                    # is worth one of its own.
+                    level = logging.INFO if is_unavailable(error) else logging.WARNING
+                    logger.log(level, "subscriptions: could not read new events (%s); "
+                               "retrying", error_class(error))
                 await asyncio.sleep(min(_RECONNECT_MOST_S, _RECONNECT_FIRST_S * 2 ** failures))
                 self._signal.set()
 
@@ -296,7 +300,7 @@ class EventHub:
     async def _listen(self, url: str) -> None:
         """The one LISTEN connection of the process, for as long as the app runs."""
         delay = _RECONNECT_FIRST_S
-        failed = False
+        failed = ever_listened = False
         while True:
             connection: asyncpg.Connection | None = None
             try:
@@ -306,7 +310,7 @@ class EventHub:
                 lost = asyncio.Event()
                 connection.add_termination_listener(functools.partial(_set, lost))
                 await connection.add_listener(events.NOTIFY_CHANNEL, self._notified)
-                self.listening = True
+                self.listening = ever_listened = True
                 if failed:
                     logger.info("subscriptions: listening for events again")
                 failed, delay = False, _RECONNECT_FIRST_S
@@ -319,8 +323,12 @@ class EventHub:
             except (OSError, TimeoutError, asyncpg.PostgresError,
                     asyncpg.InterfaceError) as error:
                 if not failed:
-                    logger.warning("subscriptions: the LISTEN connection is down (%s); "
-                                   "reconnecting", type(error).__name__)
+                    # A warning when it cannot be had at all (its URL, the server's
+                    # max_connections); a connection lost later is the database's outage,
+                    # which has its one warning already (store/outage.py).
+                    logger.log(logging.INFO if ever_listened else logging.WARNING,
+                               "subscriptions: the LISTEN connection is down (%s); "
+                               "reconnecting", error_class(error))
                 failed = True
             finally:
                 self.listening = False
