@@ -69,7 +69,7 @@ class Subscription:
             types=None if types is None else frozenset(t.value for t in types),
             subject_id=None if subject_id is None else str(subject_id))
         try:
-            subscriber = hub.subscribe(principal.key_id, event_filter)
+            subscriber = await hub.subscribe(principal.key_id, event_filter)
         except SubscriptionLimitReached as refused:
             raise _error(refused.message, SUBSCRIPTION_LIMIT_REACHED) from None
         try:

@@ -157,6 +157,7 @@ class EventHub:
         self._subscribers: set[Subscriber] = set()
         self._per_key: Counter[str] = Counter()
         self._position: Position | None = None
+        self._stale = True  # no subscriber: `_position` means nothing, nothing is read
         self._signal = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._unsubscribe: Callable[[], None] | None = None
@@ -210,9 +211,26 @@ class EventHub:
 
     # --- subscribers ---------------------------------------------------------------------------
 
-    def subscribe(self, key_id: str, event_filter: EventFilter) -> Subscriber:
+    async def subscribe(self, key_id: str, event_filter: EventFilter) -> Subscriber:
         """A new subscriber, registered before it reads anything (the module's docstring);
         SubscriptionLimitReached when over a limit."""
+        settings = self.settings
+        self._check_limits(key_id)
+        if self._stale:
+            # Without subscribers the hub reads nothing (not even after a commit): its
+            # position is set before the first one registers, so that every event after it
+            # is handed on. Set once: a hub already reading must not be moved.
+            position = await events.head(self.database)
+            if self._stale:
+                self._position, self._stale = position, False
+        self._check_limits(key_id)  # (again: others may have subscribed meanwhile)
+        subscriber = Subscriber(self, key_id, event_filter, settings.subscription_buffer)
+        self._subscribers.add(subscriber)
+        self._per_key[key_id] += 1
+        self._changed()
+        return subscriber
+
+    def _check_limits(self, key_id: str) -> None:
         settings = self.settings
         if self._per_key[key_id] >= settings.subscriptions_per_key:
             raise SubscriptionLimitReached(
@@ -223,12 +241,6 @@ class EventHub:
             raise SubscriptionLimitReached(
                 f"This server has {settings.subscriptions_per_process} subscriptions open, "
                 "the most it serves (CONSUMERS_SUBSCRIPTIONS_PER_PROCESS): retry later.")
-        subscriber = Subscriber(self, key_id, event_filter, settings.subscription_buffer)
-        self._subscribers.add(subscriber)
-        self._per_key[key_id] += 1
-        self._changed()
-        self._signal.set()  # the hub's position may be stale (it skips reads while idle)
-        return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         if subscriber not in self._subscribers:
@@ -237,6 +249,8 @@ class EventHub:
         self._per_key[subscriber.key_id] -= 1
         if self._per_key[subscriber.key_id] <= 0:
             del self._per_key[subscriber.key_id]
+        if not self._subscribers:
+            self._stale = True  # no reads until the next subscriber (subscribe)
         self._changed()
 
     def delivered(self, record: EventRecord) -> None:
@@ -270,11 +284,7 @@ class EventHub:
                 self._signal.set()
 
     async def _read_new(self) -> None:
-        if not self._subscribers:
-            # Nobody to hand events to: only keep up with the head, one cheap read.
-            self._position = await events.head(self.database)
-            return
-        while True:
+        while not self._stale:
             page = await events.read_events(self.database, after=self._position, types=None,
                                             subject_id=None, limit=PAGE)
             self.reads += 1
