@@ -5,6 +5,7 @@ two `serve` processes on one database."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -464,6 +465,39 @@ async def test_a_write_through_one_process_reaches_a_subscriber_on_another(
         if not poll:
             pytest.skip("SQLite: other processes' commits are seen by polling only")
         await _across_processes(f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}", tmp_path, env)
+
+
+async def test_serve_with_workers_delivers_to_every_socket(tmp_path: Path) -> None:
+    """`serve --workers 2`: sockets spread over the workers by the kernel; a write through
+    any of them reaches every socket."""
+    env = {"CONSUMERS_WORKERS": "2", "CONSUMERS_EVENTS_POLL_INTERVAL_MS": "100"}
+    if TEST_DATABASE_URL:
+        async with new_migrated_database("consumers_subs") as url:
+            await _workers(url, tmp_path, env)
+    else:
+        await _workers(f"sqlite+aiosqlite:///{tmp_path / 'workers.db'}", tmp_path, env)
+
+
+async def _workers(url: str, tmp_path: Path, env: dict[str, str]) -> None:
+    if os.environ.get("CONSUMERS_DATABASE_POOLER") == "transaction" and TEST_DATABASE_URL:
+        env = {**env, "CONSUMERS_DATABASE_POOLER": "transaction"}  # (polls: no listen URL)
+    served_ = Served(url, tmp_path, env)
+    try:
+        served_.wait_until_up()
+        secret = served_.secret()
+        ws = served_.url.replace("http://", "ws://") + "/graphql"
+        async with contextlib.AsyncExitStack() as stack:
+            sockets = [await stack.enter_async_context(connected(ws, secret)) for _ in range(4)]
+            for socket in sockets:
+                await subscribe(socket, "1")
+            await settled()
+            async with httpx.AsyncClient(base_url=served_.url,
+                                         event_hooks=AUDIT.event_hooks()) as client:
+                ids = await create(GraphQL(client, secret), "workers@example.com")
+            for socket in sockets:
+                assert [e["subjectId"] for e in await events(socket, 1)] == ids
+    finally:
+        assert served_.stop() == 0, served_.output
 
 
 async def _across_processes(url: str, tmp_path: Path, env: dict[str, str]) -> None:
