@@ -183,6 +183,19 @@ async def test_a_key_without_the_read_scope_closes_4403(ws_url: str, app: FastAP
     assert code == 4403 and "`read`" in reason
 
 
+async def test_a_page_of_another_origin_is_refused_at_the_handshake(ws_url: str) -> None:
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        async with websockets.connect(ws_url, subprotocols=[PROTOCOL],  # type: ignore[list-item]
+                                      origin="https://elsewhere.example"):  # type: ignore[arg-type]
+            pass
+    assert refused.value.response.status_code == 403
+    # while one from the server's own origin is served
+    async with websockets.connect(ws_url, subprotocols=[PROTOCOL],  # type: ignore[list-item]
+                                  origin=ws_url.replace("ws://", "http://").rsplit("/", 1)[0]  # type: ignore[arg-type]
+                                  ) as socket:
+        assert socket.subprotocol == PROTOCOL
+
+
 async def test_no_subscription_before_the_ack(ws_url: str, execution_path: str) -> None:
     async with websockets.connect(ws_url, subprotocols=[PROTOCOL]) as socket:  # type: ignore[list-item]
         await subscribe(socket, "1")
