@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from datetime import timedelta
+from itertools import pairwise
 from typing import Any
 
 import httpx
@@ -338,6 +339,39 @@ async def test_commit_callbacks_run_after_each_commit_that_recorded_events(
         unsubscribe()
     await create(gql)
     assert len(heads) == 3
+
+
+UPSERT_TWO = """mutation Two($a: String!, $b: String!) {
+  a: consumerUpsert(input: {externalId: $a, fullName: "A"}) { created userErrors { code } }
+  b: consumerUpsert(input: {externalId: $b, fullName: "B"}) { created userErrors { code } } }"""
+
+
+async def test_units_run_again_after_a_deadlock_record_their_events_once(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], gql: GraphQL
+) -> None:
+    """Keyed documents upserting two externalIds in opposite orders deadlock on PostgreSQL
+    (tests/test_safe_writes_together.py); the loser's unit is rolled back and run again.
+    Its first run's events go with it: per consumer, one CONSUMER_CREATED, then only
+    updates that changed something (never the same fullName twice in a row), the last one
+    as REST shows the consumer."""
+    async def send(n: int) -> httpx.Response:
+        order = {"a": "crm-x", "b": "crm-y"} if n % 2 else {"a": "crm-y", "b": "crm-x"}
+        return await client.post("/graphql", json={"query": UPSERT_TWO, "variables": order},
+                                 headers={**auth_headers, "Idempotency-Key": f"opposite-{n}"})
+
+    answers = await asyncio.gather(*(send(n) for n in range(6)))
+    assert all(a.status_code == 200 and "errors" not in a.json() for a in answers)
+    events = await all_events(gql)
+    by_subject: dict[str, list[dict[str, Any]]] = {}
+    for event in events:
+        by_subject.setdefault(event["subjectId"], []).append(event)
+    assert len(by_subject) == 2
+    for subject, history in by_subject.items():
+        assert [e["type"] for e in history] == (
+            ["CONSUMER_CREATED"] + ["CONSUMER_UPDATED"] * (len(history) - 1))
+        names = [e["data"]["fullName"] for e in history]
+        assert all(a != b for a, b in pairwise(names)), names
+        assert history[-1]["data"] == await rest_consumer(client, auth_headers, subject)
 
 
 # -- reading: pages, filters, cursors ---------------------------------------------------------
