@@ -388,6 +388,7 @@ async def _read_key(app: FastAPI, name: str) -> str:
 async def test_metrics_and_one_access_line_per_socket(
         ws_url: str, api_key: str, gql: GraphQL, client: httpx.AsyncClient,
         caplog: pytest.LogCaptureFixture) -> None:
+    await settled()  # the sockets of the tests before closed on the server's side too
     before = await metrics(client)
     with caplog.at_level(logging.INFO, logger="consumers_graphql.access"):
         async with connected(ws_url, api_key) as socket:
