@@ -37,7 +37,7 @@ from tests.conftest import (
     on_path,
 )
 from tests.log_audit import AUDIT, asgi_client
-from tests.processes import Served, free_port
+from tests.processes import PostgresCluster, Served, free_port
 
 SUBSCRIBE = """
 subscription Events($types: [EventType!], $subjectId: ID, $after: String) {
@@ -454,6 +454,40 @@ async def test_the_listener_reconnects_and_nothing_committed_meanwhile_is_lost(
         assert app.state.event_hub.listening
         ids = await create(gql, "after@example.com")  # and live again
         assert [e["subjectId"] for e in await events(socket, 1)] == ids
+
+
+@pytest.mark.skipif(bool(TEST_DATABASE_URL),
+                    reason="brings its own database: runs once, in the SQLite run")
+async def test_a_database_outage_loses_nothing(cluster: PostgresCluster, tmp_path: Path
+                                               ) -> None:
+    """PostgreSQL stopped under an open subscription and started again: the listener
+    reconnects and the subscription goes on; a socket opened meanwhile is told to retry
+    (1013). Keys are checked on every use, so the outage meets them."""
+    served_ = Served(cluster.url, tmp_path, env={"CONSUMERS_KEY_CACHE_SECONDS": "0"})
+    try:
+        served_.wait_until_up()
+        secret = served_.secret()
+        ws = served_.url.replace("http://", "ws://") + "/graphql"
+        async with httpx.AsyncClient(base_url=served_.url, event_hooks=AUDIT.event_hooks(),
+                                     timeout=30) as client, connected(ws, secret) as socket:
+            gql = GraphQL(client, secret)
+            await subscribe(socket, "1", types=["CONSUMER_CREATED"])
+            await settled()
+            before = await create(gql, "before@example.com")
+            assert [e["subjectId"] for e in await events(socket, 1)] == before
+            cluster.stop()
+            async with websockets.connect(ws, subprotocols=[PROTOCOL]) as refused:  # type: ignore[list-item]
+                await refused.send(json.dumps({"type": "connection_init", "payload": {
+                    "Authorization": f"Bearer {secret}"}}))
+                code, reason = await closed_with(refused)
+            assert code == 1013 and "again" in reason
+            cluster.start()
+            await asyncio.sleep(1)  # the pools' and the listener's next attempts
+            after = await create(gql, "after@example.com")
+            assert [e["subjectId"] for e in await events(socket, 1)] == after
+    finally:
+        assert served_.stop() == 0, served_.output
+    assert "Traceback" not in served_.output and "ERROR" not in served_.output, served_.output
 
 
 # --- several processes -------------------------------------------------------------------------

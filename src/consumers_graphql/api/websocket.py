@@ -39,6 +39,7 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
 
 from consumers_graphql.api.context import Context
 from consumers_graphql.store.keys import Scope
+from consumers_graphql.store.outage import is_unavailable
 from consumers_graphql.web import observe
 
 GRAPHQL_TRANSPORT_WS = "graphql-transport-ws"
@@ -47,6 +48,7 @@ OPERATION_NOT_SUPPORTED = "OPERATION_NOT_SUPPORTED"
 UNAUTHORIZED_CLOSE = 4401
 FORBIDDEN_CLOSE = 4403
 SUBPROTOCOL_CLOSE = 4406
+TRY_AGAIN_LATER_CLOSE = 1013  # RFC 6455's registry: "Try Again Later"
 
 
 def subprotocol_refusal(offered: list[str]) -> str | None:
@@ -125,7 +127,16 @@ class SubscriptionsHandler(BaseGraphQLTransportWSHandler[Context, None]):
         token = bearer(header)
         # On the key store's own connection, given back at once: the socket's reader would
         # hold one for as long as the socket lives.
-        principal = await context.keys.verify(token) if token is not None else None
+        try:
+            principal = await context.keys.verify(token) if token is not None else None
+        except Exception as error:
+            if not is_unavailable(error):
+                raise
+            context.database.failed(error)  # its one warning per outage
+            await self.websocket.close(
+                code=TRY_AGAIN_LATER_CLOSE,
+                reason="The database is out of reach: connect again in a few seconds.")
+            return
         if principal is None:
             # One answer for a missing, malformed, unknown or revoked key (as over HTTP).
             await self.websocket.close(
