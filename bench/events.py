@@ -68,7 +68,9 @@ async def _subscriber(url: str, secret: str, count: int, arrived: dict[str, list
 
 
 async def measure(database_url: str, subscribers: int, count: int, gap_s: float
-                  ) -> list[float]:
+                  ) -> tuple[list[float], int]:
+    """Every delivery's latency, and the reads of new events the hub made (one per signal,
+    whatever the number of subscribers)."""
     settings = Settings(database_url=database_url, key_pepper="bench",  # type: ignore[arg-type]
                         subscriptions_per_key=subscribers, metrics_enabled=False,
                         rate_limit_capacity=0)
@@ -106,9 +108,10 @@ async def measure(database_url: str, subscribers: int, count: int, gap_s: float
             committed[subject] = time.perf_counter()
             await asyncio.sleep(gap_s)
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        reads = app.state.event_hub.reads
         server.should_exit = True
         await serving
-    return [at - committed[subject] for subject, times in arrived.items() for at in times]
+    return [at - committed[subject] for subject, times in arrived.items() for at in times], reads
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -135,16 +138,17 @@ async def main() -> int:
                         .render_as_string(hide_password=False)))
     failed = False
     try:
-        print(f"{'database':<12}{'subscribers':>12}{'deliveries':>12}{'p50 ms':>10}"
-              f"{'p99 ms':>10}")
+        print(f"{'database':<12}{'subscribers':>12}{'deliveries':>12}{'hub reads':>11}"
+              f"{'p50 ms':>10}{'p99 ms':>10}")
         for label, url in targets:
             for subscribers in (1, 100):
-                latencies = await measure(url, subscribers, args.events, args.gap_ms / 1000)
+                latencies, reads = await measure(url, subscribers, args.events,
+                                                 args.gap_ms / 1000)
                 p50 = statistics.median(latencies) * 1000
                 p99 = _quantile(latencies, 0.99) * 1000
                 failed |= p50 >= 100
-                print(f"{label:<12}{subscribers:>12}{len(latencies):>12}{p50:>10.1f}"
-                      f"{p99:>10.1f}")
+                print(f"{label:<12}{subscribers:>12}{len(latencies):>12}{reads:>11}"
+                      f"{p50:>10.1f}{p99:>10.1f}")
     finally:
         if admin is not None:
             async with admin.connect() as conn:

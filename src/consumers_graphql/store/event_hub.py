@@ -149,7 +149,9 @@ class Subscriber:
 
 
 class EventHub:
-    """See the module's docstring. `start` in the app's lifespan, `close` at its end."""
+    """See the module's docstring. `start` in the app's lifespan, `close` at its end. One
+    piece: registering a subscriber and handing out what a read found must never interleave
+    at an await (that is the no-gap argument), so both live here, beside the signals."""
 
     def __init__(self, database: Database, settings: Settings) -> None:
         self.database = database
