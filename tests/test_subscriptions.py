@@ -208,6 +208,17 @@ async def test_the_legacy_protocol_is_refused_by_name(ws_url: str) -> None:
     assert code == 4406 and "graphql-transport-ws" in reason and "legacy" in reason
 
 
+async def test_a_subscription_over_http_is_refused(gql: GraphQL, client: httpx.AsyncClient,
+                                                  api_key: str) -> None:
+    body = await gql(SUBSCRIBE, status=400)
+    [error] = body["errors"]
+    assert error["extensions"]["code"] == "BAD_REQUEST"
+    assert "graphql-transport-ws WebSocket" in error["message"]
+    response = await client.get("/graphql", params={"query": "subscription { events { id } }"},
+                                headers={"Authorization": f"Bearer {api_key}"})
+    assert response.status_code == 400, response.text
+
+
 async def test_a_message_that_is_not_json_closes_4400(ws_url: str, api_key: str) -> None:
     async with connected(ws_url, api_key) as socket:
         await socket.send("{not json")

@@ -421,6 +421,8 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         except CannotGetOperationTypeError as error:
             raise _Refused(400, BAD_REQUEST, error.as_http_error_reason()) from error
         except InvalidOperationTypeError as error:
+            if error.operation_type is StrawberryOperationType.SUBSCRIPTION:
+                raise _Refused(400, BAD_REQUEST, SUBSCRIPTIONS_OVER_HTTP) from error
             if method == "GET":
                 raise _Refused(405, "METHOD_NOT_ALLOWED",
                                "Mutations are only accepted over POST.", {"Allow": "POST"}
@@ -499,8 +501,12 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
             return json.dumps(data, separators=(",", ":")).encode()
 
 
+# Subscriptions only over the WebSocket (api/websocket.py): Strawberry would also stream them
+# over HTTP (multipart), which this endpoint does not speak.
 _ALLOWED = {method: frozenset(StrawberryOperationType.from_http(method))
-            for method in ("GET", "POST")}
+            - {StrawberryOperationType.SUBSCRIPTION} for method in ("GET", "POST")}
+SUBSCRIPTIONS_OVER_HTTP = ("Subscriptions are served over the graphql-transport-ws WebSocket at "
+                           "/graphql, not over HTTP.")
 _UNAUTHENTICATED_BODY = json.dumps(
     {"errors": [{"message": AUTHENTICATION_REQUIRED, "extensions": {"code": UNAUTHENTICATED}}]},
     separators=(",", ":")).encode()
