@@ -26,7 +26,7 @@ from websockets.asyncio.client import ClientConnection
 
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.event_hub import LISTENER_NAME
-from consumers_graphql.store.keys import Scope
+from consumers_graphql.store.keys import RateLimit, Scope
 from consumers_graphql.web.app import create_app
 from consumers_graphql.web.logs import ACCESS_FIELDS
 from tests.conftest import (
@@ -367,6 +367,24 @@ async def test_subscriptions_per_key(limited: tuple[FastAPI, str], api_key: str,
     [error] = message["payload"]["errors"]
     assert error["extensions"]["code"] == "SUBSCRIPTION_LIMIT_REACHED"
     assert "CONSUMERS_SUBSCRIPTIONS_PER_KEY" in error["message"]
+
+
+async def test_subscribing_takes_from_the_keys_bucket(ws_url: str, app: FastAPI,
+                                                     execution_path: str) -> None:
+    created = await app.state.keys.create("small bucket", scopes=frozenset({Scope.READ}),
+                                          rate_limit=RateLimit(2, 0.001))
+    secret = created.secret.get_secret_value()
+    AUDIT.use(secret)
+    async with connected(ws_url, secret) as socket:
+        await subscribe(socket, "1")
+        await subscribe(socket, "2")
+        await settled()
+        await subscribe(socket, "3")
+        message = await receive(socket)
+    assert message["id"] == "3", message
+    [error] = message["payload"]["errors"]
+    assert error["extensions"]["code"] == "THROTTLED"
+    assert error["extensions"]["throttleStatus"]["maximumAvailable"] == 2
 
 
 async def test_subscriptions_per_process(limited: tuple[FastAPI, str], app: FastAPI,
