@@ -77,6 +77,7 @@ TARGETS_TEXT = {
     "w5_time": "W5 < 40 ms per 500 rows (SQLite)",
     "w6_ratio": "W6 batchUpsert / W5 batchCreate <= 2x",
     "w6_inserts": "W6 = 1 INSERT statement",
+    "w5_outbox": "W5 with change events / without < 1.15x (the outbox's write overhead)",
     "rss": "server RSS < 200 MB after the run",
 }
 
@@ -427,6 +428,10 @@ def make_variants(database: str, main: Dataset, search: Dataset, prep: dict[str,
                 {"id": prep["ids"][0]}),
         Variant("W4 nodes", "graphql", database, m, workloads.NODES, {"ids": prep["ids"]}),
         Variant("W5 batchCreate", "graphql", database, m, workloads.BATCH_CREATE, write=True),
+        # The same without the change events (bench/worker.py switches them off): the
+        # outbox's write overhead, measured in the same interleaved rounds.
+        Variant("W5 batchCreate no outbox", "graphql", database, m, workloads.BATCH_CREATE,
+                write=True, extra={"outbox": False}),
         Variant("W6 batchUpsert", "graphql", database, m, workloads.BATCH_UPSERT, write=True,
                 extra={"upsert": True}),
     ]
@@ -607,6 +612,7 @@ def in_process(database: str, variants: list[Variant], prep: dict[str, Any],
                                            if q.lstrip().upper().startswith("INSERT")),
                 "statements": statements,
                 "auth_statements": captures[v.name].get("auth_statements"),
+                "outbox_statements": captures[v.name].get("outbox_statements"),
                 "pid": workers[v.name].pid,
             }
         for name, differs in same.items():
@@ -879,6 +885,10 @@ def targets(all_inproc: dict[str, dict[str, Any]], servers: list[dict[str, Any]]
         if w6 is not None:
             add("w6_inserts", database, "W6 INSERT statements", w6["inserts_per_request"], 1,
                 "statements", w6["inserts_per_request"] == 1)
+        bare = rows.get("W5 batchCreate no outbox")
+        if w5 is not None and bare is not None:
+            ratio = w5["median_ms"] / bare["median_ms"]
+            add("w5_outbox", database, "W5 / W5 no outbox", ratio, 1.15, "x", ratio < 1.15)
         if w5 is not None and w6 is not None:
             ratio = w6["median_ms"] / w5["median_ms"]
             add("w6_ratio", database, "W6 / W5", ratio, 2, "x", ratio <= 2)

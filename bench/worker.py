@@ -54,20 +54,25 @@ class Statements:
     def __init__(self) -> None:
         self.items: list[tuple[str, Any]] = []
         self.auth: list[tuple[str, Any]] = []
+        self.outbox: list[tuple[str, Any]] = []  # the change events' (store/events.py)
         self.db_seconds = 0.0
         self._started: dict[int, float] = {}
 
     def reset(self) -> None:
         self.items = []
         self.auth = []
+        self.outbox = []
         self.db_seconds = 0.0
 
     def before(self, _conn: Any, cursor: Any, statement: str, params: Any, context: Any,
                _many: bool) -> None:
+        from consumers_graphql.store.events import EVENTS_EXECUTION_OPTION, PRUNE_EXECUTION_OPTION
         from consumers_graphql.store.keys import AUTH_EXECUTION_OPTION
 
         options = context.execution_options if context is not None else {}
-        target = self.auth if options.get(AUTH_EXECUTION_OPTION) else self.items
+        target = (self.auth if options.get(AUTH_EXECUTION_OPTION)
+                  else self.outbox if options.get(EVENTS_EXECUTION_OPTION)
+                  or options.get(PRUNE_EXECUTION_OPTION) else self.items)
         target.append((statement, params))
         self._started[id(cursor)] = time.perf_counter()
 
@@ -98,6 +103,16 @@ class Target:
 
     def build(self) -> Any:
         kind = self.spec["kind"]
+        if kind == "graphql" and self.spec["extra"].get("outbox") is False:
+            # The baseline of the outbox's cost (W5 without events): this variant's own
+            # process records no change events. A benchmark switch, not a setting: the
+            # service always records them.
+            from consumers_graphql.domain import common
+
+            async def no_events(*_args: Any, **_kwargs: Any) -> None:
+                return None
+
+            common.record_events = no_events  # type: ignore[assignment]
         if kind == "graphql":
             from consumers_graphql.web.app import create_app
 
@@ -263,6 +278,7 @@ async def serve(conn: Connection, spec: dict[str, Any], secret: str) -> None:
                         "response": parsed,
                         "statements": [s for s, _ in target.statements.items],
                         "auth_statements": len(target.statements.auth),
+                        "outbox_statements": [s for s, _ in target.statements.outbox],
                         "recorded": {"items": target.statements.items,
                                      "auth": target.statements.auth},
                     }

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from consumers_graphql.api import executor
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.db import make_engine
+from consumers_graphql.store.events import EVENTS_EXECUTION_OPTION, PRUNE_EXECUTION_OPTION
 from consumers_graphql.store.keys import AUTH_EXECUTION_OPTION, READ_ONLY, READ_WRITE, Scope
 from consumers_graphql.store.migrate import upgrade
 from consumers_graphql.web.app import create_app
@@ -50,7 +51,8 @@ def throttle_status(taken: int = 0) -> dict[str, Any]:
             "restoreRate": float(TEST_BUCKET)}
 
 
-TABLES = ("idempotency_keys", "consumer_audiences", "orders", "api_keys", "audiences", "consumers")
+TABLES = ("events", "idempotency_keys", "consumer_audiences", "orders", "api_keys", "audiences",
+          "consumers")
 
 
 @pytest.fixture
@@ -307,11 +309,15 @@ def anonymous_gql(client: httpx.AsyncClient, app: FastAPI, execution_path: str) 
 
 class StatementCounter:
     """The app's SQL statements; authentication's own (the key lookup, the throttled
-    lastUsedAt write) are kept apart in ``auth_statements``, so counts measure the API work."""
+    lastUsedAt write) are kept apart in ``auth_statements``, the outbox's (store/events.py) in
+    ``event_statements``, and its prune (at most once a second) in ``prune_statements``,
+    so counts measure the API work."""
 
     def __init__(self) -> None:
         self.statements: list[str] = []
         self.auth_statements: list[str] = []
+        self.event_statements: list[str] = []
+        self.prune_statements: list[str] = []
 
     @property
     def count(self) -> int:
@@ -321,6 +327,8 @@ class StatementCounter:
     def counting(self) -> Iterator[StatementCounter]:
         self.statements.clear()
         self.auth_statements.clear()
+        self.event_statements.clear()
+        self.prune_statements.clear()
         yield self
 
 
@@ -342,6 +350,10 @@ def sql(app: FastAPI) -> Iterator[StatementCounter]:
         options = context.execution_options if context is not None else {}
         if options.get(AUTH_EXECUTION_OPTION):
             counter.auth_statements.append(statement)
+        elif options.get(EVENTS_EXECUTION_OPTION):
+            counter.event_statements.append(statement)
+        elif options.get(PRUNE_EXECUTION_OPTION):
+            counter.prune_statements.append(statement)
         else:
             counter.statements.append(statement)
 

@@ -63,6 +63,9 @@ def assert_refused(done: subprocess.CompletedProcess[str], *names: str) -> str:
     ({"CONSUMERS_IDEMPOTENCY_KEY_HOURS": "0"}, "CONSUMERS_IDEMPOTENCY_KEY_HOURS='0'"),
     ({"CONSUMERS_IDEMPOTENCY_KEY_HOURS": "nan"}, "CONSUMERS_IDEMPOTENCY_KEY_HOURS='nan'"),
     ({"CONSUMERS_IDEMPOTENCY_KEY_HOURS": "1000"}, "CONSUMERS_IDEMPOTENCY_KEY_HOURS='1000'"),
+    # change events too
+    ({"CONSUMERS_EVENT_RETENTION_DAYS": "0"}, "CONSUMERS_EVENT_RETENTION_DAYS='0'"),
+    ({"CONSUMERS_EVENT_RETENTION_DAYS": "5000"}, "CONSUMERS_EVENT_RETENTION_DAYS='5000'"),
 ])
 @pytest.mark.parametrize("command", [("serve",), ("keys", "list"), ("migrate",),
                                      ("seed", "--consumers", "1")])

@@ -31,6 +31,7 @@ from consumers_graphql.api import executor
 from consumers_graphql.ids import IdKind, sequential_ids
 from consumers_graphql.store import models
 from consumers_graphql.store.keys import READ_WRITE
+from consumers_graphql.store.models import utcnow
 from tests.conftest import EXECUTION_PATHS, bearer, empty_tables, on_path, project_root
 from tests.factories import (
     BASE_TIME,
@@ -117,7 +118,16 @@ async def seed(engine: Any) -> Dataset:
     await insert_rows(engine, models.Audience, audiences)
     await insert_rows(engine, models.ConsumerAudience, members)
     await insert_rows(engine, models.Order, orders)
-    return Dataset(consumer_ids + audience_ids + [o["id"] for o in orders])
+    # Events of the last minutes (older ones would be past retention): Query.events and node.
+    event_ids = _ids(IdKind.EVENT, 4)
+    subjects = [("CONSUMER_CREATED", consumer_ids[0]), ("CONSUMER_UPDATED", consumer_ids[1]),
+                ("AUDIENCE_MEMBERS_ADDED", audience_ids[0]), ("ORDER_RECORDED", orders[0]["id"])]
+    await insert_rows(engine, models.Event, [
+        {"id": event_id, "type": kind, "subject_id": subject,
+         "occurred_at": utcnow() - timedelta(minutes=4 - n),
+         "data": {"id": subject, "n": n, "consumerIds": consumer_ids[:n]}}
+        for n, (event_id, (kind, subject)) in enumerate(zip(event_ids, subjects, strict=True))])
+    return Dataset(consumer_ids + audience_ids + [o["id"] for o in orders] + event_ids)
 
 
 # Cursors the API hands out, so that `after`/`before` often name real positions.
@@ -127,6 +137,7 @@ CURSORS = """query($id: ID!) {
   audiences { edges { cursor node { consumers(first: 2) { edges { cursor } } } } }
   searchConsumers(q: "user", first: 2) { edges { cursor } }
   consumer(id: $id) { orders(first: 2) { edges { cursor } } audiences { edges { cursor } } }
+  events(first: 3) { edges { cursor } }
 }"""
 
 
@@ -175,6 +186,7 @@ def operations(dataset: Dataset) -> st.SearchStrategy[tuple[str, dict[str, Any]]
         "Consumer": generated("consumer").map(partial(_selections_on, "Consumer")),
         "Audience": generated("audience").map(partial(_selections_on, "Audience")),
         "Order": generated("node").map(partial(_selections_on, "Order")),
+        "Event": generated("node").map(partial(_selections_on, "Event")),
     }
     documents = generated()
 

@@ -43,6 +43,7 @@ REST_PATHS = {
     "/api/v1/consumers/{consumer_id}": {"get", "put", "delete"},
     "/api/v1/consumers/batch/upsert": {"put"},
     "/api/v1/consumers/external/{external_id}": {"put"},
+    "/api/v1/events": {"get"},
 }
 # Consumers that exist during the fuzz, so that generated ids sometimes hit one.
 SEEDED_IDS = [f"cons_01JD00000000000000000000{n:02d}" for n in range(8)]
@@ -84,6 +85,7 @@ def test_every_operation_documents_its_body_responses_and_security(
         ("put", f"{base}/batch/upsert"): ("BatchUpsertConsumersRequest", "200", "[ConsumerOut]"),
         ("put", f"{base}/external/{{external_id}}"): ("UpsertConsumerRequest", "200",
                                                       "ConsumerOut"),
+        ("get", "/api/v1/events"): (None, "200", "EventsListOut"),
     }
     created_too = {("put", f"{base}/external/{{external_id}}")}
     for (method, path), (request, status, response) in refs.items():

@@ -99,8 +99,9 @@ async def test_without_fetched_assets_the_page_takes_pinned_files_from_the_cdn(
         "https://unpkg.com/react@18.3.1/umd/react.production.min.js",
         "https://unpkg.com/react-dom@18.3.1/umd/react-dom.production.min.js",
         "https://unpkg.com/graphiql@4.1.2/graphiql.min.js",
+        "https://unpkg.com/graphql-ws@6.4.2/umd/graphql-ws.min.js",
     ]
-    assert _policy(page)["script-src"][:3] == [url for url, _ in scripts]
+    assert _policy(page)["script-src"][:4] == [url for url, _ in scripts]
     assert (await client.get(f"{ui_assets.GRAPHIQL_ASSETS_PATH}/graphiql@4.1.2/graphiql.min.js")
             ).status_code == 404
 

@@ -205,3 +205,44 @@ async def test_swagger_ui_lists_the_operations_offline(browser: Browser, served:
     await operations.first.wait_for(timeout=TIMEOUT_MS)
     assert "/api/v1/consumers" in await operations.all_inner_texts()
 
+
+
+async def test_graphiql_runs_a_subscription_over_the_websocket(
+    browser: Browser, served: Served
+) -> None:
+    page = browser.page
+    secret = served.secret()
+    await page.goto(f"{served.url}/graphql")
+    await page.wait_for_selector(".graphiql-container", timeout=TIMEOUT_MS)
+    # given the key typed into the Headers panel and a subscription in the editor
+    headers = page.locator(".graphiql-editor-tool .graphiql-editor").last
+    await headers.click()
+    await page.keyboard.press("Control+A")
+    await page.keyboard.type(json.dumps({"Authorization": f"Bearer {secret}"}))
+    await page.locator(".graphiql-query-editor .CodeMirror").first.click()
+    await page.keyboard.press("Control+A")
+    await page.keyboard.insert_text(
+        "subscription Live { events(types: [CONSUMER_CREATED]) { type subjectId } }")
+    await page.wait_for_timeout(1_000)  # GraphiQL takes the operation's name (100 ms)
+    # when it runs (over a WebSocket: the page's CSP allows it) and a write comes in
+    async with page.expect_websocket(timeout=TIMEOUT_MS) as opened:
+        await page.locator("button.graphiql-execute-button").click()
+    socket = await opened.value
+    frames: list[str] = []
+    socket.on("framesent", lambda payload: frames.append(f"> {payload}"))
+    socket.on("framereceived", lambda payload: frames.append(f"< {payload}"))
+    socket.on("close", lambda *_: frames.append("closed"))
+    assert socket.url == served.url.replace("http://", "ws://") + "/graphql"
+    await page.wait_for_timeout(1_000)  # subscribed
+    created = served.post("/graphql", headers={"Authorization": f"Bearer {secret}"}, json={
+        "query": 'mutation { consumerCreate(input: {email: "live@example.com"}) '
+                 "{ consumer { id } } }"}).json()
+    consumer_id = created["data"]["consumerCreate"]["consumer"]["id"]
+    # then the event shows in the result pane
+    response = page.locator(".graphiql-response")
+    try:
+        await response.get_by_text(consumer_id).wait_for(timeout=TIMEOUT_MS)
+    except Exception as error:  # what the socket carried, and what the page shows
+        raise AssertionError((frames, await response.inner_text(),
+                              browser.console_errors)) from error
+    assert "CONSUMER_CREATED" in await response.inner_text()

@@ -130,6 +130,12 @@ def _server_options(settings: Settings, limits: ConnectionLimits) -> dict[str, A
         # Requests still running after the grace period are cancelled: a hung one must not
         # keep the process from stopping.
         "timeout_graceful_shutdown": settings.shutdown_grace_s,
+        # WebSockets (subscriptions): websockets' sans-I/O protocol, a ping every interval
+        # and the socket closed when its pong is that late, messages no larger than a body.
+        "ws": "websockets-sansio",
+        "ws_ping_interval": settings.websocket_ping_interval_s,
+        "ws_ping_timeout": settings.websocket_ping_interval_s,
+        "ws_max_size": settings.max_body_bytes,
     }
 
 

@@ -11,6 +11,7 @@ class IdKind(StrEnum):
     AUDIENCE = "aud"
     ORDER = "ord"
     API_KEY = "key"
+    EVENT = "evt"
 
 
 _ULID_LENGTH = 26

@@ -118,6 +118,27 @@ class Settings(BaseSettings):
     # past it the key counts as new. At most 30 days: the table grows with every keyed
     # write kept, and expired rows are pruned only by later keyed writes.
     idempotency_key_hours: float = Field(default=24.0, gt=0, le=720, allow_inf_nan=False)
+    # How long change events are kept (store/events.py): a cursor older than that is refused.
+    event_retention_days: int = Field(default=30, ge=1, le=3650)
+    # --- Subscriptions (store/event_hub.py, api/subscription.py; README "Change events") ---
+    # PostgreSQL: where the one LISTEN connection of each process goes. Unset: the database
+    # URL. Behind pgbouncer in transaction mode (CONSUMERS_DATABASE_POOLER=transaction) LISTEN
+    # needs a direct connection to the server: set this to it, else each process notices
+    # commits by polling (events_poll_interval_ms) instead.
+    events_listen_url: str | None = None
+    # How often a process looks for events committed by other processes when it has no
+    # notification to tell it (SQLite; PostgreSQL without a usable LISTEN connection).
+    events_poll_interval_ms: int = Field(default=500, ge=10, le=60_000)
+    # Open subscriptions, at most, per API key and per process (each process counts its own).
+    subscriptions_per_key: int = Field(default=20, ge=1)
+    subscriptions_per_process: int = Field(default=1_000, ge=1)
+    # Events a subscriber may have waiting to be sent, at most: a client that reads slower
+    # than events come has its subscription ended (resume with `after`).
+    subscription_buffer: int = Field(default=1_000, ge=1, le=100_000)
+    # A WebSocket must send connection_init within this; pings (protocol level) every
+    # interval, and a connection whose pong does not come within it is closed.
+    subscription_init_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    websocket_ping_interval_s: float = Field(default=20.0, gt=0, le=3_600)
     # Request limits on /graphql, checked before anything runs (see the README).
     max_depth: int = Field(default=12, ge=1)
     max_aliases: int = Field(default=30, ge=0)
@@ -294,7 +315,7 @@ class Settings(BaseSettings):
     # "Workers".
     worker_sockets: WorkerSockets = WorkerSockets.OWN
 
-    @field_validator("database_url", "database_replica_url")
+    @field_validator("database_url", "database_replica_url", "events_listen_url")
     @classmethod
     def database_url_with_driver(cls, url: str | None) -> str | None:
         """The driver this service runs on, for URLs written without one (as most hosts and

@@ -10,7 +10,8 @@ import strawberry
 from consumers_graphql.api.loaders import Loaders
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.db import Database
-from consumers_graphql.store.keys import Principal
+from consumers_graphql.store.event_hub import EventHub
+from consumers_graphql.store.keys import KeyStore, Principal
 from consumers_graphql.store.repository import Repository
 from consumers_graphql.web.rate_limit import RateLimiter, Throttle
 
@@ -42,6 +43,11 @@ class Context:
     charged: bool = False
     # The trusted document the request named (api/documents.py): parsed and validated once.
     pinned: PinnedDocument | None = None
+
+    # A WebSocket's context (api/websocket.py): the process's fan-out of change events, and
+    # the keys that connection_init checks. None over HTTP.
+    event_hub: EventHub | None = None
+    keys: KeyStore | None = None
 
 
 Info = strawberry.Info[Context, None]

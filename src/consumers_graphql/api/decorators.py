@@ -17,3 +17,8 @@ def field(*, description: str) -> Callable[[ResolverT], ResolverT]:
 
 def mutation(*, description: str) -> Callable[[ResolverT], ResolverT]:
     return cast("Callable[[ResolverT], ResolverT]", strawberry.mutation(description=description))
+
+
+def subscription(*, description: str) -> Callable[[ResolverT], ResolverT]:
+    return cast("Callable[[ResolverT], ResolverT]",
+                strawberry.subscription(description=description))

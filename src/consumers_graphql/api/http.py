@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from datetime import timedelta
 from functools import partial
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -34,6 +35,7 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL as StrawberryGraphQL
 from strawberry.exceptions import MissingQueryError
 from strawberry.http import GraphQLHTTPResponse
@@ -45,6 +47,13 @@ from consumers_graphql.api.context import Context
 from consumers_graphql.api.documents import DocumentRefusal, Documents, Resolved
 from consumers_graphql.api.limits import LIMIT_CODES
 from consumers_graphql.api.permissions import FORBIDDEN
+from consumers_graphql.api.websocket import (
+    GRAPHQL_TRANSPORT_WS,
+    SUBPROTOCOL_CLOSE,
+    SubscriptionsHandler,
+    TextFrames,
+    subprotocol_refusal,
+)
 from consumers_graphql.store.outage import SERVICE_UNAVAILABLE
 from consumers_graphql.web import idempotency, observe
 from consumers_graphql.web.dependencies import JSON, MEDIA_TYPE_STATE
@@ -242,6 +251,7 @@ class _Refused(Exception):
 
 
 ContextFactory = Callable[[Request, BackgroundTasks], AbstractAsyncContextManager[Context]]
+SocketContextFactory = Callable[[WebSocket], Context]
 _MALFORMED_VARIABLES = "The GraphQL operation's `variables` must be an object or null, if provided."
 
 
@@ -258,29 +268,36 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
     `context` opens what a request needs (its read connection, its principal) and closes it
     once the response is sent; background tasks (the key's lastUsedAt) run after that."""
 
+    graphql_transport_ws_handler_class = SubscriptionsHandler
+    websocket_adapter_class = TextFrames
+
     def __init__(self, schema: Any, *, context: ContextFactory, documents: Documents,
                  ide_page: str | None = None, retry_after_s: int = 5,
-                 persisted_max_age_s: int = 0) -> None:
+                 persisted_max_age_s: int = 0,
+                 socket_context: SocketContextFactory | None = None,
+                 init_timeout_s: float = 10.0, subscriptions_per_socket: int = 20) -> None:
         """``ide_page``: the GraphiQL page's HTML (web/graphiql.py), None for no page.
         ``documents``: the persisted ones (api/documents.py); ``persisted_max_age_s``: how
-        long a client may keep the answer to a GET of one (0: not at all)."""
-        super().__init__(schema, graphql_ide="graphiql" if ide_page is not None else None)
+        long a client may keep the answer to a GET of one (0: not at all).
+        ``socket_context``: a WebSocket's context (None: WebSockets are refused)."""
+        super().__init__(schema, graphql_ide="graphiql" if ide_page is not None else None,
+                         subscription_protocols=(GRAPHQL_TRANSPORT_WS,),
+                         connection_init_wait_timeout=timedelta(seconds=init_timeout_s),
+                         max_subscriptions_per_connection=subscriptions_per_socket)
         self._documents = documents
         self._cached_get: list[tuple[bytes, bytes]] = [
             (b"cache-control", f"private, max-age={persisted_max_age_s}".encode()),
             (b"vary", b"Accept, Authorization"),
         ] if persisted_max_age_s > 0 else []
         self._context = context
+        self._socket_context = socket_context
         self._retry_after = str(retry_after_s).encode()
         self._ide_page = ide_page
         self._page_policy = page_policy(ide_page) if ide_page is not None else ""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
-            # No WebSocket transport yet, so no key check for one: refused before Strawberry's
-            # view, whose default context would carry no principal (and ScopeCheck refuses
-            # such a context too).
-            await send({"type": "websocket.close", "code": 4403})
+            await self._socket(scope, receive, send)
             return
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
@@ -320,6 +337,24 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
             await send({"type": "http.response.body", "body": _UNAUTHENTICATED_BODY})
             return
         await tasks()
+
+    async def _socket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket (api/websocket.py): refused at once without graphql-transport-ws, else
+        Strawberry's view with a context of its own for the connection's life."""
+        socket = WebSocket(scope, receive, send)
+        if self._socket_context is None:
+            await socket.close(code=4403)  # (before the handshake: HTTP 403)
+            return
+        refusal = subprotocol_refusal(list(scope.get("subprotocols") or ()))
+        if refusal is not None:
+            await socket.accept()
+            await socket.close(code=SUBPROTOCOL_CLOSE, reason=refusal)
+            return
+        context = self._socket_context(socket)
+        try:
+            await self.run(socket, context=context)
+        finally:
+            await context.repository.reader.close()
 
     async def _answer(
         self, request: Request, params: QueryParams | None, context: Context
@@ -409,6 +444,8 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         except CannotGetOperationTypeError as error:
             raise _Refused(400, BAD_REQUEST, error.as_http_error_reason()) from error
         except InvalidOperationTypeError as error:
+            if error.operation_type is StrawberryOperationType.SUBSCRIPTION:
+                raise _Refused(400, BAD_REQUEST, SUBSCRIPTIONS_OVER_HTTP) from error
             if method == "GET":
                 raise _Refused(405, "METHOD_NOT_ALLOWED",
                                "Mutations are only accepted over POST.", {"Allow": "POST"}
@@ -493,8 +530,12 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
             return json.dumps(data, separators=(",", ":")).encode()
 
 
+# Subscriptions only over the WebSocket (api/websocket.py): Strawberry would also stream them
+# over HTTP (multipart), which this endpoint does not speak.
 _ALLOWED = {method: frozenset(StrawberryOperationType.from_http(method))
-            for method in ("GET", "POST")}
+            - {StrawberryOperationType.SUBSCRIPTION} for method in ("GET", "POST")}
+SUBSCRIPTIONS_OVER_HTTP = ("Subscriptions are served over the graphql-transport-ws WebSocket at "
+                           "/graphql, not over HTTP.")
 _UNAUTHENTICATED_BODY = json.dumps(
     {"errors": [{"message": AUTHENTICATION_REQUIRED, "extensions": {"code": UNAUTHENTICATED}}]},
     separators=(",", ":")).encode()

@@ -11,6 +11,8 @@ from typing import Any, TypeVar, cast
 from sqlalchemy.engine import Row
 from strawberry import dataloader
 
+from consumers_graphql.store.db import Database, Reader
+from consumers_graphql.store.events import EventRecord, events_by_id
 from consumers_graphql.store.pagination import Page, PageRequest
 from consumers_graphql.store.repository import Repository
 
@@ -167,6 +169,14 @@ class Loaders:
             _unwatched(future)
         return asyncio.shield(future)
 
+    def event_by_id(self, database: Database, reader: Reader
+                    ) -> DataLoader[str, EventRecord | None]:
+        """Events by id (``node(id: "evt_…")``), on the request's connection."""
+        loader = self._loaders.get("event_by_id")
+        if loader is None:
+            loader = self._loader("event_by_id", partial(_load_events, database, reader))
+        return cast("DataLoader[str, EventRecord | None]", loader)
+
     def prime_consumers(self, rows: Sequence[Row[Any]]) -> None:
         """Consumers read as a page need no second look-up (e.g. through Order.consumer)."""
         self.consumer_by_id.prime_many({row.id: row for row in rows})
@@ -201,3 +211,9 @@ async def _load_pages(
     keys: list[str],
 ) -> list[Page[Row[Any]]]:
     return await load(keys, request)
+
+
+async def _load_events(database: Database, reader: Reader, keys: list[str]
+                       ) -> list[EventRecord | None]:
+    found = await events_by_id(database, keys, reader)
+    return [found.get(key) for key in keys]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime
+from typing import Annotated
 
 import strawberry
 
@@ -15,6 +16,7 @@ from consumers_graphql.api.types import (
     BeforeArg,
     Connection,
     Consumer,
+    Event,
     FirstArg,
     LastArg,
     Node,
@@ -25,6 +27,8 @@ from consumers_graphql.api.types import (
 )
 from consumers_graphql.errors import BadUserInput
 from consumers_graphql.ids import IdKind, kind_of
+from consumers_graphql.store.events import EventType as EventKind
+from consumers_graphql.store.events import count_events, page_of_events
 from consumers_graphql.store.pagination import MAX_PAGE_SIZE, PageRequest, SortKey, page_request
 from consumers_graphql.store.queries.audiences import AUDIENCE_SORT
 from consumers_graphql.store.queries.consumers import (
@@ -56,6 +60,10 @@ async def _node(info: Info, id: str) -> Node | None:
     if kind is IdKind.ORDER:
         row = await loaders.order_by_id.load(id)
         return Order.from_row(row) if row is not None else None
+    if kind is IdKind.EVENT:
+        record = await loaders.event_by_id(
+            info.context.database, info.context.repository.reader).load(id)
+        return Event.from_record(record) if record is not None else None
     return None
 
 
@@ -171,3 +179,32 @@ class Query:
         page = await once(("audience_page", request), lambda: repository.audience_page(request))
         return connection(page, Audience.from_rows,
                           lambda: once("audience_count", repository.audience_count))
+
+    @decorators.field(description=(
+        "Change events in commit order, oldest first: resumable from any cursor, or from an "
+        f"event id (`evt_…`) as `after`. `first` 0..{MAX_PAGE_SIZE} (default 20). `types` "
+        "keeps these kinds, `subjectId` the events of one consumer, order or audience. A "
+        "cursor older than the event retention is refused (BAD_USER_INPUT), never answered "
+        "with a gap."
+    ))
+    async def events(
+        self,
+        info: Info,
+        first: Annotated[int | None, strawberry.argument(
+            description=f"Page size, 0..{MAX_PAGE_SIZE} (default 20).")] = None,
+        after: Annotated[str | None, strawberry.argument(
+            description="Return the events after this cursor or event id.")] = None,
+        types: Annotated[list[EventKind] | None, strawberry.argument(
+            description="Only events of these types.")] = None,
+        subject_id: Annotated[strawberry.ID | None, strawberry.argument(
+            description="Only events of this consumer, order or audience.")] = None,
+    ) -> Connection[Event]:
+        database, reader = info.context.database, info.context.repository.reader
+        kinds = None if types is None else tuple(kind.value for kind in types)
+        subject = None if subject_id is None else str(subject_id)
+        once = info.context.loaders.once
+        page = await once(("event_page", first, after, kinds, subject), lambda: page_of_events(
+            database, reader, first=first, after=after, types=kinds, subject_id=subject))
+        return connection(page, Event.from_records, lambda: once(
+            ("event_count", kinds, subject),
+            lambda: count_events(database, reader, types=kinds, subject_id=subject)))

@@ -33,8 +33,9 @@ from consumers_graphql.api.mutation import Mutation
 from consumers_graphql.api.permissions import ScopeCheck
 from consumers_graphql.api.query import Query
 from consumers_graphql.api.scalars import DateTime
+from consumers_graphql.api.subscription import Subscription
 from consumers_graphql.api.tracing import OperationTracing
-from consumers_graphql.api.types import Audience, Consumer, Order
+from consumers_graphql.api.types import Audience, Consumer, Event, Order
 from consumers_graphql.errors import DomainError
 from consumers_graphql.store import outage
 from consumers_graphql.store.keys import Principal
@@ -434,7 +435,8 @@ def build_schema(
     schema = Schema(
         query=Query,
         mutation=Mutation,
-        types=[Consumer, Audience, Order],
+        subscription=Subscription,
+        types=[Consumer, Audience, Order, Event],
         extensions=extensions,
         config=StrawberryConfig(
             scalar_map={datetime: DateTime},

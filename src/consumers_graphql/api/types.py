@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from enum import Enum
 from operator import itemgetter
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar, cast
 
 import strawberry
 from sqlalchemy.engine import Row
@@ -16,6 +16,8 @@ from consumers_graphql.api import decorators
 from consumers_graphql.api.context import Info
 from consumers_graphql.api.loaders import Loaders
 from consumers_graphql.api.prefetch import PageLoad, Prefetched, prefetch
+from consumers_graphql.store.events import EventRecord
+from consumers_graphql.store.events import EventType as EventKind
 from consumers_graphql.store.pagination import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
@@ -77,14 +79,14 @@ class SortDirection(Enum):
 
 
 @strawberry.interface(description="An object with a globally unique id (`cons_…`, `aud_…`, "
-                      "`ord_…`): the same id as in the REST API.")
+                      "`ord_…`, `evt_…`): the same id as in the REST API.")
 class Node:
     id: strawberry.ID
 
 
 @strawberry.type(description="Where a page sits in its connection.")
 class PageInfo:
-    page: strawberry.Private[Page[Row[Any]]]
+    page: strawberry.Private[Page[Any]]
 
     @decorators.field(description="Whether rows follow the last edge (exact, in both "
                       "directions).")
@@ -122,7 +124,7 @@ class Connection(Generic[NodeT]):
         return PageInfo(page=self.page)
 
     count: strawberry.Private[Callable[[], Awaitable[int]]]
-    page: strawberry.Private[Page[Row[Any]]]
+    page: strawberry.Private[Page[Any]]
 
     @strawberry.field
     def edges(self) -> list[Edge[NodeT]]:
@@ -137,8 +139,8 @@ class Connection(Generic[NodeT]):
 
 
 def connection(
-    page: Page[Row[Any]],
-    convert: Callable[[Sequence[Row[Any]], tuple[str, ...]], list[NodeT]],
+    page: Page[Any],
+    convert: Callable[[Sequence[Any], tuple[str, ...]], list[NodeT]],
     count: Callable[[], Awaitable[int]],
 ) -> Connection[NodeT]:
     return Connection(
@@ -330,3 +332,36 @@ class Order(Node):
         row = await info.context.loaders.consumer_by_id.load(self.consumer_id)
         assert row is not None, "orders reference consumers by foreign key"
         return Consumer.from_row(row)
+
+
+EventType = strawberry.enum(
+    EventKind, name="EventType",
+    description="What changed: a consumer, an order or an audience created, updated, "
+    "deleted (an order: recorded, deleted), or an audience's members added or removed.")
+
+
+@strawberry.type(description="A change, recorded with the write that made it (an outbox), "
+                 "kept for the event retention (30 days by default). Events are in commit "
+                 "order: Query.events and REST's /api/v1/events resume from any cursor or "
+                 "event id.")
+class Event(Node):
+    id: strawberry.ID = strawberry.field(description="`evt_…`.")
+    type: EventKind = strawberry.field(description="What changed.")
+    occurred_at: datetime = strawberry.field(description="When the write ran.")
+    subject_id: strawberry.ID = strawberry.field(description="The consumer, order or audience "
+                                                 "that changed.")
+    data: JSON = strawberry.field(description=(
+        "The subject as the REST API returns it after the change (before it, for "
+        "`*_DELETED`). Member events add `consumerIds`: the consumers that joined or left. "
+        "An order's events come with its consumer's CONSUMER_UPDATED (its totals)."))
+
+    @classmethod
+    def from_record(cls, record: EventRecord) -> Event:
+        return cls(id=strawberry.ID(record.id), type=EventKind(record.type),
+                   occurred_at=record.occurred_at, subject_id=strawberry.ID(record.subject_id),
+                   data=cast(JSON, record.data))
+
+    @classmethod
+    def from_records(cls, records: Sequence[EventRecord], _fields: tuple[str, ...] = ()
+                     ) -> list[Event]:
+        return [cls.from_record(record) for record in records]

@@ -23,9 +23,11 @@ from consumers_graphql.domain.common import (
     not_found,
     too_large,
 )
+from consumers_graphql.domain.shapes import audience_json
 from consumers_graphql.domain.validation import BATCH_MAX, Path
 from consumers_graphql.errors import DomainError, DomainErrors, ErrorCode
 from consumers_graphql.ids import IdKind, is_id_of, new_id
+from consumers_graphql.store.events import NewEvent
 from consumers_graphql.store.queries.common import AUDIENCE_COLUMNS
 
 
@@ -47,13 +49,15 @@ class AudienceService(Service):
             await _check_audience_name(session, values["name"], None)
             now = datetime.now(UTC)
             statement = insert(audiences).returning(*AUDIENCE_COLUMNS)
-            return (await session.execute(statement, {
+            row = (await session.execute(statement, {
                 "id": new_id(IdKind.AUDIENCE, now),
                 "name": values["name"],
                 "description": values.get("description"),
                 "created_at": now,
                 "updated_at": now,
             })).one()
+            await self._record(session, [NewEvent("AUDIENCE_CREATED", row.id, audience_json(row))])
+            return row
 
         return await self._transaction(work)
 
@@ -77,7 +81,10 @@ class AudienceService(Service):
                 .values(**new, updated_at=later(datetime.now(UTC), row.updated_at))
                 .returning(*AUDIENCE_COLUMNS)
             )
-            return (await session.execute(statement)).one()
+            updated = (await session.execute(statement)).one()
+            await self._record(
+                session, [NewEvent("AUDIENCE_UPDATED", updated.id, audience_json(updated))])
+            return updated
 
         return await self._transaction(work)
 
@@ -90,6 +97,7 @@ class AudienceService(Service):
             row = await _audience_for_update(session, id, ("id",))
             await session.execute(delete(memberships).where(memberships.c.audience_id == id))
             await session.execute(delete(audiences).where(audiences.c.id == id))
+            await self._record(session, [NewEvent("AUDIENCE_DELETED", id, audience_json(row))])
             return row
 
         return await self._transaction(work)
@@ -115,6 +123,8 @@ class AudienceService(Service):
                    for c in consumer_ids if c not in members]
             if new:
                 await session.execute(insert(memberships), new)
+                await self._record(session, [_members_event(
+                    "AUDIENCE_MEMBERS_ADDED", row, [item["consumer_id"] for item in new])])
             return row
 
         return await self._transaction(work)
@@ -129,13 +139,24 @@ class AudienceService(Service):
             row = await _check_membership_targets(
                 session, audience_id, consumer_ids, static_errors
             )
-            await session.execute(delete(memberships).where(
+            removed = set((await session.execute(delete(memberships).where(
                 memberships.c.audience_id == audience_id,
                 memberships.c.consumer_id.in_(consumer_ids),
-            ))
+            ).returning(memberships.c.consumer_id))).scalars())
+            if removed:
+                await self._record(session, [_members_event(
+                    "AUDIENCE_MEMBERS_REMOVED", row,
+                    [c for c in dict.fromkeys(consumer_ids) if c in removed])])
             return row
 
         return await self._transaction(work)
+
+
+def _members_event(kind: str, audience: Row[Any], consumer_ids: list[str]) -> NewEvent:
+    """A membership change: the audience as REST shows it, and the consumers that joined or
+    left it (in the order sent; those that already were or were not members are left
+    out)."""
+    return NewEvent(kind, audience.id, {**audience_json(audience), "consumerIds": consumer_ids})
 
 
 def _audience_values(

@@ -34,6 +34,7 @@ from consumers_graphql.domain.validation import BATCH_MAX, Path
 from consumers_graphql.errors import DomainError, DomainErrors, ErrorCode
 from consumers_graphql.store import models
 from consumers_graphql.store.db import Database
+from consumers_graphql.store.events import NewEvent, record_events
 from consumers_graphql.store.idempotency import conflicted, decided, joined_session
 
 T = TypeVar("T")
@@ -166,6 +167,11 @@ class Service:
 
     def __init__(self, database: Database) -> None:
         self._database = database
+
+    async def _record(self, session: AsyncSession, new: Sequence[NewEvent]) -> None:
+        """The write's change events, in its transaction, as its last statements (see
+        store/events.py): nothing when `new` is empty (a write that changed nothing)."""
+        await record_events(self._database, session, new)
 
     async def _transaction(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         """`work` in a transaction of its own; or, inside a request sent with an

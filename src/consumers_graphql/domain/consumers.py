@@ -36,10 +36,12 @@ from consumers_graphql.domain.common import (
     single,
     too_large,
 )
+from consumers_graphql.domain.shapes import consumer_json
 from consumers_graphql.domain.validation import BATCH_MAX, Path
 from consumers_graphql.errors import DomainError, DomainErrors, ErrorCode
 from consumers_graphql.ids import IdKind, is_id_of, sequential_ids
 from consumers_graphql.store.db import MONEY_SCALE
+from consumers_graphql.store.events import NewEvent
 from consumers_graphql.store.normalize import derived_fields, fold
 from consumers_graphql.store.queries.common import CONSUMER_COLUMNS, one_of
 
@@ -173,6 +175,8 @@ class ConsumerService(Service):
             if policy is ErrorPolicy.REJECT_EVERYTHING and len(writable) < len(items):
                 writable = []
             rows = await _insert_consumers(session, [values[i] for i in writable])
+            await self._record(session, [_consumer_event("CONSUMER_CREATED", row)
+                                         for row in rows])
             results = [ItemResult(errors=item_errors) for item_errors in errors]
             for i, row in zip(writable, rows, strict=True):
                 results[i].row = row
@@ -257,6 +261,8 @@ class ConsumerService(Service):
                 items[i].id: new for i, new in proposed.items() if not errors[i]
             }
             updated = await _write_consumer_changes(session, to_write, current)
+            await self._record(session, [_consumer_event("CONSUMER_UPDATED", updated[id])
+                                         for id in to_write])
             results = [ItemResult(errors=item_errors) for item_errors in errors]
             for i, result in enumerate(results):
                 if not result.errors and not rejected:
@@ -349,6 +355,10 @@ class ConsumerService(Service):
             written = await _upsert_consumer_rows(
                 session, [(proposed[i], current.get(keys[i])) for i in writes]
             )
+            await self._record(session, [
+                _consumer_event("CONSUMER_UPDATED" if keys[i] in current
+                                else "CONSUMER_CREATED", row)
+                for i, row in zip(writes, written, strict=True)])
             results = [ItemResult(errors=item_errors) for item_errors in errors]
             for i, row in zip(writes, written, strict=True):
                 results[i].row = row
@@ -374,6 +384,7 @@ class ConsumerService(Service):
             await session.execute(delete(memberships).where(memberships.c.consumer_id == id))
             await session.execute(delete(orders).where(orders.c.consumer_id == id))
             await session.execute(delete(consumers).where(consumers.c.id == id))
+            await self._record(session, [_consumer_event("CONSUMER_DELETED", row)])
             return row
 
         return await self._transaction(work)
@@ -399,6 +410,10 @@ def _same_json(a: Any, b: Any) -> bool:
     if isinstance(a, list):
         return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
     return bool(a == b)
+
+
+def _consumer_event(kind: str, row: Any) -> NewEvent:
+    return NewEvent(kind, row.id, consumer_json(row))
 
 
 async def _taken_consumer_keys(

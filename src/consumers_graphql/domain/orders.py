@@ -21,9 +21,11 @@ from consumers_graphql.domain.common import (
     not_found,
     orders,
 )
+from consumers_graphql.domain.shapes import consumer_json, order_json
 from consumers_graphql.errors import DomainError, DomainErrors
 from consumers_graphql.ids import IdKind, is_id_of, new_id
-from consumers_graphql.store.queries.common import ORDER_COLUMNS
+from consumers_graphql.store.events import NewEvent
+from consumers_graphql.store.queries.common import CONSUMER_COLUMNS, ORDER_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ class OrderService(Service):
                 "external_id": values["external_id"],
                 "created_at": now,
             })).one()
-            await _refresh_totals(session, consumer, now)
+            owner = await _refresh_totals(session, consumer, now)
+            await self._record(session, _order_events("ORDER_RECORDED", order, owner))
             return order
 
         return await self._transaction(work)
@@ -99,7 +102,8 @@ class OrderService(Service):
             )).one_or_none()
             if consumer is None or order is None:
                 raise DomainErrors([not_found(("id",), "order")])
-            await _refresh_totals(session, consumer, datetime.now(UTC))
+            owner = await _refresh_totals(session, consumer, datetime.now(UTC))
+            await self._record(session, _order_events("ORDER_DELETED", order, owner))
             return order
 
         return await self._transaction(work)
@@ -151,17 +155,24 @@ async def _consumer_for_totals(session: AsyncSession, id: str) -> Row[Any] | Non
     return row
 
 
-async def _refresh_totals(session: AsyncSession, consumer: Row[Any], now: datetime) -> None:
-    """Sets the consumer's totals from its orders, summed exactly by the database."""
+def _order_events(kind: str, order: Row[Any], owner: Row[Any]) -> list[NewEvent]:
+    """The order's event, and its consumer's CONSUMER_UPDATED: its totals changed."""
+    return [NewEvent(kind, order.id, order_json(order)),
+            NewEvent("CONSUMER_UPDATED", owner.id, consumer_json(owner))]
+
+
+async def _refresh_totals(session: AsyncSession, consumer: Row[Any], now: datetime) -> Row[Any]:
+    """Sets the consumer's totals from its orders, summed exactly by the database; the
+    consumer as it is then."""
     count, total, last = (await session.execute(
         select(func.count(), func.sum(orders.c.amount), func.max(orders.c.placed_at))
         .where(orders.c.consumer_id == consumer.id)
     )).one()
-    await session.execute(
+    return (await session.execute(
         update(consumers).where(consumers.c.id == consumer.id).values(
             total_orders=count,
             total_order_value=total if total is not None else Decimal(0),
             last_order_at=last,
             updated_at=later(now, consumer.updated_at),
-        )
-    )
+        ).returning(*CONSUMER_COLUMNS)
+    )).one()

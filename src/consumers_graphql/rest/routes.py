@@ -26,6 +26,7 @@ from consumers_graphql.domain.consumers import (
     ConsumerService,
     ConsumerUpsert,
 )
+from consumers_graphql.domain.shapes import audience_json, consumer_json, order_json
 from consumers_graphql.errors import BadUserInput, DomainError, DomainErrors, ErrorCode
 from consumers_graphql.ids import IdKind, kind_of
 from consumers_graphql.rest.body import RestRoute, restore_refused_metadata
@@ -42,7 +43,6 @@ from consumers_graphql.rest.models import (
     UpdateConsumerRequest,
     UpsertConsumerRequest,
 )
-from consumers_graphql.rest.shapes import audience_json, consumer_json, order_json
 from consumers_graphql.store.db import Reader
 from consumers_graphql.store.models import EXTERNAL_ID_MAX
 from consumers_graphql.store.pagination import MAX_PAGE_SIZE, Page, page_request

@@ -182,3 +182,28 @@ class IdempotencyKey(Base):
         Index("uq_idempotency_keys_api_key_id_key", "api_key_id", "key", unique=True),
         Index("ix_idempotency_keys_created_at", "created_at"),
     )
+
+
+class Event(Base):
+    """A change, recorded in the transaction of the write that made it (an outbox): what
+    Query.events, REST's /api/v1/events and subscriptions hand out, in `position` order
+    (store/events.py says why that order is the commit order). Kept for
+    ``event_retention_days``, deleted a few at a time by later writes."""
+
+    __tablename__ = "events"
+
+    # SQLite: AUTOINCREMENT, so that a position is never used twice, even once the newest
+    # events are pruned. PostgreSQL: a sequence drawn under the events lock.
+    position: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    type: Mapped[str] = mapped_column(String(32))
+    subject_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+    __table_args__ = (
+        Index("uq_events_id", "id", unique=True),
+        Index("ix_events_subject_id_position", "subject_id", "position"),
+        {"sqlite_autoincrement": True},
+    )

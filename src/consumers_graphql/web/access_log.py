@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from consumers_graphql.web import observe
+from consumers_graphql.web import observe, request_id
 from consumers_graphql.web.logs import ACCESS_FIELDS
 
 logger = logging.getLogger("consumers_graphql.access")
@@ -157,7 +157,59 @@ class AccessLog:
             _log({"type": "http", "method": "-", "path": "-"}, facts, BAD_REQUEST_STATUS, 0.0)
 
 
-def _log(scope: Scope, facts: observe.RequestFacts, status: int, seconds: float) -> None:
+class SocketAccessLog:
+    """One access line per WebSocket, when it closes: the handshake's method and path, 101
+    when it was accepted (403 when refused before), its whole life as the duration, the key
+    it authenticated with, and the close code. A request id as for HTTP (X-Request-ID or a
+    new one), in the scope for the code that logs. No request numbers: a socket's life is not
+    a request's latency (the subscriptions have metrics of their own)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        facts = observe.RequestFacts(face=observe.face_of(scope["path"]))
+        token = observe.current.set(facts)
+        incoming = next((v.decode("latin-1") for k, v in scope["headers"]
+                         if k == b"x-request-id"), None)
+        current_id = request_id.accept_or_generate(incoming)
+        scope.setdefault("state", {})["request_id"] = current_id
+        id_token = request_id.current.set(current_id)
+        status: int | None = None
+        closed: int | None = None
+
+        async def send_watched(message: Message) -> None:
+            nonlocal status, closed
+            if message["type"] == "websocket.accept":
+                status = 101
+            elif message["type"] == "websocket.close":
+                closed = int(message.get("code", 1000))
+                if status is None:
+                    status = 403  # refused before the handshake ended
+            await send(message)
+
+        async def receive_watched() -> Message:
+            nonlocal closed
+            message = await receive()
+            if message["type"] == "websocket.disconnect" and closed is None:
+                closed = int(message.get("code", 1005))
+            return message
+
+        failed = True
+        try:
+            await self.app(scope, receive_watched, send_watched)
+            failed = False
+        finally:
+            request_id.current.reset(id_token)
+            observe.current.reset(token)
+            final = status if status is not None else 500 if failed else CLIENT_CLOSED
+            if logger.isEnabledFor(logging.INFO):
+                _log({**scope, "method": "GET"}, facts, final,
+                     time.perf_counter() - facts.started, closed=closed)
+
+
+def _log(scope: Scope, facts: observe.RequestFacts, status: int, seconds: float,
+         closed: int | None = None) -> None:
     path = logged_path(scope)
     method = str(scope.get("method", ""))
     fields: dict[str, Any] = {
@@ -186,6 +238,9 @@ def _log(scope: Scope, facts: observe.RequestFacts, status: int, seconds: float)
     if facts.refusals:
         extra.append(f"refused={','.join(facts.refusals)}")
     extra.append(f"sql={facts.statements}/{fields['database_ms']:g}ms")
+    if closed is not None:  # a WebSocket's close code
+        fields["close_code"] = closed
+        extra.append(f"close={closed}")
     logger.info('"%s %s HTTP/%s" %d %.1fms %s', method, path,
                 scope.get("http_version", "1.1"), status, seconds * 1000, " ".join(extra),
                 extra={ACCESS_FIELDS: fields, "request_id": fields["request_id"]})

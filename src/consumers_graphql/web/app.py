@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from fastapi import BackgroundTasks, FastAPI, Request
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from consumers_graphql import __version__
 from consumers_graphql.api.context import Context
@@ -21,15 +22,17 @@ from consumers_graphql.api.limits import Limits
 from consumers_graphql.api.loaders import Loaders
 from consumers_graphql.api.schema import build_schema
 from consumers_graphql.rest import errors as rest_errors
+from consumers_graphql.rest import events as rest_events
 from consumers_graphql.rest import routes as rest_routes
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.db import Database
+from consumers_graphql.store.event_hub import EventHub
 from consumers_graphql.store.idempotency import IdempotencyStore
 from consumers_graphql.store.keys import KeyStore
 from consumers_graphql.store.repository import Repository
 from consumers_graphql.web import api_docs, health, observe
 from consumers_graphql.web import tracing as web_tracing
-from consumers_graphql.web.access_log import AccessLog
+from consumers_graphql.web.access_log import AccessLog, SocketAccessLog
 from consumers_graphql.web.cors import Cors
 from consumers_graphql.web.deadline import RequestDeadline
 from consumers_graphql.web.edge import Edge
@@ -58,8 +61,17 @@ class App(FastAPI):
 
     graphql_stack: ASGIApp | None = None
     graphql_route: Route | None = None
+    # WebSockets at /graphql (subscriptions): their own access line, none of the HTTP
+    # middleware (no deadline on a socket that lives for hours, no response headers).
+    socket_stack: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "websocket" and scope["path"] == GRAPHQL_PATH
+                and self.socket_stack is not None):
+            scope["app"] = self
+            scope["route"] = self.graphql_route
+            await self.socket_stack(scope, receive, send)
+            return
         stack = self.graphql_stack
         if stack is not None and scope["type"] == "http" and scope["path"] == GRAPHQL_PATH:
             scope["app"] = self
@@ -91,6 +103,17 @@ async def _graphql_context(
         )
     finally:
         await reader.close()
+
+
+def _socket_context(socket: WebSocket) -> Context:
+    """A WebSocket's context, for its whole life: no principal until connection_init has
+    given a key (api/websocket.py); a read connection only if something reads on it."""
+    state = socket.scope["app"].state
+    database: Database = state.database
+    repository = Repository(database.reader())
+    return Context(settings=state.settings, database=database, repository=repository,
+                   loaders=Loaders(repository), rate_limiter=state.rate_limiter,
+                   event_hub=state.event_hub, keys=state.keys)
 
 
 # A young-generation threshold for a server: at CPython's default of 700 allocations, a
@@ -144,11 +167,16 @@ def create_app(
         app.state.keys = KeyStore(database.primary_engine, database.write_engine,
                                   settings.key_pepper, cache_seconds=settings.key_cache_seconds)
         app.state.rate_limiter = RateLimiter(settings)
+        hub = app.state.event_hub = EventHub(database, settings)
+        if metrics is not None:
+            metrics.watch_subscriptions(hub)
+        await hub.start()
         try:
             yield
         finally:
             try:
                 try:
+                    await hub.close()
                     await app.state.rate_limiter.close()
                 finally:
                     await database.dispose()
@@ -181,7 +209,11 @@ def create_app(
         ide_page=None if settings.is_production else api_docs.graphiql_page(app, settings),
         retry_after_s=settings.retry_after_s,
         persisted_max_age_s=settings.persisted_query_max_age_s,
+        socket_context=_socket_context,
+        init_timeout_s=settings.subscription_init_timeout_s,
+        subscriptions_per_socket=settings.subscriptions_per_key,
     )
+    app.socket_stack = SocketAccessLog(graphql)
     if not settings.is_production:
         api_docs.install_docs(app)
     # A Starlette route: /openapi.json documents the REST API only (GraphQL has its own
@@ -211,6 +243,7 @@ def create_app(
         app.graphql_route = graphql_route
     rest_errors.install(app)
     app.include_router(rest_routes.router)
+    app.include_router(rest_events.router)
 
     # Starlette routes: outside the OpenAPI document, and no key needed.
     app.router.routes.append(Route("/livez", health.livez, methods=["GET"]))

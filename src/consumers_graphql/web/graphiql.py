@@ -101,5 +101,6 @@ def page(mode: UiAssets) -> str:
     return (template
             .replace("{{ stylesheet }}", tag("graphiql.min.css"))
             .replace("{{ scripts }}", "\n    ".join(tag(name) for name in (
-                "react.production.min.js", "react-dom.production.min.js", "graphiql.min.js")))
+                "react.production.min.js", "react-dom.production.min.js", "graphiql.min.js",
+                "graphql-ws.min.js")))
             .replace("{{ config }}", html.escape(json.dumps(config, ensure_ascii=False))))

@@ -25,6 +25,19 @@ ACCESS_FIELDS = "access"
 _PRIMITIVES = (str, int, float, type(None))
 
 
+class QuietSockets(logging.Filter):
+    """Drops uvicorn's own lines about each WebSocket (`"WebSocket /graphql" [accepted]`, with
+    the client's address, and the websockets library's `connection open` and `connection
+    closed`): the access log writes one line per socket instead (access_log.py)."""
+
+    CHATTER = frozenset({'%s - "WebSocket %s" [accepted]', "connection open",
+                         "connection closed"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith(("uvicorn", "websockets"))
+                    and record.msg in self.CHATTER)
+
+
 class RedactSecrets(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
@@ -98,14 +111,15 @@ def log_config(level: str, log_format: LogFormat = LogFormat.TEXT) -> dict[str, 
 
     config: dict[str, Any] = copy.deepcopy(LOGGING_CONFIG)
     config["filters"] = {"redact_secrets": {"()": RedactSecrets},
-                         "request_id": {"()": WithRequestId}}
+                         "request_id": {"()": WithRequestId},
+                         "quiet_sockets": {"()": QuietSockets}}
     text = {"()": "uvicorn.logging.DefaultFormatter", "fmt": "%(levelprefix)s %(message)s",
             "use_colors": None}
     formatter = text if log_format is LogFormat.TEXT else {"()": JsonFormatter}
     config["formatters"] = {"default": formatter, "access": formatter}
     handlers: Mapping[str, dict[str, Any]] = config["handlers"]
     for handler in handlers.values():
-        handler["filters"] = ["redact_secrets", "request_id"]
+        handler["filters"] = ["quiet_sockets", "redact_secrets", "request_id"]
     config["loggers"]["consumers_graphql"] = {"level": level.upper(), "propagate": True}
     config["loggers"]["consumers_graphql.access"] = {"handlers": ["access"],
                                                      "propagate": False}

@@ -29,6 +29,9 @@ from starlette.responses import Response
 
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.db import Database
+from consumers_graphql.store.event_hub import EventHub
+from consumers_graphql.store.events import EventRecord
+from consumers_graphql.store.models import utcnow
 from consumers_graphql.web.observe import RequestFacts
 
 if TYPE_CHECKING:
@@ -218,6 +221,17 @@ class Metrics:
             "many again may overflow).", ["pool"], multiprocess_mode="livesum",
             registry=registry)
 
+        self.subscriptions = Gauge(
+            "consumers_subscriptions_active", "GraphQL subscriptions open.",
+            multiprocess_mode="livesum", registry=registry)
+        self.events_delivered = Counter(
+            "consumers_subscription_events_delivered", "Change events sent to subscriptions.",
+            registry=registry)
+        self.delivery_lag = Histogram(
+            "consumers_subscription_delivery_lag_seconds", "From an event's commit "
+            "(occurredAt) to its sending to a subscription (a replayed event's lag includes "
+            "its age).", buckets=LATENCY_BUCKETS, registry=registry)
+
         # Each metric's child per label values, as `labels()` finds it (the same object), found
         # without its checks and locks on every request.
         self._children: dict[tuple[object, ...], Any] = {}
@@ -241,6 +255,14 @@ class Metrics:
         self._child(self.database, face).observe(facts.database_s)
         for code in facts.refusals:
             self._child(self.refusals, code).inc()
+
+    def watch_subscriptions(self, hub: EventHub) -> None:
+        def on_delivered(record: EventRecord) -> None:
+            self.events_delivered.inc()
+            self.delivery_lag.observe(max(0.0, (utcnow() - record.occurred_at).total_seconds()))
+
+        hub.on_change = self.subscriptions.set
+        hub.on_delivered = on_delivered
 
     def watch_pools(self, database: Database) -> None:
         engines: list[tuple[str, Engine]] = [("primary", database.primary_engine.sync_engine),

@@ -3,10 +3,11 @@
 
 Swagger UI comes installed, inside the `fastapi-offline` package (the same swagger-ui-dist 5
 files FastAPI's page takes from a CDN). No Python package ships
-GraphiQL's build, so `consumers-graphql assets fetch` takes the pinned `graphiql`, `react` and
-`react-dom` tarballs from the npm registry, checks each against the sha512 pinned here, and
-keeps only the files the page loads, in `CONSUMERS_UI_ASSETS_DIR`. Until then GraphiQL loads
-the same files from unpkg, pinned by Subresource Integrity (`CONSUMERS_UI_ASSETS` decides).
+GraphiQL's build, so `consumers-graphql assets fetch` takes the pinned `graphiql`, `react`,
+`react-dom` and `graphql-ws` (subscriptions) tarballs from the npm registry, checks each
+against the sha512 pinned here, and keeps only the files the page loads, in
+`CONSUMERS_UI_ASSETS_DIR`. Until then GraphiQL loads the same files from unpkg, pinned by
+Subresource Integrity (`CONSUMERS_UI_ASSETS` decides).
 
 GraphiQL stays on 4.x, the last major version with a UMD build: 5.x is ES modules only (Monaco
 and its workers), which a page without a bundler cannot load from one folder. React 18.3 is the
@@ -81,7 +82,15 @@ GRAPHIQL = NpmPackage(
      Asset("graphiql.min.css",
            "sha384-1el1QShFBnnXTx9x/Cprg82hZWKt0ry29OAYIXt05swbi0KcZDFoj0CWguMpopJr")),
 )
-PACKAGES = (REACT, REACT_DOM, GRAPHIQL)
+# The graphql-transport-ws client GraphiQL's fetcher runs subscriptions with (its UMD build
+# sets `window.graphqlWs`; the page gives GraphiQL a client of it, api/websocket.py).
+GRAPHQL_WS = NpmPackage(
+    "graphql-ws", "6.4.2",
+    "sha512-wxhPhhOGJo8PbGDkBYVE76sZLDrS+GkyrR4bZECSLVbo0pZZNKs0HtBh2Ip/uaUuiVUxwO9ssI9R92buQfNSqQ==",
+    (Asset("umd/graphql-ws.min.js",
+           "sha384-mxvR4Mzbsb6QVx/9xI2gtQikQA6m8zMDBFnu3l//4/ROsWt7y2sUGWd+/tYQqDm7"),),
+)
+PACKAGES = (REACT, REACT_DOM, GRAPHIQL, GRAPHQL_WS)
 
 
 class AssetsMissing(Exception):

@@ -1,4 +1,4 @@
-"""Rows to the reference's JSON shapes."""
+"""Rows to the reference's JSON shapes: what REST answers, and what change events carry."""
 
 from __future__ import annotations
 
