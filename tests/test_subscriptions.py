@@ -196,6 +196,26 @@ async def test_a_page_of_another_origin_is_refused_at_the_handshake(ws_url: str)
         assert socket.subprotocol == PROTOCOL
 
 
+async def test_a_page_of_an_origin_of_the_cors_allow_list_may_subscribe(
+    settings: Settings, execution_path: str, api_key: str
+) -> None:
+    """CONSUMERS_CORS_ORIGINS is the WebSocket handshake's allow-list too: a browser app
+    that may call /graphql over HTTP may subscribe; other pages still may not."""
+    app = create_app(settings.model_copy(update={"cors_origins": ("https://app.example",)}))
+    on_path(app, execution_path)
+    async with LifespanManager(app), served(app) as url:
+        async with websockets.connect(url, subprotocols=[PROTOCOL],  # type: ignore[list-item]
+                                      origin="https://app.example") as socket:  # type: ignore[arg-type]
+            await socket.send(json.dumps({"type": "connection_init",
+                                          "payload": {"Authorization": f"Bearer {api_key}"}}))
+            assert await receive(socket) == {"type": "connection_ack"}
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with websockets.connect(url, subprotocols=[PROTOCOL],  # type: ignore[list-item]
+                                          origin="https://elsewhere.example"):  # type: ignore[arg-type]
+                pass
+        assert refused.value.response.status_code == 403
+
+
 async def test_no_subscription_before_the_ack(ws_url: str, execution_path: str) -> None:
     async with websockets.connect(ws_url, subprotocols=[PROTOCOL]) as socket:  # type: ignore[list-item]
         await subscribe(socket, "1")

@@ -21,7 +21,7 @@ APQ hash): api/documents.py resolves it to its text first, and the rest is the s
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from functools import partial
@@ -275,15 +275,19 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
                  ide_page: str | None = None, retry_after_s: int = 5,
                  persisted_max_age_s: int = 0,
                  socket_context: SocketContextFactory | None = None,
-                 init_timeout_s: float = 10.0, subscriptions_per_socket: int = 20) -> None:
+                 init_timeout_s: float = 10.0, subscriptions_per_socket: int = 20,
+                 allowed_origins: Sequence[str] = ()) -> None:
         """``ide_page``: the GraphiQL page's HTML (web/graphiql.py), None for no page.
         ``documents``: the persisted ones (api/documents.py); ``persisted_max_age_s``: how
         long a client may keep the answer to a GET of one (0: not at all).
-        ``socket_context``: a WebSocket's context (None: WebSockets are refused)."""
+        ``socket_context``: a WebSocket's context (None: WebSockets are refused).
+        ``allowed_origins``: pages of other origins that may open a WebSocket (the CORS
+        allow-list, CONSUMERS_CORS_ORIGINS; `*` for any); the server's own origin always."""
         super().__init__(schema, graphql_ide="graphiql" if ide_page is not None else None,
                          subscription_protocols=(GRAPHQL_TRANSPORT_WS,),
                          connection_init_wait_timeout=timedelta(seconds=init_timeout_s),
-                         max_subscriptions_per_connection=subscriptions_per_socket)
+                         max_subscriptions_per_connection=subscriptions_per_socket,
+                         allowed_origins=tuple(allowed_origins))  # its handshake's check
         self._documents = documents
         self._cached_get: list[tuple[bytes, bytes]] = [
             (b"cache-control", f"private, max-age={persisted_max_age_s}".encode()),

@@ -212,6 +212,7 @@ def create_app(
         socket_context=_socket_context,
         init_timeout_s=settings.subscription_init_timeout_s,
         subscriptions_per_socket=settings.subscriptions_per_key,
+        allowed_origins=settings.cors_origins,
     )
     app.socket_stack = SocketAccessLog(graphql)
     if not settings.is_production:
