@@ -17,7 +17,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from consumers_graphql.api import executor
+from consumers_graphql.api import executor, federation
 from consumers_graphql.api.schema import Schema, build_schema
 from consumers_graphql.cli import main as cli
 from consumers_graphql.store import models
@@ -85,6 +85,19 @@ async def test_service_sdl_is_a_federation_v2_subgraph_with_three_entities(gql: 
     assert query_fields["_entities"] == "[_Entity]!"
     assert query_fields["_service"] == "_Service!"
     assert "union _Entity = Audience | Consumer | Order" in sdl
+
+
+def test_service_is_answered_by_our_field_from_a_cached_sdl() -> None:
+    """Strawberry's own `_service` prints the schema on every call (3 ms, the whole SDL);
+    ours (api/federation.py) answers the schema's SDL printed once. Strawberry uses a Query
+    type's own `_service` field instead of adding its own (0.331.4's release notes, with
+    this very example): pinned, so that an upgrade that adds its own anyway fails here."""
+    schema = build_schema()
+    field = schema.get_field_for_type("_service", "Query")
+    assert field is not None and field.base_resolver is not None
+    assert field.base_resolver.wrapped_func is federation.service
+    assert schema.subgraph_sdl == schema.as_str()
+    assert schema.subgraph_sdl is schema.subgraph_sdl  # printed once
 
 
 def test_schema_graphql_has_no_federation_additions() -> None:
