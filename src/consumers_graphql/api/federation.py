@@ -23,7 +23,7 @@ from graphql.utilities.print_schema import is_defined_type, print_type
 
 from consumers_graphql.api import query
 from consumers_graphql.api.context import Info
-from consumers_graphql.api.query import MAX_NODES
+from consumers_graphql.api.query import MAX_NODES, load_node
 from consumers_graphql.api.types import Audience, Consumer, Order
 from consumers_graphql.errors import BadUserInput
 from consumers_graphql.ids import IdKind, kind_of
@@ -109,15 +109,7 @@ async def _entity(
         )
     if kind_of(id) is not kind:  # malformed, or another type's id: names no such entity
         return None
-    loaders = info.context.loaders
-    if kind is IdKind.CONSUMER:
-        row = await loaders.consumer_by_id.load(id)
-        return Consumer.from_row(row) if row is not None else None
-    if kind is IdKind.AUDIENCE:
-        row = await loaders.audience_by_id.load(id)
-        return Audience.from_row(row) if row is not None else None
-    row = await loaders.order_by_id.load(id)
-    return Order.from_row(row) if row is not None else None
+    return cast("Entity | None", await load_node(info, id))  # of `kind`: checked above
 
 
 def _shown(value: Any) -> str:
