@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -428,16 +431,55 @@ def test_composition_fails_when_a_subgraph_contradicts_ours(tmp_path: Path) -> N
 # --- a gateway -----------------------------------------------------------------------------
 
 
-def _gateway_url(gateway: subprocess.Popen[str]) -> str:
-    """The gateway's address, from the line gateway.mjs prints once it listens."""
+def _gateway_url(gateway: subprocess.Popen[str], within: float = 60) -> str:
+    """The gateway's address, from the line gateway.mjs prints once it listens; an error
+    when it exits or says nothing of the kind `within` seconds (a hung Node process must
+    not hang the run). Its output is read to the end meanwhile, so that it never blocks on
+    a full pipe."""
     assert gateway.stdout is not None
-    seen = []
-    for line in gateway.stdout:  # ends when the process does
+    stdout = gateway.stdout
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    seen: list[str] = []
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"the gateway did not start within {within} s:\n"
+                                 + "".join(seen)) from None
+        if line is None:
+            raise AssertionError("the gateway did not start:\n" + "".join(seen))
         if line.startswith("{"):
             return str(json.loads(line)["gateway"])
         seen.append(line)
-        assert len(seen) < 50, "".join(seen)
-    raise AssertionError("the gateway did not start:\n" + "".join(seen))
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+
+
+def test_a_gateway_that_never_listens_fails_the_test_in_time() -> None:
+    silent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        started = time.monotonic()
+        with pytest.raises(AssertionError, match=r"did not start within 0\.5 s"):
+            _gateway_url(silent, within=0.5)
+        assert time.monotonic() - started < 5
+    finally:
+        _stop(silent)
 
 
 def test_a_gateway_answers_one_query_across_both_subgraphs(
@@ -500,6 +542,5 @@ def test_a_gateway_answers_one_query_across_both_subgraphs(
         ]}}
     finally:
         if gateway is not None:
-            gateway.terminate()
-            gateway.wait(timeout=10)
+            _stop(gateway)
         assert served.stop() == 0, served.output
