@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -363,16 +364,38 @@ async def test_entities_need_the_read_scope(
 # --- composition ---------------------------------------------------------------------------
 
 
-def _node_modules() -> Path:
-    """tests/federation's packages, installed from its lock file when missing."""
+def _node_modules(directory: Path = FEDERATION_DIR) -> Path:
+    """`directory`'s packages, installed with `npm ci` when missing or installed from
+    another lock file (a stamp of the lock's hash, written once `npm ci` succeeded): a lock
+    that moved on is never tested with the packages of the old one. Once a checkout."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("Node.js and npm are needed to compose a supergraph (@apollo/composition)")
-    modules = FEDERATION_DIR / "node_modules"
-    if not (modules / "@apollo" / "composition").is_dir():
-        done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=FEDERATION_DIR,
+    modules = directory / "node_modules"
+    stamp = modules / ".installed-lock.sha256"
+    lock = hashlib.sha256((directory / "package-lock.json").read_bytes()).hexdigest()
+    if not stamp.is_file() or stamp.read_text(encoding="utf-8") != lock:
+        done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=directory,
                               capture_output=True, text=True, timeout=600, check=False)
         assert done.returncode == 0, done.stderr
+        stamp.write_text(lock, encoding="utf-8")
     return modules
+
+
+def test_packages_installed_from_another_lock_are_installed_anew(tmp_path: Path) -> None:
+    (tmp_path / "package.json").write_text(
+        '{"name": "empty", "version": "1.0.0", "private": true}', encoding="utf-8")
+    (tmp_path / "package-lock.json").write_text(json.dumps({
+        "name": "empty", "version": "1.0.0", "lockfileVersion": 3, "requires": True,
+        "packages": {"": {"name": "empty", "version": "1.0.0"}}}), encoding="utf-8")
+    stale = tmp_path / "node_modules" / "@apollo" / "composition"
+    stale.mkdir(parents=True)  # what an older lock installed
+
+    modules = _node_modules(tmp_path)
+
+    assert not stale.exists()
+    installed = (modules / ".installed-lock.sha256").stat().st_mtime_ns
+    _node_modules(tmp_path)  # the same lock: no second `npm ci`
+    assert (modules / ".installed-lock.sha256").stat().st_mtime_ns == installed
 
 
 def compose(subgraphs: dict[str, Path]) -> dict[str, Any]:
