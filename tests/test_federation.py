@@ -283,6 +283,32 @@ async def test_a_representation_without_a_key_or_a_known_type_is_an_error_for_it
         (message, ["_entities", 1], {"code": "BAD_USER_INPUT", "field": field})]
 
 
+async def test_errors_nulls_and_entities_mixed_keep_their_places(
+    gql: GraphQL, sql: StatementCounter, write_engine: Any, execution_path: str
+) -> None:
+    """Several entries' errors beside nulls and entities: each error at its own index, the
+    others' data kept, the same answer on both paths (the compiled executor falls back to
+    graphql-core on an error) and still one statement (its loads are replayed, not sent
+    again)."""
+    consumer = consumer_row(1)
+    await insert_consumers(write_engine, [consumer])
+    found = {"__typename": "Consumer", "id": consumer["id"], "email": consumer["email"]}
+
+    with sql.counting():
+        body = await gql(ENTITIES, {"representations": [
+            consumer_ref("cons_01JD0000000000000000000000"), {"__typename": "Nope"},
+            consumer_ref("garbage"), {"__typename": "Audience", "id": None},
+            consumer_ref(consumer["id"]), 7]})
+
+    assert body["data"] == {"_entities": [None, None, None, None, found, None]}
+    assert [(e["path"], e["extensions"]["field"]) for e in body["errors"]] == [
+        (["_entities", 1], ["representations", "1", "__typename"]),
+        (["_entities", 3], ["representations", "3", "id"]),
+        (["_entities", 5], ["representations", "5"]),
+    ]
+    assert sql.count == 1
+
+
 # --- limits, cost, rate limit and scope ----------------------------------------------------
 
 
