@@ -459,6 +459,17 @@ def test_the_subgraph_composes_with_a_subgraph_that_extends_consumer(tmp_path: P
     assert "_entities" not in {f.name.value for f in types["Query"].fields or ()}
 
 
+def test_composition_reads_a_file_whose_path_has_an_equals_sign(tmp_path: Path) -> None:
+    folder = tmp_path / "a=b"  # compose.mjs takes NAME=FILE: only the first `=` splits
+    folder.mkdir()
+    ours = folder / "consumers.graphql"
+    assert cli(["export-schema", "--federation", "-o", str(ours)]) == 0
+
+    result = compose({"consumers": ours})
+
+    assert "errors" not in result, result["errors"]
+
+
 def test_composition_fails_when_a_subgraph_contradicts_ours(tmp_path: Path) -> None:
     """The composition test can fail: a second subgraph that gives `Consumer.email`
     another type does not compose."""
