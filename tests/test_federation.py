@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,15 @@ from consumers_graphql.api.schema import Schema, build_schema
 from consumers_graphql.cli import main as cli
 from consumers_graphql.store import models
 from consumers_graphql.store.keys import Scope
-from tests.conftest import GraphQL, StatementCounter, _new_key, project_root, throttle_status
+from tests.conftest import (
+    TEST_DATABASE_URL,
+    GraphQL,
+    StatementCounter,
+    _new_key,
+    new_database,
+    project_root,
+    throttle_status,
+)
 from tests.factories import (
     BASE_TIME,
     audience_row,
@@ -542,15 +551,25 @@ def test_a_gateway_that_never_listens_fails_the_test_in_time() -> None:
         _stop(silent)
 
 
+@pytest.fixture
+async def subgraph_database_url(tmp_path: Path) -> AsyncIterator[str]:
+    """The served subgraph's database: of its own, on the run's server (SQLite, PostgreSQL,
+    through the pooler in CI's third run)."""
+    if not TEST_DATABASE_URL:
+        yield f"sqlite+aiosqlite:///{tmp_path / 'subgraph.db'}"
+        return
+    async with new_database("consumers_subgraph") as url:
+        yield url
+
+
 def test_a_gateway_answers_one_query_across_both_subgraphs(
-    tmp_path: Path, execution_path: str
+    tmp_path: Path, subgraph_database_url: str, execution_path: str
 ) -> None:
     """Apollo Gateway on the composed supergraph: our served subgraph beside a loyalty
     subgraph (tests/federation/gateway.mjs) that extends Consumer with `loyaltyPoints`."""
     _node_modules()
     preexec = [sys.executable, "-c", ON_GRAPHQL_CORE] if execution_path == "graphql-core" else []
-    served = Served(f"sqlite+aiosqlite:///{tmp_path / 'subgraph.db'}", tmp_path,
-                    preexec=preexec)
+    served = Served(subgraph_database_url, tmp_path, preexec=preexec)
     gateway: subprocess.Popen[str] | None = None
     try:
         served.wait_until_up()
