@@ -374,6 +374,46 @@ async def test_units_run_again_after_a_deadlock_record_their_events_once(
         assert history[-1]["data"] == await rest_consumer(client, auth_headers, subject)
 
 
+async def test_a_keyed_unit_waiting_for_a_row_holds_back_no_other_writer(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], gql: GraphQL, dialect: str,
+    write_engine: Any,
+) -> None:
+    """A keyed document's events are inserted at the end of its unit (under the commit-order
+    lock on PostgreSQL), not by its first field: a unit whose second field waits for a row
+    another transaction holds keeps no other writer from committing, and cannot close a
+    deadlock with a writer that holds a row it wants while waiting for the lock."""
+    if dialect != "postgresql":
+        pytest.skip("SQLite's writers queue for the write lock whole")
+    first, second = await create(gql, email="held-1@example.com"), await create(gql)
+    document = f"""mutation {{
+      a: consumerUpdate(id: "{first}", input: {{fullName: "A"}}) {{ userErrors {{ code }} }}
+      b: consumerUpdate(id: "{second}", input: {{fullName: "B"}}) {{ userErrors {{ code }} }}
+    }}"""
+    async with write_engine.connect() as other, write_engine.connect() as watcher:
+        await other.execute(text("SELECT id FROM consumers WHERE id = :id FOR UPDATE"),
+                            {"id": second})
+        keyed = asyncio.create_task(client.post(
+            "/graphql", json={"query": document},
+            headers={**auth_headers, "Idempotency-Key": "held"}))
+        for _ in range(500):  # until its field b waits for the row
+            await watcher.rollback()
+            waiting = (await watcher.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()"))).scalar_one()
+            if waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert waiting == 1
+        third = await asyncio.wait_for(create(gql, email="free@example.com"), timeout=10)
+        await other.rollback()
+    response = await keyed
+    assert response.status_code == 200 and "errors" not in response.json(), response.text
+    events = await all_events(gql)
+    assert [(e["type"], e["subjectId"]) for e in events[2:]] == [
+        ("CONSUMER_CREATED", third), ("CONSUMER_UPDATED", first),
+        ("CONSUMER_UPDATED", second)]
+
+
 # -- reading: pages, filters, cursors ---------------------------------------------------------
 
 
