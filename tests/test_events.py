@@ -569,8 +569,7 @@ async def test_concurrent_writers_never_show_a_reader_a_smaller_position_later(
     client: httpx.AsyncClient, auth_headers: dict[str, str], app: FastAPI, execution_path: str
 ) -> None:
     """Writers of every length at once: single writes, batches, and keyed mutations of three
-    fields (whose first field's events wait for the other two before the unit commits: the
-    widest window for a later transaction to commit smaller positions first). A reader
+    fields (one transaction, whose events are recorded at its end). A reader
     polling the feed all along must only ever see positions grow, and in the end every
     event exactly once. (Without the commit-order lock a poller reading after its last
     position misses the events whose smaller positions commit late: 115 of 144 seen.)"""

@@ -499,8 +499,8 @@ async def prune(database: Database, session: AsyncSession) -> int:
     assert last is not None, "the first row is past retention"
     if database.dialect == "postgresql" and not (await session.execute(
             _TRY_PRUNE_LOCK, {"lock_id": PRUNE_LOCK})).scalar_one():
-        # Another transaction prunes: waiting for its rows could close a cycle with the
-        # events lock (a keyed request's second write prunes while holding it).
+        # Another transaction prunes: skip rather than wait for its rows with this write's
+        # own row locks held.
         return 0
     result = await session.execute(delete(events).where(events.c.position <= last)
                                    .execution_options(**{PRUNE_EXECUTION_OPTION: True}))
