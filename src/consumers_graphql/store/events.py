@@ -403,8 +403,12 @@ async def resolve_after(database: Database, value: str, argument: str = "after",
     else:
         position, event_id = _decode_cursor(value, argument)
         where = events.c.position == position
-    (found,) = await _rows(database, reader, select(
-        events.c.position, events.c.id, events.c.occurred_at).where(where))
+    lookup = select(events.c.position, events.c.id, events.c.occurred_at).where(where)
+    (found,) = await _rows(database, reader, lookup)
+    if not found and reader is not None and not reader.on_primary:
+        # A replica behind the primary, where the value was handed out (a subscription,
+        # another host's page): what follows it reaches the replica in commit order too.
+        (found,) = await _rows(database, None, lookup)
     oldest = models.utcnow() - retention(database)
     row = found[0] if found else None
     if row is None or row.id != event_id:
