@@ -509,6 +509,33 @@ async def test_a_cursor_older_than_retention_is_refused_and_old_events_are_prune
     assert error["message"] == message
 
 
+async def test_reading_from_the_start_begins_within_retention(
+    gql: GraphQL, app: FastAPI, client: httpx.AsyncClient, auth_headers: dict[str, str],
+) -> None:
+    """Events past retention stay a few minutes (PRUNE_GRACE) before a prune deletes them,
+    but a cursor at one is refused: a reader starting without `after` must start at the
+    oldest event in retention, or its second page would be refused, and so on for ever."""
+    [await create(gql) for _ in range(3)]
+    edges = (await feed(gql))["edges"]
+    database = app.state.database
+    past = utcnow() - timedelta(days=database.settings.event_retention_days, minutes=1)
+    async with database.write_engine.begin() as conn:  # past retention, not yet pruned
+        await conn.execute(text("UPDATE events SET occurred_at = :at WHERE id IN (:a, :b)"),
+                           {"at": past, "a": edges[0]["node"]["id"], "b": edges[1]["node"]["id"]})
+    first = await feed(gql, first=1)
+    assert [e["node"]["id"] for e in first["edges"]] == [edges[2]["node"]["id"]]
+    assert first["totalCount"] == 1
+    assert (await feed(gql, after=first["pageInfo"]["endCursor"]))["edges"] == []
+    response = await client.get("/api/v1/events", params={"first": 1}, headers=auth_headers)
+    assert [e["id"] for e in response.json()["data"]] == [edges[2]["node"]["id"]]
+    then = await client.get("/api/v1/events", headers=auth_headers,
+                            params={"after": response.json()["pageInfo"]["endCursor"]})
+    assert then.status_code == 200, then.text
+    records = await events_store.read_events(database, after=None, types=None,
+                                             subject_id=None, limit=10)
+    assert [record.id for record in records] == [edges[2]["node"]["id"]]
+
+
 # -- REST -------------------------------------------------------------------------------------
 
 

@@ -315,21 +315,30 @@ def _filtered(statement: Any, types: Sequence[str] | None, subject_id: str | Non
     return statement
 
 
-def _after(after: Position | None, types: Sequence[str] | None, subject_id: str | None,
-           limit: int) -> Any:
+def _after(database: Database, after: Position | None, types: Sequence[str] | None,
+           subject_id: str | None, limit: int) -> Any:
     statement = _filtered(select(*_COLUMNS).order_by(events.c.position).limit(limit),
                           types, subject_id)
-    return statement if after is None else statement.where(events.c.position > after)
+    if after is None:
+        return _in_retention(database, statement)
+    return statement.where(events.c.position > after)
+
+
+def _in_retention(database: Database, statement: Any) -> Any:
+    """`statement` without the events past retention that are not pruned yet (PRUNE_GRACE):
+    a cursor at one of them is refused, so a reader starting from the oldest event must not
+    be handed one (its next page would be refused, and the one after starting again)."""
+    return statement.where(events.c.occurred_at >= models.utcnow() - retention(database))
 
 
 async def read_events(database: Database, *, after: Position | None,
                       types: Sequence[str] | None, subject_id: str | None,
                       limit: int) -> list[EventRecord]:
-    """At most `limit` events after `after` (from the oldest kept when None), in position
+    """At most `limit` events after `after` (from the oldest in retention when None), in position
     order, of `types` (any when None) and about `subject_id` (any when None). Read on the
     primary, so that an event a notification announced is there. Every committed event is
     safe to hand out (the module's docstring says why)."""
-    (rows,) = await _rows(database, None, _after(after, types, subject_id, limit))
+    (rows,) = await _rows(database, None, _after(database, after, types, subject_id, limit))
     return [_record(row) for row in rows]
 
 
@@ -353,7 +362,7 @@ async def page_of_events(database: Database, reader: Reader, *, first: int | Non
         raise BadUserInput(f"`first` must be between 0 and {MAX_PAGE_SIZE}; {first} was given.",
                            field=["first"])
     position = await resolve_after(database, after, reader=reader) if after is not None else None
-    statements = [_after(position, types, subject_id, first + 1)]
+    statements = [_after(database, position, types, subject_id, first + 1)]
     if position is not None:
         statements.append(_filtered(
             select(events.c.position).where(events.c.position <= position).limit(1),
@@ -366,8 +375,8 @@ async def page_of_events(database: Database, reader: Reader, *, first: int | Non
 async def count_events(database: Database, reader: Reader, *, types: Sequence[str] | None,
                        subject_id: str | None) -> int:
     """How many events the filters keep, whatever the page (a connection's totalCount)."""
-    ((row,),) = await _rows(database, reader, _filtered(
-        select(func.count()).select_from(events), types, subject_id))
+    ((row,),) = await _rows(database, reader, _in_retention(database, _filtered(
+        select(func.count()).select_from(events), types, subject_id)))
     return int(row[0] or 0)
 
 
