@@ -576,6 +576,9 @@ async def test_rest_lists_events_as_the_reference_lists_consumers(
         ({"first": 101}, "first", "`first` must be between 0 and 100; 101 was given."),
         ({"after": "nonsense"}, "after", "`after` is not a valid cursor."),
         ({"types": "CONSUMER_CREATED,NOPE"}, "types", None),
+        # repeated, as some clients send lists: refused, not narrowed to the last one
+        ([("types", "CONSUMER_DELETED"), ("types", "CONSUMER_CREATED")], "types",
+         "`types` was given more than once: send one comma-separated list."),
     ]:
         response = await client.get("/api/v1/events", params=params, headers=auth_headers)
         assert response.status_code == 400, response.text
