@@ -414,6 +414,21 @@ async def test_a_keyed_unit_waiting_for_a_row_holds_back_no_other_writer(
         ("CONSUMER_UPDATED", second)]
 
 
+async def test_writes_in_the_same_millisecond_record_distinct_event_ids(app: FastAPI) -> None:
+    """A write's events take consecutive ids from a ULID of their time: two writes of the
+    same millisecond (keyed units end together, batches) must not share any."""
+    database = app.state.database
+    at = utcnow()
+    new = [events_store.NewEvent("CONSUMER_CREATED", f"cons_{n}", {"n": n}) for n in range(3)]
+    for _ in range(2):
+        async with database.write_session() as session, session.begin():
+            await events_store.record_events(database, session, new, at)
+    records = await events_store.read_events(database, after=None, types=None,
+                                             subject_id=None, limit=10)
+    assert len({record.id for record in records}) == 6
+    assert [record.id for record in records[:3]] == sorted(record.id for record in records[:3])
+
+
 # -- reading: pages, filters, cursors ---------------------------------------------------------
 
 

@@ -68,7 +68,7 @@ from sqlalchemy.sql import Executable
 from ulid import ULID
 
 from consumers_graphql.errors import BadUserInput
-from consumers_graphql.ids import IdKind, kind_of, sequential_ids
+from consumers_graphql.ids import IdKind, block_start, kind_of, sequential_ids
 from consumers_graphql.store import models
 from consumers_graphql.store.db import Database, Reader, UTCDateTime, _json_text
 from consumers_graphql.store.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page
@@ -172,7 +172,7 @@ async def record_events(database: Database, session: AsyncSession,
         if item.type not in _EVENT_TYPES:
             raise ValueError(f"unknown event type {item.type!r}")
     at = at or models.utcnow()
-    ids = sequential_ids(IdKind.EVENT, ULID.from_datetime(at), len(new))
+    ids = sequential_ids(IdKind.EVENT, block_start(at), len(new))
     # Before the lock (on PostgreSQL): the lock is held to the commit, and a prune needs
     # not be in the commit order.
     await _maybe_prune(database, session)
