@@ -15,7 +15,6 @@ from sqlalchemy import Select, String, bindparam, delete, insert, or_, select, t
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncSession
-from ulid import ULID
 
 from consumers_graphql.domain import validation
 from consumers_graphql.domain.common import (
@@ -39,7 +38,7 @@ from consumers_graphql.domain.common import (
 from consumers_graphql.domain.shapes import consumer_json
 from consumers_graphql.domain.validation import BATCH_MAX, Path
 from consumers_graphql.errors import DomainError, DomainErrors, ErrorCode
-from consumers_graphql.ids import IdKind, is_id_of, sequential_ids
+from consumers_graphql.ids import IdKind, block_start, is_id_of, sequential_ids
 from consumers_graphql.store.db import MONEY_SCALE
 from consumers_graphql.store.events import NewEvent
 from consumers_graphql.store.normalize import derived_fields, fold
@@ -451,7 +450,7 @@ async def _insert_consumers(
     if not values:
         return []
     now = datetime.now(UTC)
-    ids = sequential_ids(IdKind.CONSUMER, ULID.from_datetime(now), len(values))
+    ids = sequential_ids(IdKind.CONSUMER, block_start(now), len(values))
     shared = {"total_orders": 0, "total_order_value": _NO_MONEY, "last_order_at": None,
               "created_at": now, "updated_at": now}  # the same for every row
     params = [
@@ -691,7 +690,7 @@ async def _upsert_consumer_rows(
     if not writes:
         return []
     now = datetime.now(UTC)
-    ids = sequential_ids(IdKind.CONSUMER, ULID.from_datetime(now), len(writes))
+    ids = sequential_ids(IdKind.CONSUMER, block_start(now), len(writes))
     params: list[dict[str, Any]] = []
     expected: dict[str, str] = {}  # external id -> the id RETURNING must give
     for new_id, (new, row) in zip(ids, writes, strict=True):
