@@ -257,6 +257,9 @@ async def test_trusted_documents_only_holds_over_the_websocket(
         await settled()
         [created] = await create(gql, "trusted-socket@example.com")
         [event] = await events(socket, 1)
+        # an id in use is the protocol's 4409, whatever the document
+        await subscribe(socket, "1")
+        assert (await closed_with(socket))[0] == 4409
     assert event["subjectId"] == created and event["type"] == "CONSUMER_CREATED"
 
 

@@ -188,7 +188,8 @@ class SubscriptionsHandler(BaseGraphQLTransportWSHandler[Context, None]):
         await super().shutdown()
 
     async def handle_subscribe(self, message: SubscribeMessage) -> None:
-        if self.connection_acknowledged and isinstance(message.get("payload"), dict):
+        if (self.connection_acknowledged and isinstance(message.get("payload"), dict)
+                and message.get("id") not in self.operations):  # (a reused id: 4409 below)
             payload: Any = message["payload"]
             resolved = await self._document(message["id"], payload)
             if resolved is None:
