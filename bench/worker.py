@@ -108,11 +108,14 @@ class Target:
             # process records no change events. A benchmark switch, not a setting: the
             # service always records them.
             from consumers_graphql.domain import common
+            from consumers_graphql.store import idempotency
 
             async def no_events(*_args: Any, **_kwargs: Any) -> None:
                 return None
 
+            # (A keyed request's unit records its use-cases' events at its end.)
             common.record_events = no_events  # type: ignore[assignment]
+            idempotency.record_events = no_events  # type: ignore[assignment]
         if kind == "graphql":
             from consumers_graphql.web.app import create_app
 

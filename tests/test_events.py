@@ -399,6 +399,61 @@ async def test_units_run_again_after_a_deadlock_record_their_events_once(
         assert history[-1]["data"] == await rest_consumer(client, auth_headers, subject)
 
 
+async def test_a_keyed_unit_waiting_for_a_row_holds_back_no_other_writer(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], gql: GraphQL, dialect: str,
+    write_engine: Any,
+) -> None:
+    """A keyed document's events are inserted at the end of its unit (under the commit-order
+    lock on PostgreSQL), not by its first field: a unit whose second field waits for a row
+    another transaction holds keeps no other writer from committing, and cannot close a
+    deadlock with a writer that holds a row it wants while waiting for the lock."""
+    if dialect != "postgresql":
+        pytest.skip("SQLite's writers queue for the write lock whole")
+    first, second = await create(gql, email="held-1@example.com"), await create(gql)
+    document = f"""mutation {{
+      a: consumerUpdate(id: "{first}", input: {{fullName: "A"}}) {{ userErrors {{ code }} }}
+      b: consumerUpdate(id: "{second}", input: {{fullName: "B"}}) {{ userErrors {{ code }} }}
+    }}"""
+    async with write_engine.connect() as other, write_engine.connect() as watcher:
+        await other.execute(text("SELECT id FROM consumers WHERE id = :id FOR UPDATE"),
+                            {"id": second})
+        keyed = asyncio.create_task(client.post(
+            "/graphql", json={"query": document},
+            headers={**auth_headers, "Idempotency-Key": "held"}))
+        for _ in range(500):  # until its field b waits for the row
+            await watcher.rollback()
+            waiting = (await watcher.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()"))).scalar_one()
+            if waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert waiting == 1
+        third = await asyncio.wait_for(create(gql, email="free@example.com"), timeout=10)
+        await other.rollback()
+    response = await keyed
+    assert response.status_code == 200 and "errors" not in response.json(), response.text
+    events = await all_events(gql)
+    assert [(e["type"], e["subjectId"]) for e in events[2:]] == [
+        ("CONSUMER_CREATED", third), ("CONSUMER_UPDATED", first),
+        ("CONSUMER_UPDATED", second)]
+
+
+async def test_writes_in_the_same_millisecond_record_distinct_event_ids(app: FastAPI) -> None:
+    """A write's events take consecutive ids from a ULID of their time: two writes of the
+    same millisecond (keyed units end together, batches) must not share any."""
+    database = app.state.database
+    at = utcnow()
+    new = [events_store.NewEvent("CONSUMER_CREATED", f"cons_{n}", {"n": n}) for n in range(3)]
+    for _ in range(2):
+        async with database.write_session() as session, session.begin():
+            await events_store.record_events(database, session, new, at)
+    records = await events_store.read_events(database, after=None, types=None,
+                                             subject_id=None, limit=10)
+    assert len({record.id for record in records}) == 6
+    assert [record.id for record in records[:3]] == sorted(record.id for record in records[:3])
+
+
 # -- reading: pages, filters, cursors ---------------------------------------------------------
 
 
@@ -494,6 +549,33 @@ async def test_a_cursor_older_than_retention_is_refused_and_old_events_are_prune
     assert error["message"] == message
 
 
+async def test_reading_from_the_start_begins_within_retention(
+    gql: GraphQL, app: FastAPI, client: httpx.AsyncClient, auth_headers: dict[str, str],
+) -> None:
+    """Events past retention stay a few minutes (PRUNE_GRACE) before a prune deletes them,
+    but a cursor at one is refused: a reader starting without `after` must start at the
+    oldest event in retention, or its second page would be refused, and so on for ever."""
+    [await create(gql) for _ in range(3)]
+    edges = (await feed(gql))["edges"]
+    database = app.state.database
+    past = utcnow() - timedelta(days=database.settings.event_retention_days, minutes=1)
+    async with database.write_engine.begin() as conn:  # past retention, not yet pruned
+        await conn.execute(text("UPDATE events SET occurred_at = :at WHERE id IN (:a, :b)"),
+                           {"at": past, "a": edges[0]["node"]["id"], "b": edges[1]["node"]["id"]})
+    first = await feed(gql, first=1)
+    assert [e["node"]["id"] for e in first["edges"]] == [edges[2]["node"]["id"]]
+    assert first["totalCount"] == 1
+    assert (await feed(gql, after=first["pageInfo"]["endCursor"]))["edges"] == []
+    response = await client.get("/api/v1/events", params={"first": 1}, headers=auth_headers)
+    assert [e["id"] for e in response.json()["data"]] == [edges[2]["node"]["id"]]
+    then = await client.get("/api/v1/events", headers=auth_headers,
+                            params={"after": response.json()["pageInfo"]["endCursor"]})
+    assert then.status_code == 200, then.text
+    records = await events_store.read_events(database, after=None, types=None,
+                                             subject_id=None, limit=10)
+    assert [record.id for record in records] == [edges[2]["node"]["id"]]
+
+
 # -- REST -------------------------------------------------------------------------------------
 
 
@@ -534,6 +616,9 @@ async def test_rest_lists_events_as_the_reference_lists_consumers(
         ({"first": 101}, "first", "`first` must be between 0 and 100; 101 was given."),
         ({"after": "nonsense"}, "after", "`after` is not a valid cursor."),
         ({"types": "CONSUMER_CREATED,NOPE"}, "types", None),
+        # repeated, as some clients send lists: refused, not narrowed to the last one
+        ([("types", "CONSUMER_DELETED"), ("types", "CONSUMER_CREATED")], "types",
+         "`types` was given more than once: send one comma-separated list."),
     ]:
         response = await client.get("/api/v1/events", params=params, headers=auth_headers)
         assert response.status_code == 400, response.text
@@ -554,8 +639,7 @@ async def test_concurrent_writers_never_show_a_reader_a_smaller_position_later(
     client: httpx.AsyncClient, auth_headers: dict[str, str], app: FastAPI, execution_path: str
 ) -> None:
     """Writers of every length at once: single writes, batches, and keyed mutations of three
-    fields (whose first field's events wait for the other two before the unit commits: the
-    widest window for a later transaction to commit smaller positions first). A reader
+    fields (one transaction, whose events are recorded at its end). A reader
     polling the feed all along must only ever see positions grow, and in the end every
     event exactly once. (Without the commit-order lock a poller reading after its last
     position misses the events whose smaller positions commit late: 115 of 144 seen.)"""

@@ -4,11 +4,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +22,20 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from consumers_graphql.api import executor
+from consumers_graphql.api import executor, federation
 from consumers_graphql.api.schema import Schema, build_schema
 from consumers_graphql.cli import main as cli
 from consumers_graphql.store import models
 from consumers_graphql.store.keys import Scope
-from tests.conftest import GraphQL, StatementCounter, _new_key, project_root, throttle_status
+from tests.conftest import (
+    TEST_DATABASE_URL,
+    GraphQL,
+    StatementCounter,
+    _new_key,
+    new_database,
+    project_root,
+    throttle_status,
+)
 from tests.factories import (
     BASE_TIME,
     audience_row,
@@ -85,6 +98,19 @@ async def test_service_sdl_is_a_federation_v2_subgraph_with_three_entities(gql: 
     assert query_fields["_entities"] == "[_Entity]!"
     assert query_fields["_service"] == "_Service!"
     assert "union _Entity = Audience | Consumer | Order" in sdl
+
+
+def test_service_is_answered_by_our_field_from_a_cached_sdl() -> None:
+    """Strawberry's own `_service` prints the schema on every call (3 ms, the whole SDL);
+    ours (api/federation.py) answers the schema's SDL printed once. Strawberry uses a Query
+    type's own `_service` field instead of adding its own (0.331.4's release notes, with
+    this very example): pinned, so that an upgrade that adds its own anyway fails here."""
+    schema = build_schema()
+    field = schema.get_field_for_type("_service", "Query")
+    assert field is not None and field.base_resolver is not None
+    assert field.base_resolver.wrapped_func is federation.service
+    assert schema.subgraph_sdl == schema.as_str()
+    assert schema.subgraph_sdl is schema.subgraph_sdl  # printed once
 
 
 def test_schema_graphql_has_no_federation_additions() -> None:
@@ -266,6 +292,32 @@ async def test_a_representation_without_a_key_or_a_known_type_is_an_error_for_it
         (message, ["_entities", 1], {"code": "BAD_USER_INPUT", "field": field})]
 
 
+async def test_errors_nulls_and_entities_mixed_keep_their_places(
+    gql: GraphQL, sql: StatementCounter, write_engine: Any, execution_path: str
+) -> None:
+    """Several entries' errors beside nulls and entities: each error at its own index, the
+    others' data kept, the same answer on both paths (the compiled executor falls back to
+    graphql-core on an error) and still one statement (its loads are replayed, not sent
+    again)."""
+    consumer = consumer_row(1)
+    await insert_consumers(write_engine, [consumer])
+    found = {"__typename": "Consumer", "id": consumer["id"], "email": consumer["email"]}
+
+    with sql.counting():
+        body = await gql(ENTITIES, {"representations": [
+            consumer_ref("cons_01JD0000000000000000000000"), {"__typename": "Nope"},
+            consumer_ref("garbage"), {"__typename": "Audience", "id": None},
+            consumer_ref(consumer["id"]), 7]})
+
+    assert body["data"] == {"_entities": [None, None, None, None, found, None]}
+    assert [(e["path"], e["extensions"]["field"]) for e in body["errors"]] == [
+        (["_entities", 1], ["representations", "1", "__typename"]),
+        (["_entities", 3], ["representations", "3", "id"]),
+        (["_entities", 5], ["representations", "5"]),
+    ]
+    assert sql.count == 1
+
+
 # --- limits, cost, rate limit and scope ----------------------------------------------------
 
 
@@ -347,16 +399,38 @@ async def test_entities_need_the_read_scope(
 # --- composition ---------------------------------------------------------------------------
 
 
-def _node_modules() -> Path:
-    """tests/federation's packages, installed from its lock file when missing."""
+def _node_modules(directory: Path = FEDERATION_DIR) -> Path:
+    """`directory`'s packages, installed with `npm ci` when missing or installed from
+    another lock file (a stamp of the lock's hash, written once `npm ci` succeeded): a lock
+    that moved on is never tested with the packages of the old one. Once a checkout."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("Node.js and npm are needed to compose a supergraph (@apollo/composition)")
-    modules = FEDERATION_DIR / "node_modules"
-    if not (modules / "@apollo" / "composition").is_dir():
-        done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=FEDERATION_DIR,
+    modules = directory / "node_modules"
+    stamp = modules / ".installed-lock.sha256"
+    lock = hashlib.sha256((directory / "package-lock.json").read_bytes()).hexdigest()
+    if not stamp.is_file() or stamp.read_text(encoding="utf-8") != lock:
+        done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=directory,
                               capture_output=True, text=True, timeout=600, check=False)
         assert done.returncode == 0, done.stderr
+        stamp.write_text(lock, encoding="utf-8")
     return modules
+
+
+def test_packages_installed_from_another_lock_are_installed_anew(tmp_path: Path) -> None:
+    (tmp_path / "package.json").write_text(
+        '{"name": "empty", "version": "1.0.0", "private": true}', encoding="utf-8")
+    (tmp_path / "package-lock.json").write_text(json.dumps({
+        "name": "empty", "version": "1.0.0", "lockfileVersion": 3, "requires": True,
+        "packages": {"": {"name": "empty", "version": "1.0.0"}}}), encoding="utf-8")
+    stale = tmp_path / "node_modules" / "@apollo" / "composition"
+    stale.mkdir(parents=True)  # what an older lock installed
+
+    modules = _node_modules(tmp_path)
+
+    assert not stale.exists()
+    installed = (modules / ".installed-lock.sha256").stat().st_mtime_ns
+    _node_modules(tmp_path)  # the same lock: no second `npm ci`
+    assert (modules / ".installed-lock.sha256").stat().st_mtime_ns == installed
 
 
 def compose(subgraphs: dict[str, Path]) -> dict[str, Any]:
@@ -394,6 +468,17 @@ def test_the_subgraph_composes_with_a_subgraph_that_extends_consumer(tmp_path: P
     assert "_entities" not in {f.name.value for f in types["Query"].fields or ()}
 
 
+def test_composition_reads_a_file_whose_path_has_an_equals_sign(tmp_path: Path) -> None:
+    folder = tmp_path / "a=b"  # compose.mjs takes NAME=FILE: only the first `=` splits
+    folder.mkdir()
+    ours = folder / "consumers.graphql"
+    assert cli(["export-schema", "--federation", "-o", str(ours)]) == 0
+
+    result = compose({"consumers": ours})
+
+    assert "errors" not in result, result["errors"]
+
+
 def test_composition_fails_when_a_subgraph_contradicts_ours(tmp_path: Path) -> None:
     """The composition test can fail: a second subgraph that gives `Consumer.email`
     another type does not compose."""
@@ -415,27 +500,76 @@ def test_composition_fails_when_a_subgraph_contradicts_ours(tmp_path: Path) -> N
 # --- a gateway -----------------------------------------------------------------------------
 
 
-def _gateway_url(gateway: subprocess.Popen[str]) -> str:
-    """The gateway's address, from the line gateway.mjs prints once it listens."""
+def _gateway_url(gateway: subprocess.Popen[str], within: float = 60) -> str:
+    """The gateway's address, from the line gateway.mjs prints once it listens; an error
+    when it exits or says nothing of the kind `within` seconds (a hung Node process must
+    not hang the run). Its output is read to the end meanwhile, so that it never blocks on
+    a full pipe."""
     assert gateway.stdout is not None
-    seen = []
-    for line in gateway.stdout:  # ends when the process does
+    stdout = gateway.stdout
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    seen: list[str] = []
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"the gateway did not start within {within} s:\n"
+                                 + "".join(seen)) from None
+        if line is None:
+            raise AssertionError("the gateway did not start:\n" + "".join(seen))
         if line.startswith("{"):
             return str(json.loads(line)["gateway"])
         seen.append(line)
-        assert len(seen) < 50, "".join(seen)
-    raise AssertionError("the gateway did not start:\n" + "".join(seen))
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+
+
+def test_a_gateway_that_never_listens_fails_the_test_in_time() -> None:
+    silent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        started = time.monotonic()
+        with pytest.raises(AssertionError, match=r"did not start within 0\.5 s"):
+            _gateway_url(silent, within=0.5)
+        assert time.monotonic() - started < 5
+    finally:
+        _stop(silent)
+
+
+@pytest.fixture
+async def subgraph_database_url(tmp_path: Path) -> AsyncIterator[str]:
+    """The served subgraph's database: of its own, on the run's server (SQLite, PostgreSQL,
+    through the pooler in CI's third run)."""
+    if not TEST_DATABASE_URL:
+        yield f"sqlite+aiosqlite:///{tmp_path / 'subgraph.db'}"
+        return
+    async with new_database("consumers_subgraph") as url:
+        yield url
 
 
 def test_a_gateway_answers_one_query_across_both_subgraphs(
-    tmp_path: Path, execution_path: str
+    tmp_path: Path, subgraph_database_url: str, execution_path: str
 ) -> None:
     """Apollo Gateway on the composed supergraph: our served subgraph beside a loyalty
     subgraph (tests/federation/gateway.mjs) that extends Consumer with `loyaltyPoints`."""
     _node_modules()
     preexec = [sys.executable, "-c", ON_GRAPHQL_CORE] if execution_path == "graphql-core" else []
-    served = Served(f"sqlite+aiosqlite:///{tmp_path / 'subgraph.db'}", tmp_path,
-                    preexec=preexec)
+    served = Served(subgraph_database_url, tmp_path, preexec=preexec)
     gateway: subprocess.Popen[str] | None = None
     try:
         served.wait_until_up()
@@ -487,6 +621,5 @@ def test_a_gateway_answers_one_query_across_both_subgraphs(
         ]}}
     finally:
         if gateway is not None:
-            gateway.terminate()
-            gateway.wait(timeout=10)
+            _stop(gateway)
         assert served.stop() == 0, served.output

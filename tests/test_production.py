@@ -14,6 +14,7 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from graphql import get_introspection_query
 
+from consumers_graphql.api.schema import build_schema
 from consumers_graphql.settings import Environment, Settings
 from consumers_graphql.store.db import make_engine
 from consumers_graphql.store.keys import READ_WRITE
@@ -180,3 +181,15 @@ async def test_an_internal_error_on_rest_has_the_reference_shape_and_no_leak(
     for leak in ("SELECT", "no such table", "Traceback"):
         assert leak.lower() not in response.text.lower()
     assert request_id in caplog.text and "no such table: audiences" in caplog.text
+
+
+async def test_the_federation_sdl_is_answered_in_production(production: GraphQL) -> None:
+    """A gateway that composes at start-up reads `_service { sdl }`: production turns
+    introspection off, not that (README, Federation; the SDL is schema.federation.graphql,
+    published with the code)."""
+    body = await production("{ _service { sdl } __typename }")
+
+    assert "errors" not in body, body["errors"]
+    assert body["data"]["_service"]["sdl"] == build_schema().as_str()
+    assert (await production(INTROSPECTION))["errors"][0]["extensions"]["code"] == (
+        "INTROSPECTION_DISABLED")

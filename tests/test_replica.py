@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from sqlalchemy import event
 
 from consumers_graphql.settings import Settings
+from consumers_graphql.store import events as events_store
 from consumers_graphql.store.keys import AUTH_EXECUTION_OPTION
 from consumers_graphql.web.app import create_app
 from tests.conftest import TEST_DATABASE_URL, GraphQL, bearer, new_migrated_database, on_path
@@ -214,3 +215,30 @@ def test_both_urls_are_normalised_alike() -> None:
                         database_replica_url="postgresql://app@replica.internal/consumers")
     assert settings.database_url == "postgresql+asyncpg://app@db.internal/consumers"
     assert settings.database_replica_url == "postgresql+asyncpg://app@replica.internal/consumers"
+
+
+@needs_postgresql
+async def test_an_event_the_replica_has_not_caught_up_with_is_a_valid_after(
+    replica_app: FastAPI, replica_client: httpx.AsyncClient
+) -> None:
+    """An event id or cursor handed out on the primary (a subscription, another host's
+    page) names an event a replica behind it lacks: the feed answers what the replica has
+    after it (nothing yet; the rest follows in commit order), not 400 "names no event"."""
+    created = await replica_app.state.keys.create("replica events")
+    headers = bearer(created.secret.get_secret_value())
+    gql = GraphQL(replica_client, created.secret.get_secret_value())
+    await gql.data(CREATE, {"email": "eve@example.com"})
+    [record] = await events_store.read_events(replica_app.state.database, after=None,
+                                              types=None, subject_id=None, limit=10)
+    for after in (record.id, record.cursor):
+        response = await replica_client.get("/api/v1/events", params={"after": after},
+                                            headers=headers)
+        assert response.status_code == 200, response.text
+        assert response.json()["data"] == []
+        data = await gql.data("query($after: String) { events(after: $after) { totalCount } }",
+                              {"after": after})
+        assert data == {"events": {"totalCount": 0}}
+    # an id no database has is still refused
+    response = await replica_client.get(
+        "/api/v1/events", params={"after": "evt_01ZZZZZZZZZZZZZZZZZZZZZZZZ"}, headers=headers)
+    assert response.status_code == 400, response.text

@@ -1,5 +1,6 @@
 """Prefixed ULIDs: ``cons_01JD…``. The prefix names the type, so any id can be routed."""
 
+import secrets
 from datetime import datetime
 from enum import StrEnum
 
@@ -21,6 +22,14 @@ _CROCKFORD = frozenset("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
 def new_id(kind: IdKind, at: datetime | None = None) -> str:
     ulid = ULID.from_datetime(at) if at is not None else ULID()
     return f"{kind.value}_{ulid}"
+
+
+def block_start(at: datetime) -> ULID:
+    """A ULID of `at` (to the millisecond) with 79 random bits of its own: the first of a
+    block of `sequential_ids` that no other block overlaps. (python-ulid makes the ULIDs of
+    one millisecond consecutive, so two blocks started from ULID.from_datetime in the same
+    millisecond share all but one id.)"""
+    return ULID.from_int((int(at.timestamp() * 1000) << 80) | secrets.randbits(79))
 
 
 # The text of a ULID is its 128 bits in base 32, the last two characters its lowest 10 bits.

@@ -6,7 +6,8 @@ import { composeServices } from "@apollo/composition";
 import { parse } from "graphql";
 
 const services = process.argv.slice(2).map((argument) => {
-  const [name, file] = argument.split("=");
+  const split = argument.indexOf("=");  // the file's path may hold `=` too
+  const [name, file] = [argument.slice(0, split), argument.slice(split + 1)];
   return { name, url: `http://${name}.invalid/graphql`, typeDefs: parse(readFileSync(file, "utf8")) };
 });
 const result = composeServices(services);

@@ -15,16 +15,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
+import strawberry
 from graphql import GraphQLNamedType, GraphQLObjectType, GraphQLSchema
 from graphql.utilities.print_schema import is_defined_type, print_type
 
+from consumers_graphql.api import query
 from consumers_graphql.api.context import Info
-from consumers_graphql.api.query import MAX_NODES
+from consumers_graphql.api.query import MAX_NODES, load_node
 from consumers_graphql.api.types import Audience, Consumer, Order
 from consumers_graphql.errors import BadUserInput
 from consumers_graphql.ids import IdKind, kind_of
+
+if TYPE_CHECKING:
+    from consumers_graphql.api.schema import Schema
 
 Entity = Consumer | Audience | Order
 
@@ -38,6 +43,28 @@ _ENTITIES: dict[str, IdKind] = {
 # What federation adds to the Query type and to the types (`_Any`, `_Entity`, `_Service`,
 # `_FieldSet`, and the `link__` types of the @link spec): left out of the exported public SDL.
 FEDERATION_FIELDS = frozenset({"_service", "_entities"})
+
+
+@strawberry.type(name="_Service")
+class Service:
+    """What `_service` answers (federation's `_Service`): the subgraph's SDL."""
+
+    sdl: str
+
+
+def service(info: Info) -> Service:
+    """Federation's `_service`. Strawberry's own prints the whole schema on every call
+    (3 ms); this one answers the SDL the schema printed once (`Schema.subgraph_sdl`), the
+    same text."""
+    return Service(sdl=cast("Schema", info.schema).subgraph_sdl)
+
+
+@strawberry.type
+class Query(query.Query):
+    """The queries, with our `_service` (Strawberry adds `_entities`, and uses a Query
+    type's own `_service` instead of adding one: 0.331.4 on, tests/test_federation.py)."""
+
+    _service: Service = strawberry.field(name="_service", resolver=service)
 
 
 def _is_federation_type(name: str) -> bool:
@@ -82,15 +109,7 @@ async def _entity(
         )
     if kind_of(id) is not kind:  # malformed, or another type's id: names no such entity
         return None
-    loaders = info.context.loaders
-    if kind is IdKind.CONSUMER:
-        row = await loaders.consumer_by_id.load(id)
-        return Consumer.from_row(row) if row is not None else None
-    if kind is IdKind.AUDIENCE:
-        row = await loaders.audience_by_id.load(id)
-        return Audience.from_row(row) if row is not None else None
-    row = await loaders.order_by_id.load(id)
-    return Order.from_row(row) if row is not None else None
+    return cast("Entity | None", await load_node(info, id))  # of `kind`: checked above
 
 
 def _shown(value: Any) -> str:

@@ -48,7 +48,9 @@ ConsumerSortField = strawberry.enum(
 )
 
 
-async def _node(info: Info, id: str) -> Node | None:
+async def load_node(info: Info, id: str) -> Node | None:
+    """The object an id names, through the request's loaders (`node`, `nodes`, and
+    federation's `_entities`); None for an id that names nothing."""
     loaders = info.context.loaders
     kind = kind_of(id)
     if kind is IdKind.CONSUMER:
@@ -83,7 +85,7 @@ async def _consumers(
 class Query:
     @decorators.field(description="Any object by its id; null when no object has this id.")
     async def node(self, info: Info, id: strawberry.ID) -> Node | None:
-        return await _node(info, id)
+        return await load_node(info, id)
 
     @decorators.field(description=f"Objects by id, in the order given, null for each id that "
                       f"matches no object; at most {MAX_NODES} ids.")
@@ -92,7 +94,7 @@ class Query:
             raise BadUserInput(
                 f"`ids` takes at most {MAX_NODES} ids; {len(ids)} were given.", field=["ids"]
             )
-        return list(await asyncio.gather(*(_node(info, id) for id in ids)))
+        return list(await asyncio.gather(*(load_node(info, id) for id in ids)))
 
     @decorators.field(description="A consumer by id; null when there is none.")
     async def consumer(self, info: Info, id: strawberry.ID) -> Consumer | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -22,7 +23,7 @@ from strawberry.types.graphql import OperationType
 
 from consumers_graphql.api.context import Context, Info
 from consumers_graphql.api.executor import execute_compiled, plan_mutations
-from consumers_graphql.api.federation import public_sdl, resolve_entities
+from consumers_graphql.api.federation import Query, public_sdl, resolve_entities
 from consumers_graphql.api.limits import (
     MAX_COST_EXCEEDED,
     OPERATION_NAMED,
@@ -31,7 +32,6 @@ from consumers_graphql.api.limits import (
 )
 from consumers_graphql.api.mutation import Mutation
 from consumers_graphql.api.permissions import ScopeCheck
-from consumers_graphql.api.query import Query
 from consumers_graphql.api.scalars import DateTime
 from consumers_graphql.api.subscription import Subscription
 from consumers_graphql.api.tracing import OperationTracing
@@ -283,6 +283,11 @@ class Schema(strawberry.federation.Schema):
         self, info: Info, representations: list[FederationAny]
     ) -> Awaitable[list[FederationAny]]:
         return resolve_entities(info, representations)  # type: ignore[return-value]  # entities
+
+    @functools.cached_property
+    def subgraph_sdl(self) -> str:
+        """`as_str()` printed once: what `_service { sdl }` answers (api/federation.py)."""
+        return self.as_str()
 
     def public_sdl(self) -> str:
         """The SDL clients see, schema.graphql: without federation's additions (`as_str()`

@@ -35,7 +35,12 @@ from consumers_graphql.errors import DomainError, DomainErrors, ErrorCode
 from consumers_graphql.store import models
 from consumers_graphql.store.db import Database
 from consumers_graphql.store.events import NewEvent, record_events
-from consumers_graphql.store.idempotency import conflicted, decided, joined_session
+from consumers_graphql.store.idempotency import (
+    conflicted,
+    decided,
+    joined_events,
+    joined_session,
+)
 
 T = TypeVar("T")
 
@@ -170,8 +175,13 @@ class Service:
 
     async def _record(self, session: AsyncSession, new: Sequence[NewEvent]) -> None:
         """The write's change events, in its transaction, as its last statements (see
-        store/events.py): nothing when `new` is empty (a write that changed nothing)."""
-        await record_events(self._database, session, new)
+        store/events.py): nothing when `new` is empty (a write that changed nothing). In a
+        keyed request's unit, the unit records them at its end (idempotency.Unit.events)."""
+        pending = joined_events(self._database)
+        if pending is not None:
+            pending.extend(new)
+        else:
+            await record_events(self._database, session, new)
 
     async def _transaction(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         """`work` in a transaction of its own; or, inside a request sent with an
@@ -182,9 +192,16 @@ class Service:
         while True:
             try:
                 if joined is not None:
+                    pending = joined_events(self._database)
+                    recorded = len(pending) if pending is not None else 0
                     try:
-                        async with joined.begin_nested():
-                            result = await work(joined)
+                        try:
+                            async with joined.begin_nested():
+                                result = await work(joined)
+                        except BaseException:
+                            if pending is not None:  # they went with the SAVEPOINT
+                                del pending[recorded:]
+                            raise
                     except DomainErrors as refused:
                         decided(self._database, _for_state(refused.errors))
                         raise

@@ -84,6 +84,10 @@ async def list_events(
 ) -> Response:
     """Change events in commit order, oldest first. Poll with `after` set to the last
     `pageInfo.endCursor` (kept when a page is empty): nothing is missed or repeated."""
+    if len(request.query_params.getlist("types")) > 1:
+        # (`types=A&types=B`, as some clients send a list, would otherwise keep B alone.)
+        raise BadUserInput("`types` was given more than once: send one comma-separated list.",
+                           field=["types"])
     page = await page_of_events(request.app.state.database, reader, first=first, after=after,
                                 types=_types(types), subject_id=subjectId)
     return JSONBody({"data": _event_json(page),

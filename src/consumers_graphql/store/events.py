@@ -68,7 +68,7 @@ from sqlalchemy.sql import Executable
 from ulid import ULID
 
 from consumers_graphql.errors import BadUserInput
-from consumers_graphql.ids import IdKind, kind_of, sequential_ids
+from consumers_graphql.ids import IdKind, block_start, kind_of, sequential_ids
 from consumers_graphql.store import models
 from consumers_graphql.store.db import Database, Reader, UTCDateTime, _json_text
 from consumers_graphql.store.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page
@@ -172,7 +172,7 @@ async def record_events(database: Database, session: AsyncSession,
         if item.type not in _EVENT_TYPES:
             raise ValueError(f"unknown event type {item.type!r}")
     at = at or models.utcnow()
-    ids = sequential_ids(IdKind.EVENT, ULID.from_datetime(at), len(new))
+    ids = sequential_ids(IdKind.EVENT, block_start(at), len(new))
     # Before the lock (on PostgreSQL): the lock is held to the commit, and a prune needs
     # not be in the commit order.
     await _maybe_prune(database, session)
@@ -315,21 +315,30 @@ def _filtered(statement: Any, types: Sequence[str] | None, subject_id: str | Non
     return statement
 
 
-def _after(after: Position | None, types: Sequence[str] | None, subject_id: str | None,
-           limit: int) -> Any:
+def _after(database: Database, after: Position | None, types: Sequence[str] | None,
+           subject_id: str | None, limit: int) -> Any:
     statement = _filtered(select(*_COLUMNS).order_by(events.c.position).limit(limit),
                           types, subject_id)
-    return statement if after is None else statement.where(events.c.position > after)
+    if after is None:
+        return _in_retention(database, statement)
+    return statement.where(events.c.position > after)
+
+
+def _in_retention(database: Database, statement: Any) -> Any:
+    """`statement` without the events past retention that are not pruned yet (PRUNE_GRACE):
+    a cursor at one of them is refused, so a reader starting from the oldest event must not
+    be handed one (its next page would be refused, and the one after starting again)."""
+    return statement.where(events.c.occurred_at >= models.utcnow() - retention(database))
 
 
 async def read_events(database: Database, *, after: Position | None,
                       types: Sequence[str] | None, subject_id: str | None,
                       limit: int) -> list[EventRecord]:
-    """At most `limit` events after `after` (from the oldest kept when None), in position
+    """At most `limit` events after `after` (from the oldest in retention when None), in position
     order, of `types` (any when None) and about `subject_id` (any when None). Read on the
     primary, so that an event a notification announced is there. Every committed event is
     safe to hand out (the module's docstring says why)."""
-    (rows,) = await _rows(database, None, _after(after, types, subject_id, limit))
+    (rows,) = await _rows(database, None, _after(database, after, types, subject_id, limit))
     return [_record(row) for row in rows]
 
 
@@ -353,7 +362,7 @@ async def page_of_events(database: Database, reader: Reader, *, first: int | Non
         raise BadUserInput(f"`first` must be between 0 and {MAX_PAGE_SIZE}; {first} was given.",
                            field=["first"])
     position = await resolve_after(database, after, reader=reader) if after is not None else None
-    statements = [_after(position, types, subject_id, first + 1)]
+    statements = [_after(database, position, types, subject_id, first + 1)]
     if position is not None:
         statements.append(_filtered(
             select(events.c.position).where(events.c.position <= position).limit(1),
@@ -366,8 +375,8 @@ async def page_of_events(database: Database, reader: Reader, *, first: int | Non
 async def count_events(database: Database, reader: Reader, *, types: Sequence[str] | None,
                        subject_id: str | None) -> int:
     """How many events the filters keep, whatever the page (a connection's totalCount)."""
-    ((row,),) = await _rows(database, reader, _filtered(
-        select(func.count()).select_from(events), types, subject_id))
+    ((row,),) = await _rows(database, reader, _in_retention(database, _filtered(
+        select(func.count()).select_from(events), types, subject_id)))
     return int(row[0] or 0)
 
 
@@ -403,8 +412,12 @@ async def resolve_after(database: Database, value: str, argument: str = "after",
     else:
         position, event_id = _decode_cursor(value, argument)
         where = events.c.position == position
-    (found,) = await _rows(database, reader, select(
-        events.c.position, events.c.id, events.c.occurred_at).where(where))
+    lookup = select(events.c.position, events.c.id, events.c.occurred_at).where(where)
+    (found,) = await _rows(database, reader, lookup)
+    if not found and reader is not None and not reader.on_primary:
+        # A replica behind the primary, where the value was handed out (a subscription,
+        # another host's page): what follows it reaches the replica in commit order too.
+        (found,) = await _rows(database, None, lookup)
     oldest = models.utcnow() - retention(database)
     row = found[0] if found else None
     if row is None or row.id != event_id:
@@ -499,8 +512,8 @@ async def prune(database: Database, session: AsyncSession) -> int:
     assert last is not None, "the first row is past retention"
     if database.dialect == "postgresql" and not (await session.execute(
             _TRY_PRUNE_LOCK, {"lock_id": PRUNE_LOCK})).scalar_one():
-        # Another transaction prunes: waiting for its rows could close a cycle with the
-        # events lock (a keyed request's second write prunes while holding it).
+        # Another transaction prunes: skip rather than wait for its rows with this write's
+        # own row locks held.
         return 0
     result = await session.execute(delete(events).where(events.c.position <= last)
                                    .execution_options(**{PRUNE_EXECUTION_OPTION: True}))

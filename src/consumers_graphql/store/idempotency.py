@@ -46,6 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from consumers_graphql.store import models
 from consumers_graphql.store.db import Database, Reader
+from consumers_graphql.store.events import NewEvent, record_events
 
 idempotency_keys = cast(Table, models.IdempotencyKey.__table__)
 
@@ -78,6 +79,13 @@ class Unit:
     # use-case's SAVEPOINT, so running the use-case again cannot help; the whole unit is
     # rolled back and the request runs again (IdempotencyStore.run).
     conflicted: bool = False
+    # The change events of the use-cases run so far (store/events.py), inserted at the end
+    # of the unit, with its key: on PostgreSQL under the commit-order lock, held from then
+    # to the commit. Were each use-case to insert its own, the first one's lock would be
+    # held through the others' work: every writer of the database would wait for the
+    # unit's row locks, and a writer holding a row the unit wants, while waiting for the
+    # lock, would close a deadlock with it.
+    events: list[NewEvent] = field(default_factory=list)
 
 
 def joined_session(database: Database) -> AsyncSession | None:
@@ -85,6 +93,14 @@ def joined_session(database: Database) -> AsyncSession | None:
     runs inside one: the use-case joins it (in a SAVEPOINT) instead of opening its own."""
     unit = _unit.get()
     return unit.session if unit is not None and unit.database is database else None
+
+
+def joined_events(database: Database) -> list[NewEvent] | None:
+    """The change events of the keyed request's unit on `database`, if the caller runs
+    inside one: a use-case adds its own (and takes them back if its SAVEPOINT is rolled
+    back); the unit records them at its end (see Unit.events)."""
+    unit = _unit.get()
+    return unit.events if unit is not None and unit.database is database else None
 
 
 def conflicted(database: Database) -> bool:
@@ -216,6 +232,7 @@ class IdempotencyStore:
                     raise _Conflicted  # rolled back below
                 if answer.status >= 500 or not recordable or not unit.decided:
                     return answer  # rolled back below (nothing written in the last case)
+                await record_events(self.database, session, unit.events)
                 await session.execute(insert(idempotency_keys).values(
                     api_key_id=api_key_id, key=key, fingerprint=fingerprint,
                     status=answer.status, headers=[list(pair) for pair in answer.headers],
