@@ -66,6 +66,12 @@ def assert_refused(done: subprocess.CompletedProcess[str], *names: str) -> str:
     # change events too
     ({"CONSUMERS_EVENT_RETENTION_DAYS": "0"}, "CONSUMERS_EVENT_RETENTION_DAYS='0'"),
     ({"CONSUMERS_EVENT_RETENTION_DAYS": "5000"}, "CONSUMERS_EVENT_RETENTION_DAYS='5000'"),
+    # the LISTEN connection is a PostgreSQL server's, for a PostgreSQL database
+    ({"CONSUMERS_EVENTS_LISTEN_URL": "postgres://app@db/consumers"},
+     "CONSUMERS_EVENTS_LISTEN_URL needs PostgreSQL"),
+    ({"CONSUMERS_DATABASE_URL": "postgres://app@db/consumers",
+      "CONSUMERS_EVENTS_LISTEN_URL": "sqlite:///events.db"},
+     "CONSUMERS_EVENTS_LISTEN_URL needs PostgreSQL"),
 ])
 @pytest.mark.parametrize("command", [("serve",), ("keys", "list"), ("migrate",),
                                      ("seed", "--consumers", "1")])

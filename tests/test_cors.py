@@ -9,6 +9,8 @@ for conftest's, so `gql`, `api_key` and `sql` use it."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager
@@ -192,6 +194,37 @@ async def test_rest_answers_to_an_allowed_origin_expose_their_headers(
     assert created.status_code == 201, created.text
     assert created.headers["location"] == f"{REST}/{created.json()['id']}"
     assert_cors(created)
+
+
+async def test_a_cacheable_get_by_hash_says_vary_once_with_origin_among_its_own(
+    settings: Settings, api_key: str, execution_path: str
+) -> None:
+    """A GET of a persisted document kept privately (CONSUMERS_PERSISTED_QUERY_MAX_AGE_S)
+    varies on Accept and Authorization, and CORS adds Origin: one Vary field holding the
+    three (two Vary lines are one list to HTTP, but caches and proxies that read the first
+    only would serve a page another origin's copy)."""
+    cached = create_app(settings.model_copy(update={"cors_origins": (ORIGIN,),
+                                                    "persisted_query_max_age_s": 60}))
+    async with LifespanManager(cached), asgi_client(cached) as client:
+        on_path(cached, execution_path)
+        headers = {**bearer(api_key), "Origin": ORIGIN}
+        sha = hashlib.sha256(COUNT.encode()).hexdigest()
+        persisted = {"persistedQuery": {"version": 1, "sha256Hash": sha}}
+        extensions = json.dumps(persisted)
+        registered = await client.post("/graphql", headers=headers, json={
+            "query": COUNT, "extensions": persisted})
+        assert registered.status_code == 200, registered.text
+        got = await client.get("/graphql", params={"extensions": extensions}, headers=headers)
+        assert got.status_code == 200 and "errors" not in got.json(), got.text
+        assert got.headers["cache-control"] == "private, max-age=60"
+        assert_cors(got)
+        varies = got.headers.get_list("vary")
+        assert len(varies) == 1, varies
+        assert tokens(varies[0]) == {"accept", "authorization", "origin"}
+        events = await client.get("/api/v1/events", headers=headers)
+        assert events.status_code == 200, events.text
+        assert_cors(events)
+        assert len(events.headers.get_list("vary")) == 1
 
 
 # --- errors: a page must be able to read them too -----------------------------------------------

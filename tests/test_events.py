@@ -5,6 +5,7 @@ resume from any cursor or event id, and refuse a cursor older than the retention
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import weakref
 from datetime import timedelta
 from itertools import pairwise
@@ -298,6 +299,30 @@ async def test_keyed_writes_record_once_and_refused_units_record_nothing(
     assert refused.status_code == 400, refused.text
     events = await all_events(gql)
     assert [(e["type"], e["subjectId"]) for e in events[1:]] == [("CONSUMER_CREATED", created)]
+
+
+async def test_a_keyed_mutation_by_apq_hash_records_once_whatever_form_replays_it(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], gql: GraphQL
+) -> None:
+    """A keyed mutation registered by APQ, sent again by hash alone and then as text under
+    the same key (one request: api/documents.py), writes and records once."""
+    before = len(await all_events(gql))
+    persisted = {"persistedQuery": {"version": 1,
+                                    "sha256Hash": hashlib.sha256(CREATE.encode()).hexdigest()}}
+    variables = {"input": {"email": "apq-keyed@example.com"}}
+    headers = {**auth_headers, "Idempotency-Key": "apq-k-1"}
+    first = await client.post("/graphql", headers=headers, json={
+        "query": CREATE, "extensions": persisted, "variables": variables})
+    assert first.status_code == 200 and "errors" not in first.json(), first.text
+    for body in ({"extensions": persisted, "variables": variables},
+                 {"query": CREATE, "variables": variables}):
+        again = await client.post("/graphql", headers=headers, json=body)
+        assert again.content == first.content
+        assert again.headers["idempotent-replayed"] == "true"
+    created = first.json()["data"]["consumerCreate"]["consumer"]["id"]
+    events = await all_events(gql)
+    assert [(e["type"], e["subjectId"]) for e in events[before:]] == [
+        ("CONSUMER_CREATED", created)]
 
 
 async def test_commit_callbacks_run_after_each_commit_that_recorded_events(

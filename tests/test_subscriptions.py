@@ -228,6 +228,41 @@ async def test_the_legacy_protocol_is_refused_by_name(ws_url: str) -> None:
     assert code == 4406 and "graphql-transport-ws" in reason and "legacy" in reason
 
 
+async def test_trusted_documents_only_holds_over_the_websocket(
+    settings: Settings, gql: GraphQL, api_key: str, tmp_path: Path, execution_path: str
+) -> None:
+    """CONSUMERS_TRUSTED_DOCUMENTS_ONLY refuses a subscription sent as text as it refuses a
+    query over HTTP, and runs one named by `documentId` (a graphql-ws client sends an empty
+    `query` beside it); an unknown id is named."""
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"format": "apollo-persisted-query-manifest", "version": 1,
+                                    "operations": [{"id": "events", "name": "Events",
+                                                    "type": "subscription", "body": SUBSCRIBE}]}))
+    app = create_app(settings.model_copy(update={"trusted_documents": manifest,
+                                                 "trusted_documents_only": True}))
+    on_path(app, execution_path)
+    async with LifespanManager(app), served(app) as url, connected(url, api_key) as socket:
+        await subscribe(socket, "text")
+        refused = await receive(socket)
+        assert refused["type"] == "error" and refused["id"] == "text", refused
+        assert [e["extensions"]["code"] for e in refused["payload"]] == [
+            "PERSISTED_QUERY_REQUIRED"]
+        await socket.send(json.dumps({"id": "unknown", "type": "subscribe", "payload": {
+            "documentId": "nope", "query": ""}}))
+        unknown = await receive(socket)
+        assert unknown["type"] == "error", unknown
+        assert unknown["payload"][0]["extensions"]["code"] == "PERSISTED_QUERY_NOT_FOUND"
+        await socket.send(json.dumps({"id": "1", "type": "subscribe", "payload": {
+            "documentId": "events", "query": "", "variables": {"types": ["CONSUMER_CREATED"]}}}))
+        await settled()
+        [created] = await create(gql, "trusted-socket@example.com")
+        [event] = await events(socket, 1)
+        # an id in use is the protocol's 4409, whatever the document
+        await subscribe(socket, "1")
+        assert (await closed_with(socket))[0] == 4409
+    assert event["subjectId"] == created and event["type"] == "CONSUMER_CREATED"
+
+
 async def test_a_subscription_over_http_is_refused(gql: GraphQL, client: httpx.AsyncClient,
                                                   api_key: str) -> None:
     body = await gql(SUBSCRIBE, status=400)

@@ -297,6 +297,19 @@ class Settings(BaseSettings):
     database_replica_url: str | None = None
 
     @model_validator(mode="after")
+    def _listen_on_postgresql(self) -> Settings:
+        """CONSUMERS_EVENTS_LISTEN_URL is the PostgreSQL server's own address: any other
+        value would start, and then fail to LISTEN (a SQLite database has nothing to listen
+        to: it notices commits in process and by polling)."""
+        if self.events_listen_url is not None and (
+                self.is_sqlite or not self.events_listen_url.startswith("postgresql")):
+            raise ValueError(
+                "CONSUMERS_EVENTS_LISTEN_URL needs PostgreSQL for both the database and the "
+                "LISTEN connection: it is the address of the database's own server (behind "
+                "a transaction pooler); a SQLite database notices commits without it.")
+        return self
+
+    @model_validator(mode="after")
     def _replica_on_postgresql(self) -> Settings:
         if self.database_replica_url is not None and (
                 self.is_sqlite or self.database_replica_url.startswith("sqlite")):

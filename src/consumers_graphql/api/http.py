@@ -288,7 +288,7 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
                          connection_init_wait_timeout=timedelta(seconds=init_timeout_s),
                          max_subscriptions_per_connection=subscriptions_per_socket,
                          allowed_origins=tuple(allowed_origins))  # its handshake's check
-        self._documents = documents
+        self.persisted_documents = documents
         self._cached_get: list[tuple[bytes, bytes]] = [
             (b"cache-control", f"private, max-age={persisted_max_age_s}".encode()),
             (b"vary", b"Accept, Authorization"),
@@ -392,7 +392,7 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
             raise _Refused(400, BAD_REQUEST, "The GraphQL operation's `operationName` must be a "
                            "string or null, if provided.")
         try:
-            resolved = self._documents.resolve(data, query, extensions)
+            resolved = self.persisted_documents.resolve(data, query, extensions)
         except DocumentRefusal as refusal:
             if refusal.status == 200:  # APQ's "send the document": under both media types
                 extra = [(name.lower().encode(), value.encode())
@@ -458,7 +458,8 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         except MissingQueryError as error:
             raise _Refused(400, BAD_REQUEST, "No GraphQL query found in the request") from error
         if resolved is not None and context.cost is not None:
-            self._documents.register(resolved)  # (priced: parsed, valid, within the limits)
+            # (priced: parsed, valid, within the limits)
+            self.persisted_documents.register(resolved)
         if not context.admitted:
             await _throttle_status(context, result)
         status, body, extra = self._response(request, result, query, operation_name,

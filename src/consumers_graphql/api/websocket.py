@@ -38,6 +38,7 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
 )
 
 from consumers_graphql.api.context import Context
+from consumers_graphql.api.documents import DocumentRefusal, Documents, Resolved
 from consumers_graphql.store.keys import Scope
 from consumers_graphql.store.outage import is_unavailable
 from consumers_graphql.web import observe
@@ -187,8 +188,15 @@ class SubscriptionsHandler(BaseGraphQLTransportWSHandler[Context, None]):
         await super().shutdown()
 
     async def handle_subscribe(self, message: SubscribeMessage) -> None:
-        if self.connection_acknowledged:
-            payload: Any = message.get("payload") or {}
+        if (self.connection_acknowledged and isinstance(message.get("payload"), dict)
+                and message.get("id") not in self.operations):  # (a reused id: 4409 below)
+            payload: Any = message["payload"]
+            resolved = await self._document(message["id"], payload)
+            if resolved is None:
+                return
+            if resolved.query is not None and resolved.query is not payload.get("query"):
+                payload = {**payload, "query": resolved.query}
+                message = {**message, "payload": payload}
             operation = _operation_type(payload.get("query"), payload.get("operationName"),
                                         self.context.settings.max_tokens)
             if operation is not None and operation is not OperationType.SUBSCRIPTION:
@@ -199,6 +207,22 @@ class SubscriptionsHandler(BaseGraphQLTransportWSHandler[Context, None]):
                         extensions={"code": OPERATION_NOT_SUPPORTED}).formatted]})
                 return
         await super().handle_subscribe(message)
+
+    async def _document(self, operation_id: str, payload: dict[str, Any]) -> Resolved | None:
+        """The document a subscribe message names, as over HTTP (api/documents.py): its
+        `query`, a trusted document's `documentId` (or `doc_id`) or an APQ hash in
+        `extensions.persistedQuery` (an empty `query` beside them is none: graphql-ws' client
+        types want a string); CONSUMERS_TRUSTED_DOCUMENTS_ONLY holds here too. None,
+        once the refusal is sent as the operation's `error` message."""
+        query, extensions = payload.get("query"), payload.get("extensions")
+        documents: Documents = self.view.persisted_documents  # type: ignore[attr-defined]
+        try:
+            return documents.resolve(payload, query if isinstance(query, str) and query else None,
+                                     extensions if isinstance(extensions, dict) else None)
+        except DocumentRefusal as refusal:
+            await self.send_message({"id": operation_id, "type": "error", "payload": [
+                GraphQLError(refusal.message, extensions={"code": refusal.code}).formatted]})
+            return None
 
 
 def _operation_type(query: object, operation_name: object,

@@ -112,9 +112,15 @@ class Cors:
 
 
 def _vary_on_origin(raw: list[tuple[bytes, bytes]]) -> None:
-    """`Origin` added to the answer's Vary, unless it is there (or `*`, which covers it)."""
-    for name, value in raw:
-        if name.lower() == _VARY and any(
-                token.strip().lower() in (b"origin", b"*") for token in value.split(b",")):
+    """`Origin` added to the answer's Vary, unless it is there (or `*`, which covers it):
+    into the answer's own Vary field when it has one (a cacheable GET of a persisted
+    document varies on Accept and Authorization), so that it says Vary once; caches and
+    proxies that read one line only would otherwise miss a part of it."""
+    for index, (name, value) in enumerate(raw):
+        if name.lower() != _VARY:
+            continue
+        if any(token.strip().lower() in (b"origin", b"*") for token in value.split(b",")):
             return
+        raw[index] = (name, value + b", Origin" if value.strip() else b"Origin")
+        return
     raw.append((_VARY, b"Origin"))
