@@ -354,6 +354,31 @@ async def test_a_subscriber_that_falls_behind_is_ended_and_resumes_with_after(
     assert len({e["subjectId"] for e in resumed}) == 10
 
 
+async def test_an_overflow_before_any_delivery_names_where_it_started(
+        limited: tuple[FastAPI, str], api_key: str, execution_path: str) -> None:
+    """Without `after` and nothing delivered yet, the error still names a place to resume
+    from: the newest event when it subscribed (not null, which would leave a gap)."""
+    app, url = limited
+    async with asgi_client(app) as client:
+        gql = GraphQL(client, api_key)
+        [before] = await create(gql, "before@example.com")
+        async with connected(url, api_key) as socket:
+            await subscribe(socket, "1")
+            await settled()
+            await gql.data(BATCH_CREATE, {"input": [{"email": f"o{n}@example.com"}
+                                                    for n in range(10)]})
+            message = await receive(socket)
+            [error] = message["payload"]["errors"]
+            assert error["extensions"]["code"] == "SUBSCRIBER_TOO_SLOW"
+            resume = error["extensions"]["after"]
+            assert resume is not None and resume in error["message"]
+            assert (await receive(socket))["type"] == "complete"
+            await subscribe(socket, "2", after=resume)
+            resumed = await events(socket, 10, "2")
+    subjects = {e["subjectId"] for e in resumed}
+    assert len(subjects) == 10 and before not in subjects
+
+
 async def test_subscriptions_per_key(limited: tuple[FastAPI, str], api_key: str,
                                      execution_path: str) -> None:
     _app, url = limited

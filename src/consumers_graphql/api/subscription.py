@@ -16,8 +16,14 @@ from consumers_graphql.api.context import Info
 from consumers_graphql.api.types import Event
 from consumers_graphql.errors import DomainError
 from consumers_graphql.store import events
-from consumers_graphql.store.event_hub import EventFilter, Overflowed, SubscriptionLimitReached
+from consumers_graphql.store.event_hub import (
+    EventFilter,
+    Overflowed,
+    SubscriptionLimitReached,
+    head_event,
+)
 from consumers_graphql.store.events import EventType as EventKind
+from consumers_graphql.store.events import Position
 from consumers_graphql.store.outage import GRAPHQL_MESSAGE, SERVICE_UNAVAILABLE, is_unavailable
 from consumers_graphql.web.rate_limit import THROTTLED, RateLimitUnavailable
 
@@ -75,8 +81,12 @@ class Subscription:
         try:
             # Registered first, then the starting point: nothing committed in between is
             # missed (store/event_hub.py).
-            start = (await events.resolve_after(hub.database, after) if after is not None
-                     else await events.head(hub.database))
+            start: Position | None = None
+            if after is not None:
+                start = await events.resolve_after(hub.database, after)
+            elif (newest := await head_event(hub.database)) is not None:
+                # Live from now: after the newest event, which is where to resume from.
+                start, after = newest
             async for record in subscriber.stream(start):
                 hub.delivered(record)
                 yield Event.from_record(record)
@@ -88,9 +98,10 @@ class Subscription:
             raise _error(
                 f"This subscription was ended: more than {overflowed.capacity:,} events were "
                 "waiting to be sent (the client reads slower than events come). Subscribe "
-                + (f'again with `after: "{resume}"` (the last event delivered) to resume '
-                   "without a gap." if resume else
-                   "again with `after` set to the last event you received."),
+                + (f'again with `after: "{resume}"` (the last event delivered, or the one '
+                   "it started after) to resume without a gap." if resume else
+                   "again once you have read the events so far from Query.events (no event "
+                   "existed when it began), with `after` set to the last of them."),
                 SUBSCRIBER_TOO_SLOW, after=resume) from None
         except Exception as error:
             if is_unavailable(error):

@@ -33,10 +33,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import asyncpg
-from sqlalchemy import make_url
+from sqlalchemy import make_url, select
 
 from consumers_graphql.settings import Pooler, Settings
-from consumers_graphql.store import events
+from consumers_graphql.store import events, models
 from consumers_graphql.store.db import Database
 from consumers_graphql.store.events import EventRecord, Position
 from consumers_graphql.store.outage import error_class, is_unavailable
@@ -351,6 +351,17 @@ class EventHub:
 
     def _notified(self, *_args: object) -> None:
         self._signal.set()
+
+
+async def head_event(database: Database) -> tuple[Position, str] | None:
+    """The newest event's position and id (None: no event yet). A subscription without
+    `after` starts after it, and names it as the place to resume from when it ends before
+    it has delivered anything (events.head gives the position only)."""
+    table = models.Event.__table__
+    async with database.primary_engine.connect() as conn:
+        row = (await conn.execute(select(table.c.position, table.c.id)
+                                  .order_by(table.c.position.desc()).limit(1))).first()
+    return None if row is None else (Position(int(row.position)), str(row.id))
 
 
 def _set(flag: asyncio.Event, *_args: object) -> None:
