@@ -510,6 +510,24 @@ async def test_the_listener_reconnects_and_nothing_committed_meanwhile_is_lost(
         assert [e["subjectId"] for e in await events(socket, 1)] == ids
 
 
+async def test_one_read_per_commit_with_a_listen_connection(
+        ws_url: str, api_key: str, app: FastAPI, gql: GraphQL, execution_path: str) -> None:
+    """This process's own commits signal through NOTIFY only while it listens, not also
+    through the commit callback: one hub read per commit, not two."""
+    hub = app.state.event_hub
+    if not TEST_DATABASE_URL or hub._listen_url() is None:
+        pytest.skip("PostgreSQL with a LISTEN connection (not SQLite, not behind a pooler)")
+    async with connected(ws_url, api_key) as socket:
+        await subscribe(socket, "1", types=["CONSUMER_CREATED"])
+        await settled()
+        reads = hub.reads
+        for n in range(10):
+            ids = await create(gql, f"read{n}@example.com")
+            assert [e["subjectId"] for e in await events(socket, 1)] == ids
+            await asyncio.sleep(0.05)  # a second signal's read, if any, apart from the next
+        assert hub.reads - reads <= 11
+
+
 @pytest.mark.skipif(bool(TEST_DATABASE_URL),
                     reason="brings its own database: runs once, in the SQLite run")
 async def test_a_database_outage_loses_nothing(cluster: PostgresCluster, tmp_path: Path

@@ -11,7 +11,7 @@ meanwhile: nothing is lost, since the hub reads from its own position. Behind pg
 transaction mode LISTEN needs a direct connection (CONSUMERS_EVENTS_LISTEN_URL); without
 one, and on SQLite, other processes' commits are noticed by polling every
 CONSUMERS_EVENTS_POLL_INTERVAL_MS; this process's own commits signal at once
-(subscribe_commits).
+(subscribe_commits), unless a LISTEN connection is up (their NOTIFY signals them).
 
 A subscriber never trusts the live signal alone. It registers first, then replays from its
 `after` position (read_events with its filter) until it has caught up, then takes what the
@@ -186,7 +186,7 @@ class EventHub:
         return settings.database_url
 
     async def start(self) -> None:
-        self._unsubscribe = events.subscribe_commits(self.database, self._signal.set)
+        self._unsubscribe = events.subscribe_commits(self.database, self._committed)
         self._tasks.append(asyncio.create_task(self._fan_out(), name="events fan-out"))
         listen_url = self._listen_url()
         if listen_url is not None:
@@ -351,6 +351,13 @@ class EventHub:
 
     def _notified(self, *_args: object) -> None:
         self._signal.set()
+
+    def _committed(self) -> None:
+        """This process committed events. While the LISTEN connection is up its NOTIFY
+        signals them too (a loopback round trip later): a second signal would cost a second
+        read, which finds nothing, for most commits."""
+        if not self.listening:
+            self._signal.set()
 
 
 async def head_event(database: Database) -> tuple[Position, str] | None:
