@@ -439,6 +439,38 @@ async def _read_key(app: FastAPI, name: str) -> str:
 # --- metrics and the access line ---------------------------------------------------------------
 
 
+async def test_a_client_that_vanishes_mid_stream_leaves_nothing_behind(
+        ws_url: str, api_key: str, app: FastAPI, gql: GraphQL) -> None:
+    """A client gone without a close (its TCP connection dropped, with a subscription
+    replaying and one live): its subscriptions leave the hub, its tasks end, and no pooled
+    connection stays checked out."""
+    hub = app.state.event_hub
+    pool = app.state.database.primary_engine.pool
+    await settled()
+    active, checked_out, tasks = hub.active, pool.checkedout(), len(asyncio.all_tasks())
+    async with connected(ws_url, api_key) as socket:
+        await create(gql, "vanish@example.com")
+        await subscribe(socket, "1")
+        await subscribe(socket, "2", after=(await events_after_start(gql))[0])
+        await settled()
+        assert hub.active == active + 2
+        await create(gql, "vanish2@example.com")
+        socket.transport.abort()
+        for _ in range(100):
+            if hub.active == active and len(asyncio.all_tasks()) <= tasks:
+                break
+            await asyncio.sleep(0.05)
+    assert hub.active == active
+    assert len(asyncio.all_tasks()) <= tasks, asyncio.all_tasks()
+    assert pool.checkedout() == checked_out
+
+
+async def events_after_start(gql: GraphQL) -> list[str]:
+    """The ids of the oldest events kept (a place to replay from)."""
+    data = await gql.data("{ events(first: 2) { edges { node { id } } } }")
+    return [edge["node"]["id"] for edge in data["events"]["edges"]]
+
+
 async def test_metrics_and_one_access_line_per_socket(
         ws_url: str, api_key: str, gql: GraphQL, client: httpx.AsyncClient,
         caplog: pytest.LogCaptureFixture) -> None:
