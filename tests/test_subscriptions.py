@@ -113,6 +113,8 @@ async def events(socket: ClientConnection, count: int, operation_id: str = "1"
         message = await receive(socket)
         assert message["type"] == "next" and message["id"] == operation_id, message
         assert "errors" not in message["payload"], message
+        # The cost was priced and taken once, at subscribe: not repeated on every event.
+        assert "extensions" not in message["payload"], message
         found.append(message["payload"]["data"]["events"])
     return found
 
