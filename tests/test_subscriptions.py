@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -630,6 +631,33 @@ async def test_serve_with_workers_delivers_to_every_socket(tmp_path: Path) -> No
             await _workers(url, tmp_path, env)
     else:
         await _workers(f"sqlite+aiosqlite:///{tmp_path / 'workers.db'}", tmp_path, env)
+
+
+@pytest.mark.skipif(bool(TEST_DATABASE_URL),
+                    reason="brings its own database: runs once, in the SQLite run")
+async def test_sigterm_closes_open_sockets_1012_and_exits_within_the_grace(
+        tmp_path: Path) -> None:
+    """`serve --workers 2` with subscribed sockets, then SIGTERM: every socket is closed
+    with 1012 (Service Restart) well within the grace period, and the server exits 0."""
+    served_ = Served(f"sqlite+aiosqlite:///{tmp_path / 'stop.db'}", tmp_path,
+                     {"CONSUMERS_WORKERS": "2", "CONSUMERS_SHUTDOWN_GRACE_S": "5"})
+    try:
+        served_.wait_until_up()
+        secret = served_.secret()
+        ws = served_.url.replace("http://", "ws://") + "/graphql"
+        async with contextlib.AsyncExitStack() as stack:
+            sockets = [await stack.enter_async_context(connected(ws, secret)) for _ in range(4)]
+            for socket in sockets:
+                await subscribe(socket, "1")
+            await settled()
+            started = asyncio.get_running_loop().time()
+            served_.process.send_signal(signal.SIGTERM)
+            codes = [(await closed_with(socket))[0] for socket in sockets]
+            assert asyncio.get_running_loop().time() - started < 5
+        assert codes == [1012] * 4
+        assert await asyncio.to_thread(served_.process.wait, 10) == 0
+    finally:
+        served_.stop()
 
 
 async def _workers(url: str, tmp_path: Path, env: dict[str, str]) -> None:
