@@ -26,7 +26,7 @@ from sqlalchemy import make_url, text
 from websockets.asyncio.client import ClientConnection
 
 from consumers_graphql.settings import Settings
-from consumers_graphql.store.event_hub import LISTENER_NAME
+from consumers_graphql.store.event_hub import LISTENER_NAME, backoff
 from consumers_graphql.store.keys import RateLimit, Scope
 from consumers_graphql.web.app import create_app
 from consumers_graphql.web.logs import ACCESS_FIELDS
@@ -561,6 +561,14 @@ async def test_one_read_per_commit_with_a_listen_connection(
             assert [e["subjectId"] for e in await events(socket, 1)] == ids
             await asyncio.sleep(0.05)  # a second signal's read, if any, apart from the next
         assert hub.reads - reads <= 11
+
+
+def test_the_hubs_retries_wait_at_most_5_s_however_long_the_outage() -> None:
+    """The hub retries its read every few seconds for as long as the database is out: the
+    2,000th failure in a row (hours) waits 5 s too, rather than ending the hub's reads for
+    good with an OverflowError (nothing could be delivered after the outage)."""
+    assert backoff(1) == 0.4
+    assert [backoff(n) for n in (5, 1_100, 2_000)] == [5.0, 5.0, 5.0]
 
 
 @pytest.mark.skipif(bool(TEST_DATABASE_URL),

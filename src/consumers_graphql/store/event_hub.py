@@ -55,6 +55,13 @@ _RECONNECT_MOST_S = 5.0
 _LISTENER_CHECK_S = 10.0
 
 
+def backoff(failures: int) -> float:
+    """Seconds to wait after the `failures`-th failure in a row: doubled each time from
+    _RECONNECT_FIRST_S, at most _RECONNECT_MOST_S, for an outage of any length (2 ** n as a
+    float overflows past n = 1023: about 85 minutes of retries)."""
+    return min(_RECONNECT_MOST_S, _RECONNECT_FIRST_S * 2.0 ** min(failures, 16))
+
+
 class SubscriptionLimitReached(Exception):
     """Too many subscriptions open: for the key, or in this process."""
 
@@ -282,7 +289,7 @@ class EventHub:
                     level = logging.INFO if is_unavailable(error) else logging.WARNING
                     logger.log(level, "subscriptions: could not read new events (%s); "
                                "retrying", error_class(error))
-                await asyncio.sleep(min(_RECONNECT_MOST_S, _RECONNECT_FIRST_S * 2 ** failures))
+                await asyncio.sleep(backoff(failures))
                 self._signal.set()
 
     async def _read_new(self) -> None:
