@@ -26,8 +26,10 @@ from sqlalchemy import make_url, text
 from websockets.asyncio.client import ClientConnection
 
 from consumers_graphql.settings import Settings
+from consumers_graphql.store.db import make_engine
 from consumers_graphql.store.event_hub import LISTENER_NAME, backoff
 from consumers_graphql.store.keys import RateLimit, Scope
+from consumers_graphql.store.migrate import upgrade
 from consumers_graphql.web.app import create_app
 from consumers_graphql.web.logs import ACCESS_FIELDS
 from tests.conftest import (
@@ -380,6 +382,44 @@ async def test_an_overflow_before_any_delivery_names_where_it_started(
             resumed = await events(socket, 10, "2")
     subjects = {e["subjectId"] for e in resumed}
     assert len(subjects) == 10 and before not in subjects
+
+
+@asynccontextmanager
+async def own_database(tmp_path: Path) -> AsyncIterator[str]:
+    """A migrated database of the test's own (PostgreSQL: a new one; SQLite: a file)."""
+    if TEST_DATABASE_URL:
+        async with new_migrated_database("consumers_subs_own") as url:
+            yield url
+        return
+    url = f"sqlite+aiosqlite:///{tmp_path / 'own.db'}"
+    engine = make_engine(Settings(database_url=url), writer=True)  # type: ignore[arg-type]
+    try:
+        await upgrade(engine)
+    finally:
+        await engine.dispose()
+    yield url
+
+
+async def test_a_failure_at_subscribe_is_masked(settings: Settings, execution_path: str,
+                                               tmp_path: Path) -> None:
+    """The first subscriber's read of the head failing (here: the events table gone) is an
+    INTERNAL_SERVER_ERROR with the masked message, as anywhere else: never the driver's
+    text, which quotes SQL."""
+    async with own_database(tmp_path) as url:
+        app = create_app(settings.model_copy(update={"database_url": url}))
+        on_path(app, execution_path)
+        async with LifespanManager(app), served(app) as ws:
+            created = await app.state.keys.create("fail", scopes=frozenset({Scope.READ}))
+            secret = created.secret.get_secret_value()
+            AUDIT.use(secret)
+            async with app.state.database.write_engine.begin() as conn:
+                await conn.execute(text("ALTER TABLE events RENAME TO events_gone"))
+            async with connected(ws, secret) as socket:
+                await subscribe(socket, "1")
+                message = await receive(socket)
+    [error] = message["payload"]["errors"] if message["type"] == "next" else message["payload"]
+    assert error["message"] == "Internal server error.", message
+    assert error["extensions"]["code"] == "INTERNAL_SERVER_ERROR"
 
 
 async def test_subscriptions_per_key(limited: tuple[FastAPI, str], api_key: str,

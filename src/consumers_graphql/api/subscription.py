@@ -78,6 +78,8 @@ class Subscription:
             subscriber = await hub.subscribe(principal.key_id, event_filter)
         except SubscriptionLimitReached as refused:
             raise _error(refused.message, SUBSCRIPTION_LIMIT_REACHED) from None
+        except Exception as error:  # the first subscriber's read of the head
+            raise _unexpected(error, after) from None
         try:
             # Registered first, then the starting point: nothing committed in between is
             # missed (store/event_hub.py).
@@ -104,12 +106,16 @@ class Subscription:
                    "existed when it began), with `after` set to the last of them."),
                 SUBSCRIBER_TOO_SLOW, after=resume) from None
         except Exception as error:
-            if is_unavailable(error):
-                raise _error(GRAPHQL_MESSAGE, SERVICE_UNAVAILABLE,
-                             after=subscriber.last_id or after) from None
-            # Masked as every unexpected error is (api/schema.py); logged here, since the
-            # stream's errors do not pass the schema's error handling.
-            logger.exception("unexpected error in a subscription")
-            raise _error(INTERNAL_MESSAGE, INTERNAL_SERVER_ERROR) from None
+            raise _unexpected(error, subscriber.last_id or after) from None
         finally:
             hub.unsubscribe(subscriber)
+
+
+def _unexpected(error: Exception, after: str | None) -> GraphQLError:
+    """SERVICE_UNAVAILABLE (naming where to resume) for an outage, else masked as every
+    unexpected error is (api/schema.py) and logged here: the stream's errors do not pass
+    the schema's error handling."""
+    if is_unavailable(error):
+        return _error(GRAPHQL_MESSAGE, SERVICE_UNAVAILABLE, after=after)
+    logger.error("unexpected error in a subscription", exc_info=error)
+    return _error(INTERNAL_MESSAGE, INTERNAL_SERVER_ERROR)
