@@ -201,6 +201,19 @@ async def test_a_page_of_another_origin_is_refused_at_the_handshake(ws_url: str)
         assert socket.subprotocol == PROTOCOL
 
 
+async def test_a_socket_without_connection_init_is_closed_4408(settings: Settings) -> None:
+    """An unauthenticated socket holds a connection slot only CONSUMERS_SUBSCRIPTION_INIT_
+    TIMEOUT_S long."""
+    app = create_app(settings.model_copy(update={"subscription_init_timeout_s": 0.3}))
+    async with LifespanManager(app), served(app) as url, websockets.connect(
+            url, subprotocols=[PROTOCOL]) as socket:  # type: ignore[list-item]
+        started = asyncio.get_running_loop().time()
+        code, reason = await closed_with(socket)
+        waited = asyncio.get_running_loop().time() - started
+    assert code == 4408 and "timeout" in reason.lower()
+    assert 0.2 < waited < 3
+
+
 async def test_no_subscription_before_the_ack(ws_url: str, execution_path: str) -> None:
     async with websockets.connect(ws_url, subprotocols=[PROTOCOL]) as socket:  # type: ignore[list-item]
         await subscribe(socket, "1")
