@@ -450,6 +450,21 @@ async def test_subscriptions_per_key(limited: tuple[FastAPI, str], api_key: str,
     assert "CONSUMERS_SUBSCRIPTIONS_PER_KEY" in error["message"]
 
 
+async def test_subscriptions_per_key_on_one_socket(limited: tuple[FastAPI, str], api_key: str,
+                                                   execution_path: str) -> None:
+    _app, url = limited
+    async with connected(url, api_key) as socket:
+        await subscribe(socket, "1")
+        await subscribe(socket, "2")
+        await settled()
+        await subscribe(socket, "3")
+        message = await receive(socket)
+    assert message["id"] == "3", message
+    [error] = message["payload"] if message["type"] == "error" else message["payload"]["errors"]
+    assert error["extensions"]["code"] == "SUBSCRIPTION_LIMIT_REACHED"
+    assert "CONSUMERS_SUBSCRIPTIONS_PER_KEY" in error["message"]
+
+
 async def test_subscribing_takes_from_the_keys_bucket(ws_url: str, app: FastAPI,
                                                      execution_path: str) -> None:
     created = await app.state.keys.create("small bucket", scopes=frozenset({Scope.READ}),

@@ -14,6 +14,7 @@ from graphql import GraphQLError
 from consumers_graphql.api import decorators
 from consumers_graphql.api.context import Info
 from consumers_graphql.api.types import Event
+from consumers_graphql.api.websocket import SUBSCRIPTION_LIMIT_REACHED
 from consumers_graphql.errors import DomainError
 from consumers_graphql.store import events
 from consumers_graphql.store.event_hub import (
@@ -31,7 +32,6 @@ logger = logging.getLogger("consumers_graphql.graphql")
 
 INTERNAL_SERVER_ERROR = "INTERNAL_SERVER_ERROR"
 INTERNAL_MESSAGE = "Internal server error."
-SUBSCRIPTION_LIMIT_REACHED = "SUBSCRIPTION_LIMIT_REACHED"
 SUBSCRIBER_TOO_SLOW = "SUBSCRIBER_TOO_SLOW"
 
 def _error(message: str, code: str, **extensions: Any) -> GraphQLError:
