@@ -709,6 +709,22 @@ async def test_serve_with_workers_delivers_to_every_socket(tmp_path: Path) -> No
         await _workers(f"sqlite+aiosqlite:///{tmp_path / 'workers.db'}", tmp_path, env)
 
 
+@asynccontextmanager
+async def subscribed_sockets(served_: Served, count: int
+                             ) -> AsyncIterator[tuple[str, list[ClientConnection]]]:
+    """`count` sockets to `served_` (once it is up), each with subscription "1" registered:
+    the first key's secret and the sockets."""
+    served_.wait_until_up()
+    secret = served_.secret()
+    ws = served_.url.replace("http://", "ws://") + "/graphql"
+    async with contextlib.AsyncExitStack() as stack:
+        sockets = [await stack.enter_async_context(connected(ws, secret)) for _ in range(count)]
+        for socket in sockets:
+            await subscribe(socket, "1")
+        await settled()
+        yield secret, sockets
+
+
 @pytest.mark.skipif(bool(TEST_DATABASE_URL),
                     reason="brings its own database: runs once, in the SQLite run")
 async def test_sigterm_closes_open_sockets_1012_and_exits_within_the_grace(
@@ -718,14 +734,7 @@ async def test_sigterm_closes_open_sockets_1012_and_exits_within_the_grace(
     served_ = Served(f"sqlite+aiosqlite:///{tmp_path / 'stop.db'}", tmp_path,
                      {"CONSUMERS_WORKERS": "2", "CONSUMERS_SHUTDOWN_GRACE_S": "5"})
     try:
-        served_.wait_until_up()
-        secret = served_.secret()
-        ws = served_.url.replace("http://", "ws://") + "/graphql"
-        async with contextlib.AsyncExitStack() as stack:
-            sockets = [await stack.enter_async_context(connected(ws, secret)) for _ in range(4)]
-            for socket in sockets:
-                await subscribe(socket, "1")
-            await settled()
+        async with subscribed_sockets(served_, 4) as (_secret, sockets):
             started = asyncio.get_running_loop().time()
             served_.process.send_signal(signal.SIGTERM)
             codes = [(await closed_with(socket))[0] for socket in sockets]
@@ -741,14 +750,7 @@ async def _workers(url: str, tmp_path: Path, env: dict[str, str]) -> None:
         env = {**env, "CONSUMERS_DATABASE_POOLER": "transaction"}  # (polls: no listen URL)
     served_ = Served(url, tmp_path, env)
     try:
-        served_.wait_until_up()
-        secret = served_.secret()
-        ws = served_.url.replace("http://", "ws://") + "/graphql"
-        async with contextlib.AsyncExitStack() as stack:
-            sockets = [await stack.enter_async_context(connected(ws, secret)) for _ in range(4)]
-            for socket in sockets:
-                await subscribe(socket, "1")
-            await settled()
+        async with subscribed_sockets(served_, 4) as (secret, sockets):
             async with httpx.AsyncClient(base_url=served_.url,
                                          event_hooks=AUDIT.event_hooks()) as client:
                 ids = await create(GraphQL(client, secret), "workers@example.com")
