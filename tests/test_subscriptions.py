@@ -66,11 +66,15 @@ WAIT_S = 10.0
 
 
 @asynccontextmanager
-async def served(app: FastAPI) -> AsyncIterator[str]:
-    """`app` (its lifespan already running) on a loopback port: the WebSocket URL."""
+async def served(app: FastAPI, ping_s: float | None = None) -> AsyncIterator[str]:
+    """`app` (its lifespan already running) on a loopback port: the WebSocket URL. `ping_s`:
+    a ping that often, and a socket whose pong is that late closed (as `serve` does)."""
     port = free_port()
+    pings: dict[str, Any] = {} if ping_s is None else {"ws_ping_interval": ping_s,
+                                                       "ws_ping_timeout": ping_s}
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
-                                           ws="websockets-sansio", log_level="warning"))
+                                           ws="websockets-sansio", log_level="warning",
+                                           **pings))
     task = asyncio.create_task(server.serve())
     while not server.started:
         assert not task.done(), "uvicorn did not start"
@@ -540,6 +544,26 @@ async def events_after_start(gql: GraphQL) -> list[str]:
     """The ids of the oldest events kept (a place to replay from)."""
     data = await gql.data("{ events(first: 2) { edges { node { id } } } }")
     return [edge["node"]["id"] for edge in data["events"]["edges"]]
+
+
+async def test_a_client_that_stops_reading_is_let_go(app: FastAPI, api_key: str,
+                                                    execution_path: str) -> None:
+    """A client that keeps its TCP connection but reads nothing more answers no ping: once
+    its pong is late the socket is closed and its subscription leaves the hub."""
+    hub = app.state.event_hub
+    await settled()
+    active = hub.active
+    async with served(app, ping_s=0.3) as url, connected(url, api_key) as socket:
+        await subscribe(socket, "1")
+        await settled()
+        assert hub.active == active + 1
+        socket.transport.pause_reading()
+        for _ in range(100):
+            if hub.active == active:
+                break
+            await asyncio.sleep(0.05)
+        assert hub.active == active
+        socket.transport.abort()  # (its close handshake would wait for a reader)
 
 
 async def test_metrics_and_one_access_line_per_socket(
