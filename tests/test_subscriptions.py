@@ -688,6 +688,7 @@ async def test_a_database_outage_loses_nothing(cluster: PostgresCluster, tmp_pat
                     "Authorization": f"Bearer {secret}"}}))
                 code, reason = await closed_with(refused)
             assert code == 1013 and "again" in reason
+            await asyncio.sleep(3)  # several of the listener's attempts, not one line each
             cluster.start()
             await asyncio.sleep(1)  # the pools' and the listener's next attempts
             after = await create(gql, "after@example.com")
@@ -695,6 +696,8 @@ async def test_a_database_outage_loses_nothing(cluster: PostgresCluster, tmp_pat
     finally:
         assert served_.stop() == 0, served_.output
     assert "Traceback" not in served_.output and "ERROR" not in served_.output, served_.output
+    assert served_.output.count("the LISTEN connection is down") == 1, served_.output
+    assert served_.output.count("could not read new events") <= 1, served_.output
 
 
 # --- several processes -------------------------------------------------------------------------
