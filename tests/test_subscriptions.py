@@ -663,6 +663,27 @@ def test_the_hubs_retries_wait_at_most_5_s_however_long_the_outage() -> None:
     assert [backoff(n) for n in (5, 1_100, 2_000)] == [5.0, 5.0, 5.0]
 
 
+async def test_without_its_listen_connection_a_process_polls(
+        settings: Settings, api_key: str, execution_path: str) -> None:
+    """A LISTEN connection that cannot be had (here: CONSUMERS_EVENTS_LISTEN_URL names a
+    port nothing listens on) does not cut a process off from the others' events: it polls
+    until it listens."""
+    if not TEST_DATABASE_URL:
+        pytest.skip("PostgreSQL (SQLite always polls)")
+    nowhere = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/nothing"
+    app = create_app(settings.model_copy(update={"events_listen_url": nowhere,
+                                                 "events_poll_interval_ms": 100}))
+    other = create_app(settings)
+    on_path(other, execution_path)
+    async with LifespanManager(app), LifespanManager(other), served(app) as url, \
+            asgi_client(other) as client, connected(url, api_key) as socket:
+        await subscribe(socket, "1", types=["CONSUMER_CREATED"])
+        await settled()
+        assert not app.state.event_hub.listening
+        ids = await create(GraphQL(client, api_key), "polled@example.com")
+        assert [e["subjectId"] for e in await events(socket, 1)] == ids
+
+
 @pytest.mark.skipif(bool(TEST_DATABASE_URL),
                     reason="brings its own database: runs once, in the SQLite run")
 async def test_a_database_outage_loses_nothing(cluster: PostgresCluster, tmp_path: Path

@@ -9,9 +9,10 @@ Signals: on PostgreSQL, ONE dedicated connection per process LISTENs on NOTIFY_C
 rows are read. The listener reconnects after an outage, and reads what was committed
 meanwhile: nothing is lost, since the hub reads from its own position. Behind pgbouncer in
 transaction mode LISTEN needs a direct connection (CONSUMERS_EVENTS_LISTEN_URL); without
-one, and on SQLite, other processes' commits are noticed by polling every
-CONSUMERS_EVENTS_POLL_INTERVAL_MS; this process's own commits signal at once
-(subscribe_commits), unless a LISTEN connection is up (their NOTIFY signals them).
+one, on SQLite, and while the LISTEN connection is down, other processes' commits are
+noticed by polling every CONSUMERS_EVENTS_POLL_INTERVAL_MS; this process's own commits
+signal at once (subscribe_commits), unless a LISTEN connection is up (their NOTIFY signals
+them).
 
 A subscriber never trusts the live signal alone. It registers first, then replays from its
 `after` position (read_events with its filter) until it has caught up, then takes what the
@@ -199,14 +200,15 @@ class EventHub:
         if listen_url is not None:
             self._tasks.append(asyncio.create_task(self._listen(listen_url),
                                                    name="events listener"))
-        else:
-            if not self.settings.is_sqlite:
-                logger.warning(
-                    "subscriptions: no LISTEN connection behind a transaction pooler (set "
-                    "CONSUMERS_EVENTS_LISTEN_URL to the server itself); other processes' "
-                    "events are noticed by polling every %d ms",
-                    self.settings.events_poll_interval_ms)
-            self._tasks.append(asyncio.create_task(self._poll(), name="events poll"))
+        elif not self.settings.is_sqlite:
+            logger.warning(
+                "subscriptions: no LISTEN connection behind a transaction pooler (set "
+                "CONSUMERS_EVENTS_LISTEN_URL to the server itself); other processes' "
+                "events are noticed by polling every %d ms",
+                self.settings.events_poll_interval_ms)
+        # Also while the LISTEN connection is down (an outage, a wrong listen URL, the
+        # server's connections all taken): other processes' events still arrive.
+        self._tasks.append(asyncio.create_task(self._poll(), name="events poll"))
 
     async def close(self) -> None:
         if self._unsubscribe is not None:
@@ -313,7 +315,7 @@ class EventHub:
         interval = self.settings.events_poll_interval_ms / 1000
         while True:
             await asyncio.sleep(interval)
-            if self._subscribers:
+            if self._subscribers and not self.listening:
                 self._signal.set()
 
     async def _listen(self, url: str) -> None:
