@@ -66,6 +66,11 @@ def assert_refused(done: subprocess.CompletedProcess[str], *names: str) -> str:
     # change events too
     ({"CONSUMERS_EVENT_RETENTION_DAYS": "0"}, "CONSUMERS_EVENT_RETENTION_DAYS='0'"),
     ({"CONSUMERS_EVENT_RETENTION_DAYS": "5000"}, "CONSUMERS_EVENT_RETENTION_DAYS='5000'"),
+    ({"CONSUMERS_EVENTS_POLL_INTERVAL_MS": "5"}, "CONSUMERS_EVENTS_POLL_INTERVAL_MS='5'"),
+    ({"CONSUMERS_EVENTS_POLL_INTERVAL_MS": "600000"},
+     "CONSUMERS_EVENTS_POLL_INTERVAL_MS='600000'"),
+    ({"CONSUMERS_SUBSCRIPTION_BUFFER": "0"}, "CONSUMERS_SUBSCRIPTION_BUFFER='0'"),
+    ({"CONSUMERS_WEBSOCKET_PING_INTERVAL_S": "0"}, "CONSUMERS_WEBSOCKET_PING_INTERVAL_S='0'"),
 ])
 @pytest.mark.parametrize("command", [("serve",), ("keys", "list"), ("migrate",),
                                      ("seed", "--consumers", "1")])
