@@ -72,6 +72,12 @@ def assert_refused(done: subprocess.CompletedProcess[str], *names: str) -> str:
     ({"CONSUMERS_DATABASE_URL": "postgres://app@db/consumers",
       "CONSUMERS_EVENTS_LISTEN_URL": "sqlite:///events.db"},
      "CONSUMERS_EVENTS_LISTEN_URL needs PostgreSQL"),
+
+    ({"CONSUMERS_EVENTS_POLL_INTERVAL_MS": "5"}, "CONSUMERS_EVENTS_POLL_INTERVAL_MS='5'"),
+    ({"CONSUMERS_EVENTS_POLL_INTERVAL_MS": "600000"},
+     "CONSUMERS_EVENTS_POLL_INTERVAL_MS='600000'"),
+    ({"CONSUMERS_SUBSCRIPTION_BUFFER": "0"}, "CONSUMERS_SUBSCRIPTION_BUFFER='0'"),
+    ({"CONSUMERS_WEBSOCKET_PING_INTERVAL_S": "0"}, "CONSUMERS_WEBSOCKET_PING_INTERVAL_S='0'"),
 ])
 @pytest.mark.parametrize("command", [("serve",), ("keys", "list"), ("migrate",),
                                      ("seed", "--consumers", "1")])

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,8 +26,10 @@ from sqlalchemy import make_url, text
 from websockets.asyncio.client import ClientConnection
 
 from consumers_graphql.settings import Settings
-from consumers_graphql.store.event_hub import LISTENER_NAME
+from consumers_graphql.store.db import make_engine
+from consumers_graphql.store.event_hub import LISTENER_NAME, backoff
 from consumers_graphql.store.keys import RateLimit, Scope
+from consumers_graphql.store.migrate import upgrade
 from consumers_graphql.web.app import create_app
 from consumers_graphql.web.logs import ACCESS_FIELDS
 from tests.conftest import (
@@ -63,11 +66,15 @@ WAIT_S = 10.0
 
 
 @asynccontextmanager
-async def served(app: FastAPI) -> AsyncIterator[str]:
-    """`app` (its lifespan already running) on a loopback port: the WebSocket URL."""
+async def served(app: FastAPI, ping_s: float | None = None) -> AsyncIterator[str]:
+    """`app` (its lifespan already running) on a loopback port: the WebSocket URL. `ping_s`:
+    a ping that often, and a socket whose pong is that late closed (as `serve` does)."""
     port = free_port()
+    pings: dict[str, Any] = {} if ping_s is None else {"ws_ping_interval": ping_s,
+                                                       "ws_ping_timeout": ping_s}
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
-                                           ws="websockets-sansio", log_level="warning"))
+                                           ws="websockets-sansio", log_level="warning",
+                                           **pings))
     task = asyncio.create_task(server.serve())
     while not server.started:
         assert not task.done(), "uvicorn did not start"
@@ -113,6 +120,8 @@ async def events(socket: ClientConnection, count: int, operation_id: str = "1"
         message = await receive(socket)
         assert message["type"] == "next" and message["id"] == operation_id, message
         assert "errors" not in message["payload"], message
+        # The cost was priced and taken once, at subscribe: not repeated on every event.
+        assert "extensions" not in message["payload"], message
         found.append(message["payload"]["data"]["events"])
     return found
 
@@ -214,6 +223,19 @@ async def test_a_page_of_an_origin_of_the_cors_allow_list_may_subscribe(
                                           origin="https://elsewhere.example"):  # type: ignore[arg-type]
                 pass
         assert refused.value.response.status_code == 403
+
+
+async def test_a_socket_without_connection_init_is_closed_4408(settings: Settings) -> None:
+    """An unauthenticated socket holds a connection slot only CONSUMERS_SUBSCRIPTION_INIT_
+    TIMEOUT_S long."""
+    app = create_app(settings.model_copy(update={"subscription_init_timeout_s": 0.3}))
+    async with LifespanManager(app), served(app) as url, websockets.connect(
+            url, subprotocols=[PROTOCOL]) as socket:  # type: ignore[list-item]
+        started = asyncio.get_running_loop().time()
+        code, reason = await closed_with(socket)
+        waited = asyncio.get_running_loop().time() - started
+    assert code == 4408 and "timeout" in reason.lower()
+    assert 0.2 < waited < 3
 
 
 async def test_no_subscription_before_the_ack(ws_url: str, execution_path: str) -> None:
@@ -409,6 +431,69 @@ async def test_a_subscriber_that_falls_behind_is_ended_and_resumes_with_after(
     assert len({e["subjectId"] for e in resumed}) == 10
 
 
+async def test_an_overflow_before_any_delivery_names_where_it_started(
+        limited: tuple[FastAPI, str], api_key: str, execution_path: str) -> None:
+    """Without `after` and nothing delivered yet, the error still names a place to resume
+    from: the newest event when it subscribed (not null, which would leave a gap)."""
+    app, url = limited
+    async with asgi_client(app) as client:
+        gql = GraphQL(client, api_key)
+        [before] = await create(gql, "before@example.com")
+        async with connected(url, api_key) as socket:
+            await subscribe(socket, "1")
+            await settled()
+            await gql.data(BATCH_CREATE, {"input": [{"email": f"o{n}@example.com"}
+                                                    for n in range(10)]})
+            message = await receive(socket)
+            [error] = message["payload"]["errors"]
+            assert error["extensions"]["code"] == "SUBSCRIBER_TOO_SLOW"
+            resume = error["extensions"]["after"]
+            assert resume is not None and resume in error["message"]
+            assert (await receive(socket))["type"] == "complete"
+            await subscribe(socket, "2", after=resume)
+            resumed = await events(socket, 10, "2")
+    subjects = {e["subjectId"] for e in resumed}
+    assert len(subjects) == 10 and before not in subjects
+
+
+@asynccontextmanager
+async def own_database(tmp_path: Path) -> AsyncIterator[str]:
+    """A migrated database of the test's own (PostgreSQL: a new one; SQLite: a file)."""
+    if TEST_DATABASE_URL:
+        async with new_migrated_database("consumers_subs_own") as url:
+            yield url
+        return
+    url = f"sqlite+aiosqlite:///{tmp_path / 'own.db'}"
+    engine = make_engine(Settings(database_url=url), writer=True)  # type: ignore[arg-type]
+    try:
+        await upgrade(engine)
+    finally:
+        await engine.dispose()
+    yield url
+
+
+async def test_a_failure_at_subscribe_is_masked(settings: Settings, execution_path: str,
+                                               tmp_path: Path) -> None:
+    """The first subscriber's read of the head failing (here: the events table gone) is an
+    INTERNAL_SERVER_ERROR with the masked message, as anywhere else: never the driver's
+    text, which quotes SQL."""
+    async with own_database(tmp_path) as url:
+        app = create_app(settings.model_copy(update={"database_url": url}))
+        on_path(app, execution_path)
+        async with LifespanManager(app), served(app) as ws:
+            created = await app.state.keys.create("fail", scopes=frozenset({Scope.READ}))
+            secret = created.secret.get_secret_value()
+            AUDIT.use(secret)
+            async with app.state.database.write_engine.begin() as conn:
+                await conn.execute(text("ALTER TABLE events RENAME TO events_gone"))
+            async with connected(ws, secret) as socket:
+                await subscribe(socket, "1")
+                message = await receive(socket)
+    [error] = message["payload"]["errors"] if message["type"] == "next" else message["payload"]
+    assert error["message"] == "Internal server error.", message
+    assert error["extensions"]["code"] == "INTERNAL_SERVER_ERROR"
+
+
 async def test_subscriptions_per_key(limited: tuple[FastAPI, str], api_key: str,
                                      execution_path: str) -> None:
     _app, url = limited
@@ -420,6 +505,21 @@ async def test_subscriptions_per_key(limited: tuple[FastAPI, str], api_key: str,
         message = await receive(two)
     assert message["type"] == "next"
     [error] = message["payload"]["errors"]
+    assert error["extensions"]["code"] == "SUBSCRIPTION_LIMIT_REACHED"
+    assert "CONSUMERS_SUBSCRIPTIONS_PER_KEY" in error["message"]
+
+
+async def test_subscriptions_per_key_on_one_socket(limited: tuple[FastAPI, str], api_key: str,
+                                                   execution_path: str) -> None:
+    _app, url = limited
+    async with connected(url, api_key) as socket:
+        await subscribe(socket, "1")
+        await subscribe(socket, "2")
+        await settled()
+        await subscribe(socket, "3")
+        message = await receive(socket)
+    assert message["id"] == "3", message
+    [error] = message["payload"] if message["type"] == "error" else message["payload"]["errors"]
     assert error["extensions"]["code"] == "SUBSCRIPTION_LIMIT_REACHED"
     assert "CONSUMERS_SUBSCRIPTIONS_PER_KEY" in error["message"]
 
@@ -467,6 +567,58 @@ async def _read_key(app: FastAPI, name: str) -> str:
 
 
 # --- metrics and the access line ---------------------------------------------------------------
+
+
+async def test_a_client_that_vanishes_mid_stream_leaves_nothing_behind(
+        ws_url: str, api_key: str, app: FastAPI, gql: GraphQL) -> None:
+    """A client gone without a close (its TCP connection dropped, with a subscription
+    replaying and one live): its subscriptions leave the hub, its tasks end, and no pooled
+    connection stays checked out."""
+    hub = app.state.event_hub
+    pool = app.state.database.primary_engine.pool
+    await settled()
+    active, checked_out, tasks = hub.active, pool.checkedout(), len(asyncio.all_tasks())
+    async with connected(ws_url, api_key) as socket:
+        await create(gql, "vanish@example.com")
+        await subscribe(socket, "1")
+        await subscribe(socket, "2", after=(await events_after_start(gql))[0])
+        await settled()
+        assert hub.active == active + 2
+        await create(gql, "vanish2@example.com")
+        socket.transport.abort()
+        for _ in range(100):
+            if hub.active == active and len(asyncio.all_tasks()) <= tasks:
+                break
+            await asyncio.sleep(0.05)
+    assert hub.active == active
+    assert len(asyncio.all_tasks()) <= tasks, asyncio.all_tasks()
+    assert pool.checkedout() == checked_out
+
+
+async def events_after_start(gql: GraphQL) -> list[str]:
+    """The ids of the oldest events kept (a place to replay from)."""
+    data = await gql.data("{ events(first: 2) { edges { node { id } } } }")
+    return [edge["node"]["id"] for edge in data["events"]["edges"]]
+
+
+async def test_a_client_that_stops_reading_is_let_go(app: FastAPI, api_key: str,
+                                                    execution_path: str) -> None:
+    """A client that keeps its TCP connection but reads nothing more answers no ping: once
+    its pong is late the socket is closed and its subscription leaves the hub."""
+    hub = app.state.event_hub
+    await settled()
+    active = hub.active
+    async with served(app, ping_s=0.3) as url, connected(url, api_key) as socket:
+        await subscribe(socket, "1")
+        await settled()
+        assert hub.active == active + 1
+        socket.transport.pause_reading()
+        for _ in range(100):
+            if hub.active == active:
+                break
+            await asyncio.sleep(0.05)
+        assert hub.active == active
+        socket.transport.abort()  # (its close handshake would wait for a reader)
 
 
 async def test_metrics_and_one_access_line_per_socket(
@@ -531,12 +683,64 @@ async def test_the_listener_reconnects_and_nothing_committed_meanwhile_is_lost(
                 {"name": LISTENER_NAME})).scalars().all()
             await conn.commit()
         assert killed and all(killed)  # this app's listener (and the other's)
-        # committed while no connection listens: found by the read after reconnecting
+        # committed while no connection listens: found by a poll meanwhile, or by the read
+        # after reconnecting
         ids = await create(gql, "during@example.com")
         got = await events(socket, 1)
         assert [e["subjectId"] for e in got] == ids
+        for _ in range(100):
+            if app.state.event_hub.listening:
+                break
+            await asyncio.sleep(0.05)
         assert app.state.event_hub.listening
         ids = await create(gql, "after@example.com")  # and live again
+        assert [e["subjectId"] for e in await events(socket, 1)] == ids
+
+
+async def test_one_read_per_commit_with_a_listen_connection(
+        ws_url: str, api_key: str, app: FastAPI, gql: GraphQL, execution_path: str) -> None:
+    """This process's own commits signal through NOTIFY only while it listens, not also
+    through the commit callback: one hub read per commit, not two."""
+    hub = app.state.event_hub
+    if not TEST_DATABASE_URL or hub._listen_url() is None:
+        pytest.skip("PostgreSQL with a LISTEN connection (not SQLite, not behind a pooler)")
+    async with connected(ws_url, api_key) as socket:
+        await subscribe(socket, "1", types=["CONSUMER_CREATED"])
+        await settled()
+        reads = hub.reads
+        for n in range(10):
+            ids = await create(gql, f"read{n}@example.com")
+            assert [e["subjectId"] for e in await events(socket, 1)] == ids
+            await asyncio.sleep(0.05)  # a second signal's read, if any, apart from the next
+        assert hub.reads - reads <= 11
+
+
+def test_the_hubs_retries_wait_at_most_5_s_however_long_the_outage() -> None:
+    """The hub retries its read every few seconds for as long as the database is out: the
+    2,000th failure in a row (hours) waits 5 s too, rather than ending the hub's reads for
+    good with an OverflowError (nothing could be delivered after the outage)."""
+    assert backoff(1) == 0.4
+    assert [backoff(n) for n in (5, 1_100, 2_000)] == [5.0, 5.0, 5.0]
+
+
+async def test_without_its_listen_connection_a_process_polls(
+        settings: Settings, api_key: str, execution_path: str) -> None:
+    """A LISTEN connection that cannot be had (here: CONSUMERS_EVENTS_LISTEN_URL names a
+    port nothing listens on) does not cut a process off from the others' events: it polls
+    until it listens."""
+    if not TEST_DATABASE_URL:
+        pytest.skip("PostgreSQL (SQLite always polls)")
+    nowhere = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/nothing"
+    app = create_app(settings.model_copy(update={"events_listen_url": nowhere,
+                                                 "events_poll_interval_ms": 100}))
+    other = create_app(settings)
+    on_path(other, execution_path)
+    async with LifespanManager(app), LifespanManager(other), served(app) as url, \
+            asgi_client(other) as client, connected(url, api_key) as socket:
+        await subscribe(socket, "1", types=["CONSUMER_CREATED"])
+        await settled()
+        assert not app.state.event_hub.listening
+        ids = await create(GraphQL(client, api_key), "polled@example.com")
         assert [e["subjectId"] for e in await events(socket, 1)] == ids
 
 
@@ -565,6 +769,7 @@ async def test_a_database_outage_loses_nothing(cluster: PostgresCluster, tmp_pat
                     "Authorization": f"Bearer {secret}"}}))
                 code, reason = await closed_with(refused)
             assert code == 1013 and "again" in reason
+            await asyncio.sleep(3)  # several of the listener's attempts, not one line each
             cluster.start()
             await asyncio.sleep(1)  # the pools' and the listener's next attempts
             after = await create(gql, "after@example.com")
@@ -572,6 +777,8 @@ async def test_a_database_outage_loses_nothing(cluster: PostgresCluster, tmp_pat
     finally:
         assert served_.stop() == 0, served_.output
     assert "Traceback" not in served_.output and "ERROR" not in served_.output, served_.output
+    assert served_.output.count("the LISTEN connection is down") == 1, served_.output
+    assert served_.output.count("could not read new events") <= 1, served_.output
 
 
 # --- several processes -------------------------------------------------------------------------
@@ -610,19 +817,48 @@ async def test_serve_with_workers_delivers_to_every_socket(tmp_path: Path) -> No
         await _workers(f"sqlite+aiosqlite:///{tmp_path / 'workers.db'}", tmp_path, env)
 
 
+@asynccontextmanager
+async def subscribed_sockets(served_: Served, count: int
+                             ) -> AsyncIterator[tuple[str, list[ClientConnection]]]:
+    """`count` sockets to `served_` (once it is up), each with subscription "1" registered:
+    the first key's secret and the sockets."""
+    served_.wait_until_up()
+    secret = served_.secret()
+    ws = served_.url.replace("http://", "ws://") + "/graphql"
+    async with contextlib.AsyncExitStack() as stack:
+        sockets = [await stack.enter_async_context(connected(ws, secret)) for _ in range(count)]
+        for socket in sockets:
+            await subscribe(socket, "1")
+        await settled()
+        yield secret, sockets
+
+
+@pytest.mark.skipif(bool(TEST_DATABASE_URL),
+                    reason="brings its own database: runs once, in the SQLite run")
+async def test_sigterm_closes_open_sockets_1012_and_exits_within_the_grace(
+        tmp_path: Path) -> None:
+    """`serve --workers 2` with subscribed sockets, then SIGTERM: every socket is closed
+    with 1012 (Service Restart) well within the grace period, and the server exits 0."""
+    served_ = Served(f"sqlite+aiosqlite:///{tmp_path / 'stop.db'}", tmp_path,
+                     {"CONSUMERS_WORKERS": "2", "CONSUMERS_SHUTDOWN_GRACE_S": "5"})
+    try:
+        async with subscribed_sockets(served_, 4) as (_secret, sockets):
+            started = asyncio.get_running_loop().time()
+            served_.process.send_signal(signal.SIGTERM)
+            codes = [(await closed_with(socket))[0] for socket in sockets]
+            assert asyncio.get_running_loop().time() - started < 5
+        assert codes == [1012] * 4
+        assert await asyncio.to_thread(served_.process.wait, 10) == 0
+    finally:
+        served_.stop()
+
+
 async def _workers(url: str, tmp_path: Path, env: dict[str, str]) -> None:
     if os.environ.get("CONSUMERS_DATABASE_POOLER") == "transaction" and TEST_DATABASE_URL:
         env = {**env, "CONSUMERS_DATABASE_POOLER": "transaction"}  # (polls: no listen URL)
     served_ = Served(url, tmp_path, env)
     try:
-        served_.wait_until_up()
-        secret = served_.secret()
-        ws = served_.url.replace("http://", "ws://") + "/graphql"
-        async with contextlib.AsyncExitStack() as stack:
-            sockets = [await stack.enter_async_context(connected(ws, secret)) for _ in range(4)]
-            for socket in sockets:
-                await subscribe(socket, "1")
-            await settled()
+        async with subscribed_sockets(served_, 4) as (secret, sockets):
             async with httpx.AsyncClient(base_url=served_.url,
                                          event_hooks=AUDIT.event_hooks()) as client:
                 ids = await create(GraphQL(client, secret), "workers@example.com")

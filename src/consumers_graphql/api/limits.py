@@ -59,6 +59,7 @@ from graphql.validation import ASTValidationRule, NoSchemaIntrospectionCustomRul
 from strawberry.extensions import SchemaExtension
 from strawberry.schema.validation_rules.maybe_null import MaybeNullValidationRule
 from strawberry.schema.validation_rules.one_of import OneOfInputValidationRule
+from strawberry.types.graphql import OperationType as StrawberryOperationType
 
 from consumers_graphql.api.context import Context
 from consumers_graphql.domain.validation import BATCH_MAX
@@ -584,13 +585,22 @@ class OperationLimits(SchemaExtension):
         return refusals
 
     def get_results(self) -> dict[str, Any]:
-        if self.cost is None:
+        if self.cost is None or self._subscribing():
             return {}
         cost: dict[str, Any] = {"requested": self.cost, "limit": self.limits.cost}
         request = self.execution_context.context
         if isinstance(request, Context) and request.throttle is not None:
             cost["throttleStatus"] = request.throttle.status()
         return {"cost": cost}
+
+
+    def _subscribing(self) -> bool:
+        """A subscription is priced and charged once, at subscribe: its events (Strawberry
+        asks for the extensions' results again for each) do not repeat that price."""
+        try:
+            return self.execution_context.operation_type is StrawberryOperationType.SUBSCRIPTION
+        except RuntimeError:  # no document, or no such operation: no subscription either
+            return False
 
 
 def measure(schema: GraphQLSchema, document: DocumentNode, limits: Limits) -> list[GraphQLError]:

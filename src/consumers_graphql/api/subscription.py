@@ -14,10 +14,17 @@ from graphql import GraphQLError
 from consumers_graphql.api import decorators
 from consumers_graphql.api.context import Info
 from consumers_graphql.api.types import Event
+from consumers_graphql.api.websocket import SUBSCRIPTION_LIMIT_REACHED
 from consumers_graphql.errors import DomainError
 from consumers_graphql.store import events
-from consumers_graphql.store.event_hub import EventFilter, Overflowed, SubscriptionLimitReached
+from consumers_graphql.store.event_hub import (
+    EventFilter,
+    Overflowed,
+    SubscriptionLimitReached,
+    head_event,
+)
 from consumers_graphql.store.events import EventType as EventKind
+from consumers_graphql.store.events import Position
 from consumers_graphql.store.outage import GRAPHQL_MESSAGE, SERVICE_UNAVAILABLE, is_unavailable
 from consumers_graphql.web.rate_limit import THROTTLED, RateLimitUnavailable
 
@@ -25,7 +32,6 @@ logger = logging.getLogger("consumers_graphql.graphql")
 
 INTERNAL_SERVER_ERROR = "INTERNAL_SERVER_ERROR"
 INTERNAL_MESSAGE = "Internal server error."
-SUBSCRIPTION_LIMIT_REACHED = "SUBSCRIPTION_LIMIT_REACHED"
 SUBSCRIBER_TOO_SLOW = "SUBSCRIBER_TOO_SLOW"
 
 def _error(message: str, code: str, **extensions: Any) -> GraphQLError:
@@ -72,11 +78,17 @@ class Subscription:
             subscriber = await hub.subscribe(principal.key_id, event_filter)
         except SubscriptionLimitReached as refused:
             raise _error(refused.message, SUBSCRIPTION_LIMIT_REACHED) from None
+        except Exception as error:  # the first subscriber's read of the head
+            raise _unexpected(error, after) from None
         try:
             # Registered first, then the starting point: nothing committed in between is
             # missed (store/event_hub.py).
-            start = (await events.resolve_after(hub.database, after) if after is not None
-                     else await events.head(hub.database))
+            start: Position | None = None
+            if after is not None:
+                start = await events.resolve_after(hub.database, after)
+            elif (newest := await head_event(hub.database)) is not None:
+                # Live from now: after the newest event, which is where to resume from.
+                start, after = newest
             async for record in subscriber.stream(start):
                 hub.delivered(record)
                 yield Event.from_record(record)
@@ -88,17 +100,22 @@ class Subscription:
             raise _error(
                 f"This subscription was ended: more than {overflowed.capacity:,} events were "
                 "waiting to be sent (the client reads slower than events come). Subscribe "
-                + (f'again with `after: "{resume}"` (the last event delivered) to resume '
-                   "without a gap." if resume else
-                   "again with `after` set to the last event you received."),
+                + (f'again with `after: "{resume}"` (the last event delivered, or the one '
+                   "it started after) to resume without a gap." if resume else
+                   "again once you have read the events so far from Query.events (no event "
+                   "existed when it began), with `after` set to the last of them."),
                 SUBSCRIBER_TOO_SLOW, after=resume) from None
         except Exception as error:
-            if is_unavailable(error):
-                raise _error(GRAPHQL_MESSAGE, SERVICE_UNAVAILABLE,
-                             after=subscriber.last_id or after) from None
-            # Masked as every unexpected error is (api/schema.py); logged here, since the
-            # stream's errors do not pass the schema's error handling.
-            logger.exception("unexpected error in a subscription")
-            raise _error(INTERNAL_MESSAGE, INTERNAL_SERVER_ERROR) from None
+            raise _unexpected(error, subscriber.last_id or after) from None
         finally:
             hub.unsubscribe(subscriber)
+
+
+def _unexpected(error: Exception, after: str | None) -> GraphQLError:
+    """SERVICE_UNAVAILABLE (naming where to resume) for an outage, else masked as every
+    unexpected error is (api/schema.py) and logged here: the stream's errors do not pass
+    the schema's error handling."""
+    if is_unavailable(error):
+        return _error(GRAPHQL_MESSAGE, SERVICE_UNAVAILABLE, after=after)
+    logger.error("unexpected error in a subscription", exc_info=error)
+    return _error(INTERNAL_MESSAGE, INTERNAL_SERVER_ERROR)

@@ -46,6 +46,7 @@ from consumers_graphql.web import observe
 GRAPHQL_TRANSPORT_WS = "graphql-transport-ws"
 LEGACY_GRAPHQL_WS = "graphql-ws"
 OPERATION_NOT_SUPPORTED = "OPERATION_NOT_SUPPORTED"
+SUBSCRIPTION_LIMIT_REACHED = "SUBSCRIPTION_LIMIT_REACHED"
 UNAUTHORIZED_CLOSE = 4401
 FORBIDDEN_CLOSE = 4403
 SUBPROTOCOL_CLOSE = 4406
@@ -188,6 +189,17 @@ class SubscriptionsHandler(BaseGraphQLTransportWSHandler[Context, None]):
         await super().shutdown()
 
     async def handle_subscribe(self, message: SubscribeMessage) -> None:
+        limit = self.max_subscriptions_per_connection
+        if (self.connection_acknowledged and message.get("id") not in self.operations
+                and limit is not None and len(self.operations) >= limit):
+            # Strawberry's own refusal would carry no code; a socket has one key, so its
+            # limit is the key's (web/app.py).
+            await self.send_message({"id": message["id"], "type": "error", "payload": [
+                GraphQLError(
+                    f"This socket has {limit} subscriptions open, the most allowed for one "
+                    "API key (CONSUMERS_SUBSCRIPTIONS_PER_KEY): complete one first.",
+                    extensions={"code": SUBSCRIPTION_LIMIT_REACHED}).formatted]})
+            return
         if (self.connection_acknowledged and isinstance(message.get("payload"), dict)
                 and message.get("id") not in self.operations):  # (a reused id: 4409 below)
             payload: Any = message["payload"]

@@ -9,9 +9,10 @@ Signals: on PostgreSQL, ONE dedicated connection per process LISTENs on NOTIFY_C
 rows are read. The listener reconnects after an outage, and reads what was committed
 meanwhile: nothing is lost, since the hub reads from its own position. Behind pgbouncer in
 transaction mode LISTEN needs a direct connection (CONSUMERS_EVENTS_LISTEN_URL); without
-one, and on SQLite, other processes' commits are noticed by polling every
-CONSUMERS_EVENTS_POLL_INTERVAL_MS; this process's own commits signal at once
-(subscribe_commits).
+one, on SQLite, and while the LISTEN connection is down, other processes' commits are
+noticed by polling every CONSUMERS_EVENTS_POLL_INTERVAL_MS; this process's own commits
+signal at once (subscribe_commits), unless a LISTEN connection is up (their NOTIFY signals
+them).
 
 A subscriber never trusts the live signal alone. It registers first, then replays from its
 `after` position (read_events with its filter) until it has caught up, then takes what the
@@ -33,10 +34,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import asyncpg
-from sqlalchemy import make_url
+from sqlalchemy import make_url, select
 
 from consumers_graphql.settings import Pooler, Settings
-from consumers_graphql.store import events
+from consumers_graphql.store import events, models
 from consumers_graphql.store.db import Database
 from consumers_graphql.store.events import EventRecord, Position
 from consumers_graphql.store.outage import error_class, is_unavailable
@@ -53,6 +54,13 @@ _RECONNECT_FIRST_S = 0.2
 _RECONNECT_MOST_S = 5.0
 # How often the listening connection is checked (a dead peer sends no goodbye).
 _LISTENER_CHECK_S = 10.0
+
+
+def backoff(failures: int) -> float:
+    """Seconds to wait after the `failures`-th failure in a row: doubled each time from
+    _RECONNECT_FIRST_S, at most _RECONNECT_MOST_S, for an outage of any length (2 ** n as a
+    float overflows past n = 1023: about 85 minutes of retries)."""
+    return min(_RECONNECT_MOST_S, _RECONNECT_FIRST_S * 2.0 ** min(failures, 16))
 
 
 class SubscriptionLimitReached(Exception):
@@ -186,20 +194,21 @@ class EventHub:
         return settings.database_url
 
     async def start(self) -> None:
-        self._unsubscribe = events.subscribe_commits(self.database, self._signal.set)
+        self._unsubscribe = events.subscribe_commits(self.database, self._committed)
         self._tasks.append(asyncio.create_task(self._fan_out(), name="events fan-out"))
         listen_url = self._listen_url()
         if listen_url is not None:
             self._tasks.append(asyncio.create_task(self._listen(listen_url),
                                                    name="events listener"))
-        else:
-            if not self.settings.is_sqlite:
-                logger.warning(
-                    "subscriptions: no LISTEN connection behind a transaction pooler (set "
-                    "CONSUMERS_EVENTS_LISTEN_URL to the server itself); other processes' "
-                    "events are noticed by polling every %d ms",
-                    self.settings.events_poll_interval_ms)
-            self._tasks.append(asyncio.create_task(self._poll(), name="events poll"))
+        elif not self.settings.is_sqlite:
+            logger.warning(
+                "subscriptions: no LISTEN connection behind a transaction pooler (set "
+                "CONSUMERS_EVENTS_LISTEN_URL to the server itself); other processes' "
+                "events are noticed by polling every %d ms",
+                self.settings.events_poll_interval_ms)
+        # Also while the LISTEN connection is down (an outage, a wrong listen URL, the
+        # server's connections all taken): other processes' events still arrive.
+        self._tasks.append(asyncio.create_task(self._poll(), name="events poll"))
 
     async def close(self) -> None:
         if self._unsubscribe is not None:
@@ -282,7 +291,7 @@ class EventHub:
                     level = logging.INFO if is_unavailable(error) else logging.WARNING
                     logger.log(level, "subscriptions: could not read new events (%s); "
                                "retrying", error_class(error))
-                await asyncio.sleep(min(_RECONNECT_MOST_S, _RECONNECT_FIRST_S * 2 ** failures))
+                await asyncio.sleep(backoff(failures))
                 self._signal.set()
 
     async def _read_new(self) -> None:
@@ -306,7 +315,7 @@ class EventHub:
         interval = self.settings.events_poll_interval_ms / 1000
         while True:
             await asyncio.sleep(interval)
-            if self._subscribers:
+            if self._subscribers and not self.listening:
                 self._signal.set()
 
     async def _listen(self, url: str) -> None:
@@ -351,6 +360,24 @@ class EventHub:
 
     def _notified(self, *_args: object) -> None:
         self._signal.set()
+
+    def _committed(self) -> None:
+        """This process committed events. While the LISTEN connection is up its NOTIFY
+        signals them too (a loopback round trip later): a second signal would cost a second
+        read, which finds nothing, for most commits."""
+        if not self.listening:
+            self._signal.set()
+
+
+async def head_event(database: Database) -> tuple[Position, str] | None:
+    """The newest event's position and id (None: no event yet). A subscription without
+    `after` starts after it, and names it as the place to resume from when it ends before
+    it has delivered anything (events.head gives the position only)."""
+    table = models.Event.__table__
+    async with database.primary_engine.connect() as conn:
+        row = (await conn.execute(select(table.c.position, table.c.id)
+                                  .order_by(table.c.position.desc()).limit(1))).first()
+    return None if row is None else (Position(int(row.position)), str(row.id))
 
 
 def _set(flag: asyncio.Event, *_args: object) -> None:
