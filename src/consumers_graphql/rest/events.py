@@ -6,32 +6,20 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.security import HTTPBearer
+from fastapi import Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from consumers_graphql.errors import BadUserInput
-from consumers_graphql.rest.body import RestRoute
 from consumers_graphql.rest.models import PageInfoOut
-from consumers_graphql.rest.routes import ERRORS, First, JSONBody
+from consumers_graphql.rest.routes import First, JSONBody, api_router
 from consumers_graphql.store.db import Reader
 from consumers_graphql.store.events import EVENT_TYPES, EventPage, EventType, page_of_events
 from consumers_graphql.timestamps import format_datetime
 from consumers_graphql.web.dependencies import request_reader
-from consumers_graphql.web.http_auth import require_api_key
 
 PREFIX = "/api/v1/events"
 
-router = APIRouter(
-    prefix=PREFIX,
-    tags=["events"],
-    responses=ERRORS,
-    dependencies=[
-        Depends(HTTPBearer(auto_error=False, description="A secret key: sk_live_… / sk_test_…")),
-        Depends(require_api_key),
-    ],
-    route_class=RestRoute,
-)
+router = api_router(PREFIX, "events")
 
 
 class EventOut(BaseModel):

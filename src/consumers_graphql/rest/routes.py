@@ -126,17 +126,23 @@ CONFLICTS: dict[int | str, dict[str, Any]] = {
 }
 
 
-router = APIRouter(
-    prefix=PREFIX,
-    tags=["consumers"],
-    responses=ERRORS,
-    dependencies=[
-        # Documents the scheme in OpenAPI; `require_api_key` does the checking.
-        Depends(HTTPBearer(auto_error=False, description="A secret key: sk_live_… / sk_test_…")),
-        Depends(require_api_key),
-    ],
-    route_class=RestRoute,
-)
+def api_router(prefix: str, tag: str) -> APIRouter:
+    """A router of the REST API: every route behind the key, with the reference's errors."""
+    return APIRouter(
+        prefix=prefix,
+        tags=[tag],
+        responses=ERRORS,
+        dependencies=[
+            # Documents the scheme in OpenAPI; `require_api_key` does the checking.
+            Depends(HTTPBearer(auto_error=False,
+                               description="A secret key: sk_live_… / sk_test_…")),
+            Depends(require_api_key),
+        ],
+        route_class=RestRoute,
+    )
+
+
+router = api_router(PREFIX, "consumers")
 
 
 def _repository(reader: Annotated[Reader, Depends(request_reader)]) -> Repository:
