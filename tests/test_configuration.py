@@ -45,7 +45,8 @@ def assert_refused(done: subprocess.CompletedProcess[str], *names: str) -> str:
     return done.stderr
 
 
-@pytest.mark.parametrize(("env", "variable"), [
+COMMANDS = [("serve",), ("keys", "list"), ("migrate",), ("seed", "--consumers", "1")]
+BAD_SETTINGS = [
     ({"CONSUMERS_PORT": "abc"}, "CONSUMERS_PORT='abc'"),
     ({"CONSUMERS_WORKERS": "0"}, "CONSUMERS_WORKERS='0'"),
     ({"CONSUMERS_POOL_SIZE": "many"}, "CONSUMERS_POOL_SIZE"),
@@ -78,9 +79,14 @@ def assert_refused(done: subprocess.CompletedProcess[str], *names: str) -> str:
      "CONSUMERS_EVENTS_POLL_INTERVAL_MS='600000'"),
     ({"CONSUMERS_SUBSCRIPTION_BUFFER": "0"}, "CONSUMERS_SUBSCRIPTION_BUFFER='0'"),
     ({"CONSUMERS_WEBSOCKET_PING_INTERVAL_S": "0"}, "CONSUMERS_WEBSOCKET_PING_INTERVAL_S='0'"),
-])
-@pytest.mark.parametrize("command", [("serve",), ("keys", "list"), ("migrate",),
-                                     ("seed", "--consumers", "1")])
+]
+
+
+# Every bad setting through one command, the commands in turn (each meets several settings):
+# they all validate the settings on one path, and the whole cross product was 84 processes.
+@pytest.mark.parametrize(("env", "variable", "command"), [
+    (env, variable, COMMANDS[index % len(COMMANDS)])
+    for index, (env, variable) in enumerate(BAD_SETTINGS)])
 def test_a_bad_setting_names_its_variable_for_every_command(
     env: dict[str, str], variable: str, command: tuple[str, ...], tmp_path: Path
 ) -> None:
@@ -157,8 +163,7 @@ def _unreachable_cases(tmp_path: Path) -> dict[str, tuple[str, str]]:
 
 
 @pytest.mark.parametrize("case", ["refused", "no such host", "missing directory"])
-@pytest.mark.parametrize("command", [("serve",), ("keys", "list"), ("migrate",),
-                                     ("seed", "--consumers", "1")])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_an_unreachable_database_is_two_lines_and_exit_2(
     case: str, command: tuple[str, ...], tmp_path: Path
 ) -> None:
