@@ -42,6 +42,7 @@ from consumers_graphql.api.documents import DocumentRefusal, Documents, Resolved
 from consumers_graphql.store.keys import Scope
 from consumers_graphql.store.outage import is_unavailable
 from consumers_graphql.web import observe
+from consumers_graphql.web.http_auth import bearer
 
 GRAPHQL_TRANSPORT_WS = "graphql-transport-ws"
 LEGACY_GRAPHQL_WS = "graphql-ws"
@@ -61,17 +62,6 @@ def subprotocol_refusal(offered: list[str]) -> str | None:
     if LEGACY_GRAPHQL_WS in offered:
         return "The legacy graphql-ws subprotocol is not supported: use graphql-transport-ws."
     return "Subprotocol not acceptable: /graphql speaks graphql-transport-ws only."
-
-
-def bearer(value: object) -> str | None:
-    """The secret of a `Bearer sk_…` value, as the HTTP header is read (web/http_auth.py)."""
-    if not isinstance(value, str):
-        return None
-    scheme, _, token = value.strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token or " " in token:
-        return None
-    return token
 
 
 class TextFrames(ASGIWebSocketAdapter):

@@ -37,10 +37,15 @@ class Forbidden(Exception):
 
 
 def bearer_token(request: Request) -> str | None:
-    header = request.headers.get("authorization")
-    if header is None:
+    return bearer(request.headers.get("authorization"))
+
+
+def bearer(value: object) -> str | None:
+    """The secret of a `Bearer sk_…` value: the Authorization header's, or a WebSocket's
+    connection_init payload's (api/websocket.py). None for anything else."""
+    if not isinstance(value, str):
         return None
-    scheme, _, token = header.strip().partition(" ")
+    scheme, _, token = value.strip().partition(" ")
     token = token.strip()
     # The scheme is case-insensitive (RFC 7235); a token never contains spaces.
     if scheme.lower() != "bearer" or not token or " " in token:
