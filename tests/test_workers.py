@@ -350,13 +350,17 @@ def test_worker_sockets_own_or_shared(tmp_path: Path, sockets: str | None,
         served.wait_until_up()
         _until(lambda: served.output.count("Application startup complete") == 2,
                "both workers started", served)
-        # then: a socket per worker (`own`, the default), or the parent's one
-        assert _listening(served.port) == listening, served.output
+        # then: a socket per worker (`own`, the default), or the parent's one. A worker
+        # binds its own after "Application startup complete" (uvicorn listens once the
+        # lifespan has started): wait for it, then count again once both have answered.
+        _until(lambda: _listening(served.port) == listening,
+               f"{listening} listening socket(s)", served)
         secret = served.secret()
         if sockets == "shared":  # whichever worker accepts answers
             assert _answering(served, secret, set()) <= _workers(served)
         else:
             assert _answering(served, secret, _workers(served)) == _workers(served)
+        assert _listening(served.port) == listening, served.output
     finally:
         assert served.stop() == 0, served.output
     assert "Traceback" not in served.output, served.output
