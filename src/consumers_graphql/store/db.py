@@ -8,7 +8,7 @@ import logging
 import re
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -31,7 +31,7 @@ from sqlalchemy import (
     make_url,
     text,
 )
-from sqlalchemy.engine import Result
+from sqlalchemy.engine import Result, Row
 from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy
 from sqlalchemy.exc import DBAPIError, InvalidatePoolError, OperationalError
 from sqlalchemy.ext.asyncio import (
@@ -46,6 +46,11 @@ from sqlalchemy.types import TypeDecorator
 
 from consumers_graphql.settings import Pooler, Settings
 from consumers_graphql.store import sqlite_driver
+from consumers_graphql.store.driver_reads import (
+    DriverStatement,
+    driver_statement,
+    raise_as_sqlalchemy,
+)
 from consumers_graphql.store.outage import Outage, error_class, from_replica, mark_replica
 
 logger = logging.getLogger("consumers_graphql.db")
@@ -546,6 +551,9 @@ class Database:
         self.read_engine = self.replica_engine or self.primary_engine
         self.write_engine = make_engine(settings, writer=True, outage=self.outage)
         self.inline = InlineReads.for_settings(settings)
+        # Reads sent to asyncpg directly (store/driver_reads.py); tracing turns it off, its
+        # SQL spans being made by SQLAlchemy's execution.
+        self.driver_reads = self.read_engine.dialect.driver == "asyncpg"
         self.write_sessions = async_sessionmaker(self.write_engine, expire_on_commit=False)
         # SQLite has one writer at a time. The services' transactions (every GraphQL and
         # REST write) take turns here, first come first served, instead of in SQLite's busy
@@ -609,7 +617,8 @@ class Database:
         return [engine for _outage, engines in self._outage_engines() for engine in engines]
 
     def reader(self) -> Reader:
-        return Reader(self.read_engine, self.inline, primary=self.primary_engine)
+        return Reader(self.read_engine, self.inline, primary=self.primary_engine,
+                      driver_reads=self.driver_reads)
 
     async def dispose(self) -> None:
         try:
@@ -704,8 +713,9 @@ class Reader:
     """
 
     def __init__(self, engine: AsyncEngine, inline: InlineReads | None = None, *,
-                 primary: AsyncEngine | None = None) -> None:
+                 primary: AsyncEngine | None = None, driver_reads: bool = False) -> None:
         self._engine = engine
+        self._driver_reads = driver_reads
         self._primary = primary or engine
         self._conn: AsyncConnection | None = None
         self._inline = inline
@@ -772,15 +782,7 @@ class Reader:
                 result = self._inline.execute(statement, params)
                 if result is not None:
                     return result
-            if self._conn is not None and self._conn.engine is not self._engine:
-                await self._give_back(self._conn)  # a replica's, before use_primary()
-            if self._conn is None:
-                conn = await self._engine.connect()
-                if self._closed:  # closed while we waited for the pool: ours to give back
-                    await self._give_back(conn)
-                    raise ReaderClosed("the request's reads are over")
-                self._conn = conn
-            conn = self._conn
+            conn = await self._connection()
             try:
                 return await conn.execute(statement, params)
             except asyncio.CancelledError:
@@ -792,6 +794,69 @@ class Reader:
                     # dropped under us (a restart, a killed backend): the next one opens another
                     await self._give_back(conn)
                 raise
+
+    async def rows(
+        self, statement: Executable, params: dict[str, Any] | None = None, *,
+        inline: bool = True,
+    ) -> Sequence[Row[Any]]:
+        """The statement's rows: sent to asyncpg directly where it can be
+        (store/driver_reads.py), else as `execute` sends it."""
+        if self._driver_reads and self._unit is None:
+            prepared = driver_statement(statement, self._engine.dialect)
+            if prepared is not None:
+                on_replica = not self.on_primary
+                try:
+                    return await self._driver_rows(prepared, params or {})
+                except Exception as error:
+                    if on_replica:
+                        mark_replica(error)
+                    raise
+        return (await self.execute(statement, params, inline=inline)).all()
+
+    async def _driver_rows(self, prepared: DriverStatement, params: dict[str, Any]
+                           ) -> Sequence[Row[Any]]:
+        args = prepared.arguments(params)
+        async with self._lock:
+            if self._closed:
+                raise ReaderClosed("the request's reads are over")
+            conn = await self._connection()
+            sync = conn.sync_connection
+            assert sync is not None  # (started by connect)
+            driver: Any = sync.connection.driver_connection
+            dispatch = sync.dispatch
+            if dispatch.before_cursor_execute:
+                dispatch.before_cursor_execute(sync, None, prepared.sql, args, None, False)
+            try:
+                records = await driver.fetch(prepared.sql, *args)
+            except asyncio.CancelledError:
+                # as SQLAlchemy does with a statement cancelled under it: the connection is
+                # in an unknown state, so it is closed, not reused
+                await asyncio.shield(conn.invalidate())
+                await self._give_back(conn)
+                raise
+            except Exception as error:
+                try:
+                    await raise_as_sqlalchemy(sync, error, prepared, args)
+                except Exception as raised:
+                    if conn.invalidated or (isinstance(raised, DBAPIError)
+                                            and raised.connection_invalidated):
+                        await self._give_back(conn)
+                    raise
+            if dispatch.after_cursor_execute:
+                dispatch.after_cursor_execute(sync, None, prepared.sql, args, None, False)
+        return prepared.rows(records)
+
+    async def _connection(self) -> AsyncConnection:
+        """The reader's own connection, opened on first use (under the lock)."""
+        if self._conn is not None and self._conn.engine is not self._engine:
+            await self._give_back(self._conn)  # a replica's, before use_primary()
+        if self._conn is None:
+            conn = await self._engine.connect()
+            if self._closed:  # closed while we waited for the pool: ours to give back
+                await self._give_back(conn)
+                raise ReaderClosed("the request's reads are over")
+            self._conn = conn
+        return self._conn
 
     async def _give_back(self, conn: AsyncConnection) -> None:
         """Forgets `conn` (the next statement opens another) and returns it to the pool,

@@ -257,6 +257,8 @@ class Tracing:
         # The instrumentation also counts pool connections; /metrics does that already.
         connections = NoOpMeterProvider().get_meter(TRACER).create_up_down_counter(
             "db.client.connections.usage")
+        # Its spans live on SQLAlchemy's execution contexts: every read goes through them.
+        database.driver_reads = False
         for engine in database.engines:
             # Before the instrumentation's own, which would describe the error by its message.
             event.listen(engine, "handle_error", _failed_statement)

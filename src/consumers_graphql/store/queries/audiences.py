@@ -28,6 +28,7 @@ from consumers_graphql.store.queries.common import (
 AUDIENCE_SORT = SortKey(
     "audiences", "name", audiences.c.name, audiences.c.id, ValueKind.TEXT, False, False
 )
+_AUDIENCE_COUNT = select(func.count()).select_from(audiences)
 
 
 def _consumer_audiences_base(dialect: str) -> Select[Any]:
@@ -50,8 +51,7 @@ class AudienceReads(Reads):
         return assemble_page(rows, AUDIENCE_SORT, request, identity)
 
     async def audience_count(self) -> int:
-        statement = select(func.count()).select_from(audiences)
-        return int((await self._reader.execute(statement, inline=False)).scalar_one())
+        return await self._count(_AUDIENCE_COUNT)
 
     async def audiences_by_ids(self, ids: Sequence[str]) -> list[Row[Any] | None]:
         return await self._by_ids("audiences", ids)

@@ -97,7 +97,15 @@ class Reads:
         self, statement: Select[Any], params: dict[str, Any] | None = None, *,
         inline: bool = True,
     ) -> Sequence[Row[Any]]:
-        return (await self._reader.execute(statement, params, inline=inline)).all()
+        """The rows of a statement built once and reused (cached): on PostgreSQL it is
+        compiled once for the driver (store/driver_reads.py), per statement object."""
+        return await self._reader.rows(statement, params, inline=inline)
+
+    async def _count(self, statement: Select[Any], params: dict[str, Any] | None = None
+                     ) -> int:
+        """A count: one row of one value, which may take long (not on the loop)."""
+        ((count,),) = await self._rows(statement, params, inline=False)
+        return int(count)
 
     async def _pages(
         self,

@@ -458,8 +458,7 @@ class ConsumerReads(Reads):
             statement = _narrow_search_count(names)
         else:
             statement = _count_statement(names)
-        result = await self._reader.execute(statement, params, inline=False)  # a count
-        return int(result.scalar_one())
+        return await self._count(statement, params)
 
     async def consumers_by_ids(self, ids: Sequence[str]) -> list[Row[Any] | None]:
         return await self._by_ids("consumers", ids)
