@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from sqlalchemy import event, func, literal_column, select, text
 from sqlalchemy.exc import DBAPIError
 
+from consumers_graphql.settings import Pooler, Settings
 from consumers_graphql.store import models
 from consumers_graphql.store.db import Database, UTCDateTime
 from consumers_graphql.store.keys import AUTH_EXECUTION_OPTION
@@ -36,6 +37,13 @@ from tests.factories import (
 def _postgresql_only(dialect: str) -> None:
     if dialect != "postgresql":
         pytest.skip("reads go to the driver directly on PostgreSQL only")
+
+
+@pytest.fixture
+def own_backend(settings: Settings) -> None:
+    """The test follows the reader's connection to its server process."""
+    if settings.database_pooler is Pooler.TRANSACTION:
+        pytest.skip("behind a transaction pooler a client connection has no backend of its own")
 
 
 @pytest.fixture
@@ -170,6 +178,7 @@ async def test_rows_and_their_types_are_sqlalchemys(
     assert rows[0].json == {"a": [1, 2.5, None]}
 
 
+@pytest.mark.usefixtures("own_backend")
 async def test_a_killed_connection_is_an_outage_and_replaced(
     database: Database, write_engine: Any
 ) -> None:
@@ -228,6 +237,7 @@ async def test_a_statement_error_is_sqlalchemys_and_keeps_the_connection(
     assert outcomes[0] == outcomes[1] == (outcomes[0][0], "22012")
 
 
+@pytest.mark.usefixtures("own_backend")
 async def test_a_cancelled_read_closes_its_connection(database: Database, write_engine: Any
                                                       ) -> None:
     """A read cancelled while the server runs it (a request's deadline, a failing sibling
