@@ -55,7 +55,8 @@ DATABASE_ONLY = os.environ.get("CONSUMERS_TEST_DATABASE_ONLY") == "1"
 # it is marked `database`: it reaches the run's server another way (`new_database`,
 # TEST_DATABASE_URL read directly, a fixture of its module that does).
 DATABASE_FIXTURES = frozenset({"database_url", "cluster"})
-# What a test that reaches the run's server without those fixtures names in its code.
+# What a test that reaches the run's server without those fixtures names in its code (the
+# tests read CONSUMERS_TEST_DATABASE_URL through this module, never from the environment).
 RUN_DATABASE_NAMES = frozenset({"TEST_DATABASE_URL", "ADMIN_DATABASE_URL", "new_database",
                                 "new_migrated_database"})
 
@@ -98,8 +99,8 @@ _NAMING: dict[types.CodeType, bool] = {}
 
 
 def _code_names_the_run_database(function: object) -> bool:
-    """Whether `function`, or a function or class of this test directory it names, names one
-    of RUN_DATABASE_NAMES or reads a CONSUMERS_TEST_DATABASE_* variable."""
+    """Whether `function`, or a function or class of its module or of this test directory it
+    names, names one of RUN_DATABASE_NAMES."""
     if not isinstance(function, types.FunctionType):
         return False
     code = function.__code__
@@ -112,13 +113,12 @@ def _code_names_the_run_database(function: object) -> bool:
 def _names(code: types.CodeType, namespace: dict[str, object]) -> Iterator[bool]:
     yield not RUN_DATABASE_NAMES.isdisjoint(code.co_names)
     for constant in code.co_consts:
-        if isinstance(constant, str):
-            yield constant.startswith("CONSUMERS_TEST_DATABASE")
-        elif isinstance(constant, types.CodeType):  # a nested function, a comprehension
+        if isinstance(constant, types.CodeType):  # a nested function, a comprehension
             yield from _names(constant, namespace)
     for name in code.co_names:
         value = namespace.get(name)
-        if getattr(value, "__module__", "").startswith("tests."):
+        module = getattr(value, "__module__", "")
+        if module == namespace["__name__"] or module.startswith("tests."):
             yield from map(_code_names_the_run_database, _functions(value))
 
 
