@@ -68,10 +68,10 @@ def touches_database(item: pytest.Item) -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Refuses a test that names the run's database in its code (or in its fixtures', or in
-    the helpers of this directory they call) without a database fixture or the `database`
-    marker: with CONSUMERS_TEST_DATABASE_ONLY its PostgreSQL runs would be lost silently.
-    Then, in a PostgreSQL run with CONSUMERS_TEST_DATABASE_ONLY=1, deselects the tests that
-    touch no database."""
+    the functions of its module and of this directory they call) without a database fixture
+    or the `database` marker: with CONSUMERS_TEST_DATABASE_ONLY its PostgreSQL runs would
+    be lost silently. Then, in a PostgreSQL run with CONSUMERS_TEST_DATABASE_ONLY=1,
+    deselects the tests that touch no database."""
     database_free = [item for item in items if not touches_database(item)]
     unmarked = [item.nodeid for item in database_free if _names_the_run_database(item)]
     if unmarked:
@@ -117,8 +117,9 @@ def _names(code: types.CodeType, namespace: dict[str, object]) -> Iterator[bool]
             yield from _names(constant, namespace)
     for name in code.co_names:
         value = namespace.get(name)
-        module = getattr(value, "__module__", "")
-        if module == namespace["__name__"] or module.startswith("tests."):
+        module = getattr(value, "__module__", None)
+        if isinstance(module, str) and (module == namespace["__name__"]
+                                        or module.startswith("tests.")):
             yield from map(_code_names_the_run_database, _functions(value))
 
 
