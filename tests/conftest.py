@@ -4,8 +4,9 @@ CONSUMERS_TEST_DATABASE_URL names a server (a fresh database is created per run)
 from __future__ import annotations
 
 import os
+import types
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,88 @@ TEST_DATABASE_URL = os.environ.get("CONSUMERS_TEST_DATABASE_URL")
 ADMIN_DATABASE_URL = os.environ.get("CONSUMERS_TEST_DATABASE_ADMIN_URL") or TEST_DATABASE_URL
 # The session app's rate limit: a bucket (and a restore rate) no other test file can empty.
 TEST_BUCKET = 1_000_000
+
+
+# CI's PostgreSQL runs (direct, and through pgbouncer) set this: the tests that touch no
+# database are left out there (reported as deselected), having run in the SQLite run already,
+# where they do the same work. Without a PostgreSQL URL it changes nothing: that run is the one
+# that runs everything.
+DATABASE_ONLY = os.environ.get("CONSUMERS_TEST_DATABASE_ONLY") == "1"
+# A test touches the database when its fixtures include one of these (the app, its settings,
+# its client, the `gql` fixtures and the CLI's environment all request `database_url`), or when
+# it is marked `database`: it reaches the run's server another way (`new_database`,
+# TEST_DATABASE_URL read directly, a fixture of its module that does).
+DATABASE_FIXTURES = frozenset({"database_url", "cluster"})
+# What a test that reaches the run's server without those fixtures names in its code (the
+# tests read CONSUMERS_TEST_DATABASE_URL through this module, never from the environment).
+RUN_DATABASE_NAMES = frozenset({"TEST_DATABASE_URL", "ADMIN_DATABASE_URL", "new_database",
+                                "new_migrated_database"})
+
+
+def touches_database(item: pytest.Item) -> bool:
+    return (not DATABASE_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))
+            or item.get_closest_marker("database") is not None)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuses a test that names the run's database in its code (or in its fixtures', or in
+    the functions of its module and of this directory they call) without a database fixture
+    or the `database` marker: with CONSUMERS_TEST_DATABASE_ONLY its PostgreSQL runs would
+    be lost silently. Then, in a PostgreSQL run with CONSUMERS_TEST_DATABASE_ONLY=1,
+    deselects the tests that touch no database."""
+    database_free = [item for item in items if not touches_database(item)]
+    unmarked = [item.nodeid for item in database_free if _names_the_run_database(item)]
+    if unmarked:
+        raise pytest.UsageError(
+            "these tests reach the run's database without a database fixture: mark them "
+            "`@pytest.mark.database` (tests/conftest.py, DATABASE_ONLY)\n  "
+            + "\n  ".join(unmarked))
+    if not (DATABASE_ONLY and TEST_DATABASE_URL) or not database_free:
+        return
+    config.hook.pytest_deselected(items=database_free)
+    kept = set(map(id, database_free))
+    items[:] = [item for item in items if id(item) not in kept]
+
+
+def _names_the_run_database(item: pytest.Item) -> bool:
+    functions: list[object] = [getattr(item, "function", None)]
+    fixtures = getattr(item, "_fixtureinfo", None)  # pytest's own: no public equivalent
+    if fixtures is not None:
+        functions += [definition.func for definitions in fixtures.name2fixturedefs.values()
+                      for definition in definitions]
+    return any(_code_names_the_run_database(function) for function in functions)
+
+
+_NAMING: dict[types.CodeType, bool] = {}
+
+
+def _code_names_the_run_database(function: object) -> bool:
+    """Whether `function`, or a function or class of its module or of this test directory it
+    names, names one of RUN_DATABASE_NAMES."""
+    if not isinstance(function, types.FunctionType):
+        return False
+    code = function.__code__
+    if code not in _NAMING:
+        _NAMING[code] = False  # (recursion: a function that names itself)
+        _NAMING[code] = any(_names(code, function.__globals__))
+    return _NAMING[code]
+
+
+def _names(code: types.CodeType, namespace: dict[str, object]) -> Iterator[bool]:
+    yield not RUN_DATABASE_NAMES.isdisjoint(code.co_names)
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):  # a nested function, a comprehension
+            yield from _names(constant, namespace)
+    for name in code.co_names:
+        value = namespace.get(name)
+        module = getattr(value, "__module__", None)
+        if isinstance(module, str) and (module == namespace["__name__"]
+                                        or module.startswith("tests.")):
+            yield from map(_code_names_the_run_database, _functions(value))
+
+
+def _functions(value: object) -> Iterable[object]:
+    return vars(value).values() if isinstance(value, type) else (value,)
 
 
 def throttle_status(taken: int = 0) -> dict[str, Any]:

@@ -184,6 +184,7 @@ def test_a_sqlite_file_that_may_only_be_read(tmp_path: Path) -> None:
     assert "readonly database" in assert_refused(done, "CONSUMERS_DATABASE_URL")
 
 
+@pytest.mark.database
 @pytest.mark.skipif(not TEST_DATABASE_URL, reason="needs the PostgreSQL server of the run")
 @pytest.mark.parametrize(("part", "reason"), [
     ("database", 'database "no_such_database_here" does not exist'),
@@ -215,6 +216,7 @@ def test_log_levels_are_taken_in_any_case() -> None:
     assert Settings(log_level="WARNING").log_level == "warning"  # type: ignore[arg-type]
 
 
+@pytest.mark.database
 @pytest.mark.skipif(not TEST_DATABASE_URL, reason="needs the PostgreSQL server of the run")
 def test_a_url_parameter_the_driver_does_not_take_is_a_configuration_error(
     tmp_path: Path,
@@ -226,6 +228,7 @@ def test_a_url_parameter_the_driver_does_not_take_is_a_configuration_error(
     assert "'connect_timeout'" in assert_refused(done, "CONSUMERS_DATABASE_URL")
 
 
+@pytest.mark.database
 @pytest.mark.skipif(not TEST_DATABASE_URL, reason="needs the PostgreSQL server of the run")
 async def test_sslmode_in_the_url_works(tmp_path: Path) -> None:
     # a database of its own: `keys list` migrates the one it is given, and the server's

@@ -315,6 +315,7 @@ async def test_readiness_probes_do_not_end_an_outage_of_a_locked_sqlite_file(
     assert not any(m.startswith("database available again") for m in log), log
 
 
+@pytest.mark.database
 @needs_postgresql
 async def test_a_start_refused_for_its_replica_leaves_a_new_database_untouched(
     tmp_path: Path,

@@ -670,6 +670,7 @@ async def served_url(tmp_path: Path) -> AsyncIterator[str]:
         yield f"sqlite+aiosqlite:///{tmp_path / 'kill.db'}"
 
 
+@pytest.mark.database
 async def test_kill_9_during_a_keyed_batch_then_a_resend_writes_one_batch(
     served_url: str, tmp_path: Path
 ) -> None:

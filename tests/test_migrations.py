@@ -215,6 +215,7 @@ def _serve_on(url: str, directory: Path) -> tuple[int | None, str]:
     return None, served.output
 
 
+@pytest.mark.database
 async def test_serve_refuses_a_database_behind_the_code_and_serves_one_ahead_of_it(
     old_url: str, tmp_path: Path
 ) -> None:
@@ -238,6 +239,7 @@ async def test_serve_refuses_a_database_behind_the_code_and_serves_one_ahead_of_
     assert "f00d0newer, newer than this version's" in output, output
 
 
+@pytest.mark.database
 async def test_downgrading_the_rate_limit_columns_keeps_the_idempotency_keys(
     old_url: str,
 ) -> None:

@@ -119,6 +119,7 @@ async def behind_url(tmp_path: Path) -> AsyncIterator[str]:
             await admin.dispose()
 
 
+@pytest.mark.database
 async def test_readyz_is_503_with_the_reason_while_the_schema_is_behind(
     behind_url: str,
 ) -> None:

@@ -784,6 +784,7 @@ async def test_a_database_outage_loses_nothing(cluster: PostgresCluster, tmp_pat
 # --- several processes -------------------------------------------------------------------------
 
 
+@pytest.mark.database
 @pytest.mark.parametrize("poll", [False, True])
 async def test_a_write_through_one_process_reaches_a_subscriber_on_another(
         tmp_path: Path, poll: bool) -> None:
@@ -806,6 +807,7 @@ async def test_a_write_through_one_process_reaches_a_subscriber_on_another(
         await _across_processes(f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}", tmp_path, env)
 
 
+@pytest.mark.database
 async def test_serve_with_workers_delivers_to_every_socket(tmp_path: Path) -> None:
     """`serve --workers 2`: sockets spread over the workers by the kernel; a write through
     any of them reaches every socket."""

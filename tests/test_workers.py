@@ -160,6 +160,7 @@ def _until(condition: object, what: str, served: Served, seconds: float = 30) ->
     raise AssertionError(f"{what}:\n{served.output}")
 
 
+@pytest.mark.database
 def test_two_workers_share_the_port_start_once_replace_a_killed_one_and_stop_cleanly(
     fresh_url: str, tmp_path: Path
 ) -> None:
