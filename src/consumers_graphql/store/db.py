@@ -830,9 +830,10 @@ class Reader:
                 records = await driver.fetch(prepared.sql, *args)
             except asyncio.CancelledError:
                 # as SQLAlchemy does with a statement cancelled under it: the connection is
-                # in an unknown state, so it is closed, not reused
-                await asyncio.shield(conn.invalidate())
-                await self._give_back(conn)
+                # in an unknown state, so it is closed, not reused (shielded: a second
+                # cancel must not keep it)
+                self._conn = None
+                await asyncio.shield(_invalidate_and_close(conn))
                 raise
             except Exception as error:
                 try:
