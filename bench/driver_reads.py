@@ -95,10 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     if not asyncio.run(run._postgres_reachable(args.postgres)):
         raise SystemExit(f"PostgreSQL at {args.postgres} is unreachable")
-    ds, _ = run.datasets_for(argparse.Namespace(
-        smoke=False, consumers=100_000, search_consumers=1_000_000, postgres=args.postgres),
-        "postgresql")
-    run.build_datasets([ds], rebuild=False)
+    ds = peer.dataset(args.postgres)
     prep = asyncio.run(peer.prepare(ds))
     prep["peer_cursor"] = None  # (the peer is not run here)
     uvloop.run(measure(ds, prep, args.requests, args.rounds))  # the served loop

@@ -203,6 +203,15 @@ def log(message: str) -> None:
     run.log(message)
 
 
+def dataset(postgres: str) -> run.Dataset:
+    """The 100k PostgreSQL dataset of bench/run.py, built when missing."""
+    ds, _ = run.datasets_for(argparse.Namespace(
+        smoke=False, consumers=100_000, search_consumers=1_000_000, postgres=postgres),
+        "postgresql")
+    run.build_datasets([ds], rebuild=False)
+    return ds
+
+
 async def prepare(ds: run.Dataset) -> dict[str, Any]:
     """Migrations up to date, a fresh API key, W2's id and W3's row (ours builds the cursor
     from the row; the peer's is asked from the peer)."""
@@ -667,10 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not asyncio.run(run._postgres_reachable(args.postgres)):
         raise SystemExit(f"PostgreSQL at {args.postgres} is unreachable")
-    ds, _ = run.datasets_for(argparse.Namespace(
-        smoke=False, consumers=100_000, search_consumers=1_000_000, postgres=args.postgres),
-        "postgresql")
-    run.build_datasets([ds], rebuild=False)
+    ds = dataset(args.postgres)
     prep = asyncio.run(prepare(ds))
     if args.profile:
         return profile(args, ds, prep)

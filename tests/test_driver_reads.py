@@ -6,7 +6,7 @@ always go through SQLAlchemy."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import event, func, literal_column, select, text
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError
 
 from consumers_graphql.settings import Pooler, Settings
@@ -157,18 +158,8 @@ async def test_rows_and_their_types_are_sqlalchemys(
                 .label("json")), {}),
     ]
     for statement, params in statements:
-        reader = database.reader()
-        try:
-            rows = await reader.rows(statement, params)
-        finally:
-            await reader.close()
-        database.driver_reads = False
-        reader = database.reader()
-        try:
-            expected = await reader.rows(statement, params)
-        finally:
-            await reader.close()
-            database.driver_reads = True
+        rows = await read(database, statement, params, driver_reads=True)
+        expected = await read(database, statement, params, driver_reads=False)
         assert [row._fields for row in rows] == [row._fields for row in expected]
         assert [tuple(row) for row in rows] == [tuple(row) for row in expected]
         assert [[type(value) for value in row] for row in rows] == [
@@ -176,6 +167,29 @@ async def test_rows_and_their_types_are_sqlalchemys(
         assert [row._mapping for row in rows] == [row._mapping for row in expected]
     assert rows[0].high == datetime.max.replace(tzinfo=UTC)
     assert rows[0].json == {"a": [1, 2.5, None]}
+
+
+async def read(database: Database, statement: Any, params: dict[str, Any], *,
+               driver_reads: bool) -> Sequence[Row[Any]]:
+    database.driver_reads = driver_reads
+    reader = database.reader()
+    try:
+        return await reader.rows(statement, params)
+    finally:
+        await reader.close()
+        database.driver_reads = True
+
+
+async def ended(engine: Any, pid: int) -> bool:
+    """Whether the server process `pid` ends within 5 s."""
+    for _ in range(250):
+        async with engine.connect() as conn:
+            if not (await conn.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"),
+                    {"pid": pid})).scalar_one():
+                return True
+        await asyncio.sleep(0.02)
+    return False
 
 
 @pytest.mark.usefixtures("own_backend")
@@ -193,13 +207,7 @@ async def test_a_killed_connection_is_an_outage_and_replaced(
         pid = (await reader.execute(text("SELECT pg_backend_pid()"))).scalar_one()
         async with write_engine.connect() as conn:
             await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-        for _ in range(100):  # until the backend is gone
-            async with write_engine.connect() as conn:
-                if not (await conn.execute(text(
-                        "SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"),
-                        {"pid": pid})).scalar_one():
-                    break
-            await asyncio.sleep(0.02)
+        assert await ended(write_engine, pid)
         with pytest.raises(DBAPIError) as raised:
             await reader.rows(statement, params)
         assert raised.value.connection_invalidated
@@ -261,15 +269,7 @@ async def test_a_cancelled_read_closes_its_connection(database: Database, write_
         read.cancel()
         with pytest.raises(asyncio.CancelledError):
             await read
-        for _ in range(250):  # the backend ends with its connection
-            async with write_engine.connect() as conn:
-                if not (await conn.execute(text(
-                        "SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"),
-                        {"pid": pid})).scalar_one():
-                    break
-            await asyncio.sleep(0.02)
-        else:
-            pytest.fail("the cancelled read's connection is still open")
+        assert await ended(write_engine, pid), "the cancelled read's connection is still open"
         assert (await reader.execute(text("SELECT pg_backend_pid()"))).scalar_one() != pid
     finally:
         await reader.close()
