@@ -8,8 +8,8 @@ import logging
 import re
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from time import monotonic, thread_time
@@ -762,11 +762,18 @@ class Reader:
         self, statement: Executable, params: dict[str, Any] | None = None, *,
         inline: bool = True,
     ) -> Result[Any]:
+        with self._marking_replica_errors():
+            return await self._execute(statement, params, inline=inline)
+
+    @contextmanager
+    def _marking_replica_errors(self) -> Iterator[None]:
+        """What the statement raises is marked as the replica's when it went there (for
+        Database.failed: the replica's outage, not the primary's)."""
         on_replica = not self.on_primary
         try:
-            return await self._execute(statement, params, inline=inline)
+            yield
         except Exception as error:
-            if on_replica:  # for Database.failed: the replica's outage, not the primary's
+            if on_replica:
                 mark_replica(error)
             raise
 
@@ -789,10 +796,7 @@ class Reader:
                 await self._give_back(conn)
                 raise
             except Exception as error:
-                if conn.invalidated or (isinstance(error, DBAPIError)
-                                        and error.connection_invalidated):
-                    # dropped under us (a restart, a killed backend): the next one opens another
-                    await self._give_back(conn)
+                await self._give_back_if_dropped(conn, error)
                 raise
 
     async def rows(
@@ -804,13 +808,8 @@ class Reader:
         if self._driver_reads and self._unit is None:
             prepared = driver_statement(statement, self._engine.dialect)
             if prepared is not None:
-                on_replica = not self.on_primary
-                try:
+                with self._marking_replica_errors():
                     return await self._driver_rows(prepared, params or {})
-                except Exception as error:
-                    if on_replica:
-                        mark_replica(error)
-                    raise
         return (await self.execute(statement, params, inline=inline)).all()
 
     async def _driver_rows(self, prepared: DriverStatement, params: dict[str, Any]
@@ -839,9 +838,7 @@ class Reader:
                 try:
                     await raise_as_sqlalchemy(sync, error, prepared, args)
                 except Exception as raised:
-                    if conn.invalidated or (isinstance(raised, DBAPIError)
-                                            and raised.connection_invalidated):
-                        await self._give_back(conn)
+                    await self._give_back_if_dropped(conn, raised)
                     raise
             if dispatch.after_cursor_execute:
                 dispatch.after_cursor_execute(sync, None, prepared.sql, args, None, False)
@@ -858,6 +855,12 @@ class Reader:
                 raise ReaderClosed("the request's reads are over")
             self._conn = conn
         return self._conn
+
+    async def _give_back_if_dropped(self, conn: AsyncConnection, error: Exception) -> None:
+        """After a failed statement: a connection dropped under it (a restart, a killed
+        backend) goes back to the pool; the next statement opens another."""
+        if conn.invalidated or (isinstance(error, DBAPIError) and error.connection_invalidated):
+            await self._give_back(conn)
 
     async def _give_back(self, conn: AsyncConnection) -> None:
         """Forgets `conn` (the next statement opens another) and returns it to the pool,
