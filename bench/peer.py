@@ -27,6 +27,7 @@ import collections
 import contextlib
 import json
 import os
+import pickle
 import random
 import re
 import resource
@@ -349,6 +350,106 @@ def start_peer(ds: run.Dataset) -> Server:
                   {"postgraphile": version, "node": node})
 
 
+# --- the floor ------------------------------------------------------------------------------
+
+
+async def capture_ours(ds: run.Dataset, secret: str, items: list[Workload]
+                       ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per workload, the statements our app sends and its answer (status, headers, body), in
+    process with the served app's settings and a `before_cursor_execute` listener (the
+    driver reads call it too); each request is sent twice and the second kept, the key
+    being verified and cached by the first, as under load. And the answer without a key."""
+    import httpx
+    import worker
+    from asgi_lifespan import LifespanManager
+
+    from consumers_graphql.settings import Settings
+    from consumers_graphql.web.app import create_app
+
+    app = create_app(Settings(database_url=ds.url, log_level="warning"))
+    statements = worker.Statements()
+    found = []
+    async with LifespanManager(app) as manager:
+        statements.attach(app.state.database.engines)
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+
+            async def one(query: str, variables: dict[str, Any], key: str | None
+                          ) -> dict[str, Any]:
+                headers = {"content-type": "application/json", "accept": "application/json"}
+                if key:
+                    headers["authorization"] = f"Bearer {key}"
+                statements.reset()
+                response = await client.post("/graphql", headers=headers, content=json.dumps(
+                    {"query": query, "variables": variables}).encode())
+                return {"status": response.status_code, "body": response.content,
+                        "headers": list(response.headers.items())}
+
+            for w in items:
+                await one(*w.ours, secret)
+                response = await one(*w.ours, secret)
+                sent = [(sql, params) for sql, params in statements.items
+                        if "api_keys" not in sql]
+                reads = ("SELECT", "WITH")
+                if response["status"] != 200 or any(
+                        not sql.lstrip().upper().startswith(reads) for sql, _ in sent):
+                    raise SystemExit(f"{w.name}: ours answered {response['status']} with "
+                                     f"{[sql[:60] for sql, _ in sent]}")
+                found.append({"name": w.name, "query": w.ours[0], "variables": w.ours[1],
+                              "statements": sent, "response": response})
+            unauthorized = await one(TYPENAME, {}, None)
+    return found, unauthorized
+
+
+def start_floor(ds: run.Dataset, secret: str,
+                captured: tuple[list[dict[str, Any]], dict[str, Any]]) -> Server:
+    """The floor (bench/floor.py) under uvicorn as `serve` runs it: httptools on uvloop, one
+    process, no access log, no `server` header, pinned to core 0."""
+    import floor
+
+    captures, unauthorized = captured
+    spec = floor.build_spec(ds.url, [secret], captures, unauthorized)
+    spec_path = run.DATA_DIR / "floor_spec.pickle"
+    spec_path.write_bytes(pickle.dumps(spec))
+    port = run._free_port()
+    log_path = run.DATA_DIR / "logs" / "server_peer_floor.log"
+    out = open(log_path, "w")  # noqa: SIM115
+    process = subprocess.Popen(
+        run._pinned(0, [run.PY, "-m", "uvicorn", "--factory", "floor:create_app",
+                        "--app-dir", str(HERE), "--http", "httptools", "--loop", "uvloop",
+                        "--no-access-log", "--log-level", "warning", "--no-server-header",
+                        "--no-proxy-headers", "--host", "127.0.0.1", "--port", str(port)]),
+        env={**os.environ, floor.SPEC_ENV: str(spec_path)}, stdout=out,
+        stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        run._wait_up(port, process, "/graphql", log_path)
+    except RuntimeError as error:
+        process.kill()
+        raise SystemExit(f"the floor: {error}") from None
+    return Server("floor", process, port, log_path, secret, {
+        "statements": {c["name"]: len(c["statements"]) for c in captures}})
+
+
+def check_floor(items: list[Workload], ours: Server, floor: Server) -> None:
+    """The floor's whole answer (data and extensions) against our served one, parsed; the
+    first difference stops the run. A wrong key must get a 401 from it too."""
+    for w in items:
+        a = post(ours.port, *w.ours, ours.secret)
+        b = post(floor.port, *w.ours, floor.secret)
+        found = run.difference(a, b, "", names=("ours", "the floor"))
+        if found:
+            raise SystemExit(f"{w.name}: ours and the floor answer differently at {found}")
+        log(f"{w.name}: same JSON from ours and the floor "
+            f"({floor.extra['statements'][w.name]} statements)")
+    try:
+        post(floor.port, TYPENAME, {}, "not-a-key")
+    except SystemExit as error:
+        if "HTTP 401" not in str(error):
+            raise
+    else:
+        raise SystemExit("the floor answered a wrong key")
+
+
 # --- load ------------------------------------------------------------------------------------
 
 WRK_SCRIPT = """
@@ -435,7 +536,7 @@ def measure(server: Server, w: Workload, args: argparse.Namespace,
             seconds: float) -> dict[str, Any]:
     """One load run; the server's CPU over it, and the load generator's (its share of its
     core: near 1.0 would mean it, not the server, sets the pace)."""
-    query, variables = w.ours if server.label == "ours" else w.peer
+    query, variables = w.peer if server.label == "peer" else w.ours
     generate = wrk if args.loadgen == "wrk" else pyloadgen
     cpu, loadgen_cpu = server.cpu_seconds(), _children_cpu()
     result = generate(server, query, variables, seconds, args.connections)
@@ -469,22 +570,39 @@ def table(items: list[Workload], summary: dict[str, dict[str, Any]]) -> str:
     """req/s: median over the rounds (min-max); ratio: ours / the peer's; CPU ratio: the
     peer's CPU per request / ours, what the req/s ratio is when both have a core to
     themselves (steadier than req/s on a busy machine); core busy: the server's CPU over
-    the run's wall time (below ~0.95 it was short of its core, or waiting)."""
-    lines = [
-        "| workload | ours req/s | peer req/s | ratio | CPU ratio "
-        "| CPU ms/request ours vs peer | core busy ours / peer "
-        "| p50 ms ours / peer | p99 ms ours / peer |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- |",
-    ]
+    the run's wall time (below ~0.95 it was short of its core, or waiting). With the floor
+    (--floor): its req/s and CPU per request; floor / peer and ours / floor, each as the
+    req/s ratio and the CPU ratio (the second's CPU per request over the first's); its core
+    busy and latencies after ours and the peer's."""
+    floor = all("floor" in summary[w.name] for w in items)
+    labels = ("ours", "peer", "floor") if floor else ("ours", "peer")
+    names = " / ".join(labels)
+    header = ("| workload | ours req/s | peer req/s | ratio | CPU ratio "
+              "| CPU ms/request ours vs peer ")
+    rule = "| --- | ---: | ---: | ---: | ---: | --- "
+    if floor:
+        header += ("| floor req/s | floor CPU ms/request | floor / peer: req/s, CPU "
+                   "| ours / floor: req/s, CPU ")
+        rule += "| ---: | ---: | ---: | ---: "
+    lines = [header + f"| core busy {names} | p50 ms {names} | p99 ms {names} |",
+             rule + "| --- | --- | --- |"]
     for w in items:
-        a, b = summary[w.name]["ours"], summary[w.name]["peer"]
-        lines.append(
-            f"| {w.name}: {w.what} | {_n(a['rps'])} ({_n(a['rps_min'])}-{_n(a['rps_max'])}) "
-            f"| {_n(b['rps'])} ({_n(b['rps_min'])}-{_n(b['rps_max'])}) "
-            f"| {a['rps'] / b['rps']:.2f} | {b['cpu_ms'] / a['cpu_ms']:.2f} "
-            f"| {a['cpu_ms']:.3f} vs {b['cpu_ms']:.3f} "
-            f"| {a['server_core_share']:.2f} / {b['server_core_share']:.2f} "
-            f"| {a['p50_ms']:.2f} / {b['p50_ms']:.2f} | {a['p99_ms']:.2f} / {b['p99_ms']:.2f} |")
+        runs = summary[w.name]
+        a, b = runs["ours"], runs["peer"]
+        line = (f"| {w.name}: {w.what} | {_n(a['rps'])} ({_n(a['rps_min'])}-{_n(a['rps_max'])}) "
+                f"| {_n(b['rps'])} ({_n(b['rps_min'])}-{_n(b['rps_max'])}) "
+                f"| {a['rps'] / b['rps']:.2f} | {b['cpu_ms'] / a['cpu_ms']:.2f} "
+                f"| {a['cpu_ms']:.3f} vs {b['cpu_ms']:.3f} ")
+        if floor:
+            f = runs["floor"]
+            line += (f"| {_n(f['rps'])} ({_n(f['rps_min'])}-{_n(f['rps_max'])}) "
+                     f"| {f['cpu_ms']:.3f} "
+                     f"| {f['rps'] / b['rps']:.2f}, {b['cpu_ms'] / f['cpu_ms']:.2f} "
+                     f"| {a['rps'] / f['rps']:.2f}, {f['cpu_ms'] / a['cpu_ms']:.2f} ")
+        line += ("| " + " / ".join(f"{runs[x]['server_core_share']:.2f}" for x in labels)
+                 + " | " + " / ".join(f"{runs[x]['p50_ms']:.2f}" for x in labels)
+                 + " | " + " / ".join(f"{runs[x]['p99_ms']:.2f}" for x in labels) + " |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -655,6 +773,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="py-spy samples per second (default 250)")
     parser.add_argument("--profile-top", type=int, default=30,
                         help="functions listed (default 30)")
+    parser.add_argument("--floor", action="store_true",
+                        help="a third server: bench/floor.py, our JSON from a bare ASGI app "
+                        "on the same uvicorn, without GraphQL (the Python stack's floor)")
     parser.add_argument("--output", type=Path, default=RESULTS,
                         help=f"JSON results (default {RESULTS.relative_to(ROOT)})")
     args = parser.parse_args(argv)
@@ -680,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
     prep = asyncio.run(prepare(ds))
     if args.profile:
         return profile(args, ds, prep)
-    ours = peer = None
+    ours = peer = floor = None
     began = time.perf_counter()
     load_start = os.getloadavg()
     try:
@@ -702,41 +823,51 @@ def main(argv: list[str] | None = None) -> int:
                                  "W2, W3, search)")
             items = [w for w in items if w.name in wanted]
         rows = check_same(items, ours, peer)
-        servers = (ours, peer)
+        servers = [ours, peer]
+        if args.floor:
+            floor = start_floor(ds, prep["secret"], asyncio.run(
+                capture_ours(ds, prep["secret"], items)))
+            check_floor(items, ours, floor)
+            servers.append(floor)
+        labels = [s.label for s in servers]
         for w in items:
             for s in servers:
                 measure(s, w, args, args.warmup)
-        log(f"warm; {args.rounds} rounds of {len(items)} workloads x 2 servers, "
+        log(f"warm; {args.rounds} rounds of {len(items)} workloads x {len(servers)} servers, "
             f"{args.seconds:g} s each, {args.loadgen}, {args.connections} connections")
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {
-            w.name: {"ours": [], "peer": []} for w in items}
+            w.name: {label: [] for label in labels} for w in items}
         for r in range(args.rounds):
             shift = r % len(items)
             for w in items[shift:] + items[:shift]:
-                for s in (servers if r % 2 == 0 else servers[::-1]):
+                # each server goes first in turn (with two: alternately)
+                turn = r % len(servers)
+                for s in servers[turn:] + servers[:turn]:
                     result = measure(s, w, args, args.seconds)
                     runs[w.name][s.label].append(result)
-            log(f"round {r + 1}: " + ", ".join(
-                f"{w.name} {runs[w.name]['ours'][-1]['rps']:.0f}/"
-                f"{runs[w.name]['peer'][-1]['rps']:.0f}" for w in items))
-        rss = {"ours": ours.rss_mb(), "peer": peer.rss_mb()}
+            log(f"round {r + 1} ({'/'.join(labels)}): " + ", ".join(
+                f"{w.name} " + "/".join(f"{runs[w.name][label][-1]['rps']:.0f}"
+                                        for label in labels) for w in items))
+        rss = {s.label: s.rss_mb() for s in servers}
         peer_versions = peer.extra
+        floor_info = floor.extra if floor is not None else None
     finally:
-        for s in (ours, peer):
+        for s in (ours, peer, floor):
             if s is not None:
                 s.stop()
     summary = {name: {label: summarise(x) for label, x in per.items()}
                for name, per in runs.items()}
     text = table(items, summary)
     busiest = max((summary[w.name][label]["loadgen_cpu_share"], w.name, label)
-                  for w in items for label in ("ours", "peer"))
+                  for w in items for label in labels)
     text += (f"\n\nLoad generator ({args.loadgen}): at most {100 * busiest[0]:.0f} % of its "
              f"core ({busiest[1]}, {busiest[2]}).")
     print(text)
+    memory = ", ".join(f"{label} {mb:.0f} MB" for label, mb in rss.items())
     notes = (f"{args.rounds} interleaved rounds x {args.seconds:g} s; {args.loadgen} "
              f"({args.connections} connections) on core 1, each server on core 0; "
              f"PostGraphile {peer_versions['postgraphile']} on Node {peer_versions['node']}; "
-             f"RSS after the run: ours {rss['ours']:.0f} MB, peer {rss['peer']:.0f} MB; "
+             f"RSS after the run: {memory}; "
              f"load average {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at "
              f"the end; {time.perf_counter() - began:.0f} s")
     print(notes)
@@ -744,7 +875,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(json.dumps({
         "started_at": datetime.now(UTC).isoformat(), "settings": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "peer": peer_versions, "rows_checked": rows, "rss_mb": rss,
+        "peer": peer_versions, "floor": floor_info, "rows_checked": rows, "rss_mb": rss,
         "workloads": {w.name: {"what": w.what, "ours": w.ours[0], "peer": w.peer[0]}
                       for w in items},
         "summary": summary, "table": text, "notes": notes,
