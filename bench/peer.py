@@ -3,6 +3,7 @@
 
   /work/venv/bin/python bench/peer.py                       5 interleaved rounds, 3 s each
   /work/venv/bin/python bench/peer.py --rounds 3 --seconds 2
+  /work/venv/bin/python bench/peer.py --floor               and the floor of the Python stack
   /work/venv/bin/python bench/peer.py --profile typename,W1 py-spy on our server under load
 
 The peer (bench/peer/server.mjs: npm `postgraphile` 5.1, amber preset, simplify-inflection,
@@ -17,6 +18,16 @@ servers and the workloads. Before any timing, each workload's answer from both s
 compared (ids and values, with the naming and format differences normalised); a difference
 stops the run. Per workload and server: req/s, server CPU per request (utime+stime of the
 server's processes from /proc, over the requests wrk completed), p50/p99 (wrk's histogram).
+
+With --floor, a third server in the rounds: bench/floor.py, a bare ASGI app on the uvicorn
+our `serve` runs (httptools, uvloop, one process, no access log, core 0) that answers each
+workload with our JSON (equal once parsed; `metadata` keeps PostgreSQL's spaces) and our
+headers, without GraphQL: it sends the statements our app sends (captured in process with a
+`before_cursor_execute` listener) on asyncpg and writes the answer with orjson. It is what
+Python can do with the same requests, statements and answers: where it is near 0.7x the peer
+or below, issue 14's target cannot be met in this stack; far above it, the gap is ours.
+Before timing, its answer to each workload is compared with our served one (data and
+extensions); a difference stops the run.
 """
 
 from __future__ import annotations
