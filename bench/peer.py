@@ -551,6 +551,10 @@ def measure(server: Server, w: Workload, args: argparse.Namespace,
     generate = wrk if args.loadgen == "wrk" else pyloadgen
     cpu, loadgen_cpu = server.cpu_seconds(), _children_cpu()
     result = generate(server, query, variables, seconds, args.connections)
+    if not result["requests"]:
+        # a round of 0 req/s would pass into the medians as a result; it is a broken run
+        raise SystemExit(f"{server.label}, {w.name}: no request completed in {seconds:g} s "
+                         f"(a busy or stalled machine?); see {server.log_path}")
     result["cpu_s"] = server.cpu_seconds() - cpu
     result["loadgen_cpu_share"] = (_children_cpu() - loadgen_cpu) / result["seconds"]
     result["rps"] = result["requests"] / result["seconds"]
