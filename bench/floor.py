@@ -23,14 +23,11 @@ import collections
 import itertools
 import os
 import pickle
-from collections.abc import Awaitable, Callable
 from typing import Any
 
+import baselines
 import orjson
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+from baselines import Receive, Scope, Send
 
 SPEC_ENV = "BENCH_FLOOR_SPEC"
 POOL_SIZE = 10  # ours: CONSUMERS_POOL_SIZE's default
@@ -250,7 +247,7 @@ class FloorApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send, self.pool)
+            await baselines._lifespan(receive, send, None, self.pool.close)
             return
         body = await _read(receive)
         authorization = None
@@ -280,17 +277,6 @@ async def _read(receive: Receive) -> bytes:
         message = await receive()
         body += message.get("body", b"")
     return body
-
-
-async def _lifespan(receive: Receive, send: Send, pool: Pool) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await pool.close()
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 def create_app() -> FloorApp:
