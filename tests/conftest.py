@@ -279,13 +279,18 @@ def statements_cancelled_only_where_the_pooler_survives_it(
 
 
 # Every GraphQL test runs twice: through the compiled executor, and through graphql-core
-# alone (the path of every fallback: directives, introspection, any error).
+# alone (the path of every fallback: directives, introspection, any error). "compiled"
+# takes the direct path for the queries it can answer (Schema.execute_ready), Strawberry's
+# `execute` for the rest; the differential tests also compare THROUGH_EXECUTE, the compiled
+# executor always reached through `execute`.
 EXECUTION_PATHS = ("compiled", "graphql-core")
+THROUGH_EXECUTE = "compiled through execute"
 
 
 def on_path(app: FastAPI, execution_path: str) -> None:
     """Sends the app's GraphQL operations down ``execution_path``."""
-    app.state.schema.compiled = execution_path == "compiled"
+    app.state.schema.compiled = execution_path != "graphql-core"
+    app.state.schema.direct = execution_path == "compiled"
 
 
 @pytest.fixture(params=EXECUTION_PATHS)

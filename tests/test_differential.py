@@ -32,7 +32,14 @@ from consumers_graphql.ids import IdKind, sequential_ids
 from consumers_graphql.store import models
 from consumers_graphql.store.keys import READ_WRITE
 from consumers_graphql.store.models import utcnow
-from tests.conftest import EXECUTION_PATHS, bearer, empty_tables, on_path, project_root
+from tests.conftest import (
+    EXECUTION_PATHS,
+    THROUGH_EXECUTE,
+    bearer,
+    empty_tables,
+    on_path,
+    project_root,
+)
 from tests.factories import (
     BASE_TIME,
     audience_row,
@@ -416,16 +423,20 @@ def _comparable(answer: Answer) -> str:
 async def same_answer(run: Run, query: str, variables: dict[str, Any]) -> str:
     """Asserts both paths answer alike; returns which path answered, for statistics."""
     before = dict(executor.stats)
-    answers = {path: await run(path, query, variables) for path in EXECUTION_PATHS}
+    paths = (*EXECUTION_PATHS, THROUGH_EXECUTE)
+    answers = {path: await run(path, query, variables) for path in paths}
     for path, answer in answers.items():
         codes = [(error.get("extensions") or {}).get("code")
                  for error in answer.body.get("errors") or ()]
         assert "INTERNAL_SERVER_ERROR" not in codes, (
             f"{path}: an internal error\n{query}\n{variables}\n{_comparable(answer)}")
-    compiled, reference = (_comparable(answers[path]) for path in EXECUTION_PATHS)
+    compiled, reference, through = (_comparable(answers[path]) for path in paths)
     assert compiled == reference, (
         f"the paths differ on\n{query}\n{variables}\ncompiled:\n{compiled}\n"
         f"graphql-core:\n{reference}")
+    assert through == compiled, (
+        f"the direct path and `execute` differ on\n{query}\n{variables}\n"
+        f"direct:\n{compiled}\nthrough execute:\n{through}")
     if executor.stats["compiled"] > before["compiled"]:
         return "compiled alone"
     return "fell back" if executor.stats["fallbacks"] > before["fallbacks"] else "refused"

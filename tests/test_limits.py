@@ -205,7 +205,9 @@ async def test_a_repeated_operation_is_parsed_and_validated_once(
             return function(*args, **kwargs)
         return counted
 
+    # (Strawberry's parse, or the direct path's: api/schema.py, Schema.execute_ready)
     monkeypatch.setattr(strawberry_schema, "parse", counting("parse", strawberry_schema.parse))
+    monkeypatch.setattr(limits, "parse", counting("parse", limits.parse))
     monkeypatch.setattr(limits, "validate", counting("validate", limits.validate))
     # A text no other test sends, so the first request is a miss.
     query = f"# {uuid.uuid4()}\nquery($n: Int) {{ consumers(first: $n) {{ totalCount }} }}"

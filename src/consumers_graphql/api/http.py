@@ -257,7 +257,8 @@ _MALFORMED_VARIABLES = "The GraphQL operation's `variables` must be an object or
 
 class GraphQLApp(StrawberryGraphQL[Context, None]):
     """GraphQL over HTTP for GET and POST: the request's context (its principal: 401 first,
-    as Strawberry's view does), the operation's JSON, `schema.execute`, and the answer in the
+    as Strawberry's view does), the operation's JSON, `schema.execute` (or its direct path,
+    `execute_ready`, for a query ready to run), and the answer in the
     negotiated media type with the spec's codes. Strawberry's ASGI view is kept for anything
     else (WebSockets); its HTTP view is not used: its per-request machinery (adapters, a
     sub-response, content-type parsing with `email.message`, hooks found with `inspect`)
@@ -439,12 +440,16 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
     ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         method = request.method
         try:
-            result = await self.schema.execute(
-                query, variable_values=variables, context_value=context,
-                operation_name=operation_name,
-                allowed_operation_types=_ALLOWED[method],
-                operation_extensions=extensions,
-            )
+            # a query ready to run (api/schema.py; allowed over both methods), else the rest
+            result = await self.schema.execute_ready(
+                query, variables, context, operation_name, extensions)
+            if result is None:
+                result = await self.schema.execute(
+                    query, variable_values=variables, context_value=context,
+                    operation_name=operation_name,
+                    allowed_operation_types=_ALLOWED[method],
+                    operation_extensions=extensions,
+                )
         except CannotGetOperationTypeError as error:
             raise _Refused(400, BAD_REQUEST, error.as_http_error_reason()) from error
         except InvalidOperationTypeError as error:

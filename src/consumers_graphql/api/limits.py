@@ -50,6 +50,8 @@ from graphql import (
     VariableDefinitionNode,
     VariableNode,
     get_named_type,
+    parse,
+    specified_rules,
     validate,
     value_from_ast_untyped,
 )
@@ -374,6 +376,20 @@ class Prepared:
     validation: dict[tuple[type[ASTValidationRule], ...], list[GraphQLError]] = field(
         default_factory=dict
     )
+    # By the operation name a request gives: the query found ready for the direct path, or
+    # None (see `ready`).
+    ready: dict[str | None, Ready | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A query operation of a prepared document within every limit, valid, and priced
+    without its variables: what the direct path (Schema.execute_ready) needs of the
+    document, learnt once."""
+
+    operation: OperationDefinitionNode
+    name: str | None  # the operation's own name, as the access line gives it
+    cost: int
 
 
 class DocumentCache:
@@ -421,6 +437,11 @@ class DocumentCache:
 DOCUMENTS = DocumentCache()
 
 
+def rules_for(production: bool) -> tuple[type[ASTValidationRule], ...]:
+    """The validation rules an operation is checked with (Strawberry's defaults, ours)."""
+    return (*specified_rules, *((NoIntrospection,) if production else ()), *_STRAWBERRY_RULES)
+
+
 @dataclass
 class PinnedDocument:
     """A document the server keeps for good (a trusted document, api/documents.py): prepared
@@ -447,7 +468,7 @@ class OperationLimits(SchemaExtension):
 
     def _key(self) -> tuple[Any, ...]:
         context = self.execution_context
-        return (context.schema, self.limits.tokens, self.production, context.query or "")
+        return _cache_key(context.schema, self.limits, self.production, context.query or "")
 
     def on_operation(self) -> Iterator[None]:
         context = self.execution_context
@@ -463,11 +484,7 @@ class OperationLimits(SchemaExtension):
         if pinned is not None and pinned.text is not context.query:
             pinned = None  # (the text of another document: not this one's)
         if context.graphql_document is None and context.query:
-            if pinned is not None:
-                if pinned.prepared is not None and pinned.prepared[0] == self._key()[:3]:
-                    self.prepared = pinned.prepared[1]
-            else:
-                self.prepared = self.cache.get(self._key())
+            self.prepared = _cached(self.cache, self._key(), pinned)
             if self.prepared is not None:
                 context.graphql_document = self.prepared.document
         yield
@@ -479,14 +496,7 @@ class OperationLimits(SchemaExtension):
                 error.extensions = {**(error.extensions or {}), "code": MAX_TOKENS_EXCEEDED,
                                     "limit": self.limits.tokens}
         if self.prepared is None and context.graphql_document is not None:
-            self.cache.parses += 1
-            self.prepared = Prepared(
-                context.graphql_document, most_directives(context.graphql_document)
-            )
-            if pinned is not None:
-                pinned.prepared = (self._key()[:3], self.prepared)
-            elif context.query:
-                self.cache.put(self._key(), self.prepared)
+            self.prepared = _keep(self.cache, self._key(), pinned, context.graphql_document)
 
     def on_validate(self) -> Iterator[None]:
         context = self.execution_context
@@ -512,7 +522,7 @@ class OperationLimits(SchemaExtension):
         # Known before anything else is decided, so that every answer carries it, refusals too.
         variables = {**shape.variable_defaults, **(context.variables or {})}
         self.cost = cost_of(shape.cost, variables)
-        refusals = self._measure(prepared, shape)
+        refusals = _measured(self.limits, prepared, shape)
         lists = [(shape.longest_list, "A list argument"), *(
             (len(value), f"`${name}`") for name in shape.list_variables
             if isinstance(value := variables.get(name), list)
@@ -524,16 +534,9 @@ class OperationLimits(SchemaExtension):
                 "list argument more. Nothing was run.", BATCH_TOO_LARGE, limit=MAX_LIST_ITEMS,
             ))
         if not refusals:
-            rules = (*context.validation_rules, *_STRAWBERRY_RULES)
-            errors = prepared.validation.get(rules)
-            if errors is None:
-                self.cache.validations += 1
-                errors = validate(
-                    context.schema._schema, prepared.document, rules,
-                    hide_suggestions=self.production,
-                )
-                prepared.validation[rules] = errors
-            refusals = list(errors)
+            refusals = list(_validated(self.cache, prepared, context.schema._schema,
+                                       (*context.validation_rules, *_STRAWBERRY_RULES),
+                                       self.production))
         if not refusals and shape.cost_variables:
             # Priced again from the values execution will use: `100.0` or `1e2` for an Int
             # is 100 to graphql-core. Values that fail to coerce are reported by execution.
@@ -557,42 +560,10 @@ class OperationLimits(SchemaExtension):
                 prepared.document, _operation(prepared.document, operation), variables)
         yield
 
-    def _measure(self, prepared: Prepared, shape: OperationShape) -> list[GraphQLError]:
-        limits = self.limits
-        refusals = []
-        if prepared.most_directives > limits.directives:
-            refusals.append(_refusal(
-                f"A field carries {prepared.most_directives} directives; the limit is "
-                f"{limits.directives}.", MAX_DIRECTIVES_EXCEEDED, limit=limits.directives,
-            ))
-        if shape.depth > limits.depth:
-            refusals.append(_refusal(
-                f"The operation is {shape.depth} levels deep; the limit is {limits.depth}.",
-                MAX_DEPTH_EXCEEDED, limit=limits.depth,
-            ))
-        if shape.aliases > limits.aliases:
-            refusals.append(_refusal(
-                f"The operation uses {shape.aliases} aliases; the limit is {limits.aliases}.",
-                MAX_ALIASES_EXCEEDED, limit=limits.aliases,
-            ))
-        repeats, key = shape.duplicates
-        if repeats > limits.duplicate_fields:
-            refusals.append(_refusal(
-                f"`{key}` is selected {repeats} times in one selection set; the limit is "
-                f"{limits.duplicate_fields}.", MAX_DUPLICATE_FIELDS_EXCEEDED,
-                limit=limits.duplicate_fields,
-            ))
-        return refusals
-
     def get_results(self) -> dict[str, Any]:
         if self.cost is None or self._subscribing():
             return {}
-        cost: dict[str, Any] = {"requested": self.cost, "limit": self.limits.cost}
-        request = self.execution_context.context
-        if isinstance(request, Context) and request.throttle is not None:
-            cost["throttleStatus"] = request.throttle.status()
-        return {"cost": cost}
-
+        return cost_extension(self.cost, self.limits, self.execution_context.context)
 
     def _subscribing(self) -> bool:
         """A subscription is priced and charged once, at subscribe: its events (Strawberry
@@ -603,17 +574,134 @@ class OperationLimits(SchemaExtension):
             return False
 
 
+def cost_extension(cost: int, limits: Limits, request: Any) -> dict[str, Any]:
+    """`extensions.cost` of an answer: the nodes requested, the limit, and the API key's
+    bucket once the rate limit has looked at it."""
+    reported: dict[str, Any] = {"requested": cost, "limit": limits.cost}
+    if isinstance(request, Context) and request.throttle is not None:
+        reported["throttleStatus"] = request.throttle.status()
+    return {"cost": reported}
+
+
+def _cache_key(schema: Any, limits: Limits, production: bool, query: str) -> tuple[Any, ...]:
+    return (schema, limits.tokens, production, query)
+
+
+def _cached(cache: DocumentCache, key: tuple[Any, ...], pinned: PinnedDocument | None
+            ) -> Prepared | None:
+    """The document prepared before under `key` (a pinned one's own, else the cache's)."""
+    if pinned is not None:
+        if pinned.prepared is not None and pinned.prepared[0] == key[:3]:
+            return pinned.prepared[1]
+        return None
+    return cache.get(key)
+
+
+def _keep(cache: DocumentCache, key: tuple[Any, ...], pinned: PinnedDocument | None,
+          document: DocumentNode) -> Prepared:
+    """A document just parsed, prepared and kept: by its pinned entry, else in the cache."""
+    cache.parses += 1
+    prepared = Prepared(document, most_directives(document))
+    if pinned is not None:
+        pinned.prepared = (key[:3], prepared)
+    elif key[-1]:
+        cache.put(key, prepared)
+    return prepared
+
+
+def _validated(cache: DocumentCache, prepared: Prepared, schema: GraphQLSchema,
+               rules: tuple[type[ASTValidationRule], ...], production: bool
+               ) -> list[GraphQLError]:
+    """The document's validation errors under `rules`, found once per document."""
+    errors = prepared.validation.get(rules)
+    if errors is None:
+        cache.validations += 1
+        errors = validate(schema, prepared.document, rules, hide_suggestions=production)
+        prepared.validation[rules] = errors
+    return errors
+
+
+def ready(
+    schema: Any, limits: Limits, production: bool, query: str, operation_name: str | None,
+    pinned: PinnedDocument | None, cache: DocumentCache = DOCUMENTS,
+) -> tuple[Prepared, Ready] | None:
+    """The prepared document of `query` and its operation `operation_name` when that is a
+    query the direct path can run (Schema.execute_ready): parsed within the token limit,
+    within every other limit of the document, valid, its cost reading no variable and
+    within the limit, no list variable to count. Learnt once per document and operation
+    name, kept with the document (so bounded with the cache); None for anything else,
+    which OperationLimits checks and reports on the way through Strawberry."""
+    key = _cache_key(schema, limits, production, query)
+    prepared = _cached(cache, key, pinned)
+    if prepared is None:
+        try:
+            document = parse(query, max_tokens=limits.tokens)
+        except GraphQLError:
+            return None  # reported on the way through Strawberry
+        prepared = _keep(cache, key, pinned, document)
+    if operation_name in prepared.ready:
+        found = prepared.ready[operation_name]
+        return None if found is None else (prepared, found)
+    found = None
+    operations = [d for d in prepared.document.definitions
+                  if isinstance(d, OperationDefinitionNode)]
+    operation = (operations[0] if len(operations) == 1 else None) if operation_name is None \
+        else next((o for o in operations if o.name and o.name.value == operation_name), None)
+    if operation is not None and operation.operation is OperationType.QUERY:
+        name = operation.name.value if operation.name else None
+        shape = prepared.shapes.get(name)
+        if shape is None:
+            shape = prepared.shapes[name] = _Analyser(
+                schema._schema, prepared.document).operation(operation)
+        if (not shape.cost_variables and not shape.list_variables
+                and shape.longest_list <= MAX_LIST_ITEMS
+                and not _measured(limits, prepared, shape)
+                and not _validated(cache, prepared, schema._schema, rules_for(production),
+                                   production)):
+            cost = cost_of(shape.cost, shape.variable_defaults)
+            if cost <= limits.cost:
+                found = Ready(operation, name, cost)
+    prepared.ready[operation_name] = found
+    return None if found is None else (prepared, found)
+
+
+def _measured(limits: Limits, prepared: Prepared, shape: OperationShape) -> list[GraphQLError]:
+    refusals = []
+    if prepared.most_directives > limits.directives:
+        refusals.append(_refusal(
+            f"A field carries {prepared.most_directives} directives; the limit is "
+            f"{limits.directives}.", MAX_DIRECTIVES_EXCEEDED, limit=limits.directives,
+        ))
+    if shape.depth > limits.depth:
+        refusals.append(_refusal(
+            f"The operation is {shape.depth} levels deep; the limit is {limits.depth}.",
+            MAX_DEPTH_EXCEEDED, limit=limits.depth,
+        ))
+    if shape.aliases > limits.aliases:
+        refusals.append(_refusal(
+            f"The operation uses {shape.aliases} aliases; the limit is {limits.aliases}.",
+            MAX_ALIASES_EXCEEDED, limit=limits.aliases,
+        ))
+    repeats, key = shape.duplicates
+    if repeats > limits.duplicate_fields:
+        refusals.append(_refusal(
+            f"`{key}` is selected {repeats} times in one selection set; the limit is "
+            f"{limits.duplicate_fields}.", MAX_DUPLICATE_FIELDS_EXCEEDED,
+            limit=limits.duplicate_fields,
+        ))
+    return refusals
+
+
 def measure(schema: GraphQLSchema, document: DocumentNode, limits: Limits) -> list[GraphQLError]:
     """What the limits refuse of a valid document's operations before they run, whatever the
     variables (directives, depth, aliases, duplicate fields; not the cost, which depends on
     them): for checking documents ahead of use (api/documents.py)."""
     prepared = Prepared(document, most_directives(document))
-    checker = OperationLimits(limits, production=False)
     refusals: list[GraphQLError] = []
     for operation in document.definitions:
         if isinstance(operation, OperationDefinitionNode):
             shape = _Analyser(schema, document).operation(operation)
-            refusals.extend(error for error in checker._measure(prepared, shape)
+            refusals.extend(error for error in _measured(limits, prepared, shape)
                             if error.message not in {known.message for known in refusals})
     return refusals
 

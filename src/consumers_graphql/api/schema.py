@@ -14,9 +14,11 @@ from typing import Any, TypeVar, cast
 import strawberry
 from graphql import ExecutionResult as GraphQLExecutionResult
 from graphql import GraphQLError, get_operation_ast
+from strawberry.execution import optimized_is_awaitable
 from strawberry.extensions import SchemaExtension
 from strawberry.extensions.runner import SchemaExtensionsRunner
 from strawberry.federation.schema import FederationAny
+from strawberry.schema._graphql_core import execution_context_class_kwargs
 from strawberry.schema.config import StrawberryConfig
 from strawberry.types import ExecutionContext, ExecutionResult
 from strawberry.types.graphql import OperationType
@@ -29,6 +31,8 @@ from consumers_graphql.api.limits import (
     OPERATION_NAMED,
     Limits,
     OperationLimits,
+    cost_extension,
+    ready,
 )
 from consumers_graphql.api.mutation import Mutation
 from consumers_graphql.api.permissions import ScopeCheck
@@ -38,7 +42,7 @@ from consumers_graphql.api.tracing import OperationTracing
 from consumers_graphql.api.types import Audience, Consumer, Event, Order
 from consumers_graphql.errors import DomainError
 from consumers_graphql.store import outage
-from consumers_graphql.store.keys import Principal
+from consumers_graphql.store.keys import Principal, Scope
 from consumers_graphql.web import observe, request_id
 from consumers_graphql.web.rate_limit import (
     THROTTLED,
@@ -92,35 +96,37 @@ class ErrorCodes(SchemaExtension):
         result = self.execution_context.result
         if result is None or not getattr(result, "errors", None):
             return
-        result.errors = [self._coded(error) for error in result.errors or ()]
+        result.errors = [coded(error) for error in result.errors or ()]
 
-    def _coded(self, error: GraphQLError) -> GraphQLError:
-        original = error.original_error
-        if isinstance(original, DomainError):
-            error.extensions = {**(error.extensions or {}), "code": original.code.value}
-            if original.field is not None:
-                error.extensions["field"] = list(original.field)
-            return error
-        if _is_unexpected(error) and outage.is_unavailable(original):
-            error = GraphQLError(
-                outage.GRAPHQL_MESSAGE, nodes=error.nodes, source=error.source,
-                positions=error.positions, path=error.path,
-            )
-            _tag([error], outage.SERVICE_UNAVAILABLE)
-            if (current_id := request_id.current.get()) is not None:
-                error.extensions = {**(error.extensions or {}), "requestId": current_id}
-            return error
-        if _is_unexpected(error):
-            error = GraphQLError(
-                INTERNAL_MESSAGE, nodes=error.nodes, source=error.source,
-                positions=error.positions, path=error.path,
-            )
-            _tag([error], INTERNAL_SERVER_ERROR)
-            if (current_id := request_id.current.get()) is not None:
-                error.extensions = {**(error.extensions or {}), "requestId": current_id}
-            return error
-        _tag([error], "BAD_USER_INPUT")
+
+def coded(error: GraphQLError) -> GraphQLError:
+    """An execution error as it leaves (ErrorCodes)."""
+    original = error.original_error
+    if isinstance(original, DomainError):
+        error.extensions = {**(error.extensions or {}), "code": original.code.value}
+        if original.field is not None:
+            error.extensions["field"] = list(original.field)
         return error
+    if _is_unexpected(error) and outage.is_unavailable(original):
+        error = GraphQLError(
+            outage.GRAPHQL_MESSAGE, nodes=error.nodes, source=error.source,
+            positions=error.positions, path=error.path,
+        )
+        _tag([error], outage.SERVICE_UNAVAILABLE)
+        if (current_id := request_id.current.get()) is not None:
+            error.extensions = {**(error.extensions or {}), "requestId": current_id}
+        return error
+    if _is_unexpected(error):
+        error = GraphQLError(
+            INTERNAL_MESSAGE, nodes=error.nodes, source=error.source,
+            positions=error.positions, path=error.path,
+        )
+        _tag([error], INTERNAL_SERVER_ERROR)
+        if (current_id := request_id.current.get()) is not None:
+            error.extensions = {**(error.extensions or {}), "requestId": current_id}
+        return error
+    _tag([error], "BAD_USER_INPUT")
+    return error
 
 
 class OperationFacts(SchemaExtension):
@@ -353,6 +359,70 @@ class Schema(strawberry.federation.Schema):
             OPERATION_NAMED.reset(named)
 
     compiled = True
+    # The direct path for queries ready to run (execute_ready), unless a test compares it
+    # with `execute`; never while tracing gives each operation a span (OperationTracing).
+    direct = True
+    operation_spans = False
+    limits = Limits()
+    production = False
+    ready_runs = 0  # operations the direct path answered, for tests and measurements
+
+    async def execute_ready(
+        self, query: str | None, variable_values: dict[str, Any] | None, context: Any,
+        operation_name: str | None, operation_extensions: dict[str, Any] | None,
+    ) -> ExecutionResult | None:
+        """`execute`'s answer to an authenticated request for a query whose document is
+        ready (limits.ready: parsed, within the limits, valid and priced once per document),
+        without Strawberry's execution context and extension phases: the same steps, in the
+        same order, with what only depends on the document looked up instead of worked out
+        (about 0.05 ms a request, a quarter of a `{ __typename }`). Per request: the scope,
+        the operation for the access line, the cost and the rate limit, the compiled
+        execution, and the errors processed and coded as ErrorCodes does. None for any
+        other request (a mutation, an error before execution, a scope refused, a cost that
+        reads variables, tracing on), which `execute` answers."""
+        if (not (self.direct and self.compiled) or self.operation_spans or not query
+                or self.config.enable_experimental_incremental_execution
+                or not isinstance(context, Context)):
+            return None
+        principal = context.principal
+        if (principal is None or principal.is_anonymous or not principal.allows(Scope.READ)
+                or context.charge_only or context.charged):
+            return None
+        pinned = context.pinned if context.pinned and context.pinned.text is query else None
+        found = ready(self, self.limits, self.production, query, operation_name, pinned)
+        if found is None:
+            return None
+        prepared, operation = found
+        self.ready_runs += 1
+        observe.operation(OperationType.QUERY.value, operation.name)
+        context.requested = context.cost = operation.cost
+        result: GraphQLExecutionResult
+        try:
+            refusal = None
+            if context.rate_limiter is not None:
+                refusal = await _admit(context, context.rate_limiter, principal, operation.cost)
+            if refusal is not None:
+                result = GraphQLExecutionResult(data=None, errors=[refusal])
+            else:
+                result = await execute_compiled(
+                    self._schema, prepared.document, context_value=context,
+                    variable_values=variable_values, operation_name=operation.name,
+                    is_awaitable=optimized_is_awaitable,
+                    **execution_context_class_kwargs(self.execution_context_class),
+                    **self._get_custom_context_kwargs(operation_extensions),
+                )
+            errors = result.errors
+            if errors:
+                self._process_errors(errors, self._create_execution_context(
+                    query, (OperationType.QUERY,), variable_values, context, None,
+                    operation_name, operation_extensions))
+                errors = [coded(error) for error in errors]
+        except Exception as exc:  # what `execute` makes of it: an error, neither coded
+            errors = [GraphQLError(str(exc), original_error=exc)]  # nor masked (no path)
+            self._process_errors(errors)
+            result = GraphQLExecutionResult(data=None, errors=errors)
+        return ExecutionResult(data=result.data, errors=errors,
+                               extensions=cost_extension(operation.cost, self.limits, context))
 
     def _get_execute_function(self) -> Callable[..., Any]:
         # Queries run through compiled plans (api/executor.py); everything else, and any
@@ -449,6 +519,8 @@ def build_schema(
         ),
     )
     schema.compiled = compiled
+    schema.limits, schema.production = limits, production
+    schema.operation_spans = operation_spans is not None
     if compiled:
         plan_mutations(schema._schema)
     return schema
