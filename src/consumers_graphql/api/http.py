@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote_to_bytes
 
 import orjson
@@ -64,6 +64,9 @@ from consumers_graphql.web.http_auth import (
 )
 from consumers_graphql.web.rate_limit import THROTTLED, RateLimitUnavailable, Throttle
 from consumers_graphql.web.security_headers import page_policy
+
+if TYPE_CHECKING:
+    from consumers_graphql.api.schema import Schema
 
 # An answer: status, body, extra headers.
 _Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]
@@ -441,7 +444,7 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         method = request.method
         try:
             # a query ready to run (api/schema.py; allowed over both methods), else the rest
-            result = await self.schema.execute_ready(
+            result = await cast("Schema", self.schema).execute_ready(
                 query, variables, context, operation_name, extensions)
             if result is None:
                 result = await self.schema.execute(
