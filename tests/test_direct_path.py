@@ -190,3 +190,10 @@ def test_what_a_document_needs_is_learnt_once_and_leaves_with_it(app: FastAPI) -
     for _ in range(2):
         assert ready(schema, limits, False, "{ consumers { nope } }", None, None, cache) is None
     assert (cache.parses, cache.validations) == (5, 5)
+    # and operation names the document does not hold are not remembered (a client sending
+    # a new one each time must not grow the entry)
+    for name in ("A", "B", "C"):
+        assert ready(schema, limits, False, texts[0], name, None, cache) is None
+    assert ready(schema, limits, False, texts[0], None, None, cache) is not None
+    entry = cache.get((schema, limits.tokens, False, texts[0]))
+    assert entry is not None and list(entry.ready) == [None]

@@ -387,7 +387,6 @@ class Ready:
     without its variables: what the direct path (Schema.execute_ready) needs of the
     document, learnt once."""
 
-    operation: OperationDefinitionNode
     name: str | None  # the operation's own name, as the access line gives it
     cost: int
 
@@ -647,7 +646,9 @@ def ready(
                   if isinstance(d, OperationDefinitionNode)]
     operation = (operations[0] if len(operations) == 1 else None) if operation_name is None \
         else next((o for o in operations if o.name and o.name.value == operation_name), None)
-    if operation is not None and operation.operation is OperationType.QUERY:
+    if operation is None:
+        return None  # not remembered: the names a request may send are not the document's
+    if operation.operation is OperationType.QUERY:
         name = operation.name.value if operation.name else None
         shape = prepared.shapes.get(name)
         if shape is None:
@@ -660,7 +661,7 @@ def ready(
                                    production)):
             cost = cost_of(shape.cost, shape.variable_defaults)
             if cost <= limits.cost:
-                found = Ready(operation, name, cost)
+                found = Ready(name, cost)
     prepared.ready[operation_name] = found
     return None if found is None else (prepared, found)
 
