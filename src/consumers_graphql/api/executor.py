@@ -616,7 +616,9 @@ _plans: OrderedDict[tuple[int, str, str | None], _Plan | None] = OrderedDict()
 stats = {"compiled": 0, "fallbacks": 0}
 
 
-def _operation(document: DocumentNode, name: str | None) -> OperationDefinitionNode | None:
+def find_operation(document: DocumentNode, name: str | None) -> OperationDefinitionNode | None:
+    """The operation a request names: the only one when it names none (None when the
+    document holds several), None when the document holds no operation of that name."""
     operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
     if name is None:
         return operations[0] if len(operations) == 1 else None
@@ -630,7 +632,7 @@ def _plan_for(schema: GraphQLSchema, document: DocumentNode, name: str | None) -
     if key in _plans:
         _plans.move_to_end(key)
         return _plans[key]
-    operation = _operation(document, name)
+    operation = find_operation(document, name)
     plan = None
     if operation is not None and operation.operation is not OperationType.SUBSCRIPTION:
         try:

@@ -64,6 +64,7 @@ from strawberry.schema.validation_rules.one_of import OneOfInputValidationRule
 from strawberry.types.graphql import OperationType as StrawberryOperationType
 
 from consumers_graphql.api.context import Context
+from consumers_graphql.api.executor import find_operation
 from consumers_graphql.domain.validation import BATCH_MAX
 from consumers_graphql.settings import Settings
 from consumers_graphql.store.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
@@ -642,10 +643,7 @@ def ready(
         found = prepared.ready[operation_name]
         return None if found is None else (prepared, found)
     found = None
-    operations = [d for d in prepared.document.definitions
-                  if isinstance(d, OperationDefinitionNode)]
-    operation = (operations[0] if len(operations) == 1 else None) if operation_name is None \
-        else next((o for o in operations if o.name and o.name.value == operation_name), None)
+    operation = find_operation(prepared.document, operation_name)
     if operation is None:
         return None  # not remembered: the names a request may send are not the document's
     if operation.operation is OperationType.QUERY:

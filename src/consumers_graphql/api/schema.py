@@ -35,14 +35,14 @@ from consumers_graphql.api.limits import (
     ready,
 )
 from consumers_graphql.api.mutation import Mutation
-from consumers_graphql.api.permissions import ScopeCheck
+from consumers_graphql.api.permissions import ScopeCheck, required_scope
 from consumers_graphql.api.scalars import DateTime
 from consumers_graphql.api.subscription import Subscription
 from consumers_graphql.api.tracing import OperationTracing
 from consumers_graphql.api.types import Audience, Consumer, Event, Order
 from consumers_graphql.errors import DomainError
 from consumers_graphql.store import outage
-from consumers_graphql.store.keys import Principal, Scope
+from consumers_graphql.store.keys import Principal
 from consumers_graphql.web import observe, request_id
 from consumers_graphql.web.rate_limit import (
     THROTTLED,
@@ -385,7 +385,8 @@ class Schema(strawberry.federation.Schema):
                 or not isinstance(context, Context)):
             return None
         principal = context.principal
-        if (principal is None or principal.is_anonymous or not principal.allows(Scope.READ)
+        if (principal is None or principal.is_anonymous
+                or not principal.allows(required_scope(OperationType.QUERY))
                 or context.charge_only or context.charged):
             return None
         pinned = context.pinned if context.pinned and context.pinned.text is query else None
