@@ -131,6 +131,15 @@ async def settled() -> None:
     await asyncio.sleep(0.2)
 
 
+async def registered(app: FastAPI, count: int) -> None:
+    """Until `app`'s hub holds `count` subscriptions: for an app of the test's own, whose
+    hub no other test shares (a fixed sleep let a slow CI register them out of order)."""
+    hub = app.state.event_hub
+    async with asyncio.timeout(WAIT_S):
+        while hub.active != count:  # noqa: ASYNC110 - the hub offers a count, not an event
+            await asyncio.sleep(0.01)
+
+
 async def create(gql: GraphQL, *emails: str) -> list[str]:
     return [(await gql.data(CREATE, {"email": email}))["consumerCreate"]["consumer"]["id"]
             for email in emails]
@@ -411,7 +420,7 @@ async def test_a_subscriber_that_falls_behind_is_ended_and_resumes_with_after(
         gql = GraphQL(client, api_key)
         async with connected(url, api_key) as socket:
             await subscribe(socket, "1")
-            await settled()
+            await registered(app, 1)
             [first] = await create(gql, "first@example.com")
             [delivered] = await events(socket, 1)
             # ten events in one commit: more than the buffer of 3 at once
@@ -441,7 +450,7 @@ async def test_an_overflow_before_any_delivery_names_where_it_started(
         [before] = await create(gql, "before@example.com")
         async with connected(url, api_key) as socket:
             await subscribe(socket, "1")
-            await settled()
+            await registered(app, 1)
             await gql.data(BATCH_CREATE, {"input": [{"email": f"o{n}@example.com"}
                                                     for n in range(10)]})
             message = await receive(socket)
@@ -496,11 +505,11 @@ async def test_a_failure_at_subscribe_is_masked(settings: Settings, execution_pa
 
 async def test_subscriptions_per_key(limited: tuple[FastAPI, str], api_key: str,
                                      execution_path: str) -> None:
-    _app, url = limited
+    app, url = limited
     async with connected(url, api_key) as one, connected(url, api_key) as two:
         await subscribe(one, "1")
         await subscribe(one, "2")
-        await settled()
+        await registered(app, 2)
         await subscribe(two, "3")
         message = await receive(two)
     assert message["type"] == "next"
@@ -511,11 +520,11 @@ async def test_subscriptions_per_key(limited: tuple[FastAPI, str], api_key: str,
 
 async def test_subscriptions_per_key_on_one_socket(limited: tuple[FastAPI, str], api_key: str,
                                                    execution_path: str) -> None:
-    _app, url = limited
+    app, url = limited
     async with connected(url, api_key) as socket:
         await subscribe(socket, "1")
         await subscribe(socket, "2")
-        await settled()
+        await registered(app, 2)
         await subscribe(socket, "3")
         message = await receive(socket)
     assert message["id"] == "3", message
@@ -544,13 +553,13 @@ async def test_subscribing_takes_from_the_keys_bucket(ws_url: str, app: FastAPI,
 
 async def test_subscriptions_per_process(limited: tuple[FastAPI, str], app: FastAPI,
                                          execution_path: str) -> None:
-    _app, url = limited
+    served_app, url = limited
     secrets = [await _read_key(app, f"reader {n}") for n in range(2)]
     async with connected(url, secrets[0]) as one, connected(url, secrets[1]) as two:
         await subscribe(one, "1")
         await subscribe(one, "2")
         await subscribe(two, "3")
-        await settled()
+        await registered(served_app, 3)
         await subscribe(two, "4")
         message = await receive(two)
     [error] = message["payload"]["errors"]
