@@ -237,3 +237,107 @@ async def test_members_page_per_audience_in_both_directions(
                 cursor = info["endCursor"] if forward else info["startCursor"]
             # then every member comes once, in the order of the full page
             assert seen == members
+
+
+# --- a page loaded ahead reads only the columns its nodes select -------------------------------
+
+FULL = """{
+  consumers(first: 6) {
+    nodes {
+      id
+      audiences { nodes { id name description createdAt updatedAt } }
+      orders(first: 3) {
+        edges { cursor }
+        nodes { id amount currency placedAt externalId createdAt consumer { id } }
+      }
+    }
+  }
+}"""
+
+
+async def given_relations_with_every_column_set(engine: Any) -> None:
+    """Every column of the audiences and orders holds a value (none is NULL), so a column
+    read as NULL would show."""
+    consumers = [consumer_row(n) for n in range(6)]
+    audiences = [audience_row(name, description=f"about {name}",
+                              created_at=BASE_TIME + timedelta(hours=n),
+                              updated_at=BASE_TIME + timedelta(days=n))
+                 for n, name in enumerate(("VIP", "Newsletter", "Lapsed"))]
+    await insert_consumers(engine, consumers)
+    await insert_rows(engine, models.Audience, audiences)
+    await insert_rows(engine, models.ConsumerAudience, [
+        {"consumer_id": c["id"], "audience_id": a["id"], "created_at": BASE_TIME}
+        for i, c in enumerate(consumers) for j, a in enumerate(audiences) if (i + j) % 2
+    ])
+    await insert_rows(engine, models.Order, [
+        order_row(c["id"], f"{k}.25", BASE_TIME + timedelta(days=k), external_id=f"x-{i}-{k}",
+                  created_at=BASE_TIME - timedelta(minutes=i * 10 + k))
+        for i, c in enumerate(consumers) for k in range(1 + i % 5)
+    ])
+
+
+def _only(nodes: list[dict[str, Any]], *names: str) -> list[dict[str, Any]]:
+    return [{name: node[name] for name in names} for node in nodes]
+
+
+# (query, what each consumer's answer must be, built from FULL's answer for it)
+SELECTIONS: list[tuple[str, Any]] = [
+    ("""{ consumers(first: 6) { nodes {
+        a: audiences { nodes { id description } }
+        b: audiences { nodes { createdAt } } } } }""",
+     lambda full: {"a": {"nodes": _only(full["audiences"]["nodes"], "id", "description")},
+                   "b": {"nodes": _only(full["audiences"]["nodes"], "createdAt")}}),
+    ("""{ consumers(first: 6) { nodes { audiences { nodes { ...A ... on Node { id } } } } } }
+        fragment A on Audience { updatedAt ... on Audience { description } }""",
+     lambda full: {"audiences": {"nodes": _only(full["audiences"]["nodes"], "updatedAt",
+                                                "description", "id")}}),
+    ("""{ consumers(first: 6) { nodes {
+        orders(first: 3) { edges { cursor node { externalId createdAt } } } } } }""",
+     lambda full: {"orders": {"edges": [
+         {"cursor": edge["cursor"], "node": node} for edge, node in zip(
+             full["orders"]["edges"], _only(full["orders"]["nodes"], "externalId",
+                                            "createdAt"), strict=True)]}}),
+    ("""query($yes: Boolean!) { consumers(first: 6) { nodes {
+        orders(first: 3) { nodes { id amount @include(if: $yes) externalId @skip(if: $yes) } }
+        } } }""",
+     lambda full: {"orders": {"nodes": _only(full["orders"]["nodes"], "id", "amount")}}),
+    ("""{ consumers(first: 6) { nodes {
+        orders(first: 3) { nodes { currency consumer { id } } } } } }""",
+     lambda full: {"orders": {"nodes": _only(full["orders"]["nodes"], "currency",
+                                             "consumer")}}),
+    ("""{ consumers(first: 6) { nodes { orders(first: 3) { pageInfo { endCursor } } } } }""",
+     lambda full: {"orders": {"pageInfo": {"endCursor": (
+         full["orders"]["edges"][-1]["cursor"] if full["orders"]["edges"] else None)}}}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(SELECTIONS)))
+async def test_nested_pages_answer_alike_whatever_their_nodes_select(
+        gql: GraphQL, write_engine: Any, case: int) -> None:
+    await given_relations_with_every_column_set(write_engine)
+    full = (await gql.data(FULL))["consumers"]["nodes"]
+    query, expected = SELECTIONS[case]
+    found = (await gql.data(query, {"yes": True} if "$yes" in query else None)
+             )["consumers"]["nodes"]
+    assert found == [expected(node) for node in full]
+
+
+async def test_nested_pages_read_only_the_selected_columns(
+        gql: GraphQL, sql: StatementCounter, write_engine: Any) -> None:
+    """What is not selected is read as NULL (not sent, not decoded); a field with a
+    resolver (Order.consumer reads consumer_id) reads every column."""
+    await given_relations_with_every_column_set(write_engine)
+    with sql.counting():
+        await gql.data("""{ consumers(first: 6) { nodes {
+            audiences { nodes { id name } } orders(first: 3) { nodes { amount } } } } }""")
+    _page, audiences, orders = sql.statements
+    for column in ("description", "created_at", "updated_at"):
+        assert f"NULL AS {column}" in audiences
+    for column in ("consumer_id", "currency", "external_id", "created_at"):
+        assert f"NULL AS {column}" in orders
+    for column in ("amount", "placed_at"):  # selected; the order's sort
+        assert f"NULL AS {column}" not in orders
+    with sql.counting():
+        await gql.data("""{ consumers(first: 6) { nodes {
+            orders(first: 3) { nodes { consumer { id } } } } } }""")
+    assert "NULL AS" not in sql.statements[1]

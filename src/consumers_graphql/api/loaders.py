@@ -181,11 +181,17 @@ class Loaders:
         """Consumers read as a page need no second look-up (e.g. through Order.consumer)."""
         self.consumer_by_id.prime_many({row.id: row for row in rows})
 
-    def audiences_by_consumer_id(self, request: PageRequest) -> PageLoader:
-        return self._paged("audiences", request, self._repository.audience_pages_by_consumer_ids)
+    def audiences_by_consumer_id(self, request: PageRequest,
+                                 columns: frozenset[str] | None = None) -> PageLoader:
+        """`columns`: the audiences' columns the pages need (None: all); a loader each."""
+        return self._paged("audiences", request, partial(
+            self._repository.audience_pages_by_consumer_ids, columns=columns), columns)
 
-    def orders_by_consumer_id(self, request: PageRequest) -> PageLoader:
-        return self._paged("orders", request, self._repository.order_pages_by_consumer_ids)
+    def orders_by_consumer_id(self, request: PageRequest,
+                              columns: frozenset[str] | None = None) -> PageLoader:
+        """`columns`: the orders' columns the pages need (None: all); a loader each."""
+        return self._paged("orders", request, partial(
+            self._repository.order_pages_by_consumer_ids, columns=columns), columns)
 
     def consumers_by_audience_id(self, request: PageRequest) -> PageLoader:
         return self._paged(
@@ -197,8 +203,9 @@ class Loaders:
         name: str,
         request: PageRequest,
         load: Callable[[Sequence[str], PageRequest], Awaitable[list[Page[Row[Any]]]]],
+        columns: frozenset[str] | None = None,
     ) -> PageLoader:
-        key = (name, request)
+        key = (name, request) if columns is None else (name, request, columns)
         loader = self._loaders.get(key)
         if loader is None:
             loader = self._loader(key, partial(_load_pages, load, request))

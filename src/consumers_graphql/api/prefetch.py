@@ -6,21 +6,28 @@ DataLoaders, before GraphQL descends into the nodes. The nodes' connection resol
 answer synchronously from what was loaded. Anything the look-ahead does not recognise
 (a directive, an argument that fails to coerce) simply is not prefetched: the resolver then
 loads it itself, through the DataLoader, with the same result and the same statement count.
+
+A page loaded ahead reads, of its nodes' columns, only those the query selects (with the id
+and the sort's, for cursors): the others come as NULL, neither sent nor decoded. A selection
+that may read anything else (a field with a resolver, a directive, a fragment it cannot
+find) reads every column.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from graphql import (
     FieldNode,
     FragmentSpreadNode,
     GraphQLError,
+    GraphQLField,
     GraphQLObjectType,
     InlineFragmentNode,
     SelectionSetNode,
+    get_named_type,
 )
 from graphql.execution.values import VariableValues, get_argument_values
 from sqlalchemy.engine import Row
@@ -28,8 +35,22 @@ from sqlalchemy.engine import Row
 from consumers_graphql.errors import DomainError
 from consumers_graphql.store.pagination import Page, PageRequest, SortKey, page_request
 
-PageLoad = Callable[[PageRequest], Any]  # request -> DataLoader of pages by parent id
+# (request, the nodes' columns read or None for all) -> DataLoader of pages by parent id
+PageLoad = Callable[[PageRequest, frozenset[str] | None], Any]
 Prefetched = dict[tuple[str, PageRequest], Page[Row[Any]]]
+
+
+class Relation(NamedTuple):
+    """A relation connection the look-ahead loads: its order, its loader, and its nodes'
+    columns (a node field whose Python name is one of them reads that column, and only it)."""
+
+    sort: SortKey
+    loader: PageLoad
+    columns: frozenset[str]
+
+
+class _Unknown(Exception):
+    """The selection may read more than its fields' columns."""
 
 
 def _fields(
@@ -64,6 +85,60 @@ def _node_selections(info: Any) -> Iterator[FieldNode]:
                         yield from _fields(edge_field.selection_set, fragments)
 
 
+def _all_fields(
+    selection_set: SelectionSetNode | None, fragments: dict[str, Any]
+) -> Iterator[FieldNode]:
+    """Field nodes of a selection set, fragments flattened whatever their type condition (a
+    superset); _Unknown at a directive or a fragment not found."""
+    for selection in selection_set.selections if selection_set else ():
+        if selection.directives:
+            raise _Unknown
+        if isinstance(selection, FieldNode):
+            yield selection
+        elif isinstance(selection, InlineFragmentNode):
+            yield from _all_fields(selection.selection_set, fragments)
+        elif isinstance(selection, FragmentSpreadNode):
+            fragment = fragments.get(selection.name.value)
+            if fragment is None:
+                raise _Unknown
+            yield from _all_fields(fragment.selection_set, fragments)
+
+
+def _columns_read(connection: FieldNode, field: GraphQLField, relation: Relation,
+                  fragments: dict[str, Any]) -> frozenset[str] | None:
+    """The columns the nodes of this connection field read: their selected fields' (under
+    `nodes` and `edges { node }`), None (all) when that cannot be known."""
+    connection_type = get_named_type(field.type)
+    assert isinstance(connection_type, GraphQLObjectType)
+    node_type = get_named_type(connection_type.fields["nodes"].type)
+    assert isinstance(node_type, GraphQLObjectType)
+    read: set[str] = set()
+    try:
+        for selected in _all_fields(connection.selection_set, fragments):
+            name = selected.name.value
+            if name == "nodes":
+                node_fields = list(_all_fields(selected.selection_set, fragments))
+            elif name == "edges":
+                node_fields = [node for edge in _all_fields(selected.selection_set, fragments)
+                               if edge.name.value == "node"
+                               for node in _all_fields(edge.selection_set, fragments)]
+            else:
+                continue  # pageInfo, totalCount, __typename: no node column
+            for node_field in node_fields:
+                if node_field.name.value == "__typename":
+                    continue
+                definition = node_type.fields.get(node_field.name.value)
+                strawberry_field = (definition.extensions or {}).get(
+                    "strawberry-definition") if definition is not None else None
+                if (strawberry_field is None or strawberry_field.base_resolver is not None
+                        or strawberry_field.python_name not in relation.columns):
+                    return None
+                read.add(strawberry_field.python_name)
+    except _Unknown:
+        return None
+    return frozenset(read)
+
+
 def _variable_values(values: VariableValues | dict[str, Any]) -> VariableValues:
     """graphql-core's container of the coerced variables: the compiled executor passes it,
     Strawberry's execution context only the coerced dict (sources are read only for
@@ -77,35 +152,43 @@ async def prefetch(
     info: Any,
     node_type: str,
     parent_ids: Sequence[str],
-    relations: dict[str, tuple[SortKey, PageLoad]],
+    relations: dict[str, Relation],
 ) -> dict[str, Prefetched]:
     """Load, for all `parent_ids`, every relation connection in `relations` that the query
-    selects on `node_type`, once per distinct set of arguments."""
+    selects on `node_type`, once per distinct set of arguments, reading the columns that
+    all its selections with those arguments read."""
     if not parent_ids:
         return {}
     raw = info._raw_info  # graphql-core's ResolveInfo: the document and the variables
     variables = _variable_values(raw.variable_values)
     graphql_type = raw.schema.get_type(node_type)
     assert isinstance(graphql_type, GraphQLObjectType)
-    wanted: dict[tuple[str, PageRequest], Awaitable[list[Page[Row[Any]]]]] = {}
+    columns: dict[tuple[str, PageRequest], frozenset[str] | None] = {}
     for field in _node_selections(raw):
         name = field.name.value
-        if name not in relations:
+        relation = relations.get(name)
+        if relation is None:
             continue
-        sort, loader_for = relations[name]
+        definition = graphql_type.fields[name]
         try:
-            args = get_argument_values(graphql_type.fields[name], field, variables)
+            args = get_argument_values(definition, field, variables)
             request = page_request(
-                sort, first=args.get("first"), after=args.get("after"),
+                relation.sort, first=args.get("first"), after=args.get("after"),
                 last=args.get("last"), before=args.get("before"),
             )
         except (DomainError, GraphQLError):
             continue  # the field's own resolver reports it, at its path
         key = (name, request)
-        if key not in wanted:
-            wanted[key] = loader_for(request).load_many(parent_ids)
-    if not wanted:
+        read = _columns_read(field, definition, relation, raw.fragments)
+        if key not in columns:
+            columns[key] = read
+        elif columns[key] is not None:
+            columns[key] = None if read is None else columns[key] | read  # type: ignore[operator]
+    if not columns:
         return {}
+    wanted: dict[tuple[str, PageRequest], Awaitable[list[Page[Row[Any]]]]] = {
+        key: relations[key[0]].loader(key[1], read).load_many(parent_ids)
+        for key, read in columns.items()}
     results = await asyncio.gather(*wanted.values())
     prefetched: dict[str, Prefetched] = {parent: {} for parent in parent_ids}
     for key, pages in zip(wanted, results, strict=True):

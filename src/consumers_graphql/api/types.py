@@ -15,14 +15,13 @@ from strawberry.scalars import JSON
 from consumers_graphql.api import decorators
 from consumers_graphql.api.context import Info
 from consumers_graphql.api.loaders import Loaders
-from consumers_graphql.api.prefetch import PageLoad, Prefetched, prefetch
+from consumers_graphql.api.prefetch import Prefetched, Relation, prefetch
 from consumers_graphql.store.events import EventRecord
 from consumers_graphql.store.events import EventType as EventKind
 from consumers_graphql.store.pagination import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
     Page,
-    SortKey,
     page_request,
 )
 from consumers_graphql.store.queries.audiences import AUDIENCE_SORT
@@ -239,10 +238,11 @@ def _relation(
     return loaded()  # type: ignore[return-value]  # graphql-core awaits it; schema wants Connection
 
 
-def consumer_relations(loaders: Loaders) -> dict[str, tuple[SortKey, PageLoad]]:
+def consumer_relations(loaders: Loaders) -> dict[str, Relation]:
     return {
-        "audiences": (AUDIENCE_SORT, loaders.audiences_by_consumer_id),
-        "orders": (ORDER_SORT, loaders.orders_by_consumer_id),
+        "audiences": Relation(AUDIENCE_SORT, loaders.audiences_by_consumer_id,
+                              frozenset(_AUDIENCE_FIELDS)),
+        "orders": Relation(ORDER_SORT, loaders.orders_by_consumer_id, frozenset(_ORDER_FIELDS)),
     }
 
 
@@ -322,7 +322,9 @@ class Order(Node):
         nodes = []
         for row in rows:
             id, consumer_id, amount, currency, placed_at, external_id, created_at = columns(row)
-            nodes.append(cls(id=id, consumer_id=consumer_id, amount=float(amount),
+            nodes.append(cls(id=id, consumer_id=consumer_id,
+                             # None: not read (api/prefetch.py), nor selected
+                             amount=cast(float, amount) if amount is None else float(amount),
                              currency=currency, placed_at=placed_at, external_id=external_id,
                              created_at=created_at))
         return nodes

@@ -23,6 +23,7 @@ from consumers_graphql.store.queries.common import (
     identity,
     memberships,
     one_of,
+    projected,
 )
 
 AUDIENCE_SORT = SortKey(
@@ -31,10 +32,10 @@ AUDIENCE_SORT = SortKey(
 _AUDIENCE_COUNT = select(func.count()).select_from(audiences)
 
 
-def _consumer_audiences_base(dialect: str) -> Select[Any]:
+def _consumer_audiences_base(dialect: str, kept: frozenset[str] | None) -> Select[Any]:
     parent = memberships.c.consumer_id
     return (
-        select(*AUDIENCE_COLUMNS, parent.label("_parent"))
+        select(*projected(AUDIENCE_COLUMNS, kept), parent.label("_parent"))
         .join(memberships, memberships.c.audience_id == audiences.c.id)
         .where(one_of(parent, "parent_ids", dialect))
     )
@@ -57,10 +58,12 @@ class AudienceReads(Reads):
         return await self._by_ids("audiences", ids)
 
     async def audience_pages_by_consumer_ids(
-        self, consumer_ids: Sequence[str], request: PageRequest
+        self, consumer_ids: Sequence[str], request: PageRequest,
+        columns: frozenset[str] | None = None,
     ) -> list[Page[Row[Any]]]:
+        """`columns`: the audiences' columns read (None: all; see Reads._pages)."""
         return await self._pages("Consumer.audiences", _consumer_audiences_base, AUDIENCE_SORT,
-                                 memberships.c.consumer_id, consumer_ids, request)
+                                 memberships.c.consumer_id, consumer_ids, request, columns)
 
     async def audience_counts_by_consumer_ids(self, consumer_ids: Sequence[str]) -> list[int]:
         return await self._counts(memberships.c.consumer_id, consumer_ids)

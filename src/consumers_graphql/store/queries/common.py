@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Select, String, any_, bindparam, func, select
+from sqlalchemy import ColumnElement, Select, String, any_, bindparam, func, null, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Row
 
@@ -30,6 +30,16 @@ orders = models.Order.__table__
 CONSUMER_COLUMNS = [c for c in consumers.c if c.name != "search_text"]
 AUDIENCE_COLUMNS = list(audiences.c)
 ORDER_COLUMNS = list(orders.c)
+
+
+def projected(columns: Sequence[ColumnElement[Any]], kept: frozenset[str] | None
+              ) -> list[ColumnElement[Any]]:
+    """`columns`, those not `kept` read as NULL under their own names (all of them when
+    `kept` is None): a row keeps its shape, and a NULL is neither sent, decoded nor
+    converted. A nested page reads only what its query selects (api/prefetch.py)."""
+    if kept is None:
+        return list(columns)
+    return [c if c.key in kept else null().label(c.key) for c in columns]
 
 
 def one_of(column: ColumnElement[Any], name: str, dialect: str) -> ColumnElement[bool]:
@@ -110,17 +120,22 @@ class Reads:
     async def _pages(
         self,
         relation: str,
-        base: Callable[[str], Select[Any]],
+        base: Callable[[str, frozenset[str] | None], Select[Any]],
         sort: SortKey,
         parent: Any,
         parent_ids: Sequence[str],
         request: PageRequest,
+        columns: frozenset[str] | None = None,
     ) -> list[Page[Row[Any]]]:
-        """Pages of a relation for every parent at once; `base(dialect)` selects the
+        """Pages of a relation for every parent at once; `base(dialect, kept)` selects the
         children of the parents bound as `parent_ids` (see one_of), with the parent as
-        `_parent`."""
+        `_parent`, and of their columns only those `kept` (see projected). `columns`: those
+        the caller reads (None: all); the id and the sort's are read in any case."""
         dialect = self.dialect
-        statement, params = page_statement((relation, dialect), lambda: base(dialect), sort,
+        kept = None if columns is None else columns | {
+            "id", sort.column.name, sort.id_column.name}
+        statement, params = page_statement((relation, dialect, kept),
+                                           lambda: base(dialect, kept), sort,
                                            request, partition_by=parent)
         rows = await self._rows(statement, {**params, "parent_ids": list(set(parent_ids))})
         return assemble_pages(rows, parent_ids, "_parent", sort, request, identity)
