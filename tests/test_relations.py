@@ -341,3 +341,73 @@ async def test_nested_pages_read_only_the_selected_columns(
         await gql.data("""{ consumers(first: 6) { nodes {
             orders(first: 3) { nodes { consumer { id } } } } } }""")
     assert "NULL AS" not in sql.statements[1]
+
+
+# A relation under a directive is not loaded ahead: its resolver takes the page loaded for
+# the other selections of the same relation, which must then hold every column.
+HIDDEN = [
+    # on the relation field itself, beside an alias without one
+    """{ consumers(first: 6) { nodes {
+        a: audiences { nodes { id } }
+        b: audiences @include(if: true) { nodes { id name description } } } } }""",
+    # on `nodes` of the parent connection
+    """{ consumers(first: 6) {
+        nodes { a: audiences { nodes { id } } }
+        nodes @include(if: true) { b: audiences { nodes { id name description } } } } }""",
+    # on a fragment spread at the consumer
+    """{ consumers(first: 6) { nodes { a: audiences { nodes { id } } ...F @skip(if: false) } } }
+       fragment F on Consumer { b: audiences { nodes { id name description } } }""",
+    # the same response key, merged (a non-null amount read as NULL would fail the request)
+    """{ consumers(first: 6) { nodes {
+        orders(first: 3) { nodes { id } }
+        orders(first: 3) @include(if: true) { nodes { id amount currency } } } } }""",
+]
+
+
+@pytest.mark.parametrize("case", range(len(HIDDEN)))
+async def test_a_relation_under_a_directive_gets_every_column(
+        gql: GraphQL, write_engine: Any, case: int) -> None:
+    await given_relations_with_every_column_set(write_engine)
+    full = (await gql.data(FULL))["consumers"]["nodes"]
+    found = (await gql.data(HIDDEN[case]))["consumers"]["nodes"]
+    if case < 3:
+        assert [node["b"]["nodes"] for node in found] == [
+            _only(node["audiences"]["nodes"], "id", "name", "description") for node in full]
+    else:
+        assert [node["orders"]["nodes"] for node in found] == [
+            _only(node["orders"]["nodes"], "id", "amount", "currency") for node in full]
+
+
+async def test_narrowed_nested_pages_page_on_from_their_cursors(
+        gql: GraphQL, write_engine: Any) -> None:
+    """A narrowed page's cursors lead to the right rows and flags: after and before add
+    probes to the statement (a UNION of selects), each with its NULL columns."""
+    await given_relations_with_every_column_set(write_engine)
+    full = (await gql.data("""{ consumers(first: 6) { nodes {
+        orders(first: 5) { edges { cursor node { id currency } } }
+        audiences { edges { cursor node { id description } } } } } }"""))["consumers"]["nodes"]
+    for node in full:
+        edges = node["orders"]["edges"]
+        if len(edges) < 3:
+            continue
+        middle = edges[1]["cursor"]
+        for args, want, info in (
+                (f'first: 1, after: "{middle}"', edges[2:3],
+                 {"hasNextPage": len(edges) > 3, "hasPreviousPage": True}),
+                (f'last: 1, before: "{middle}"', edges[0:1],
+                 {"hasNextPage": True, "hasPreviousPage": False})):
+            got = (await gql.data(f"""{{ consumers(first: 6) {{ nodes {{ id
+                orders({args}) {{ pageInfo {{ hasNextPage hasPreviousPage }}
+                edges {{ cursor node {{ id currency }} }} }} }} }} }}"""))["consumers"]["nodes"]
+            mine = [g for g in got if g["orders"]["edges"] and any(
+                e["node"]["id"] == want[0]["node"]["id"] for e in g["orders"]["edges"])]
+            assert mine and mine[0]["orders"]["edges"] == want
+            assert mine[0]["orders"]["pageInfo"] == info
+    for node in full:
+        edges = node["audiences"]["edges"]
+        if len(edges) < 2:
+            continue
+        got = (await gql.data(f"""{{ consumers(first: 6) {{ nodes {{
+            audiences(first: 1, after: "{edges[0]['cursor']}") {{
+              edges {{ cursor node {{ id description }} }} }} }} }} }}"""))["consumers"]["nodes"]
+        assert any(g["audiences"]["edges"] == edges[1:2] for g in got)
