@@ -46,19 +46,23 @@ query($first: Int!) {
 """
 
 
-async def given_consumers_with_relations(engine: Any, count: int = 120) -> list[dict[str, Any]]:
-    consumers = [consumer_row(n) for n in range(count)]
-    audiences = [audience_row(name) for name in ("VIP", "Newsletter", "Lapsed")]
+async def given(engine: Any, consumers: list[dict[str, Any]], audiences: list[dict[str, Any]],
+                orders: list[dict[str, Any]]) -> None:
+    """The rows, consumer i a member of audience j when i + j is odd."""
     await insert_consumers(engine, consumers)
     await insert_rows(engine, models.Audience, audiences)
     await insert_rows(engine, models.ConsumerAudience, [
         {"consumer_id": c["id"], "audience_id": a["id"], "created_at": BASE_TIME}
         for i, c in enumerate(consumers) for j, a in enumerate(audiences) if (i + j) % 2
     ])
-    await insert_rows(engine, models.Order, [
-        order_row(c["id"], f"{k}.50", BASE_TIME + timedelta(days=k))
-        for i, c in enumerate(consumers) for k in range(i % 8)
-    ])
+    await insert_rows(engine, models.Order, orders)
+
+
+async def given_consumers_with_relations(engine: Any, count: int = 120) -> list[dict[str, Any]]:
+    consumers = [consumer_row(n) for n in range(count)]
+    await given(engine, consumers, [audience_row(name) for name in ("VIP", "Newsletter", "Lapsed")],
+                [order_row(c["id"], f"{k}.50", BASE_TIME + timedelta(days=k))
+                 for i, c in enumerate(consumers) for k in range(i % 8)])
     return consumers
 
 
@@ -263,13 +267,7 @@ async def given_relations_with_every_column_set(engine: Any) -> None:
                               created_at=BASE_TIME + timedelta(hours=n),
                               updated_at=BASE_TIME + timedelta(days=n))
                  for n, name in enumerate(("VIP", "Newsletter", "Lapsed"))]
-    await insert_consumers(engine, consumers)
-    await insert_rows(engine, models.Audience, audiences)
-    await insert_rows(engine, models.ConsumerAudience, [
-        {"consumer_id": c["id"], "audience_id": a["id"], "created_at": BASE_TIME}
-        for i, c in enumerate(consumers) for j, a in enumerate(audiences) if (i + j) % 2
-    ])
-    await insert_rows(engine, models.Order, [
+    await given(engine, consumers, audiences, [
         order_row(c["id"], f"{k}.25", BASE_TIME + timedelta(days=k), external_id=f"x-{i}-{k}",
                   created_at=BASE_TIME - timedelta(minutes=i * 10 + k))
         for i, c in enumerate(consumers) for k in range(1 + i % 5)

@@ -19,7 +19,7 @@ one request from two places with different columns (two root connections, or one
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from graphql import (
@@ -57,72 +57,51 @@ class _Unknown(Exception):
 
 
 def _fields(
-    selection_set: SelectionSetNode | None, fragments: dict[str, Any]
+    selection_set: SelectionSetNode | None, fragments: dict[str, Any], *, strict: bool = False
 ) -> Iterator[FieldNode]:
-    """Field nodes of a selection set, fragments flattened; fields under a directive are
-    left out (they may be skipped)."""
+    """Field nodes of a selection set, fragments flattened whatever their type condition (a
+    superset). Fields under a directive are left out (they may be skipped); with `strict`,
+    a directive, or a fragment not found, raises _Unknown instead."""
     for selection in selection_set.selections if selection_set else ():
         if selection.directives:
+            if strict:
+                raise _Unknown
             continue
         if isinstance(selection, FieldNode):
             yield selection
         elif isinstance(selection, InlineFragmentNode):
-            yield from _fields(selection.selection_set, fragments)
+            yield from _fields(selection.selection_set, fragments, strict=strict)
         elif isinstance(selection, FragmentSpreadNode):
             fragment = fragments.get(selection.name.value)
             if fragment is not None:
-                yield from _fields(fragment.selection_set, fragments)
-
-
-def _node_selections(info: Any) -> Iterator[FieldNode]:
-    """The fields selected on the nodes of the connection being resolved: under `nodes` and
-    under `edges { node }`."""
-    fragments = info.fragments
-    for connection_node in info.field_nodes:
-        for field in _fields(connection_node.selection_set, fragments):
-            if field.name.value == "nodes":
-                yield from _fields(field.selection_set, fragments)
-            elif field.name.value == "edges":
-                for edge_field in _fields(field.selection_set, fragments):
-                    if edge_field.name.value == "node":
-                        yield from _fields(edge_field.selection_set, fragments)
-
-
-def _all_fields(
-    selection_set: SelectionSetNode | None, fragments: dict[str, Any]
-) -> Iterator[FieldNode]:
-    """Field nodes of a selection set, fragments flattened whatever their type condition (a
-    superset); _Unknown at a directive or a fragment not found."""
-    for selection in selection_set.selections if selection_set else ():
-        if selection.directives:
-            raise _Unknown
-        if isinstance(selection, FieldNode):
-            yield selection
-        elif isinstance(selection, InlineFragmentNode):
-            yield from _all_fields(selection.selection_set, fragments)
-        elif isinstance(selection, FragmentSpreadNode):
-            fragment = fragments.get(selection.name.value)
-            if fragment is None:
+                yield from _fields(fragment.selection_set, fragments, strict=strict)
+            elif strict:
                 raise _Unknown
-            yield from _all_fields(fragment.selection_set, fragments)
+
+
+def _node_fields(
+    connection_nodes: Iterable[FieldNode], fragments: dict[str, Any], *, strict: bool = False
+) -> Iterator[FieldNode]:
+    """The fields selected on the nodes of these connection fields: under `nodes` and under
+    `edges { node }` (`strict` as in _fields)."""
+    for connection_node in connection_nodes:
+        for field in _fields(connection_node.selection_set, fragments, strict=strict):
+            if field.name.value == "nodes":
+                yield from _fields(field.selection_set, fragments, strict=strict)
+            elif field.name.value == "edges":
+                for edge_field in _fields(field.selection_set, fragments, strict=strict):
+                    if edge_field.name.value == "node":
+                        yield from _fields(edge_field.selection_set, fragments, strict=strict)
 
 
 def _seen_whole(info: Any) -> bool:
     """Whether the look-ahead sees every selection of the nodes' relations: no directive on
     the way from the connection to the nodes' fields (on `nodes`, `edges`, `node`, a
     fragment, a relation field). A relation under a directive is not prefetched, and its
-    resolver takes the page loaded for the others (see _node_selections): that page must
-    then read every column."""
-    fragments = info.fragments
+    resolver takes the page loaded for the others: that page must then read every column."""
     try:
-        for connection_node in info.field_nodes:
-            for field in _all_fields(connection_node.selection_set, fragments):
-                if field.name.value == "nodes":
-                    _ = list(_all_fields(field.selection_set, fragments))
-                elif field.name.value == "edges":
-                    for edge_field in _all_fields(field.selection_set, fragments):
-                        if edge_field.name.value == "node":
-                            _ = list(_all_fields(edge_field.selection_set, fragments))
+        for _field in _node_fields(info.field_nodes, info.fragments, strict=True):
+            pass
     except _Unknown:
         return False
     return True
@@ -138,26 +117,16 @@ def _columns_read(connection: FieldNode, field: GraphQLField, relation: Relation
     assert isinstance(node_type, GraphQLObjectType)
     read: set[str] = set()
     try:
-        for selected in _all_fields(connection.selection_set, fragments):
-            name = selected.name.value
-            if name == "nodes":
-                node_fields = list(_all_fields(selected.selection_set, fragments))
-            elif name == "edges":
-                node_fields = [node for edge in _all_fields(selected.selection_set, fragments)
-                               if edge.name.value == "node"
-                               for node in _all_fields(edge.selection_set, fragments)]
-            else:
-                continue  # pageInfo, totalCount, __typename: no node column
-            for node_field in node_fields:
-                if node_field.name.value == "__typename":
-                    continue
-                definition = node_type.fields.get(node_field.name.value)
-                strawberry_field = (definition.extensions or {}).get(
-                    "strawberry-definition") if definition is not None else None
-                if (strawberry_field is None or strawberry_field.base_resolver is not None
-                        or strawberry_field.python_name not in relation.columns):
-                    return None
-                read.add(strawberry_field.python_name)
+        for node_field in _node_fields([connection], fragments, strict=True):
+            if node_field.name.value == "__typename":
+                continue
+            definition = node_type.fields.get(node_field.name.value)
+            strawberry_field = (definition.extensions or {}).get(
+                "strawberry-definition") if definition is not None else None
+            if (strawberry_field is None or strawberry_field.base_resolver is not None
+                    or strawberry_field.python_name not in relation.columns):
+                return None
+            read.add(strawberry_field.python_name)
     except _Unknown:
         return None
     return frozenset(read)
@@ -189,7 +158,7 @@ async def prefetch(
     assert isinstance(graphql_type, GraphQLObjectType)
     columns: dict[tuple[str, PageRequest], frozenset[str] | None] = {}
     narrow = _seen_whole(raw)
-    for field in _node_selections(raw):
+    for field in _node_fields(raw.field_nodes, raw.fragments):
         name = field.name.value
         relation = relations.get(name)
         if relation is None:
