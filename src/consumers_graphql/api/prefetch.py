@@ -174,10 +174,10 @@ async def prefetch(
             continue  # the field's own resolver reports it, at its path
         key = (name, request)
         read = _columns_read(field, definition, relation, raw.fragments) if narrow else None
-        if key not in columns:
-            columns[key] = read
-        elif columns[key] is not None:
-            columns[key] = None if read is None else columns[key] | read  # type: ignore[operator]
+        if key in columns:  # another selection of it: both are read
+            before = columns[key]
+            read = None if before is None or read is None else before | read
+        columns[key] = read
     if not columns:
         return {}
     wanted: dict[tuple[str, PageRequest], Awaitable[list[Page[Row[Any]]]]] = {
