@@ -94,19 +94,6 @@ def _node_fields(
                         yield from _fields(edge_field.selection_set, fragments, strict=strict)
 
 
-def _seen_whole(info: Any) -> bool:
-    """Whether the look-ahead sees every selection of the nodes' relations: no directive on
-    the way from the connection to the nodes' fields (on `nodes`, `edges`, `node`, a
-    fragment, a relation field). A relation under a directive is not prefetched, and its
-    resolver takes the page loaded for the others: that page must then read every column."""
-    try:
-        for _field in _node_fields(info.field_nodes, info.fragments, strict=True):
-            pass
-    except _Unknown:
-        return False
-    return True
-
-
 def _columns_read(connection: FieldNode, field: GraphQLField, relation: Relation,
                   fragments: dict[str, Any]) -> frozenset[str] | None:
     """The columns the nodes of this connection field read: their selected fields' (under
@@ -156,9 +143,17 @@ async def prefetch(
     variables = _variable_values(raw.variable_values)
     graphql_type = raw.schema.get_type(node_type)
     assert isinstance(graphql_type, GraphQLObjectType)
+    # A relation under a directive on the way to the nodes' fields is not prefetched, and
+    # its resolver takes the page loaded for the others: that page must then read every
+    # column. Without one (and with every fragment found), both walks find the same fields.
+    try:
+        node_fields = list(_node_fields(raw.field_nodes, raw.fragments, strict=True))
+        narrow = True
+    except _Unknown:
+        node_fields = list(_node_fields(raw.field_nodes, raw.fragments))
+        narrow = False
     columns: dict[tuple[str, PageRequest], frozenset[str] | None] = {}
-    narrow = _seen_whole(raw)
-    for field in _node_fields(raw.field_nodes, raw.fragments):
+    for field in node_fields:
         name = field.name.value
         relation = relations.get(name)
         if relation is None:

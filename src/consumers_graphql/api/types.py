@@ -36,6 +36,8 @@ _CONSUMER_FIELDS = ("id", "email", "phone", "full_name", "metadata", "external_i
 _AUDIENCE_FIELDS = ("id", "name", "description", "created_at", "updated_at")
 _ORDER_FIELDS = ("id", "consumer_id", "amount", "currency", "placed_at", "external_id",
                  "created_at")
+# what a node field may read alone (api/prefetch.py: Relation)
+_AUDIENCE_COLUMNS, _ORDER_COLUMNS = frozenset(_AUDIENCE_FIELDS), frozenset(_ORDER_FIELDS)
 
 
 _readers: dict[tuple[tuple[str, ...], tuple[str, ...]], Callable[[Row[Any]], Any]] = {}
@@ -241,8 +243,8 @@ def _relation(
 def consumer_relations(loaders: Loaders) -> dict[str, Relation]:
     return {
         "audiences": Relation(AUDIENCE_SORT, loaders.audiences_by_consumer_id,
-                              frozenset(_AUDIENCE_FIELDS)),
-        "orders": Relation(ORDER_SORT, loaders.orders_by_consumer_id, frozenset(_ORDER_FIELDS)),
+                              _AUDIENCE_COLUMNS),
+        "orders": Relation(ORDER_SORT, loaders.orders_by_consumer_id, _ORDER_COLUMNS),
     }
 
 
