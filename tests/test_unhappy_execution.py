@@ -128,6 +128,35 @@ async def test_twenty_failing_requests_at_once_all_answer_and_give_back_their_co
     assert checked_out(app) == 0
 
 
+TWO_PAGES_ONE_RELATION = """
+{ a: consumers(first: 2) { nodes { id orders { nodes { id } } } }
+  b: consumers(first: 2, sortBy: EMAIL) { nodes { id orders { nodes { id } } } } }
+"""
+
+
+async def test_a_look_ahead_read_that_fails_fails_every_page_waiting_for_it(
+    app: FastAPI, read_only_gql: GraphQL, write_engine: Any, compiled: bool
+) -> None:
+    await given_orders(write_engine)
+    # given two pages of the same consumers, whose look-aheads share the orders' loader (the
+    # second waits for the first one's read), and an orders table that cannot be read
+    async with write_engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE orders RENAME TO orders_gone"))
+    try:
+        body = await answer(read_only_gql, TWO_PAGES_ONE_RELATION)
+    finally:
+        async with write_engine.begin() as conn:
+            await conn.execute(text("ALTER TABLE orders_gone RENAME TO orders"))
+
+    # then both pages answer the read's failure, neither waits for ever
+    assert body["data"] is None, body
+    assert sorted(error["path"][0] for error in body["errors"]) in (["a"], ["a", "b"]), body
+    assert set(codes(body)) == {"INTERNAL_SERVER_ERROR"}, body
+    assert checked_out(app) == 0
+    assert [len(page["nodes"]) for page in (await answer(
+        read_only_gql, TWO_PAGES_ONE_RELATION))["data"].values()] == [2, 2]
+
+
 # --- b. variables in nested relation arguments -----------------------------------------------
 
 NESTED_VARIABLES = """

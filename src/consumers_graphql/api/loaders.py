@@ -10,6 +10,7 @@ from typing import Any, TypeVar, cast
 
 from sqlalchemy.engine import Row
 from strawberry import dataloader
+from strawberry.exceptions import WrongNumberOfResultsReturned
 
 from consumers_graphql.store.db import Database, Reader
 from consumers_graphql.store.events import EventRecord, events_by_id
@@ -43,10 +44,63 @@ class DataLoader(dataloader.DataLoader[K, T]):
         # gather takes what its loads raised; what it raises itself is taken here
         return asyncio.shield(_unwatched(asyncio.gather(*map(self._load, keys))))
 
+    def load_all(self, keys: Sequence[K]) -> Awaitable[list[T]]:
+        """`load_many` for a look-ahead's keys (a page's ids): those not loaded yet are read
+        at once, as one batch of their own, by one task; each key's future is set from it,
+        so the cache and `loaded` are as `load_many` leaves them, but no batch is scheduled
+        and no callback runs per key (a page of 20 made 60 of them per relation). Shielded
+        as `load` is: the batch runs to its end whoever stops waiting."""
+        futures: dict[K, asyncio.Future[T]] = {}
+        missing: list[K] = []
+        for key in keys:
+            if key in futures:
+                continue
+            future = self.cache_map.get(key)
+            if future is None or future.cancelled():
+                future = self.loop.create_future()
+                self.cache_map.set(key, future)
+                missing.append(key)
+            futures[key] = self.loaded[key] = future
+        return asyncio.shield(_unwatched(asyncio.ensure_future(
+            _read_all(self.load_fn, missing, futures, keys))))
+
     def _load(self, key: K) -> asyncio.Future[T]:
         future = cast("asyncio.Future[T]", super().load(key))
         self.loaded[key] = future
         return future
+
+
+async def _read_all(
+    load_fn: Callable[[list[K]], Awaitable[Sequence[T | BaseException]]],
+    missing: list[K],
+    futures: dict[K, asyncio.Future[T]],
+    keys: Sequence[K],
+) -> list[T]:
+    """DataLoader.load_all's batch: reads `missing`, settles their futures as Strawberry's
+    dispatch does (a value, the key's exception, or what the read raised for every key),
+    then answers every key, awaiting those another batch still reads."""
+    if missing:
+        try:
+            values = list(await load_fn(missing))
+            if len(values) != len(missing):
+                raise WrongNumberOfResultsReturned(
+                    expected=len(missing), received=len(values))
+        except Exception as error:  # every key's outcome, as in dispatch_batch
+            values = [error] * len(missing)
+        except BaseException:  # cancelled: nobody gets an answer from this batch
+            for key in missing:
+                futures[key].cancel()
+            raise
+        for key, value in zip(missing, values, strict=True):
+            future = futures[key]
+            if future.done():  # primed meanwhile, or cancelled
+                continue
+            if isinstance(value, BaseException):
+                future.set_exception(value)
+                future.exception()  # taken: the waiters below, or nobody, see it
+            else:
+                future.set_result(value)
+    return [await futures[key] for key in keys]
 
 
 async def _replaying(

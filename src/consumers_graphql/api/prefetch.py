@@ -176,7 +176,7 @@ async def prefetch(
     if not columns:
         return {}
     wanted: dict[tuple[str, PageRequest], Awaitable[list[Page[Row[Any]]]]] = {
-        key: relations[key[0]].loader(key[1], read).load_many(parent_ids)
+        key: relations[key[0]].loader(key[1], read).load_all(parent_ids)
         for key, read in columns.items()}
     results = await asyncio.gather(*wanted.values())
     prefetched: dict[str, Prefetched] = {parent: {} for parent in parent_ids}
