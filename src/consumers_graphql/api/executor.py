@@ -125,19 +125,15 @@ class _FieldPlan:
     # For a Strawberry resolver with nothing wrapped around it: its call, with arguments
     # converted to Python once per plan (see _direct_call).
     call: Callable[[Any, GraphQLResolveInfo[Any], dict[str, Any]], Any] | None = None
-    # For an attribute read of a scalar or enum (most fields): its serializer, and whether
-    # null is refused. Such a field is answered without a Path or a completer call.
-    leaf: Callable[[Any], Any] | None = None
+    # For an attribute read of a scalar or enum (most fields): its type, and whether null is
+    # refused. Such a field is answered in the object's written-out function (_written),
+    # without a Path or a completer call.
+    leaf: GraphQLScalarType | GraphQLEnumType | None = None
     required: bool = False
 
 
-# A plan as execute_fields walks it: (response key, read, leaf serializer, required, plan),
-# read once here instead of as four attributes per field per object.
-_Step = tuple[str, Callable[[Any], Any] | None, Callable[[Any], Any] | None, bool, _FieldPlan]
-
-
-def _steps(plans: list[_FieldPlan]) -> tuple[_Step, ...]:
-    return tuple((plan.key, plan.read, plan.leaf, plan.required, plan) for plan in plans)
+# An object's selection answered: (the run, the object, its path) -> its response object
+Fields = Callable[["_Run", Any, Path | None], dict[str, Any]]
 
 
 @dataclass
@@ -146,10 +142,10 @@ class _Plan:
     fragments: dict[str, FragmentDefinitionNode]
     root_type: GraphQLObjectType
     fields: list[_FieldPlan]
-    steps: tuple[_Step, ...] = field(init=False)
+    answer: Fields = field(init=False)
 
     def __post_init__(self) -> None:
-        self.steps = _steps(self.fields)
+        self.answer = _object_fields(self.fields)
 
 
 class _Compiler:
@@ -245,7 +241,7 @@ class _Compiler:
                 leaf_type = leaf_type.of_type
             if read is not None and plan.basic and isinstance(
                     leaf_type, GraphQLScalarType | GraphQLEnumType):
-                plan.leaf = _serializer(leaf_type)
+                plan.leaf = leaf_type
             plans.append(plan)
         return plans
 
@@ -298,27 +294,28 @@ class _Compiler:
 
             return leaf
         if isinstance(return_type, GraphQLObjectType):
-            steps = _steps(plans if plans is not None else self.fields(return_type, sub_sets))
+            answer = _object_fields(
+                plans if plans is not None else self.fields(return_type, sub_sets))
 
             def object_value(value: Any, run: _Run, path: Path) -> Any:
                 if value is None:
                     return None
-                return run.execute_fields(steps, value, path)
+                return answer(run, value, path)
 
             return object_value
         if isinstance(return_type, GraphQLAbstractType):
-            by_type: dict[str, tuple[_Step, ...]] = {}
+            by_type: dict[str, Fields] = {}
             for possible in self.schema.get_possible_types(return_type):
-                by_type[possible.name] = _steps(self.fields(possible, sub_sets))
+                by_type[possible.name] = _object_fields(self.fields(possible, sub_sets))
 
             def abstract_value(value: Any, run: _Run, path: Path) -> Any:
                 if value is None:
                     return None
                 definition = getattr(type(value), "__strawberry_definition__", None)
-                plans = by_type.get(getattr(definition, "name", None) or "")
-                if plans is None:
+                answer = by_type.get(getattr(definition, "name", None) or "")
+                if answer is None:
                     raise _Fallback("unknown runtime type")
-                return run.execute_fields(plans, value, path)
+                return answer(run, value, path)
 
             return abstract_value
         raise _Unsupported("output type")
@@ -328,31 +325,66 @@ def _records(plans: list[_FieldPlan], *, required_items: bool) -> Completer:
     """A list of objects whose selected fields are all attribute reads of scalars (a page's
     nodes, most often): each item answered in one loop, with no Path (nothing below it
     resolves) and no completer call per item or per field."""
-    leaves = [(plan.key, plan.read, plan.leaf, plan.required) for plan in plans]
+    namespace: dict[str, Any] = {}
+    lines = ["def records(value, _run, _path):",
+             "    if value is None:",
+             "        return None",
+             "    out = []",
+             "    append = out.append",
+             "    for item in value:",
+             "        if item is None:",
+             "            raise Fallback('null in a non-null position')" if required_items
+             else "            append(None)\n            continue"]
+    for index, plan in enumerate(plans):
+        lines.extend(_leaf_lines(plan, index, "item", namespace, indent=8))
+    record = ", ".join(f"{plan.key!r}: v{index}" for index, plan in enumerate(plans))
+    lines += [f"        append({{{record}}})", "    return out"]
+    return cast(Completer, _written("\n".join(lines), "records", namespace))
 
-    def records(value: Any, _run: _Run, _path: Path) -> Any:
-        if value is None:
-            return None
-        out: list[dict[str, Any] | None] = []
-        for item in value:
-            if item is None:
-                if required_items:
-                    raise _Fallback("null in a non-null position")
-                out.append(None)
-                continue
-            record: dict[str, Any] = {}
-            for key, read, leaf, required in leaves:
-                field_value = read(item)  # type: ignore[misc]  # a leaf is planned only with a read
-                if field_value is not None:
-                    record[key] = leaf(field_value)  # type: ignore[misc]  # checked above
-                elif required:
-                    raise _Fallback("null in a non-null position")
-                else:
-                    record[key] = None
-            out.append(record)
-        return out
 
-    return records
+def _object_fields(plans: list[_FieldPlan]) -> Fields:
+    """What an object's selection answers, as one function written out for the plan: each
+    leaf read and serialized in line, each other field handed to `_Run.field`."""
+    namespace: dict[str, Any] = {}
+    lines = ["def fields(run, source, path):", "    out = {}"]
+    for index, plan in enumerate(plans):
+        if plan.leaf is not None:
+            lines.extend(_leaf_lines(plan, index, "source", namespace, indent=4))
+            lines.append(f"    out[{plan.key!r}] = v{index}")
+        elif plan.definition is None:  # __typename
+            lines.append(f"    out[{plan.key!r}] = {plan.parent.name!r}")
+        else:
+            namespace[f"p{index}"] = plan
+            lines.append(f"    run.field(p{index}, source, path, out)")
+    lines.append("    return out")
+    return cast(Fields, _written("\n".join(lines), "fields", namespace))
+
+
+def _leaf_lines(plan: _FieldPlan, index: int, source: str, namespace: dict[str, Any], *,
+                indent: int) -> list[str]:
+    """Lines that leave in `v<index>` the serialized value (see _serialized) of a leaf
+    plan read from `source`, null refused where the schema refuses it."""
+    assert plan.leaf is not None and plan.read is not None
+    value, serialize = f"v{index}", f"s{index}"
+    namespace[f"r{index}"], namespace[serialize] = plan.read, plan.leaf.serialize
+    expression = _serialized(plan.leaf, value, serialize)
+    pad = " " * indent
+    lines = [f"{pad}{value} = r{index}({source})",
+             f"{pad}if {value} is not None:",
+             f"{pad}    {value} = {expression}"]
+    if plan.required:
+        lines += [f"{pad}else:", f"{pad}    raise Fallback('null in a non-null position')"]
+    return lines
+
+
+def _written(source: str, name: str, namespace: dict[str, Any]) -> Any:
+    """The function `name` defined by `source`, with `namespace` as its globals (the plan's
+    reads, serializers and field plans; response keys are GraphQL names, written as string
+    literals). Written once per plan, as graphql-jit and dataclasses write theirs: a loop
+    over the fields, per object and per field, costs more than the fields' own work."""
+    namespace.update(Fallback=_Fallback, isfinite=isfinite)
+    exec(compile(source, f"<compiled plan: {name}>", "exec"), namespace)
+    return namespace[name]
 
 
 def _reader(definition: GraphQLField, basic: bool) -> Callable[[Any], Any] | None:
@@ -370,20 +402,30 @@ _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 
 
 def _serializer(leaf_type: GraphQLScalarType | GraphQLEnumType) -> Callable[[Any], Any]:
-    """The type's serialize, short-cut where the value is already what it would return:
-    a str for String and ID, an int in range for Int, a finite float, a bool."""
-    serialize = leaf_type.serialize
+    """The type's serialize, short-cut as in _serialized (a leaf not read as an attribute:
+    a resolver's value, a list's items)."""
+    if _serialized(leaf_type, "value", "serialize") == "serialize(value)":
+        return leaf_type.serialize
+    return cast(Callable[[Any], Any], _written(
+        f"def serializer(value):\n    return {_serialized(leaf_type, 'value', 'serialize')}",
+        "serializer", {"serialize": leaf_type.serialize}))
+
+
+def _serialized(leaf_type: GraphQLScalarType | GraphQLEnumType, value: str, serialize: str
+                ) -> str:
+    """The expression that serializes `value` with the type's `serialize`, short-cut where
+    the value is already what it would return: a str for String and ID, an int in range for
+    Int, a finite float, a bool."""
     if leaf_type is GraphQLString or leaf_type is GraphQLID:
-        return lambda value: value if type(value) is str else serialize(value)
+        return f"{value} if type({value}) is str else {serialize}({value})"
     if leaf_type is GraphQLInt:
-        return lambda value: (value if type(value) is int and _INT_MIN <= value <= _INT_MAX
-                              else serialize(value))
+        return (f"{value} if type({value}) is int and {_INT_MIN} <= {value} <= {_INT_MAX}"
+                f" else {serialize}({value})")
     if leaf_type is GraphQLFloat:
-        return lambda value: (value if type(value) is float and isfinite(value)
-                              else serialize(value))
+        return f"{value} if type({value}) is float and isfinite({value}) else {serialize}({value})"
     if leaf_type is GraphQLBoolean:
-        return lambda value: value if type(value) is bool else serialize(value)
-    return serialize
+        return f"{value} if type({value}) is bool else {serialize}({value})"
+    return f"{serialize}({value})"
 
 
 _IMMUTABLE = (str, int, float, bool, Enum, datetime, type(None))
@@ -503,31 +545,17 @@ class _Run:
         self.done: dict[str, Any] = {}
         self.outcomes: dict[str, Any] = {}
 
-    def execute_fields(
-        self, steps: tuple[_Step, ...], source: Any, path: Path | None
-    ) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, read, leaf, required, plan in steps:
-            if leaf is not None:
-                value = read(source)  # type: ignore[misc]  # a leaf is planned only with a read
-                if value is not None:
-                    out[key] = leaf(value)
-                elif required:
-                    raise _Fallback("null in a non-null position")
-                else:
-                    out[key] = None
-                continue
-            field_path = Path(path, plan.key, plan.parent.name)
-            if plan.definition is None:  # __typename
-                out[plan.key] = plan.complete(source, self, field_path)
-                continue
-            value = self.resolve(plan, source, field_path)
-            if _is_awaitable(value):
-                out[plan.key] = None
-                self.pending.append((value, _filler(out, plan, self, field_path)))
-            else:
-                out[plan.key] = plan.complete(value, self, field_path)
-        return out
+    def field(self, plan: _FieldPlan, source: Any, path: Path | None,
+              out: dict[str, Any]) -> None:
+        """A field that is not a leaf (see _object_fields): resolved, then completed at once
+        or, when its value is awaited, once the level's awaitables are settled."""
+        field_path = Path(path, plan.key, plan.parent.name)
+        value = self.resolve(plan, source, field_path)
+        if _is_awaitable(value):
+            out[plan.key] = None
+            self.pending.append((value, _filler(out, plan, self, field_path)))
+        else:
+            out[plan.key] = plan.complete(value, self, field_path)
 
     def resolve(self, plan: _FieldPlan, source: Any, field_path: Path) -> Any:
         assert plan.definition is not None and plan.definition.resolve is not None
@@ -679,7 +707,7 @@ async def execute_compiled(
         if plan.operation.operation is OperationType.MUTATION:
             data = await run.mutate()
         else:
-            data = run.execute_fields(plan.steps, root_value, None)
+            data = plan.answer(run, root_value, None)
             await run.settle()
     except (_Fallback, Exception):
         run.abandon()

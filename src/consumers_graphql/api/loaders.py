@@ -178,6 +178,8 @@ class Loaders:
         for name in _BY_KEY:  # those of a previous run (clear, replay) are forgotten
             self.__dict__.pop(name, None)
         self._once: dict[Hashable, asyncio.Future[Any]] = {}
+        # pages of consumers read before consumer_by_id was first used (prime_consumers)
+        self._consumer_pages: list[Sequence[Row[Any]]] = []
 
     def __getattr__(self, name: str) -> DataLoader[Any, Any]:
         read = _BY_KEY.get(name)
@@ -185,6 +187,10 @@ class Loaders:
             raise AttributeError(name)
         loader = self._loader(name, getattr(self._repository, read))
         setattr(self, name, loader)
+        if name == "consumer_by_id":
+            for rows in self._consumer_pages:
+                loader.prime_many({row.id: row for row in rows})
+            self._consumer_pages = []
         return loader
 
     def _loader(
@@ -232,8 +238,14 @@ class Loaders:
         return cast("DataLoader[str, EventRecord | None]", loader)
 
     def prime_consumers(self, rows: Sequence[Row[Any]]) -> None:
-        """Consumers read as a page need no second look-up (e.g. through Order.consumer)."""
-        self.consumer_by_id.prime_many({row.id: row for row in rows})
+        """Consumers read as a page need no second look-up (e.g. through Order.consumer).
+        Primed when consumer_by_id is first used: most requests that read a page never use
+        it, and a future per row costs more than keeping the page."""
+        loader = self.__dict__.get("consumer_by_id")
+        if loader is None:
+            self._consumer_pages.append(rows)
+        else:
+            loader.prime_many({row.id: row for row in rows})
 
     def audiences_by_consumer_id(self, request: PageRequest,
                                  columns: frozenset[str] | None = None) -> PageLoader:
