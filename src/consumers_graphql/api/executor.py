@@ -75,6 +75,7 @@ from graphql.type.definition import GraphQLResolveInfoHelpers
 from strawberry.types.arguments import convert_arguments
 from strawberry.types.field import StrawberryField
 from strawberry.types.fields.resolver import StrawberryResolver
+from strawberry.types.info import Info
 
 from consumers_graphql.api.arguments import ArgumentsConverter, plan_arguments
 from consumers_graphql.api.loaders import Loaders
@@ -124,12 +125,39 @@ class _FieldPlan:
     complete: Completer = field(repr=False, default=lambda value, run, path: value)
     # For a Strawberry resolver with nothing wrapped around it: its call, with arguments
     # converted to Python once per plan (see _direct_call).
-    call: Callable[[Any, GraphQLResolveInfo[Any], dict[str, Any]], Any] | None = None
+    call: Call | None = None
     # For an attribute read of a scalar or enum (most fields): its type, and whether null is
     # refused. Such a field is answered in the object's written-out function (_written),
     # without a Path or a completer call.
     leaf: GraphQLScalarType | GraphQLEnumType | None = None
     required: bool = False
+
+
+# What a direct call (_direct_call) is given for its resolver's info: graphql-core's (a
+# NamedTuple), or, from the compiled executor, what makes it when read: a plain tuple of
+# the run, the field's plan and its path
+RawInfo = GraphQLResolveInfo[Any] | tuple["_Run", _FieldPlan, Path]
+Call = Callable[[Any, RawInfo, dict[str, Any]], Any]
+
+
+class _CompiledInfo(Info[Any, Any]):
+    """Strawberry's Info for a resolver the compiled executor calls directly: its context
+    at hand, and graphql-core's GraphQLResolveInfo made only when something reads it (most
+    resolvers read only the context; a page of 20 calls each relation's resolver 20 times)."""
+
+    def __init__(self, run: _Run, plan: _FieldPlan, path: Path,
+                 field: StrawberryField) -> None:
+        self._run, self._plan, self._path, self._field = run, plan, path, field
+
+    @property
+    def context(self) -> Any:
+        return self._run.context
+
+    def __getattr__(self, name: str) -> Any:
+        if name != "_raw_info":  # the one attribute not set at once
+            raise AttributeError(name)
+        raw = self._raw_info = self._run.info(self._plan, self._path)
+        return raw
 
 
 # An object's selection answered: (the run, the object, its path) -> its response object
@@ -433,7 +461,7 @@ _IMMUTABLE = (str, int, float, bool, Enum, datetime, type(None))
 
 def _direct_call(
     schema: GraphQLSchema, definition: GraphQLField, static_args: dict[str, Any] | None
-) -> Callable[[Any, GraphQLResolveInfo[Any], dict[str, Any]], Any] | None:
+) -> Call | None:
     """What Strawberry's resolver wrapper does for a field without extensions (convert the
     arguments, add `self` and `info`, call): with the conversion done once when the
     arguments are literals of immutable values, else by the field's conversion plan
@@ -443,10 +471,10 @@ def _direct_call(
     if strawberry_schema is None or strawberry_field is None:
         return None
     resolver = strawberry_field.base_resolver
-    if (resolver is None or strawberry_field.extensions or resolver.parent_parameter
-            or resolver.root_parameter):
-        return None
     config = strawberry_schema.config
+    if (resolver is None or strawberry_field.extensions or resolver.parent_parameter
+            or resolver.root_parameter or config.info_class is not Info):
+        return None
     registry = strawberry_schema.schema_converter.scalar_registry
     arguments: ArgumentsConverter | None = None
     if static_args is not None:
@@ -460,15 +488,19 @@ def _direct_call(
             return None
     info_name = resolver.info_parameter.name if resolver.info_parameter else None
     with_self = resolver.self_parameter is not None
-    info_class = config.info_class
     function = resolver.wrapped_func
     if (type(strawberry_field).get_result is not StrawberryField.get_result
             or type(resolver).__call__ is not StrawberryResolver.__call__
             or not callable(function)):
         function = None
 
-    def call(source: Any, info: GraphQLResolveInfo[Any], args: dict[str, Any]) -> Any:
-        strawberry_info = info_class(_raw_info=info, _field=strawberry_field)
+    def call(source: Any, info: RawInfo, args: dict[str, Any]) -> Any:
+        if type(info) is tuple:  # the compiled executor's (graphql-core's is a NamedTuple)
+            strawberry_info: Info[Any, Any] = _CompiledInfo(
+                *cast("tuple[_Run, _FieldPlan, Path]", info), strawberry_field)
+        else:
+            strawberry_info = Info(_raw_info=cast("GraphQLResolveInfo[Any]", info),
+                                   _field=strawberry_field)
         kwargs = arguments(args)
         if info_name is not None:
             kwargs[info_name] = strawberry_info
@@ -497,7 +529,7 @@ def plan_mutations(schema: GraphQLSchema) -> None:
             definition.resolve = partial(_resolve_with, call)
 
 
-def _resolve_with(call: Callable[[Any, GraphQLResolveInfo[Any], dict[str, Any]], Any],
+def _resolve_with(call: Call,
                   source: Any, info: GraphQLResolveInfo[Any], **args: Any) -> Any:
     outcomes = _replay.get()
     if outcomes is not None and info.path.prev is None and info.path.key in outcomes:
@@ -566,14 +598,17 @@ class _Run:
         args = plan.static_args
         if args is None:
             args = get_argument_values(plan.definition, plan.nodes[0], self.variables)
-        info = GraphQLResolveInfo(
+        if plan.call is not None:  # the info made only if the resolver reads it
+            return plan.call(source, (self, plan, field_path), args)
+        return plan.definition.resolve(source, self.info(plan, field_path), **args)
+
+    def info(self, plan: _FieldPlan, field_path: Path) -> GraphQLResolveInfo[Any]:
+        assert plan.definition is not None
+        return GraphQLResolveInfo(
             plan.name, plan.nodes, plan.definition.type, plan.parent, field_path,
             self.schema, self.plan.fragments, self.root_value, self.plan.operation,
             self.variables, self.context, _is_awaitable, None, _HELPERS,
         )
-        if plan.call is not None:
-            return plan.call(source, info, args)
-        return plan.definition.resolve(source, info, **args)
 
     async def mutate(self) -> dict[str, Any]:
         """The root fields one after the other, each resolved once and completed before

@@ -19,7 +19,7 @@ import base64
 import binascii
 import json
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from enum import Enum
@@ -102,15 +102,17 @@ class Page(Generic[T]):
     has_next_page: bool
     has_previous_page: bool
     sort: SortKey | None = None
-    # (sort value, id) of each item, from which its cursor is made when asked for
-    keys: list[tuple[Any, str]] = field(default_factory=list)
+    # where each item (a row) holds its sort value and its id, from which its cursor is
+    # made when asked for (most pages are answered without one)
+    key_at: tuple[int, int] = (0, 0)
     # the items' column names, when they are rows of one statement
     fields: tuple[str, ...] = ()
 
     def cursor(self, index: int) -> str:
         assert self.sort is not None
-        value, row_id = self.keys[index]
-        return encode_cursor(self.sort, value, row_id)
+        item: Any = self.items[index]
+        value_at, id_at = self.key_at
+        return encode_cursor(self.sort, item[value_at], item[id_at])
 
     @property
     def start_cursor(self) -> str | None:
@@ -471,9 +473,8 @@ def assemble_page(
     rows: Sequence[Row[Any]],
     sort: SortKey,
     request: PageRequest,
-    convert: Callable[[Row[Any]], T],
     positions: _Positions | None = None,
-) -> Page[T]:
+) -> Page[Row[Any]]:
     page_rows: list[Row[Any]] = []
     before_probe = after_probe = False
     if rows and positions is None:
@@ -498,11 +499,11 @@ def assemble_page(
         page_rows.reverse()
         has_next, has_previous = after_probe, more or before_probe
     return Page(
-        items=[convert(row) for row in page_rows],
+        items=page_rows,
         has_next_page=has_next,
         has_previous_page=has_previous,
         sort=sort,
-        keys=[(row[value_at], row[id_at]) for row in page_rows],
+        key_at=(value_at, id_at),
         fields=fields,
     )
 
@@ -513,8 +514,7 @@ def assemble_pages(
     partition_name: str,
     sort: SortKey,
     request: PageRequest,
-    convert: Callable[[Row[Any]], T],
-) -> list[Page[T]]:
+) -> list[Page[Row[Any]]]:
     """Split a partitioned page statement's rows into one page per key, in key order."""
     grouped: dict[Hashable, list[Row[Any]]] = {key: [] for key in keys}
     positions = None
@@ -523,4 +523,4 @@ def assemble_pages(
         partition_at = positions[0].index(partition_name)
         for row in rows:
             grouped[row[partition_at]].append(row)
-    return [assemble_page(grouped[key], sort, request, convert, positions) for key in keys]
+    return [assemble_page(grouped[key], sort, request, positions) for key in keys]

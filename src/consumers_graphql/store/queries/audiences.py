@@ -20,7 +20,6 @@ from consumers_graphql.store.queries.common import (
     AUDIENCE_COLUMNS,
     Reads,
     audiences,
-    identity,
     memberships,
     one_of,
     projected,
@@ -49,7 +48,7 @@ class AudienceReads(Reads):
             "audiences", lambda: select(*AUDIENCE_COLUMNS), AUDIENCE_SORT, request
         )
         rows = await self._rows(statement, params)
-        return assemble_page(rows, AUDIENCE_SORT, request, identity)
+        return assemble_page(rows, AUDIENCE_SORT, request)
 
     async def audience_count(self) -> int:
         return await self._count(_AUDIENCE_COUNT)

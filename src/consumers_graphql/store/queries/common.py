@@ -80,10 +80,6 @@ _COLUMNS = {"consumers": CONSUMER_COLUMNS, "audiences": AUDIENCE_COLUMNS,
             "orders": ORDER_COLUMNS}
 
 
-def identity(row: Row[Any]) -> Row[Any]:
-    return row
-
-
 class Reads:
     """One request's connection, and the shapes every aggregate's reads share."""
 
@@ -138,7 +134,7 @@ class Reads:
                                            lambda: base(dialect, kept), sort,
                                            request, partition_by=parent)
         rows = await self._rows(statement, {**params, "parent_ids": list(set(parent_ids))})
-        return assemble_pages(rows, parent_ids, "_parent", sort, request, identity)
+        return assemble_pages(rows, parent_ids, "_parent", sort, request)
 
     async def _by_ids(self, table_name: str, ids: Sequence[str]) -> list[Row[Any] | None]:
         rows = await self._rows(by_ids_statement(table_name, self.dialect),

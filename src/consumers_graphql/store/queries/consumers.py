@@ -49,7 +49,6 @@ from consumers_graphql.store.queries.common import (
     CONSUMER_COLUMNS,
     Reads,
     consumers,
-    identity,
     memberships,
 )
 
@@ -448,7 +447,7 @@ class ConsumerReads(Reads):
             )
         # A filtered page may walk many rows before it has its page: not on the loop.
         rows = await self._rows(statement, {**params, **page_params}, inline=not names)
-        return assemble_page(rows, sort, request, identity)
+        return assemble_page(rows, sort, request)
 
     async def consumer_count(self, f: ConsumerFilter) -> int:
         names, params = await self._consumer_filter(f, page=False)
@@ -475,8 +474,7 @@ class ConsumerReads(Reads):
         )
         params.update({f"parent_{i}": parent for i, parent in enumerate(parents)})
         rows = await self._rows(statement, params)
-        return assemble_pages(rows, audience_ids, "_parent", AUDIENCE_CONSUMER_SORT, request,
-                              identity)
+        return assemble_pages(rows, audience_ids, "_parent", AUDIENCE_CONSUMER_SORT, request)
 
     async def consumer_counts_by_audience_ids(self, audience_ids: Sequence[str]) -> list[int]:
         return await self._counts(memberships.c.audience_id, audience_ids)
