@@ -409,3 +409,38 @@ async def test_narrowed_nested_pages_page_on_from_their_cursors(
             audiences(first: 1, after: "{edges[0]['cursor']}") {{
               edges {{ cursor node {{ id description }} }} }} }} }} }}"""))["consumers"]["nodes"]
         assert any(g["audiences"]["edges"] == edges[1:2] for g in got)
+
+
+RELATION_PAGES_FROM_VARIABLES = """
+query($n: Int, $after: String) { consumers(first: 8) { nodes { id
+  orders(first: $n, after: $after) { edges { cursor node { id } } } } } }
+"""
+
+
+async def test_one_document_pages_its_relations_by_each_requests_variables(
+    gql: GraphQL, sql: StatementCounter, write_engine: Any
+) -> None:
+    """The look-ahead works out what a document loads once, unless a relation's argument
+    reads a variable: the same document sent again with other values loads those."""
+    await given_consumers_with_relations(write_engine, count=8)
+    full = {node["id"]: [edge["node"]["id"] for edge in node["orders"]["edges"]]
+            for node in (await gql.data(RELATION_PAGES_FROM_VARIABLES, {"n": 7}))[
+                "consumers"]["nodes"]}
+    assert max(map(len, full.values())) == 7
+    for n in (1, 3, 1):
+        with sql.counting():
+            nodes = (await gql.data(RELATION_PAGES_FROM_VARIABLES, {"n": n}))["consumers"][
+                "nodes"]
+        assert {node["id"]: [edge["node"]["id"] for edge in node["orders"]["edges"]]
+                for node in nodes} == {key: ids[:n] for key, ids in full.items()}
+        assert sql.count == 2, sql.statements  # still loaded ahead: the page and the orders
+    # and a cursor from a variable: each consumer's orders after its first one
+    first_edges = {node["id"]: node["orders"]["edges"] for node in nodes}
+    for consumer_id, edges in first_edges.items():
+        if not edges:
+            continue
+        page = (await gql.data(RELATION_PAGES_FROM_VARIABLES,
+                               {"n": 2, "after": edges[0]["cursor"]}))["consumers"]["nodes"]
+        mine = next(node for node in page if node["id"] == consumer_id)
+        assert [edge["node"]["id"] for edge in mine["orders"]["edges"]] == \
+            full[consumer_id][1:3]

@@ -276,7 +276,7 @@ class _Compiler:
     def _static_arguments(self, definition: GraphQLField, node: FieldNode) -> dict[str, Any] | None:
         if not definition.args:
             return {}
-        if any(_has_variable(argument.value) for argument in node.arguments or ()):
+        if any(reads_variable(argument.value) for argument in node.arguments or ()):
             return None
         return get_argument_values(definition, node, _NO_VARIABLES)
 
@@ -549,14 +549,15 @@ def _typename(name: str) -> Completer:
     return lambda _value, _run, _path: name
 
 
-def _has_variable(node: Any) -> bool:
+def reads_variable(node: Any) -> bool:
+    """Whether an argument's value (a literal, a list, an object) holds a variable."""
     kind = getattr(node, "kind", "")
     if kind == "variable":
         return True
     if kind == "list_value":
-        return any(_has_variable(v) for v in node.values)
+        return any(reads_variable(v) for v in node.values)
     if kind == "object_value":
-        return any(_has_variable(f.value) for f in node.fields)
+        return any(reads_variable(f.value) for f in node.fields)
     return False
 
 

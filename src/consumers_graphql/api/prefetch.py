@@ -35,6 +35,7 @@ from graphql import (
 from graphql.execution.values import VariableValues, get_argument_values
 from sqlalchemy.engine import Row
 
+from consumers_graphql.api.executor import reads_variable
 from consumers_graphql.errors import DomainError
 from consumers_graphql.store.pagination import Page, PageRequest, SortKey, page_request
 
@@ -128,6 +129,15 @@ def _variable_values(values: VariableValues | dict[str, Any]) -> VariableValues:
     return VariableValues(sources={}, coerced=values)
 
 
+# What the look-ahead loads for a connection field of a document, by the ids of its field
+# nodes (kept in the value, so that no other node takes their ids while it is kept): worked
+# out once when no relation argument reads a variable. Parsed documents are cached
+# (api/limits.py), so a document sent again brings the same nodes.
+Wanted = dict[tuple[str, PageRequest], frozenset[str] | None]
+_wanted: dict[tuple[Any, ...], tuple[Sequence[FieldNode], Wanted]] = {}
+_WANTED_MAX = 512
+
+
 async def prefetch(
     info: Any,
     node_type: str,
@@ -140,6 +150,33 @@ async def prefetch(
     if not parent_ids:
         return {}
     raw = info._raw_info  # graphql-core's ResolveInfo: the document and the variables
+    nodes_key = (id(raw.schema), node_type, *map(id, raw.field_nodes))
+    found = _wanted.get(nodes_key)
+    if found is not None:
+        columns = found[1]
+    else:
+        columns, static = _selected(raw, node_type, relations)
+        if static:
+            if len(_wanted) >= _WANTED_MAX:
+                _wanted.clear()
+            _wanted[nodes_key] = (list(raw.field_nodes), columns)
+    if not columns:
+        return {}
+    wanted: dict[tuple[str, PageRequest], Awaitable[list[Page[Row[Any]]]]] = {
+        key: relations[key[0]].loader(key[1], read).load_all(parent_ids)
+        for key, read in columns.items()}
+    results = await asyncio.gather(*wanted.values())
+    prefetched: dict[str, Prefetched] = {parent: {} for parent in parent_ids}
+    for key, pages in zip(wanted, results, strict=True):
+        for parent, page in zip(parent_ids, pages, strict=True):
+            prefetched[parent][key] = page
+    return prefetched
+
+
+def _selected(raw: Any, node_type: str, relations: dict[str, Relation]) -> tuple[Wanted, bool]:
+    """The relation connections the query selects on `node_type` under these field nodes,
+    by name and page arguments, with the columns all their selections read; and whether
+    that holds whatever the variables (no relation argument reads one)."""
     variables = _variable_values(raw.variable_values)
     graphql_type = raw.schema.get_type(node_type)
     assert isinstance(graphql_type, GraphQLObjectType)
@@ -152,12 +189,15 @@ async def prefetch(
     except _Unknown:
         node_fields = list(_node_fields(raw.field_nodes, raw.fragments))
         narrow = False
-    columns: dict[tuple[str, PageRequest], frozenset[str] | None] = {}
+    columns: Wanted = {}
+    static = True
     for field in node_fields:
         name = field.name.value
         relation = relations.get(name)
         if relation is None:
             continue
+        static = static and not any(reads_variable(argument.value)
+                                    for argument in field.arguments or ())
         definition = graphql_type.fields[name]
         try:
             args = get_argument_values(definition, field, variables)
@@ -173,14 +213,5 @@ async def prefetch(
             before = columns[key]
             read = None if before is None or read is None else before | read
         columns[key] = read
-    if not columns:
-        return {}
-    wanted: dict[tuple[str, PageRequest], Awaitable[list[Page[Row[Any]]]]] = {
-        key: relations[key[0]].loader(key[1], read).load_all(parent_ids)
-        for key, read in columns.items()}
-    results = await asyncio.gather(*wanted.values())
-    prefetched: dict[str, Prefetched] = {parent: {} for parent in parent_ids}
-    for key, pages in zip(wanted, results, strict=True):
-        for parent, page in zip(parent_ids, pages, strict=True):
-            prefetched[parent][key] = page
-    return prefetched
+    return columns, static
+
