@@ -131,6 +131,9 @@ class _FieldPlan:
     # without a Path or a completer call.
     leaf: GraphQLScalarType | GraphQLEnumType | None = None
     required: bool = False
+    # An attribute read whose completion needs no Path (a list of leaf-only records: a
+    # page's `nodes`): completed in the object's written-out function too.
+    pathless: bool = False
 
 
 # What a direct call (_direct_call) is given for its resolver's info: graphql-core's (a
@@ -184,6 +187,7 @@ class _Compiler:
         self.fragments = {
             d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)
         }
+        self.pathless: set[Completer] = set()  # completers that never read their path
 
     def plan(self) -> _Plan:
         mutation = self.operation.operation is OperationType.MUTATION
@@ -270,6 +274,7 @@ class _Compiler:
             if read is not None and plan.basic and isinstance(
                     leaf_type, GraphQLScalarType | GraphQLEnumType):
                 plan.leaf = leaf_type
+            plan.pathless = read is not None and plan.basic and plan.complete in self.pathless
             plans.append(plan)
         return plans
 
@@ -295,6 +300,8 @@ class _Compiler:
                     raise _Fallback("null in a non-null position")
                 return inner(value, run, path)
 
+            if inner in self.pathless:
+                self.pathless.add(non_null)
             return non_null
         if isinstance(return_type, GraphQLList):
             item_type = return_type.of_type
@@ -304,8 +311,10 @@ class _Compiler:
             if isinstance(object_type, GraphQLObjectType):
                 item_plans = self.fields(object_type, sub_sets)
                 if all(plan.leaf is not None for plan in item_plans):
-                    return _records(item_plans,
-                                    required_items=isinstance(item_type, GraphQLNonNull))
+                    records = _records(item_plans,
+                                       required_items=isinstance(item_type, GraphQLNonNull))
+                    self.pathless.add(records)
+                    return records
             item = self.completer(item_type, sub_sets, item_plans)
 
             def list_of(value: Any, run: _Run, path: Path) -> Any:
@@ -381,6 +390,10 @@ def _object_fields(plans: list[_FieldPlan]) -> Fields:
             lines.append(f"    out[{plan.key!r}] = v{index}")
         elif plan.definition is None:  # __typename
             lines.append(f"    out[{plan.key!r}] = {plan.parent.name!r}")
+        elif plan.pathless:  # an attribute's list of records (anything else raises, and
+            # graphql-core answers the operation)
+            namespace[f"r{index}"], namespace[f"c{index}"] = plan.read, plan.complete
+            lines.append(f"    out[{plan.key!r}] = c{index}(r{index}(source), run, None)")
         else:
             namespace[f"p{index}"] = plan
             lines.append(f"    run.field(p{index}, source, path, out)")
