@@ -3,10 +3,11 @@
 graphql-core's executor walks every field of every object through generic machinery (about
 ten microseconds a field here); a page of 20 consumers with their audiences and orders is
 some 600 fields. For a query operation this module compiles the selection once per
-document (cached) into plans of plain Python steps, and runs them against the very same
-resolvers Strawberry installed on the schema, with the same arguments and infos. Sibling
-awaitables of a whole level are gathered together, as graphql-core does, so DataLoaders
-still batch.
+document (cached) into plans: each object's selection written out as one Python function
+(its scalar fields read and serialized in line), run against the very same resolvers
+Strawberry installed on the schema, with the same arguments and infos (an info's
+GraphQLResolveInfo made only when a resolver reads it). Sibling awaitables of a whole level
+are gathered together, as graphql-core does, so DataLoaders still batch.
 
 It handles fields, aliases, merged selections, fragments (inline and named, on object and
 abstract types), `__typename`, lists, non-null and abstract types. Anything else is left to
@@ -16,7 +17,10 @@ graphql-core from the start, so errors, their paths and null propagation are exa
 graphql-core's, and the second run reads nothing again: relations come from the
 per-request DataLoaders, root pages and counts from `Loaders.once`, replayed (Loaders.replay)
 so that each answer arrives in the turn of the event loop a cold run's would. The differential tests
-run the same operations through both executors and compare.
+run the same operations through both executors and compare. (One known difference: when a
+non-null root field fails, graphql-core alone may cancel a sibling whose replayed read
+then finishes first and reports its own error too; both answers are valid, see
+tests/test_executor.py.)
 
 Mutations run their root fields one after the other, as the spec wants, each resolved and
 then completed before the next starts. A write must not run twice, and a payload must show

@@ -214,4 +214,3 @@ def _selected(raw: Any, node_type: str, relations: dict[str, Relation]) -> tuple
             read = None if before is None or read is None else before | read
         columns[key] = read
     return columns, static
-
