@@ -178,8 +178,9 @@ class Loaders:
         for name in _BY_KEY:  # those of a previous run (clear, replay) are forgotten
             self.__dict__.pop(name, None)
         self._once: dict[Hashable, asyncio.Future[Any]] = {}
-        # pages of consumers read before consumer_by_id was first used (prime_consumers)
-        self._consumer_pages: list[Sequence[Row[Any]]] = []
+        # rows read before their by-id loader was first used, to prime it with then
+        # (prime_consumers)
+        self._primes: dict[str, list[Sequence[Row[Any]]]] = {}
 
     def __getattr__(self, name: str) -> DataLoader[Any, Any]:
         read = _BY_KEY.get(name)
@@ -187,10 +188,8 @@ class Loaders:
             raise AttributeError(name)
         loader = self._loader(name, getattr(self._repository, read))
         setattr(self, name, loader)
-        if name == "consumer_by_id":
-            for rows in self._consumer_pages:
-                loader.prime_many({row.id: row for row in rows})
-            self._consumer_pages = []
+        for rows in self._primes.pop(name, ()):
+            loader.prime_many({row.id: row for row in rows})
         return loader
 
     def _loader(
@@ -243,7 +242,7 @@ class Loaders:
         it, and a future per row costs more than keeping the page."""
         loader = self.__dict__.get("consumer_by_id")
         if loader is None:
-            self._consumer_pages.append(rows)
+            self._primes.setdefault("consumer_by_id", []).append(rows)
         else:
             loader.prime_many({row.id: row for row in rows})
 
