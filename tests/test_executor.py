@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import select, text, update
 
-from consumers_graphql.api import executor
+from consumers_graphql.api import executor, types
 from consumers_graphql.api.context import Context
 from consumers_graphql.api.loaders import Loaders
 from consumers_graphql.api.schema import build_schema
@@ -180,6 +181,76 @@ async def test_a_stored_value_the_schema_refuses_is_answered_as_graphql_core_ans
         # answers: noticed in issue 14, left as it is)
         assert all(error in compiled[1] for error in reference[1])
     assert executor.stats["fallbacks"] > before["fallbacks"]
+
+
+# A page whose nodes select only leaves (the orders' and audiences' here, and the
+# consumers' of the second page), the same relation twice with different leaves.
+LEAF_NODES = """
+  { consumers(first: 12) { nodes { id audiences { nodes { id name description createdAt } }
+      a: orders(first: 3) { nodes { id amount currency placedAt externalId } }
+      b: orders(first: 3) { nodes { amount createdAt } } } }
+    searchConsumers(q: "user1") { nodes { id email metadata totalOrderValue lastOrderAt } } }"""
+
+
+@pytest.mark.compares_paths
+async def test_leaf_only_nodes_are_read_from_the_rows_without_an_object_per_node(
+    app: FastAPI, write_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given orders whose amounts have cents and none (a whole amount is still a Float: 3.0)
+    rows, _ = _data()
+    rows["orders"].append(order_row(rows["consumers"][1]["id"], "3", BASE_TIME))
+    await _insert(write_engine, rows)
+    made: list[str] = []
+    for node_type in (types.Consumer, types.Audience, types.Order):
+        from_rows = node_type.from_rows
+
+        def counted(*args: Any, _from_rows: Any = from_rows, _name: str = node_type.__name__
+                    ) -> Any:
+            made.append(_name)
+            return _from_rows(*args)
+
+        monkeypatch.setattr(node_type, "from_rows", counted)
+    before = dict(executor.stats)
+
+    compiled = await _run(app, COMPILED, LEAF_NODES, {})
+    made_compiled, made[:] = list(made), []
+    reference = await _run(app, REFERENCE, LEAF_NODES, {})
+
+    # then the compiled run answers as graphql-core does, from the rows: the consumers of
+    # the first page are objects (their relations resolve), no order, audience or searched
+    # consumer is
+    assert json.dumps(compiled) == json.dumps(reference)
+    assert 3.0 in [order["amount"] for consumer in compiled[0]["consumers"]["nodes"]
+                   for order in consumer["a"]["nodes"]]
+    assert executor.stats["compiled"] == before["compiled"] + 1
+    assert made_compiled == ["Consumer"]
+    assert {"Audience", "Order", "Consumer"} <= set(made)  # (graphql-core makes them all)
+
+
+@pytest.mark.parametrize("table", [models.Consumer, models.Audience, models.Order],
+                         ids=["Consumer", "Audience", "Order"])
+async def test_a_node_types_row_columns_say_what_its_from_rows_does(
+    write_engine: Any, table: Any
+) -> None:
+    # given every kind of stored value: nulls and not, metadata, whole and fractional sums
+    rows, _ = _data()
+    rows["orders"].append(order_row(rows["consumers"][1]["id"], "3", BASE_TIME,
+                                    external_id="ext-3"))
+    rows["consumers"][2]["total_order_value"] = Decimal("12.5")
+    await _insert(write_engine, rows)
+    node_type = {models.Consumer: types.Consumer, models.Audience: types.Audience,
+                 models.Order: types.Order}[table]
+    async with write_engine.connect() as conn:
+        stored = (await conn.execute(select(table))).all()
+    # when the objects are made from the rows
+    nodes = node_type.from_rows(stored)
+    # then each field the type lists reads, from the row, what its object holds
+    for row, node in zip(stored, nodes, strict=True):
+        for name, convert in node_type.row_columns.items():
+            value = getattr(row, name)
+            if value is not None and convert is not None:
+                value = convert(value)
+            assert (value, type(value)) == (getattr(node, name), type(getattr(node, name)))
 
 
 async def test_each_execution_path_is_the_one_that_runs(gql: Any, execution_path: str) -> None:

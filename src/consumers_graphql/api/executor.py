@@ -114,6 +114,9 @@ _HELPERS = GraphQLResolveInfoHelpers(gather=_gather, track=_track)
 # --- plans -----------------------------------------------------------------------------------
 
 Completer = Callable[[Any, "_Run", Path], Any]
+# A list of leaf-only records answered from rows: (the rows, their column names) -> the
+# records, or None when the rows lack a column (the objects are made then)
+RowsCompleter = Callable[[Sequence[Any], tuple[str, ...]], list[dict[str, Any]] | None]
 
 
 @dataclass
@@ -138,6 +141,10 @@ class _FieldPlan:
     # An attribute read whose completion needs no Path (a list of leaf-only records: a
     # page's `nodes`): completed in the object's written-out function too.
     pathless: bool = False
+    # For such a list that the object can hand over as the rows its items would be made
+    # from (a Connection's `nodes` not made yet, see _rows_source): the records read
+    # straight from the rows, without an object per item (_row_records).
+    from_rows: RowsCompleter | None = None
 
 
 # What a direct call (_direct_call) is given for its resolver's info: graphql-core's (a
@@ -192,6 +199,8 @@ class _Compiler:
             d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)
         }
         self.pathless: set[Completer] = set()  # completers that never read their path
+        # records completers whose items can be read from rows: their row variant
+        self.from_rows: dict[Completer, RowsCompleter] = {}
 
     def plan(self) -> _Plan:
         mutation = self.operation.operation is OperationType.MUTATION
@@ -279,6 +288,8 @@ class _Compiler:
                     leaf_type, GraphQLScalarType | GraphQLEnumType):
                 plan.leaf = leaf_type
             plan.pathless = read is not None and plan.basic and plan.complete in self.pathless
+            if plan.pathless and _rows_source(object_type, definition):
+                plan.from_rows = self.from_rows.get(plan.complete)
             plans.append(plan)
         return plans
 
@@ -306,6 +317,8 @@ class _Compiler:
 
             if inner in self.pathless:
                 self.pathless.add(non_null)
+            if inner in self.from_rows:  # (rows are never null)
+                self.from_rows[non_null] = self.from_rows[inner]
             return non_null
         if isinstance(return_type, GraphQLList):
             item_type = return_type.of_type
@@ -318,6 +331,9 @@ class _Compiler:
                     records = _records(item_plans,
                                        required_items=isinstance(item_type, GraphQLNonNull))
                     self.pathless.add(records)
+                    from_rows = _row_records(object_type, item_plans)
+                    if from_rows is not None:
+                        self.from_rows[records] = from_rows
                     return records
             item = self.completer(item_type, sub_sets, item_plans)
 
@@ -397,7 +413,14 @@ def _object_fields(plans: list[_FieldPlan]) -> Fields:
         elif plan.pathless:  # an attribute's list of records (anything else raises, and
             # graphql-core answers the operation)
             namespace[f"r{index}"], namespace[f"c{index}"] = plan.read, plan.complete
-            lines.append(f"    out[{plan.key!r}] = c{index}(r{index}(source), run, None)")
+            answer = f"c{index}(r{index}(source), run, None)"
+            if plan.from_rows is not None:  # from the rows, when the object hands them over
+                namespace[f"f{index}"] = plan.from_rows
+                lines += ["    rows = source.unmade_nodes()",
+                          f"    v{index} = f{index}(*rows) if rows is not None else None",
+                          f"    out[{plan.key!r}] = {answer} if v{index} is None else v{index}"]
+            else:
+                lines.append(f"    out[{plan.key!r}] = {answer}")
         else:
             namespace[f"p{index}"] = plan
             lines.append(f"    run.field(p{index}, source, path, out)")
@@ -405,18 +428,82 @@ def _object_fields(plans: list[_FieldPlan]) -> Fields:
     return cast(Fields, _written("\n".join(lines), "fields", namespace))
 
 
+def _row_records(object_type: GraphQLObjectType, plans: list[_FieldPlan]
+                 ) -> RowsCompleter | None:
+    """For leaf-only records of a type whose objects are made from rows (a class attribute
+    `row_columns`: each field's column, read under the field's own name, and the conversion
+    its `from_rows` applies, None for none): the records read straight from rows of one
+    statement, each column found by its position among the rows' column names, once per
+    set of column names. None for any other type, or a field it does not list."""
+    definition = (object_type.extensions or {}).get("strawberry-definition")
+    columns: dict[str, Callable[[Any], Any] | None] | None = getattr(
+        getattr(definition, "origin", None), "row_columns", None)
+    names = [_python_name(plan) for plan in plans]
+    if columns is None or not all(name is not None and name in columns for name in names):
+        return None
+    namespace: dict[str, Any] = {"positions": {}, "names": tuple(names)}
+    lines = ["def records(rows, fields):",
+             "    at = positions.get(fields)",
+             "    if at is None:",
+             "        if not all(name in fields for name in names):",
+             "            return None",
+             "        at = tuple(map(fields.index, names))",
+             "        if len(positions) < 64:  # one per statement shape: a handful",
+             "            positions[fields] = at",
+             f"    {', '.join(f'a{index}' for index in range(len(plans)))}, = at",
+             "    out = []",
+             "    append = out.append",
+             "    for item in rows:"]
+    for index, (plan, name) in enumerate(zip(plans, names, strict=True)):
+        convert = columns[name]  # type: ignore[index]  # (every name checked above)
+        if convert is None:
+            lines.extend(_leaf_lines(plan, index, "item", namespace, indent=8,
+                                     read=f"item[a{index}]"))
+            continue
+        namespace[f"k{index}"] = convert
+        lines += [f"        v{index} = item[a{index}]",
+                  f"        if v{index} is not None:",
+                  f"            v{index} = k{index}(v{index})"]
+        lines.extend(_leaf_lines(plan, index, "item", namespace, indent=8, assigned=True))
+    record = ", ".join(f"{plan.key!r}: v{index}" for index, plan in enumerate(plans))
+    lines += [f"        append({{{record}}})", "    return out"]
+    return cast(RowsCompleter, _written("\n".join(lines), "records", namespace))
+
+
+def _python_name(plan: _FieldPlan) -> str | None:
+    strawberry_field = ((plan.definition.extensions or {}).get("strawberry-definition")
+                        if plan.definition is not None else None)
+    return getattr(strawberry_field, "python_name", None)
+
+
+def _rows_source(object_type: GraphQLObjectType, definition: GraphQLField) -> bool:
+    """Whether objects of this type can hand over the rows this field's items are made
+    from: the field is `nodes` and the class has `unmade_nodes` (api/types.py: Connection)."""
+    strawberry_type = (object_type.extensions or {}).get("strawberry-definition")
+    strawberry_field = (definition.extensions or {}).get("strawberry-definition")
+    return (getattr(strawberry_field, "python_name", None) == "nodes"
+            and callable(getattr(getattr(strawberry_type, "origin", None), "unmade_nodes",
+                                 None)))
+
+
 def _leaf_lines(plan: _FieldPlan, index: int, source: str, namespace: dict[str, Any], *,
-                indent: int) -> list[str]:
+                indent: int, read: str | None = None, assigned: bool = False) -> list[str]:
     """Lines that leave in `v<index>` the serialized value (see _serialized) of a leaf
-    plan read from `source`, null refused where the schema refuses it."""
+    plan read from `source` (or by the expression `read`, or already in `v<index>` when
+    `assigned`), null refused where the schema refuses it."""
     assert plan.leaf is not None and plan.read is not None
     value, serialize = f"v{index}", f"s{index}"
-    namespace[f"r{index}"], namespace[serialize] = plan.read, plan.leaf.serialize
+    namespace[serialize] = plan.leaf.serialize
     expression = _serialized(plan.leaf, value, serialize)
     pad = " " * indent
-    lines = [f"{pad}{value} = r{index}({source})",
-             f"{pad}if {value} is not None:",
-             f"{pad}    {value} = {expression}"]
+    lines = []
+    if read is None:
+        namespace[f"r{index}"] = plan.read
+        read = f"r{index}({source})"
+    if not assigned:
+        lines.append(f"{pad}{value} = {read}")
+    lines += [f"{pad}if {value} is not None:",
+              f"{pad}    {value} = {expression}"]
     if plan.required:
         lines += [f"{pad}else:", f"{pad}    raise Fallback('null in a non-null position')"]
     return lines
