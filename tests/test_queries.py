@@ -93,6 +93,30 @@ async def test_consumer_fields_and_timestamps(gql: GraphQL, write_engine: Any) -
     }
 
 
+async def test_timestamps_are_written_alike_beside_an_integer_orjson_cannot_write(
+    gql: GraphQL, write_engine: Any
+) -> None:
+    # given a consumer whose metadata holds an integer beyond 64 bits (the response is then
+    # written by json, not orjson) and one without, both with orders
+    rows = [consumer_row(1, metadata={"big": 2**70}, created_at=BASE_TIME.replace(
+                microsecond=5), last_order_at=BASE_TIME),
+            consumer_row(2, created_at=BASE_TIME + timedelta(seconds=1))]
+    await insert_consumers(write_engine, rows)
+    await insert_rows(write_engine, models.Order, [
+        order_row(rows[0]["id"], "1.50", BASE_TIME.replace(microsecond=250000))])
+    query = ("{ consumers(first: 2, sortDir: ASC) { nodes { metadata createdAt lastOrderAt "
+             "orders { nodes { placedAt } } } } }")
+    data = await gql.data(query)
+    # then every timestamp is RFC 3339 in UTC with a Z, microseconds when not zero
+    assert data["consumers"]["nodes"] == [
+        {"metadata": {"big": 2**70}, "createdAt": "2024-11-01T10:00:00.000005Z",
+         "lastOrderAt": "2024-11-01T10:00:00Z",
+         "orders": {"nodes": [{"placedAt": "2024-11-01T10:00:00.250000Z"}]}},
+        {"metadata": None, "createdAt": "2024-11-01T10:00:01Z", "lastOrderAt": None,
+         "orders": {"nodes": []}},
+    ]
+
+
 async def test_postgresql_driver_decodes_timestamps_in_utc_whatever_the_session_zone(
     dialect: str, write_engine: Any
 ) -> None:

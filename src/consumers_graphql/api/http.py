@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote_to_bytes
@@ -55,6 +55,7 @@ from consumers_graphql.api.websocket import (
     subprotocol_refusal,
 )
 from consumers_graphql.store.outage import SERVICE_UNAVAILABLE
+from consumers_graphql.timestamps import format_datetime
 from consumers_graphql.web import idempotency, observe
 from consumers_graphql.web.dependencies import JSON, MEDIA_TYPE_STATE
 from consumers_graphql.web.http_auth import (
@@ -537,10 +538,18 @@ class GraphQLApp(StrawberryGraphQL[Context, None]):
         raise _Refused(400, BAD_REQUEST, f"Malformed JSON: {reason}.")
 
     def encode_json(self, data: object) -> bytes:
+        # OPT_UTC_Z: a compiled query's data may hold UTC datetimes, written here as the
+        # DateTime scalar writes them (api/executor.py: execute_compiled's `wire`)
         try:
-            return orjson.dumps(data)
+            return orjson.dumps(data, option=orjson.OPT_UTC_Z)
         except TypeError:  # an integer beyond 64 bits in someone's metadata
-            return json.dumps(data, separators=(",", ":")).encode()
+            return json.dumps(data, separators=(",", ":"), default=_wire_datetime).encode()
+
+
+def _wire_datetime(value: object) -> str:
+    if isinstance(value, datetime):
+        return format_datetime(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 # Subscriptions only over the WebSocket (api/websocket.py): Strawberry would also stream them

@@ -408,6 +408,7 @@ class Schema(strawberry.federation.Schema):
                 result = await execute_compiled(
                     self._schema, prepared.document, context_value=context,
                     variable_values=variable_values, operation_name=operation.name,
+                    wire=True,  # (its one caller, api/http.py, writes the data with orjson)
                     is_awaitable=optimized_is_awaitable,
                     **execution_context_class_kwargs(self.execution_context_class),
                     **self._get_custom_context_kwargs(operation_extensions),
