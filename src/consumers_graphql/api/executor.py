@@ -7,7 +7,10 @@ document (cached) into plans: each object's selection written out as one Python 
 (its scalar fields read and serialized in line), run against the very same resolvers
 Strawberry installed on the schema, with the same arguments and infos (an info's
 GraphQLResolveInfo made only when a resolver reads it). Sibling awaitables of a whole level
-are gathered together, as graphql-core does, so DataLoaders still batch.
+are gathered together, as graphql-core does, so DataLoaders still batch. A page's nodes that
+select only leaves are read straight from the page's rows, with no object per node, where
+the node type says what its `from_rows` does to each column (`row_columns`); and for the
+HTTP answer (`wire`), a UTC datetime is left for the response's orjson.dumps to write.
 
 It handles fields, aliases, merged selections, fragments (inline and named, on object and
 abstract types), `__typename`, lists, non-null and abstract types. Anything else is left to
