@@ -444,3 +444,28 @@ async def test_one_document_pages_its_relations_by_each_requests_variables(
         mine = next(node for node in page if node["id"] == consumer_id)
         assert [edge["node"]["id"] for edge in mine["orders"]["edges"]] == \
             full[consumer_id][1:3]
+
+
+async def test_one_page_of_a_relation_asked_for_with_its_arguments_spelled_otherwise(
+    gql: GraphQL, sql: StatementCounter, write_engine: Any
+) -> None:
+    """Each selection's resolver finds the page loaded ahead by the arguments it was given:
+    `orders`, `orders(first: 20)` and `orders(first: 20, after: null)` are one request,
+    loaded once (reading only the selected columns: a resolver that missed it would load
+    its own, with every column, in a third statement); and so is the same under a
+    directive (then with every column, as a directive may hide what is read)."""
+    await given_consumers_with_relations(write_engine, count=8)
+    spelled = """a: orders { nodes { id } } b: orders(first: 20) { nodes { id amount } }
+      c: orders(first: 20, after: null) { nodes { id } }"""
+    for selection in (spelled, spelled + " d: orders(first: 20) @include(if: true) "
+                      "{ nodes { id } }"):
+        with sql.counting():
+            nodes = (await gql.data(f"{{ consumers(first: 8) {{ nodes {{ id {selection} }} }} }}"
+                                    ))["consumers"]["nodes"]
+        assert sql.count == 2, sql.statements  # the page and the orders
+        assert sum(len(node["a"]["nodes"]) for node in nodes) == sum(range(8))
+        for node in nodes:
+            ids = [order["id"] for order in node["a"]["nodes"]]
+            for key in "bcd" if "d:" in selection else "bc":
+                assert [order["id"] for order in node[key]["nodes"]] == ids
+            assert all(isinstance(order["amount"], float) for order in node["b"]["nodes"])

@@ -3,9 +3,11 @@
 A page's resolver reads, from the query, which relation connections its nodes select (with
 which arguments) and loads them for the whole page at once through the same per-request
 DataLoaders, before GraphQL descends into the nodes. The nodes' connection resolvers then
-answer synchronously from what was loaded. Anything the look-ahead does not recognise
-(a directive, an argument that fails to coerce) simply is not prefetched: the resolver then
-loads it itself, through the DataLoader, with the same result and the same statement count.
+answer synchronously from what was loaded, found by the arguments they were given (the
+look-ahead loads only arguments that make a valid request, so nothing is checked again).
+Anything the look-ahead does not recognise (a directive, an argument that fails to coerce)
+simply is not prefetched: the resolver then loads it itself, through the DataLoader, with
+the same result and the same statement count.
 
 A page loaded ahead reads, of its nodes' columns, only those the query selects (with the id
 and the sort's, for cursors): the others come as NULL, neither sent nor decoded. A selection
@@ -41,7 +43,11 @@ from consumers_graphql.store.pagination import Page, PageRequest, SortKey, page_
 
 # (request, the nodes' columns read or None for all) -> DataLoader of pages by parent id
 PageLoad = Callable[[PageRequest, frozenset[str] | None], Any]
-Prefetched = dict[tuple[str, PageRequest], Page[Row[Any]]]
+# A relation field's name and its page arguments as given (first, after, last, before): the
+# key its resolver looks its page up by, without checking the arguments again (only
+# arguments that make a valid request are loaded ahead)
+Given = tuple[str, int | None, str | None, int | None, str | None]
+Prefetched = dict[Given, Page[Row[Any]]]
 
 
 class Relation(NamedTuple):
@@ -134,7 +140,9 @@ def _variable_values(values: VariableValues | dict[str, Any]) -> VariableValues:
 # out once when no relation argument reads a variable. Parsed documents are cached
 # (api/limits.py), so a document sent again brings the same nodes.
 Wanted = dict[tuple[str, PageRequest], frozenset[str] | None]
-_wanted: dict[tuple[Any, ...], tuple[Sequence[FieldNode], Wanted]] = {}
+# each relation field's arguments as given, and the request they make
+Requests = dict[Given, tuple[str, PageRequest]]
+_wanted: dict[tuple[Any, ...], tuple[Sequence[FieldNode], Wanted, Requests]] = {}
 _WANTED_MAX = 512
 
 
@@ -153,30 +161,32 @@ async def prefetch(
     nodes_key = (id(raw.schema), node_type, *map(id, raw.field_nodes))
     found = _wanted.get(nodes_key)
     if found is not None:
-        columns = found[1]
+        columns, requests = found[1], found[2]
     else:
-        columns, static = _selected(raw, node_type, relations)
+        columns, requests, static = _selected(raw, node_type, relations)
         if static:
             if len(_wanted) >= _WANTED_MAX:
                 _wanted.clear()
-            _wanted[nodes_key] = (list(raw.field_nodes), columns)
+            _wanted[nodes_key] = (list(raw.field_nodes), columns, requests)
     if not columns:
         return {}
     wanted: dict[tuple[str, PageRequest], Awaitable[list[Page[Row[Any]]]]] = {
         key: relations[key[0]].loader(key[1], read).load_all(parent_ids)
         for key, read in columns.items()}
-    results = await asyncio.gather(*wanted.values())
+    results = dict(zip(wanted, await asyncio.gather(*wanted.values()), strict=True))
     prefetched: dict[str, Prefetched] = {parent: {} for parent in parent_ids}
-    for key, pages in zip(wanted, results, strict=True):
-        for parent, page in zip(parent_ids, pages, strict=True):
-            prefetched[parent][key] = page
+    for given, key in requests.items():
+        for parent, page in zip(parent_ids, results[key], strict=True):
+            prefetched[parent][given] = page
     return prefetched
 
 
-def _selected(raw: Any, node_type: str, relations: dict[str, Relation]) -> tuple[Wanted, bool]:
+def _selected(raw: Any, node_type: str, relations: dict[str, Relation]
+              ) -> tuple[Wanted, Requests, bool]:
     """The relation connections the query selects on `node_type` under these field nodes,
-    by name and page arguments, with the columns all their selections read; and whether
-    that holds whatever the variables (no relation argument reads one)."""
+    by name and page request, with the columns all their selections read; the request each
+    selection's arguments make; and whether that holds whatever the variables (no relation
+    argument reads one)."""
     variables = _variable_values(raw.variable_values)
     graphql_type = raw.schema.get_type(node_type)
     assert isinstance(graphql_type, GraphQLObjectType)
@@ -190,6 +200,7 @@ def _selected(raw: Any, node_type: str, relations: dict[str, Relation]) -> tuple
         node_fields = list(_node_fields(raw.field_nodes, raw.fragments))
         narrow = False
     columns: Wanted = {}
+    requests: Requests = {}
     static = True
     for field in node_fields:
         name = field.name.value
@@ -201,16 +212,16 @@ def _selected(raw: Any, node_type: str, relations: dict[str, Relation]) -> tuple
         definition = graphql_type.fields[name]
         try:
             args = get_argument_values(definition, field, variables)
-            request = page_request(
-                relation.sort, first=args.get("first"), after=args.get("after"),
-                last=args.get("last"), before=args.get("before"),
-            )
+            given: Given = (name, args.get("first"), args.get("after"), args.get("last"),
+                            args.get("before"))
+            request = page_request(relation.sort, first=given[1], after=given[2],
+                                   last=given[3], before=given[4])
         except (DomainError, GraphQLError):
             continue  # the field's own resolver reports it, at its path
-        key = (name, request)
+        key = requests[given] = (name, request)
         read = _columns_read(field, definition, relation, raw.fragments) if narrow else None
         if key in columns:  # another selection of it: both are read
             before = columns[key]
             read = None if before is None or read is None else before | read
         columns[key] = read
-    return columns, static
+    return columns, requests, static

@@ -219,13 +219,13 @@ class Consumer(Node):
         last: LastArg = None, before: BeforeArg = None,
     ) -> Connection[Audience]:
         loaders = info.context.loaders
+        count = lambda: loaders.audience_count_by_consumer_id.load(self.id)  # noqa: E731
+        page = self.prefetched.get(("audiences", first, after, last, before))
+        if page is not None:  # loaded ahead (its arguments are valid)
+            return connection(page, Audience.from_rows, count)
         request = page_request(AUDIENCE_SORT, first=first, after=after, last=last, before=before)
-        return _relation(
-            self.prefetched.get(("audiences", request)),
-            lambda: loaders.audiences_by_consumer_id(request).load(self.id),
-            Audience.from_rows,
-            lambda: loaders.audience_count_by_consumer_id.load(self.id),
-        )
+        return _loaded(lambda: loaders.audiences_by_consumer_id(request).load(self.id),
+                       Audience.from_rows, count)
 
     @decorators.field(description="This consumer's orders, most recently placed first.")
     def orders(
@@ -233,25 +233,22 @@ class Consumer(Node):
         last: LastArg = None, before: BeforeArg = None,
     ) -> Connection[Order]:
         loaders = info.context.loaders
+        count = lambda: loaders.order_count_by_consumer_id.load(self.id)  # noqa: E731
+        page = self.prefetched.get(("orders", first, after, last, before))
+        if page is not None:  # loaded ahead (its arguments are valid)
+            return connection(page, Order.from_rows, count)
         request = page_request(ORDER_SORT, first=first, after=after, last=last, before=before)
-        return _relation(
-            self.prefetched.get(("orders", request)),
-            lambda: loaders.orders_by_consumer_id(request).load(self.id),
-            Order.from_rows,
-            lambda: loaders.order_count_by_consumer_id.load(self.id),
-        )
+        return _loaded(lambda: loaders.orders_by_consumer_id(request).load(self.id),
+                       Order.from_rows, count)
 
 
-def _relation(
-    prefetched: Page[Row[Any]] | None,
+def _loaded(
     load: Callable[[], Awaitable[Page[Row[Any]]]],
     convert: Callable[[Sequence[Row[Any]], tuple[str, ...]], list[NodeT]],
     count: Callable[[], Awaitable[int]],
 ) -> Connection[NodeT]:
-    """A relation connection: at once when the page's look-ahead loaded it, else (an
-    awaitable) through the DataLoader."""
-    if prefetched is not None:
-        return connection(prefetched, convert, count)
+    """A relation connection the page's look-ahead did not load: an awaitable, through the
+    DataLoader."""
 
     async def loaded() -> Connection[NodeT]:
         return connection(await load(), convert, count)
