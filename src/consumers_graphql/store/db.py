@@ -432,6 +432,8 @@ class InlineReads:
             url.set(drivername="sqlite+pysqlite"),
             echo=settings.sql_echo,
             hide_parameters=True,
+            json_serializer=_json_text,  # JSON columns as the driver's thread reads them
+            json_deserializer=_json_value,
             # timeout 0: a locked database is an error at once (the statement then goes to
             # the driver's thread, which waits) rather than a sleep on the loop.
             connect_args={"check_same_thread": False, "timeout": 0},
