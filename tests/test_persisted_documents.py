@@ -501,13 +501,13 @@ async def test_a_bad_manifest_stops_the_cli_with_its_problem(
     # (a path relative to the working directory: a long absolute one, past 80 characters, is
     # left out of the message, and pytest's temporary paths can be that long)
     monkeypatch.chdir(tmp_path)
-    path = Path("manifest.json")
-    monkeypatch.setenv("CONSUMERS_TRUSTED_DOCUMENTS", str(path))
+    path = tmp_path / "manifest.json"
+    monkeypatch.setenv("CONSUMERS_TRUSTED_DOCUMENTS", path.name)
     for text, message in cases.items():
         path.write_text(text)
         code, _, err = await run_cli(capsys, "export-schema")
         assert code == 2, text
-        assert err.startswith(f"Configuration error: CONSUMERS_TRUSTED_DOCUMENTS='{path}': "
+        assert err.startswith(f"Configuration error: CONSUMERS_TRUSTED_DOCUMENTS='{path.name}': "
                               "the manifest"), err
         assert message in err, (text, err)
     path.unlink()
