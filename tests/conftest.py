@@ -31,11 +31,13 @@ from tests.log_audit import (
     pytest_configure,
     pytest_sessionfinish,
     pytest_terminal_summary,
+    pytest_testnodedown,
 )
 from tests.processes import PostgresCluster
 
 # The log of the whole run is checked for personal data and secrets (see log_audit.py).
-__all__ = ["pytest_configure", "pytest_sessionfinish", "pytest_terminal_summary"]
+__all__ = ["pytest_configure", "pytest_sessionfinish", "pytest_terminal_summary",
+           "pytest_testnodedown"]
 
 TEST_DATABASE_URL = os.environ.get("CONSUMERS_TEST_DATABASE_URL")
 # Where the tests create and drop their databases when the app's URL is a pooler (CI's run

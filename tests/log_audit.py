@@ -57,7 +57,13 @@ class LogAudit:
             self.handler.addFilter(log_filter)
         self.used: set[str] = set()
         self._level: int | None = None
+        # at the session's end: what was found, and the report's lines for each (under
+        # pytest-xdist, the controller's hold every worker's), the log lines and the values
+        # the run used, counted
         self.found: list[str] = []
+        self.reported: list[str] = []
+        self.lines = 0
+        self.values = 0
         # what the processes' outputs had (check_output), with the lines
         self.in_processes: dict[str, list[str]] = {}
 
@@ -122,6 +128,15 @@ class LogAudit:
             found += sorted({m.group() for m in pattern.finditer(decoded)} - set(found))
         return found
 
+    def report(self, leaks: list[str]) -> list[str]:
+        """The lines of the run's report for `leaks`: where each was seen (at most three)."""
+        report = []
+        for leak in leaks:
+            report.append(f"  {leak!r} in:")
+            report.extend(f"    {line[:400]}" for line in list(self.lines_with(leak))[:3])
+            report.extend(f"    {line}" for line in self.in_processes.get(leak, [])[:3])
+        return report
+
     def lines_with(self, leak: str, text: str | None = None) -> Iterator[str]:
         logged = self.stream.getvalue() if text is None else text
         for line in logged.splitlines():
@@ -154,6 +169,8 @@ class LogAudit:
 
 
 AUDIT = LogAudit()
+# Where a pytest-xdist worker leaves its audit for the controller (`workeroutput`).
+_WORKER_OUTPUT = "consumers_graphql_log_audit"
 
 
 def asgi_client(app: Any, base_url: str = "http://testserver",
@@ -170,24 +187,40 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     AUDIT.uninstall()
-    AUDIT.found = AUDIT.leaks()
-    AUDIT.found += sorted(set(AUDIT.in_processes) - set(AUDIT.found))
+    found = AUDIT.leaks()
+    found += sorted(set(AUDIT.in_processes) - set(found))
+    own = AUDIT.report(found)
+    AUDIT.found += found
+    AUDIT.reported += own
+    AUDIT.lines += AUDIT.stream.getvalue().count("\n")
+    AUDIT.values += len(AUDIT.used)
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a pytest-xdist worker: the controller reports, and fails
+        workeroutput[_WORKER_OUTPUT] = {"found": found, "report": own, "lines": AUDIT.lines,
+                                        "values": AUDIT.values}
     if AUDIT.found:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist's controller, as each worker ends: what its audit found (the controller's
+    own sessionfinish, which comes after every worker's, then fails the run)."""
+    output = getattr(node, "workeroutput", {}).get(_WORKER_OUTPUT)
+    if output is None:  # a worker that crashed: its tests are failed by xdist itself
+        return
+    AUDIT.found += output["found"]
+    AUDIT.reported += output["report"]
+    AUDIT.lines += output["lines"]
+    AUDIT.values += output["values"]
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    leaks = AUDIT.found
-    if not leaks:
-        lines = AUDIT.stream.getvalue().count("\n")
+    if not AUDIT.found:
         terminalreporter.write_line(
-            f"log audit: {lines:,} log lines, none with any of the {len(AUDIT.used):,} "
+            f"log audit: {AUDIT.lines:,} log lines, none with any of the {AUDIT.values:,} "
             "values the run used, nor an email, phone or secret")
         return
-    report = [f"LOG AUDIT: {len(leaks)} value(s) the run used, or shaped like personal data or "
-              "a secret, reached the log:"]
-    for leak in leaks:
-        report.append(f"  {leak!r} in:")
-        report.extend(f"    {line[:400]}" for line in list(AUDIT.lines_with(leak))[:3])
-        report.extend(f"    {line}" for line in AUDIT.in_processes.get(leak, [])[:3])
+    report = [f"LOG AUDIT: {len(AUDIT.found)} value(s) the run used, or shaped like personal "
+              "data or a secret, reached the log:", *AUDIT.reported]
     terminalreporter.write_line("\n".join(report), red=True)

@@ -25,11 +25,11 @@ def test_planted() -> None:
 '''
 
 
-def _run(tmp_path: Path, line: str) -> subprocess.CompletedProcess[str]:
+def _run(tmp_path: Path, line: str, *args: str) -> subprocess.CompletedProcess[str]:
     (tmp_path / "test_planted.py").write_text(PLANTED.format(line=line))
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "tests.log_audit", "-p", "no:cacheprovider",
-         "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_planted.py")],
+         "--rootdir", str(tmp_path), "-c", os.devnull, *args, str(tmp_path / "test_planted.py")],
         cwd=project_root(), capture_output=True, text=True, timeout=120, check=False,
         env={**os.environ, "PYTHONPATH": str(project_root())},
     )
@@ -53,6 +53,23 @@ def test_every_leak_fails_the_run_and_is_named(tmp_path: Path) -> None:
     assert f"LOG AUDIT: {len(LEAKS)} value(s)" in result.stdout, result.stdout
     for _, leak in LEAKS:
         assert repr(leak) in result.stdout, (leak, result.stdout)
+
+
+def test_a_leak_in_a_worker_process_fails_the_run_and_is_named(tmp_path: Path) -> None:
+    # the suite runs in pytest-xdist's workers (pyproject.toml): each audits its own log,
+    # and the controller reports what they found and fails the run
+    result = _run(tmp_path, "\n    ".join(line for line, _ in LEAKS), "-n", "2")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "1 passed" in result.stdout and "bringing up nodes" in result.stdout, (
+        result.stdout)
+    assert f"LOG AUDIT: {len(LEAKS)} value(s)" in result.stdout, result.stdout
+    for _, leak in LEAKS:
+        assert repr(leak) in result.stdout, (leak, result.stdout)
+    # and a worker's run without one passes, its lines counted
+    result = _run(tmp_path, 'log.info("nothing personal")', "-n", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "log audit: 1 log lines, none with any of the 4 values" in result.stdout, (
+        result.stdout)
 
 
 def test_a_run_without_a_leak_passes(tmp_path: Path) -> None:
