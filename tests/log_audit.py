@@ -13,6 +13,10 @@ and servers tests make themselves (`asgi_client`, `event_hooks`, Served's). The 
 every `serve` subprocess (tests/processes.py) is checked when it stops (`check_output`):
 a find fails that test, and the run.
 
+Under pytest-xdist (the suite's default, pyproject.toml) each worker audits the log of the
+tests it ran and hands what it found to the controller (`workeroutput`), which reports it and
+fails the run.
+
 Client-side loggers (httpx, httpcore) are not the server's log and are left out."""
 
 from __future__ import annotations

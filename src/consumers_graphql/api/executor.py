@@ -444,9 +444,8 @@ def _row_records(object_type: GraphQLObjectType, plans: list[_FieldPlan]
     its `from_rows` applies, None for none): the records read straight from rows of one
     statement, each column found by its position among the rows' column names, once per
     set of column names. None for any other type, or a field it does not list."""
-    definition = (object_type.extensions or {}).get("strawberry-definition")
     columns: dict[str, Callable[[Any], Any] | None] | None = getattr(
-        getattr(definition, "origin", None), "row_columns", None)
+        getattr(strawberry_definition(object_type), "origin", None), "row_columns", None)
     names = [_python_name(plan) for plan in plans]
     if columns is None or not all(name is not None and name in columns for name in names):
         return None
@@ -479,18 +478,23 @@ def _row_records(object_type: GraphQLObjectType, plans: list[_FieldPlan]
     return cast(RowsCompleter, _written("\n".join(lines), "records", namespace))
 
 
+def strawberry_definition(element: GraphQLField | GraphQLObjectType | None) -> Any:
+    """What Strawberry made this GraphQL field or type from (its StrawberryField or type
+    definition, in the element's `extensions`), None for none (`__typename`, a type of
+    graphql-core's own)."""
+    return (None if element is None
+            else (element.extensions or {}).get("strawberry-definition"))
+
+
 def _python_name(plan: _FieldPlan) -> str | None:
-    strawberry_field = ((plan.definition.extensions or {}).get("strawberry-definition")
-                        if plan.definition is not None else None)
-    return getattr(strawberry_field, "python_name", None)
+    return getattr(strawberry_definition(plan.definition), "python_name", None)
 
 
 def _rows_source(object_type: GraphQLObjectType, definition: GraphQLField) -> bool:
     """Whether objects of this type can hand over the rows this field's items are made
     from: the field is `nodes` and the class has `unmade_nodes` (api/types.py: Connection)."""
-    strawberry_type = (object_type.extensions or {}).get("strawberry-definition")
-    strawberry_field = (definition.extensions or {}).get("strawberry-definition")
-    return (getattr(strawberry_field, "python_name", None) == "nodes"
+    strawberry_type = strawberry_definition(object_type)
+    return (getattr(strawberry_definition(definition), "python_name", None) == "nodes"
             and callable(getattr(getattr(strawberry_type, "origin", None), "unmade_nodes",
                                  None)))
 
@@ -534,7 +538,7 @@ def _written(source: str, name: str, namespace: dict[str, Any]) -> Any:
 def _reader(definition: GraphQLField, basic: bool) -> Callable[[Any], Any] | None:
     """For a basic Strawberry field using the default resolver (getattr), the attribute read
     itself: what Strawberry's `get_result` would do, minus two calls."""
-    strawberry_field = (definition.extensions or {}).get("strawberry-definition")
+    strawberry_field = strawberry_definition(definition)
     if not basic or strawberry_field is None or strawberry_field.base_resolver is not None:
         return None
     if strawberry_field.default_resolver is not getattr:
@@ -583,7 +587,7 @@ def _direct_call(
     arguments are literals of immutable values, else by the field's conversion plan
     (api/arguments.py). None where anything else applies."""
     strawberry_schema = getattr(schema, "_strawberry_schema", None)
-    strawberry_field = (definition.extensions or {}).get("strawberry-definition")
+    strawberry_field = strawberry_definition(definition)
     if strawberry_schema is None or strawberry_field is None:
         return None
     resolver = strawberry_field.base_resolver

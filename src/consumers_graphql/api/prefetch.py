@@ -37,7 +37,7 @@ from graphql import (
 from graphql.execution.values import VariableValues, get_argument_values
 from sqlalchemy.engine import Row
 
-from consumers_graphql.api.executor import reads_variable
+from consumers_graphql.api.executor import reads_variable, strawberry_definition
 from consumers_graphql.errors import DomainError
 from consumers_graphql.store.pagination import Page, PageRequest, SortKey, page_request
 
@@ -114,9 +114,7 @@ def _columns_read(connection: FieldNode, field: GraphQLField, relation: Relation
         for node_field in _node_fields([connection], fragments, strict=True):
             if node_field.name.value == "__typename":
                 continue
-            definition = node_type.fields.get(node_field.name.value)
-            strawberry_field = (definition.extensions or {}).get(
-                "strawberry-definition") if definition is not None else None
+            strawberry_field = strawberry_definition(node_type.fields.get(node_field.name.value))
             if (strawberry_field is None or strawberry_field.base_resolver is not None
                     or strawberry_field.python_name not in relation.columns):
                 return None
