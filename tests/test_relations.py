@@ -411,6 +411,31 @@ async def test_narrowed_nested_pages_page_on_from_their_cursors(
         assert any(g["audiences"]["edges"] == edges[1:2] for g in got)
 
 
+async def test_relation_pages_without_a_cursor_from_either_end(
+        gql: GraphQL, write_engine: Any) -> None:
+    """`first: n` and `last: n` without a cursor on a page of parents (one statement for
+    all of them): each parent's own rows, in order, cut to n, with the flag of the end
+    that was cut; consumers have 1 to 5 orders here."""
+    await given_relations_with_every_column_set(write_engine)
+    full = (await gql.data("""{ consumers(first: 6) { nodes { id
+        orders { nodes { id } } } } }"""))["consumers"]["nodes"]
+    assert sorted(len(node["orders"]["nodes"]) for node in full) == [1, 1, 2, 3, 4, 5]
+    for n in (1, 2, 3, 5):
+        got = (await gql.data(f"""{{ consumers(first: 6) {{ nodes {{ id
+            head: orders(first: {n}) {{ nodes {{ id }}
+              pageInfo {{ hasNextPage hasPreviousPage }} }}
+            tail: orders(last: {n}) {{ nodes {{ id }}
+              pageInfo {{ hasNextPage hasPreviousPage }} }} }} }} }}"""))["consumers"]["nodes"]
+        assert [node["id"] for node in got] == [node["id"] for node in full]
+        for node, whole in zip(got, full, strict=True):
+            ids = [order["id"] for order in whole["orders"]["nodes"]]
+            cut = len(ids) > n
+            assert [o["id"] for o in node["head"]["nodes"]] == ids[:n], (n, ids)
+            assert node["head"]["pageInfo"] == {"hasNextPage": cut, "hasPreviousPage": False}
+            assert [o["id"] for o in node["tail"]["nodes"]] == ids[-n:], (n, ids)
+            assert node["tail"]["pageInfo"] == {"hasNextPage": False, "hasPreviousPage": cut}
+
+
 RELATION_PAGES_FROM_VARIABLES = """
 query($n: Int, $after: String) { consumers(first: 8) { nodes { id
   orders(first: $n, after: $after) { edges { cursor node { id } } } } } }
