@@ -527,16 +527,16 @@ def assemble_pages(
         return [assemble_page(grouped[key], sort, request, positions) for key in keys]
     # Without a cursor (a look-ahead's usual page: `first: n`) no probe is sent, and each
     # key's rows, a list of its own, are its page and at most one more: assemble_page's
-    # work without its copies, once per key of a page of parents.
+    # work without its copies, once per key of a page of parents (a key given twice gets
+    # the one page).
     fields, _kind_at, value_at, id_at = positions or ((), None, 0, 0)
     size, forward, key_at = request.size, request.forward, (value_at, id_at)
-    pages = []
-    for key in keys:
-        items = grouped[key]
+    pages: dict[Hashable, Page[Row[Any]]] = {}
+    for key, items in grouped.items():
         more = len(items) > size
         if more:
             del items[size:]
         if not forward:
             items.reverse()
-        pages.append(Page(items, more and forward, more and not forward, sort, key_at, fields))
-    return pages
+        pages[key] = Page(items, more and forward, more and not forward, sort, key_at, fields)
+    return [pages[key] for key in keys]
