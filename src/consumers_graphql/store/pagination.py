@@ -491,13 +491,8 @@ def assemble_page(
                 before_probe = True
             else:
                 after_probe = True
-    more = len(page_rows) > request.size
-    page_rows = page_rows[: request.size]
-    if request.forward:
-        has_next, has_previous = more or after_probe, before_probe
-    else:
-        page_rows.reverse()
-        has_next, has_previous = after_probe, more or before_probe
+    has_next, has_previous = _cut(page_rows, request.size, request.forward,
+                                  before_probe, after_probe)
     return Page(
         items=page_rows,
         has_next_page=has_next,
@@ -506,6 +501,19 @@ def assemble_page(
         key_at=(value_at, id_at),
         fields=fields,
     )
+
+
+def _cut(items: list[Any], size: int, forward: bool, before_probe: bool = False,
+         after_probe: bool = False) -> tuple[bool, bool]:
+    """Cuts a page's rows (a list of its own: changed in place) to its size, in the page's
+    order; its hasNextPage and hasPreviousPage."""
+    more = len(items) > size
+    if more:
+        del items[size:]
+    if forward:
+        return more or after_probe, before_probe
+    items.reverse()
+    return after_probe, more or before_probe
 
 
 def assemble_pages(
@@ -533,10 +541,6 @@ def assemble_pages(
     size, forward, key_at = request.size, request.forward, (value_at, id_at)
     pages: dict[Hashable, Page[Row[Any]]] = {}
     for key, items in grouped.items():
-        more = len(items) > size
-        if more:
-            del items[size:]
-        if not forward:
-            items.reverse()
-        pages[key] = Page(items, more and forward, more and not forward, sort, key_at, fields)
+        has_next, has_previous = _cut(items, size, forward)
+        pages[key] = Page(items, has_next, has_previous, sort, key_at, fields)
     return [pages[key] for key in keys]
