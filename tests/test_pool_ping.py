@@ -1,18 +1,21 @@
 """Pooled PostgreSQL connections are pinged only when they have been idle (store/db.py,
 ping_idle_connections): none under steady use, one after a pause, and a connection the
-server closed while the pool held it is replaced, not handed to a request."""
+server closed while the pool held it is replaced, not handed to a request. The same holds
+for a connection handed from one request to the next while others are in flight (Lending),
+and none is kept once no request is."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from consumers_graphql.settings import Settings
 from consumers_graphql.store import db
@@ -94,3 +97,120 @@ async def test_a_connection_the_server_closed_in_the_pool_is_replaced_not_used(
     # then the next request gets a new connection, without an error and without a ping
     assert (await gql.data(QUERY))["consumers"]["totalCount"] == 0
     assert pings == []
+
+
+# --- connections handed from one request to the next (store/db.py, Lending) ---------------
+
+PAGE = "{ consumers(first: 1) { nodes { id } } }"
+HELD = "{ audiences(first: 1) { nodes { id } } }"
+
+
+@pytest.fixture
+def checkouts(own_app: FastAPI) -> Iterator[list[object]]:
+    """The connections the read engine's pool hands out."""
+    handed: list[object] = []
+
+    def checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        handed.append(dbapi_connection)
+
+    engine = own_app.state.database.primary_engine.sync_engine
+    event.listen(engine, "checkout", checkout)
+    yield handed
+    event.remove(engine, "checkout", checkout)
+
+
+@asynccontextmanager
+async def a_request_in_flight(own_app: FastAPI, gql: GraphQL) -> AsyncIterator[
+        asyncio.Future[Any]]:
+    """A request held mid-statement (its read waits on a lock of the audiences table) for
+    the block's duration; it ends after it."""
+    async with own_app.state.database.write_engine.connect() as holder:
+        await holder.execute(text("LOCK TABLE audiences IN ACCESS EXCLUSIVE MODE"))
+        held = asyncio.ensure_future(gql.data(HELD))
+        for _ in range(200):  # bounded: the statement reaches the lock in milliseconds
+            await holder.execute(text("SELECT pg_stat_clear_snapshot()"))
+            waiting = (await holder.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'"))).scalar_one()
+            if waiting or held.done():
+                break
+            await asyncio.sleep(0.05)
+        assert waiting == 1 and not held.done()
+        try:
+            yield held
+        finally:
+            await holder.rollback()
+    assert await asyncio.wait_for(held, 10) == {"audiences": {"nodes": []}}
+
+
+def checked_out(app: FastAPI) -> int:
+    return int(app.state.database.primary_engine.sync_engine.pool.checkedout())
+
+
+async def test_a_connection_goes_to_the_next_request_while_another_is_in_flight(
+    own_app: FastAPI, gql: GraphQL, checkouts: list[object], pings: list[object]
+) -> None:
+    await gql.data(PAGE)  # the key verified (and cached) on a connection of its own
+    async with a_request_in_flight(own_app, gql):
+        checkouts.clear()
+        # when requests follow one another while it is held
+        for _ in range(5):
+            assert await gql.data(PAGE) == {"consumers": {"nodes": []}}
+        # then the first one's connection served them all: one checkout, kept after the
+        # last of them (the held request's connection and that one are out of the pool)
+        assert len(checkouts) == 1
+        assert checked_out(own_app) == 2
+    # and once no request is in flight, every connection is back in the pool
+    assert checked_out(own_app) == 0
+    assert pings == []
+    # and requests one at a time, nothing in flight between them, keep none
+    checkouts.clear()
+    for _ in range(3):
+        await gql.data(PAGE)
+        assert checked_out(own_app) == 0
+    assert len(checkouts) == 3
+
+
+async def test_a_connection_kept_past_the_ping_threshold_is_pinged_before_use(
+    own_app: FastAPI, gql: GraphQL, checkouts: list[object], pings: list[object],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db, "POOL_PING_IDLE_S", 0.1)
+    await gql.data(PAGE)
+    async with a_request_in_flight(own_app, gql):
+        checkouts.clear()
+        await gql.data(PAGE)  # its connection kept
+        await asyncio.sleep(0.2)
+        # when the next request comes after the threshold
+        assert await gql.data(PAGE) == {"consumers": {"nodes": []}}
+        # then the kept connection went back to the pool as idle since it was kept: the
+        # pool's checkout pinged it before the request used it
+        assert len(checkouts) == 2 and checkouts[1] is checkouts[0]
+        assert pings == [checkouts[0]]
+    assert checked_out(own_app) == 0
+
+
+@pytest.mark.skipif(bool(os.environ.get("CONSUMERS_DATABASE_POOLER")),
+                    reason="behind a pooler the server's end of a connection never reaches "
+                           "the client's (the pooler opens another): nothing to replace")
+async def test_a_kept_connection_the_server_closed_is_not_lent(
+    own_app: FastAPI, gql: GraphQL, checkouts: list[object]
+) -> None:
+    await gql.data(PAGE)
+    async with a_request_in_flight(own_app, gql) as held:
+        await gql.data(PAGE)  # its connection kept
+        # when the server ends every idle connection (the kept one among them)
+        async with own_app.state.database.write_engine.connect() as conn:
+            ended = (await conn.execute(text(
+                "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND backend_type = 'client backend' AND state = 'idle'"))).scalar_one()
+            await conn.rollback()
+        assert ended >= 1
+        await asyncio.sleep(0.05)  # the event loop hears the server's goodbye
+        checkouts.clear()
+        # then the next request is answered on a connection from the pool, not the dead one
+        assert await gql.data(PAGE) == {"consumers": {"nodes": []}}
+        assert len(checkouts) == 1
+        assert not held.done()
+    assert checked_out(own_app) == 0

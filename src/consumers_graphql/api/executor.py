@@ -108,6 +108,21 @@ async def _gather(values: Sequence[Awaitable[Any]]) -> list[Any]:
     return list(await asyncio.gather(*values))
 
 
+async def _alone(awaitable: Awaitable[Any]) -> Any:
+    """One pending value, awaited in the caller's task, as `settle`'s gather would settle it
+    in a task of its own: what it raises sends the operation to graphql-core (_Fallback); a
+    cancellation is the caller's own when its task is being cancelled, and passes."""
+    try:
+        return await awaitable
+    except asyncio.CancelledError as cancelled:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        raise _Fallback("a resolver was cancelled") from cancelled
+    except Exception as error:
+        raise _Fallback("a resolver raised") from error
+
+
 def _track(_values: Sequence[Any]) -> None:
     return None
 
@@ -772,6 +787,10 @@ class _Run:
     async def settle(self) -> None:
         while self.pending:
             batch, self.pending = self.pending, []
+            if len(batch) == 1:  # (a root field, a W2 look-up): awaited here, no task
+                (awaitable, fill), = batch
+                fill(await _alone(awaitable))
+                continue
             results = await asyncio.gather(*(a for a, _ in batch), return_exceptions=True)
             for result in results:
                 if isinstance(result, BaseException):

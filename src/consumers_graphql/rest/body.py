@@ -308,7 +308,7 @@ class RestRoute(APIRoute):
             # FastAPI reads the body before it resolves dependencies: authenticate first here,
             # on the request's read connection, which the dependencies then share.
             database: Database = request.app.state.database
-            reader = database.reader()
+            reader = database.request_reader()
             state = request.scope.setdefault("state", {})
             state[READER_STATE] = reader
             try:

@@ -244,6 +244,9 @@ POOL_PING_IDLE_S = 0.5
 # In a pooled connection's `info` (emptied by SQLAlchemy when it reconnects): when it was last
 # given back to the pool, in time.monotonic() seconds.
 _RETURNED_AT = "consumers_graphql_returned_at"
+# When a connection kept between requests (Lending) was kept: idle since then, whatever the
+# pool's return says.
+_KEPT_AT = "consumers_graphql_kept_at"
 
 
 def ping_idle_connections(engine: AsyncEngine, outage: Outage | None = None) -> None:
@@ -267,7 +270,8 @@ def ping_idle_connections(engine: AsyncEngine, outage: Outage | None = None) -> 
     dialect = sync_engine.dialect
 
     def returned(_dbapi_connection: Any, record: Any) -> None:
-        record.info[_RETURNED_AT] = monotonic()
+        kept_at = record.info.pop(_KEPT_AT, None)
+        record.info[_RETURNED_AT] = monotonic() if kept_at is None else kept_at
 
     def checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         driver = getattr(dbapi_connection, "driver_connection", None)
@@ -559,6 +563,11 @@ class Database:
         # Reads sent to asyncpg directly (store/driver_reads.py); tracing turns it off, its
         # SQL spans being made by SQLAlchemy's execution.
         self.driver_reads = self.read_engine.dialect.driver == "asyncpg"
+        # Request readers' connections handed from one request to the next (PostgreSQL).
+        outages: dict[AsyncEngine, Outage | None] = {self.primary_engine: self.outage}
+        if self.replica_engine is not None:
+            outages[self.replica_engine] = self.replica_outage
+        self.lending = Lending(outages) if self.driver_reads else None
         self.write_sessions = async_sessionmaker(self.write_engine, expire_on_commit=False)
         # SQLite has one writer at a time. The services' transactions (every GraphQL and
         # REST write) take turns here, first come first served, instead of in SQLite's busy
@@ -622,10 +631,19 @@ class Database:
         return [engine for _outage, engines in self._outage_engines() for engine in engines]
 
     def reader(self) -> Reader:
+        """A reader of its own (a WebSocket's, a background job's)."""
         return Reader(self.read_engine, self.inline, primary=self.primary_engine,
                       driver_reads=self.driver_reads)
 
+    def request_reader(self) -> Reader:
+        """An HTTP request's reader, closed when the request ends: its connection may be
+        the one a request that just ended kept, and may be kept for the next (Lending)."""
+        return Reader(self.read_engine, self.inline, primary=self.primary_engine,
+                      driver_reads=self.driver_reads, lending=self.lending)
+
     async def dispose(self) -> None:
+        if self.lending is not None:
+            await _give_back_all(self.lending.release())
         try:
             if self.checkpoints is not None:
                 await self.checkpoints.close()
@@ -694,6 +712,91 @@ async def replica_problem(settings: Settings) -> str | None:
     return None
 
 
+class Lending:
+    """Read connections handed from one request to the next while others are in flight,
+    past the pool's checkout and return (PostgreSQL; issue 14).
+
+    A checkout and a return through SQLAlchemy cost two greenlets, a `Connection`, the
+    pool's events and its metrics: 45-60 µs of CPU here, a tenth of a look-up by id. Under
+    load a request's connection is wanted again within microseconds, so a request that ends
+    while another request is in flight keeps its connection here, and the next request
+    takes it instead of checking one out. The pool still counts it checked out (and so do
+    its metrics); nothing is kept when no request is in flight: the last request to end
+    gives back its own connection and every one kept, so an idle process holds none, as
+    before.
+
+    A kept connection is lent only where the pool would have handed it out without a ping:
+    one kept POOL_PING_IDLE_S or more goes back to the pool as idle since it was kept, so
+    the pool's next checkout of it pings it (ping_idle_connections); one whose server said
+    goodbye (asyncpg's `is_closed()`) is invalidated; nothing is kept or lent while the
+    database's outage is on (every checkout pings then). Nor is a connection SQLAlchemy has
+    invalidated, or one in a transaction. Kept per engine (the primary and a replica),
+    newest first."""
+
+    def __init__(self, outages: dict[AsyncEngine, Outage | None]) -> None:
+        self._outages = outages
+        self._kept: dict[AsyncEngine, list[tuple[AsyncConnection, float]]] = {
+            engine: [] for engine in outages}
+        self.open = 0  # request readers not closed yet
+
+    def take(self, engine: AsyncEngine) -> tuple[AsyncConnection | None,
+                                                 list[AsyncConnection]]:
+        """A kept connection of `engine` fit to lend (or None), and those found unfit,
+        which the caller gives back to the pool."""
+        kept = self._kept.get(engine)
+        if not kept:
+            return None, []
+        outage = self._outages[engine]
+        if outage is not None and outage.down:
+            unfit = [conn for conn, _at in kept]
+            kept.clear()
+            return None, unfit
+        conn, kept_at = kept.pop()
+        if monotonic() - kept_at >= POOL_PING_IDLE_S:  # and every one kept before it
+            unfit = [conn, *(older for older, _at in kept)]
+            kept.clear()
+            return None, unfit  # (the pool's next checkout of each pings it: `_KEPT_AT`)
+        fairy = cast(Any, conn.sync_connection).connection
+        if fairy.driver_connection.is_closed():
+            return None, [conn]
+        del fairy.info[_KEPT_AT]
+        return conn, []
+
+    def keep(self, conn: AsyncConnection) -> bool:
+        """Keeps a request's connection for the next request, when another is in flight
+        (`open` counts the closing request still) and it is fit to lend."""
+        engine = conn.engine
+        kept = self._kept.get(engine)
+        if kept is None or self.open < 2 or conn.invalidated or conn.in_transaction():
+            return False
+        outage = self._outages[engine]
+        if outage is not None and outage.down:
+            return False
+        now = monotonic()
+        # idle from now: a connection given back to the pool later counts from here
+        cast(Any, conn.sync_connection).connection.info[_KEPT_AT] = now
+        kept.append((conn, now))
+        return True
+
+    def release(self) -> list[AsyncConnection]:
+        """Every kept connection, for the pool: the last request ended, or the process
+        is stopping."""
+        released = [conn for kept in self._kept.values() for conn, _at in kept]
+        for kept in self._kept.values():
+            kept.clear()
+        return released
+
+
+async def _give_back_all(connections: list[AsyncConnection]) -> None:
+    """Kept connections back to the pool; one whose server is gone is invalidated."""
+    for conn in connections:
+        driver: Any = cast(Any, conn.sync_connection).connection.driver_connection
+        if driver.is_closed():
+            await _invalidate_and_close(conn)
+        else:
+            await conn.close()
+
+
 class ReaderClosed(RuntimeError):
     """A statement sent after the request's reads were closed (a load nobody waits for)."""
 
@@ -718,8 +821,14 @@ class Reader:
     """
 
     def __init__(self, engine: AsyncEngine, inline: InlineReads | None = None, *,
-                 primary: AsyncEngine | None = None, driver_reads: bool = False) -> None:
+                 primary: AsyncEngine | None = None, driver_reads: bool = False,
+                 lending: Lending | None = None) -> None:
         self._engine = engine
+        # a request's reader: its connection may come from, and go to, the one before and
+        # after it (Lending); counted open until closed
+        self._lending = lending
+        if lending is not None:
+            lending.open += 1
         self._driver_reads = driver_reads
         self._primary = primary or engine
         self._conn: AsyncConnection | None = None
@@ -827,7 +936,9 @@ class Reader:
             sync = conn.sync_connection
             assert sync is not None  # (started by connect)
             driver: Any = sync.connection.driver_connection
-            dispatch = sync.dispatch
+            # the engine's listeners (every one the app and the tests set is the engine's):
+            # a Connection's own `dispatch` joins them anew for every connection
+            dispatch = sync.engine.dispatch
             if dispatch.before_cursor_execute:
                 dispatch.before_cursor_execute(sync, None, prepared.sql, args, None, False)
             try:
@@ -854,7 +965,13 @@ class Reader:
         if self._conn is not None and self._conn.engine is not self._engine:
             await self._give_back(self._conn)  # a replica's, before use_primary()
         if self._conn is None:
-            conn = await self._engine.connect()
+            conn = None
+            if self._lending is not None:
+                conn, unfit = self._lending.take(self._engine)
+                if unfit:
+                    await asyncio.shield(_give_back_all(unfit))
+            if conn is None:
+                conn = await self._engine.connect()
             if self._closed:  # closed while we waited for the pool: ours to give back
                 await self._give_back(conn)
                 raise ReaderClosed("the request's reads are over")
@@ -877,8 +994,22 @@ class Reader:
     async def close(self) -> None:
         """Gives the connection back once a statement still running on it (a DataLoader
         batch whose waiters were cancelled) is over; at once, dropping the connection, when
-        the request itself is being cancelled (its deadline passed)."""
+        the request itself is being cancelled (its deadline passed). A request's reader
+        hands it to the next request while another is in flight (Lending), and the last one
+        closed gives back every connection kept."""
+        if self._closed:
+            return
         self._closed = True
+        lending, self._lending = self._lending, None
+        try:
+            await self._close(lending)
+        finally:
+            if lending is not None:
+                lending.open -= 1
+                if lending.open == 0:
+                    await asyncio.shield(_give_back_all(lending.release()))
+
+    async def _close(self, lending: Lending | None) -> None:
         if self._conn is None and not self._lock.locked():
             return
         task = asyncio.current_task()
@@ -892,7 +1023,7 @@ class Reader:
             raise
         try:
             conn, self._conn = self._conn, None
-            if conn is not None:
+            if conn is not None and (lending is None or not lending.keep(conn)):
                 await conn.close()
         finally:
             self._lock.release()

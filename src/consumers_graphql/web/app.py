@@ -88,7 +88,7 @@ async def _graphql_context(
     """The request's context: its read connection (shared by the API key look-up and the
     resolvers, closed after the response) and its principal."""
     database: Database = request.app.state.database
-    reader = database.reader()
+    reader = database.request_reader()
     try:
         # (The GraphiQL page, which needs no key, is answered before: api/http.py.)
         principal = await require_api_key(request, background_tasks, reader)

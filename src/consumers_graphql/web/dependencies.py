@@ -25,7 +25,7 @@ async def request_reader(request: Request) -> AsyncIterator[Reader]:
         yield opened
         return
     database: Database = request.app.state.database
-    reader = database.reader()
+    reader = database.request_reader()
     try:
         yield reader
     finally:
