@@ -1006,8 +1006,8 @@ class Reader:
         finally:
             if lending is not None:
                 lending.open -= 1
-                if lending.open == 0:
-                    await asyncio.shield(_give_back_all(lending.release()))
+                if lending.open == 0 and (kept := lending.release()):
+                    await asyncio.shield(_give_back_all(kept))
 
     async def _close(self, lending: Lending | None) -> None:
         if self._conn is None and not self._lock.locked():
