@@ -17,6 +17,7 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from sqlalchemy import event, text
 
+from consumers_graphql.ids import IdKind, new_id
 from consumers_graphql.settings import Settings
 from consumers_graphql.store import db
 from consumers_graphql.web.app import create_app
@@ -123,24 +124,31 @@ def checkouts(own_app: FastAPI) -> Iterator[list[object]]:
 async def a_request_in_flight(own_app: FastAPI, gql: GraphQL) -> AsyncIterator[
         asyncio.Future[Any]]:
     """A request held mid-statement (its read waits on a lock of the audiences table) for
-    the block's duration; it ends after it."""
+    the block's duration; it ends after it. The orders table is locked too."""
     async with own_app.state.database.write_engine.connect() as holder:
-        await holder.execute(text("LOCK TABLE audiences IN ACCESS EXCLUSIVE MODE"))
+        await holder.execute(text("LOCK TABLE audiences, orders IN ACCESS EXCLUSIVE MODE"))
         held = asyncio.ensure_future(gql.data(HELD))
-        for _ in range(200):  # bounded: the statement reaches the lock in milliseconds
-            await holder.execute(text("SELECT pg_stat_clear_snapshot()"))
-            waiting = (await holder.execute(text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock'"))).scalar_one()
-            if waiting or held.done():
-                break
-            await asyncio.sleep(0.05)
-        assert waiting == 1 and not held.done()
+        assert await lock_waiters(holder, 1) == 1 and not held.done()
         try:
             yield held
         finally:
             await holder.rollback()
     assert await asyncio.wait_for(held, 10) == {"audiences": {"nodes": []}}
+
+
+async def lock_waiters(conn: Any, expected: int) -> int:
+    """How many statements wait on a lock, once `expected` do (bounded: a statement
+    reaches the lock in milliseconds)."""
+    waiting = 0
+    for _ in range(200):
+        await conn.execute(text("SELECT pg_stat_clear_snapshot()"))  # a fresh snapshot
+        waiting = (await conn.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'"))).scalar_one()
+        if waiting >= expected:
+            break
+        await asyncio.sleep(0.02)
+    return int(waiting)
 
 
 def checked_out(app: FastAPI) -> int:
@@ -214,3 +222,35 @@ async def test_a_kept_connection_the_server_closed_is_not_lent(
         assert len(checkouts) == 1
         assert not held.done()
     assert checked_out(own_app) == 0
+
+
+async def test_a_request_cancelled_mid_statement_keeps_no_connection(
+    own_app: FastAPI, gql: GraphQL
+) -> None:
+    await gql.data(PAGE)
+    async with a_request_in_flight(own_app, gql):
+        # given a second request whose look-up (a DataLoader's batch, a task of its own)
+        # waits on the lock of the orders table
+        waiting = asyncio.ensure_future(gql.data(
+            "query($id: ID!) { node(id: $id) { id } }", {"id": new_id(IdKind.ORDER)}))
+        async with own_app.state.database.write_engine.connect() as watcher:
+            assert await lock_waiters(watcher, 2) == 2
+            await watcher.rollback()
+        assert checked_out(own_app) == 2
+        # when its client goes away (the app's call cancelled) while another is in flight
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        # then its connection, in the middle of a statement, is dropped (by a shielded task,
+        # which may end after the cancelled call), not kept for the next request: only the
+        # held request's is out of the pool
+        for _ in range(200):
+            if checked_out(own_app) == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert checked_out(own_app) == 1
+        # and the next request is answered on a sound connection, and kept
+        assert await gql.data(PAGE) == {"consumers": {"nodes": []}}
+        assert checked_out(own_app) == 2
+    assert checked_out(own_app) == 0
+    assert await gql.data(PAGE) == {"consumers": {"nodes": []}}
