@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from consumers_graphql.ids import IdKind, new_id
 from consumers_graphql.store import models
 from tests.conftest import GraphQL
 from tests.factories import (
@@ -62,6 +63,40 @@ async def test_node_and_nodes_resolve_every_type_in_order(gql: GraphQL, write_en
     assert (await gql.data('{ node(id: "nope") { id } }'))["node"] is None
     assert (await gql.data(f'{{ consumer(id: "{audience["id"]}") {{ id }} }}'))["consumer"] is None
     assert (await gql.data(f'{{ audience(id: "{unknown}") {{ id }} }}'))["audience"] is None
+
+
+async def test_a_root_look_up_by_id_is_read_once_and_kept_for_the_request(
+    gql: GraphQL, sql: Any, write_engine: Any
+) -> None:
+    consumers = [consumer_row(n) for n in range(2)]
+    await insert_consumers(write_engine, consumers)
+    first, second = (c["id"] for c in consumers)
+    await insert_rows(write_engine, models.Order, [
+        order_row(first, "1.50", BASE_TIME + timedelta(days=n)) for n in range(2)])
+    # a lone `consumer(id:)` (read at once by the compiled executor): its orders' consumer
+    # is the one read, not read again
+    with sql.counting():
+        data = await gql.data(
+            "query($id: ID!) { consumer(id: $id) { id orders(first: 5) { nodes { consumer {"
+            " id email } } } } }", {"id": first})
+    assert data["consumer"]["id"] == first
+    assert [n["consumer"] for n in data["consumer"]["orders"]["nodes"]] == [
+        {"id": first, "email": consumers[0]["email"]}] * 2
+    assert sql.count == 2
+    # two of them in one operation still share one statement, and each alias its answer
+    with sql.counting():
+        data = await gql.data(
+            "query($a: ID!, $b: ID!) { a: consumer(id: $a) { id } b: consumer(id: $b) { id }"
+            " c: consumer(id: $a) { email } }", {"a": first, "b": second})
+    assert data == {"a": {"id": first}, "b": {"id": second},
+                    "c": {"email": consumers[0]["email"]}}
+    assert sql.count == 1
+    # one that names nothing is null, read once
+    with sql.counting():
+        data = await gql.data("query($id: ID!) { consumer(id: $id) { id } }",
+                              {"id": new_id(IdKind.CONSUMER)})
+    assert data == {"consumer": None}
+    assert sql.count == 1
 
 
 async def test_nodes_cost_one_statement_per_type(
