@@ -73,8 +73,7 @@ async def test_a_root_look_up_by_id_is_read_once_and_kept_for_the_request(
     first, second = (c["id"] for c in consumers)
     await insert_rows(write_engine, models.Order, [
         order_row(first, "1.50", BASE_TIME + timedelta(days=n)) for n in range(2)])
-    # a lone `consumer(id:)` (read at once by the compiled executor): its orders' consumer
-    # is the one read, not read again
+    # a `consumer(id:)`: its orders' consumer is the one read, not read again
     with sql.counting():
         data = await gql.data(
             "query($id: ID!) { consumer(id: $id) { id orders(first: 5) { nodes { consumer {"

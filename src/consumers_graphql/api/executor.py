@@ -85,7 +85,7 @@ from strawberry.types.fields.resolver import StrawberryResolver
 from strawberry.types.info import Info
 
 from consumers_graphql.api.arguments import ArgumentsConverter, plan_arguments
-from consumers_graphql.api.loaders import ALONE, Loaders
+from consumers_graphql.api.loaders import Loaders
 from consumers_graphql.timestamps import format_datetime
 
 _MAX_PLANS = 1000
@@ -111,10 +111,7 @@ async def _gather(values: Sequence[Awaitable[Any]]) -> list[Any]:
 async def _alone(awaitable: Awaitable[Any]) -> Any:
     """One pending value, awaited in the caller's task, as `settle`'s gather would settle it
     in a task of its own: what it raises sends the operation to graphql-core (_Fallback); a
-    cancellation is the caller's own when its task is being cancelled, and passes. Nothing
-    else of the request runs meanwhile: a root field's look-up by id reads at once
-    (DataLoader.load_alone, ALONE)."""
-    alone = ALONE.set(True)
+    cancellation is the caller's own when its task is being cancelled, and passes."""
     try:
         return await awaitable
     except asyncio.CancelledError as cancelled:
@@ -124,8 +121,6 @@ async def _alone(awaitable: Awaitable[Any]) -> Any:
         raise _Fallback("a resolver was cancelled") from cancelled
     except Exception as error:
         raise _Fallback("a resolver raised") from error
-    finally:
-        ALONE.reset(alone)
 
 
 def _track(_values: Sequence[Any]) -> None:

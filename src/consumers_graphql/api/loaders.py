@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
-from contextvars import ContextVar
 from functools import partial
 from typing import Any, TypeVar, cast
 
@@ -20,11 +19,6 @@ from consumers_graphql.store.repository import Repository
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
-
-# True while the compiled executor awaits the one value left to settle in the request's own
-# task (api/executor.py, `_alone`): a look-up made there by a root field is the only load of
-# its batch, and nobody else can wait for it (DataLoader.load_alone).
-ALONE: ContextVar[bool] = ContextVar("alone", default=False)
 
 
 class DataLoader(dataloader.DataLoader[K, T]):
@@ -45,45 +39,6 @@ class DataLoader(dataloader.DataLoader[K, T]):
     def load(self, key: K) -> Awaitable[T]:
         future = self.loaded[key] = cast("asyncio.Future[T]", super().load(key))
         return asyncio.shield(_unwatched(future))
-
-    def load_alone(self, key: K) -> Awaitable[T]:
-        """`load` for a root field's look-up by id (`consumer`, `audience`): read at once in
-        the caller's task when nothing else can join its batch or wait for it (ALONE, and
-        no batch of this loader pending), without the batch's task, its scheduling and the
-        shield that a shared load needs (a fifth of a look-up's CPU). The key's future is
-        set as the batch would set it, so the cache and `loaded` are as `load` leaves them
-        (a later load of the key, or graphql-core's run after a fallback, reads nothing
-        again). Anywhere else, `load`."""
-        if not ALONE.get() or (self.batch is not None and not self.batch.dispatched):
-            return self.load(key)
-        cached = self.cache_map.get(key)
-        if cached is not None and not cached.cancelled():
-            return self.load(key)
-        ALONE.set(False)  # one look-up: a task the field might start gets a batch
-        future: asyncio.Future[T] = self.loop.create_future()
-        self.cache_map.set(key, future)
-        self.loaded[key] = future
-        return self._read_alone(key, future)
-
-    async def _read_alone(self, key: K, future: asyncio.Future[T]) -> T:
-        try:
-            values = list(await self.load_fn([key]))
-            if len(values) != 1:
-                raise WrongNumberOfResultsReturned(expected=1, received=len(values))
-        except Exception as error:  # the key's outcome, as dispatch_batch sets it
-            future.set_exception(error)
-            future.exception()  # taken: raised to the caller here
-            raise
-        except BaseException:  # cancelled: nobody gets an answer from this read
-            future.cancel()
-            raise
-        value = values[0]
-        if isinstance(value, BaseException):
-            future.set_exception(value)
-            future.exception()
-            raise value
-        future.set_result(value)
-        return value
 
     def load_many(self, keys: Iterable[K]) -> Awaitable[list[T]]:
         # gather takes what its loads raised; what it raises itself is taken here

@@ -100,7 +100,7 @@ class Query:
     async def consumer(self, info: Info, id: strawberry.ID) -> Consumer | None:
         if kind_of(id) is not IdKind.CONSUMER:
             return None
-        row = await info.context.loaders.consumer_by_id.load_alone(id)
+        row = await info.context.loaders.consumer_by_id.load(id)
         return Consumer.from_row(row) if row is not None else None
 
     @decorators.field(description=(
@@ -166,7 +166,7 @@ class Query:
     async def audience(self, info: Info, id: strawberry.ID) -> Audience | None:
         if kind_of(id) is not IdKind.AUDIENCE:
             return None
-        row = await info.context.loaders.audience_by_id.load_alone(id)
+        row = await info.context.loaders.audience_by_id.load(id)
         return Audience.from_row(row) if row is not None else None
 
     @decorators.field(description="Audiences by name. `first` (default 20) or `last`, "
