@@ -30,6 +30,26 @@ pytestmark = pytest.mark.skipif(not TEST_DATABASE_URL,
 QUERY = "{ consumers(first: 1) { totalCount } }"
 
 
+not_behind_a_pooler = pytest.mark.skipif(
+    bool(os.environ.get("CONSUMERS_DATABASE_POOLER")),
+    reason="behind a pooler the server's end of a connection never reaches the client's "
+           "(the pooler opens another): nothing to replace")
+
+
+async def end_connections(app: FastAPI, where: str = "") -> int:
+    """The server ends the app's database's client connections but the one asking (`where`
+    narrows them), as an administrator or a restart would; how many, once the event loop
+    has heard their goodbye."""
+    async with app.state.database.write_engine.connect() as conn:
+        ended = (await conn.execute(text(
+            "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            f"AND backend_type = 'client backend' {where}"))).scalar_one()
+        await conn.rollback()
+    await asyncio.sleep(0.05)
+    return int(ended)
+
+
 @pytest.fixture
 async def own_app(settings: Settings, execution_path: str) -> AsyncIterator[FastAPI]:
     """An app on a database of its own, whose connections a test may cut."""
@@ -78,23 +98,14 @@ async def test_no_ping_under_steady_use_and_one_after_a_pause(
     assert len(pings) == 1
 
 
-@pytest.mark.skipif(bool(os.environ.get("CONSUMERS_DATABASE_POOLER")),
-                    reason="behind a pooler the server's end of a connection never reaches "
-                           "the client's (the pooler opens another): nothing to replace")
+@not_behind_a_pooler
 async def test_a_connection_the_server_closed_in_the_pool_is_replaced_not_used(
     own_app: FastAPI, gql: GraphQL, pings: list[object]
 ) -> None:
     # given a pooled connection, used a moment ago (no ping will check it)
     assert (await gql.data(QUERY))["consumers"]["totalCount"] == 0
     # when the server ends it (an administrator, a restart)
-    async with own_app.state.database.write_engine.connect() as conn:
-        ended = (await conn.execute(text(
-            "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-            "AND backend_type = 'client backend'"))).scalar_one()
-        await conn.rollback()
-    assert ended >= 1
-    await asyncio.sleep(0.05)  # the event loop hears the server's goodbye
+    assert await end_connections(own_app) >= 1
     # then the next request gets a new connection, without an error and without a ping
     assert (await gql.data(QUERY))["consumers"]["totalCount"] == 0
     assert pings == []
@@ -198,9 +209,7 @@ async def test_a_connection_kept_past_the_ping_threshold_is_pinged_before_use(
     assert checked_out(own_app) == 0
 
 
-@pytest.mark.skipif(bool(os.environ.get("CONSUMERS_DATABASE_POOLER")),
-                    reason="behind a pooler the server's end of a connection never reaches "
-                           "the client's (the pooler opens another): nothing to replace")
+@not_behind_a_pooler
 async def test_a_kept_connection_the_server_closed_is_not_lent(
     own_app: FastAPI, gql: GraphQL, checkouts: list[object]
 ) -> None:
@@ -208,14 +217,7 @@ async def test_a_kept_connection_the_server_closed_is_not_lent(
     async with a_request_in_flight(own_app, gql) as held:
         await gql.data(PAGE)  # its connection kept
         # when the server ends every idle connection (the kept one among them)
-        async with own_app.state.database.write_engine.connect() as conn:
-            ended = (await conn.execute(text(
-                "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                "AND backend_type = 'client backend' AND state = 'idle'"))).scalar_one()
-            await conn.rollback()
-        assert ended >= 1
-        await asyncio.sleep(0.05)  # the event loop hears the server's goodbye
+        assert await end_connections(own_app, "AND state = 'idle'") >= 1
         checkouts.clear()
         # then the next request is answered on a connection from the pool, not the dead one
         assert await gql.data(PAGE) == {"consumers": {"nodes": []}}
