@@ -256,3 +256,24 @@ async def test_a_request_cancelled_mid_statement_keeps_no_connection(
         assert checked_out(own_app) == 2
     assert checked_out(own_app) == 0
     assert await gql.data(PAGE) == {"consumers": {"nodes": []}}
+
+
+async def test_during_an_outage_no_connection_is_lent_every_checkout_pings(
+    own_app: FastAPI, gql: GraphQL, checkouts: list[object], pings: list[object]
+) -> None:
+    outage = own_app.state.database.outage
+    await gql.data(PAGE)
+    async with a_request_in_flight(own_app, gql):
+        checkouts.clear()
+        await gql.data(PAGE)  # its connection kept
+        # when a request meets the database out of reach (its outage begins)
+        outage.failed(ConnectionRefusedError())
+        # then the next request is not lent the kept connection: the pool's checkout pings
+        # it first, and that ping, answered, ends the outage
+        assert await gql.data(PAGE) == {"consumers": {"nodes": []}}
+        assert len(checkouts) == 2 and pings == [checkouts[1]]
+        assert not outage.down
+        # and once it is over, connections are kept and lent again, without a ping
+        await gql.data(PAGE)
+        assert len(checkouts) == 2 and len(pings) == 1
+    assert checked_out(own_app) == 0
