@@ -226,6 +226,7 @@ async def test_a_kept_connection_the_server_closed_is_not_lent(
     assert checked_out(own_app) == 0
 
 
+@pytest.mark.cancels_statements
 async def test_a_request_cancelled_mid_statement_keeps_no_connection(
     own_app: FastAPI, gql: GraphQL
 ) -> None:
