@@ -140,6 +140,15 @@ async def registered(app: FastAPI, count: int) -> None:
             await asyncio.sleep(0.01)
 
 
+async def live(app: FastAPI) -> None:
+    """Until every subscription of `app`'s hub has replayed what the database held and
+    takes events as they come (before, an overflow of its buffer means reading on)."""
+    hub = app.state.event_hub
+    async with asyncio.timeout(WAIT_S):
+        while hub.replaying:  # noqa: ASYNC110 - the hub offers a count, not an event
+            await asyncio.sleep(0.01)
+
+
 async def create(gql: GraphQL, *emails: str) -> list[str]:
     return [(await gql.data(CREATE, {"email": email}))["consumerCreate"]["consumer"]["id"]
             for email in emails]
@@ -451,6 +460,7 @@ async def test_an_overflow_before_any_delivery_names_where_it_started(
         async with connected(url, api_key) as socket:
             await subscribe(socket, "1")
             await registered(app, 1)
+            await live(app)  # (nothing is delivered first that would show it)
             await gql.data(BATCH_CREATE, {"input": [{"email": f"o{n}@example.com"}
                                                     for n in range(10)]})
             message = await receive(socket)

@@ -105,6 +105,11 @@ class Subscriber:
         self._lagging = False  # the buffer overflowed while replaying: read the database again
         self._overflowed = False
 
+    @property
+    def live(self) -> bool:
+        """Past its replay: handed the hub's events as they come."""
+        return self._live
+
     def offer(self, record: EventRecord) -> None:
         """A new event that matches the filter (the hub's read). Never blocks."""
         if self._overflowed:
@@ -180,6 +185,12 @@ class EventHub:
     @property
     def active(self) -> int:
         return len(self._subscribers)
+
+    @property
+    def replaying(self) -> int:
+        """Subscriptions still reading the database before they go live (an overflow of
+        their buffer means reading on, not SUBSCRIBER_TOO_SLOW)."""
+        return sum(1 for subscriber in self._subscribers if not subscriber.live)
 
     def _listen_url(self) -> str | None:
         """The URL of the LISTEN connection, None when there is none to use (SQLite, or a
