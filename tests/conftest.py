@@ -3,6 +3,7 @@ CONSUMERS_TEST_DATABASE_URL names a server (a fresh database is created per run)
 
 from __future__ import annotations
 
+import asyncio
 import os
 import types
 import uuid
@@ -350,6 +351,30 @@ class GraphQL:
         body = await self(query, variables)
         assert "errors" not in body, body["errors"]
         return body["data"]
+
+
+def checked_out(app: FastAPI) -> int:
+    """Connections of the read pool in use (none once every request has answered, and none
+    kept for a next request when no request is in flight)."""
+    return int(app.state.database.read_engine.sync_engine.pool.checkedout())
+
+
+async def lock_waiters(conn: Any, expected: int,
+                       stop: asyncio.Future[Any] | None = None) -> list[int]:
+    """The backends (PostgreSQL) of the statements waiting on a lock, but `conn`'s own,
+    once `expected` wait or `stop` is done (bounded: a statement reaches its lock in
+    milliseconds)."""
+    waiting: list[int] = []
+    for _ in range(500):
+        # pg_stat_activity is a snapshot kept for the transaction: take a new one
+        await conn.execute(text("SELECT pg_stat_clear_snapshot()"))
+        waiting = list((await conn.execute(text(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"))).scalars())
+        if len(waiting) >= expected or (stop is not None and stop.done()):
+            break
+        await asyncio.sleep(0.02)
+    return waiting
 
 
 def bearer(secret: str) -> dict[str, str]:

@@ -21,7 +21,14 @@ from consumers_graphql.ids import IdKind, new_id
 from consumers_graphql.settings import Settings
 from consumers_graphql.store import db
 from consumers_graphql.web.app import create_app
-from tests.conftest import TEST_DATABASE_URL, GraphQL, new_migrated_database, on_path
+from tests.conftest import (
+    TEST_DATABASE_URL,
+    GraphQL,
+    checked_out,
+    lock_waiters,
+    new_migrated_database,
+    on_path,
+)
 from tests.log_audit import AUDIT, asgi_client
 
 pytestmark = pytest.mark.skipif(not TEST_DATABASE_URL,
@@ -139,27 +146,12 @@ async def a_request_in_flight(own_app: FastAPI, gql: GraphQL) -> AsyncIterator[
     async with own_app.state.database.write_engine.connect() as holder:
         await holder.execute(text("LOCK TABLE audiences, orders IN ACCESS EXCLUSIVE MODE"))
         held = asyncio.ensure_future(gql.data(HELD))
-        assert await lock_waiters(holder, 1) == 1 and not held.done()
+        assert len(await lock_waiters(holder, 1)) == 1 and not held.done()
         try:
             yield held
         finally:
             await holder.rollback()
     assert await asyncio.wait_for(held, 10) == {"audiences": {"nodes": []}}
-
-
-async def lock_waiters(conn: Any, expected: int) -> int:
-    """How many statements wait on a lock, once `expected` do (bounded: a statement
-    reaches the lock in milliseconds)."""
-    waiting = 0
-    for _ in range(200):
-        await conn.execute(text("SELECT pg_stat_clear_snapshot()"))  # a fresh snapshot
-        waiting = (await conn.execute(text(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock'"))).scalar_one()
-        if waiting >= expected:
-            break
-        await asyncio.sleep(0.02)
-    return int(waiting)
 
 
 @pytest.fixture
@@ -168,10 +160,6 @@ def unhurried(monkeypatch: pytest.MonkeyPatch) -> None:
     half a second between two requests): what is kept is lent, unless the test says why
     not."""
     monkeypatch.setattr(db, "POOL_PING_IDLE_S", 60.0)
-
-
-def checked_out(app: FastAPI) -> int:
-    return int(app.state.database.primary_engine.sync_engine.pool.checkedout())
 
 
 @pytest.mark.usefixtures("unhurried")
@@ -248,7 +236,7 @@ async def test_a_request_cancelled_mid_statement_keeps_no_connection(
         waiting = asyncio.ensure_future(gql.data(
             "query($id: ID!) { node(id: $id) { id } }", {"id": new_id(IdKind.ORDER)}))
         async with own_app.state.database.write_engine.connect() as watcher:
-            assert await lock_waiters(watcher, 2) == 2
+            assert len(await lock_waiters(watcher, 2)) == 2
             await watcher.rollback()
         assert checked_out(own_app) == 2
         # when its client goes away (the app's call cancelled) while another is in flight

@@ -33,7 +33,14 @@ from consumers_graphql.settings import Settings
 from consumers_graphql.store import models
 from consumers_graphql.store.db import make_engine
 from consumers_graphql.web.app import create_app
-from tests.conftest import GraphQL, bearer, on_path, throttle_status
+from tests.conftest import (
+    GraphQL,
+    bearer,
+    checked_out,
+    lock_waiters,
+    on_path,
+    throttle_status,
+)
 from tests.factories import (
     BASE_TIME,
     audience_row,
@@ -53,11 +60,6 @@ def compiled(execution_path: str) -> bool:
     """Whether this run is the compiled executor's (falling back to graphql-core where it
     must); conftest's ``execution_path`` runs each test on graphql-core alone too."""
     return execution_path == "compiled"
-
-
-def checked_out(app: FastAPI) -> int:
-    """Connections of the read pool in use (none once every request has answered)."""
-    return int(app.state.database.read_engine.sync_engine.pool.checkedout())
 
 
 async def answer(gql: GraphQL, query: str, variables: dict[str, Any] | None = None
@@ -313,16 +315,7 @@ async def test_c_a_connection_killed_mid_request_is_unavailable_and_the_next_sta
             request = asyncio.ensure_future(read_only_gql.client.post(
                 "/graphql", json={"query": THREE_TABLES, "variables": variables},
                 headers=read_only_gql.headers))
-            waiting: list[int] = []
-            for _ in range(200):  # bounded: the statement reaches the lock in milliseconds
-                # pg_stat_activity is a snapshot kept for the transaction: take a new one
-                await holder.execute(text("SELECT pg_stat_clear_snapshot()"))
-                waiting = list((await holder.execute(text(
-                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"))).scalars())
-                if waiting or request.done():
-                    break
-                await asyncio.sleep(0.05)
+            waiting = await lock_waiters(holder, 1, request)
             # when its backend is killed (a failover, pgbouncer's idle kill)
             assert len(waiting) == 1
             await holder.execute(text("SELECT pg_terminate_backend(:pid)"),
