@@ -756,7 +756,7 @@ class Lending:
             unfit = [conn, *(older for older, _at in kept)]
             kept.clear()
             return None, unfit  # (the pool's next checkout of each pings it: `_KEPT_AT`)
-        fairy = cast(Any, conn.sync_connection).connection
+        fairy = _pooled(conn)
         if fairy.driver_connection.is_closed():
             return None, [conn]
         del fairy.info[_KEPT_AT]
@@ -774,7 +774,7 @@ class Lending:
             return False
         now = monotonic()
         # idle from now: a connection given back to the pool later counts from here
-        cast(Any, conn.sync_connection).connection.info[_KEPT_AT] = now
+        _pooled(conn).info[_KEPT_AT] = now
         kept.append((conn, now))
         return True
 
@@ -787,11 +787,16 @@ class Lending:
         return released
 
 
+def _pooled(conn: AsyncConnection) -> Any:
+    """A started connection's pooled DBAPI connection (SQLAlchemy's fairy): its `info`,
+    its `driver_connection`."""
+    return cast(Any, conn.sync_connection).connection
+
+
 async def _give_back_all(connections: list[AsyncConnection]) -> None:
     """Kept connections back to the pool; one whose server is gone is invalidated."""
     for conn in connections:
-        driver: Any = cast(Any, conn.sync_connection).connection.driver_connection
-        if driver.is_closed():
+        if _pooled(conn).driver_connection.is_closed():
             await _invalidate_and_close(conn)
         else:
             await conn.close()
