@@ -354,9 +354,23 @@ class GraphQL:
 
 
 def checked_out(app: FastAPI) -> int:
-    """Connections of the read pool in use (none once every request has answered, and none
-    kept for a next request when no request is in flight)."""
-    return int(app.state.database.read_engine.sync_engine.pool.checkedout())
+    """Connections of the read pool in use by requests (none once every request has
+    answered): out of the pool, but those kept for a next request (store/db.py, Lending),
+    which go back by themselves once no request has come for LENDING_GRACE_S."""
+    lending = app.state.database.lending
+    kept = lending.kept if lending is not None else 0
+    pool = app.state.database.read_engine.sync_engine.pool
+    return int(pool.checkedout()) - kept if hasattr(pool, "checkedout") else 0
+
+
+async def kept_returned(app: FastAPI) -> None:
+    """Once the connections kept for a next request (store/db.py, Lending) have gone back
+    to the pool, LENDING_GRACE_S after the last request ended (5 s at most)."""
+    lending = app.state.database.lending
+    for _ in range(250):
+        if lending is None or not (lending.kept or lending.returning):
+            return
+        await asyncio.sleep(0.02)
 
 
 async def lock_waiters(conn: Any, expected: int,

@@ -28,7 +28,14 @@ from consumers_graphql.settings import Settings
 from consumers_graphql.store.db import make_engine
 from consumers_graphql.store.migrate import upgrade
 from consumers_graphql.web.app import create_app
-from tests.conftest import ADMIN_DATABASE_URL, TEST_DATABASE_URL, bearer, new_database, on_path
+from tests.conftest import (
+    ADMIN_DATABASE_URL,
+    TEST_DATABASE_URL,
+    bearer,
+    kept_returned,
+    new_database,
+    on_path,
+)
 from tests.processes import PostgresCluster, free_port
 from tests.test_observability import metrics, value
 
@@ -99,6 +106,7 @@ async def test_readyz_checks_the_replica_and_metrics_show_its_pool(
                          .get_secret_value())
             response = await client.post("/graphql", headers=key, json={"query": QUERY})
             assert response.status_code == 200, response.text
+            await kept_returned(app)  # (kept for a next request a moment: store/db.py)
             samples = await metrics(client)
             assert value(samples, "consumers_db_pool_checked_out", pool="replica") == 0
             # and a connection held on the replica shows there, not in the primary's pools

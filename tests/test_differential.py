@@ -36,6 +36,7 @@ from tests.conftest import (
     EXECUTION_PATHS,
     THROUGH_EXECUTE,
     bearer,
+    checked_out,
     empty_tables,
     on_path,
     project_root,
@@ -395,11 +396,13 @@ def over_http(app: FastAPI, client: httpx.AsyncClient, secret: str) -> Run:
 
 
 def _checked_out(app: FastAPI) -> dict[str, int]:
-    """Connections the app's pools have lent and not had back (none, between requests)."""
+    """Connections the app's pools have lent and not had back (none, between requests), but
+    those kept for a next request (conftest.checked_out)."""
     database = app.state.database
-    engines = {"read": database.read_engine, "write": database.write_engine}
-    return {name: engine.pool.checkedout() for name, engine in engines.items()
-            if hasattr(engine.pool, "checkedout") and engine.pool.checkedout()}
+    write = database.write_engine.pool
+    in_use = {"read": checked_out(app),
+              "write": write.checkedout() if hasattr(write, "checkedout") else 0}
+    return {name: count for name, count in in_use.items() if count}
 
 
 def _comparable(answer: Answer) -> str:

@@ -1,8 +1,8 @@
 """Pooled PostgreSQL connections are pinged only when they have been idle (store/db.py,
 ping_idle_connections): none under steady use, one after a pause, and a connection the
 server closed while the pool held it is replaced, not handed to a request. The same holds
-for a connection handed from one request to the next while others are in flight (Lending),
-and none is kept once no request is."""
+for a connection handed from one request to the next (Lending), and none is kept once no
+request has come for LENDING_GRACE_S."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from tests.conftest import (
     TEST_DATABASE_URL,
     GraphQL,
     checked_out,
+    kept_returned,
     lock_waiters,
     new_migrated_database,
     on_path,
@@ -124,6 +125,11 @@ PAGE = "{ consumers(first: 1) { nodes { id } } }"
 HELD = "{ audiences(first: 1) { nodes { id } } }"
 
 
+def out_of_pool(app: FastAPI) -> int:
+    """The read pool's connections out: in use by requests, and kept for a next one."""
+    return int(app.state.database.read_engine.sync_engine.pool.checkedout())
+
+
 @pytest.fixture
 def checkouts(own_app: FastAPI) -> Iterator[list[object]]:
     """The connections the read engine's pool hands out."""
@@ -172,19 +178,42 @@ async def test_a_connection_goes_to_the_next_request_while_another_is_in_flight(
         # when requests follow one another while it is held
         for _ in range(5):
             assert await gql.data(PAGE) == {"consumers": {"nodes": []}}
-        # then the first one's connection served them all: one checkout, kept after the
-        # last of them (the held request's connection and that one are out of the pool)
+        # then the first one's connection served them all (the held request took the one
+        # kept before): one checkout, and it is kept after the last of them, out of the
+        # pool with the held request's
         assert len(checkouts) == 1
-        assert checked_out(own_app) == 2
-    # and once no request is in flight, every connection is back in the pool
-    assert checked_out(own_app) == 0
+        assert out_of_pool(own_app) == 2 and checked_out(own_app) == 1
+    # and once no request has come for the grace, every connection is back in the pool
+    await kept_returned(own_app)
+    assert out_of_pool(own_app) == 0
     assert pings == []
-    # and requests one at a time, nothing in flight between them, keep none
+
+
+@pytest.mark.usefixtures("unhurried")
+async def test_requests_one_at_a_time_share_a_connection_returned_after_the_grace(
+    own_app: FastAPI, gql: GraphQL, checkouts: list[object], pings: list[object],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await gql.data(PAGE)  # the key verified (and cached) on a connection of its own
+    await kept_returned(own_app)
     checkouts.clear()
-    for _ in range(3):
-        await gql.data(PAGE)
-        assert checked_out(own_app) == 0
-    assert len(checkouts) == 3
+    # when requests come one at a time, each within the grace of the one before (a long one:
+    # a loaded machine may take a while between two requests)
+    monkeypatch.setattr(db, "LENDING_GRACE_S", 30.0)
+    for _ in range(4):
+        assert await gql.data(PAGE) == {"consumers": {"nodes": []}}
+        # then the connection is kept between them, not in use by any request
+        assert out_of_pool(own_app) == 1 and checked_out(own_app) == 0
+    # and the first one's checkout served them all
+    assert len(checkouts) == 1 and pings == []
+    # when no request comes for the grace after the last, then it is back in the pool
+    monkeypatch.setattr(db, "LENDING_GRACE_S", 0.05)
+    assert await gql.data(PAGE) == {"consumers": {"nodes": []}}
+    await kept_returned(own_app)
+    assert out_of_pool(own_app) == 0 and own_app.state.database.lending.kept == 0
+    # and the next request checks one out again
+    assert await gql.data(PAGE) == {"consumers": {"nodes": []}}
+    assert len(checkouts) == 2 and checkouts[1] is checkouts[0]
 
 
 async def test_a_connection_kept_past_the_ping_threshold_is_pinged_before_use(
@@ -238,7 +267,7 @@ async def test_a_request_cancelled_mid_statement_keeps_no_connection(
         async with own_app.state.database.write_engine.connect() as watcher:
             assert len(await lock_waiters(watcher, 2)) == 2
             await watcher.rollback()
-        assert checked_out(own_app) == 2
+        assert out_of_pool(own_app) == 2
         # when its client goes away (the app's call cancelled) while another is in flight
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -247,13 +276,13 @@ async def test_a_request_cancelled_mid_statement_keeps_no_connection(
         # which may end after the cancelled call), not kept for the next request: only the
         # held request's is out of the pool
         for _ in range(200):
-            if checked_out(own_app) == 1:
+            if out_of_pool(own_app) == 1:
                 break
             await asyncio.sleep(0.01)
-        assert checked_out(own_app) == 1
+        assert out_of_pool(own_app) == 1
         # and the next request is answered on a sound connection, and kept
         assert await gql.data(PAGE) == {"consumers": {"nodes": []}}
-        assert checked_out(own_app) == 2
+        assert out_of_pool(own_app) == 2 and checked_out(own_app) == 1
     assert checked_out(own_app) == 0
     assert await gql.data(PAGE) == {"consumers": {"nodes": []}}
 

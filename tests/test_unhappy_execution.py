@@ -475,9 +475,9 @@ async def consumers_locked(settings: Settings) -> AsyncIterator[None]:
 
 
 def pools_in_use(app: FastAPI) -> tuple[int, int]:
-    database = app.state.database
-    return (database.read_engine.sync_engine.pool.checkedout(),
-            database.write_engine.sync_engine.pool.checkedout())
+    """The read pool's connections in use by requests (conftest.checked_out) and the write
+    pool's."""
+    return checked_out(app), app.state.database.write_engine.sync_engine.pool.checkedout()
 
 
 @pytest.mark.cancels_statements

@@ -247,6 +247,11 @@ _RETURNED_AT = "consumers_graphql_returned_at"
 # When a connection kept between requests (Lending) was kept: idle since then, whatever the
 # pool's return says.
 _KEPT_AT = "consumers_graphql_kept_at"
+# How long connections kept between requests (Lending) outlive the last request in flight:
+# a client that sends its requests one at a time (a BFF, a script) gets its previous
+# request's connection, and a load in bursts keeps its connections from one burst to the
+# next, instead of a checkout and a return through the pool per request.
+LENDING_GRACE_S = 0.1
 
 
 def ping_idle_connections(engine: AsyncEngine, outage: Outage | None = None) -> None:
@@ -643,7 +648,7 @@ class Database:
 
     async def dispose(self) -> None:
         if self.lending is not None:
-            await _give_back_all(self.lending.release())
+            await self.lending.close()
         try:
             if self.checkpoints is not None:
                 await self.checkpoints.close()
@@ -713,17 +718,19 @@ async def replica_problem(settings: Settings) -> str | None:
 
 
 class Lending:
-    """Read connections handed from one request to the next while others are in flight,
-    past the pool's checkout and return (PostgreSQL; issue 14).
+    """Read connections handed from one request to the next, past the pool's checkout and
+    return (PostgreSQL; issue 14).
 
     A checkout and a return through SQLAlchemy cost two greenlets, a `Connection`, the
-    pool's events and its metrics: 45-60 µs of CPU here, a tenth of a look-up by id. Under
-    load a request's connection is wanted again within microseconds, so a request that ends
-    while another request is in flight keeps its connection here, and the next request
-    takes it instead of checking one out. The pool still counts it checked out (and so do
-    its metrics); nothing is kept when no request is in flight: the last request to end
-    gives back its own connection and every one kept, so an idle process holds none, as
-    before.
+    pool's events and its metrics: 45-60 µs of CPU here, a tenth of a look-up by id under
+    load; for a client sending one request at a time, a quarter of the look-up's CPU served
+    (bench/README.md, ninth round). A request's connection is wanted again within
+    microseconds under load, or within milliseconds by a client's next request, so a
+    request that ends keeps its connection here, and the next request takes it instead of
+    checking one out. The pool still counts
+    it checked out (and so do its metrics). Kept connections outlive the last request in
+    flight by LENDING_GRACE_S: then, with no request in flight since, they all go back to
+    the pool, so an idle process holds none.
 
     A kept connection is lent only where the pool would have handed it out without a ping:
     one kept POOL_PING_IDLE_S or more goes back to the pool as idle since it was kept, so
@@ -738,6 +745,56 @@ class Lending:
         self._kept: dict[AsyncEngine, list[tuple[AsyncConnection, float]]] = {
             engine: [] for engine in outages}
         self.open = 0  # request readers not closed yet
+        self._expiry: asyncio.TimerHandle | None = None  # the grace, once none is open
+        self._returns: set[asyncio.Task[None]] = set()  # kept ones going back after it
+
+    @property
+    def kept(self) -> int:
+        """Connections kept for a next request."""
+        return sum(len(kept) for kept in self._kept.values())
+
+    @property
+    def returning(self) -> bool:
+        """Whether kept connections are on their way back to the pool, after the grace."""
+        return bool(self._returns)
+
+    def opened(self) -> None:
+        """A request reader opened: kept connections stay for it."""
+        self.open += 1
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    def closed(self) -> None:
+        """A request reader closed: the last one in flight starts the grace."""
+        self.open -= 1
+        if self.open == 0 and self._expiry is None and self.kept:
+            self._expiry = asyncio.get_running_loop().call_later(
+                LENDING_GRACE_S, self._expire)
+
+    def _expire(self) -> None:
+        """The grace is over with no request in flight: every kept connection goes back."""
+        self._expiry = None
+        if released := self.release():
+            task = asyncio.get_running_loop().create_task(_give_back_all(released))
+            self._returns.add(task)
+            task.add_done_callback(self._returned)
+
+    def _returned(self, task: asyncio.Task[None]) -> None:
+        """Kept connections went back after the grace (what failed is logged: nobody waits
+        for the task)."""
+        self._returns.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            logger.warning("kept connections could not go back to the pool", exc_info=error)
+
+    async def close(self) -> None:
+        """The process is stopping: every kept connection back to the pool, now."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        returns, self._returns = self._returns, set()
+        await asyncio.gather(*returns, return_exceptions=True)
+        await _give_back_all(self.release())
 
     def take(self, engine: AsyncEngine) -> tuple[AsyncConnection | None,
                                                  list[AsyncConnection]]:
@@ -763,11 +820,10 @@ class Lending:
         return conn, []
 
     def keep(self, conn: AsyncConnection) -> bool:
-        """Keeps a request's connection for the next request, when another is in flight
-        (`open` counts the closing request still) and it is fit to lend."""
+        """Keeps a request's connection for the next request, when it is fit to lend."""
         engine = conn.engine
         kept = self._kept.get(engine)
-        if kept is None or self.open < 2 or conn.invalidated or conn.in_transaction():
+        if kept is None or conn.invalidated or conn.in_transaction():
             return False
         outage = self._outages[engine]
         if outage is not None and outage.down:
@@ -779,8 +835,8 @@ class Lending:
         return True
 
     def release(self) -> list[AsyncConnection]:
-        """Every kept connection, for the pool: the last request ended, or the process
-        is stopping."""
+        """Every kept connection, for the pool: the grace after the last request ended,
+        or the process is stopping."""
         released = [conn for kept in self._kept.values() for conn, _at in kept]
         for kept in self._kept.values():
             kept.clear()
@@ -833,7 +889,7 @@ class Reader:
         # after it (Lending); counted open until closed
         self._lending = lending
         if lending is not None:
-            lending.open += 1
+            lending.opened()
         self._driver_reads = driver_reads
         self._primary = primary or engine
         self._conn: AsyncConnection | None = None
@@ -1000,8 +1056,7 @@ class Reader:
         """Gives the connection back once a statement still running on it (a DataLoader
         batch whose waiters were cancelled) is over; at once, dropping the connection, when
         the request itself is being cancelled (its deadline passed). A request's reader
-        hands it to the next request while another is in flight (Lending), and the last one
-        closed gives back every connection kept."""
+        hands it to the next request (Lending)."""
         if self._closed:
             return
         self._closed = True
@@ -1010,9 +1065,7 @@ class Reader:
             await self._close(lending)
         finally:
             if lending is not None:
-                lending.open -= 1
-                if lending.open == 0 and (kept := lending.release()):
-                    await asyncio.shield(_give_back_all(kept))
+                lending.closed()
 
     async def _close(self, lending: Lending | None) -> None:
         if self._conn is None and not self._lock.locked():
