@@ -223,7 +223,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not AUDIT.found:
         terminalreporter.write_line(
             f"log audit: {AUDIT.lines:,} log lines, none with any of the {AUDIT.values:,} "
-            "values the run used, nor an email, phone or secret")
+            "values the run used (counted in each worker), nor an email, phone or secret")
         return
     report = [f"LOG AUDIT: {len(AUDIT.found)} value(s) the run used, or shaped like personal "
               "data or a secret, reached the log:", *AUDIT.reported]
