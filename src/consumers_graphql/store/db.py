@@ -723,7 +723,7 @@ class Lending:
 
     A checkout and a return through SQLAlchemy cost two greenlets, a `Connection`, the
     pool's events and its metrics: 45-60 µs of CPU here, a tenth of a look-up by id under
-    load; for a client sending one request at a time, a quarter of the look-up's CPU served
+    load; for a client sending one request at a time, a fifth of the look-up's CPU served
     (bench/README.md, ninth round). A request's connection is wanted again within
     microseconds under load, or within milliseconds by a client's next request, so a
     request that ends keeps its connection here, and the next request takes it instead of
