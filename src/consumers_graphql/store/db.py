@@ -727,10 +727,9 @@ class Lending:
     (bench/README.md, ninth round). A request's connection is wanted again within
     microseconds under load, or within milliseconds by a client's next request, so a
     request that ends keeps its connection here, and the next request takes it instead of
-    checking one out. The pool still counts
-    it checked out (and so do its metrics). Kept connections outlive the last request in
-    flight by LENDING_GRACE_S: then, with no request in flight since, they all go back to
-    the pool, so an idle process holds none.
+    checking one out. The pool still counts it checked out (and so do its metrics). Kept
+    connections outlive the last request in flight by LENDING_GRACE_S: then, with no
+    request in flight since, they all go back to the pool, so an idle process holds none.
 
     A kept connection is lent only where the pool would have handed it out without a ping:
     one kept POOL_PING_IDLE_S or more goes back to the pool as idle since it was kept, so
@@ -744,7 +743,7 @@ class Lending:
         self._outages = outages
         self._kept: dict[AsyncEngine, list[tuple[AsyncConnection, float]]] = {
             engine: [] for engine in outages}
-        self.open = 0  # request readers not closed yet
+        self._open = 0  # request readers not closed yet
         self._expiry: asyncio.TimerHandle | None = None  # the grace, once none is open
         self._returns: set[asyncio.Task[None]] = set()  # kept ones going back after it
 
@@ -760,15 +759,15 @@ class Lending:
 
     def opened(self) -> None:
         """A request reader opened: kept connections stay for it."""
-        self.open += 1
+        self._open += 1
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
 
     def closed(self) -> None:
         """A request reader closed: the last one in flight starts the grace."""
-        self.open -= 1
-        if self.open == 0 and self._expiry is None and self.kept:
+        self._open -= 1
+        if self._open == 0 and self._expiry is None and self.kept:
             self._expiry = asyncio.get_running_loop().call_later(
                 LENDING_GRACE_S, self._expire)
 

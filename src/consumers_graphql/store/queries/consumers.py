@@ -284,7 +284,7 @@ def _search_count(kind: str) -> Select[Any]:
 # Both are one statement; the second step is a one-time filter on the window's counts, so
 # it is not run at all when the window filled the page. The window keeps whole rows, but
 # only its matches: a page found there is read once, with no look-up by primary key after
-# (0.81 to 0.66 ms of PostgreSQL's time for `garcia` on the 100k bench data).
+# (0.77 to 0.61 ms of PostgreSQL's time for `garcia` on the 100k bench data).
 SEARCH_WINDOW = 2000
 
 
