@@ -74,6 +74,7 @@ class Served:
                  preexec: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.env = dict(env or {})  # what it was given beyond the database and the pepper
         script = Path(sys.executable).with_name("consumers-graphql")
         environment = {**os.environ, "CONSUMERS_DATABASE_URL": database_url,
                        "CONSUMERS_KEY_PEPPER": "serve-pepper", **(env or {})}

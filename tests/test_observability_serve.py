@@ -240,6 +240,44 @@ def test_a_worker_gone_no_longer_counts_in_the_gauges_but_its_counts_stay() -> N
     assert not orphan.exists()  # and the dead one's at start
 
 
+FORKED = '''
+import os, sys
+from consumers_graphql.settings import Settings
+from consumers_graphql.web import metrics
+
+metrics.setup_parent(Settings())
+worker = metrics.Metrics()
+worker.in_flight.labels("graphql").inc()
+worker.refusals.labels("MAX_COST_EXCEEDED").inc()
+child = os.fork()
+if child == 0:
+    worker.in_flight.labels("graphql").inc()
+    worker.refusals.labels("MAX_COST_EXCEEDED").inc()
+    os._exit(0)
+os.waitpid(child, 0)
+print(worker.render().decode())
+print("----")
+metrics.child_exited(child)
+print(worker.render().decode())
+'''
+
+
+def test_a_forked_child_counts_in_files_of_its_own() -> None:
+    """The values in files take the process's id from memory (no system call a change),
+    renewed in a forked child: the child's numbers are its own, gone from the gauges when
+    it is."""
+    result = subprocess.run([sys.executable, "-c", FORKED], capture_output=True,
+                            text=True, timeout=60, check=False,
+                            env={k: v for k, v in os.environ.items()
+                                 if k != "PROMETHEUS_MULTIPROC_DIR"})
+    assert result.returncode == 0, result.stderr
+    both, parent = result.stdout.split("----\n")
+    assert _count(both, "consumers_http_requests_in_flight", face="graphql") == 2
+    assert _count(parent, "consumers_http_requests_in_flight", face="graphql") == 1
+    for text in (both, parent):
+        assert _count(text, "consumers_refusals_total", code="MAX_COST_EXCEEDED") == 2
+
+
 def test_setup_parent_refuses_to_run_after_prometheus_client_was_imported() -> None:
     script = ("import prometheus_client\n"
               "from consumers_graphql.settings import Settings\n"

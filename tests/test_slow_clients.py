@@ -578,3 +578,49 @@ def test_a_pipelined_head_over_16_kib_gets_400_at_once(served: Served) -> None:
     assert [status for status, _ in answers] == [200, 400], answers
     assert received == b""
     assert closed - sent < TIMEOUT_S + 0.5
+
+
+def test_an_answer_of_known_length_is_written_at_once(tmp_path: Path) -> None:
+    """uvicorn's httptools protocol writes an answer's head when the application starts it
+    and its body after: two system calls, two packets. Counted on the server's process in
+    /proc/PID/io (uvloop writes to a socket with write(2); its access log is quiet here)."""
+    served = Served(f"sqlite+aiosqlite:///{tmp_path / 'writes.db'}", tmp_path,
+                    env={"CONSUMERS_LOG_LEVEL": "warning"})
+    live = b"GET /livez HTTP/1.1\r\nHost: test\r\n\r\n"  # answered without any I/O
+    try:
+        served.wait_until_up()
+        # given a kept-alive connection that has been answered once
+        with _connect(served) as sock:
+            sock.sendall(live)
+            [(status, body)] = _responses(sock, 1)
+            assert status == 200, body
+            before = _writes(served)
+            # when it asks 50 times more, one request at a time
+            for _ in range(50):
+                sock.sendall(live)
+                assert _responses(sock, 1) == [(200, body)]
+            writes = _writes(served) - before
+    finally:
+        assert served.stop() == 0, served.output
+    # then each answer, head and body, took one write
+    assert writes == 50, writes
+
+
+def _writes(served: Served) -> int:
+    """Write system calls the server process has made (/proc/PID/io: all its threads)."""
+    io = Path(f"/proc/{served.process.pid}/io").read_text()
+    return int(next(line for line in io.splitlines() if line.startswith("syscw:")).split()[1])
+
+
+def test_a_head_request_is_answered_without_a_body_to_wait_for(served: Served) -> None:
+    with _connect(served) as sock:
+        sock.sendall(b"HEAD /healthz HTTP/1.1\r\nHost: test\r\n\r\n" + HEAD + b"\r\n")
+        sock.settimeout(MARGIN_S)
+        received = b""
+        while received.count(b"\r\n\r\n") < 2 or not received.endswith(b'{"status":"ok"}'):
+            chunk = sock.recv(4096)
+            assert chunk, received
+            received += chunk
+    head, second = received.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: 15" in head.lower(), head
+    assert second.startswith(b"HTTP/1.1 200 "), second

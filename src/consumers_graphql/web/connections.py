@@ -46,6 +46,10 @@ if TYPE_CHECKING:
     from uvicorn.server import Protocols, ServerState
 
 _TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+# An interim answer (`100 Continue`), written at once; and how an answer's head says its
+# length (uvicorn writes header names in lower case, after the status line).
+_INFORMATIONAL = b"HTTP/1.1 1"
+_CONTENT_LENGTH = b"\r\ncontent-length: "
 _FULL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n"
          b"retry-after: 1\r\n\r\n")
 # Descriptors kept for everything but clients: the database pools (two engines, each its
@@ -149,23 +153,51 @@ else:
     _Uvicorn = object
 
 
-class _ClosingTransport:
-    """The connection's transport as a request/response cycle that closes it after its
-    answer sees it (a `Connection: close` or HTTP/1.0 request; uvicorn closes in the
-    cycle's send, before the protocol hears the answer is done): the close lingers when the
-    request's body is not all in."""
+class _CycleTransport:
+    """The connection's transport as one request/response cycle writes to it.
+    - An answer of known length (Content-Length) goes out in one write: uvicorn writes the
+      head when the application starts its answer and the body when it sends it, two
+      writes (two system calls and two packets) where one does. The head waits for the
+      first write after it, or for a close. A HEAD request's head (no body follows) and a
+      stream's (its body may wait on events) are written at once, as is a `100 Continue`.
+    - A cycle that closes the connection after its answer (a `Connection: close` or
+      HTTP/1.0 request; uvicorn closes in the cycle's send, before the protocol hears the
+      answer is done): the close lingers when the request's body is not all in."""
 
-    __slots__ = ("_protocol", "_transport")
+    __slots__ = ("_closing", "_head", "_hold", "_protocol", "_transport")
 
-    def __init__(self, protocol: _Limited, transport: asyncio.Transport) -> None:
+    def __init__(self, protocol: _Limited, transport: asyncio.Transport, *, hold: bool,
+                 closing: bool) -> None:
         self._protocol, self._transport = protocol, transport
+        self._hold, self._closing = hold, closing
+        self._head: bytes | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            self._transport.write(head + data)
+        elif self._hold and not data.startswith(_INFORMATIONAL):
+            # the answer's head (the first write but a 100 Continue): held when a body of
+            # known length follows; a cycle has one head, so nothing more is held
+            self._hold = False
+            if _CONTENT_LENGTH in data:
+                self._head = data
+            else:
+                self._transport.write(data)
+        else:
+            self._transport.write(data)
+
     def close(self) -> None:
+        head = self._head
+        if head is not None:  # the application ended the answer early, or failed
+            self._head = None
+            self._transport.write(head)
         protocol = self._protocol
-        if (not protocol._lingering and not self._transport.is_closing()
+        if (self._closing and not protocol._lingering and not self._transport.is_closing()
                 and protocol.transport is self._transport
                 and protocol._client_wait() is _Wait.BODY):
             protocol._close_lingering()  # answered before the body was in
@@ -243,7 +275,7 @@ class _Limited(_Uvicorn):
         # request has begun (pipelined): the clocks here say when, and answer 408 for a head.
         self._unset_keepalive_if_required()
         if self._lingering:
-            return  # closed after the answer (_ClosingTransport)
+            return  # closed after the answer (_CycleTransport)
         if answered_early and not self.transport.is_closing():
             self._close_lingering()  # answered before the body was in: nothing more to serve
             return
@@ -373,7 +405,8 @@ class LimitedH11Protocol(_Limited, H11Protocol):
         cycle = self.cycle
         super().handle_events()
         if self.cycle is not cycle:  # a new request (its application is yet to run)
-            self.cycle.transport = _ClosingTransport(self, self.transport)  # type: ignore[assignment]  # a transport to uvicorn
+            self.cycle.transport = _CycleTransport(  # type: ignore[assignment]  # a transport to uvicorn
+                self, self.transport, hold=False, closing=True)
 
 
 class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
@@ -481,8 +514,10 @@ class LimitedHttpToolsProtocol(_Limited, HttpToolsProtocol):
                             for name, value in self.headers)
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is not None and cycle.scope is self.scope and not cycle.keep_alive:
-            cycle.transport = _ClosingTransport(self, self.transport)  # type: ignore[assignment]  # a transport to uvicorn
+        if cycle is not None and cycle.scope is self.scope:  # a request for the application
+            cycle.transport = _CycleTransport(  # type: ignore[assignment]  # a transport to uvicorn
+                self, self.transport, hold=self.scope["method"] != "HEAD",
+                closing=not cycle.keep_alive)
 
     def _close_lingering(self, answer: bytes = b"") -> None:
         self.pipeline.clear()  # nothing more is served: requests queued are not run
