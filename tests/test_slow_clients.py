@@ -600,10 +600,17 @@ def test_an_answer_of_known_length_is_written_at_once(tmp_path: Path) -> None:
                 sock.sendall(live)
                 assert _responses(sock, 1) == [(200, body)]
             writes = _writes(served) - before
+            # and a large answer (a file, read and sent 64 KiB at a time) comes whole, its
+            # head written with its first part or alone, without copying a large body
+            sock.sendall(b"GET /docs/assets/swagger-ui-bundle.js HTTP/1.1\r\nHost: test\r\n\r\n")
+            [(status, script)] = _responses(sock, 1)
+            sock.sendall(live)
+            assert _responses(sock, 1) == [(200, body)]
     finally:
         assert served.stop() == 0, served.output
     # then each answer, head and body, took one write
     assert writes == 50, writes
+    assert status == 200 and len(script) > 512 * 1024, (status, len(script))
 
 
 def _writes(served: Served) -> int:

@@ -50,6 +50,9 @@ _TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: 
 # length (uvicorn writes header names in lower case, after the status line).
 _INFORMATIONAL = b"HTTP/1.1 1"
 _CONTENT_LENGTH = b"\r\ncontent-length: "
+# A body joined to its head (a copy) to write both at once is smaller than this; a larger
+# one (a file goes out in parts of 64 KiB) is written after the head, not copied.
+_JOINED_BODY_BYTES = 64 * 1024
 _FULL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n"
          b"retry-after: 1\r\n\r\n")
 # Descriptors kept for everything but clients: the database pools (two engines, each its
@@ -179,7 +182,11 @@ class _CycleTransport:
         head = self._head
         if head is not None:
             self._head = None
-            self._transport.write(head + data)
+            if len(data) < _JOINED_BODY_BYTES:
+                self._transport.write(b"".join((head, data)))  # any bytes-like body
+                return
+            self._transport.write(head)  # a large body: not copied to save a write
+            self._transport.write(data)
         elif self._hold and not data.startswith(_INFORMATIONAL):
             # the answer's head (the first write but a 100 Continue): held when a body of
             # known length follows; a cycle has one head, so nothing more is held
