@@ -253,6 +253,49 @@ async def test_a_kept_connection_the_server_closed_is_not_lent(
     assert checked_out(own_app) == 0
 
 
+@not_behind_a_pooler
+@pytest.mark.usefixtures("unhurried")
+async def test_a_connection_kept_in_the_grace_the_server_closed_is_not_lent(
+    own_app: FastAPI, gql: GraphQL, checkouts: list[object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db, "LENDING_GRACE_S", 30.0)
+    await gql.data(PAGE)
+    # given a connection kept after the last request, none in flight (the grace)
+    assert await gql.data(PAGE) == {"consumers": {"nodes": []}}
+    assert own_app.state.database.lending.kept == 1
+    # when the server ends every idle connection (the kept one among them)
+    assert await end_connections(own_app, "AND state = 'idle'") >= 1
+    checkouts.clear()
+    # then the next request is answered on a connection from the pool, not the dead one
+    assert await gql.data(PAGE) == {"consumers": {"nodes": []}}
+    assert len(checkouts) == 1
+    assert checked_out(own_app) == 0 and out_of_pool(own_app) == 1
+
+
+@not_behind_a_pooler
+@pytest.mark.usefixtures("unhurried")
+async def test_kept_connections_the_server_closed_go_back_invalidated_after_the_grace(
+    own_app: FastAPI, gql: GraphQL, checkouts: list[object], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(db, "LENDING_GRACE_S", 2.0)
+    await gql.data(PAGE)
+    # given a connection kept after the last request, for the grace
+    assert await gql.data(PAGE) == {"consumers": {"nodes": []}}
+    assert own_app.state.database.lending.kept == 1
+    # when the server ends it within the grace
+    assert await end_connections(own_app, "AND state = 'idle'") >= 1
+    # then at the grace's end it goes back to the pool, which drops it (nothing logged)
+    await kept_returned(own_app)
+    assert own_app.state.database.lending.kept == 0 and out_of_pool(own_app) == 0
+    assert "could not go back" not in caplog.text
+    # and the next request, on a connection the pool hands out without a ping (unhurried),
+    # gets a live one: the dead one was not put back
+    checkouts.clear()
+    assert await gql.data(PAGE) == {"consumers": {"nodes": []}}
+    assert len(checkouts) == 1
+
+
 @pytest.mark.cancels_statements
 @pytest.mark.usefixtures("unhurried")
 async def test_a_request_cancelled_mid_statement_keeps_no_connection(
