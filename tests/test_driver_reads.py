@@ -22,7 +22,7 @@ from consumers_graphql.store import models
 from consumers_graphql.store.db import Database, UTCDateTime
 from consumers_graphql.store.keys import AUTH_EXECUTION_OPTION
 from consumers_graphql.store.outage import is_unavailable
-from consumers_graphql.store.queries.common import by_ids_statement
+from consumers_graphql.store.queries.common import ONE_KEY, by_ids_statement
 from tests.conftest import GraphQL, StatementCounter
 from tests.factories import (
     BASE_TIME,
@@ -150,6 +150,8 @@ async def test_rows_and_their_types_are_sqlalchemys(
     statements = [
         (by_ids_statement("consumers", "postgresql"), {"ids": [c["id"] for c in consumers]}),
         (by_ids_statement("orders", "postgresql"), {"ids": ["ord_missing"]}),
+        (by_ids_statement("consumers", ONE_KEY), {"ids": consumers[0]["id"]}),
+        (by_ids_statement("orders", ONE_KEY), {"ids": "ord_missing"}),
         # bound in the statement itself, ±infinity made aware, a JSON value, no parameters
         (select(literal_column("'infinity'::timestamptz", UTCDateTime()).label("high"),
                 literal_column("'-infinity'::timestamptz", UTCDateTime()).label("low"),

@@ -86,13 +86,17 @@ async def test_relation_statements_are_the_same_sql_for_any_number_of_parents(
         pytest.skip("SQLite lists the parents in an IN (...)")
     await given_consumers_with_relations(write_engine)
     texts = []
-    for size in (1, 7, 100):
+    for size in (2, 7, 100, 1, 1):
         with sql.counting():
             await gql.data(PAGE_WITH_RELATIONS, {"first": size})
         texts.append(sql.statements[1:])  # the relations' (the root page has its LIMIT bound)
     # one array parameter, = ANY($1): rendered and prepared once whatever the page size
     assert texts[0] == texts[1] == texts[2]
     assert all("ANY" in statement for statement in texts[0]), texts[0]
+    # but for one parent, bound alone (an index scan, where the array's generic plan is a
+    # bitmap scan sized for ten): a statement of its own, the same each time
+    assert texts[3] == texts[4] != texts[0]
+    assert all("ANY" not in statement and "_parent" in statement for statement in texts[3])
 
 
 @pytest.mark.parametrize("size", [1, 20, 100])

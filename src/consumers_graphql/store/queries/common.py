@@ -42,10 +42,28 @@ def projected(columns: Sequence[ColumnElement[Any]], kept: frozenset[str] | None
     return [c if c.key in kept else null().label(c.key) for c in columns]
 
 
+# A `dialect` for one_of, either database's: the list is one key, bound alone. Most look-ups
+# are of one key (`node(id:)`, `consumer(id:) { orders }`), and on PostgreSQL the array
+# form's generic plan (a prepared statement's, from its sixth execution) is a bitmap scan
+# sized for ten keys: twice the database's CPU of an index scan for one (a look-up by id:
+# 167-257 against 83-103 µs an execution; bench/README.md, tenth round of issue 14).
+ONE_KEY = "one key"
+
+
+def keys_bound(keys: Sequence[str], dialect: str) -> tuple[str, Any]:
+    """The one_of `dialect` for these distinct keys, and what to bind for them."""
+    return (ONE_KEY, keys[0]) if len(keys) == 1 else (dialect, list(keys))
+
+
 def one_of(column: ColumnElement[Any], name: str, dialect: str) -> ColumnElement[bool]:
     """`column` is one of the list bound as `name`. On PostgreSQL `= ANY(:name)`, one array
     parameter: the SQL is the same for any number of keys, so it is neither rendered again
-    per call (an expanding IN is, id by id) nor prepared again per count by asyncpg."""
+    per call (an expanding IN is, id by id) nor prepared again per count by asyncpg. With
+    ONE_KEY, `= :name`, a single key."""
+    if dialect == ONE_KEY:
+        # unbounded text, as the array's below: a longer key misses rather than matching
+        # once cut to fit
+        return column == bindparam(name, type_=String())
     if dialect == "postgresql":
         # An array of unbounded text, not of the column's VARCHAR(32): a cast to the
         # column's length would cut a longer key down (and then match) instead of missing.
@@ -127,23 +145,24 @@ class Reads:
         children of the parents bound as `parent_ids` (see one_of), with the parent as
         `_parent`, and of their columns only those `kept` (see projected). `columns`: those
         the caller reads (None: all); the id and the sort's are read in any case."""
-        dialect = self.dialect
+        dialect, bound = keys_bound(list(set(parent_ids)), self.dialect)
         kept = None if columns is None else columns | {
             "id", sort.column.name, sort.id_column.name}
         statement, params = page_statement((relation, dialect, kept),
                                            lambda: base(dialect, kept), sort,
                                            request, partition_by=parent)
-        rows = await self._rows(statement, {**params, "parent_ids": list(set(parent_ids))})
+        rows = await self._rows(statement, {**params, "parent_ids": bound})
         return assemble_pages(rows, parent_ids, "_parent", sort, request)
 
     async def _by_ids(self, table_name: str, ids: Sequence[str]) -> list[Row[Any] | None]:
-        rows = await self._rows(by_ids_statement(table_name, self.dialect),
-                                {"ids": list(set(ids))})
+        dialect, bound = keys_bound(list(set(ids)), self.dialect)
+        rows = await self._rows(by_ids_statement(table_name, dialect), {"ids": bound})
         by_id = {row.id: row for row in rows}
         return [by_id.get(key) for key in ids]
 
     async def _counts(self, parent: Any, keys: Sequence[str]) -> list[int]:
-        statement = counts_statement(f"{parent.table.name}.{parent.name}", self.dialect)
-        rows = await self._rows(statement, {"parent_ids": list(set(keys))})
+        dialect, bound = keys_bound(list(set(keys)), self.dialect)
+        statement = counts_statement(f"{parent.table.name}.{parent.name}", dialect)
+        rows = await self._rows(statement, {"parent_ids": bound})
         counts = {key: count for key, count in cast("Sequence[Row[str, int]]", rows)}
         return [counts.get(key, 0) for key in keys]
