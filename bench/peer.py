@@ -538,6 +538,31 @@ def pyloadgen(server: Server, query: str, variables: dict[str, Any], seconds: fl
             "p99_ms": raw["p99_ms"]}
 
 
+def _stat_fields(pid: str) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def postgres_cpu() -> float | None:
+    """The CPU time of this machine's PostgreSQL servers so far (None when none runs here):
+    each postmaster's own and its exited children's (it waits for them), and its live
+    children's (backends, autovacuum, background workers)."""
+    processes: dict[str, list[str]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if stat.read_text().split(" (", 1)[1].startswith("postgres)"):
+                processes[stat.parent.name] = _stat_fields(stat.parent.name)
+    postmasters = {pid for pid, fields in processes.items() if fields[1] not in processes}
+    if not postmasters:
+        return None
+    ticks = 0
+    for pid, fields in processes.items():
+        # utime, stime; a postmaster's cutime and cstime too
+        ticks += int(fields[11]) + int(fields[12])
+        if pid in postmasters:
+            ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLK_TCK
+
+
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -549,13 +574,16 @@ def measure(server: Server, w: Workload, args: argparse.Namespace,
     core: near 1.0 would mean it, not the server, sets the pace)."""
     query, variables = w.peer if server.label == "peer" else w.ours
     generate = wrk if args.loadgen == "wrk" else pyloadgen
-    cpu, loadgen_cpu = server.cpu_seconds(), _children_cpu()
+    cpu, loadgen_cpu, database_cpu = server.cpu_seconds(), _children_cpu(), postgres_cpu()
     result = generate(server, query, variables, seconds, args.connections)
+    database_after = postgres_cpu()
     if not result["requests"]:
         # a round of 0 req/s would pass into the medians as a result; it is a broken run
         raise SystemExit(f"{server.label}, {w.name}: no request completed in {seconds:g} s "
                          f"(a busy or stalled machine?); see {server.log_path}")
     result["cpu_s"] = server.cpu_seconds() - cpu
+    result["postgres_cpu_s"] = (None if database_cpu is None or database_after is None
+                                else database_after - database_cpu)
     result["loadgen_cpu_share"] = (_children_cpu() - loadgen_cpu) / result["seconds"]
     result["rps"] = result["requests"] / result["seconds"]
     result["server_core_share"] = result["cpu_s"] / result["seconds"]
@@ -568,8 +596,11 @@ def measure(server: Server, w: Workload, args: argparse.Namespace,
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     requests = sum(r["requests"] for r in runs)
     rates = [r["rps"] for r in runs]
+    database = [r["postgres_cpu_s"] for r in runs if r.get("postgres_cpu_s") is not None]
     return {"rps": statistics.median(rates), "rps_min": min(rates), "rps_max": max(rates),
             "cpu_ms": 1000 * sum(r["cpu_s"] for r in runs) / requests if requests else None,
+            "postgres_cpu_ms": (1000 * sum(database) / requests
+                                if requests and len(database) == len(runs) else None),
             "p50_ms": statistics.median(r["p50_ms"] for r in runs),
             "p99_ms": statistics.median(r["p99_ms"] for r in runs),
             "loadgen_cpu_share": max(r["loadgen_cpu_share"] for r in runs),
@@ -581,11 +612,17 @@ def _n(value: float) -> str:
     return f"{value:,.0f}"
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def table(items: list[Workload], summary: dict[str, dict[str, Any]]) -> str:
     """req/s: median over the rounds (min-max); ratio: ours / the peer's; CPU ratio: the
     peer's CPU per request / ours, what the req/s ratio is when both have a core to
     themselves (steadier than req/s on a busy machine); core busy: the server's CPU over
-    the run's wall time (below ~0.95 it was short of its core, or waiting). With the floor
+    the run's wall time (below ~0.95 it was short of its core, or waiting); PostgreSQL CPU:
+    the database server's (every process of it, on either core) over the requests, "-" when
+    it does not run on this machine. With the floor
     (--floor): its req/s and CPU per request; floor / peer and ours / floor, each as the
     req/s ratio and the CPU ratio (the second's CPU per request over the first's); its core
     busy and latencies after ours and the peer's."""
@@ -593,8 +630,8 @@ def table(items: list[Workload], summary: dict[str, dict[str, Any]]) -> str:
     labels = ("ours", "peer", "floor") if floor else ("ours", "peer")
     names = " / ".join(labels)
     header = ("| workload | ours req/s | peer req/s | ratio | CPU ratio "
-              "| CPU ms/request ours vs peer ")
-    rule = "| --- | ---: | ---: | ---: | ---: | --- "
+              "| CPU ms/request ours vs peer | PostgreSQL CPU ms/request ours vs peer ")
+    rule = "| --- | ---: | ---: | ---: | ---: | --- | --- "
     if floor:
         header += ("| floor req/s | floor CPU ms/request | floor / peer: req/s, CPU "
                    "| ours / floor: req/s, CPU ")
@@ -607,7 +644,8 @@ def table(items: list[Workload], summary: dict[str, dict[str, Any]]) -> str:
         line = (f"| {w.name}: {w.what} | {_n(a['rps'])} ({_n(a['rps_min'])}-{_n(a['rps_max'])}) "
                 f"| {_n(b['rps'])} ({_n(b['rps_min'])}-{_n(b['rps_max'])}) "
                 f"| {a['rps'] / b['rps']:.2f} | {b['cpu_ms'] / a['cpu_ms']:.2f} "
-                f"| {a['cpu_ms']:.3f} vs {b['cpu_ms']:.3f} ")
+                f"| {a['cpu_ms']:.3f} vs {b['cpu_ms']:.3f} "
+                f"| {_ms(a.get('postgres_cpu_ms'))} vs {_ms(b.get('postgres_cpu_ms'))} ")
         if floor:
             f = runs["floor"]
             line += (f"| {_n(f['rps'])} ({_n(f['rps_min'])}-{_n(f['rps_max'])}) "
