@@ -50,9 +50,10 @@ def projected(columns: Sequence[ColumnElement[Any]], kept: frozenset[str] | None
 ONE_KEY = "one key"
 
 
-def keys_bound(keys: Sequence[str], dialect: str) -> tuple[str, Any]:
-    """The one_of `dialect` for these distinct keys, and what to bind for them."""
-    return (ONE_KEY, keys[0]) if len(keys) == 1 else (dialect, list(keys))
+def keys_bound(ids: Sequence[str], dialect: str) -> tuple[str, Any]:
+    """The one_of `dialect` for these ids, and what to bind for them (each id once)."""
+    keys = list(set(ids))
+    return (ONE_KEY, keys[0]) if len(keys) == 1 else (dialect, keys)
 
 
 def one_of(column: ColumnElement[Any], name: str, dialect: str) -> ColumnElement[bool]:
@@ -145,7 +146,7 @@ class Reads:
         children of the parents bound as `parent_ids` (see one_of), with the parent as
         `_parent`, and of their columns only those `kept` (see projected). `columns`: those
         the caller reads (None: all); the id and the sort's are read in any case."""
-        dialect, bound = keys_bound(list(set(parent_ids)), self.dialect)
+        dialect, bound = keys_bound(parent_ids, self.dialect)
         kept = None if columns is None else columns | {
             "id", sort.column.name, sort.id_column.name}
         statement, params = page_statement((relation, dialect, kept),
@@ -155,13 +156,13 @@ class Reads:
         return assemble_pages(rows, parent_ids, "_parent", sort, request)
 
     async def _by_ids(self, table_name: str, ids: Sequence[str]) -> list[Row[Any] | None]:
-        dialect, bound = keys_bound(list(set(ids)), self.dialect)
+        dialect, bound = keys_bound(ids, self.dialect)
         rows = await self._rows(by_ids_statement(table_name, dialect), {"ids": bound})
         by_id = {row.id: row for row in rows}
         return [by_id.get(key) for key in ids]
 
     async def _counts(self, parent: Any, keys: Sequence[str]) -> list[int]:
-        dialect, bound = keys_bound(list(set(keys)), self.dialect)
+        dialect, bound = keys_bound(keys, self.dialect)
         statement = counts_statement(f"{parent.table.name}.{parent.name}", dialect)
         rows = await self._rows(statement, {"parent_ids": bound})
         counts = {key: count for key, count in cast("Sequence[Row[str, int]]", rows)}
